@@ -1,0 +1,79 @@
+"""Shared plumbing of the attribution classes: forward-function checks, Captum
+target semantics, and the map post-processing of SPEC §1."""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from captum._utils.typing import TargetType
+from torch import Tensor
+
+from captum_iclip.similarity import CLIPSimilarity
+
+
+def check_forward_func(forward_func: object, method: str) -> CLIPSimilarity:
+    if not isinstance(forward_func, CLIPSimilarity):
+        raise TypeError(
+            f"forward_func: {method} needs a captum_iclip.CLIPSimilarity (it reads the model's "
+            f"dense features and the prompt embeddings), got {type(forward_func).__name__}"
+        )
+    return forward_func
+
+
+def unpack_inputs(inputs: Union[Tensor, Tuple[Tensor, ...]]) -> Tuple[Tensor, bool]:
+    """Accept a tensor or a 1-tuple of tensors, as Captum does; remember which."""
+    if isinstance(inputs, tuple):
+        if len(inputs) != 1:
+            raise ValueError(f"inputs: expected one image tensor, got a tuple of {len(inputs)}")
+        return inputs[0], True
+    return inputs, False
+
+
+def target_indices(target: TargetType, num_examples: int, num_prompts: int) -> Optional[Tensor]:
+    """Captum's target semantics for an (N, K) output, as a (N,) index tensor.
+
+    ``None`` stays ``None`` (every prompt). An int or 0-d tensor applies to every
+    example; a list or 1-d tensor gives one prompt per example.
+    """
+    if target is None:
+        return None
+    if isinstance(target, tuple):
+        raise ValueError("target: the output is (N, K); give a prompt index, not a tuple")
+    if isinstance(target, int) or (isinstance(target, Tensor) and target.dim() == 0):
+        index = torch.full((num_examples,), int(target), dtype=torch.long)
+    else:
+        if isinstance(target, list) and any(isinstance(t, tuple) for t in target):
+            raise ValueError("target: the output is (N, K); give prompt indices, not tuples")
+        index = torch.as_tensor(target, dtype=torch.long).flatten().cpu()
+        if index.numel() != num_examples:
+            raise ValueError(f"target: expected one prompt index per example ({num_examples}), got {index.numel()}")
+    bad = (index < 0) | (index >= num_prompts)
+    if bad.any():
+        raise ValueError(f"target: prompt index {int(index[bad][0])} is out of range for {num_prompts} prompts")
+    return index
+
+
+def select_targets(maps: Tensor, index: Optional[Tensor]) -> Tensor:
+    """(N, K, ...) -> (N, 1, ...) at ``index``, or all K when ``index`` is None."""
+    if index is None:
+        return maps
+    return maps[torch.arange(maps.shape[0], device=maps.device), index.to(maps.device)].unsqueeze(1)
+
+
+def minmax_normalize(maps: Tensor) -> Tensor:
+    """Min-max normalise each (image, prompt) map of (N, K, h, w) to [0, 1]; constant maps give 0."""
+    flat = maps.flatten(2)
+    low = flat.min(dim=-1, keepdim=True).values
+    span = flat.max(dim=-1, keepdim=True).values - low
+    flat = (flat - low) / span.clamp_min(torch.finfo(flat.dtype).tiny)
+    return flat.reshape(maps.shape)
+
+
+def postprocess(maps: Tensor, size: Tuple[int, int], normalize: bool, interpolate: bool) -> Tensor:
+    """SPEC §1 post-processing of (N, K, h, w) patch maps: min-max, then bilinear upsampling."""
+    if normalize:
+        maps = minmax_normalize(maps)
+    if interpolate:
+        maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    return maps

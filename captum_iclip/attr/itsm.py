@@ -1,0 +1,164 @@
+"""ITSM: the Image-Text Similarity Map (SPEC §1) and its training-free correction (SPEC §2)."""
+from __future__ import annotations
+
+from typing import Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from captum._utils.typing import TargetType
+from captum.attr import Attribution
+from captum.log import log_usage
+from torch import Tensor
+
+from captum_iclip.attr._utils import (
+    check_forward_func,
+    postprocess,
+    select_targets,
+    target_indices,
+    unpack_inputs,
+)
+from captum_iclip.similarity import CLIPSimilarity
+
+VARIANTS = ("raw", "surgery")
+
+
+def feature_surgery(patch_features: Tensor, global_feature: Tensor, text_features: Tensor) -> Tensor:
+    r"""CLIP Surgery's feature surgery for K >= 2 prompts (SPEC §2).
+
+    With :math:`c_{i,k} = f_i \cdot t_k`, :math:`p_k = \mathrm{softmax}_k(2 f_0 \cdot t_k)`
+    and :math:`w_k = p_k / \mathrm{mean}_k p_k`, the spec's
+    :math:`s_{i,k} = \sum_d (e_{i,k} - r_i)_d` with :math:`e_{i,k} = (f_i \odot t_k) w_k`,
+    :math:`r_i = \mathrm{mean}_k e_{i,k}` reduces exactly to
+    :math:`w_k c_{i,k} - \mathrm{mean}_{k'} w_{k'} c_{i,k'}`, because the channel sum of
+    :math:`f_i \odot t_k` is :math:`c_{i,k}`. Computing it that way costs O(L·K)
+    instead of O(L·K·D) memory, so a thousand prompts are cheap.
+
+    Args:
+        patch_features: (N, L, D) normalised patch features :math:`f_i`.
+        global_feature: (N, D) normalised global feature :math:`f_0`.
+        text_features: (K, D) normalised prompt embeddings.
+
+    Returns:
+        (N, L, K) corrected similarities.
+    """
+    weights = (2 * global_feature @ text_features.t()).softmax(dim=-1)
+    weights = weights / weights.mean(dim=-1, keepdim=True)
+    weighted = (patch_features @ text_features.t()) * weights[:, None, :]
+    return weighted - weighted.mean(dim=-1, keepdim=True)
+
+
+class ITSMAttribution(Attribution):
+    r"""Image-Text Similarity Map (Li et al., 2022, arXiv 2209.07046).
+
+    Every image token is projected into the joint embedding space like the
+    global token, and its cosine similarity with the prompt's text embedding is
+    the attribution of that patch (SPEC §1). It needs one forward pass of the
+    image encoder per batch, whatever the number of prompts, and no gradients.
+
+    ``variant="surgery"`` applies CLIP Surgery (Li et al., 2023, arXiv
+    2304.05653) without training: the last ``surgery_depth`` transformer blocks
+    gain a value-value attention path that skips the MLP (for ResNets, the
+    attention pool uses normalised value-value attention), and *feature surgery*
+    removes the component that the prompts share (SPEC §2). With a single
+    prompt the empty prompt ``""`` is subtracted instead, which needs the
+    tokenizer of the ``CLIPSimilarity``.
+
+    When the forward function wraps a :class:`~captum_iclip.DualProjectionCLIP`,
+    the maps are drawn from its interpretability projection while the scores
+    keep the recognition projection (SPEC §4).
+
+    Args:
+        forward_func: a :class:`~captum_iclip.CLIPSimilarity`: the same forward
+            function that Captum's methods explain, so ``target=k`` names the
+            same score for all of them.
+
+    Examples::
+
+        >>> import open_clip, torch
+        >>> from captum_iclip import CLIPSimilarity, ITSMAttribution
+        >>> model = open_clip.create_model("ViT-B-16").eval()
+        >>> sim = CLIPSimilarity(model, open_clip.get_tokenizer("ViT-B-16"), ["a cat", "a dog"])
+        >>> itsm = ITSMAttribution(sim)
+        >>> images = torch.randn(2, 3, 224, 224)
+        >>> itsm.attribute(images, target=0).shape      # one prompt per example
+        torch.Size([2, 1, 224, 224])
+        >>> itsm.attribute(images, variant="surgery").shape  # every prompt
+        torch.Size([2, 2, 224, 224])
+    """
+
+    def __init__(self, forward_func: CLIPSimilarity) -> None:
+        super().__init__(check_forward_func(forward_func, "ITSMAttribution"))
+        self.similarity: CLIPSimilarity = forward_func
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: Union[Tensor, Tuple[Tensor]],
+        target: TargetType = None,
+        *,
+        variant: str = "raw",
+        normalize: bool = True,
+        interpolate: bool = True,
+        surgery_depth: int = 6,
+        projection: str = "auto",
+    ) -> Union[Tensor, Tuple[Tensor]]:
+        r"""
+        Args:
+            inputs: preprocessed images (N, 3, H, W), H and W divisible by the
+                patch size (32 for ResNets); or a 1-tuple of such a tensor.
+            target: the prompt(s) to explain, with Captum's semantics: an int
+                (every example), a list or 1-d tensor of N ints (one per example),
+                or ``None`` for every prompt.
+            variant: ``"raw"`` (SPEC §1) or ``"surgery"`` (SPEC §2).
+            normalize: min-max normalise each (image, prompt) map to [0, 1].
+                ``False`` keeps the raw cosine similarities (or surgery scores).
+            interpolate: upsample bilinearly to (H, W); ``False`` returns the
+                patch grid (h, w).
+            surgery_depth: number of final transformer blocks given the
+                surgery path (``variant="surgery"`` only; default 6).
+            projection: ``"auto"`` (the interpretability projection when the
+                model has one, else the recognition projection),
+                ``"recognition"`` or ``"interpretability"``.
+
+        Returns:
+            *Tensor* or *tuple[Tensor]* of attributions (N, 1, H, W) for one target
+            per example, (N, K, H, W) for ``target=None``; a tuple if ``inputs``
+            was a tuple. Draw one with
+            ``captum.attr.visualization.visualize_image_attr(attr[0].permute(1, 2, 0).numpy(), ...)``.
+        """
+        images, is_tuple = unpack_inputs(inputs)
+        sim = self.similarity
+        grid = sim.check_inputs(images)
+        if variant not in VARIANTS:
+            raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
+        index = target_indices(target, images.shape[0], sim.num_prompts)
+        if projection == "auto":
+            projection = "interpretability" if sim.adapter.interpretability_head is not None else "recognition"
+
+        with torch.no_grad():
+            maps = self.similarity_maps(images, variant=variant, surgery_depth=surgery_depth, projection=projection)
+            maps = maps.transpose(1, 2).reshape(images.shape[0], -1, *grid)
+            maps = postprocess(select_targets(maps, index), images.shape[-2:], normalize, interpolate)
+        return (maps,) if is_tuple else maps
+
+    def similarity_maps(self, images: Tensor, *, variant: str, surgery_depth: int, projection: str) -> Tensor:
+        """Unnormalised (N, h*w, K) patch-prompt scores of ``variant``."""
+        sim = self.similarity
+        depth = surgery_depth if variant == "surgery" else 0
+        features = F.normalize(sim.adapter.dense_features(images, surgery_depth=depth, projection=projection), dim=-1)
+        text = sim.text_features.to(features.dtype)
+        global_feature, patches = features[:, 0], features[:, 1:]
+        if variant == "raw":
+            return patches @ text.t()
+        if text.shape[0] >= 2:
+            return feature_surgery(patches, global_feature, text)
+        # One prompt: subtract the direction of the empty prompt (SPEC §2).
+        empty = sim.encode_prompts([""]).to(features.dtype)
+        return patches @ (text - empty).t()
+
+    def has_convergence_delta(self) -> bool:
+        return False
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return False

@@ -1,0 +1,578 @@
+"""Dense image-token features of CLIP vision towers (SPEC §1, §2).
+
+One adapter per model family turns a CLIP model into the same small interface:
+
+* ``tokens(images, surgery_depth)`` runs the tower up to its final projection and
+  returns one feature per position: the global token first, then every patch
+  (row-major over the patch grid);
+* ``project(tokens)`` applies the recognition projection to every token, so that
+  ``project(tokens(x))[:, 0]`` equals the library's own ``encode_image(x)``;
+* ``encode_text(prompts, tokenizer)`` and ``logit_scale`` give the text side.
+
+An optional *interpretability head* (the second projection of ICLIP, SPEC §4) can
+be attached; ``dense_features(..., projection="interpretability")`` then projects
+the patch tokens with it while the global token keeps the recognition projection.
+
+Supported families: open_clip ``VisionTransformer`` (any patch size, any input
+size divisible by it), open_clip ``ModifiedResNet`` (RN50, RN101, RN50x4, ...) and
+Hugging Face ``transformers.CLIPModel``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+SUPPORTED_MODELS = (
+    "open_clip CLIP/CustomTextCLIP with a VisionTransformer tower",
+    "open_clip CLIP/CustomTextCLIP with a ModifiedResNet tower",
+    "transformers.CLIPModel",
+)
+
+
+class GridTap(nn.Identity):
+    """Identity on the patch-token grid (N, C, h, w) entering the last block.
+
+    It exists so that Captum's ``LayerGradCam`` (which hooks a module and expects a
+    spatial (N, C, h, w) output) can be applied to ViT towers exactly as to ResNets.
+    """
+
+
+def interpolate_pos_embed(pos_embed: Tensor, grid: Tuple[int, int]) -> Tensor:
+    """Resize a (1 + h0*w0, C) positional embedding to ``grid`` (SPEC §1).
+
+    The class position is kept; patch positions are resampled bilinearly
+    (``align_corners=False``). At the native grid the embedding is returned as is,
+    so the library's own forward pass is reproduced exactly.
+    """
+    n_patches = pos_embed.shape[0] - 1
+    side = int(round(math.sqrt(n_patches)))
+    if side * side != n_patches:
+        raise ValueError(f"positional embedding has {n_patches} patch positions, expected a square grid")
+    if tuple(grid) == (side, side):
+        return pos_embed
+    cls_pos, patch_pos = pos_embed[:1], pos_embed[1:]
+    patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patch_pos = F.interpolate(patch_pos.float(), size=grid, mode="bilinear", align_corners=False)
+    patch_pos = patch_pos.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)
+    return torch.cat([cls_pos, patch_pos], dim=0)
+
+
+def self_value_attention(value: Tensor, num_heads: int, scale: float, l2_normalize: bool = False) -> Tensor:
+    """Attention in which query, key and value are all ``value`` (CLIP Surgery, SPEC §2).
+
+    Args:
+        value: (N, L, C) value projections of the tokens.
+        num_heads: heads to split C into.
+        scale: softmax temperature applied to ``q @ k^T``.
+        l2_normalize: L2-normalise each head's vectors before the product
+            (used for the ResNet attention pool).
+
+    Returns:
+        (N, L, C) attended values, heads merged, before the output projection.
+    """
+    n, length, channels = value.shape
+    heads = value.reshape(n, length, num_heads, channels // num_heads).transpose(1, 2)
+    if l2_normalize:
+        heads = heads / (heads.norm(dim=-1, keepdim=True) + 1e-6)
+    out = F.scaled_dot_product_attention(heads, heads, heads, scale=scale)
+    return out.transpose(1, 2).reshape(n, length, channels)
+
+
+def _check_depth(surgery_depth: int, num_blocks: int) -> None:
+    if not 0 <= surgery_depth <= num_blocks:
+        raise ValueError(f"surgery_depth: expected 0..{num_blocks} (the tower has {num_blocks} blocks), got {surgery_depth}")
+
+
+class VisionAdapter:
+    """Common interface of the dense CLIP vision adapters.
+
+    Args:
+        model: the CLIP model (image and text towers).
+        interpretability_head: optional module applied to the patch tokens
+            instead of the recognition projection (ICLIP, SPEC §4).
+    """
+
+    family: str = ""
+
+    def __init__(self, model: nn.Module, interpretability_head: Optional[nn.Module] = None) -> None:
+        self.model = model
+        self.interpretability_head = interpretability_head
+        self.grid_tap = GridTap()
+
+    # --- geometry -------------------------------------------------------------------
+    @property
+    def patch_size(self) -> Tuple[int, int]:
+        raise NotImplementedError
+
+    @property
+    def image_size(self) -> Tuple[int, int]:
+        """The resolution the tower was built for."""
+        raise NotImplementedError
+
+    @property
+    def image_mean(self) -> Tuple[float, float, float]:
+        return OPENAI_CLIP_MEAN
+
+    @property
+    def image_std(self) -> Tuple[float, float, float]:
+        return OPENAI_CLIP_STD
+
+    def grid_size(self, height: int, width: int) -> Tuple[int, int]:
+        ph, pw = self.patch_size
+        if height % ph or width % pw:
+            raise ValueError(
+                f"inputs: image size {height}x{width} is not divisible by the {self.family} "
+                f"patch size {ph}x{pw}; resize to a multiple (e.g. {ph * max(1, round(height / ph))}x"
+                f"{pw * max(1, round(width / pw))})"
+            )
+        return height // ph, width // pw
+
+    @property
+    def embed_dim(self) -> int:
+        """Dimension D of the joint image-text embedding."""
+        raise NotImplementedError
+
+    @property
+    def parameter(self) -> Tensor:
+        """A parameter of the vision tower, to read its device and dtype."""
+        raise NotImplementedError
+
+    def check_images(self, images: Tensor, name: str = "inputs") -> Tuple[int, int]:
+        """Validate a batch of images and return its patch grid size."""
+        if not isinstance(images, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor of shape (N, 3, H, W), got {type(images).__name__}")
+        if images.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-D tensor (N, 3, H, W), got shape {tuple(images.shape)}")
+        if images.shape[1] != 3:
+            raise ValueError(f"{name}: expected 3 colour channels in dim 1, got shape {tuple(images.shape)}")
+        if images.shape[0] == 0:
+            raise ValueError(f"{name}: the batch is empty")
+        param = self.parameter
+        if images.device != param.device:
+            raise ValueError(f"{name}: images are on {images.device} but the model is on {param.device}; move one of them")
+        if not images.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor (a preprocessed image), got {images.dtype}")
+        if images.dtype != param.dtype:
+            raise TypeError(f"{name}: images have dtype {images.dtype} but the model has {param.dtype}; cast one of them")
+        return self.grid_size(images.shape[-2], images.shape[-1])
+
+    # --- image side -----------------------------------------------------------------
+    def tap_patches(self, x: Tensor, grid: Tuple[int, int]) -> Tensor:
+        """Route the patch tokens of (N, 1 + h*w, C) through :attr:`grid_tap` as an (N, C, h, w) map."""
+        n, _, c = x.shape
+        patches = self.grid_tap(x[:, 1:].transpose(1, 2).reshape(n, c, *grid))
+        return torch.cat([x[:, :1], patches.flatten(2).transpose(1, 2)], dim=1)
+
+    def tokens(self, images: Tensor, surgery_depth: int = 0) -> Tensor:
+        """Pre-projection tokens (N, 1 + h*w, C): global token first, then patches."""
+        raise NotImplementedError
+
+    def project(self, tokens: Tensor, surgery: bool = False) -> Tensor:
+        """Recognition projection of every token: (N, L, C) -> (N, L, D).
+
+        ``surgery`` selects CLIP Surgery's projection where a family has one of
+        its own (the ResNet attention pool); transformers do their surgery in
+        :meth:`tokens`.
+        """
+        raise NotImplementedError
+
+    def project_global(self, tokens: Tensor) -> Tensor:
+        """Recognition projection of the global token alone: (N, L, C) -> (N, D)."""
+        return self.project(tokens)[:, 0]
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        """The recognition image embedding, equal to the library's ``encode_image``."""
+        return self.project_global(self.tokens(images))
+
+    def dense_features(self, images: Tensor, *, surgery_depth: int = 0, projection: str = "recognition") -> Tensor:
+        """Projected features of every token (N, 1 + h*w, D), unnormalised.
+
+        Args:
+            images: (N, 3, H, W) preprocessed images.
+            surgery_depth: number of final blocks run with CLIP Surgery's dual
+                paths (SPEC §2); 0 runs the plain tower.
+            projection: ``"recognition"`` projects every token with the model's
+                own projection; ``"interpretability"`` projects the patch tokens
+                with the attached interpretability head (the global token keeps
+                the recognition projection).
+        """
+        tokens = self.tokens(images, surgery_depth=surgery_depth)
+        if projection == "recognition":
+            return self.project(tokens, surgery=surgery_depth > 0)
+        if projection == "interpretability":
+            if self.interpretability_head is None:
+                raise ValueError("projection: 'interpretability' needs a DualProjectionCLIP model")
+            global_feature = self.project_global(tokens)
+            patches = self.interpretability_head(tokens)[:, 1:]
+            return torch.cat([global_feature[:, None], patches], dim=1)
+        raise ValueError(f"projection: expected 'recognition' or 'interpretability', got {projection!r}")
+
+    # --- text side ------------------------------------------------------------------
+    def encode_text(self, prompts: Sequence[str], tokenizer: Callable) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def logit_scale(self) -> Tensor:
+        return self.model.logit_scale.exp()
+
+    def make_interpretability_head(self) -> nn.Module:
+        """A new projection for the patch tokens, initialised as a copy of the recognition one."""
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------------
+# open_clip VisionTransformer
+# ----------------------------------------------------------------------------------
+class TokenProjection(nn.Module):
+    """``x @ weight`` on every token: the ViT projection as a module (open_clip's ``proj``)."""
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone())
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return tokens @ self.weight
+
+
+def _split_value(attn: nn.Module, x: Tensor) -> Tensor:
+    """The value projection of a fused-qkv attention module (nn.MultiheadAttention or open_clip Attention)."""
+    channels = x.shape[-1]
+    weight = attn.in_proj_weight[2 * channels:]
+    bias = attn.in_proj_bias[2 * channels:] if attn.in_proj_bias is not None else None
+    return F.linear(x, weight, bias)
+
+
+class OpenCLIPViTAdapter(VisionAdapter):
+    family = "open_clip VisionTransformer"
+
+    def __init__(self, model: nn.Module, interpretability_head: Optional[nn.Module] = None) -> None:
+        super().__init__(model, interpretability_head)
+        visual = model.visual
+        if getattr(visual, "attn_pool", None) is not None:
+            raise TypeError("model: open_clip ViTs with an attentional pooler (CoCa) have no global token; not supported")
+        if getattr(visual, "pool_type", "tok") != "tok" or getattr(visual, "final_ln_after_pool", False):
+            raise TypeError(
+                f"model: open_clip ViT with pool_type={visual.pool_type!r} is not supported; "
+                "the dense path needs class-token pooling (pool_type='tok')"
+            )
+        if visual.proj is None:
+            raise TypeError("model: the open_clip ViT has no projection (proj is None)")
+        self.visual = visual
+
+    @property
+    def patch_size(self) -> Tuple[int, int]:
+        return tuple(self.visual.patch_size)
+
+    @property
+    def image_size(self) -> Tuple[int, int]:
+        return tuple(self.visual.image_size)
+
+    @property
+    def image_mean(self):
+        return tuple(getattr(self.visual, "image_mean", None) or OPENAI_CLIP_MEAN)
+
+    @property
+    def image_std(self):
+        return tuple(getattr(self.visual, "image_std", None) or OPENAI_CLIP_STD)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.visual.proj.shape[1]
+
+    @property
+    def parameter(self) -> Tensor:
+        return self.visual.conv1.weight
+
+    def tokens(self, images: Tensor, surgery_depth: int = 0) -> Tensor:
+        visual = self.visual
+        x = visual.conv1(images)
+        grid = tuple(x.shape[-2:])
+        x = x.flatten(2).transpose(1, 2)
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1)
+        x = x + interpolate_pos_embed(visual.positional_embedding, grid).to(x.dtype)
+        # Patch dropout is skipped on purpose: a dense map needs every patch.
+        x = visual.ln_pre(x)
+
+        blocks = visual.transformer.resblocks
+        _check_depth(surgery_depth, len(blocks))
+        batch_first = getattr(visual.transformer, "batch_first", True)
+        n_plain = len(blocks) - surgery_depth
+        run = (lambda blk, t: blk(t)) if batch_first else (lambda blk, t: blk(t.transpose(0, 1)).transpose(0, 1))
+        for blk in blocks[: n_plain - 1] if n_plain >= 1 else []:
+            x = run(blk, x)
+        if n_plain >= 1:
+            x = self.tap_patches(x, grid)
+            x = run(blocks[n_plain - 1], x)
+        if surgery_depth:
+            x_new = x
+            for blk in blocks[n_plain:]:
+                x_new = x_new + self._surgery_attention(blk, x)
+                x = run(blk, x)
+            x = torch.cat([x[:, :1], x_new[:, 1:]], dim=1)
+        return visual.ln_post(x)
+
+    @staticmethod
+    def _surgery_attention(blk: nn.Module, x_ori: Tensor) -> Tensor:
+        """The new path's residual: OutProj(softmax(v v^T * scale) v) on ln_1(x_ori) (SPEC §2)."""
+        attn = blk.attn
+        if getattr(attn, "logit_scale", None) is not None or getattr(attn, "head_scale", None) is not None:
+            raise TypeError("variant: surgery does not support scaled-cosine or head-scaled attention blocks")
+        num_heads = attn.num_heads
+        value = _split_value(attn, blk.ln_1(x_ori))
+        head_dim = value.shape[-1] // num_heads
+        out = attn.out_proj(self_value_attention(value, num_heads, head_dim**-0.5))
+        if hasattr(blk, "ln_attn"):
+            out = blk.ln_attn(out)
+        return blk.ls_1(out)
+
+    def project(self, tokens: Tensor, surgery: bool = False) -> Tensor:
+        return tokens @ self.visual.proj
+
+    def project_global(self, tokens: Tensor) -> Tensor:
+        return tokens[:, 0] @ self.visual.proj
+
+    def encode_text(self, prompts: Sequence[str], tokenizer: Callable) -> Tensor:
+        text = tokenizer(list(prompts)).to(self.parameter.device)
+        return self.model.encode_text(text)
+
+    def make_interpretability_head(self) -> nn.Module:
+        return TokenProjection(self.visual.proj)
+
+
+# ----------------------------------------------------------------------------------
+# open_clip ModifiedResNet
+# ----------------------------------------------------------------------------------
+class PositionwisePoolProjection(nn.Module):
+    """The attention pool's value and output projections applied to each position alone.
+
+    This is the ResNet interpretability head (SPEC §4): a copy of ``v_proj`` and
+    ``c_proj`` so that every position is projected as if it attended only to itself.
+    """
+
+    def __init__(self, v_proj: nn.Linear, c_proj: nn.Linear) -> None:
+        super().__init__()
+        self.v_proj = nn.Linear(v_proj.in_features, v_proj.out_features)
+        self.c_proj = nn.Linear(c_proj.in_features, c_proj.out_features)
+        self.v_proj.load_state_dict(v_proj.state_dict())
+        self.c_proj.load_state_dict(c_proj.state_dict())
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.c_proj(self.v_proj(tokens))
+
+
+class OpenCLIPResNetAdapter(VisionAdapter):
+    family = "open_clip ModifiedResNet"
+
+    def __init__(self, model: nn.Module, interpretability_head: Optional[nn.Module] = None) -> None:
+        super().__init__(model, interpretability_head)
+        self.visual = model.visual
+        self.pool = model.visual.attnpool
+
+    @property
+    def patch_size(self) -> Tuple[int, int]:
+        return (32, 32)
+
+    @property
+    def image_size(self) -> Tuple[int, int]:
+        size = self.visual.image_size
+        return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+
+    @property
+    def image_mean(self):
+        return tuple(getattr(self.visual, "image_mean", None) or OPENAI_CLIP_MEAN)
+
+    @property
+    def image_std(self):
+        return tuple(getattr(self.visual, "image_std", None) or OPENAI_CLIP_STD)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.pool.c_proj.out_features
+
+    @property
+    def parameter(self) -> Tensor:
+        return self.visual.conv1.weight
+
+    def tokens(self, images: Tensor, surgery_depth: int = 0) -> Tensor:
+        # A ResNet's surgery lives in its attention pool (see ``project``), not here.
+        visual = self.visual
+        x = visual.stem(images)
+        x = visual.layer1(x)
+        x = visual.layer2(x)
+        x = visual.layer3(x)
+        x = visual.layer4(x)
+        x = self.grid_tap(x)
+        grid = tuple(x.shape[-2:])
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)
+        return x + interpolate_pos_embed(self.pool.positional_embedding, grid).to(x.dtype)
+
+    def _heads(self) -> Tuple[int, int]:
+        num_heads = self.pool.num_heads
+        return num_heads, self.pool.v_proj.out_features // num_heads
+
+    def project(self, tokens: Tensor, surgery: bool = False) -> Tensor:
+        """The attention pool with every position as a query (SPEC §1)."""
+        pool = self.pool
+        num_heads, head_dim = self._heads()
+        n, length, channels = tokens.shape
+
+        def split(t: Tensor) -> Tensor:
+            return t.reshape(n, length, num_heads, head_dim).transpose(1, 2)
+
+        q, k, v = split(pool.q_proj(tokens)), split(pool.k_proj(tokens)), split(pool.v_proj(tokens))
+        out = F.scaled_dot_product_attention(q, k, v, scale=head_dim**-0.5)
+        out = pool.c_proj(out.transpose(1, 2).reshape(n, length, -1))
+        if surgery:
+            # Surgery pool: q = k = v = normalised values, scale 8 / sqrt(head_dim);
+            # the global token keeps the original pooling (SPEC §2).
+            surgery = pool.c_proj(self_value_attention(pool.v_proj(tokens), num_heads, 8 * head_dim**-0.5, True))
+            out = torch.cat([out[:, :1], surgery[:, 1:]], dim=1)
+        return out
+
+    def project_global(self, tokens: Tensor) -> Tensor:
+        pool = self.pool
+        num_heads, head_dim = self._heads()
+        n, length, _ = tokens.shape
+        q = pool.q_proj(tokens[:, :1]).reshape(n, 1, num_heads, head_dim).transpose(1, 2)
+        k = pool.k_proj(tokens).reshape(n, length, num_heads, head_dim).transpose(1, 2)
+        v = pool.v_proj(tokens).reshape(n, length, num_heads, head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, scale=head_dim**-0.5)
+        return pool.c_proj(out.transpose(1, 2).reshape(n, -1))
+
+    def encode_text(self, prompts: Sequence[str], tokenizer: Callable) -> Tensor:
+        text = tokenizer(list(prompts)).to(self.parameter.device)
+        return self.model.encode_text(text)
+
+    def make_interpretability_head(self) -> nn.Module:
+        return PositionwisePoolProjection(self.pool.v_proj, self.pool.c_proj)
+
+
+# ----------------------------------------------------------------------------------
+# Hugging Face CLIPModel
+# ----------------------------------------------------------------------------------
+class LinearCopy(nn.Linear):
+    """A copy of an ``nn.Linear`` (the HF ``visual_projection``) as the interpretability head."""
+
+    def __init__(self, source: nn.Linear) -> None:
+        super().__init__(source.in_features, source.out_features, bias=source.bias is not None)
+        self.load_state_dict(source.state_dict())
+
+
+class HFCLIPAdapter(VisionAdapter):
+    family = "transformers CLIPModel"
+
+    def __init__(self, model: nn.Module, interpretability_head: Optional[nn.Module] = None) -> None:
+        super().__init__(model, interpretability_head)
+        self.vision = model.vision_model
+
+    @property
+    def patch_size(self) -> Tuple[int, int]:
+        p = self.vision.embeddings.patch_size
+        return (p, p)
+
+    @property
+    def image_size(self) -> Tuple[int, int]:
+        s = self.vision.embeddings.image_size
+        return (s, s)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.visual_projection.out_features
+
+    @property
+    def parameter(self) -> Tensor:
+        return self.vision.embeddings.patch_embedding.weight
+
+    def tokens(self, images: Tensor, surgery_depth: int = 0) -> Tensor:
+        emb = self.vision.embeddings
+        x = emb.patch_embedding(images)
+        grid = tuple(x.shape[-2:])
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat([emb.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
+        x = x + interpolate_pos_embed(emb.position_embedding.weight, grid).to(x.dtype)
+        x = self.vision.pre_layrnorm(x)
+
+        layers = self.vision.encoder.layers
+        _check_depth(surgery_depth, len(layers))
+        n_plain = len(layers) - surgery_depth
+        for layer in layers[: max(n_plain - 1, 0)]:
+            x = layer(x, None)
+        if n_plain >= 1:
+            x = self.tap_patches(x, grid)
+            x = layers[n_plain - 1](x, None)
+        if surgery_depth:
+            x_new = x
+            for layer in layers[n_plain:]:
+                attn = layer.self_attn
+                value = attn.v_proj(layer.layer_norm1(x))
+                x_new = x_new + attn.out_proj(self_value_attention(value, attn.num_heads, attn.scale))
+                x = layer(x, None)
+            x = torch.cat([x[:, :1], x_new[:, 1:]], dim=1)
+        return self.vision.post_layernorm(x)
+
+    def project(self, tokens: Tensor, surgery: bool = False) -> Tensor:
+        return self.model.visual_projection(tokens)
+
+    def project_global(self, tokens: Tensor) -> Tensor:
+        return self.model.visual_projection(tokens[:, 0])
+
+    def encode_text(self, prompts: Sequence[str], tokenizer: Callable) -> Tensor:
+        batch = tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt")
+        batch = {k: v.to(self.parameter.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+        out = self.model.get_text_features(**batch)
+        return out if isinstance(out, Tensor) else out.pooler_output
+
+    def make_interpretability_head(self) -> nn.Module:
+        return LinearCopy(self.model.visual_projection)
+
+
+def get_adapter(model: nn.Module) -> VisionAdapter:
+    """Pick the dense adapter for ``model``.
+
+    Args:
+        model: an open_clip CLIP model (ViT or ModifiedResNet tower), a Hugging Face
+            ``CLIPModel``, or a :class:`~captum_iclip.DualProjectionCLIP` wrapping one.
+
+    Returns:
+        The adapter. A ``DualProjectionCLIP`` gives its inner model's adapter with
+        its interpretability head attached.
+
+    Raises:
+        TypeError: for any other kind of model, naming its type and the supported ones.
+    """
+    head = None
+    inner = getattr(model, "interpretability_head", None)
+    if inner is not None and hasattr(model, "clip"):
+        model, head = model.clip, inner
+    visual = getattr(model, "visual", None)
+    if visual is not None:
+        from open_clip.modified_resnet import ModifiedResNet
+        from open_clip.transformer import VisionTransformer
+
+        if isinstance(visual, VisionTransformer):
+            return OpenCLIPViTAdapter(model, head)
+        if isinstance(visual, ModifiedResNet):
+            return OpenCLIPResNetAdapter(model, head)
+        raise TypeError(
+            f"model: unsupported vision tower {type(visual).__module__}.{type(visual).__name__}; "
+            f"supported: {', '.join(SUPPORTED_MODELS)}"
+        )
+    try:
+        from transformers import CLIPModel
+    except ImportError:  # pragma: no cover - transformers is a core dependency
+        CLIPModel = ()
+    if CLIPModel and isinstance(model, CLIPModel):
+        return HFCLIPAdapter(model, head)
+    raise TypeError(
+        f"model: unsupported model type {type(model).__module__}.{type(model).__name__}; "
+        f"supported: {', '.join(SUPPORTED_MODELS)}"
+    )

@@ -1,0 +1,152 @@
+"""The forward function every attribution explains: image -> image-text scores."""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from captum_iclip.models.adapters import VisionAdapter, get_adapter
+
+OUTPUTS = ("cosine", "logits", "probs")
+
+
+def _format_prompt(template: Union[str, Callable[[str], str]], prompt: str) -> str:
+    if callable(template):
+        return template(prompt)
+    return template.format(prompt) if "{}" in template else f"{template} {prompt}"
+
+
+class CLIPSimilarity(nn.Module):
+    r"""Scores of a batch of images against K prompts, as an ``nn.Module``.
+
+    This is the forward function shared by the attributions of this package and
+    by Captum's own (``IntegratedGradients``, ``Saliency``, ``LayerGradCam``,
+    ``Occlusion``, ...): it maps images (N, 3, H, W) to scores (N, K), and
+    ``target=k`` means "prompt k" for all of them, so they explain the same number.
+
+    Text embeddings are computed once, L2-normalised; with ``templates`` each
+    prompt is embedded with every template, the normalised embeddings are
+    averaged and renormalised (prompt ensembling, SPEC §1).
+
+    Args:
+        model: an open_clip CLIP model (ViT or ModifiedResNet tower), a Hugging
+            Face ``transformers.CLIPModel``, or a ``DualProjectionCLIP``.
+        tokenizer: the model's tokenizer (``open_clip.get_tokenizer(name)`` or a
+            Hugging Face tokenizer). Needed with ``prompts``.
+        prompts: the K texts to score against, e.g. ``["a cat", "a dog"]``.
+        text_features: precomputed (K, D) text embeddings instead of prompts.
+        templates: optional prompt templates such as ``"a photo of a {}."`` (or
+            callables) for prompt ensembling.
+        output: ``"cosine"`` (cosine similarity), ``"logits"`` (cosine times the
+            model's logit scale) or ``"probs"`` (softmax of the logits over prompts).
+
+    Examples::
+
+        >>> import open_clip, torch
+        >>> from captum_iclip import CLIPSimilarity
+        >>> model = open_clip.create_model("ViT-B-16").eval()
+        >>> tokenizer = open_clip.get_tokenizer("ViT-B-16")
+        >>> sim = CLIPSimilarity(model, tokenizer, ["a cat", "a dog"])
+        >>> sim(torch.randn(2, 3, 224, 224)).shape
+        torch.Size([2, 2])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Optional[Callable] = None,
+        prompts: Optional[Sequence[str]] = None,
+        *,
+        text_features: Optional[Tensor] = None,
+        templates: Optional[Sequence[Union[str, Callable[[str], str]]]] = None,
+        output: str = "cosine",
+    ) -> None:
+        super().__init__()
+        if output not in OUTPUTS:
+            raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
+        self.model = model
+        self.adapter: VisionAdapter = get_adapter(model)
+        # Registered so that Captum's LayerGradCam can hook the patch grid of any tower.
+        self.grid_tap = self.adapter.grid_tap
+        self.tokenizer = tokenizer
+        self.templates = list(templates) if templates is not None else None
+        self.output = output
+        self.prompts: Optional[list] = None
+        if text_features is not None:
+            if prompts is not None:
+                raise ValueError("prompts: give either prompts or text_features, not both")
+            self.register_buffer("text_features", self._check_text_features(text_features))
+        else:
+            self.register_buffer("text_features", self.encode_prompts(self._check_prompts(prompts)))
+            self.prompts = list(prompts)
+
+    # --- text side ------------------------------------------------------------------
+    def _check_prompts(self, prompts: Optional[Sequence[str]]) -> list:
+        if prompts is None:
+            raise ValueError("prompts: give a non-empty list of texts (or text_features)")
+        if isinstance(prompts, str):
+            raise TypeError("prompts: expected a list of strings, got a single string; wrap it in a list")
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("prompts: the list of prompts is empty; give at least one text")
+        if not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts: every prompt must be a string")
+        if self.tokenizer is None:
+            raise ValueError("tokenizer: needed to embed prompts (or pass text_features instead)")
+        return prompts
+
+    def _check_text_features(self, text_features: Tensor) -> Tensor:
+        if not isinstance(text_features, Tensor) or text_features.dim() != 2 or text_features.shape[0] == 0:
+            raise ValueError("text_features: expected a non-empty (K, D) tensor")
+        dim = self.adapter.embed_dim
+        if text_features.shape[1] != dim:
+            raise ValueError(f"text_features: expected dimension {dim}, got {text_features.shape[1]}")
+        return F.normalize(text_features.detach().to(self.adapter.parameter.device), dim=-1)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
+        """L2-normalised (K, D) embeddings of ``prompts`` (ensembled over the templates)."""
+        prompts = self._check_prompts(prompts)
+        templates = self.templates or ["{}"]
+        texts = [_format_prompt(t, p) for p in prompts for t in templates]
+        features = F.normalize(self.adapter.encode_text(texts, self.tokenizer).float(), dim=-1)
+        features = features.reshape(len(prompts), len(templates), -1).mean(dim=1)
+        return F.normalize(features, dim=-1).to(self.adapter.parameter.dtype)
+
+    def set_prompts(self, prompts: Sequence[str]) -> "CLIPSimilarity":
+        """Replace the prompts (re-embedding them once). Returns ``self``."""
+        self.text_features = self.encode_prompts(prompts)
+        self.prompts = list(prompts)
+        return self
+
+    @property
+    def num_prompts(self) -> int:
+        return self.text_features.shape[0]
+
+    @property
+    def logit_scale(self) -> Tensor:
+        return self.adapter.logit_scale
+
+    # --- image side -----------------------------------------------------------------
+    def check_inputs(self, images: Tensor, name: str = "inputs"):
+        """Validate images (rank, channels, size, device, dtype); returns the patch grid."""
+        return self.adapter.check_images(images, name)
+
+    def scores(self, image_features: Tensor) -> Tensor:
+        """Turn (N, D) recognition embeddings into (N, K) scores of kind :attr:`output`."""
+        cosine = F.normalize(image_features, dim=-1) @ self.text_features.t()
+        if self.output == "cosine":
+            return cosine
+        logits = self.logit_scale * cosine
+        return logits if self.output == "logits" else logits.softmax(dim=-1)
+
+    def forward(self, images: Tensor) -> Tensor:
+        self.check_inputs(images)
+        return self.scores(self.adapter.encode_image(images))
+
+    def gradcam_layer(self) -> nn.Module:
+        """The layer to hand to ``captum.attr.LayerGradCam``: the patch grid entering the
+        last transformer block (ViT) or the layer4 output (ResNet), as (N, C, h, w)."""
+        return self.grid_tap
