@@ -1,12 +1,18 @@
 """captum-iclip: Captum attributions that show where CLIP models see a text in an image."""
 from captum_iclip.attr.itsm import ITSMAttribution
+from captum_iclip.attr.mmp import MaskedMaxPoolingAttribution
 from captum_iclip.models.adapters import get_adapter
+from captum_iclip.models.dual import DualProjectionCLIP
+from captum_iclip.pooling import MaskedMaxPooling
 from captum_iclip.similarity import CLIPSimilarity
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CLIPSimilarity",
+    "DualProjectionCLIP",
     "ITSMAttribution",
+    "MaskedMaxPooling",
+    "MaskedMaxPoolingAttribution",
     "get_adapter",
 ]

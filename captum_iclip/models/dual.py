@@ -1,0 +1,123 @@
+"""Dual projections (SPEC §4): one projection for recognition, one for interpretability."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from captum_iclip._io import PathLike, atomic_torch_save
+from captum_iclip.models.adapters import VisionAdapter, get_adapter
+
+
+class DualProjectionCLIP(nn.Module):
+    r"""A CLIP model whose vision tower ends in two projections.
+
+    * ``W_rec``, the model's own projection, applied to the global token: the
+      recognition embedding. :meth:`encode_image` is the wrapped model's own
+      ``encode_image`` (bit-identical), so zero-shot scores do not change.
+    * ``W_int``, new, initialised as a copy of ``W_rec`` and applied to every
+      patch token: the interpretability features read by ``ITSMAttribution``
+      and ``MaskedMaxPoolingAttribution``. For ViTs it is a copy of ``proj``
+      (open_clip) or ``visual_projection`` (Hugging Face); for ResNets a copy of
+      the attention pool's value and output projections applied per position.
+
+    The text tower is shared. Wrap it in a :class:`~captum_iclip.CLIPSimilarity`
+    to get scores from the recognition projection and maps from the
+    interpretability one.
+
+    Args:
+        model: an open_clip CLIP model (ViT or ModifiedResNet tower) or a Hugging
+            Face ``CLIPModel``.
+        interpretability_head: an existing head to use instead of a fresh copy.
+
+    Examples::
+
+        >>> import open_clip, torch
+        >>> from captum_iclip import DualProjectionCLIP
+        >>> clip = open_clip.create_model("ViT-B-32").eval()
+        >>> dual = DualProjectionCLIP(clip)
+        >>> x = torch.randn(1, 3, 224, 224)
+        >>> torch.equal(dual.encode_image(x), clip.encode_image(x))
+        True
+        >>> dual.encode_dense(x).shape        # interpretability features of every token
+        torch.Size([1, 50, 512])
+    """
+
+    def __init__(self, model: nn.Module, interpretability_head: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        base = get_adapter(model)
+        self.clip = model
+        self.interpretability_head = interpretability_head or base.make_interpretability_head()
+        self.interpretability_head.to(device=base.parameter.device, dtype=base.parameter.dtype)
+
+    @property
+    def adapter(self) -> VisionAdapter:
+        return get_adapter(self)
+
+    @property
+    def logit_scale(self) -> Tensor:
+        return self.clip.logit_scale
+
+    def encode_image(self, images: Tensor, normalize: bool = False) -> Tensor:
+        """The recognition embedding: the wrapped model's own image encoder, unchanged."""
+        if hasattr(self.clip, "encode_image"):
+            return self.clip.encode_image(images, normalize=normalize)
+        out = self.clip.get_image_features(pixel_values=images)
+        out = out if isinstance(out, Tensor) else out.pooler_output
+        return nn.functional.normalize(out, dim=-1) if normalize else out
+
+    def encode_text(self, text: Any, normalize: bool = False) -> Tensor:
+        """The shared text tower (open_clip token ids; HF: a tokenizer's batch as a dict)."""
+        if hasattr(self.clip, "encode_text"):
+            return self.clip.encode_text(text, normalize=normalize)
+        out = self.clip.get_text_features(**text)
+        out = out if isinstance(out, Tensor) else out.pooler_output
+        return nn.functional.normalize(out, dim=-1) if normalize else out
+
+    def encode_dense(self, images: Tensor, projection: str = "interpretability", surgery_depth: int = 0) -> Tensor:
+        """Features of every token (N, 1 + h*w, D): the global token from the recognition
+        projection, the patches from ``projection`` (``"interpretability"`` or ``"recognition"``)."""
+        return self.adapter.dense_features(images, surgery_depth=surgery_depth, projection=projection)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's own forward (e.g. open_clip's ``model(image, text)``)."""
+        return self.clip(*args, **kwargs)
+
+    # --- persistence ----------------------------------------------------------------
+    def interpretability_state_dict(self) -> Dict[str, Tensor]:
+        return {k: v.detach().cpu() for k, v in self.interpretability_head.state_dict().items()}
+
+    def save_interpretability(self, path: PathLike, **metadata: Any) -> None:
+        """Save the added parameters alone (a small file), atomically."""
+        atomic_torch_save(
+            {"format": "captum-iclip/interpretability-head/1", "family": self.adapter.family,
+             "state_dict": self.interpretability_state_dict(), "metadata": metadata},
+            path,
+        )
+
+    def load_interpretability(self, path: PathLike) -> "DualProjectionCLIP":
+        """Load a head saved by :meth:`save_interpretability` (checks family and shapes)."""
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(payload, dict) or payload.get("format") != "captum-iclip/interpretability-head/1":
+            raise ValueError(f"path: {path} is not an interpretability head saved by captum-iclip")
+        if payload["family"] != self.adapter.family:
+            raise ValueError(f"path: head was trained for {payload['family']}, this model is {self.adapter.family}")
+        self.interpretability_head.load_state_dict(payload["state_dict"])
+        return self
+
+    def save(self, path: PathLike, **metadata: Any) -> None:
+        """Save the whole wrapped model (CLIP weights and interpretability head), atomically."""
+        atomic_torch_save(
+            {"format": "captum-iclip/dual-projection/1", "family": self.adapter.family,
+             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}, "metadata": metadata},
+            path,
+        )
+
+    def load(self, path: PathLike) -> "DualProjectionCLIP":
+        """Load weights saved by :meth:`save` into this (same-architecture) wrapper."""
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(payload, dict) or payload.get("format") != "captum-iclip/dual-projection/1":
+            raise ValueError(f"path: {path} is not a dual-projection model saved by captum-iclip")
+        self.load_state_dict(payload["state_dict"])
+        return self
