@@ -1,7 +1,7 @@
 """ITSM: the Image-Text Similarity Map (SPEC §1) and its training-free correction (SPEC §2)."""
 from __future__ import annotations
 
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -99,7 +99,7 @@ class ITSMAttribution(Attribution):
         variant: str = "raw",
         normalize: bool = True,
         interpolate: bool = True,
-        surgery_depth: int = 6,
+        surgery_depth: Optional[int] = None,
         projection: str = "auto",
     ) -> Union[Tensor, Tuple[Tensor]]:
         r"""
@@ -115,7 +115,8 @@ class ITSMAttribution(Attribution):
             interpolate: upsample bilinearly to (H, W); ``False`` returns the
                 patch grid (h, w).
             surgery_depth: number of final transformer blocks given the
-                surgery path (``variant="surgery"`` only; default 6).
+                surgery path (``variant="surgery"`` only). Default: 6 (SPEC §2),
+                capped at half the tower's blocks for towers shallower than 12.
             projection: ``"auto"`` (the interpretability projection when the
                 model has one, else the recognition projection),
                 ``"recognition"`` or ``"interpretability"``.
@@ -131,6 +132,11 @@ class ITSMAttribution(Attribution):
         grid = sim.check_inputs(images)
         if variant not in VARIANTS:
             raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
+        if variant == "surgery":
+            if surgery_depth is None:
+                blocks = sim.adapter.num_blocks
+                surgery_depth = 6 if blocks is None else min(6, blocks // 2)
+            sim.adapter.check_surgery_depth(surgery_depth)
         index = target_indices(target, images.shape[0], sim.num_prompts)
         if projection == "auto":
             projection = "interpretability" if sim.adapter.interpretability_head is not None else "recognition"

@@ -1,10 +1,49 @@
-"""Bundled offline models (filled in by the zoo training script)."""
+"""Bundled offline models, loaded by name with no network.
+
+``shapes-tiny`` is a tiny CLIP (an open_clip model from a custom config, with the
+real open_clip tokenizer), a tiny self-supervised DINO ViT used as the mask
+source, and the ICLIP interpretability projection, all trained on the
+procedural world (:mod:`captum_iclip.world`) by ``python -m captum_iclip.zoo.train``.
+
+Examples::
+
+    >>> from captum_iclip import zoo, CLIPSimilarity, ITSMAttribution
+    >>> bundle = zoo.load("shapes-tiny")
+    >>> sim = CLIPSimilarity(bundle.dual, bundle.tokenizer, bundle.prompts)
+"""
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List
+from typing import Callable, Dict, List, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+@dataclass
+class ZooBundle:
+    """Everything a bundled model needs to be used."""
+
+    name: str
+    clip: nn.Module  # the open_clip CLIP model (recognition)
+    dual: nn.Module  # DualProjectionCLIP around ``clip`` (interpretability projection)
+    tokenizer: Callable
+    preprocess: Callable  # PIL image or uint8 (H, W, 3) array -> (3, S, S) tensor
+    mask_provider: nn.Module  # DINO foreground masks on the CLIP patch grid
+    class_names: List[str]
+    prompts: List[str]  # one per class except the background
+    image_size: int
+    info: Dict = field(default_factory=dict)  # training figures
+
+    @property
+    def model(self) -> nn.Module:
+        """The model to explain: the dual-projection CLIP."""
+        return self.dual
 
 
 def available() -> List[str]:
@@ -14,5 +53,82 @@ def available() -> List[str]:
     return sorted(p.name for p in WEIGHTS_DIR.iterdir() if (p / "config.json").is_file())
 
 
-def load(name: str, device: str = "cpu"):
-    raise NotImplementedError("the bundled models are not trained yet")
+def build_clip(model_config: Dict) -> nn.Module:
+    """An open_clip ``CLIP`` from a model-config dict (as in open_clip's model_configs/*.json)."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    return CLIP(
+        embed_dim=model_config["embed_dim"],
+        vision_cfg=CLIPVisionCfg(**model_config["vision_cfg"]),
+        text_cfg=CLIPTextCfg(**model_config["text_cfg"]),
+    )
+
+
+def make_preprocess(image_size: int, mean, std) -> Callable[[Union["PIL.Image.Image", np.ndarray]], Tensor]:
+    """PIL image or uint8 (H, W, 3) array -> normalised (3, S, S) float tensor (bicubic resize)."""
+    from PIL import Image
+
+    mean_t = torch.tensor(mean).reshape(3, 1, 1)
+    std_t = torch.tensor(std).reshape(3, 1, 1)
+
+    def preprocess(image) -> Tensor:
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(image)
+        image = image.convert("RGB")
+        if image.size != (image_size, image_size):
+            image = image.resize((image_size, image_size), Image.BICUBIC)
+        array = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()) / 255.0
+        return (array.permute(2, 0, 1) - mean_t) / std_t
+
+    return preprocess
+
+
+def load(name: str = "shapes-tiny", device: str = "cpu") -> ZooBundle:
+    """Load a bundled model offline.
+
+    Args:
+        name: a name from :func:`available`.
+        device: torch device.
+
+    Returns:
+        A :class:`ZooBundle` in eval mode, in float32.
+    """
+    import open_clip
+
+    from captum_iclip.masks import DINOMaskProvider
+    from captum_iclip.models.dual import DualProjectionCLIP
+    from captum_iclip.training.dino import load_tiny_dino
+
+    if name not in available():
+        raise ValueError(f"name: no bundled model {name!r}; available: {available()}")
+    folder = WEIGHTS_DIR / name
+    config = json.loads((folder / "config.json").read_text())
+    clip = build_clip(config["model_config"])
+    clip.load_state_dict(_float32(torch.load(folder / "clip.pt", map_location="cpu", weights_only=True)))
+    mean, std = config["mean"], config["std"]
+    clip.visual.image_mean, clip.visual.image_std = tuple(mean), tuple(std)
+    clip = clip.to(device).eval()
+    dual = DualProjectionCLIP(clip)
+    head = torch.load(folder / "interpretability_head.pt", map_location="cpu", weights_only=True)
+    dual.interpretability_head.load_state_dict(_float32(head))
+    dual = dual.to(device).eval()
+    dino = load_tiny_dino(folder / "dino").to(device).eval()
+    masks = DINOMaskProvider(dino, tau=config["tau"], input_mean=mean, input_std=std).to(device)
+    tokenizer = open_clip.SimpleTokenizer(context_length=config["model_config"]["text_cfg"]["context_length"])
+    return ZooBundle(
+        name=name,
+        clip=clip,
+        dual=dual,
+        tokenizer=tokenizer,
+        preprocess=make_preprocess(config["image_size"], mean, std),
+        mask_provider=masks,
+        class_names=list(config["class_names"]),
+        prompts=list(config["prompts"]),
+        image_size=int(config["image_size"]),
+        info=config.get("training", {}),
+    )
+
+
+def _float32(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    # Weights ship in float16 to stay small; compute in float32.
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}

@@ -1,0 +1,153 @@
+"""The ``captum-iclip`` command.
+
+Subcommands: ``explain`` (attribute images against prompts and draw the maps),
+``demo`` (the main job on the bundled offline models), and the entry points of
+the other homes: ``train`` (ICLIP training), ``eval`` (benchmarks), ``world``
+(the procedural world's exports) and ``audit`` (HTML audit reports).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+
+# Subcommands whose argument parsing lives with their code: name -> module with main(argv).
+DELEGATED = {
+    "train": "captum_iclip.training.iclip",
+    "eval": "captum_iclip.evaluation.run",
+    "world": "captum_iclip.world.__main__",
+    "audit": "captum_iclip.audit",
+}
+
+
+def image_transform(resolution, mean: Sequence[float], std: Sequence[float]):
+    """PIL image -> normalised tensor: resize the short side, centre-crop to ``resolution``."""
+    from torchvision import transforms
+
+    size = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+    return transforms.Compose([
+        transforms.Resize(min(size), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+def open_images(paths: Sequence[str]):
+    """Open images as RGB, with an error naming the file that cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except FileNotFoundError:
+            raise SystemExit(f"captum-iclip: image not found: {path}")
+        except (UnidentifiedImageError, OSError) as error:
+            raise SystemExit(f"captum-iclip: cannot read image {path}: {error}")
+    return images
+
+
+def split_prompts(text: str) -> List[str]:
+    prompts = [p.strip() for p in text.split(",") if p.strip()]
+    if not prompts:
+        raise SystemExit("captum-iclip: --prompts is empty; give comma-separated texts, e.g. --prompts \"a cat,a dog\"")
+    return prompts
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model options shared by the commands that load a CLIP model."""
+    group = parser.add_argument_group("model (default: the bundled offline model shapes-tiny)")
+    group.add_argument("--model", default=None, help="open_clip model name (ViT-B-16, RN50, ...) or a bundled model name")
+    group.add_argument("--pretrained", default=None, help="open_clip pretrained tag, e.g. openai")
+    group.add_argument("--hf-model", default=None, help="Hugging Face CLIP model id or local folder")
+    group.add_argument("--checkpoint", default=None, help="local open_clip checkpoint file for --model")
+    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model_from_args(args: argparse.Namespace):
+    from captum_iclip.models.loading import WeightsUnavailableError, load_clip
+
+    try:
+        return load_clip(args.model, args.pretrained, hf_model=args.hf_model, checkpoint=args.checkpoint, device=args.device)
+    except WeightsUnavailableError as error:
+        raise SystemExit(f"captum-iclip: {error}")
+
+
+def explain(args: argparse.Namespace) -> int:
+    from captum_iclip import CLIPSimilarity, ITSMAttribution
+    from captum_iclip.viz import attribution_grid, denormalize
+
+    prompts = split_prompts(args.prompts)
+    loaded = load_model_from_args(args)
+    sim = CLIPSimilarity(loaded.model, loaded.tokenizer, prompts, output="logits")
+    adapter = sim.adapter
+    transform = image_transform(args.resolution or adapter.image_size, adapter.image_mean, adapter.image_std)
+    pil_images = open_images(args.images)
+    batch = torch.stack([transform(image) for image in pil_images]).to(args.device, adapter.parameter.dtype)
+    with torch.no_grad():
+        probs = sim(batch).softmax(dim=-1).cpu()
+    maps = ITSMAttribution(sim).attribute(batch, variant=args.variant).cpu()
+
+    originals = denormalize(batch.float().cpu(), adapter.image_mean, adapter.image_std)
+    rows = []
+    for i, path in enumerate(args.images):
+        ranked = sorted(zip(prompts, probs[i].tolist()), key=lambda pair: -pair[1])
+        print(f"{path}: " + ", ".join(f"{p} {s:.3f}" for p, s in ranked))
+        rows.append(f"{Path(path).name}\n{ranked[0][0]} ({ranked[0][1]:.2f})")
+    titles = [f"{p} ({args.variant})" for p in prompts]
+    attribution_grid(list(originals), [[m[None] for m in image_maps] for image_maps in maps],
+                     column_titles=titles, row_titles=rows, path=args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    from captum_iclip.demo import run_demo
+
+    run_demo(out_dir=args.out, num_images=args.num_images, device=args.device, progress=not args.no_progress)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="captum-iclip", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("explain", help="attribute images against prompts and write an overlay grid")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--prompts", required=True, help='comma-separated prompts, e.g. "a cat,a dog"')
+    add_model_arguments(p)
+    p.add_argument("--variant", choices=("raw", "surgery"), default="raw")
+    p.add_argument("--resolution", type=int, default=None, help="input size (default: the model's own)")
+    p.add_argument("--out", required=True, help="output figure (PNG)")
+    p.set_defaults(func=explain)
+
+    p = sub.add_parser("demo", help="the main job on the bundled offline models: figure grid and metric table")
+    p.add_argument("--out", default="captum-iclip-demo", help="output folder")
+    p.add_argument("--num-images", type=int, default=48, help="held-out scenes to evaluate")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=demo)
+
+    for name in DELEGATED:
+        sub.add_parser(name, help=f"see captum-iclip {name} --help", add_help=False)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        module = importlib.import_module(DELEGATED[argv[0]])
+        return int(module.main(argv[1:]) or 0)
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

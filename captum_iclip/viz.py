@@ -1,0 +1,155 @@
+"""Visualization: overlays of attribution maps on images, and grid figures (matplotlib).
+
+For a single map, Captum's own ``captum.attr.visualization.visualize_image_attr``
+works on our outputs directly (``attr[i].permute(1, 2, 0)``); these helpers add
+what it lacks for CLIP: undoing CLIP's normalisation, and grids of images ×
+prompts or methods.
+"""
+from __future__ import annotations
+
+import io
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from captum_iclip._io import atomic_write_bytes
+from captum_iclip.models.adapters import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+ArrayLike = Union[Tensor, np.ndarray]
+
+
+def denormalize(images: Tensor, mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD) -> Tensor:
+    """Undo CLIP preprocessing: (N, 3, H, W) or (3, H, W) normalised -> [0, 1] RGB."""
+    shape = (-1, 1, 1)
+    mean_t = torch.as_tensor(mean, dtype=images.dtype, device=images.device).reshape(shape)
+    std_t = torch.as_tensor(std, dtype=images.dtype, device=images.device).reshape(shape)
+    return (images * std_t + mean_t).clamp(0, 1)
+
+
+def _to_hwc(image: ArrayLike) -> np.ndarray:
+    """(3, H, W) tensor / (H, W, 3) array / PIL image in [0, 1] or uint8 -> float (H, W, 3) in [0, 1]."""
+    if isinstance(image, Tensor):
+        image = image.detach().float().cpu()
+        image = image.permute(1, 2, 0).numpy() if image.dim() == 3 and image.shape[0] in (1, 3) else image.numpy()
+    array = np.asarray(image)
+    if array.dtype == np.uint8:
+        array = array.astype(np.float32) / 255.0
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    return np.clip(array.astype(np.float32), 0.0, 1.0)
+
+
+def _to_map(attribution: ArrayLike, size: Tuple[int, int]) -> np.ndarray:
+    """A (1, h, w) / (h, w) map resized bilinearly to ``size`` as float (H, W)."""
+    if isinstance(attribution, np.ndarray):
+        attribution = torch.from_numpy(attribution)
+    attribution = attribution.detach().float().cpu()
+    while attribution.dim() > 2:
+        if attribution.shape[0] != 1:
+            raise ValueError(f"attribution: expected one map (1, H, W) or (H, W), got shape {tuple(attribution.shape)}")
+        attribution = attribution[0]
+    if tuple(attribution.shape) != tuple(size):
+        attribution = torch.nn.functional.interpolate(attribution[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+    return attribution.numpy()
+
+
+def overlay(
+    image: ArrayLike,
+    attribution: ArrayLike,
+    *,
+    cmap: str = "jet",
+    alpha: float = 0.5,
+    normalize: bool = True,
+) -> np.ndarray:
+    """Blend a heat map over an image.
+
+    Args:
+        image: the original image: (3, H, W) tensor in [0, 1] (use :func:`denormalize`
+            on a preprocessed one), (H, W, 3) array, or a PIL image.
+        attribution: (1, h, w) or (h, w) map; resized to the image.
+        cmap: matplotlib colormap of the heat map.
+        alpha: opacity of the heat map.
+        normalize: min-max normalise the map first (maps from ``normalize=False``
+            attributions keep their sign and scale otherwise).
+
+    Returns:
+        (H, W, 3) float array in [0, 1].
+    """
+    from matplotlib import colormaps
+
+    rgb = _to_hwc(image)
+    heat = _to_map(attribution, rgb.shape[:2])
+    if normalize:
+        span = heat.max() - heat.min()
+        heat = (heat - heat.min()) / span if span > 0 else np.zeros_like(heat)
+    colored = colormaps[cmap](np.clip(heat, 0, 1))[..., :3]
+    return (1 - alpha) * rgb + alpha * colored
+
+
+def attribution_grid(
+    images: Sequence[ArrayLike],
+    maps: Sequence[Sequence[Optional[ArrayLike]]],
+    *,
+    column_titles: Optional[Sequence[str]] = None,
+    row_titles: Optional[Sequence[str]] = None,
+    show_image: bool = True,
+    cmap: str = "jet",
+    alpha: float = 0.5,
+    cell_size: float = 2.2,
+    path: Optional[str] = None,
+    dpi: int = 100,
+):
+    """A grid figure: one row per image, one column per prompt or method.
+
+    Args:
+        images: the N original images (see :func:`overlay` for accepted forms).
+        maps: ``maps[i][j]`` is the map of image i in column j (or an array
+            (h, w, 3) drawn as is, e.g. a ground-truth colour mask; ``None``
+            leaves the cell empty).
+        column_titles: a title per map column.
+        row_titles: a label per row (e.g. the scores).
+        show_image: add the plain image as the first column.
+        path: if given, save the figure there (PNG/PDF by extension).
+
+    Returns:
+        The matplotlib ``Figure``.
+    """
+    from matplotlib.figure import Figure
+
+    n_rows = len(images)
+    if n_rows == 0:
+        raise ValueError("images: expected at least one image")
+    if len(maps) != n_rows:
+        raise ValueError(f"maps: expected one row of maps per image ({n_rows}), got {len(maps)}")
+    n_maps = max(len(row) for row in maps)
+    n_cols = n_maps + int(show_image)
+    fig = Figure(figsize=(cell_size * n_cols, cell_size * n_rows))
+    axes = np.asarray(fig.subplots(n_rows, n_cols, squeeze=False))
+    for i, image in enumerate(images):
+        rgb = _to_hwc(image)
+        if show_image:
+            axes[i, 0].imshow(rgb)
+            if i == 0:
+                axes[i, 0].set_title("image", fontsize=9)
+        for j in range(n_maps):
+            ax = axes[i, j + int(show_image)]
+            cell = maps[i][j] if j < len(maps[i]) else None
+            if cell is not None:
+                array = cell.detach().cpu().numpy() if isinstance(cell, Tensor) else np.asarray(cell)
+                drawn = array if array.ndim == 3 and array.shape[-1] == 3 else overlay(rgb, cell, cmap=cmap, alpha=alpha)
+                ax.imshow(drawn)
+            if i == 0 and column_titles is not None and j < len(column_titles):
+                ax.set_title(column_titles[j], fontsize=9)
+        if row_titles is not None:
+            axes[i, 0].set_ylabel(row_titles[i], fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    if path is not None:
+        buffer = io.BytesIO()
+        fig.savefig(buffer, dpi=dpi, format=str(path).rsplit(".", 1)[-1].lower())
+        atomic_write_bytes(path, buffer.getvalue())
+    return fig

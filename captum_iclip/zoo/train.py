@@ -1,0 +1,220 @@
+"""Reproduce the bundled ``shapes-tiny`` models: ``python -m captum_iclip.zoo.train``.
+
+Three stages on the procedural world, with fixed seeds, on CPU:
+
+1. **clip**: a tiny CLIP (open_clip ``CLIP`` from :data:`MODEL_CONFIG`, the real
+   open_clip tokenizer) trained from scratch with the plain CLIP loss;
+2. **dino**: a tiny ViT trained with DINO on the same images (the mask source);
+3. **iclip**: the ICLIP interpretability projection trained on top (``projection``
+   mode: the CLIP weights and its recognition outputs stay as they are), with
+   masked max pooling over the DINO foreground.
+
+Each stage writes its result atomically and is skipped when rerun, and the two
+trainers resume from their own checkpoints, so a killed run continues where it
+stopped. The last step writes the bundle (float16 weights and ``config.json``
+with the training figures) into ``captum_iclip/zoo/weights/shapes-tiny``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from captum_iclip._io import atomic_torch_save, atomic_write_text
+from captum_iclip.models.adapters import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from captum_iclip.zoo import WEIGHTS_DIR, build_clip, make_preprocess
+
+IMAGE_SIZE = 96
+TAU = 0.6
+MODEL_CONFIG: Dict = {
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": IMAGE_SIZE, "layers": 4, "width": 128, "head_width": 64, "patch_size": 12},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3},
+}
+
+
+class RenderedWorld(Dataset):
+    """World scenes rendered once into memory: items are (normalised image, caption).
+
+    Rendering up front keeps the scenes identical across stages and epochs and
+    keeps the generator's cost out of the training loops.
+    """
+
+    def __init__(self, start_seed: int, length: int, size: int = IMAGE_SIZE, progress: bool = True) -> None:
+        from captum_iclip.world import generate_scene
+
+        self.images = np.empty((length, size, size, 3), dtype=np.uint8)
+        self.captions: List[str] = []
+        for i in tqdm(range(length), desc="render world", disable=not progress):
+            scene = generate_scene(start_seed + i, size=size)
+            self.images[i] = scene.image
+            self.captions.append(scene.caption)
+        self.preprocess = make_preprocess(size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int):
+        return self.preprocess(self.images[index]), self.captions[index]
+
+
+def zero_shot_accuracy(model, tokenizer, num_scenes: int = 500, size: int = IMAGE_SIZE) -> Dict[str, float]:
+    """Held-out zero-shot check: does the top class prompt name an object in the scene?"""
+    from captum_iclip import CLIPSimilarity
+    from captum_iclip.world import CATEGORIES, HELDOUT_SEED_START, generate_scene, prompt_for
+
+    sim = CLIPSimilarity(model, tokenizer, [prompt_for(c) for c in CATEGORIES]).eval()
+    preprocess = make_preprocess(size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    hits, chance = 0, 0.0
+    for start in range(0, num_scenes, 100):
+        scenes = [generate_scene(HELDOUT_SEED_START + i, size) for i in range(start, min(start + 100, num_scenes))]
+        with torch.no_grad():
+            top = sim(torch.stack([preprocess(s.image) for s in scenes])).argmax(-1).tolist()
+        for scene, k in zip(scenes, top):
+            hits += CATEGORIES[k] in scene.categories
+            chance += len(set(scene.categories)) / len(CATEGORIES)
+    return {"accuracy": 100.0 * hits / num_scenes, "chance": 100.0 * chance / num_scenes, "scenes": num_scenes}
+
+
+def dino_foreground_iou(dino, num_scenes: int = 200, size: int = IMAGE_SIZE) -> Dict[str, float]:
+    """IoU of the DINO masks (on the CLIP patch grid) with the ground-truth foreground, and of a
+    centre-box baseline with the same number of patches."""
+    from captum_iclip.masks import DINOMaskProvider
+    from captum_iclip.world import HELDOUT_SEED_START, generate_scene
+
+    patch = MODEL_CONFIG["vision_cfg"]["patch_size"]
+    grid = (size // patch, size // patch)
+    provider = DINOMaskProvider(dino, tau=TAU, input_mean=OPENAI_CLIP_MEAN, input_std=OPENAI_CLIP_STD)
+    preprocess = make_preprocess(size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    scenes = [generate_scene(HELDOUT_SEED_START + 1000 + i, size) for i in range(num_scenes)]
+    with torch.no_grad():
+        masks = provider(torch.stack([preprocess(s.image) for s in scenes]), grid).reshape(-1, *grid)
+    truth = torch.stack([
+        torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy((s.label > 0).astype(np.float32))[None], grid)[0] >= 0.5
+        for s in scenes
+    ])
+    centre = torch.zeros(grid, dtype=torch.bool)
+    inner = slice(grid[0] // 4, grid[0] - grid[0] // 4)
+    centre[inner, inner] = True
+    centre = centre.expand_as(truth)
+
+    def iou(pred: torch.Tensor) -> float:
+        return 100.0 * float((pred & truth).sum()) / float((pred | truth).sum())
+
+    return {"dino_iou": iou(masks), "centre_box_iou": iou(centre), "scenes": num_scenes,
+            "mean_foreground_fraction": float(masks.float().mean())}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m captum_iclip.zoo.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work-dir", default="runs/zoo", help="checkpoints and logs of the stages")
+    parser.add_argument("--out", default=str(WEIGHTS_DIR / "shapes-tiny"), help="where the bundle is written")
+    parser.add_argument("--train-scenes", type=int, default=30000)
+    parser.add_argument("--clip-epochs", type=int, default=4)
+    parser.add_argument("--clip-batch-size", type=int, default=128)
+    parser.add_argument("--clip-lr", type=float, default=2e-3)
+    parser.add_argument("--dino-steps", type=int, default=600)
+    parser.add_argument("--iclip-epochs", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    from captum_iclip.masks import DINOMaskProvider
+    from captum_iclip.models.dual import DualProjectionCLIP
+    from captum_iclip.training.dino import CONFIG_NAME, DINOConfig, load_tiny_dino, train_dino
+    from captum_iclip.training.iclip import TrainConfig, train
+    from captum_iclip.world import CATEGORIES, TRAIN_SEED_START, class_names, prompt_for
+    import open_clip
+
+    torch.manual_seed(args.seed)
+    work = Path(args.work_dir)
+    progress = not args.no_progress
+    figures: Dict = {"model_config": MODEL_CONFIG, "train_scenes": args.train_scenes, "seconds": {}}
+    began = time.perf_counter()
+    world = RenderedWorld(TRAIN_SEED_START, args.train_scenes, progress=progress)
+    figures["seconds"]["render"] = round(time.perf_counter() - began, 1)
+    tokenizer = open_clip.SimpleTokenizer(context_length=MODEL_CONFIG["text_cfg"]["context_length"])
+
+    # Stage 1: the tiny CLIP, from scratch, plain CLIP loss.
+    clip = build_clip(MODEL_CONFIG)
+    clip_dir = work / "clip"
+    if not (clip_dir / "final.pt").is_file():
+        stage = time.perf_counter()
+        train(
+            TrainConfig(mode="full", objective="clip", batch_size=args.clip_batch_size, epochs=args.clip_epochs,
+                        lr=args.clip_lr, wd=0.1, warmup=100, grad_clip_norm=1.0, seed=args.seed, device="cpu",
+                        output_dir=str(clip_dir), save_every=100, resume="latest", workers=0),
+            model=clip, dataset=world, tokenizer=tokenizer,
+        )
+        figures["seconds"]["clip"] = round(time.perf_counter() - stage, 1)
+    dual = DualProjectionCLIP(clip).load(clip_dir / "final.pt")
+    clip = dual.clip.eval()
+
+    # Stage 2: the tiny DINO on the same images.
+    dino_dir = work / "dino"
+    if not (dino_dir / "tiny_dino.pt").is_file():
+        stage = time.perf_counter()
+        train_dino(world.images, DINOConfig(image_size=IMAGE_SIZE, steps=args.dino_steps, seed=args.seed),
+                              out_dir=dino_dir, progress=progress)
+        figures["seconds"]["dino"] = round(time.perf_counter() - stage, 1)
+    dino = load_tiny_dino(dino_dir)
+
+    # Stage 3: the interpretability projection over DINO foregrounds (CLIP frozen).
+    iclip_dir = work / "iclip"
+    if not (iclip_dir / "interpretability_head.pt").is_file():
+        stage = time.perf_counter()
+        masks = DINOMaskProvider(dino, tau=TAU, input_mean=OPENAI_CLIP_MEAN, input_std=OPENAI_CLIP_STD)
+        train(
+            TrainConfig(mode="projection", objective="iclip", batch_size=args.clip_batch_size, epochs=args.iclip_epochs,
+                        lr=1e-3, wd=0.0, warmup=20, seed=args.seed, device="cpu", output_dir=str(iclip_dir),
+                        save_every=50, resume="latest", workers=0, mask_cache=str(work / "mask-cache")),
+            model=DualProjectionCLIP(clip), mask_provider=masks, dataset=world, tokenizer=tokenizer,
+        )
+        figures["seconds"]["iclip"] = round(time.perf_counter() - stage, 1)
+    dual = DualProjectionCLIP(clip).load_interpretability(iclip_dir / "interpretability_head.pt").eval()
+
+    # Each stage's own statistics, also when it was completed by an earlier (killed) run.
+    figures["clip_stats"] = json.loads((clip_dir / "stats.json").read_text())
+    figures["iclip_stats"] = json.loads((iclip_dir / "stats.json").read_text())
+    figures["dino_stats"] = json.loads((dino_dir / CONFIG_NAME).read_text()).get("stats", {})
+    figures["zero_shot"] = zero_shot_accuracy(clip, tokenizer)
+    figures["dino_masks"] = dino_foreground_iou(dino)
+    write_bundle(Path(args.out), dual, dino_dir, figures, [prompt_for(c) for c in CATEGORIES], class_names())
+    print(json.dumps({k: figures[k] for k in ("seconds", "zero_shot", "dino_masks")}, indent=2))
+    return 0
+
+
+def write_bundle(out: Path, dual, dino_dir: Path, figures: Dict, prompts: List[str], names: List[str]) -> None:
+    """Write float16 weights and ``config.json`` (written last: its presence marks a complete bundle)."""
+    from captum_iclip.training.dino import CONFIG_NAME, WEIGHTS_NAME
+
+    half = lambda state: {k: v.detach().cpu().half() if v.is_floating_point() else v.cpu() for k, v in state.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(half(dual.clip.state_dict()), out / "clip.pt")
+    atomic_torch_save(half(dual.interpretability_head.state_dict()), out / "interpretability_head.pt")
+    dino_state = torch.load(dino_dir / WEIGHTS_NAME, map_location="cpu", weights_only=True)
+    atomic_torch_save(half(dino_state), out / "dino" / WEIGHTS_NAME)
+    atomic_write_text(out / "dino" / CONFIG_NAME, (dino_dir / CONFIG_NAME).read_text())
+    config = {
+        "model_config": MODEL_CONFIG,
+        "image_size": IMAGE_SIZE,
+        "mean": list(OPENAI_CLIP_MEAN),
+        "std": list(OPENAI_CLIP_STD),
+        "tau": TAU,
+        "class_names": names,
+        "prompts": prompts,
+        "training": figures,
+    }
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
