@@ -117,13 +117,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m captum_iclip.zoo.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--work-dir", default="runs/zoo", help="checkpoints and logs of the stages")
     parser.add_argument("--out", default=str(WEIGHTS_DIR / "shapes-tiny"), help="where the bundle is written")
-    parser.add_argument("--train-scenes", type=int, default=30000)
-    parser.add_argument("--clip-epochs", type=int, default=4)
+    parser.add_argument("--train-scenes", type=int, default=20000)
+    parser.add_argument("--clip-epochs", type=int, default=3)
     parser.add_argument("--clip-batch-size", type=int, default=128)
     parser.add_argument("--clip-lr", type=float, default=2e-3)
     parser.add_argument("--dino-steps", type=int, default=600)
     parser.add_argument("--iclip-epochs", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stop-after", choices=("clip", "dino", "iclip"), default=None,
+                        help="stop after this stage (the next run resumes from there)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -157,6 +159,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         figures["seconds"]["clip"] = round(time.perf_counter() - stage, 1)
     dual = DualProjectionCLIP(clip).load(clip_dir / "final.pt")
     clip = dual.clip.eval()
+    if args.stop_after == "clip":
+        return 0
 
     # Stage 2: the tiny DINO on the same images.
     dino_dir = work / "dino"
@@ -166,6 +170,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               out_dir=dino_dir, progress=progress)
         figures["seconds"]["dino"] = round(time.perf_counter() - stage, 1)
     dino = load_tiny_dino(dino_dir)
+    if args.stop_after == "dino":
+        return 0
 
     # Stage 3: the interpretability projection over DINO foregrounds (CLIP frozen).
     iclip_dir = work / "iclip"
@@ -180,6 +186,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
         figures["seconds"]["iclip"] = round(time.perf_counter() - stage, 1)
     dual = DualProjectionCLIP(clip).load_interpretability(iclip_dir / "interpretability_head.pt").eval()
+    if args.stop_after == "iclip":
+        return 0
 
     # Each stage's own statistics, also when it was completed by an earlier (killed) run.
     figures["clip_stats"] = json.loads((clip_dir / "stats.json").read_text())

@@ -1,0 +1,112 @@
+"""``captum-iclip audit``: the command line of :func:`~captum_iclip.audit.audit`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+from captum_iclip.audit.run import DEFAULT_METHODS, run_audit
+
+BUNDLED_DEFAULT = "shapes-tiny"
+
+
+@dataclass
+class AuditModel:
+    """What an audit needs from a model: the forward function and its preprocessing and masks."""
+
+    sim: Any  # CLIPSimilarity
+    preprocess: Callable
+    mask_provider: Any
+    name: str
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from captum_iclip.cli import add_model_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="captum-iclip audit",
+        description="Audit images against prompts and write a self-contained static HTML report (OUT/index.html).",
+    )
+    parser.add_argument("--images", required=True, nargs="+", metavar="DIR_OR_GLOB",
+                        help="image folders (searched recursively), glob patterns or files")
+    prompts = parser.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompts", help='comma-separated prompts, e.g. "a cat,a dog"')
+    prompts.add_argument("--prompts-file", help="a text file with one prompt per line (# starts a comment)")
+    add_model_arguments(parser)
+    parser.add_argument("--methods", default=None,
+                        help=f"comma-separated methods (default {','.join(DEFAULT_METHODS)}; "
+                             "iclip only for models with an interpretability projection)")
+    parser.add_argument("--top-k", type=int, default=3, help="prompts explained per image (default 3)")
+    parser.add_argument("--out", required=True, help="report folder")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--low-confidence", type=float, default=0.5,
+                        help="flag images whose top-1 probability is below this (default 0.5)")
+    parser.add_argument("--background-threshold", type=float, default=0.5,
+                        help="flag top-1 maps with more than this share of their mass outside the DINO "
+                             "foreground (default 0.5)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def read_prompts(args: argparse.Namespace) -> List[str]:
+    """The prompts of ``--prompts`` or ``--prompts-file``."""
+    from captum_iclip.cli import split_prompts
+
+    if args.prompts is not None:
+        return split_prompts(args.prompts)
+    try:
+        lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise SystemExit(f"captum-iclip audit: cannot read --prompts-file {args.prompts_file}: {error}")
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise SystemExit(f"captum-iclip audit: --prompts-file {args.prompts_file} holds no prompt")
+    return prompts
+
+
+def load_audit_model(args: argparse.Namespace, prompts: List[str]) -> AuditModel:
+    """The model of the command's model options, with prompts embedded.
+
+    A bundled model (the default) comes with its DINO mask provider, which
+    drives ``mmp`` and the background flag; other models have none.
+    """
+    from captum_iclip import zoo
+    from captum_iclip.cli import load_model_from_args
+    from captum_iclip.similarity import CLIPSimilarity
+
+    name = args.model or BUNDLED_DEFAULT
+    if args.hf_model is None and name in zoo.available():
+        bundle = zoo.load(name, device=args.device)
+        sim = CLIPSimilarity(bundle.dual, bundle.tokenizer, prompts, output="logits")
+        return AuditModel(sim, bundle.preprocess, bundle.mask_provider, name)
+    if args.hf_model is None and args.model is None:
+        raise SystemExit(
+            f"captum-iclip audit: the bundled model {BUNDLED_DEFAULT} is not installed (no weights in "
+            f"{zoo.WEIGHTS_DIR}); choose a model with --model/--pretrained, --checkpoint or --hf-model"
+        )
+    loaded = load_model_from_args(args)
+    sim = CLIPSimilarity(loaded.model, loaded.tokenizer, prompts, output="logits").to(args.device)
+    return AuditModel(sim, loaded.preprocess, None, loaded.name)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run ``captum-iclip audit`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    prompts = read_prompts(args)
+    model = load_audit_model(args, prompts)
+    methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:
+        summary = run_audit(
+            args.images, prompts, sim=model.sim, preprocess=model.preprocess, out_dir=args.out,
+            methods=methods, mask_provider=model.mask_provider, top_k=args.top_k, batch_size=args.batch_size,
+            model_name=model.name, low_confidence=args.low_confidence,
+            background_threshold=args.background_threshold, progress=not args.no_progress,
+        )
+    except ValueError as error:  # bad input (argument named in the message), not a crash
+        raise SystemExit(f"captum-iclip audit: {error}")
+    print(f"audit: {summary.computed} images explained, {summary.reused} reused from records, "
+          f"{summary.unreadable} unreadable (listed in the report)")
+    print(f"report: {summary.index}")
+    return 0

@@ -1,0 +1,385 @@
+"""The audit itself: score every image against the prompts, draw the maps of its
+top prompts with every method, store one record per image, rebuild the page."""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from captum_iclip._io import atomic_write_bytes, atomic_write_text
+from captum_iclip.audit import records as rec
+from captum_iclip.audit.report import ReportContext, render_report
+from captum_iclip.evaluation.methods import METHODS, available_methods, build_method
+from captum_iclip.similarity import CLIPSimilarity
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_METHODS = ("raw", "surgery", "iclip", "mmp")
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+Method = Callable[[Tensor, Tensor], Tensor]
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass
+class AuditSummary:
+    """What one run did: the page it wrote and how many images it worked on."""
+
+    index: Path
+    computed: int  # images explained in this run
+    reused: int  # input files whose record was already there (skipped)
+    unreadable: int  # input files that could not be read or decoded, now or in an earlier run (listed in the page)
+
+
+def audit(
+    images: Union[PathLike, Sequence[PathLike]],
+    prompts: Sequence[str],
+    *,
+    sim: CLIPSimilarity,
+    preprocess: Callable[[Any], Tensor],
+    out_dir: PathLike,
+    methods: Optional[Union[Sequence[str], Mapping[str, Method]]] = None,
+    mask_provider: Any = None,
+    top_k: int = 3,
+    batch_size: int = 16,
+    model_name: Optional[str] = None,
+    low_confidence: float = 0.5,
+    background_threshold: float = 0.5,
+    progress: bool = True,
+) -> Path:
+    """Audit a set of images and write a self-contained static HTML report.
+
+    For each image the report shows its ``top_k`` prompts with their softmax
+    probabilities and, for each of them, an overlay per method; a per-prompt
+    summary; the run's metadata; and the flagged cases:
+
+    * *looks at the background*: more than ``background_threshold`` of the
+      top-1 prompt's (min-max normalised) map mass lies outside the foreground
+      of ``mask_provider`` (see :func:`~captum_iclip.audit.records.background_fraction`);
+      not computed without a mask provider;
+    * *low confidence*: the top-1 probability is below ``low_confidence``.
+
+    The run is resumable: each image leaves ``out_dir/records/<key>.json``
+    (key: the file's content hash and the settings), a rerun skips images
+    already recorded, and the page is rebuilt from every record made under the
+    same settings (so audits of several folders into one ``out_dir``
+    accumulate; byte-identical files are audited and shown once). A file that
+    cannot be read or decoded is reported in the page.
+
+    Args:
+        images: folders, glob patterns or image files (see
+            :func:`~captum_iclip.audit.records.find_images`).
+        prompts: the K prompt texts, as ``sim`` scores them (the page's labels).
+        sim: the forward function, holding the model and the prompt embeddings.
+        preprocess: PIL RGB image -> (3, H, W) tensor in the model's input space.
+        out_dir: the report folder (``index.html``, ``images/``, ``records/``).
+        methods: method names of :mod:`captum_iclip.evaluation.methods` (default
+            raw, surgery, iclip, mmp; iclip only if the model has an
+            interpretability projection), or a mapping name ->
+            ``fn(images, targets) -> (N, 1, H, W)`` for custom methods.
+        mask_provider: foreground masks ``(images, grid_size) -> (N, h*w)`` (a
+            DINO provider, a callable or a fixed mask tensor), used by ``mmp``
+            and by the background flag; ``None`` skips that flag.
+        top_k: prompts explained per image (at most K).
+        batch_size: images per forward pass.
+        model_name: the model's name for the page (default: its class name).
+        low_confidence: top-1 probability below which an image is flagged.
+        background_threshold: map mass fraction outside the foreground above
+            which the top-1 map is flagged.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        The path of ``index.html``.
+
+    Examples::
+
+        >>> from captum_iclip import CLIPSimilarity, zoo
+        >>> bundle = zoo.load("shapes-tiny")
+        >>> sim = CLIPSimilarity(bundle.dual, bundle.tokenizer, bundle.prompts)
+        >>> audit("photos/", bundle.prompts, sim=sim, preprocess=bundle.preprocess,
+        ...       mask_provider=bundle.mask_provider, out_dir="audit")   # doctest: +SKIP
+        PosixPath('audit/index.html')
+    """
+    return run_audit(
+        images, prompts, sim=sim, preprocess=preprocess, out_dir=out_dir, methods=methods,
+        mask_provider=mask_provider, top_k=top_k, batch_size=batch_size, model_name=model_name,
+        low_confidence=low_confidence, background_threshold=background_threshold, progress=progress,
+    ).index
+
+
+def run_audit(
+    images: Union[PathLike, Sequence[PathLike]],
+    prompts: Sequence[str],
+    *,
+    sim: CLIPSimilarity,
+    preprocess: Callable[[Any], Tensor],
+    out_dir: PathLike,
+    methods: Optional[Union[Sequence[str], Mapping[str, Method]]] = None,
+    mask_provider: Any = None,
+    top_k: int = 3,
+    batch_size: int = 16,
+    model_name: Optional[str] = None,
+    low_confidence: float = 0.5,
+    background_threshold: float = 0.5,
+    progress: bool = True,
+) -> AuditSummary:
+    """:func:`audit`, returning an :class:`AuditSummary` (the page and the work counts)."""
+    prompts = _check_prompts(prompts, sim)
+    _check_fraction(low_confidence, "low_confidence")
+    _check_fraction(background_threshold, "background_threshold")
+    for value, name in ((top_k, "top_k"), (batch_size, "batch_size")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    if not callable(preprocess):
+        raise TypeError(f"preprocess: expected a callable PIL image -> tensor, got {type(preprocess).__name__}")
+    paths = rec.find_images(images)
+    if not paths:
+        raise ValueError(f"images: no image files ({', '.join(rec.IMAGE_SUFFIXES)}) found in {images!r}")
+    if mask_provider is not None:
+        from captum_iclip.masks import as_mask_provider
+
+        mask_provider = as_mask_provider(mask_provider)
+    runners = _build_runners(methods, sim, mask_provider)
+    top_k = min(top_k, len(prompts))
+    out = Path(out_dir)
+    model_name = model_name or type(sim.model).__name__
+    settings = {
+        "schema": rec.RECORD_SCHEMA,
+        "model": rec.fingerprint_module(sim),  # weights and prompt embeddings
+        "prompts": prompts,
+        "methods": {name: _describe(run) for name, run in runners.items()},
+        "top_k": top_k,
+        "mask_provider": mask_provider.cache_fingerprint() if mask_provider is not None else None,
+        "preprocess": _describe(preprocess),
+    }
+    digest = rec.settings_digest(settings)
+
+    pending: List[Tuple[str, Path]] = []
+    queued = set()
+    unreadable: List[Dict[str, Any]] = []  # never stored: the file may be readable next time
+    reused = failed = 0
+    for path in paths:
+        try:
+            content = rec.hash_file(path)
+        except OSError as error:
+            unreadable.append(_error_record(path, None, digest, f"cannot read the file: {error.strerror or error}"))
+            continue
+        key = rec.image_key(path, content, digest)
+        if key in queued:  # a byte-identical copy of a file already queued: audited once
+            reused += 1
+            continue
+        record = rec.load_record(out, key)
+        if record is None:
+            pending.append((key, path))
+            queued.add(key)
+        else:
+            reused += 1
+            failed += record["status"] != "ok"
+
+    computed = 0
+    bar = tqdm(total=len(pending), desc="audit", unit="image", disable=not progress)
+    for start in range(0, len(pending), batch_size):
+        chunk = pending[start:start + batch_size]
+        decoded: List[Tuple[str, Path, Tensor]] = []
+        for key, path in chunk:
+            try:
+                decoded.append((key, path, preprocess(_open_rgb(path))))
+            except Exception as error:  # any decoding/preprocessing failure belongs to the file: report it
+                rec.write_record(out, _error_record(path, key, digest, f"{type(error).__name__}: {error}"))
+                failed += 1
+        if decoded:
+            for record in _audit_batch(decoded, sim, runners, mask_provider, top_k, out, digest):
+                rec.write_record(out, record)
+            computed += len(decoded)
+        bar.update(len(chunk))
+    bar.close()
+
+    context = ReportContext(
+        prompts=prompts,
+        methods=list(runners),
+        top_k=top_k,
+        model_name=model_name,
+        has_masks=mask_provider is not None,
+        low_confidence=low_confidence,
+        background_threshold=background_threshold,
+        settings=digest,
+        generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        versions=library_versions(),
+        foreign_records=rec.count_foreign_records(out, digest),
+    )
+    page = render_report(rec.load_records(out, digest) + unreadable, context)
+    index = atomic_write_text(out / "index.html", page)
+    summary = AuditSummary(index, computed, reused, failed + len(unreadable))
+    logger.info("audit: %d images explained, %d reused, %d unreadable -> %s", computed, reused, summary.unreadable, index)
+    return summary
+
+
+def _check_prompts(prompts: Sequence[str], sim: CLIPSimilarity) -> List[str]:
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError("prompts: expected a list of strings")
+    prompts = list(prompts)
+    if len(prompts) != sim.num_prompts:
+        raise ValueError(f"prompts: sim scores {sim.num_prompts} prompts, got {len(prompts)} texts")
+    if sim.prompts is not None and sim.prompts != prompts:
+        raise ValueError("prompts: differ from sim.prompts; build sim with these prompts (or call sim.set_prompts)")
+    return prompts
+
+
+def _check_fraction(value: float, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}: expected a number in [0, 1], got {value!r}")
+
+
+def _build_runners(methods: Any, sim: CLIPSimilarity, mask_provider: Any) -> Dict[str, Method]:
+    """Method name -> fn(images, targets); the default drops iclip for models without its head."""
+    if isinstance(methods, Mapping):
+        if not methods or not all(callable(fn) for fn in methods.values()):
+            raise TypeError("methods: expected a non-empty mapping name -> fn(images, targets)")
+        return {str(name): fn for name, fn in methods.items()}
+    usable = available_methods(sim)
+    if methods is None:
+        names = [name for name in DEFAULT_METHODS if usable[name]]
+    else:
+        if isinstance(methods, str):
+            raise TypeError("methods: expected a list of method names, got a single string")
+        names = list(dict.fromkeys(methods))
+        if not names:
+            raise ValueError(f"methods: expected at least one of {METHODS}")
+        unknown = [name for name in names if name not in METHODS]
+        if unknown:
+            raise ValueError(f"methods: unknown {unknown}; expected names from {METHODS}")
+        unusable = [name for name in names if not usable[name]]
+        if unusable:
+            raise ValueError(f"methods: {unusable} need a DualProjectionCLIP model (an interpretability projection)")
+    return {name: build_method(name, sim, mask_provider=mask_provider) for name in names}
+
+
+def _describe(obj: Any) -> str:
+    """A text for the settings digest that is stable across runs: the ``repr`` without memory addresses
+    (a ``transforms.Compose`` lists its steps), prefixed by the qualified name (closures, lambdas)."""
+    name = f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+    return f"{name}: {_ADDRESS.sub('', repr(obj))}"
+
+
+def _open_rgb(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()  # decode now, so a truncated file fails here and is reported
+        return image.convert("RGB")
+
+
+def _error_record(path: Path, key: Optional[str], settings: str, error: str) -> Dict[str, Any]:
+    return {
+        "schema": rec.RECORD_SCHEMA,
+        "key": key,
+        "settings": settings,
+        "source": str(path),
+        "name": path.name,
+        "status": "error",
+        "error": error,
+    }
+
+
+def probabilities(sim: CLIPSimilarity, images: Tensor) -> Tensor:
+    """Softmax probabilities over the prompts, (N, K), whatever ``sim.output`` is."""
+    scores = sim(images).float()
+    if sim.output == "probs":
+        return scores
+    if sim.output == "cosine":
+        scores = sim.logit_scale.float() * scores
+    return scores.softmax(dim=-1)
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _audit_batch(
+    decoded: Sequence[Tuple[str, Path, Tensor]],
+    sim: CLIPSimilarity,
+    runners: Mapping[str, Method],
+    mask_provider: Any,
+    top_k: int,
+    out: Path,
+    settings: str,
+) -> List[Dict[str, Any]]:
+    """Explain one batch: write its thumbnails and overlays, return its records."""
+    from captum_iclip.viz import denormalize, overlay
+
+    began = time.perf_counter()
+    adapter = sim.adapter
+    param = adapter.parameter
+    images = torch.stack([tensor for _, _, tensor in decoded]).to(param.device, param.dtype)
+    grid = sim.check_inputs(images)
+    with torch.no_grad():
+        probs = probabilities(sim, images).cpu()
+        foreground = None
+        if mask_provider is not None:
+            foreground = mask_provider(images, grid).reshape(len(decoded), *grid).cpu()
+    top = probs.topk(top_k, dim=1)
+    originals = denormalize(images.detach().float().cpu(), adapter.image_mean, adapter.image_std)
+    height, width = originals.shape[-2:]
+
+    records = []
+    for i, (key, path, _) in enumerate(decoded):
+        thumbnail = f"{rec.IMAGES_DIR}/{key}.png"
+        atomic_write_bytes(out / thumbnail, _png(originals[i].permute(1, 2, 0).numpy()))
+        records.append({
+            "schema": rec.RECORD_SCHEMA,
+            "key": key,
+            "settings": settings,
+            "source": str(path),
+            "name": path.name,
+            "status": "ok",
+            "thumbnail": thumbnail,
+            "width": int(width),
+            "height": int(height),
+            "probabilities": [round(p, 6) for p in probs[i].tolist()],
+            "top": [{"prompt": int(top.indices[i, r]), "probability": round(float(top.values[i, r]), 6), "maps": {}}
+                    for r in range(top_k)],
+        })
+    for rank in range(top_k):
+        targets = top.indices[:, rank].to(param.device)
+        for name, run in runners.items():
+            maps = run(images, targets).detach().float().cpu()
+            outside = rec.background_fraction(maps, foreground) if foreground is not None else None
+            for i, record in enumerate(records):
+                file_name = f"{rec.IMAGES_DIR}/{record['key']}-{rank + 1}-{rec.slug(name)}.png"
+                atomic_write_bytes(out / file_name, _png(overlay(originals[i], maps[i])))
+                fraction = None if outside is None or torch.isnan(outside[i]) else round(float(outside[i]), 6)
+                record["top"][rank]["maps"][name] = {"overlay": file_name, "background_fraction": fraction}
+    seconds = (time.perf_counter() - began) / len(records)
+    for record in records:
+        record["seconds"] = round(seconds, 4)
+    return records
+
+
+def library_versions() -> Dict[str, str]:
+    """Versions of this package and of the libraries that shape its results."""
+    import platform
+    from importlib import metadata
+
+    import captum_iclip
+
+    versions = {"captum-iclip": captum_iclip.__version__, "python": platform.python_version()}
+    for dist in ("torch", "captum", "open_clip_torch", "timm", "transformers", "numpy", "Pillow"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions

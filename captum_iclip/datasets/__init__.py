@@ -1,0 +1,86 @@
+"""Segmentation dataset readers for evaluating where CLIP sees a text.
+
+Every reader returns samples ``(image, label, name)`` (RGB
+:class:`PIL.Image.Image`, ``int64`` ``(H, W)`` label array with 255 =
+ignore, sample name) and exposes ``class_names``, ``prompts``,
+``background_index`` and ``foreground_classes``; see
+:class:`~captum_iclip.datasets.base.SegmentationDataset`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import IGNORE_INDEX, SegmentationDataset, class_prompt
+from .cityscapes import CITYSCAPES_CLASSES, Cityscapes
+from .coco import COCO_STUFF_CLASSES, COCOInstances, COCOStuff
+from .folder import FolderDataset
+from .voc import CONTEXT59_CLASSES, VOC_CLASSES, PascalContext59, VOCSegmentation
+
+__all__ = [
+    "CITYSCAPES_CLASSES",
+    "COCO_STUFF_CLASSES",
+    "CONTEXT59_CLASSES",
+    "DATASETS",
+    "IGNORE_INDEX",
+    "VOC_CLASSES",
+    "COCOInstances",
+    "COCOStuff",
+    "Cityscapes",
+    "FolderDataset",
+    "PascalContext59",
+    "SegmentationDataset",
+    "VOCSegmentation",
+    "build_dataset",
+    "class_prompt",
+]
+
+DATASETS: dict[str, tuple[type[SegmentationDataset], str | None]] = {
+    "voc": (VOCSegmentation, "val"),
+    "coco": (COCOInstances, "val2017"),
+    "coco-stuff": (COCOStuff, "val2017"),
+    "context": (PascalContext59, "val"),
+    "cityscapes": (Cityscapes, "val"),
+    "folder": (FolderDataset, None),
+}
+"""Dataset names accepted by :func:`build_dataset`, with their reader and
+default split (``None``: the format has no splits)."""
+
+
+def build_dataset(
+    name: str,
+    root: str | Path,
+    split: str | None = None,
+    limit: int | None = None,
+) -> SegmentationDataset:
+    """Build a dataset reader by name.
+
+    Args:
+        name: One of ``"voc"``, ``"coco"``, ``"coco-stuff"``, ``"context"``,
+            ``"cityscapes"``, ``"folder"`` (case-insensitive).
+        root: The dataset folder (see each reader for its layout).
+        split: Split name; ``None`` uses the reader's default (``"val"``, or
+            ``"val2017"`` for COCO). Must be ``None`` for ``"folder"``.
+        limit: Keep only the first ``limit`` samples.
+
+    Returns:
+        The dataset reader.
+
+    Raises:
+        ValueError: If ``name`` is unknown, or a split is given for
+            ``"folder"``.
+
+    Examples:
+        >>> dataset = build_dataset("voc", "/data/VOCdevkit", limit=100)
+        >>> len(dataset) <= 100
+        True
+    """
+    key = name.lower() if isinstance(name, str) else name
+    if key not in DATASETS:
+        raise ValueError(f"name must be one of {sorted(DATASETS)}, got {name!r}")
+    reader, default_split = DATASETS[key]
+    if default_split is None:
+        if split is not None:
+            raise ValueError(f"the {key!r} format has no splits; got split={split!r}")
+        return reader(root, limit=limit)
+    return reader(root, split=split or default_split, limit=limit)

@@ -1,0 +1,175 @@
+"""PASCAL VOC 2012 segmentation and PASCAL Context (59 classes) readers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .base import (
+    IGNORE_INDEX,
+    SegmentationDataset,
+    find_background,
+    load_index_png,
+    read_class_names,
+    read_split_file,
+)
+
+__all__ = ["PascalContext59", "VOCSegmentation", "VOC_CLASSES", "CONTEXT59_CLASSES"]
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car",
+    "cat", "chair", "cow", "dining table", "dog", "horse", "motorbike", "person",
+    "potted plant", "sheep", "sofa", "train", "tv monitor",
+)  # fmt: skip
+"""VOC 2012 class names, index = label value (VOC's "diningtable",
+"pottedplant" and "tvmonitor" written as words so they read well in prompts)."""
+
+CONTEXT59_CLASSES = (
+    "aeroplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat",
+    "book", "bottle", "building", "bus", "cabinet", "car", "cat", "ceiling",
+    "chair", "cloth", "computer", "cow", "cup", "curtain", "dog", "door", "fence",
+    "floor", "flower", "food", "grass", "ground", "horse", "keyboard", "light",
+    "motorbike", "mountain", "mouse", "person", "plate", "platform",
+    "potted plant", "road", "rock", "sheep", "shelves", "sidewalk", "sign", "sky",
+    "snow", "sofa", "table", "track", "train", "tree", "truck", "tv monitor",
+    "wall", "water", "window", "wood",
+)  # fmt: skip
+"""The 59 PASCAL Context classes in the order of the converted labels
+(label value c + 1, class id c)."""
+
+_CLASS_NAMES_FILE = "class_names.txt"
+
+
+def _find_voc_root(root: Path, marker: str, year: str) -> Path:
+    """Locate the folder holding ``JPEGImages`` and ``marker`` under ``root``.
+
+    Accepts the folder itself, ``root/VOCdevkit/<year>`` or ``root/<year>``
+    (``year`` such as ``"VOC2012"``), then any other ``VOC*`` folder there.
+    """
+    if not root.exists():
+        raise FileNotFoundError(f"dataset root not found: {root}")
+    candidates = [root, root / "VOCdevkit" / year, root / year]
+    for parent in (root / "VOCdevkit", root):
+        if parent.is_dir():
+            candidates += sorted(p for p in parent.glob("VOC*") if p.is_dir())
+    for candidate in candidates:
+        if (candidate / "JPEGImages").is_dir() and (candidate / marker).is_dir():
+            return candidate
+    raise FileNotFoundError(
+        f"no VOC-style folder (JPEGImages/ and {marker}/) found at {root}, "
+        f"{root / 'VOCdevkit' / 'VOC*'} or {root / 'VOC*'}"
+    )
+
+
+class VOCSegmentation(SegmentationDataset):
+    """PASCAL VOC 2012 semantic segmentation (20 classes + background).
+
+    On-disk layout (the official ``VOCtrainval`` archive)::
+
+        VOC2012/
+            JPEGImages/<id>.jpg
+            SegmentationClass/<id>.png        palette PNG, value = class id,
+                                              255 = object border (ignored)
+            ImageSets/Segmentation/<split>.txt
+            class_names.txt                   optional, see below
+
+    ``root`` may be the ``VOC2012`` folder itself, a folder containing
+    ``VOCdevkit/VOC2012`` (or ``VOC2012``), or any folder with the same three
+    sub-folders. Labels are read as palette indices, never as colours.
+
+    If ``class_names.txt`` exists next to ``JPEGImages`` (one name per line,
+    line i = class id i), its names replace VOC's; this is how the project's
+    procedural world exports its scenes. The background class is the one
+    named "background" (id 0 for VOC), or none.
+
+    Args:
+        root: See above.
+        split: Image-set name, e.g. ``"train"``, ``"val"``, ``"trainval"``.
+        limit: Keep only the first ``limit`` ids of the split file.
+
+    Raises:
+        FileNotFoundError: If the folder or the split file is missing.
+
+    Examples:
+        >>> dataset = VOCSegmentation("/data/VOCdevkit/VOC2012", split="val")
+        >>> image, label, name = dataset[0]
+        >>> dataset.prompts[dataset.foreground_classes[0]]
+        'a photo of an aeroplane.'
+    """
+
+    def __init__(self, root: str | Path, split: str = "val", limit: int | None = None) -> None:
+        self.root = _find_voc_root(Path(root), "SegmentationClass", "VOC2012")
+        names_file = self.root / _CLASS_NAMES_FILE
+        class_names = read_class_names(names_file) if names_file.exists() else list(VOC_CLASSES)
+        super().__init__(class_names, find_background(class_names), limit)
+        self.split = split
+        ids = read_split_file(self.root / "ImageSets" / "Segmentation" / f"{split}.txt")
+        self._set_samples(
+            [
+                (
+                    self.root / "JPEGImages" / f"{sample_id}.jpg",
+                    self.root / "SegmentationClass" / f"{sample_id}.png",
+                    sample_id,
+                )
+                for sample_id in ids
+            ],
+            self.root,
+        )
+
+
+class PascalContext59(SegmentationDataset):
+    """PASCAL Context, 59-class version, in the widely used converted layout.
+
+    On-disk layout (as produced by mmsegmentation's ``pascal_context.py``
+    converter from the VOC 2010 images and the Context ``trainval_merged``
+    annotations)::
+
+        VOC2010/
+            JPEGImages/<id>.jpg
+            SegmentationClassContext/<id>.png   value 0 = none of the 59
+                                                classes, c in 1..59 = class
+            ImageSets/SegmentationContext/<split>.txt
+
+    ``root`` may be the ``VOC2010`` folder or a folder containing
+    ``VOCdevkit/VOC2010``. Following mmsegmentation's 59-class convention
+    (``reduce_zero_label``), label value 0 becomes 255 (ignored) and value
+    c becomes class id c − 1, so there is no background class
+    (``background_index`` is ``None``) and ``class_names`` has 59 entries
+    (:data:`CONTEXT59_CLASSES`).
+
+    Args:
+        root: See above.
+        split: Image-set name, ``"train"`` or ``"val"``.
+        limit: Keep only the first ``limit`` ids of the split file.
+
+    Raises:
+        FileNotFoundError: If the folder or the split file is missing.
+
+    Examples:
+        >>> dataset = PascalContext59("/data/VOCdevkit/VOC2010", split="val")
+        >>> len(dataset.class_names)
+        59
+    """
+
+    def __init__(self, root: str | Path, split: str = "val", limit: int | None = None) -> None:
+        self.root = _find_voc_root(Path(root), "SegmentationClassContext", "VOC2010")
+        super().__init__(CONTEXT59_CLASSES, None, limit)
+        self.split = split
+        ids = read_split_file(self.root / "ImageSets" / "SegmentationContext" / f"{split}.txt")
+        self._set_samples(
+            [
+                (
+                    self.root / "JPEGImages" / f"{sample_id}.jpg",
+                    self.root / "SegmentationClassContext" / f"{sample_id}.png",
+                    sample_id,
+                )
+                for sample_id in ids
+            ],
+            self.root,
+        )
+
+    def _read_label(self, path: Path) -> np.ndarray:
+        raw = load_index_png(path)
+        # 0 ("none of the 59") is ignored; every class shifts down by one.
+        return np.where((raw == 0) | (raw == IGNORE_INDEX), IGNORE_INDEX, raw - 1)

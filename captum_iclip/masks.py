@@ -1,0 +1,779 @@
+"""Foreground mask providers for masked max pooling (SPEC §3, "mask source").
+
+A *mask provider* maps a batch of CLIP-preprocessed images ``(N, 3, H, W)`` and a
+CLIP patch grid ``(h, w)`` to a boolean foreground mask ``(N, h * w)`` (row-major
+over the grid, like the CLIP patch tokens). The default source is the [CLS]
+attention of a self-supervised DINO ViT, thresholded to the smallest set of
+patches holding a fraction ``tau`` of the attention mass.
+
+Public API:
+
+* :func:`top_mass_mask`: the top-τ attention-mass threshold.
+* :func:`cls_attention`: last-block [CLS]→patch attention of a timm
+  ``VisionTransformer`` or a Hugging Face ``ViTModel`` / ``Dinov2Model``.
+* :class:`MaskProvider`: base class (empty-mask fallback and its counter).
+* :class:`DINOMaskProvider`: CLIP images → DINO attention → CLIP-grid mask.
+* :func:`as_mask_provider`: wraps a provider, a callable or a fixed mask tensor.
+* :class:`CachedMaskProvider`: on-disk per-image cache around any provider.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import OPENAI_CLIP_MEAN as OPENAI_DATASET_MEAN
+from timm.data import OPENAI_CLIP_STD as OPENAI_DATASET_STD
+
+__all__ = [
+    "OPENAI_DATASET_MEAN",
+    "OPENAI_DATASET_STD",
+    "top_mass_mask",
+    "cls_attention",
+    "MaskProvider",
+    "DINOMaskProvider",
+    "as_mask_provider",
+    "CachedMaskProvider",
+]
+
+GridSize = Tuple[int, int]
+MaskFn = Callable[[Tensor, GridSize], Tensor]
+
+_RESAMPLE_MODES = ("bilinear", "nearest")
+
+
+# --------------------------------------------------------------------------- #
+# Thresholding
+# --------------------------------------------------------------------------- #
+def top_mass_mask(attention: Tensor, tau: float) -> Tensor:
+    """Smallest set of patches whose attention sums to at least ``tau`` of the total.
+
+    Patches are sorted by decreasing attention (a stable sort, so equal values are
+    taken in increasing patch index) and kept up to and including the first one at
+    which the cumulative sum reaches ``tau`` times the total. A patch is therefore
+    kept exactly when the mass ranked strictly before it is below ``tau * total``:
+    with ``tau = 1`` every patch with non-zero attention is selected, and a map with
+    zero total mass gives an empty mask.
+
+    Args:
+        attention (Tensor): Non-negative attention maps, ``(N, h, w)`` or ``(N, L)``.
+        tau (float): Fraction of the total mass to cover, in ``(0, 1]``.
+
+    Returns:
+        Tensor: Boolean mask ``(N, L)`` with ``L = h * w`` (row-major over the grid).
+
+    Examples::
+
+        >>> attn = torch.tensor([[0.5, 0.3, 0.1, 0.1]])
+        >>> top_mass_mask(attn, 0.6)
+        tensor([[ True,  True, False, False]])
+    """
+    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not 0.0 < tau <= 1.0:
+        raise ValueError(f"tau must be a float in (0, 1], got {tau!r}")
+    if not isinstance(attention, Tensor) or attention.dim() not in (2, 3):
+        raise ValueError(
+            "attention must be a tensor of shape (N, h, w) or (N, L), got "
+            f"{tuple(attention.shape) if isinstance(attention, Tensor) else type(attention).__name__}"
+        )
+    flat = attention.detach().flatten(1).to(torch.float64)
+    if not torch.isfinite(flat).all() or (flat < 0).any():
+        raise ValueError("attention must be finite and non-negative")
+    values, order = torch.sort(flat, dim=1, descending=True, stable=True)
+    cumulative = values.cumsum(dim=1)
+    # Use the cumulative sum's own total so that rounding cannot leave the last
+    # non-zero patch out when tau == 1.
+    total = cumulative[:, -1:]
+    mass_before = cumulative - values
+    keep_sorted = mass_before < tau * total
+    mask = torch.zeros_like(keep_sorted)
+    mask.scatter_(1, order, keep_sorted)
+    return mask
+
+
+# --------------------------------------------------------------------------- #
+# [CLS] attention of DINO backbones
+# --------------------------------------------------------------------------- #
+def _is_hf_model(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("transformers.")
+
+
+def _as_pair(value: Union[int, Sequence[int]]) -> GridSize:
+    if isinstance(value, int):
+        return value, value
+    return int(value[0]), int(value[1])
+
+
+def dino_patch_size(model: nn.Module) -> GridSize:
+    """Patch size ``(ph, pw)`` of a timm or Hugging Face ViT.
+
+    Args:
+        model (nn.Module): timm ``VisionTransformer`` or Hugging Face ViT/DINOv2 model.
+
+    Returns:
+        tuple[int, int]: The patch height and width.
+    """
+    if _is_hf_model(model):
+        return _as_pair(model.config.patch_size)
+    return _as_pair(model.patch_embed.patch_size)
+
+
+def _native_image_size(model: nn.Module) -> GridSize:
+    if _is_hf_model(model):
+        return _as_pair(model.config.image_size)
+    return _as_pair(model.patch_embed.img_size)
+
+
+def _timm_cls_attention(model: nn.Module, images: Tensor) -> Tensor:
+    from timm.layers import Attention
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(
+            f"model must be a timm VisionTransformer or a Hugging Face ViT/DINOv2 model, "
+            f"got {type(model).__name__}"
+        )
+    if model.cls_token is None:
+        raise ValueError("model has no [CLS] token (class_token=False); its [CLS] attention is undefined")
+    height, width = images.shape[-2:]
+    patch_h, patch_w = dino_patch_size(model)
+    if height % patch_h or width % patch_w:
+        raise ValueError(
+            f"images must have H, W divisible by the DINO patch size {(patch_h, patch_w)}, "
+            f"got {(height, width)}"
+        )
+    if not model.dynamic_img_size and (height, width) != tuple(model.patch_embed.img_size):
+        raise ValueError(
+            f"images of size {(height, width)} need a timm model built with dynamic_img_size=True "
+            f"(this one accepts only {tuple(model.patch_embed.img_size)})"
+        )
+    last_block = model.blocks[-1]
+    attn = getattr(last_block, "attn", None)
+    if not isinstance(attn, Attention) or not hasattr(last_block, "norm1"):
+        raise TypeError(
+            "the last timm block must be a pre-norm Block with a timm Attention module "
+            f"(got {type(last_block).__name__} / {type(attn).__name__})"
+        )
+
+    tokens = model.patch_embed(images)
+    tokens = model._pos_embed(tokens)
+    tokens = model.patch_drop(tokens)
+    tokens = model.norm_pre(tokens)
+    for block in model.blocks[:-1]:
+        tokens = block(tokens)
+
+    # Recompute the last block's attention probabilities from its own projections:
+    # the fused (SDPA) kernel that timm uses never materialises them.
+    x = last_block.norm1(tokens)
+    batch, num_tokens, _ = x.shape
+    qkv = attn.qkv(x).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim)
+    q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    cls_query = q[:, :, :1] * attn.scale
+    probs = (cls_query @ k.transpose(-2, -1)).softmax(dim=-1)  # (N, heads, 1, T)
+    prefix = model.num_prefix_tokens
+    grid_h, grid_w = height // patch_h, width // patch_w
+    return probs[:, :, 0, prefix:].mean(dim=1).reshape(batch, grid_h, grid_w)
+
+
+def _hf_cls_attention(model: nn.Module, images: Tensor) -> Tensor:
+    implementation = getattr(model.config, "_attn_implementation", None)
+    if implementation != "eager":
+        raise ValueError(
+            f"the Hugging Face model uses attn_implementation={implementation!r}, which does not "
+            "return attention probabilities; load it with attn_implementation='eager' or call "
+            "model.set_attn_implementation('eager')"
+        )
+    height, width = images.shape[-2:]
+    patch_h, patch_w = dino_patch_size(model)
+    if height % patch_h or width % patch_w:
+        raise ValueError(
+            f"images must have H, W divisible by the DINO patch size {(patch_h, patch_w)}, "
+            f"got {(height, width)}"
+        )
+    kwargs = {"output_attentions": True}
+    if "interpolate_pos_encoding" in inspect.signature(model.forward).parameters:
+        kwargs["interpolate_pos_encoding"] = True
+    outputs = model(pixel_values=images, **kwargs)
+    probs = outputs.attentions[-1]  # (N, heads, T, T)
+    grid_h, grid_w = height // patch_h, width // patch_w
+    # [CLS] first, then any register tokens, then the patches.
+    prefix = probs.shape[-1] - grid_h * grid_w
+    if prefix < 1:
+        raise ValueError(f"expected a [CLS] token before the {grid_h * grid_w} patch tokens")
+    return probs[:, :, 0, prefix:].mean(dim=1).reshape(images.shape[0], grid_h, grid_w)
+
+
+def cls_attention(model: nn.Module, images: Tensor) -> Tensor:
+    """Last-block attention of the [CLS] query to the patch tokens, averaged over heads.
+
+    For a timm ``VisionTransformer`` (DINO ``vit_small_patch16_224.dino``, DINOv2
+    ``vit_small_patch14_dinov2`` / ``..._reg4_dinov2``) the blocks before the last
+    are run as usual and the last block's attention is recomputed from its
+    ``norm1``, ``attn.qkv`` and ``attn.q_norm`` / ``attn.k_norm``; the
+    ``model.num_prefix_tokens`` prefix tokens ([CLS] and registers) are dropped
+    from the keys. Any H, W divisible by the patch size works when the model was
+    built with ``dynamic_img_size=True`` (positional embeddings are interpolated).
+
+    For a Hugging Face ``ViTModel`` / ``Dinov2Model`` / ``Dinov2WithRegistersModel``
+    the attention comes from ``output_attentions=True``, which needs the eager
+    attention implementation (``attn_implementation="eager"``).
+
+    Args:
+        model (nn.Module): The DINO backbone.
+        images (Tensor): ``(N, 3, H, W)`` images in the model's own normalisation.
+
+    Returns:
+        Tensor: ``(N, H // p, W // p)`` attention maps; each sums to at most 1 (the
+        remainder is the attention to the prefix tokens).
+
+    Examples::
+
+        >>> import timm
+        >>> dino = timm.create_model("vit_small_patch16_224.dino", dynamic_img_size=True)
+        >>> cls_attention(dino.eval(), torch.randn(1, 3, 224, 320)).shape
+        torch.Size([1, 14, 20])
+    """
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(
+            "images must be a tensor of shape (N, 3, H, W), got "
+            f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}"
+        )
+    if _is_hf_model(model):
+        return _hf_cls_attention(model, images)
+    return _timm_cls_attention(model, images)
+
+
+# --------------------------------------------------------------------------- #
+# Providers
+# --------------------------------------------------------------------------- #
+def _check_grid_size(grid_size: GridSize) -> GridSize:
+    if (
+        not isinstance(grid_size, (tuple, list))
+        or len(grid_size) != 2
+        or not all(isinstance(v, int) and v > 0 for v in grid_size)
+    ):
+        raise ValueError(f"grid_size must be a pair of positive ints (h, w), got {grid_size!r}")
+    return int(grid_size[0]), int(grid_size[1])
+
+
+def _check_images(images: Tensor) -> None:
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(
+            "images must be a tensor of shape (N, 3, H, W), got "
+            f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}"
+        )
+
+
+class MaskProvider(nn.Module):
+    """Base class: ``forward(images, grid_size) -> BoolTensor (N, h * w)``.
+
+    Subclasses implement :meth:`compute_mask`; :meth:`forward` validates inputs
+    and output, and replaces every empty mask by the all-patches mask (SPEC §3),
+    counting each replacement in :attr:`num_empty_fallbacks`.
+
+    Attributes:
+        num_empty_fallbacks (int): Number of images whose mask was empty and was
+            replaced by all patches, since construction.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_empty_fallbacks = 0
+
+    def compute_mask(self, images: Tensor, grid_size: GridSize) -> Tensor:
+        """Return the raw ``(N, h * w)`` mask (may contain empty rows)."""
+        raise NotImplementedError
+
+    def cache_fingerprint(self) -> str:
+        """A string that changes whenever the provider's masks would change.
+
+        :class:`CachedMaskProvider` mixes it into its keys. The default covers the
+        class, ``extra_repr()`` and the bytes of every parameter and buffer.
+        """
+        digest = hashlib.sha256(f"{type(self).__qualname__}|{self.extra_repr()}".encode())
+        tensors = {**dict(self.named_parameters()), **dict(self.named_buffers())}
+        for name, tensor in sorted(tensors.items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def forward(self, images: Tensor, grid_size: GridSize) -> Tensor:
+        """Foreground mask of each image on the CLIP patch grid.
+
+        Args:
+            images (Tensor): CLIP-preprocessed images ``(N, 3, H, W)``.
+            grid_size (tuple[int, int]): CLIP patch grid ``(h, w)``.
+
+        Returns:
+            Tensor: Boolean mask ``(N, h * w)``; never empty.
+        """
+        _check_images(images)
+        grid_h, grid_w = _check_grid_size(grid_size)
+        mask = self.compute_mask(images, (grid_h, grid_w))
+        expected = (images.shape[0], grid_h * grid_w)
+        if not isinstance(mask, Tensor) or tuple(mask.shape) != expected:
+            raise ValueError(
+                f"{type(self).__name__} must return a mask of shape {expected}, got "
+                f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}"
+            )
+        mask = mask.to(device=images.device, dtype=torch.bool)
+        empty = ~mask.any(dim=1)
+        num_empty = int(empty.sum())
+        if num_empty:
+            self.num_empty_fallbacks += num_empty
+            mask = mask | empty[:, None]
+        return mask
+
+
+def _as_bool_mask(mask: Tensor, argument: str) -> Tensor:
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_floating_point() or mask.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
+        if not ((mask == 0) | (mask == 1)).all():
+            raise ValueError(f"{argument} must be boolean or contain only 0 and 1")
+        return mask != 0
+    raise TypeError(f"{argument} must be a boolean or 0/1 tensor, got dtype {mask.dtype}")
+
+
+class FixedMaskProvider(MaskProvider):
+    """Returns a fixed mask, given per image or once for the whole batch.
+
+    Args:
+        mask (Tensor): ``(N, h, w)`` or ``(N, h * w)``, boolean or 0/1. ``N = 1``
+            broadcasts to any batch size.
+
+    Examples::
+
+        >>> provider = FixedMaskProvider(torch.ones(1, 7, 7, dtype=torch.bool))
+        >>> provider(torch.zeros(2, 3, 224, 224), (7, 7)).shape
+        torch.Size([2, 49])
+    """
+
+    def __init__(self, mask: Tensor) -> None:
+        super().__init__()
+        if not isinstance(mask, Tensor) or mask.dim() not in (2, 3):
+            raise ValueError(
+                "mask must be a tensor of shape (N, h, w) or (N, h*w), got "
+                f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}"
+            )
+        self.grid_size: Optional[GridSize] = tuple(mask.shape[1:]) if mask.dim() == 3 else None
+        self.register_buffer("mask", _as_bool_mask(mask, "mask").flatten(1), persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"mask_shape={tuple(self.mask.shape)}, grid_size={self.grid_size}"
+
+    def compute_mask(self, images: Tensor, grid_size: GridSize) -> Tensor:
+        if self.grid_size is not None and tuple(self.grid_size) != tuple(grid_size):
+            raise ValueError(f"the fixed mask has grid {self.grid_size}, but grid_size={tuple(grid_size)}")
+        if self.mask.shape[1] != grid_size[0] * grid_size[1]:
+            raise ValueError(
+                f"the fixed mask has {self.mask.shape[1]} patches, but grid_size={tuple(grid_size)} "
+                f"has {grid_size[0] * grid_size[1]}"
+            )
+        batch = images.shape[0]
+        if self.mask.shape[0] == 1:
+            return self.mask.expand(batch, -1)
+        if self.mask.shape[0] != batch:
+            raise ValueError(f"the fixed mask holds {self.mask.shape[0]} masks, but the batch has {batch} images")
+        return self.mask
+
+
+class CallableMaskProvider(MaskProvider):
+    """Wraps a user function ``fn(images, grid_size) -> mask``.
+
+    The function may return ``(N, h, w)`` or ``(N, h * w)``, boolean or 0/1; the
+    result is validated and flattened.
+
+    Args:
+        fn (callable): The mask function.
+    """
+
+    def __init__(self, fn: MaskFn) -> None:
+        super().__init__()
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        self.fn = fn
+
+    def extra_repr(self) -> str:
+        return f"fn={getattr(self.fn, '__qualname__', repr(self.fn))}"
+
+    def compute_mask(self, images: Tensor, grid_size: GridSize) -> Tensor:
+        mask = self.fn(images, grid_size)
+        grid_h, grid_w = grid_size
+        allowed = ((images.shape[0], grid_h, grid_w), (images.shape[0], grid_h * grid_w))
+        if not isinstance(mask, Tensor) or tuple(mask.shape) not in allowed:
+            raise ValueError(
+                f"the mask function must return a tensor of shape {allowed[0]} or {allowed[1]}, got "
+                f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}"
+            )
+        return _as_bool_mask(mask, "the mask function's output").flatten(1)
+
+
+def as_mask_provider(obj: Union[MaskProvider, MaskFn, Tensor]) -> MaskProvider:
+    """Turn a provider, a callable or a fixed mask into a :class:`MaskProvider`.
+
+    Args:
+        obj: A :class:`MaskProvider` (returned as is); a callable
+            ``(images, grid_size) -> mask`` returning ``(N, h, w)`` or
+            ``(N, h * w)``; or a fixed boolean / 0-1 mask tensor ``(N, h, w)`` or
+            ``(N, h * w)`` (``N = 1`` broadcasts over the batch).
+
+    Returns:
+        MaskProvider: A module mapping ``(images, grid_size)`` to ``(N, h * w)`` booleans.
+
+    Examples::
+
+        >>> centre = torch.zeros(1, 7, 7, dtype=torch.bool)
+        >>> centre[:, 2:5, 2:5] = True
+        >>> as_mask_provider(centre)(torch.zeros(4, 3, 224, 224), (7, 7)).sum(1)
+        tensor([9, 9, 9, 9])
+    """
+    if isinstance(obj, MaskProvider):
+        return obj
+    if isinstance(obj, Tensor):
+        return FixedMaskProvider(obj)
+    if callable(obj):
+        return CallableMaskProvider(obj)
+    raise TypeError(
+        f"a mask provider must be a MaskProvider, a callable (images, grid_size) -> mask or a mask tensor, "
+        f"got {type(obj).__name__}"
+    )
+
+
+# --------------------------------------------------------------------------- #
+# DINO mask provider
+# --------------------------------------------------------------------------- #
+def _load_state_dict_file(path: Union[str, os.PathLike]) -> dict:
+    """Backbone state dict from a plain, ``{"state_dict"|"model"|"teacher": ...}`` or DDP file."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("teacher", "state_dict", "model"):
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"checkpoint {path!s} does not hold a state dict")
+    state_dict = {}
+    for name, value in checkpoint.items():
+        for prefix in ("module.", "backbone."):
+            name = name[len(prefix):] if name.startswith(prefix) else name
+        state_dict[name] = value
+    return state_dict
+
+
+def _load_timm_dino(name: str, pretrained: bool, checkpoint: Optional[str]) -> nn.Module:
+    import timm
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    try:
+        model = timm.create_model(name, pretrained=pretrained and checkpoint is None, num_classes=0, dynamic_img_size=True)
+    except Exception as error:  # offline hub / missing file: say what to do
+        raise RuntimeError(
+            f"could not download the pretrained weights of timm model {name!r} ({error}). "
+            f"Download them on a machine with network access (e.g. the 'timm/{name}' Hugging Face "
+            f"repository, file model.safetensors or pytorch_model.bin, or the original DINO .pth) and "
+            f"pass checkpoint='/path/to/file' instead of pretrained=True"
+        ) from error
+    if checkpoint is not None:
+        state_dict = checkpoint_filter_fn(_load_state_dict_file(checkpoint), model)
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        if missing:
+            raise ValueError(f"checkpoint {checkpoint!s} lacks weights of {name!r}: {missing[:5]}...")
+        if unexpected:
+            warnings.warn(f"checkpoint {checkpoint!s}: ignored unexpected keys {unexpected[:5]}...")
+    elif not pretrained:
+        warnings.warn(
+            f"DINOMaskProvider({name!r}) has random weights (pretrained=False and no checkpoint): "
+            "its masks are meaningless; pass pretrained=True or checkpoint=PATH"
+        )
+    return model
+
+
+def _load_hf_dino(name: str) -> Tuple[nn.Module, Tuple[float, ...], Tuple[float, ...]]:
+    from transformers import AutoImageProcessor, AutoModel
+
+    def load(local_files_only: bool):
+        model = AutoModel.from_pretrained(name, attn_implementation="eager", local_files_only=local_files_only)
+        try:
+            processor = AutoImageProcessor.from_pretrained(name, local_files_only=local_files_only)
+            mean, std = tuple(processor.image_mean), tuple(processor.image_std)
+        except (OSError, ValueError, AttributeError, TypeError):
+            mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        return model, mean, std
+
+    # The local cache first: it needs no network and gives the same files.
+    try:
+        return load(local_files_only=True)
+    except OSError:
+        if os.path.isdir(name):
+            raise
+    try:
+        return load(local_files_only=False)
+    except OSError as error:
+        raise RuntimeError(
+            f"could not load the Hugging Face model {name!r} from the local cache or the hub ({error}). "
+            "Download it where the network is reachable (e.g. `huggingface-cli download "
+            f"{name} --local-dir DIR`) and pass model='DIR'"
+        ) from error
+
+
+class DINOMaskProvider(MaskProvider):
+    """Foreground masks from the [CLS] attention of a self-supervised DINO ViT.
+
+    Pipeline for CLIP-preprocessed images ``(N, 3, H, W)``:
+
+    1. undo the CLIP normalisation (``input_mean`` / ``input_std``) and apply the
+       DINO model's own (timm ``pretrained_cfg`` mean/std; Hugging Face image
+       processor values, ImageNet when unavailable);
+    2. resize (bilinear, antialiased) to ``image_size`` (square) or, when ``None``,
+       to the model's native input size, which is a multiple of its patch size;
+    3. :func:`cls_attention` gives ``A`` on the DINO patch grid;
+    4. resample to the CLIP grid ``(h, w)``. ``resample="bilinear"`` (default)
+       interpolates ``A`` bilinearly (``align_corners=False``, antialiased when
+       shrinking) and applies :func:`top_mass_mask` with ``tau`` on the resampled
+       map, so the mask holds ``tau`` of the mass at the CLIP resolution.
+       ``resample="nearest"`` thresholds ``A`` on the DINO grid and resamples
+       the binary mask by nearest neighbour.
+
+    An empty mask (possible only with ``nearest``, or an all-zero map) falls back
+    to all patches and is counted in :attr:`num_empty_fallbacks`.
+
+    The DINO model stays in eval mode without gradients, whatever ``train()``
+    is called on a parent module.
+
+    Args:
+        model (str or nn.Module): a timm model name (e.g.
+            ``"vit_small_patch16_224.dino"``, ``"vit_base_patch16_224.dino"``,
+            ``"vit_small_patch14_dinov2"``), a Hugging Face hub id or local folder
+            (``"facebook/dino-vits16"``, ``"facebook/dinov2-small"``), or a built
+            timm ``VisionTransformer`` / Hugging Face ``ViTModel`` / ``Dinov2Model``
+            (e.g. from :func:`captum_iclip.training.dino.load_tiny_dino`). A Hugging
+            Face module is switched to eager attention.
+        pretrained (bool): Load a timm model's pretrained weights through timm
+            (needs the network or a warm cache).
+        checkpoint (str, optional): State-dict file for a timm model name.
+        tau (float): Attention mass kept, in ``(0, 1]``. Default 0.6.
+        input_mean, input_std (sequence of float): Normalisation of the inputs
+            (OpenAI CLIP by default).
+        image_size (int, optional): Side of the square DINO input; must be a
+            multiple of the patch size. ``None``: the model's native size.
+        resample (str): ``"bilinear"`` or ``"nearest"``, see above.
+
+    Examples::
+
+        >>> from captum_iclip.training.dino import load_tiny_dino
+        >>> provider = DINOMaskProvider(load_tiny_dino("runs/tiny_dino"), tau=0.6)
+        >>> mask = provider(clip_images, grid_size=(14, 14))  # (N, 196) bool
+    """
+
+    def __init__(
+        self,
+        model: Union[str, nn.Module] = "vit_small_patch16_224.dino",
+        *,
+        pretrained: bool = False,
+        checkpoint: Optional[str] = None,
+        tau: float = 0.6,
+        input_mean: Sequence[float] = OPENAI_DATASET_MEAN,
+        input_std: Sequence[float] = OPENAI_DATASET_STD,
+        image_size: Optional[int] = None,
+        resample: str = "bilinear",
+    ) -> None:
+        super().__init__()
+        if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not 0.0 < tau <= 1.0:
+            raise ValueError(f"tau must be a float in (0, 1], got {tau!r}")
+        if resample not in _RESAMPLE_MODES:
+            raise ValueError(f"resample must be one of {_RESAMPLE_MODES}, got {resample!r}")
+        for argument, value in (("input_mean", input_mean), ("input_std", input_std)):
+            if len(value) != 3:
+                raise ValueError(f"{argument} must hold 3 values (RGB), got {value!r}")
+        if any(s <= 0 for s in input_std):
+            raise ValueError(f"input_std must be positive, got {input_std!r}")
+
+        dino_mean, dino_std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        self.model_name = model if isinstance(model, str) else type(model).__name__
+        if isinstance(model, str):
+            if checkpoint is not None and pretrained:
+                raise ValueError("pass either pretrained=True or checkpoint=PATH, not both")
+            import timm
+
+            if timm.is_model(model):
+                model = _load_timm_dino(model, pretrained, checkpoint)
+            elif os.path.isdir(model) or "/" in model:
+                if pretrained or checkpoint is not None:
+                    raise ValueError("pretrained and checkpoint apply to timm model names only")
+                model, dino_mean, dino_std = _load_hf_dino(model)
+            else:
+                raise ValueError(
+                    f"model {model!r} is neither a timm model name, a Hugging Face id nor a local folder"
+                )
+        elif not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a model name or an nn.Module, got {type(model).__name__}")
+        elif pretrained or checkpoint is not None:
+            raise ValueError("pretrained and checkpoint apply to model names, not to a built module")
+
+        if _is_hf_model(model):
+            if getattr(model.config, "_attn_implementation", None) != "eager":
+                model.set_attn_implementation("eager")
+        else:
+            cfg = getattr(model, "pretrained_cfg", None) or {}
+            dino_mean, dino_std = cfg.get("mean", dino_mean), cfg.get("std", dino_std)
+
+        patch_h, patch_w = dino_patch_size(model)
+        if image_size is None:
+            self.dino_size = _native_image_size(model)
+        elif not isinstance(image_size, int) or image_size <= 0 or image_size % patch_h or image_size % patch_w:
+            raise ValueError(
+                f"image_size must be a positive multiple of the DINO patch size {(patch_h, patch_w)}, got {image_size!r}"
+            )
+        else:
+            self.dino_size = (image_size, image_size)
+
+        self.model = model.eval().requires_grad_(False)
+        self.tau = float(tau)
+        self.resample = resample
+        # x_dino = (x_clip * s_clip + m_clip - m_dino) / s_dino = x_clip * scale + shift
+        clip_mean, clip_std = torch.tensor(input_mean), torch.tensor(input_std)
+        dino_mean, dino_std = torch.tensor(dino_mean), torch.tensor(dino_std)
+        self.register_buffer("scale", (clip_std / dino_std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", ((clip_mean - dino_mean) / dino_std).view(1, 3, 1, 1), persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"model={self.model_name!r}, tau={self.tau}, dino_size={self.dino_size}, resample={self.resample!r}"
+
+    def train(self, mode: bool = True) -> "DINOMaskProvider":
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    @torch.no_grad()
+    def attention(self, images: Tensor) -> Tensor:
+        """[CLS] attention ``A`` of CLIP-preprocessed images on the DINO patch grid.
+
+        Args:
+            images (Tensor): CLIP-preprocessed images ``(N, 3, H, W)``.
+
+        Returns:
+            Tensor: ``(N, h_d, w_d)`` float attention maps.
+        """
+        _check_images(images)
+        x = images.float() * self.scale + self.shift
+        if tuple(x.shape[-2:]) != self.dino_size:
+            x = F.interpolate(x, size=self.dino_size, mode="bilinear", align_corners=False, antialias=True)
+        return cls_attention(self.model, x).float()
+
+    def compute_mask(self, images: Tensor, grid_size: GridSize) -> Tensor:
+        attention = self.attention(images)
+        if self.resample == "bilinear":
+            if tuple(attention.shape[-2:]) != tuple(grid_size):
+                shrinking = grid_size[0] < attention.shape[-2] or grid_size[1] < attention.shape[-1]
+                attention = F.interpolate(
+                    attention[:, None], size=grid_size, mode="bilinear", align_corners=False, antialias=shrinking
+                )[:, 0].clamp_min(0)
+            return top_mass_mask(attention, self.tau)
+        mask = top_mass_mask(attention, self.tau).view_as(attention)
+        return F.interpolate(mask[:, None].float(), size=grid_size, mode="nearest")[:, 0].flatten(1) > 0.5
+
+
+# --------------------------------------------------------------------------- #
+# On-disk cache
+# --------------------------------------------------------------------------- #
+class CachedMaskProvider(MaskProvider):
+    """Caches another provider's masks on disk, one file per image.
+
+    The key of an image is the SHA-256 of its tensor bytes, shape and dtype, the
+    CLIP grid and the wrapped provider's fingerprint (its
+    :meth:`MaskProvider.cache_fingerprint`: class, settings and weights), so a
+    changed model, ``tau`` or grid never reads a stale entry. Each mask is stored
+    as ``cache_dir/ab/abcdef....pt`` (a boolean ``(h * w,)`` tensor) written to a
+    temporary file and moved into place with ``os.replace``, so concurrent
+    writers (data-loader workers, ranks) never expose a partial file. Only the
+    images that miss are sent to the wrapped provider, as one batch; the masks
+    stored are the provider's final ones (after its empty-mask fallback, which
+    the wrapped provider counts on misses only).
+
+    Args:
+        provider: Any input accepted by :func:`as_mask_provider`.
+        cache_dir (str or Path): Cache folder (created if missing).
+        fingerprint (str, optional): Overrides the provider fingerprint, e.g. to
+            name a user callable whose behaviour the cache cannot observe.
+
+    Attributes:
+        hits (int): Masks read from disk.
+        misses (int): Masks computed and written.
+
+    Examples::
+
+        >>> cached = CachedMaskProvider(DINOMaskProvider(dino_model), "cache/masks")
+        >>> masks = cached(clip_images, (14, 14))
+        >>> cached.hits, cached.misses
+        (0, 8)
+    """
+
+    def __init__(
+        self,
+        provider: Union[MaskProvider, MaskFn, Tensor],
+        cache_dir: Union[str, os.PathLike],
+        *,
+        fingerprint: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        self.provider = as_mask_provider(provider)
+        self.cache_dir = Path(cache_dir)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.fingerprint = fingerprint if fingerprint is not None else self.provider.cache_fingerprint()
+        self.hits = 0
+        self.misses = 0
+
+    def extra_repr(self) -> str:
+        return f"cache_dir={str(self.cache_dir)!r}"
+
+    def cache_fingerprint(self) -> str:
+        return self.fingerprint
+
+    def _key(self, image: Tensor, grid_size: GridSize) -> str:
+        image = image.detach().cpu().contiguous()
+        digest = hashlib.sha256(f"{self.fingerprint}|{tuple(grid_size)}|{tuple(image.shape)}|{image.dtype}".encode())
+        digest.update(image.view(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.cache_dir / key[:2] / f"{key}.pt"
+
+    def _write(self, path: Path, mask: Tensor) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                torch.save(mask.detach().cpu().clone(), stream)
+            os.replace(temporary, path)
+        except BaseException:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+            raise
+
+    def compute_mask(self, images: Tensor, grid_size: GridSize) -> Tensor:
+        paths = [self._path(self._key(image, grid_size)) for image in images]
+        masks: list = [None] * len(paths)
+        missing = []
+        for index, path in enumerate(paths):
+            if path.is_file():
+                masks[index] = torch.load(path, map_location="cpu", weights_only=True)
+            else:
+                missing.append(index)
+        self.hits += len(paths) - len(missing)
+        if missing:
+            computed = self.provider(images[missing], grid_size).cpu()
+            for index, mask in zip(missing, computed):
+                self._write(paths[index], mask)
+                masks[index] = mask
+            self.misses += len(missing)
+        return torch.stack(masks).to(images.device)
