@@ -1,0 +1,886 @@
+"""ICLIP training (SPEC §4): masked max pooling on the interpretability projection.
+
+The objective is
+
+.. math::
+
+    L = L_{itc}(\\mathrm{normalize}(\\mathrm{MMP}(P_{int}, m)), t) + \\lambda \\, L_{itc}(g_{rec}, t)
+
+with :math:`L_{itc}` open_clip's own symmetric InfoNCE (:class:`open_clip.loss.ClipLoss`,
+features gathered with gradient across ranks, so the loss is over the global
+batch) at the model's logit scale; :math:`P_{int}` the patch tokens of
+``DualProjectionCLIP.encode_dense`` (interpretability projection), :math:`m` a
+foreground mask on the CLIP patch grid (DINO attention, §3; all patches when no
+mask source is given), :math:`g_{rec}` the recognition embedding (the global
+token of the same forward pass) and :math:`t` the text embeddings.
+
+Modes:
+
+* ``projection``: trains the interpretability head alone. Everything else is
+  frozen and the CLIP model stays in eval mode (ResNet BatchNorm statistics do
+  not move), so ``encode_image`` is bit-identical before and after. The
+  recognition term has no trainable input and is not computed.
+* ``last-k``: also the last ``k`` vision blocks (ViT: residual blocks and the
+  final norm; ResNet: the last ``k`` stages, ``k = 1`` is ``layer4``).
+* ``full``: every weight, including the text tower and the logit scale. With
+  ``from_scratch`` it trains a randomly initialised open_clip architecture;
+  ``objective="clip"`` trains the plain CLIP loss alone (no MMP term), after
+  which the interpretability head is re-initialised as a copy of the trained
+  recognition projection.
+
+Runs under ``torchrun`` (DDP; nccl on GPU, gloo on CPU), writes atomic
+checkpoints and resumes exactly: a run killed after a checkpoint and resumed
+with ``--resume`` ends with the same parameters, bit for bit, as an
+uninterrupted run (same batches, optimizer, schedule and RNG states).
+
+Examples::
+
+    # 2 processes, a tab-separated CSV, DINO masks, projection mode
+    torchrun --nproc-per-node 2 -m captum_iclip.train --model ViT-B-16 --pretrained openai \\
+        --train-data world/train.csv --csv-img-key filepath --csv-caption-key title \\
+        --dino vit_small_patch16_224.dino --mode projection --batch-size 64 --epochs 2 --output-dir runs/iclip
+
+    >>> from captum_iclip.training.iclip import TrainConfig, train
+    >>> stats = train(TrainConfig(train_data="world/train.csv", output_dir="runs/x"),  # doctest: +SKIP
+    ...               model=clip, tokenizer=tokenizer)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import open_clip
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+from open_clip_train.scheduler import cosine_lr
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+from tqdm.auto import tqdm
+
+from captum_iclip._io import atomic_torch_save, atomic_write_text
+from captum_iclip.masks import CachedMaskProvider, DINOMaskProvider, MaskProvider, as_mask_provider
+from captum_iclip.models.dual import DualProjectionCLIP
+from captum_iclip.pooling import MaskedMaxPooling
+from captum_iclip.training.data import (
+    CsvImageTextDataset,
+    ImageTextBatch,
+    ResumableDistributedSampler,
+    WebDatasetBatches,
+    collate_image_text,
+    count_webdataset_samples,
+    expand_shards,
+)
+
+logger = logging.getLogger(__name__)
+
+MODES = ("projection", "last-k", "full")
+OBJECTIVES = ("iclip", "clip")
+PRECISIONS = ("auto", "fp32", "amp_bf16", "amp_fp16")
+DATASET_TYPES = ("auto", "csv", "webdataset")
+CHECKPOINT_FORMAT = "captum-iclip/train-checkpoint/1"
+# Fields that must not change when a run is resumed: they fix the data order and the schedule.
+RESUME_INVARIANTS = ("train_data", "dataset_type", "batch_size", "epochs", "seed", "mode", "objective",
+                     "unlock_blocks", "lr", "warmup", "train_num_samples")
+
+
+@dataclass
+class TrainConfig:
+    """Every option of ``captum-iclip train`` (the CLI flag is the field name with dashes).
+
+    Data:
+        train_data: a CSV/TSV file or a webdataset shard spec (``"dir/shard-{000000..000003}.tar"``).
+        dataset_type: ``"csv"``, ``"webdataset"`` or ``"auto"`` (webdataset when it ends in ``.tar``).
+        csv_img_key, csv_caption_key, csv_separator: CSV columns and separator (open_clip's defaults).
+        train_num_samples: samples per epoch for webdataset (default: counted from the tar headers).
+        workers: data-loader worker processes per rank.
+    Model:
+        model: open_clip architecture name or bundled model name; with ``model_config`` the
+            config's name (its file stem) by default.
+        pretrained: open_clip pretrained tag; checkpoint: a local open_clip weights file.
+        hf_model: a Hugging Face CLIP id or folder (``projection`` and ``full`` modes, ``last-k`` too).
+        model_config: an open_clip model-config JSON file, registered with ``open_clip.add_model_config``.
+        from_scratch: random initialisation of the architecture (no weights are loaded).
+    Objective:
+        mode: ``"projection"``, ``"last-k"`` or ``"full"``; unlock_blocks: ``k`` for ``last-k``.
+        objective: ``"iclip"`` (MMP term + λ recognition term) or ``"clip"`` (plain CLIP loss).
+        rec_weight: λ; ``None`` means 1 when recognition weights train and 0 in ``projection`` mode.
+        dino: mask source (timm name, Hugging Face id/folder, tiny-DINO folder or file, or
+            ``None``/``"none"``: every patch is foreground); dino_checkpoint: weights for a timm name.
+        tau: DINO attention mass kept (§3); mask_cache: folder of cached masks.
+    Optimisation:
+        batch_size (per rank), epochs, lr, wd, beta1, beta2, eps, warmup (steps),
+        grad_clip_norm (``None``: no clipping), precision (``auto``: bf16 autocast on GPUs that
+        support it, else fp16 with a GradScaler; always fp32 on CPU), seed, device (``auto``).
+    Output:
+        output_dir, log_every (steps), save_every (steps; 0: only at the end),
+        resume (``"latest"``: ``output_dir/checkpoints/latest.pt`` if present; or a path).
+    """
+
+    train_data: Optional[str] = None
+    dataset_type: str = "auto"
+    csv_img_key: str = "filepath"
+    csv_caption_key: str = "title"
+    csv_separator: str = "\t"
+    train_num_samples: Optional[int] = None
+    workers: int = 2
+    model: Optional[str] = None
+    pretrained: Optional[str] = None
+    checkpoint: Optional[str] = None
+    hf_model: Optional[str] = None
+    model_config: Optional[str] = None
+    from_scratch: bool = False
+    mode: str = "projection"
+    unlock_blocks: int = 1
+    objective: str = "iclip"
+    rec_weight: Optional[float] = None
+    dino: Optional[str] = None
+    dino_checkpoint: Optional[str] = None
+    tau: float = 0.6
+    mask_cache: Optional[str] = None
+    batch_size: int = 64
+    epochs: int = 1
+    lr: float = 5e-4
+    wd: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup: int = 0
+    grad_clip_norm: Optional[float] = None
+    precision: str = "auto"
+    seed: int = 0
+    device: str = "auto"
+    output_dir: str = "runs/iclip"
+    log_every: int = 10
+    save_every: int = 100
+    resume: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("mode", MODES), ("objective", OBJECTIVES), ("precision", PRECISIONS),
+                              ("dataset_type", DATASET_TYPES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("batch_size", "epochs", "unlock_blocks", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
+        for name in ("workers", "warmup", "save_every", "seed"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected a non-negative integer, got {getattr(self, name)!r}")
+        if not 0.0 < self.tau <= 1.0:
+            raise ValueError(f"tau: expected a float in (0, 1], got {self.tau!r}")
+        if self.lr <= 0:
+            raise ValueError(f"lr: expected a positive float, got {self.lr!r}")
+        if self.rec_weight is not None and self.rec_weight < 0:
+            raise ValueError(f"rec_weight: expected λ >= 0, got {self.rec_weight!r}")
+        if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
+            raise ValueError(f"grad_clip_norm: expected a positive float, got {self.grad_clip_norm!r}")
+        if self.train_num_samples is not None and self.train_num_samples < 1:
+            raise ValueError(f"train_num_samples: expected a positive integer, got {self.train_num_samples!r}")
+        if self.mode == "projection" and self.objective == "clip":
+            raise ValueError("objective: 'clip' trains no interpretability head, so mode='projection' would train "
+                             "nothing; use mode='full' or 'last-k'")
+        if self.from_scratch and (self.pretrained or self.checkpoint or self.hf_model):
+            raise ValueError("from_scratch: cannot be combined with pretrained, checkpoint or hf_model")
+        if self.dino is not None and self.dino.lower() == "none":
+            self.dino = None
+
+    @property
+    def lambda_rec(self) -> float:
+        """λ actually used: the recognition term is dropped when nothing it depends on trains."""
+        if self.mode == "projection":
+            return 0.0
+        return 1.0 if self.rec_weight is None else float(self.rec_weight)
+
+
+# ----------------------------------------------------------------------------------
+# Distributed set-up
+# ----------------------------------------------------------------------------------
+@dataclass
+class _Distributed:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    owns_group: bool  # this call created the process group and must destroy it
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _setup_distributed(device: str) -> _Distributed:
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK and join the process group (nccl on GPU, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    target = torch.device(device)
+    if target.type == "cuda":
+        torch.cuda.set_device(target)
+    owns_group = False
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if target.type == "cuda" else "gloo")
+        owns_group = True
+    if dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    return _Distributed(rank, world_size, local_rank, target, owns_group)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> Dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _gather_objects(obj: Any, world_size: int) -> List[Any]:
+    if world_size == 1:
+        return [obj]
+    gathered: List[Any] = [None] * world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+# ----------------------------------------------------------------------------------
+# Model, masks and what trains
+# ----------------------------------------------------------------------------------
+def build_model(config: TrainConfig, device: torch.device) -> Tuple[DualProjectionCLIP, Callable, Callable]:
+    """The dual model, its (evaluation) preprocessing and tokenizer, from the config's model options."""
+    from captum_iclip.models.loading import load_clip
+
+    name = config.model
+    if config.model_config is not None:
+        path = Path(config.model_config)
+        if not path.is_file():
+            raise ValueError(f"model_config: no JSON file at {path}")
+        open_clip.add_model_config(path)
+        if name is not None and name != path.stem:
+            raise ValueError(f"model: {name!r} differs from the name registered by model_config ({path.stem!r}, "
+                             "its file stem); omit --model")
+        name = path.stem
+    if config.from_scratch:
+        if name not in open_clip.list_models():
+            raise ValueError(f"model: from_scratch needs an open_clip architecture name or --model-config, got {name!r}")
+        clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device=device)
+        tokenizer = open_clip.get_tokenizer(name)
+    else:
+        loaded = load_clip(name, config.pretrained, hf_model=config.hf_model, checkpoint=config.checkpoint,
+                           device=str(device))
+        clip, preprocess, tokenizer = loaded.model, loaded.preprocess, loaded.tokenizer
+    return DualProjectionCLIP(clip), preprocess, tokenizer
+
+
+def build_mask_provider(config: TrainConfig, dual: DualProjectionCLIP) -> Optional[MaskProvider]:
+    """DINO masks from ``config.dino`` (``None``: every patch is foreground), cached if ``mask_cache``."""
+    if config.dino is None:
+        if config.mask_cache:
+            logger.warning("mask_cache is ignored without --dino: the mask is every patch")
+        return None
+    from captum_iclip.training.dino import CONFIG_NAME, load_tiny_dino
+
+    adapter = dual.adapter
+    source: Union[str, nn.Module] = config.dino
+    path = Path(config.dino)
+    if path.is_file() or (path.is_dir() and (path / CONFIG_NAME).is_file()):
+        source = load_tiny_dino(path)
+    is_timm_name = isinstance(source, str) and not path.exists() and "/" not in config.dino
+    options: Dict[str, Any] = {}
+    if is_timm_name:
+        options = {"checkpoint": config.dino_checkpoint} if config.dino_checkpoint else {"pretrained": True}
+    elif config.dino_checkpoint:
+        raise ValueError("dino_checkpoint: applies to a timm model name in --dino only")
+    provider = DINOMaskProvider(source, tau=config.tau, input_mean=adapter.image_mean, input_std=adapter.image_std,
+                                **options)
+    return provider if config.mask_cache is None else CachedMaskProvider(provider, config.mask_cache)
+
+
+def _vision_stages(dual: DualProjectionCLIP) -> Tuple[List[nn.Module], List[nn.Module]]:
+    """(blocks in order, modules after the blocks that the patch tokens pass) of the vision tower."""
+    clip = dual.clip
+    visual = getattr(clip, "visual", None)
+    if visual is not None and hasattr(visual, "transformer"):
+        return list(visual.transformer.resblocks), [visual.ln_post]
+    if visual is not None and hasattr(visual, "layer4"):
+        return [visual.layer1, visual.layer2, visual.layer3, visual.layer4], []
+    vision_model = getattr(clip, "vision_model", None)
+    if vision_model is not None:
+        return list(vision_model.encoder.layers), [vision_model.post_layernorm]
+    raise TypeError(f"model: mode='last-k' does not know the blocks of {type(clip).__name__}")
+
+
+def configure_trainable(dual: DualProjectionCLIP, config: TrainConfig) -> List[nn.Module]:
+    """Freeze what the mode keeps fixed; return the modules to put in train mode.
+
+    Args:
+        dual: the model; its ``requires_grad`` flags are set in place.
+        config: ``mode``, ``unlock_blocks`` and ``objective`` decide.
+
+    Returns:
+        Modules that train (everything else is kept in eval mode so that
+        BatchNorm statistics and dropout of frozen parts do not change).
+    """
+    dual.requires_grad_(False)
+    if config.mode == "full":
+        trainable: List[nn.Module] = [dual.clip]
+    else:
+        trainable = []
+        if config.mode == "last-k":
+            blocks, tail = _vision_stages(dual)
+            if config.unlock_blocks > len(blocks):
+                raise ValueError(f"unlock_blocks: the vision tower has {len(blocks)} blocks, got {config.unlock_blocks}")
+            trainable += blocks[-config.unlock_blocks:] + tail
+    if config.objective == "iclip":
+        trainable.append(dual.interpretability_head)
+    for module in trainable:
+        module.requires_grad_(True)
+    return trainable
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """AdamW groups as open_clip makes them: no decay on gains, biases, norms and the logit scale."""
+    def no_decay(name: str, param: Tensor) -> bool:
+        return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("mode: no parameter is trainable")
+    return [
+        {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
+        {"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": weight_decay},
+    ]
+
+
+def tokenize(tokenizer: Callable, captions: List[str], device: torch.device) -> Union[Tensor, Dict[str, Tensor]]:
+    """open_clip tokenizers give a tensor of ids; Hugging Face tokenizers a padded batch (a dict)."""
+    if hasattr(tokenizer, "model_max_length"):  # a transformers tokenizer
+        batch = tokenizer(captions, padding=True, truncation=True, return_tensors="pt")
+        return {k: v.to(device) for k, v in batch.items()}
+    return tokenizer(captions).to(device)
+
+
+class ICLIPForward(nn.Module):
+    """The features of one training step, as one module so that DDP can wrap it.
+
+    Args:
+        dual: the dual-projection model.
+        objective: ``"iclip"`` or ``"clip"``.
+        with_recognition: also return the recognition embedding (λ > 0).
+
+    Returns (from ``forward(images, text, mask)``): a dict of L2-normalised
+    ``"image_int"`` (MMP of the interpretability patches; ``"iclip"`` only),
+    ``"image_rec"`` (``"clip"``, or λ > 0), ``"text"``, and ``"logit_scale"`` (exp'd).
+    """
+
+    def __init__(self, dual: DualProjectionCLIP, objective: str, with_recognition: bool) -> None:
+        super().__init__()
+        self.dual = dual
+        self.pool = MaskedMaxPooling()
+        self.objective = objective
+        self.with_recognition = with_recognition
+
+    def forward(self, images: Tensor, text: Any, mask: Optional[Tensor]) -> Dict[str, Tensor]:
+        out = {"text": self.dual.encode_text(text, normalize=True), "logit_scale": self.dual.logit_scale.exp()}
+        if self.objective == "clip":
+            out["image_rec"] = self.dual.encode_image(images, normalize=True)
+            return out
+        dense = self.dual.encode_dense(images, projection="interpretability")
+        patches = dense[:, 1:]
+        if mask is None:
+            mask = torch.ones(patches.shape[:2], dtype=torch.bool, device=patches.device)
+        out["image_int"] = F.normalize(self.pool(patches, mask), dim=-1)
+        if self.with_recognition:
+            out["image_rec"] = F.normalize(dense[:, 0], dim=-1)  # the global token is g_rec (== encode_image)
+        return out
+
+
+# ----------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------
+def _default_preprocess(dual: DualProjectionCLIP) -> Callable:
+    adapter = dual.adapter
+    return open_clip.transform.image_transform(adapter.image_size, is_train=False, mean=adapter.image_mean,
+                                               std=adapter.image_std)
+
+
+class _BatchStream:
+    """Batches in a resumable order: ``iterate(step)`` yields ``(epoch, batch)`` from global step ``step``."""
+
+    def __init__(self, config: TrainConfig, dataset: Optional[Dataset], preprocess: Callable,
+                 ctx: _Distributed) -> None:
+        self.config, self.ctx = config, ctx
+        # Loaders draw their worker seeds from their own generator, never from the global RNG.
+        self.loader_options = dict(num_workers=config.workers, pin_memory=ctx.device.type == "cuda",
+                                   generator=torch.Generator().manual_seed(config.seed + ctx.rank))
+        if dataset is not None:
+            if isinstance(dataset, IterableDataset):
+                raise TypeError("dataset: expected a map-style Dataset of (image tensor, caption), "
+                                "got an IterableDataset")
+            self.webdataset = False
+            self.dataset = dataset
+        else:
+            if config.train_data is None:
+                raise ValueError("train_data: give a CSV file or webdataset shards (or pass dataset=)")
+            kind = config.dataset_type
+            if kind == "auto":
+                kind = "webdataset" if ".tar" in config.train_data else "csv"
+            self.webdataset = kind == "webdataset"
+            if self.webdataset:
+                self.shards = config.train_data
+                num_samples = config.train_num_samples or count_webdataset_samples(expand_shards(config.train_data))
+                self.steps_per_epoch = num_samples // (config.batch_size * ctx.world_size)
+                self.preprocess = preprocess
+            else:
+                self.dataset = CsvImageTextDataset(config.train_data, preprocess, config.csv_img_key,
+                                                   config.csv_caption_key, config.csv_separator)
+        if not self.webdataset:
+            self.sampler = ResumableDistributedSampler(self.dataset, num_replicas=ctx.world_size, rank=ctx.rank,
+                                                       shuffle=True, seed=config.seed, drop_last=True)
+            self.steps_per_epoch = self.sampler.num_samples // config.batch_size
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"batch_size: {config.batch_size} x {ctx.world_size} ranks is larger than an epoch of data")
+
+    def iterate(self, step: int) -> Iterator[Tuple[int, ImageTextBatch]]:
+        config = self.config
+        if self.webdataset:
+            stream = WebDatasetBatches(self.shards, self.preprocess, config.batch_size, seed=config.seed,
+                                       start_batch=step, num_workers=config.workers, world_size=self.ctx.world_size)
+            loader = DataLoader(stream, batch_size=None, **self.loader_options)
+            for index, batch in enumerate(loader, start=step):
+                yield index // self.steps_per_epoch, batch
+            return
+        epoch, within = divmod(step, self.steps_per_epoch)
+        while True:
+            self.sampler.set_epoch(epoch, start=within * config.batch_size)
+            loader = DataLoader(self.dataset, batch_size=config.batch_size, sampler=self.sampler, drop_last=True,
+                                collate_fn=collate_image_text, **self.loader_options)
+            for batch in loader:
+                yield epoch, batch
+            epoch, within = epoch + 1, 0
+
+
+def _equalise_batch(batch: ImageTextBatch, ctx: _Distributed) -> Tuple[Optional[Tensor], List[str], int]:
+    """Cut every rank's batch to the smallest one: the feature gather needs equal sizes.
+
+    Returns the images, the captions and how many good samples were cut here.
+    """
+    size = len(batch.captions)
+    if ctx.world_size == 1:
+        return batch.images, batch.captions, 0
+    smallest = torch.tensor([size], device=ctx.device)
+    dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+    keep = int(smallest)
+    if keep == 0:
+        return None, [], size
+    return batch.images[:keep], batch.captions[:keep], size - keep
+
+
+# ----------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------
+def _resume_path(config: TrainConfig) -> Optional[Path]:
+    if config.resume is None:
+        return None
+    if config.resume == "latest":
+        latest = Path(config.output_dir) / "checkpoints" / "latest.pt"
+        return latest if latest.is_file() else None
+    path = Path(config.resume)
+    if not path.is_file():
+        raise ValueError(f"resume: no checkpoint file at {path}")
+    return path
+
+
+def _trainable_state(dual: DualProjectionCLIP, mode: str) -> Dict[str, Tensor]:
+    module = dual.interpretability_head if mode == "projection" else dual
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _load_trainable_state(dual: DualProjectionCLIP, mode: str, state: Dict[str, Tensor]) -> None:
+    (dual.interpretability_head if mode == "projection" else dual).load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------
+_COUNTERS = ("samples", "skipped_images", "equalisation_cut", "empty_mask_fallbacks")
+
+
+def _mask_fallbacks(provider: Optional[MaskProvider], pool: MaskedMaxPooling) -> int:
+    """Empty masks replaced by all patches so far (each image counted once, where it was computed)."""
+    count = int(pool.num_empty_masks)
+    if provider is not None:
+        count += sum(m.num_empty_fallbacks for m in provider.modules() if isinstance(m, MaskProvider))
+    return count
+
+
+def _precision(config: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype (``None``: fp32)."""
+    if device.type != "cuda":
+        if config.precision not in ("auto", "fp32"):
+            raise ValueError(f"precision: {config.precision!r} needs a GPU; CPU training runs in fp32")
+        return None
+    if config.precision == "fp32":
+        return None
+    if config.precision == "amp_fp16" or (config.precision == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+def train(config: TrainConfig, model: Optional[nn.Module] = None,
+          mask_provider: Optional[Union[MaskProvider, Callable, Tensor]] = None, *,
+          dataset: Optional[Dataset] = None, tokenizer: Optional[Callable] = None,
+          preprocess: Optional[Callable] = None) -> Dict[str, Any]:
+    """Train an ICLIP model (SPEC §4) and write its checkpoints, final weights and stats.
+
+    Args:
+        config: the options (see :class:`TrainConfig`).
+        model: an open_clip / Hugging Face CLIP or a :class:`DualProjectionCLIP`
+            to train in place; ``None`` builds one from ``config``'s model options.
+        mask_provider: a mask source for MMP (anything :func:`~captum_iclip.masks.as_mask_provider`
+            takes); ``None`` uses ``config.dino`` (or every patch when that is unset).
+            Wrapped in a :class:`~captum_iclip.masks.CachedMaskProvider` when ``config.mask_cache`` is set.
+        dataset: a map-style dataset of ``(image tensor, caption)`` (``None`` items are
+            skipped and counted) used instead of ``config.train_data``.
+        tokenizer: captions -> token ids; needed with ``model`` (for an open_clip model
+            without one, open_clip's tokenizer at the model's context length is used).
+        preprocess: PIL image -> tensor for ``config.train_data``; default the model's
+            evaluation transform (deterministic, so cached masks stay valid).
+
+    Returns:
+        The final statistics, also written to ``output_dir/stats.json``: ``steps``,
+        ``samples``, ``wall_time_s``, ``samples_per_s``, ``final_loss``, ``skipped_images``,
+        ``empty_mask_fallbacks``, ``equalisation_cut`` (good samples cut so every rank's
+        batch has the same size), ``lambda_rec``, ``mode``, ``objective``, ``world_size``.
+
+    The model is trained in place and left in eval mode with its ``requires_grad`` flags as given.
+
+    Files in ``output_dir``: ``checkpoints/latest.pt`` (every ``save_every`` steps and at
+    the end), ``log.jsonl``, ``final.pt`` (:meth:`DualProjectionCLIP.save`),
+    ``interpretability_head.pt`` (:meth:`DualProjectionCLIP.save_interpretability`), ``stats.json``.
+    """
+    ctx = _setup_distributed(config.device)
+    try:
+        return _train(config, ctx, model, mask_provider, dataset, tokenizer, preprocess)
+    finally:
+        if ctx.owns_group:
+            dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, ctx: _Distributed, model, mask_provider, dataset, tokenizer,
+           preprocess) -> Dict[str, Any]:
+    out_dir = Path(config.output_dir)
+    checkpoint_path = out_dir / "checkpoints" / "latest.pt"
+    autocast_dtype = _precision(config, ctx.device)
+
+    # The same seed on every rank while the model is built (identical random init), then one per rank.
+    _seed_everything(config.seed)
+    if model is None:
+        dual, built_preprocess, tokenizer = build_model(config, ctx.device)
+        preprocess = preprocess or built_preprocess
+    else:
+        dual = model if isinstance(model, DualProjectionCLIP) else DualProjectionCLIP(model)
+        dual.to(ctx.device)
+        if tokenizer is None:
+            if not hasattr(dual.clip, "context_length"):
+                raise ValueError("tokenizer: required with a model that is not an open_clip CLIP")
+            tokenizer = open_clip.SimpleTokenizer(context_length=dual.clip.context_length)
+    preprocess = preprocess or _default_preprocess(dual)
+    _seed_everything(config.seed + ctx.rank)
+
+    provider = as_mask_provider(mask_provider) if mask_provider is not None else build_mask_provider(config, dual)
+    if mask_provider is not None and config.mask_cache:
+        provider = CachedMaskProvider(provider, config.mask_cache)
+    if provider is not None:
+        provider.to(ctx.device)
+    if config.objective == "clip" and provider is not None:
+        logger.warning("objective='clip' has no MMP term; the mask source is not used")
+        provider = None
+
+    # The caller's flags come back at the end: they select kernels (e.g. attention fast paths), and
+    # recognition outputs must stay bit-identical to the untrained model's in projection mode.
+    requires_grad_before = [p.requires_grad for p in dual.parameters()]
+    trainable_modules = configure_trainable(dual, config)
+    dual.eval()
+    for module in trainable_modules:
+        module.train()
+    lambda_rec = config.lambda_rec
+    step_module = ICLIPForward(dual, config.objective, with_recognition=lambda_rec > 0).to(ctx.device)
+    trainable = [p for p in dual.parameters() if p.requires_grad]
+    forward: nn.Module = step_module
+    if ctx.world_size > 1:
+        forward = DistributedDataParallel(
+            step_module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+            # Without the recognition term the recognition projection of a fully trained model gets no gradient.
+            find_unused_parameters=config.mode == "full" and config.objective == "iclip" and lambda_rec == 0,
+        )
+    optimizer = torch.optim.AdamW(parameter_groups(dual, config.wd), lr=config.lr,
+                                  betas=(config.beta1, config.beta2), eps=config.eps)
+    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
+    loss_fn = ClipLoss(local_loss=False, gather_with_grad=True, rank=ctx.rank, world_size=ctx.world_size)
+    stream = _BatchStream(config, dataset, preprocess, ctx)
+    total_steps = config.epochs * stream.steps_per_epoch
+    scheduler = cosine_lr(optimizer, config.lr, config.warmup, total_steps)
+    trains_logit_scale = dual.logit_scale.requires_grad
+
+    step, elapsed_before, last_loss = 0, 0.0, float("nan")
+    counters = dict.fromkeys(_COUNTERS, 0)
+    resume_from = _resume_path(config)
+    if resume_from is not None:
+        payload = torch.load(resume_from, map_location="cpu", weights_only=False)  # our own file: RNG states
+        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"resume: {resume_from} is not a captum-iclip training checkpoint")
+        if payload["world_size"] != ctx.world_size:
+            raise ValueError(f"resume: the checkpoint was written by {payload['world_size']} ranks, this run has "
+                             f"{ctx.world_size}; the data order and RNG states are per rank")
+        changed = [k for k in RESUME_INVARIANTS if payload["config"].get(k) != getattr(config, k)]
+        if changed:
+            raise ValueError(f"resume: options {changed} differ from the checkpoint's; they fix the data order "
+                             "and schedule")
+        _load_trainable_state(dual, config.mode, payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        if scaler is not None and payload["scaler"] is not None:
+            scaler.load_state_dict(payload["scaler"])
+        step, elapsed_before, last_loss = payload["step"], payload["elapsed_s"], payload["last_loss"]
+        counters = dict(payload["counters"][ctx.rank])
+        _set_rng_state(payload["rng"][ctx.rank])
+        if ctx.is_main:
+            logger.info("resumed from %s at step %d", resume_from, step)
+    fallbacks_before = counters["empty_mask_fallbacks"]
+
+    def save_checkpoint() -> None:
+        epoch, step_in_epoch = divmod(step, stream.steps_per_epoch)  # the position of the next batch
+        counters["empty_mask_fallbacks"] = fallbacks_before + _mask_fallbacks(provider, step_module.pool)
+        rng_states = _gather_objects(_rng_state(), ctx.world_size)
+        all_counters = _gather_objects(dict(counters), ctx.world_size)
+        if ctx.is_main:
+            atomic_torch_save({
+                "format": CHECKPOINT_FORMAT, "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
+                "model": _trainable_state(dual, config.mode),
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": rng_states, "counters": all_counters, "elapsed_s": elapsed_before + time.monotonic() - start,
+                "last_loss": last_loss, "world_size": ctx.world_size, "config": dataclasses.asdict(config),
+            }, checkpoint_path)
+
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    log_file = open(out_dir / "log.jsonl", "a", encoding="utf-8") if ctx.is_main else None
+    progress = tqdm(total=total_steps, initial=step, disable=not ctx.is_main, desc="iclip", dynamic_ncols=True)
+    start = time.monotonic()
+    window_start, window_samples = start, 0
+    try:
+        for epoch, batch in itertools.islice(stream.iterate(step), total_steps - step):
+            lr = scheduler(step)
+            counters["skipped_images"] += batch.num_skipped
+            images, captions, cut = _equalise_batch(batch, ctx)
+            counters["equalisation_cut"] += cut
+            if images is not None:
+                last_loss = train_step(forward, loss_fn, optimizer, scaler, trainable, provider, dual, images,
+                                        captions, tokenizer, config, lambda_rec, autocast_dtype, ctx.device)
+                if trains_logit_scale:
+                    with torch.no_grad():
+                        dual.logit_scale.clamp_(0, math.log(100))  # as open_clip does
+                counters["samples"] += len(captions)
+                window_samples += len(captions)
+            step += 1
+            progress.update(1)
+            if ctx.is_main and (step % config.log_every == 0 or step == total_steps):
+                now = time.monotonic()
+                record = {"step": step, "epoch": epoch, "loss": last_loss, "lr": lr,
+                          "samples_per_s": window_samples * ctx.world_size / max(now - window_start, 1e-9),
+                          "skipped_images": counters["skipped_images"]}
+                window_start, window_samples = now, 0
+                progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
+                tqdm.write(json.dumps(record))
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+            if config.save_every and step % config.save_every == 0:
+                save_checkpoint()
+        save_checkpoint()
+    finally:
+        progress.close()
+        if log_file is not None:
+            log_file.close()
+
+    for param, flag in zip(dual.parameters(), requires_grad_before):
+        param.requires_grad_(flag)
+    dual.eval()
+    if config.objective == "clip":
+        # The head was not trained: start it again from the trained recognition projection (SPEC §4).
+        dual.interpretability_head.load_state_dict(dual.adapter.make_interpretability_head().state_dict())
+    totals = torch.tensor([counters[k] for k in _COUNTERS], dtype=torch.float64, device=ctx.device)
+    if ctx.world_size > 1:
+        dist.all_reduce(totals)
+    total = dict(zip(_COUNTERS, (int(v) for v in totals.tolist())))
+    wall_time = elapsed_before + time.monotonic() - start
+    stats = {
+        "steps": step, "epochs": config.epochs, "steps_per_epoch": stream.steps_per_epoch,
+        "samples": total["samples"], "wall_time_s": wall_time, "samples_per_s": total["samples"] / max(wall_time, 1e-9),
+        "final_loss": last_loss, "skipped_images": total["skipped_images"],
+        "empty_mask_fallbacks": total["empty_mask_fallbacks"], "equalisation_cut": total["equalisation_cut"],
+        "lambda_rec": lambda_rec, "mode": config.mode, "objective": config.objective, "world_size": ctx.world_size,
+    }
+    if ctx.is_main:
+        metadata = {"config": dataclasses.asdict(config), "stats": stats}
+        dual.save(out_dir / "final.pt", **metadata)
+        dual.save_interpretability(out_dir / "interpretability_head.pt", **metadata)
+        atomic_write_text(out_dir / "stats.json", json.dumps(stats, indent=2))
+        logger.info("training done: %s", stats)
+    return stats
+
+
+def train_step(forward: nn.Module, loss_fn: ClipLoss, optimizer: torch.optim.Optimizer,
+                scaler: Optional[torch.amp.GradScaler], trainable: List[Tensor], provider: Optional[MaskProvider],
+                dual: DualProjectionCLIP, images: Tensor, captions: List[str], tokenizer: Callable,
+                config: TrainConfig, lambda_rec: float, autocast_dtype: Optional[torch.dtype],
+                device: torch.device) -> float:
+    """One optimisation step of the objective (also what ``benchmarks/bench_train_step.py`` times).
+
+    Args:
+        forward: :class:`ICLIPForward` (possibly DDP-wrapped).
+        loss_fn: open_clip's ``ClipLoss`` (global batch across ranks).
+        optimizer, scaler: AdamW and, for fp16 autocast, a GradScaler (else ``None``).
+        trainable: the parameters whose gradient norm is clipped.
+        provider: mask source on the CLIP patch grid (``None``: every patch).
+        dual: the model (for the patch grid).
+        images, captions: the batch.
+        tokenizer: captions -> tokens.
+        config: ``objective`` and ``grad_clip_norm``.
+        lambda_rec: weight of the recognition term.
+        autocast_dtype: ``None`` for fp32.
+        device: where the step runs.
+
+    Returns:
+        The loss (over the global batch) before the update.
+    """
+    images = images.to(device, non_blocking=True)
+    text = tokenize(tokenizer, captions, device)
+    mask = None
+    if provider is not None:
+        with torch.no_grad():
+            mask = provider(images, dual.adapter.grid_size(*images.shape[-2:]))
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+    with autocast:
+        features = forward(images, text, mask)
+        scale = features["logit_scale"]
+        if config.objective == "clip":
+            loss = loss_fn(features["image_rec"], features["text"], scale)
+        else:
+            loss = loss_fn(features["image_int"], features["text"], scale)
+            if lambda_rec > 0:
+                loss = loss + lambda_rec * loss_fn(features["image_rec"], features["text"], scale)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if config.grad_clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return float(loss.detach())
+
+
+# ----------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    """The ``captum-iclip train`` / ``python -m captum_iclip.train`` argument parser."""
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(
+        prog="captum-iclip train",
+        description="ICLIP training (masked max pooling on a dual projection). Run under torchrun for several "
+                    "processes. Without --dino the MMP mask is every patch.",
+    )
+    data = parser.add_argument_group("data (open_clip formats)")
+    data.add_argument("--train-data", help="CSV/TSV file or webdataset shards, e.g. 'dir/shard-{000000..000003}.tar'")
+    data.add_argument("--dataset-type", choices=DATASET_TYPES, default=defaults.dataset_type)
+    data.add_argument("--csv-img-key", default=defaults.csv_img_key)
+    data.add_argument("--csv-caption-key", default=defaults.csv_caption_key)
+    data.add_argument("--csv-separator", default=defaults.csv_separator)
+    data.add_argument("--train-num-samples", type=int, help="samples per epoch (webdataset; default: counted)")
+    data.add_argument("--workers", type=int, default=defaults.workers, help="data-loader workers per rank")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", help="open_clip architecture or bundled model name")
+    model.add_argument("--pretrained", help="open_clip pretrained tag")
+    model.add_argument("--checkpoint", help="local open_clip weights file for --model")
+    model.add_argument("--hf-model", help="Hugging Face CLIP id or folder")
+    model.add_argument("--model-config", help="open_clip model-config JSON (registered under its file stem)")
+    model.add_argument("--from-scratch", action="store_true", help="random initialisation, no weights loaded")
+    objective = parser.add_argument_group("objective")
+    objective.add_argument("--mode", choices=MODES, default=defaults.mode)
+    objective.add_argument("--unlock-blocks", type=int, default=defaults.unlock_blocks, help="k for --mode last-k")
+    objective.add_argument("--objective", choices=OBJECTIVES, default=defaults.objective,
+                           help="'clip': the plain CLIP loss alone (pretraining)")
+    objective.add_argument("--rec-weight", type=float, help="λ of the recognition term (default 1; 0 in projection mode)")
+    objective.add_argument("--dino", help="timm name, Hugging Face id/folder or tiny-DINO path; 'none': all patches")
+    objective.add_argument("--dino-checkpoint", help="weights file for a timm --dino name")
+    objective.add_argument("--tau", type=float, default=defaults.tau, help="DINO attention mass kept")
+    objective.add_argument("--mask-cache", help="folder of cached masks (keyed by image content)")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per rank")
+    optim.add_argument("--epochs", type=int, default=defaults.epochs)
+    optim.add_argument("--lr", type=float, default=defaults.lr)
+    optim.add_argument("--wd", type=float, default=defaults.wd)
+    optim.add_argument("--beta1", type=float, default=defaults.beta1)
+    optim.add_argument("--beta2", type=float, default=defaults.beta2)
+    optim.add_argument("--eps", type=float, default=defaults.eps)
+    optim.add_argument("--warmup", type=int, default=defaults.warmup, help="linear warm-up steps")
+    optim.add_argument("--grad-clip-norm", type=float)
+    optim.add_argument("--precision", choices=PRECISIONS, default=defaults.precision)
+    optim.add_argument("--seed", type=int, default=defaults.seed)
+    optim.add_argument("--device", default=defaults.device)
+    output = parser.add_argument_group("output")
+    output.add_argument("--output-dir", default=defaults.output_dir)
+    output.add_argument("--log-every", type=int, default=defaults.log_every)
+    output.add_argument("--save-every", type=int, default=defaults.save_every, help="checkpoint period (steps)")
+    output.add_argument("--resume", nargs="?", const="latest",
+                        help="continue from output_dir/checkpoints/latest.pt (if any) or from PATH")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``captum-iclip train``: parse ``argv``, train, return the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = TrainConfig(**vars(args))
+        stats = train(config)
+    except (ValueError, TypeError) as error:
+        print(f"captum-iclip train: error: {error}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(stats, indent=2))
+    return 0
