@@ -14,6 +14,7 @@ Examples::
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Union
@@ -22,7 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
+# CAPTUM_ICLIP_ZOO_DIR points at another folder of bundles (e.g. one trained with zoo.train --out).
+WEIGHTS_DIR = Path(os.environ.get("CAPTUM_ICLIP_ZOO_DIR") or Path(__file__).parent / "weights")
 
 
 @dataclass

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -113,21 +112,31 @@ def dino_foreground_iou(dino, num_scenes: int = 200, size: int = IMAGE_SIZE) -> 
             "mean_foreground_fraction": float(masks.float().mean())}
 
 
+STAGES = ("clip", "dino", "iclip", "bundle")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m captum_iclip.zoo.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--work-dir", default="runs/zoo", help="checkpoints and logs of the stages")
     parser.add_argument("--out", default=str(WEIGHTS_DIR / "shapes-tiny"), help="where the bundle is written")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help="stages to run now, in order (clip and dino are independent and may run in two processes)")
     parser.add_argument("--train-scenes", type=int, default=20000)
     parser.add_argument("--clip-epochs", type=int, default=3)
     parser.add_argument("--clip-batch-size", type=int, default=128)
     parser.add_argument("--clip-lr", type=float, default=2e-3)
-    parser.add_argument("--dino-steps", type=int, default=600)
+    parser.add_argument("--dino-steps", type=int, default=500)
     parser.add_argument("--iclip-epochs", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stop-after", choices=("clip", "dino", "iclip"), default=None,
-                        help="stop after this stage (the next run resumes from there)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        parser.error(f"--stages: unknown {unknown}; choose from {STAGES}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from captum_iclip.masks import DINOMaskProvider
     from captum_iclip.models.dual import DualProjectionCLIP
@@ -138,65 +147,49 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     torch.manual_seed(args.seed)
     work = Path(args.work_dir)
+    clip_dir, dino_dir, iclip_dir = work / "clip", work / "dino", work / "iclip"
     progress = not args.no_progress
-    figures: Dict = {"model_config": MODEL_CONFIG, "train_scenes": args.train_scenes, "seconds": {}}
-    began = time.perf_counter()
     world = RenderedWorld(TRAIN_SEED_START, args.train_scenes, progress=progress)
-    figures["seconds"]["render"] = round(time.perf_counter() - began, 1)
     tokenizer = open_clip.SimpleTokenizer(context_length=MODEL_CONFIG["text_cfg"]["context_length"])
+    masks_for = lambda dino: DINOMaskProvider(dino, tau=TAU, input_mean=OPENAI_CLIP_MEAN, input_std=OPENAI_CLIP_STD)
 
-    # Stage 1: the tiny CLIP, from scratch, plain CLIP loss.
-    clip = build_clip(MODEL_CONFIG)
-    clip_dir = work / "clip"
-    if not (clip_dir / "final.pt").is_file():
-        stage = time.perf_counter()
+    if "clip" in stages and not (clip_dir / "final.pt").is_file():
+        # The tiny CLIP, from scratch, with the plain CLIP loss.
         train(
             TrainConfig(mode="full", objective="clip", batch_size=args.clip_batch_size, epochs=args.clip_epochs,
                         lr=args.clip_lr, wd=0.1, warmup=100, grad_clip_norm=1.0, seed=args.seed, device="cpu",
-                        output_dir=str(clip_dir), save_every=100, resume="latest", workers=0),
-            model=clip, dataset=world, tokenizer=tokenizer,
+                        output_dir=str(clip_dir), save_every=25, resume="latest", workers=0),
+            model=build_clip(MODEL_CONFIG), dataset=world, tokenizer=tokenizer,
         )
-        figures["seconds"]["clip"] = round(time.perf_counter() - stage, 1)
-    dual = DualProjectionCLIP(clip).load(clip_dir / "final.pt")
-    clip = dual.clip.eval()
-    if args.stop_after == "clip":
-        return 0
-
-    # Stage 2: the tiny DINO on the same images.
-    dino_dir = work / "dino"
-    if not (dino_dir / "tiny_dino.pt").is_file():
-        stage = time.perf_counter()
+    if "dino" in stages and not (dino_dir / "tiny_dino.pt").is_file():
+        # The tiny DINO on the same images (no labels, no captions).
         train_dino(world.images, DINOConfig(image_size=IMAGE_SIZE, steps=args.dino_steps, seed=args.seed),
-                              out_dir=dino_dir, progress=progress)
-        figures["seconds"]["dino"] = round(time.perf_counter() - stage, 1)
-    dino = load_tiny_dino(dino_dir)
-    if args.stop_after == "dino":
-        return 0
-
-    # Stage 3: the interpretability projection over DINO foregrounds (CLIP frozen).
-    iclip_dir = work / "iclip"
-    if not (iclip_dir / "interpretability_head.pt").is_file():
-        stage = time.perf_counter()
-        masks = DINOMaskProvider(dino, tau=TAU, input_mean=OPENAI_CLIP_MEAN, input_std=OPENAI_CLIP_STD)
+                   out_dir=dino_dir, progress=progress, resume=True)
+    if "iclip" in stages and not (iclip_dir / "interpretability_head.pt").is_file():
+        # The interpretability projection over DINO foregrounds, CLIP frozen (projection mode).
+        dual = DualProjectionCLIP(build_clip(MODEL_CONFIG)).load(clip_dir / "final.pt")
         train(
             TrainConfig(mode="projection", objective="iclip", batch_size=args.clip_batch_size, epochs=args.iclip_epochs,
                         lr=1e-3, wd=0.0, warmup=20, seed=args.seed, device="cpu", output_dir=str(iclip_dir),
-                        save_every=50, resume="latest", workers=0, mask_cache=str(work / "mask-cache")),
-            model=DualProjectionCLIP(clip), mask_provider=masks, dataset=world, tokenizer=tokenizer,
+                        save_every=25, resume="latest", workers=0, mask_cache=str(work / "mask-cache")),
+            model=dual, mask_provider=masks_for(load_tiny_dino(dino_dir)), dataset=world, tokenizer=tokenizer,
         )
-        figures["seconds"]["iclip"] = round(time.perf_counter() - stage, 1)
-    dual = DualProjectionCLIP(clip).load_interpretability(iclip_dir / "interpretability_head.pt").eval()
-    if args.stop_after == "iclip":
-        return 0
-
-    # Each stage's own statistics, also when it was completed by an earlier (killed) run.
-    figures["clip_stats"] = json.loads((clip_dir / "stats.json").read_text())
-    figures["iclip_stats"] = json.loads((iclip_dir / "stats.json").read_text())
-    figures["dino_stats"] = json.loads((dino_dir / CONFIG_NAME).read_text()).get("stats", {})
-    figures["zero_shot"] = zero_shot_accuracy(clip, tokenizer)
-    figures["dino_masks"] = dino_foreground_iou(dino)
-    write_bundle(Path(args.out), dual, dino_dir, figures, [prompt_for(c) for c in CATEGORIES], class_names())
-    print(json.dumps({k: figures[k] for k in ("seconds", "zero_shot", "dino_masks")}, indent=2))
+    if "bundle" in stages:
+        dual = DualProjectionCLIP(build_clip(MODEL_CONFIG)).load(clip_dir / "final.pt")
+        dual.load_interpretability(iclip_dir / "interpretability_head.pt").eval()
+        dino = load_tiny_dino(dino_dir)
+        # Each stage's own statistics, also when an earlier (killed) run completed it.
+        figures: Dict = {
+            "train_scenes": args.train_scenes,
+            "clip": json.loads((clip_dir / "stats.json").read_text()),
+            "dino": {k: v for k, v in json.loads((dino_dir / CONFIG_NAME).read_text()).get("stats", {}).items()
+                     if k != "losses"},
+            "iclip": json.loads((iclip_dir / "stats.json").read_text()),
+            "zero_shot": zero_shot_accuracy(dual.clip, tokenizer),
+            "dino_masks": dino_foreground_iou(dino),
+        }
+        write_bundle(Path(args.out), dual, dino_dir, figures, [prompt_for(c) for c in CATEGORIES], class_names())
+        print(json.dumps({k: figures[k] for k in ("zero_shot", "dino_masks")}, indent=2))
     return 0
 
 

@@ -1,0 +1,754 @@
+"""A tiny DINO self-supervised trainer (Caron et al., *Emerging Properties in
+Self-Supervised Vision Transformers*, ICCV 2021) for CPU-sized ViTs.
+
+It trains a small timm ``VisionTransformer`` whose last-block [CLS] attention
+serves as the foreground mask source of masked max pooling (SPEC §3) on
+procedural scenes, where no pretrained DINO can be downloaded.
+
+The recipe follows the paper: a student and an EMA teacher (momentum cosine
+schedule to 1), a DINO head (3-layer MLP, L2-normalised bottleneck, weight-normed
+last layer with its norm fixed to 1), centering of the teacher outputs (EMA of
+the batch mean) and sharpening (teacher temperature warm-up, student temperature
+0.1), multi-crop (2 global + several local crops), cross-entropy between every
+teacher (global) view and every *other* student view, AdamW with linear warm-up
+and cosine learning-rate decay, a cosine weight-decay schedule, gradient
+clipping and fixed seeds.
+
+Examples::
+
+    >>> from captum_iclip.world import generate_scene
+    >>> from captum_iclip.training.dino import DINOConfig, train_dino, load_tiny_dino
+    >>> backbone, stats = train_dino(lambda i: generate_scene(i).image, DINOConfig(steps=500),
+    ...                              out_dir="runs/tiny_dino")
+    >>> backbone = load_tiny_dino("runs/tiny_dino")
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+from torchvision.transforms import v2
+from tqdm.auto import tqdm
+
+from captum_iclip._io import atomic_torch_save, atomic_write_text
+
+__all__ = [
+    "DINOConfig",
+    "DINOHead",
+    "DINOLoss",
+    "build_backbone",
+    "multi_crop_transform",
+    "ema_update",
+    "cosine_schedule",
+    "train_dino",
+    "save_tiny_dino",
+    "load_tiny_dino",
+    "CHECKPOINT_NAME",
+]
+
+WEIGHTS_NAME = "tiny_dino.pt"
+CONFIG_NAME = "tiny_dino.json"
+CHECKPOINT_NAME = "checkpoint.pt"
+# DINOConfig fields that do not change the training trajectory (ignored when resuming).
+_RUNTIME_FIELDS = ("num_threads", "checkpoint_every")
+
+ImageSource = Union[Callable[[int], Any], Sequence[Any], torch.utils.data.Dataset]
+
+
+@dataclass
+class DINOConfig:
+    """Settings of a tiny DINO run.
+
+    The defaults suit 96 x 96 procedural scenes on two CPU cores (about 1.7 s
+    of single-thread CPU time per step, so 500 steps fit in 15 minutes). They
+    differ from DINO's ImageNet recipe where short schedules and texture-rich
+    backgrounds call for it: every crop is blurred (sigma up to 3 px) and the
+    colour jitter is stronger, so the background texture and palette that
+    would identify an image across views are destroyed while the saturated
+    shapes survive; a small head (256 prototypes), a constant teacher
+    temperature of 0.04, a start momentum of 0.99 and a higher learning rate
+    let the teacher sharpen and move within a few hundred steps.
+
+    Args:
+        image_size: Input size the backbone is built for (its positional
+            embedding grid) and the size :class:`~captum_iclip.masks.DINOMaskProvider`
+            feeds it by default. Crops of other sizes use interpolated
+            positional embeddings (``dynamic_img_size=True``).
+        patch_size, embed_dim, depth, num_heads, mlp_ratio: ViT shape.
+        drop_path_rate: Stochastic depth of the student (the teacher has none).
+        out_dim: Number of DINO prototypes (output dimension of the head).
+        head_hidden_dim, head_bottleneck_dim: DINO head MLP widths.
+        global_crop_size, local_crop_size: Side of the global and local crops.
+        num_local_crops: Local crops per image (two global crops are always used).
+        global_crop_scale, local_crop_scale: Area ranges of ``RandomResizedCrop``.
+        color_jitter: ``ColorJitter`` brightness, contrast, saturation, hue.
+        color_jitter_prob: Probability of applying the colour jitter to a crop.
+        grayscale_prob: Probability of converting a crop to grayscale.
+        blur_probs: Gaussian-blur probabilities of the first global, the second
+            global and each local crop.
+        blur_sigma: Range of the blur's standard deviation, in pixels of the crop.
+        solarize_prob: Solarisation probability of the second global crop.
+        steps: Optimisation steps.
+        batch_size: Images per step.
+        lr: Peak learning rate, reached after ``warmup_steps``.
+        min_lr: Final learning rate of the cosine decay.
+        warmup_steps: Linear learning-rate warm-up steps.
+        weight_decay, weight_decay_end: Cosine weight-decay schedule (weights only;
+            biases and 1-D parameters are not decayed).
+        clip_grad: Maximum gradient norm of the student (``0`` disables clipping).
+        freeze_last_layer_steps: Steps during which the head's last layer is not
+            updated (stabilises the start, as in DINO).
+        student_temp: Student softmax temperature.
+        teacher_temp_start, teacher_temp: Teacher temperature, warmed up linearly
+            over ``teacher_temp_warmup_steps`` and then constant.
+        teacher_temp_warmup_steps: Length of that warm-up.
+        momentum_start: Teacher EMA momentum at step 0; follows a cosine to 1.
+        center_momentum: EMA momentum of the center.
+        seed: Seed of the initialisation, the data order and the augmentations.
+        checkpoint_every: Steps between checkpoints of :func:`train_dino` when it
+            has an ``out_dir`` (``0``: none; when positive, the last step always writes one
+            too).
+        num_threads: ``torch.set_num_threads`` during training (restored after);
+            ``None`` leaves the caller's setting alone.
+    """
+
+    image_size: int = 96
+    patch_size: int = 8
+    embed_dim: int = 128
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.0
+    out_dim: int = 256
+    head_hidden_dim: int = 512
+    head_bottleneck_dim: int = 128
+    global_crop_size: int = 64
+    local_crop_size: int = 32
+    num_local_crops: int = 4
+    global_crop_scale: Tuple[float, float] = (0.35, 1.0)
+    local_crop_scale: Tuple[float, float] = (0.08, 0.35)
+    color_jitter: Tuple[float, float, float, float] = (0.6, 0.6, 0.4, 0.1)
+    color_jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_probs: Tuple[float, float, float] = (1.0, 1.0, 1.0)
+    blur_sigma: Tuple[float, float] = (0.5, 3.0)
+    solarize_prob: float = 0.2
+    steps: int = 500
+    batch_size: int = 32
+    lr: float = 2e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 30
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.1
+    clip_grad: float = 3.0
+    freeze_last_layer_steps: int = 0
+    student_temp: float = 0.1
+    teacher_temp_start: float = 0.04
+    teacher_temp: float = 0.04
+    teacher_temp_warmup_steps: int = 100
+    momentum_start: float = 0.99
+    center_momentum: float = 0.9
+    seed: int = 0
+    checkpoint_every: int = 50
+    num_threads: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        self.global_crop_scale = tuple(self.global_crop_scale)
+        self.local_crop_scale = tuple(self.local_crop_scale)
+        self.color_jitter = tuple(self.color_jitter)
+        self.blur_probs = tuple(self.blur_probs)
+        self.blur_sigma = tuple(self.blur_sigma)
+        for name in ("image_size", "global_crop_size", "local_crop_size"):
+            value = getattr(self, name)
+            if value <= 0 or value % self.patch_size:
+                raise ValueError(f"{name} must be a positive multiple of patch_size={self.patch_size}, got {value}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
+        for name in ("steps", "batch_size", "out_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be non-negative (0 disables), got {self.checkpoint_every}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be None or at least 1, got {self.num_threads}")
+        if self.num_local_crops < 0:
+            raise ValueError(f"num_local_crops must be non-negative, got {self.num_local_crops}")
+        if not 0.0 <= self.momentum_start <= 1.0 or not 0.0 <= self.center_momentum <= 1.0:
+            raise ValueError("momentum_start and center_momentum must lie in [0, 1]")
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "DINOConfig":
+        """Rebuild a config from :func:`dataclasses.asdict` output (e.g. read from JSON)."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown DINOConfig fields: {sorted(unknown)}")
+        return cls(**values)
+
+
+# --------------------------------------------------------------------------- #
+# Networks
+# --------------------------------------------------------------------------- #
+def build_backbone(config: DINOConfig) -> VisionTransformer:
+    """The tiny timm ViT described by ``config`` ([CLS] pooling, no classifier).
+
+    Args:
+        config (DINOConfig): The run settings.
+
+    Returns:
+        VisionTransformer: With ``dynamic_img_size=True`` and a ``pretrained_cfg``
+        holding the ImageNet mean/std the trainer normalises with, so that
+        :class:`~captum_iclip.masks.DINOMaskProvider` converts inputs correctly.
+    """
+    model = VisionTransformer(
+        img_size=config.image_size,
+        patch_size=config.patch_size,
+        embed_dim=config.embed_dim,
+        depth=config.depth,
+        num_heads=config.num_heads,
+        mlp_ratio=config.mlp_ratio,
+        qkv_bias=True,
+        drop_path_rate=config.drop_path_rate,
+        num_classes=0,
+        global_pool="token",
+        dynamic_img_size=True,
+    )
+    model.pretrained_cfg = {
+        "input_size": (3, config.image_size, config.image_size),
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+    }
+    return model
+
+
+class DINOHead(nn.Module):
+    """DINO projection head: MLP, L2 normalisation, weight-normed prototypes.
+
+    Args:
+        in_dim (int): Backbone feature width.
+        out_dim (int): Number of prototypes.
+        hidden_dim (int): MLP width.
+        bottleneck_dim (int): Width of the normalised bottleneck.
+
+    Examples::
+
+        >>> DINOHead(192, 1024)(torch.randn(8, 192)).shape
+        torch.Size([8, 1024])
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 512, bottleneck_dim: int = 128) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, bottleneck_dim),
+        )
+        for module in self.mlp:
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+        self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        # The prototype norms stay 1 (DINO's norm_last_layer=True): only directions learn.
+        magnitude = self.last_layer.parametrizations.weight.original0
+        magnitude.data.fill_(1.0)
+        magnitude.requires_grad_(False)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.last_layer(F.normalize(self.mlp(features), dim=-1))
+
+
+class _MultiCropNetwork(nn.Module):
+    """Backbone + head applied to crops of several sizes, one forward per size."""
+
+    def __init__(self, backbone: VisionTransformer, head: DINOHead) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, crops: List[Tensor]) -> Tensor:
+        features = torch.cat([self.backbone(batch) for batch in crops])
+        return self.head(features)
+
+
+# --------------------------------------------------------------------------- #
+# Loss, schedules, EMA
+# --------------------------------------------------------------------------- #
+class DINOLoss(nn.Module):
+    """Cross-entropy between centred, sharpened teacher views and the other student views.
+
+    With teacher probabilities ``P_t^a = softmax((g_t(x_a) - c) / T_t)`` for the
+    global views ``a`` and student log-probabilities ``log P_s^v = log_softmax(g_s(x_v) / T_s)``
+    for all views ``v``, the loss is the mean over pairs ``v != a`` of
+    ``-sum_k P_t^a[k] log P_s^v[k]``, averaged over the batch. After each call the
+    center follows ``c <- m c + (1 - m) mean_batch(g_t)``.
+
+    Args:
+        out_dim (int): Number of prototypes.
+        student_temp (float): ``T_s``.
+        center_momentum (float): ``m``.
+    """
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def forward(self, student_out: Tensor, teacher_out: Tensor, num_views: int, teacher_temp: float) -> Tensor:
+        """Loss for ``num_views`` student views and 2 (or more) teacher views.
+
+        Args:
+            student_out (Tensor): ``(num_views * B, out_dim)``, view-major.
+            teacher_out (Tensor): ``(num_teacher_views * B, out_dim)``, view-major;
+                view ``a`` of the teacher is view ``a`` of the student.
+            num_views (int): Number of student views.
+            teacher_temp (float): ``T_t`` for this step.
+
+        Returns:
+            Tensor: Scalar loss.
+        """
+        student_log_probs = F.log_softmax(student_out / self.student_temp, dim=-1).chunk(num_views)
+        teacher_out = teacher_out.detach()
+        num_teacher_views = teacher_out.shape[0] // student_log_probs[0].shape[0]
+        teacher_probs = F.softmax((teacher_out - self.center) / teacher_temp, dim=-1).chunk(num_teacher_views)
+        total, pairs = student_out.new_zeros(()), 0
+        for a, target in enumerate(teacher_probs):
+            for v, log_probs in enumerate(student_log_probs):
+                if v == a:
+                    continue
+                total = total + (-target * log_probs).sum(dim=-1).mean()
+                pairs += 1
+        self._update_center(teacher_out)
+        return total / pairs
+
+    @torch.no_grad()
+    def _update_center(self, teacher_out: Tensor) -> None:
+        batch_mean = teacher_out.mean(dim=0, keepdim=True)
+        self.center.mul_(self.center_momentum).add_(batch_mean, alpha=1.0 - self.center_momentum)
+
+
+def cosine_schedule(start: float, end: float, steps: int, warmup_steps: int = 0, warmup_start: float = 0.0) -> np.ndarray:
+    """Per-step values: linear warm-up ``warmup_start -> start``, then a cosine ``start -> end``.
+
+    Args:
+        start (float): Value after warm-up (first cosine value).
+        end (float): Value at the last step.
+        steps (int): Total number of steps.
+        warmup_steps (int): Linear warm-up length.
+        warmup_start (float): Value at step 0 when warming up.
+
+    Returns:
+        np.ndarray: ``(steps,)`` float64 values.
+
+    Examples::
+
+        >>> cosine_schedule(1.0, 0.0, 5).round(3).tolist()
+        [1.0, 0.854, 0.5, 0.146, 0.0]
+    """
+    warmup_steps = min(warmup_steps, steps)
+    warmup = np.linspace(warmup_start, start, warmup_steps, endpoint=False)
+    remaining = steps - warmup_steps
+    phase = np.arange(remaining) / max(remaining - 1, 1)
+    cosine = end + 0.5 * (start - end) * (1.0 + np.cos(math.pi * phase))
+    return np.concatenate([warmup, cosine])
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """``theta_t <- momentum * theta_t + (1 - momentum) * theta_s`` for every parameter.
+
+    Args:
+        teacher (nn.Module): Updated in place.
+        student (nn.Module): Same architecture as ``teacher``.
+        momentum (float): In ``[0, 1]``.
+    """
+    teacher_params = list(teacher.parameters())
+    student_params = [p.detach() for p in student.parameters()]
+    if len(teacher_params) != len(student_params):
+        raise ValueError("teacher and student must have the same parameters")
+    torch._foreach_mul_(teacher_params, momentum)
+    torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+
+
+# --------------------------------------------------------------------------- #
+# Data
+# --------------------------------------------------------------------------- #
+def multi_crop_transform(config: DINOConfig) -> Callable[[Tensor], List[Tensor]]:
+    """DINO multi-crop augmentation of one uint8 ``(3, H, W)`` image.
+
+    Global crops: ``RandomResizedCrop(global_crop_size, global_crop_scale)``,
+    horizontal flip, colour jitter (``color_jitter`` with ``color_jitter_prob``),
+    grayscale (``grayscale_prob``), Gaussian blur (``blur_sigma``, probabilities
+    ``blur_probs[0]`` and ``blur_probs[1]``) and solarisation (second crop,
+    ``solarize_prob``). Local crops: ``RandomResizedCrop(local_crop_size,
+    local_crop_scale)``, flip, jitter, grayscale, blur (``blur_probs[2]``). All
+    crops end as float tensors normalised with the ImageNet mean/std.
+
+    Args:
+        config (DINOConfig): Crop sizes, scales and count.
+
+    Returns:
+        callable: ``image -> [global_1, global_2, local_1, ..., local_n]``.
+    """
+
+    # The kernel spans +-2 sigma of the widest blur, so large sigmas are not truncated.
+    kernel = 2 * math.ceil(2 * config.blur_sigma[1]) + 1
+
+    def pipeline(size: int, scale: Tuple[float, float], blur_p: float, solarize_p: float) -> v2.Compose:
+        return v2.Compose(
+            [
+                v2.RandomResizedCrop(size, scale=scale, antialias=True),
+                v2.RandomHorizontalFlip(),
+                v2.RandomApply([v2.ColorJitter(*config.color_jitter)], p=config.color_jitter_prob),
+                v2.RandomGrayscale(p=config.grayscale_prob),
+                v2.RandomApply([v2.GaussianBlur(kernel, sigma=config.blur_sigma)], p=blur_p),
+                v2.RandomSolarize(threshold=128, p=solarize_p),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+            ]
+        )
+
+    first_blur, second_blur, local_blur = config.blur_probs
+    first_global = pipeline(config.global_crop_size, config.global_crop_scale, first_blur, 0.0)
+    second_global = pipeline(config.global_crop_size, config.global_crop_scale, second_blur, config.solarize_prob)
+    local = pipeline(config.local_crop_size, config.local_crop_scale, local_blur, 0.0)
+
+    def transform(image: Tensor) -> List[Tensor]:
+        crops = [first_global(image), second_global(image)]
+        crops.extend(local(image) for _ in range(config.num_local_crops))
+        return crops
+
+    return transform
+
+
+def _to_uint8_chw(item: Any) -> Tensor:
+    """A ``(3, H, W)`` uint8 tensor from an array, a tensor, a PIL image or a scene."""
+    if hasattr(item, "image"):
+        item = item.image
+    elif isinstance(item, (tuple, list)):
+        item = item[0]
+    if not isinstance(item, Tensor):
+        item = torch.from_numpy(np.ascontiguousarray(np.asarray(item)))
+    if item.dtype != torch.uint8:
+        raise TypeError(f"source images must be uint8, got {item.dtype}")
+    if item.dim() == 2:
+        item = item.unsqueeze(-1).expand(-1, -1, 3)
+    if item.dim() == 3 and item.shape[-1] == 3 and item.shape[0] != 3:
+        item = item.permute(2, 0, 1)
+    if item.dim() != 3 or item.shape[0] != 3:
+        raise ValueError(f"source images must be (H, W, 3) or (3, H, W), got {tuple(item.shape)}")
+    return item.contiguous()
+
+
+class _BatchSampler:
+    """Draws image batches from a dataset (shuffled per epoch) or a ``index -> image`` callable."""
+
+    def __init__(self, source: ImageSource, batch_size: int, generator: torch.Generator) -> None:
+        self.batch_size = batch_size
+        self.generator = generator
+        if hasattr(source, "__getitem__") and hasattr(source, "__len__"):
+            if len(source) == 0:
+                raise ValueError("source is empty")
+            self.fetch: Callable[[int], Any] = source.__getitem__
+            self.length: Optional[int] = len(source)
+        elif callable(source):
+            self.fetch, self.length = source, None
+        else:
+            raise TypeError(
+                "source must be a map-style dataset / sequence of uint8 images or a callable index -> image, "
+                f"got {type(source).__name__}"
+            )
+        self.order: List[int] = []
+        self.next_index = 0
+
+    def __call__(self) -> List[Tensor]:
+        indices = []
+        for _ in range(self.batch_size):
+            if self.length is None:
+                indices.append(self.next_index)
+                self.next_index += 1
+            else:
+                if not self.order:
+                    self.order = torch.randperm(self.length, generator=self.generator).tolist()
+                indices.append(self.order.pop())
+        return [_to_uint8_chw(self.fetch(index)) for index in indices]
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Position in the stream and the pending epoch order (the generator is saved by the caller)."""
+        return {"order": list(self.order), "next_index": self.next_index}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.order = list(state["order"])
+        self.next_index = int(state["next_index"])
+
+
+# --------------------------------------------------------------------------- #
+# Training
+# --------------------------------------------------------------------------- #
+def _param_groups(model: nn.Module) -> List[Dict[str, Any]]:
+    decayed, undecayed = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (undecayed if name.endswith(".bias") or param.dim() == 1 else decayed).append(param)
+    return [{"params": decayed}, {"params": undecayed, "weight_decay": 0.0}]
+
+
+def save_tiny_dino(backbone: VisionTransformer, config: DINOConfig, out_dir: Union[str, os.PathLike], stats: Optional[dict] = None) -> Path:
+    """Write ``tiny_dino.pt`` (backbone state dict) and ``tiny_dino.json`` (config, stats) atomically.
+
+    Args:
+        backbone (VisionTransformer): The (teacher) backbone.
+        config (DINOConfig): Its settings, needed to rebuild it.
+        out_dir (str or Path): Destination folder (created if missing).
+        stats (dict, optional): Training statistics stored beside the config.
+
+    Returns:
+        Path: The weights file.
+    """
+    out_dir = Path(out_dir)
+    weights = out_dir / WEIGHTS_NAME
+    state = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
+    atomic_torch_save(state, weights)
+    meta = {"config": asdict(config), "stats": stats or {}}
+    atomic_write_text(out_dir / CONFIG_NAME, json.dumps(meta, indent=2))
+    return weights
+
+
+def load_tiny_dino(path: Union[str, os.PathLike]) -> VisionTransformer:
+    """Rebuild a backbone written by :func:`train_dino` / :func:`save_tiny_dino`.
+
+    Args:
+        path (str or Path): The output folder, or its ``tiny_dino.pt`` file.
+
+    Returns:
+        VisionTransformer: In eval mode, ready for
+        :class:`~captum_iclip.masks.DINOMaskProvider`.
+
+    Examples::
+
+        >>> from captum_iclip.masks import DINOMaskProvider
+        >>> provider = DINOMaskProvider(load_tiny_dino("runs/tiny_dino"), tau=0.6)
+    """
+    path = Path(path)
+    folder, weights = (path, path / WEIGHTS_NAME) if path.is_dir() else (path.parent, path)
+    if not weights.is_file() or not (folder / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"path must be a tiny DINO folder holding {WEIGHTS_NAME} and {CONFIG_NAME}, got {path}")
+    with open(folder / CONFIG_NAME) as stream:
+        config = DINOConfig.from_dict(json.load(stream)["config"])
+    backbone = build_backbone(config)
+    backbone.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return backbone.eval()
+
+
+def _comparable(config: DINOConfig) -> Dict[str, Any]:
+    """The settings that determine the training trajectory (not threads or checkpoint cadence)."""
+    values = asdict(config)
+    for name in _RUNTIME_FIELDS:
+        values.pop(name)
+    return values
+
+
+def _load_checkpoint(path: Path, config: DINOConfig) -> Dict[str, Any]:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    saved = _comparable(DINOConfig.from_dict(checkpoint["config"]))
+    current = _comparable(config)
+    if saved != current:
+        differing = sorted(name for name in current if saved[name] != current[name])
+        raise ValueError(
+            f"config differs from the one of the checkpoint {path} in {differing}; "
+            "resume with the same settings or train into a new out_dir"
+        )
+    return checkpoint
+
+
+def train_dino(
+    source: ImageSource,
+    config: Optional[DINOConfig] = None,
+    *,
+    out_dir: Optional[Union[str, os.PathLike]] = None,
+    progress: bool = True,
+    resume: bool = False,
+) -> Tuple[VisionTransformer, Dict[str, Any]]:
+    """Train a tiny ViT with DINO and return the teacher backbone.
+
+    Every ``config.checkpoint_every`` steps, and after the last one, the full
+    training state (student, teacher, optimizer, loss center, step, losses, the
+    global torch RNG and the data generator) is written atomically to
+    ``out_dir/checkpoint.pt``. With ``resume=True`` training continues from that
+    file and ends in the same state, bit for bit, as an uninterrupted run with
+    the same thread count (the data source must give the same images again).
+
+    Args:
+        source: Training images: a map-style dataset or sequence whose items are
+            uint8 ``(H, W, 3)`` / ``(3, H, W)`` arrays or tensors, PIL images,
+            objects with an ``.image`` attribute (e.g. ``Scene``) or tuples whose
+            first element is one of those (shuffled, epoch by epoch); or a
+            callable ``index -> image`` called with 0, 1, 2, ... (an endless
+            procedural stream, e.g. ``lambda i: generate_scene(i).image``).
+        config (DINOConfig, optional): Settings; defaults to ``DINOConfig()``.
+        out_dir (str or Path, optional): Where the checkpoint and, at the end,
+            the teacher backbone (:func:`save_tiny_dino`) are written.
+        progress (bool): Show a tqdm progress bar.
+        resume (bool): Continue from ``out_dir/checkpoint.pt`` when it exists
+            (a missing file starts from scratch). Its settings must equal
+            ``config`` except ``num_threads`` and ``checkpoint_every``.
+
+    Returns:
+        tuple: ``(teacher_backbone, stats)``. The backbone is in eval mode
+        without gradients. ``stats`` holds ``steps``, ``images_seen``,
+        ``wall_time_s`` (summed over resumed sessions), ``final_loss`` (mean of
+        the last 10 step losses), ``losses`` (every step) and ``weights_path``
+        (or ``None``).
+
+    Raises:
+        ValueError: ``resume=True`` without ``out_dir``, or a checkpoint written
+            with other settings.
+
+    Examples::
+
+        >>> config = DINOConfig(image_size=96, steps=600, checkpoint_every=50)
+        >>> source = lambda i: generate_scene(i).image
+        >>> backbone, stats = train_dino(source, config, out_dir="runs/tiny_dino", resume=True)
+    """
+    config = config or DINOConfig()
+    if resume and out_dir is None:
+        raise ValueError("resume=True needs out_dir (the folder holding checkpoint.pt)")
+    checkpoint_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
+    previous_threads = torch.get_num_threads()
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
+    try:
+        return _train(source, config, out_dir, checkpoint_path, progress, resume)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(
+    source: ImageSource,
+    config: DINOConfig,
+    out_dir: Optional[Union[str, os.PathLike]],
+    checkpoint_path: Optional[Path],
+    progress: bool,
+    resume: bool,
+) -> Tuple[VisionTransformer, Dict[str, Any]]:
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    sample_batch = _BatchSampler(source, config.batch_size, generator)
+    augment = multi_crop_transform(config)
+
+    student = _MultiCropNetwork(
+        build_backbone(config),
+        DINOHead(config.embed_dim, config.out_dim, config.head_hidden_dim, config.head_bottleneck_dim),
+    )
+    # Eval mode: the teacher runs without stochastic depth (timm DropPath is off in eval).
+    teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    student.train()
+    criterion = DINOLoss(config.out_dim, config.student_temp, config.center_momentum)
+    optimizer = torch.optim.AdamW(_param_groups(student), lr=config.lr)
+
+    first_step, losses, earlier_wall_time = 0, [], 0.0
+    if resume and checkpoint_path.is_file():
+        state = _load_checkpoint(checkpoint_path, config)
+        student.load_state_dict(state["student"])
+        teacher.load_state_dict(state["teacher"])
+        optimizer.load_state_dict(state["optimizer"])
+        criterion.center.copy_(state["center"])
+        sample_batch.load_state_dict(state["sampler"])
+        generator.set_state(state["generator_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        first_step, losses, earlier_wall_time = state["step"], list(state["losses"]), state["wall_time_s"]
+
+    lr_schedule = cosine_schedule(config.lr, config.min_lr, config.steps, config.warmup_steps)
+    wd_schedule = cosine_schedule(config.weight_decay, config.weight_decay_end, config.steps)
+    momentum_schedule = cosine_schedule(config.momentum_start, 1.0, config.steps)
+    temp_warmup = min(config.teacher_temp_warmup_steps, config.steps)
+    teacher_temps = np.concatenate(
+        [
+            np.linspace(config.teacher_temp_start, config.teacher_temp, temp_warmup),
+            np.full(config.steps - temp_warmup, config.teacher_temp),
+        ]
+    )
+    last_layer = list(student.head.last_layer.parameters())
+    num_views = 2 + config.num_local_crops
+
+    def save_checkpoint(next_step: int) -> None:
+        state = {
+            "config": asdict(config),
+            "step": next_step,
+            "student": student.state_dict(),
+            "teacher": teacher.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "center": criterion.center.clone(),
+            "sampler": sample_batch.state_dict(),
+            "generator_rng": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "losses": list(losses),
+            "wall_time_s": earlier_wall_time + time.perf_counter() - start,
+        }
+        atomic_torch_save(state, checkpoint_path)
+
+    start = time.perf_counter()
+    bar = tqdm(range(first_step, config.steps), desc="DINO", disable=not progress, initial=first_step, total=config.steps)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = float(lr_schedule[step])
+        optimizer.param_groups[0]["weight_decay"] = float(wd_schedule[step])
+
+        views = [augment(image) for image in sample_batch()]
+        crops = [torch.stack([v[i] for v in views]) for i in range(num_views)]
+        global_crops = torch.cat(crops[:2])
+        student_inputs = [global_crops] + ([torch.cat(crops[2:])] if config.num_local_crops else [])
+
+        with torch.no_grad():
+            teacher_out = teacher([global_crops])
+        student_out = student(student_inputs)
+        loss = criterion(student_out, teacher_out, num_views, float(teacher_temps[step]))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"DINO loss is {loss.item()} at step {step}")
+
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.clip_grad > 0:
+            nn.utils.clip_grad_norm_(student.parameters(), config.clip_grad)
+        if step < config.freeze_last_layer_steps:
+            for param in last_layer:
+                param.grad = None
+        optimizer.step()
+        ema_update(teacher, student, float(momentum_schedule[step]))
+
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr_schedule[step]:.1e}")
+        done = step + 1
+        if checkpoint_path is not None and config.checkpoint_every and (
+            done % config.checkpoint_every == 0 or done == config.steps
+        ):
+            save_checkpoint(done)
+
+    stats: Dict[str, Any] = {
+        "steps": config.steps,
+        "images_seen": config.steps * config.batch_size,
+        "wall_time_s": earlier_wall_time + time.perf_counter() - start,
+        "final_loss": float(np.mean(losses[-10:])),
+        "losses": losses,
+        "weights_path": None,
+    }
+    backbone = teacher.backbone.eval().requires_grad_(False)
+    if out_dir is not None:
+        stats["weights_path"] = str(save_tiny_dino(backbone, config, out_dir, stats))
+    return backbone, stats
