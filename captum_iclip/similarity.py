@@ -115,6 +115,15 @@ class CLIPSimilarity(nn.Module):
         features = features.reshape(len(prompts), len(templates), -1).mean(dim=1)
         return F.normalize(features, dim=-1).to(self.adapter.parameter.dtype)
 
+    def empty_prompt_feature(self) -> Tensor:
+        """(1, D) embedding of the empty prompt ``""`` (with the templates), computed once.
+
+        CLIP Surgery subtracts it from a single prompt's embedding (SPEC §2).
+        """
+        if getattr(self, "_empty_prompt_feature", None) is None:
+            self._empty_prompt_feature = self.encode_prompts([""])
+        return self._empty_prompt_feature.to(self.text_features.device)
+
     def set_prompts(self, prompts: Sequence[str]) -> "CLIPSimilarity":
         """Replace the prompts (re-embedding them once). Returns ``self``."""
         self.text_features = self.encode_prompts(prompts)

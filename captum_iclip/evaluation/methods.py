@@ -1,7 +1,8 @@
 """The explanation methods compared by ``demo``, ``eval`` and ``audit``, by name.
 
-Each method maps a batch of images and one prompt index per image to maps
-(N, 1, H, W); higher means "more of this prompt here". They all explain the
+Each method maps a batch of images (a tensor, or Captum's 1-tuple of one) and
+one prompt index per image to maps (N, 1, H, W), returned in the same form;
+higher means "more of this prompt here". They all explain the
 same :class:`~captum_iclip.CLIPSimilarity`:
 
 * ``raw``: ITSM on the recognition projection (SPEC §1);
@@ -45,6 +46,18 @@ def build_method(
         baseline: (3,) or (1, 3, H, W) baseline of ``ig`` in the model's input
             space; default the normalised black image.
     """
+    method = _build(name, sim, mask_provider=mask_provider, ig_steps=ig_steps, baseline=baseline)
+
+    def run(images, targets):
+        # Captum's metrics (sensitivity_max) call explanation functions with 1-tuples.
+        if isinstance(images, tuple):
+            return (method(images[0], targets),)
+        return method(images, targets)
+
+    return run
+
+
+def _build(name: str, sim: CLIPSimilarity, *, mask_provider: Any, ig_steps: int, baseline: Optional[Tensor]) -> Method:
     from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion
 
     has_head = sim.adapter.interpretability_head is not None

@@ -148,8 +148,8 @@ class DINOConfig:
     solarize_prob: float = 0.2
     steps: int = 500
     batch_size: int = 32
-    lr: float = 2e-3
-    min_lr: float = 1e-4
+    lr: float = 5e-4
+    min_lr: float = 1e-5
     warmup_steps: int = 30
     weight_decay: float = 0.04
     weight_decay_end: float = 0.1

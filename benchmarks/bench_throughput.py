@@ -1,0 +1,133 @@
+"""Throughput of ITSM maps (raw and surgery) against the image encoder alone.
+
+For every resolution, batch size and number of prompts K of the grid, times on
+one randomly initialised open_clip model:
+
+* ``encode_image``: the model's own image embedding (the cost of a zero-shot
+  prediction), measured once per (resolution, batch size);
+* ``raw``: ``ITSMAttribution(sim).attribute(x)`` — the maps of all K prompts
+  (min–max normalised, upsampled to the input, the defaults);
+* ``surgery``: the same with ``variant="surgery"`` (value-value attention in
+  the last blocks and feature surgery; with K = 1 the empty prompt is embedded
+  on every call, as the attribution does).
+
+Each figure is the median of ``--repeats`` timed calls after one warm-up,
+without gradients, the three calls timed in turn (round-robin) so that a
+shared machine's load affects them alike; the text embeddings are computed
+before timing. Printed: images/s of each, and the ratio of each method's time
+to ``encode_image``'s time on the same batch, measured in the same run. On a
+small shared CPU, ``--threads 1`` is often much faster than more threads.
+
+Usage::
+
+    python benchmarks/bench_throughput.py                       # ViT-B-16, the full grid
+    python benchmarks/bench_throughput.py --quick               # reduced grid for a small CPU
+    python benchmarks/bench_throughput.py --device cuda --batch-sizes 1,8,32 --resolutions 224,448
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import open_clip
+import torch
+
+from captum_iclip import CLIPSimilarity, ITSMAttribution
+
+
+def _ints(text: str) -> List[int]:
+    return [int(item) for item in text.split(",") if item.strip()]
+
+
+def round_robin_medians(fns: Dict[str, Callable[[], object]], repeats: int,
+                        device: torch.device) -> Dict[str, float]:
+    """Median wall time of each function, timed in turn ``repeats`` times after one warm-up each.
+
+    Interleaving the functions makes a shared machine's changing load affect
+    them alike, which keeps their ratios meaningful.
+    """
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    with torch.no_grad():
+        for fn in fns.values():
+            fn()
+        synchronize()
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                began = time.perf_counter()
+                fn()
+                synchronize()
+                times[name].append(time.perf_counter() - began)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def run(model_name: str, device: torch.device, batch_sizes: List[int], resolutions: List[int],
+        prompt_counts: List[int], repeats: int, patch_grid: bool) -> List[Dict[str, float]]:
+    """Time the grid; returns one row per (resolution, batch size, K)."""
+    torch.manual_seed(0)
+    model = open_clip.create_model(model_name).to(device).eval()
+    tokenizer = open_clip.get_tokenizer(model_name)
+    rows = []
+    for resolution in resolutions:
+        # open_clip's encode_image at the model's own size; elsewhere the adapter's, which is the
+        # same computation with the positional embedding interpolated (as on the ITSM path).
+        native = tuple(model.visual.image_size) == (resolution, resolution)
+        adapter = CLIPSimilarity(model, tokenizer, ["a photo"]).adapter
+        encode_image = model.encode_image if native else adapter.encode_image
+        for batch_size in batch_sizes:
+            images = torch.randn(batch_size, 3, resolution, resolution, device=device)
+            for count in prompt_counts:
+                itsm = ITSMAttribution(CLIPSimilarity(model, tokenizer, [f"a photo of thing number {i}"
+                                                                         for i in range(count)]))
+                seconds = round_robin_medians({
+                    "encode": lambda: encode_image(images),
+                    "raw": lambda: itsm.attribute(images, interpolate=not patch_grid),
+                    "surgery": lambda: itsm.attribute(images, variant="surgery", interpolate=not patch_grid),
+                }, repeats, device)
+                rows.append({"resolution": resolution, "batch": batch_size, "prompts": count, **seconds})
+                print(_format_row(rows[-1]), flush=True)
+    return rows
+
+
+def _format_row(row: Dict[str, float]) -> str:
+    n = row["batch"]
+    return (f"| {row['resolution']} | {n} | {row['prompts']} | {n / row['encode']:.2f} "
+            f"| {n / row['raw']:.2f} | {row['raw'] / row['encode']:.2f} "
+            f"| {n / row['surgery']:.2f} | {row['surgery'] / row['encode']:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="ViT-B-16", help="open_clip architecture (random weights)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-sizes", type=_ints, default=[1, 8, 32])
+    parser.add_argument("--resolutions", type=_ints, default=[224, 448])
+    parser.add_argument("--prompts", type=_ints, default=[1, 20, 100])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--patch-grid", action="store_true", help="time patch-grid maps (no upsampling)")
+    parser.add_argument("--quick", action="store_true",
+                        help="reduced grid for a small CPU: ViT-B-32, batches 1 and 8, 224 px, 3 repeats")
+    args = parser.parse_args()
+    if args.quick:
+        args.model, args.batch_sizes, args.resolutions, args.repeats = "ViT-B-32", [1, 8], [224], 3
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"{args.model} (random weights) on {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+             f" ({torch.get_num_threads()} threads)")
+          + f"; median of {args.repeats}; maps "
+          + ("on the patch grid" if args.patch_grid else "upsampled to the input"))
+    print("| res | batch | prompts | encode_image img/s | raw img/s | raw / encode | surgery img/s | surgery / encode |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    run(args.model, device, args.batch_sizes, args.resolutions, args.prompts, args.repeats, args.patch_grid)
+
+
+if __name__ == "__main__":
+    main()
