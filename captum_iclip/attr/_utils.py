@@ -2,6 +2,7 @@
 target semantics, and the map post-processing of SPEC §1."""
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Tuple, Union
 
 import torch
@@ -33,14 +34,15 @@ def unpack_inputs(inputs: Union[Tensor, Tuple[Tensor, ...]]) -> Tuple[Tensor, bo
 def target_indices(target: TargetType, num_examples: int, num_prompts: int) -> Optional[Tensor]:
     """Captum's target semantics for an (N, K) output, as a (N,) index tensor.
 
-    ``None`` stays ``None`` (every prompt). An int or 0-d tensor applies to every
-    example; a list or 1-d tensor gives one prompt per example.
+    ``None`` stays ``None`` (every prompt). An int, or a tensor with one element,
+    applies to every example (as Captum broadcasts it); a list or 1-d tensor gives
+    one prompt per example.
     """
     if target is None:
         return None
     if isinstance(target, tuple):
         raise ValueError("target: the output is (N, K); give a prompt index, not a tuple")
-    if isinstance(target, int) or (isinstance(target, Tensor) and target.dim() == 0):
+    if isinstance(target, numbers.Integral) or (isinstance(target, Tensor) and target.numel() == 1):
         index = torch.full((num_examples,), int(target), dtype=torch.long)
     else:
         if isinstance(target, list) and any(isinstance(t, tuple) for t in target):

@@ -150,17 +150,19 @@ class ITSMAttribution(Attribution):
     def similarity_maps(self, images: Tensor, *, variant: str, surgery_depth: int, projection: str) -> Tensor:
         """Unnormalised (N, h*w, K) patch-prompt scores of ``variant``."""
         sim = self.similarity
+        text = sim.text_features
+        single_prompt_surgery = variant == "surgery" and text.shape[0] == 1
+        if single_prompt_surgery:
+            # One prompt: subtract the direction of the empty prompt (SPEC §2). Embedded
+            # first, so that a missing tokenizer fails before the image encoder runs.
+            text = text - sim.empty_prompt_feature()
         depth = surgery_depth if variant == "surgery" else 0
         features = F.normalize(sim.adapter.dense_features(images, surgery_depth=depth, projection=projection), dim=-1)
-        text = sim.text_features.to(features.dtype)
+        text = text.to(features.dtype)
         global_feature, patches = features[:, 0], features[:, 1:]
-        if variant == "raw":
+        if variant == "raw" or single_prompt_surgery:
             return patches @ text.t()
-        if text.shape[0] >= 2:
-            return feature_surgery(patches, global_feature, text)
-        # One prompt: subtract the direction of the empty prompt (SPEC §2).
-        empty = sim.encode_prompts([""]).to(features.dtype)
-        return patches @ (text - empty).t()
+        return feature_surgery(patches, global_feature, text)
 
     def has_convergence_delta(self) -> bool:
         return False

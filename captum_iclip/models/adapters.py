@@ -44,21 +44,43 @@ class GridTap(nn.Identity):
     """
 
 
-def interpolate_pos_embed(pos_embed: Tensor, grid: Tuple[int, int]) -> Tensor:
+def interpolate_pos_embed(
+    pos_embed: Tensor, grid: Tuple[int, int], native_grid: Optional[Tuple[int, int]] = None
+) -> Tensor:
     """Resize a (1 + h0*w0, C) positional embedding to ``grid`` (SPEC §1).
 
     The class position is kept; patch positions are resampled bilinearly
     (``align_corners=False``). At the native grid the embedding is returned as is,
     so the library's own forward pass is reproduced exactly.
+
+    Args:
+        pos_embed: (1 + h0*w0, C) embedding, class position first, patches row-major.
+        grid: the target patch grid (h, w).
+        native_grid: the grid (h0, w0) the embedding was trained for; ``None``
+            means square (h0 = w0 = sqrt of the number of patch positions).
+
+    Returns:
+        The (1 + h*w, C) embedding for ``grid``.
+
+    Examples::
+
+        >>> pos = torch.randn(1 + 14 * 14, 768)
+        >>> interpolate_pos_embed(pos, (14, 20)).shape
+        torch.Size([281, 768])
     """
     n_patches = pos_embed.shape[0] - 1
-    side = int(round(math.sqrt(n_patches)))
-    if side * side != n_patches:
-        raise ValueError(f"positional embedding has {n_patches} patch positions, expected a square grid")
-    if tuple(grid) == (side, side):
+    if native_grid is None:
+        side = int(round(math.sqrt(n_patches)))
+        native_grid = (side, side)
+    native_grid = tuple(int(g) for g in native_grid)
+    if native_grid[0] * native_grid[1] != n_patches:
+        raise ValueError(
+            f"pos_embed: has {n_patches} patch positions, which does not fit the native grid {native_grid}"
+        )
+    if tuple(grid) == native_grid:
         return pos_embed
     cls_pos, patch_pos = pos_embed[:1], pos_embed[1:]
-    patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patch_pos = patch_pos.reshape(1, *native_grid, -1).permute(0, 3, 1, 2)
     patch_pos = F.interpolate(patch_pos.float(), size=grid, mode="bilinear", align_corners=False)
     patch_pos = patch_pos.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)
     return torch.cat([cls_pos, patch_pos], dim=0)
@@ -85,8 +107,14 @@ def self_value_attention(value: Tensor, num_heads: int, scale: float, l2_normali
     return out.transpose(1, 2).reshape(n, length, channels)
 
 
-def _check_depth(surgery_depth: int, num_blocks: int) -> None:
-    if not 0 <= surgery_depth <= num_blocks:
+def _check_depth(surgery_depth: int, num_blocks: Optional[int]) -> None:
+    """``surgery_depth`` must be an int in 0..num_blocks (any int >= 0 when ``num_blocks`` is None)."""
+    if isinstance(surgery_depth, bool) or not isinstance(surgery_depth, int):
+        raise TypeError(f"surgery_depth: expected an int, got {type(surgery_depth).__name__}")
+    if num_blocks is None:
+        if surgery_depth < 0:
+            raise ValueError(f"surgery_depth: expected a non-negative int, got {surgery_depth}")
+    elif not 0 <= surgery_depth <= num_blocks:
         raise ValueError(f"surgery_depth: expected 0..{num_blocks} (the tower has {num_blocks} blocks), got {surgery_depth}")
 
 
@@ -143,6 +171,16 @@ class VisionAdapter:
     def parameter(self) -> Tensor:
         """A parameter of the vision tower, to read its device and dtype."""
         raise NotImplementedError
+
+    @property
+    def num_blocks(self) -> Optional[int]:
+        """Transformer blocks that architecture surgery can reach; ``None`` where the
+        surgery is a single switch (the ResNet attention pool: any depth > 0 turns it on)."""
+        return None
+
+    def check_surgery_depth(self, surgery_depth: int) -> None:
+        """Raise ``TypeError``/``ValueError`` naming ``surgery_depth`` if it does not fit the tower."""
+        _check_depth(surgery_depth, self.num_blocks)
 
     def check_images(self, images: Tensor, name: str = "inputs") -> Tuple[int, int]:
         """Validate a batch of images and return its patch grid size."""
@@ -202,17 +240,31 @@ class VisionAdapter:
                 own projection; ``"interpretability"`` projects the patch tokens
                 with the attached interpretability head (the global token keeps
                 the recognition projection).
+
+        Returns:
+            (N, 1 + h*w, D) features; index 0 is the global token and equals
+            the library's ``encode_image(images)``.
+
+        Raises:
+            ValueError: for an unknown ``projection`` or an out-of-range ``surgery_depth``.
+
+        Examples::
+
+            >>> adapter = get_adapter(open_clip.create_model("ViT-B-16"))
+            >>> adapter.dense_features(torch.randn(1, 3, 224, 320)).shape
+            torch.Size([1, 281, 512])
         """
+        # Checked before the (expensive) tower runs.
+        if projection not in ("recognition", "interpretability"):
+            raise ValueError(f"projection: expected 'recognition' or 'interpretability', got {projection!r}")
+        if projection == "interpretability" and self.interpretability_head is None:
+            raise ValueError("projection: 'interpretability' needs a DualProjectionCLIP model")
         tokens = self.tokens(images, surgery_depth=surgery_depth)
         if projection == "recognition":
             return self.project(tokens, surgery=surgery_depth > 0)
-        if projection == "interpretability":
-            if self.interpretability_head is None:
-                raise ValueError("projection: 'interpretability' needs a DualProjectionCLIP model")
-            global_feature = self.project_global(tokens)
-            patches = self.interpretability_head(tokens)[:, 1:]
-            return torch.cat([global_feature[:, None], patches], dim=1)
-        raise ValueError(f"projection: expected 'recognition' or 'interpretability', got {projection!r}")
+        global_feature = self.project_global(tokens)
+        patches = self.interpretability_head(tokens)[:, 1:]
+        return torch.cat([global_feature[:, None], patches], dim=1)
 
     # --- text side ------------------------------------------------------------------
     def encode_text(self, prompts: Sequence[str], tokenizer: Callable) -> Tensor:
@@ -290,19 +342,23 @@ class OpenCLIPViTAdapter(VisionAdapter):
     def parameter(self) -> Tensor:
         return self.visual.conv1.weight
 
+    @property
+    def num_blocks(self) -> int:
+        return len(self.visual.transformer.resblocks)
+
     def tokens(self, images: Tensor, surgery_depth: int = 0) -> Tensor:
         visual = self.visual
+        blocks = visual.transformer.resblocks
+        self.check_surgery_depth(surgery_depth)
         x = visual.conv1(images)
         grid = tuple(x.shape[-2:])
         x = x.flatten(2).transpose(1, 2)
         cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1)
-        x = x + interpolate_pos_embed(visual.positional_embedding, grid).to(x.dtype)
+        x = x + interpolate_pos_embed(visual.positional_embedding, grid, visual.grid_size).to(x.dtype)
         # Patch dropout is skipped on purpose: a dense map needs every patch.
         x = visual.ln_pre(x)
 
-        blocks = visual.transformer.resblocks
-        _check_depth(surgery_depth, len(blocks))
         batch_first = getattr(visual.transformer, "batch_first", True)
         n_plain = len(blocks) - surgery_depth
         run = (lambda blk, t: blk(t)) if batch_first else (lambda blk, t: blk(t.transpose(0, 1)).transpose(0, 1))
@@ -328,7 +384,12 @@ class OpenCLIPViTAdapter(VisionAdapter):
         num_heads = attn.num_heads
         value = _split_value(attn, blk.ln_1(x_ori))
         head_dim = value.shape[-1] // num_heads
-        out = attn.out_proj(self_value_attention(value, num_heads, head_dim**-0.5))
+        attended = self_value_attention(value, num_heads, head_dim**-0.5)
+        # open_clip's custom blocks may normalise the heads' output before out_proj.
+        inner_norm = getattr(attn, "ln_inner", None)
+        if inner_norm is not None:
+            attended = inner_norm(attended)
+        out = attn.out_proj(attended)
         if hasattr(blk, "ln_attn"):
             out = blk.ln_attn(out)
         return blk.ls_1(out)
@@ -403,6 +464,7 @@ class OpenCLIPResNetAdapter(VisionAdapter):
 
     def tokens(self, images: Tensor, surgery_depth: int = 0) -> Tensor:
         # A ResNet's surgery lives in its attention pool (see ``project``), not here.
+        self.check_surgery_depth(surgery_depth)
         visual = self.visual
         x = visual.stem(images)
         x = visual.layer1(x)
@@ -420,23 +482,28 @@ class OpenCLIPResNetAdapter(VisionAdapter):
         return num_heads, self.pool.v_proj.out_features // num_heads
 
     def project(self, tokens: Tensor, surgery: bool = False) -> Tensor:
-        """The attention pool with every position as a query (SPEC §1)."""
+        """The attention pool with every position as a query (SPEC §1).
+
+        With ``surgery`` the patch positions use CLIP Surgery's pool instead:
+        q = k = v = the per-head L2-normalised values, scale ``8 / sqrt(head_dim)``;
+        the global token keeps the original pooling (SPEC §2).
+        """
         pool = self.pool
         num_heads, head_dim = self._heads()
-        n, length, channels = tokens.shape
+        if surgery:
+            # Only the global token needs the original pool here: one query, not 1 + h*w.
+            global_feature = self.project_global(tokens)
+            # Every token, the mean token included, is a key of the value-value attention.
+            value_attention = self_value_attention(pool.v_proj(tokens), num_heads, 8 * head_dim**-0.5, True)
+            return torch.cat([global_feature[:, None], pool.c_proj(value_attention[:, 1:])], dim=1)
+        n, length, _ = tokens.shape
 
         def split(t: Tensor) -> Tensor:
             return t.reshape(n, length, num_heads, head_dim).transpose(1, 2)
 
         q, k, v = split(pool.q_proj(tokens)), split(pool.k_proj(tokens)), split(pool.v_proj(tokens))
         out = F.scaled_dot_product_attention(q, k, v, scale=head_dim**-0.5)
-        out = pool.c_proj(out.transpose(1, 2).reshape(n, length, -1))
-        if surgery:
-            # Surgery pool: q = k = v = normalised values, scale 8 / sqrt(head_dim);
-            # the global token keeps the original pooling (SPEC §2).
-            surgery = pool.c_proj(self_value_attention(pool.v_proj(tokens), num_heads, 8 * head_dim**-0.5, True))
-            out = torch.cat([out[:, :1], surgery[:, 1:]], dim=1)
-        return out
+        return pool.c_proj(out.transpose(1, 2).reshape(n, length, -1))
 
     def project_global(self, tokens: Tensor) -> Tensor:
         pool = self.pool
@@ -492,7 +559,12 @@ class HFCLIPAdapter(VisionAdapter):
     def parameter(self) -> Tensor:
         return self.vision.embeddings.patch_embedding.weight
 
+    @property
+    def num_blocks(self) -> int:
+        return len(self.vision.encoder.layers)
+
     def tokens(self, images: Tensor, surgery_depth: int = 0) -> Tensor:
+        self.check_surgery_depth(surgery_depth)
         emb = self.vision.embeddings
         x = emb.patch_embedding(images)
         grid = tuple(x.shape[-2:])
@@ -502,7 +574,6 @@ class HFCLIPAdapter(VisionAdapter):
         x = self.vision.pre_layrnorm(x)
 
         layers = self.vision.encoder.layers
-        _check_depth(surgery_depth, len(layers))
         n_plain = len(layers) - surgery_depth
         for layer in layers[: max(n_plain - 1, 0)]:
             x = layer(x, None)

@@ -1,0 +1,172 @@
+"""Wall time of ITSM next to the image encoder and Captum's gradient methods.
+
+Model: open_clip ViT-B-16 with random weights (the cost does not depend on the
+weights), inputs at 224x224. Every method explains the same ``CLIPSimilarity``:
+
+* ``encode_image``: the library's own image embedding, the unit of the ratios;
+* ``ITSM raw`` / ``ITSM surgery``: maps for *every* prompt (``target=None``), with the
+  default post-processing (min-max, bilinear upsampling to 224x224);
+* ``LayerGradCam``: one prompt (``target=0``) on ``sim.gradcam_layer()``, upsampled;
+* ``IntegratedGradients``: one prompt, ``n_steps`` steps in chunks of
+  ``--ig-batch`` images.
+
+The prompt-count row runs ITSM raw with ``target=0`` against 1 and against 1000
+prompts. The 1000 text embeddings are random unit vectors: embedding prompts is a
+one-time cost paid when the ``CLIPSimilarity`` is built, outside ``attribute``.
+
+Timing: each method runs once to warm up, then ``--repeats`` rounds time every
+method once per round (the order rotates between rounds, so a slow spell on a
+shared machine does not land on one method); the median is reported. The
+Integrated Gradients run is long, so it is timed ``--ig-repeats`` times (default 1)
+after a short warm-up at the same chunk size.
+
+Usage::
+
+    python benchmarks/bench_itsm.py --repeats 3 --batch 8 --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List, Tuple
+
+import open_clip
+import torch
+from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam
+from tqdm import tqdm
+
+from captum_iclip import CLIPSimilarity, ITSMAttribution
+
+PROMPTS = [
+    f"a photo of a {name}."
+    for name in (
+        "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+        "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train", "tv monitor",
+    )
+]
+
+TARGETS = {
+    "ITSM raw": 1.15,
+    "ITSM surgery": 1.5,
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per method (median reported)")
+    parser.add_argument("--batch", type=int, default=8, help="images per batch")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    parser.add_argument("--prompts", type=int, default=20, help="prompts of the main table (at most 20)")
+    parser.add_argument("--many-prompts", type=int, default=1000, help="prompt count of the scaling row")
+    parser.add_argument("--ig-steps", type=int, default=50, help="Integrated Gradients steps")
+    parser.add_argument("--ig-batch", type=int, default=16, help="Integrated Gradients internal_batch_size")
+    parser.add_argument("--ig-repeats", type=int, default=1, help="timed Integrated Gradients runs")
+    return parser.parse_args()
+
+
+Timing = Tuple[float, float]  # (wall seconds, CPU seconds of this process)
+
+
+def seconds(run: Callable[[], object]) -> Timing:
+    wall, cpu = time.perf_counter(), time.process_time()
+    run()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def medians(timings: List[Timing]) -> Timing:
+    return statistics.median(t[0] for t in timings), statistics.median(t[1] for t in timings)
+
+
+def time_rounds(methods: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, Timing]:
+    """Median (wall, CPU) seconds of each method over ``repeats`` rounds, after one warm-up call each."""
+    for run in tqdm(methods.values(), desc="warm-up", leave=False):
+        run()
+    names = list(methods)
+    times: Dict[str, List[Timing]] = {name: [] for name in names}
+    for round_index in tqdm(range(repeats), desc="rounds", leave=False):
+        order = names[round_index % len(names):] + names[: round_index % len(names)]
+        for name in order:
+            times[name].append(seconds(methods[name]))
+    return {name: medians(values) for name, values in times.items()}
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    logging.getLogger().setLevel(logging.ERROR)  # open_clip warns about random weights
+
+    model = open_clip.create_model("ViT-B-16").eval().requires_grad_(False)
+    tokenizer = open_clip.get_tokenizer("ViT-B-16")
+    sim = CLIPSimilarity(model, tokenizer, PROMPTS[: args.prompts])
+    images = torch.randn(args.batch, 3, 224, 224)
+    itsm = ITSMAttribution(sim)
+    gradcam = LayerGradCam(sim, sim.gradcam_layer())
+    integrated_gradients = IntegratedGradients(sim)
+
+    def encode_image():
+        with torch.no_grad():
+            return model.encode_image(images)
+
+    def layer_gradcam():
+        return LayerAttribution.interpolate(gradcam.attribute(images, target=0), (224, 224), "bilinear")
+
+    def ig(n_steps: int = args.ig_steps):
+        return integrated_gradients.attribute(images, target=0, n_steps=n_steps, internal_batch_size=args.ig_batch)
+
+    main_methods = {
+        "encode_image": encode_image,
+        "ITSM raw": lambda: itsm.attribute(images),
+        "ITSM surgery": lambda: itsm.attribute(images, variant="surgery"),
+        "LayerGradCam": layer_gradcam,
+    }
+    one_prompt = ITSMAttribution(CLIPSimilarity(model, text_features=sim.text_features[:1]))
+    many_prompts = ITSMAttribution(CLIPSimilarity(model, text_features=torch.randn(args.many_prompts, sim.adapter.embed_dim)))
+    prompt_methods = {
+        "ITSM raw, 1 prompt": lambda: one_prompt.attribute(images, target=0),
+        f"ITSM raw, {args.many_prompts} prompts": lambda: many_prompts.attribute(images, target=0),
+    }
+
+    load_start = os.getloadavg()
+    results = time_rounds(main_methods, args.repeats)
+    results.update(time_rounds(prompt_methods, args.repeats))
+    ig(n_steps=max(1, args.ig_batch // args.batch))  # warm-up at the timed chunk size
+    ig_label = f"IntegratedGradients({args.ig_steps})"
+    results[ig_label] = medians([seconds(ig) for _ in tqdm(range(args.ig_repeats), desc="IG", leave=False)])
+    load_end = os.getloadavg()
+
+    print(
+        f"ViT-B-16 (random weights), batch {args.batch} at 224x224, {args.prompts} prompts; "
+        f"torch {torch.__version__}, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, load average {load_start[0]:.1f} -> {load_end[0]:.1f}"
+    )
+    print(f"median of {args.repeats} rounds ({args.ig_repeats} for Integrated Gradients); "
+          "CPU = this process's CPU time, steadier than wall time on a shared machine\n")
+    wall_unit, cpu_unit = results["encode_image"]
+    print(f"{'method':<32} {'wall s':>9} {'x encode':>9} {'CPU s':>9} {'x encode':>9}")
+    for name in [*main_methods, ig_label, *prompt_methods]:
+        wall, cpu = results[name]
+        print(f"{name:<32} {wall:>9.3f} {wall / wall_unit:>9.2f} {cpu:>9.3f} {cpu / cpu_unit:>9.2f}")
+
+    def verdict(ratio: float, limit: float, at_most: bool = True) -> str:
+        return "met" if (ratio <= limit if at_most else ratio >= limit) else "MISSED"
+
+    def ratio(numerator: str, denominator: str, clock: int) -> float:
+        return results[numerator][clock] / results[denominator][clock]
+
+    many = f"ITSM raw, {args.many_prompts} prompts"
+    checks = [(f"{name} <= {limit} x encode_image", name, "encode_image", limit, True) for name, limit in TARGETS.items()]
+    checks.append((f"{args.many_prompts} prompts <= 1.25 x 1 prompt", many, "ITSM raw, 1 prompt", 1.25, True))
+    checks.append((f"{ig_label} >= 20 x ITSM raw", ig_label, "ITSM raw", 20.0, False))
+    print("\ntargets (wall | CPU)")
+    for label, numerator, denominator, limit, at_most in checks:
+        wall, cpu = ratio(numerator, denominator, 0), ratio(numerator, denominator, 1)
+        print(f"  {label}: {wall:.2f} {verdict(wall, limit, at_most)} | {cpu:.2f} {verdict(cpu, limit, at_most)}")
+
+
+if __name__ == "__main__":
+    main()

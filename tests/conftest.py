@@ -1,0 +1,167 @@
+"""Shared fixtures: real CLIP architectures with random weights, built once per session.
+
+Building a ViT-B takes seconds on a CPU, so every model fixture is session-scoped
+and tests only read from them (eval mode, no parameter updates). Images are tiny
+batches (1-2) of seeded noise; parity and invariance checks do not need natural
+images.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import string
+from typing import Callable
+
+import open_clip
+import pytest
+import torch
+from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+from captum_iclip import CLIPSimilarity
+
+PROMPTS = ["a photo of a cat", "a photo of a dog", "a red car"]
+
+
+def _seeded(build: Callable[[], torch.nn.Module], seed: int = 0, jitter: float = 0.0) -> torch.nn.Module:
+    """Build ``model`` under ``seed``, frozen and in eval mode.
+
+    ``jitter`` adds N(0, jitter^2) noise to every parameter, so that biases (zero
+    at init) and norm scales (one at init) take generic values and a check that
+    forgets one of them fails.
+    """
+    torch.manual_seed(seed)
+    # open_clip warns (on the root logger) that no pretrained weights were loaded:
+    # random weights are what these tests want.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        model = build().eval()
+    finally:
+        root.setLevel(level)
+    model.requires_grad_(False)
+    if jitter:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(jitter * torch.randn_like(param))
+    return model
+
+
+def make_images(*shape: int, seed: int = 0) -> torch.Tensor:
+    """Seeded standard-normal images, shaped like preprocessed CLIP inputs."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=generator)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_cpu_thread():
+    # On a shared, oversubscribed CPU, torch's intra-op threads spin-wait on each
+    # other: one thread ran a ViT-B/32 forward ~8x faster than two when measured.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- full-size architectures ---------------------------------------------------------
+@pytest.fixture(scope="session")
+def vit_b16() -> CLIP:
+    return _seeded(lambda: open_clip.create_model("ViT-B-16"))
+
+
+@pytest.fixture(scope="session")
+def vit_b32() -> CLIP:
+    return _seeded(lambda: open_clip.create_model("ViT-B-32"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def rn50() -> CLIP:
+    return _seeded(lambda: open_clip.create_model("RN50"), seed=2)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """open_clip's BPE tokenizer (bundled with the package, no download)."""
+    return open_clip.get_tokenizer("ViT-B-16")
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(tmp_path_factory) -> CLIPTokenizer:
+    """A real ``CLIPTokenizer`` read from a character-level vocab.json / merges.txt.
+
+    The Hub is out of reach, so the files are written here in the format
+    ``from_pretrained`` reads: every letter as a word piece and as a word end.
+    """
+    folder = tmp_path_factory.mktemp("hf_tokenizer")
+    symbols = string.ascii_lowercase + ".,'"
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab.update({f"{s}</w>": len(symbols) + i for i, s in enumerate(symbols)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer.from_pretrained(str(folder))
+
+
+@pytest.fixture(scope="session")
+def hf_clip(hf_tokenizer) -> CLIPModel:
+    """transformers ``CLIPModel`` with a ViT-B/16 vision tower (a 2-layer text tower keeps it quick)."""
+    config = CLIPConfig(
+        vision_config=dict(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            patch_size=16, image_size=224,
+        ),
+        text_config=dict(
+            vocab_size=len(hf_tokenizer), num_hidden_layers=2,
+            bos_token_id=hf_tokenizer.bos_token_id, eos_token_id=hf_tokenizer.eos_token_id,
+            pad_token_id=hf_tokenizer.pad_token_id,
+        ),
+        projection_dim=512,
+    )
+    return _seeded(lambda: CLIPModel(config), seed=3)
+
+
+# --- tiny architectures for hand-checkable surgery -------------------------------------
+# open_clip's own BPE vocabulary, so that ``tiny_tokenizer`` can feed the text tower.
+TINY_TEXT = CLIPTextCfg(context_length=16, vocab_size=49408, width=16, heads=2, layers=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """open_clip's BPE tokenizer cut to the tiny text tower's 16-token context."""
+    return open_clip.get_tokenizer("ViT-B-16", context_length=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit() -> CLIP:
+    """open_clip ViT: 2 blocks, width 16, 2 heads of 8, 4-px patches on 8x8 images (2x2 grid)."""
+    vision = CLIPVisionCfg(layers=2, width=16, head_width=8, patch_size=4, image_size=8)
+    return _seeded(lambda: CLIP(embed_dim=8, vision_cfg=vision, text_cfg=TINY_TEXT), seed=4, jitter=0.1)
+
+
+@pytest.fixture(scope="session")
+def tiny_resnet() -> CLIP:
+    """open_clip ModifiedResNet: one bottleneck per stage, width 8, 64x64 images (2x2 grid)."""
+    vision = CLIPVisionCfg(layers=(1, 1, 1, 1), width=8, head_width=8, image_size=64)
+    return _seeded(lambda: CLIP(embed_dim=8, vision_cfg=vision, text_cfg=TINY_TEXT), seed=5, jitter=0.1)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf() -> CLIPModel:
+    """transformers CLIPModel: 2 layers, width 16, 2 heads, 4-px patches on 8x8 images."""
+    config = CLIPConfig(
+        vision_config=dict(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            patch_size=4, image_size=8,
+        ),
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+        projection_dim=8,
+    )
+    return _seeded(lambda: CLIPModel(config), seed=6, jitter=0.1)
+
+
+# --- forward functions -----------------------------------------------------------------
+@pytest.fixture(scope="session")
+def sim_b32(vit_b32, tokenizer) -> CLIPSimilarity:
+    return CLIPSimilarity(vit_b32, tokenizer, PROMPTS)
