@@ -301,7 +301,31 @@ def _split_value(attn: nn.Module, x: Tensor) -> Tensor:
     return F.linear(x, weight, bias)
 
 
-class OpenCLIPViTAdapter(VisionAdapter):
+class OpenCLIPAdapter(VisionAdapter):
+    """What the open_clip towers share: preprocessing statistics, the text tower, the stem."""
+
+    def __init__(self, model: nn.Module, interpretability_head: Optional[nn.Module] = None) -> None:
+        super().__init__(model, interpretability_head)
+        self.visual = model.visual
+
+    @property
+    def image_mean(self):
+        return tuple(getattr(self.visual, "image_mean", None) or OPENAI_CLIP_MEAN)
+
+    @property
+    def image_std(self):
+        return tuple(getattr(self.visual, "image_std", None) or OPENAI_CLIP_STD)
+
+    @property
+    def parameter(self) -> Tensor:
+        return self.visual.conv1.weight
+
+    def encode_text(self, prompts: Sequence[str], tokenizer: Callable) -> Tensor:
+        text = tokenizer(list(prompts)).to(self.parameter.device)
+        return self.model.encode_text(text)
+
+
+class OpenCLIPViTAdapter(OpenCLIPAdapter):
     family = "open_clip VisionTransformer"
 
     def __init__(self, model: nn.Module, interpretability_head: Optional[nn.Module] = None) -> None:
@@ -316,7 +340,6 @@ class OpenCLIPViTAdapter(VisionAdapter):
             )
         if visual.proj is None:
             raise TypeError("model: the open_clip ViT has no projection (proj is None)")
-        self.visual = visual
 
     @property
     def patch_size(self) -> Tuple[int, int]:
@@ -327,20 +350,8 @@ class OpenCLIPViTAdapter(VisionAdapter):
         return tuple(self.visual.image_size)
 
     @property
-    def image_mean(self):
-        return tuple(getattr(self.visual, "image_mean", None) or OPENAI_CLIP_MEAN)
-
-    @property
-    def image_std(self):
-        return tuple(getattr(self.visual, "image_std", None) or OPENAI_CLIP_STD)
-
-    @property
     def embed_dim(self) -> int:
         return self.visual.proj.shape[1]
-
-    @property
-    def parameter(self) -> Tensor:
-        return self.visual.conv1.weight
 
     @property
     def num_blocks(self) -> int:
@@ -400,10 +411,6 @@ class OpenCLIPViTAdapter(VisionAdapter):
     def project_global(self, tokens: Tensor) -> Tensor:
         return tokens[:, 0] @ self.visual.proj
 
-    def encode_text(self, prompts: Sequence[str], tokenizer: Callable) -> Tensor:
-        text = tokenizer(list(prompts)).to(self.parameter.device)
-        return self.model.encode_text(text)
-
     def make_interpretability_head(self) -> nn.Module:
         return TokenProjection(self.visual.proj)
 
@@ -429,12 +436,11 @@ class PositionwisePoolProjection(nn.Module):
         return self.c_proj(self.v_proj(tokens))
 
 
-class OpenCLIPResNetAdapter(VisionAdapter):
+class OpenCLIPResNetAdapter(OpenCLIPAdapter):
     family = "open_clip ModifiedResNet"
 
     def __init__(self, model: nn.Module, interpretability_head: Optional[nn.Module] = None) -> None:
         super().__init__(model, interpretability_head)
-        self.visual = model.visual
         self.pool = model.visual.attnpool
 
     @property
@@ -447,20 +453,8 @@ class OpenCLIPResNetAdapter(VisionAdapter):
         return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
 
     @property
-    def image_mean(self):
-        return tuple(getattr(self.visual, "image_mean", None) or OPENAI_CLIP_MEAN)
-
-    @property
-    def image_std(self):
-        return tuple(getattr(self.visual, "image_std", None) or OPENAI_CLIP_STD)
-
-    @property
     def embed_dim(self) -> int:
         return self.pool.c_proj.out_features
-
-    @property
-    def parameter(self) -> Tensor:
-        return self.visual.conv1.weight
 
     def tokens(self, images: Tensor, surgery_depth: int = 0) -> Tensor:
         # A ResNet's surgery lives in its attention pool (see ``project``), not here.
@@ -514,10 +508,6 @@ class OpenCLIPResNetAdapter(VisionAdapter):
         v = pool.v_proj(tokens).reshape(n, length, num_heads, head_dim).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, scale=head_dim**-0.5)
         return pool.c_proj(out.transpose(1, 2).reshape(n, -1))
-
-    def encode_text(self, prompts: Sequence[str], tokenizer: Callable) -> Tensor:
-        text = tokenizer(list(prompts)).to(self.parameter.device)
-        return self.model.encode_text(text)
 
     def make_interpretability_head(self) -> nn.Module:
         return PositionwisePoolProjection(self.pool.v_proj, self.pool.c_proj)
