@@ -88,6 +88,9 @@ class DINOConfig:
             feeds it by default. Crops of other sizes use interpolated
             positional embeddings (``dynamic_img_size=True``).
         patch_size, embed_dim, depth, num_heads, mlp_ratio: ViT shape.
+        reg_tokens: Register tokens (Darcet et al., 2023, "Vision Transformers Need
+            Registers"): extra learned tokens that give attention a sink other than
+            background patches, which keeps the [CLS] attention on objects.
         drop_path_rate: Stochastic depth of the student (the teacher has none).
         out_dim: Number of DINO prototypes (output dimension of the head).
         head_hidden_dim, head_bottleneck_dim: DINO head MLP widths.
@@ -131,6 +134,7 @@ class DINOConfig:
     depth: int = 4
     num_heads: int = 4
     mlp_ratio: float = 4.0
+    reg_tokens: int = 0
     drop_path_rate: float = 0.0
     out_dim: int = 256
     head_hidden_dim: int = 512
@@ -224,6 +228,7 @@ def build_backbone(config: DINOConfig) -> VisionTransformer:
         drop_path_rate=config.drop_path_rate,
         num_classes=0,
         global_pool="token",
+        reg_tokens=config.reg_tokens,
         dynamic_img_size=True,
     )
     model.pretrained_cfg = {
