@@ -177,8 +177,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
     if "bundle" in stages:
         dual = DualProjectionCLIP(build_clip(MODEL_CONFIG)).load(clip_dir / "final.pt")
-        dual.load_interpretability(iclip_dir / "interpretability_head.pt").eval()
-        dino = load_tiny_dino(dino_dir)
+        dual.load_interpretability(iclip_dir / "interpretability_head.pt")
+        # The bundle ships float16 weights: measure the models exactly as they will be loaded.
+        dual = dual.half().float().eval()
+        dino = load_tiny_dino(dino_dir).half().float().eval()
         # Each stage's own statistics, also when an earlier (killed) run completed it.
         figures: Dict = {
             "train_scenes": args.train_scenes,
