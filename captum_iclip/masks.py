@@ -132,6 +132,18 @@ def _native_image_size(model: nn.Module) -> GridSize:
     return _as_pair(model.patch_embed.img_size)
 
 
+def _patch_grid(model: nn.Module, images: Tensor) -> GridSize:
+    """The DINO patch grid of ``images``; their size must be divisible by the patch size."""
+    height, width = images.shape[-2:]
+    patch_h, patch_w = dino_patch_size(model)
+    if height % patch_h or width % patch_w:
+        raise ValueError(
+            f"images must have H, W divisible by the DINO patch size {(patch_h, patch_w)}, "
+            f"got {(height, width)}"
+        )
+    return height // patch_h, width // patch_w
+
+
 def _timm_cls_attention(model: nn.Module, images: Tensor) -> Tensor:
     from timm.layers import Attention
     from timm.models.vision_transformer import VisionTransformer
@@ -143,16 +155,10 @@ def _timm_cls_attention(model: nn.Module, images: Tensor) -> Tensor:
         )
     if model.cls_token is None:
         raise ValueError("model has no [CLS] token (class_token=False); its [CLS] attention is undefined")
-    height, width = images.shape[-2:]
-    patch_h, patch_w = dino_patch_size(model)
-    if height % patch_h or width % patch_w:
+    grid_h, grid_w = _patch_grid(model, images)
+    if not model.dynamic_img_size and tuple(images.shape[-2:]) != tuple(model.patch_embed.img_size):
         raise ValueError(
-            f"images must have H, W divisible by the DINO patch size {(patch_h, patch_w)}, "
-            f"got {(height, width)}"
-        )
-    if not model.dynamic_img_size and (height, width) != tuple(model.patch_embed.img_size):
-        raise ValueError(
-            f"images of size {(height, width)} need a timm model built with dynamic_img_size=True "
+            f"images of size {tuple(images.shape[-2:])} need a timm model built with dynamic_img_size=True "
             f"(this one accepts only {tuple(model.patch_embed.img_size)})"
         )
     last_block = model.blocks[-1]
@@ -180,7 +186,6 @@ def _timm_cls_attention(model: nn.Module, images: Tensor) -> Tensor:
     cls_query = q[:, :, :1] * attn.scale
     probs = (cls_query @ k.transpose(-2, -1)).softmax(dim=-1)  # (N, heads, 1, T)
     prefix = model.num_prefix_tokens
-    grid_h, grid_w = height // patch_h, width // patch_w
     return probs[:, :, 0, prefix:].mean(dim=1).reshape(batch, grid_h, grid_w)
 
 
@@ -192,19 +197,12 @@ def _hf_cls_attention(model: nn.Module, images: Tensor) -> Tensor:
             "return attention probabilities; load it with attn_implementation='eager' or call "
             "model.set_attn_implementation('eager')"
         )
-    height, width = images.shape[-2:]
-    patch_h, patch_w = dino_patch_size(model)
-    if height % patch_h or width % patch_w:
-        raise ValueError(
-            f"images must have H, W divisible by the DINO patch size {(patch_h, patch_w)}, "
-            f"got {(height, width)}"
-        )
+    grid_h, grid_w = _patch_grid(model, images)
     kwargs = {"output_attentions": True}
     if "interpolate_pos_encoding" in inspect.signature(model.forward).parameters:
         kwargs["interpolate_pos_encoding"] = True
     outputs = model(pixel_values=images, **kwargs)
     probs = outputs.attentions[-1]  # (N, heads, T, T)
-    grid_h, grid_w = height // patch_h, width // patch_w
     # [CLS] first, then any register tokens, then the patches.
     prefix = probs.shape[-1] - grid_h * grid_w
     if prefix < 1:
