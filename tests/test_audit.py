@@ -22,7 +22,7 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from PIL import Image
 
 from captum_iclip import CLIPSimilarity
-from captum_iclip.audit import background_fraction, command, run_audit
+from captum_iclip.audit import audit, background_fraction, command
 from captum_iclip.audit.command import AuditModel
 from captum_iclip.cli import main as cli_main
 from captum_iclip.models.dual import DualProjectionCLIP
@@ -198,7 +198,7 @@ def test_user_strings_are_escaped(tmp_path):
     model = tiny_audit_model(prompts)
     images = tmp_path / "in"
     write_images(images, 1, corrupt=False)[0].rename(images / 'x<i>&"y.png')
-    summary = run_audit(images, prompts, sim=model.sim, preprocess=model.preprocess, out_dir=tmp_path / "out",
+    summary = audit(images, prompts, sim=model.sim, preprocess=model.preprocess, out_dir=tmp_path / "out",
                         methods=["raw"], progress=False)
     html = summary.index.read_text(encoding="utf-8")
     assert '<b>&"' not in html and "<script" not in html and "<i>" not in html
@@ -228,7 +228,7 @@ def test_background_flag_on_a_constructed_case(tmp_path):
 
     images = tmp_path / "in"
     write_images(images, 2, corrupt=False)
-    summary = run_audit(images, PROMPTS, sim=model.sim, preprocess=model.preprocess, out_dir=tmp_path / "out",
+    summary = audit(images, PROMPTS, sim=model.sim, preprocess=model.preprocess, out_dir=tmp_path / "out",
                         methods={"spread": right_and_top_left, "left": left}, mask_provider=left_half,
                         top_k=1, low_confidence=0.6, progress=False)
     records = ok_records(tmp_path / "out")
@@ -249,7 +249,7 @@ def test_without_masks_the_background_flag_is_not_computed(tmp_path):
     model = tiny_audit_model(PROMPTS, dual=False, masks=False)
     images = tmp_path / "in"
     write_images(images, 1, corrupt=False)
-    summary = run_audit(images, PROMPTS, sim=model.sim, preprocess=model.preprocess, out_dir=tmp_path / "out",
+    summary = audit(images, PROMPTS, sim=model.sim, preprocess=model.preprocess, out_dir=tmp_path / "out",
                         methods=["raw", "mmp"], top_k=1, progress=False)
     html = summary.index.read_text(encoding="utf-8")
     assert "<em>not computed</em>: no foreground mask provider" in section(html, "flagged")
@@ -263,19 +263,19 @@ def test_default_methods_follow_the_model_and_bad_input_is_named(tmp_path):
     write_images(images, 1, corrupt=False)
     plain = tiny_audit_model(PROMPTS, dual=False, masks=False)
     kwargs = dict(sim=plain.sim, preprocess=plain.preprocess, out_dir=tmp_path / "out", top_k=1, progress=False)
-    run_audit(images, PROMPTS, **kwargs)
+    audit(images, PROMPTS, **kwargs)
     (record,) = ok_records(tmp_path / "out")
     assert list(record["top"][0]["maps"]) == ["raw", "surgery", "mmp"]  # no interpretability head: no iclip
     with pytest.raises(ValueError, match="methods: .*iclip.*DualProjectionCLIP"):
-        run_audit(images, PROMPTS, methods=["iclip"], **kwargs)
+        audit(images, PROMPTS, methods=["iclip"], **kwargs)
     with pytest.raises(ValueError, match="methods: unknown"):
-        run_audit(images, PROMPTS, methods=["nope"], **kwargs)
+        audit(images, PROMPTS, methods=["nope"], **kwargs)
     with pytest.raises(ValueError, match="prompts: differ"):
-        run_audit(images, ["x", "y", "z"], **kwargs)
+        audit(images, ["x", "y", "z"], **kwargs)
     with pytest.raises(ValueError, match="images: the pattern"):
-        run_audit(str(tmp_path / "none" / "*.png"), PROMPTS, **kwargs)
+        audit(str(tmp_path / "none" / "*.png"), PROMPTS, **kwargs)
     with pytest.raises(ValueError, match="top_k"):
-        run_audit(images, PROMPTS, **{**kwargs, "top_k": 0})
+        audit(images, PROMPTS, **{**kwargs, "top_k": 0})
 
 
 def test_prompts_file_skips_blank_lines_and_comments(tmp_path):

@@ -15,6 +15,6 @@ Modules: :mod:`~captum_iclip.audit.run` (the computation),
 """
 from captum_iclip.audit.command import main
 from captum_iclip.audit.records import background_fraction, find_images
-from captum_iclip.audit.run import DEFAULT_METHODS, AuditSummary, audit, run_audit
+from captum_iclip.audit.run import DEFAULT_METHODS, AuditSummary, audit
 
-__all__ = ["DEFAULT_METHODS", "AuditSummary", "audit", "background_fraction", "find_images", "main", "run_audit"]
+__all__ = ["DEFAULT_METHODS", "AuditSummary", "audit", "background_fraction", "find_images", "main"]

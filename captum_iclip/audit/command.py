@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
-from captum_iclip.audit.run import DEFAULT_METHODS, run_audit
+from captum_iclip.audit.run import DEFAULT_METHODS, audit
 
 BUNDLED_DEFAULT = "shapes-tiny"
 
@@ -98,7 +98,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     model = load_audit_model(args, prompts)
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
     try:
-        summary = run_audit(
+        summary = audit(
             args.images, prompts, sim=model.sim, preprocess=model.preprocess, out_dir=args.out,
             methods=methods, mask_provider=model.mask_provider, top_k=args.top_k, batch_size=args.batch_size,
             model_name=model.name, low_confidence=args.low_confidence,

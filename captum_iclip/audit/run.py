@@ -56,7 +56,7 @@ def audit(
     low_confidence: float = 0.5,
     background_threshold: float = 0.5,
     progress: bool = True,
-) -> Path:
+) -> AuditSummary:
     """Audit a set of images and write a self-contained static HTML report.
 
     For each image the report shows its ``top_k`` prompts with their softmax
@@ -99,7 +99,8 @@ def audit(
         progress: show a tqdm progress bar.
 
     Returns:
-        The path of ``index.html``.
+        :class:`AuditSummary`: ``index`` (the path of ``index.html``) and the work
+        counts (images explained, reused from records, unreadable).
 
     Examples::
 
@@ -107,33 +108,9 @@ def audit(
         >>> bundle = zoo.load("shapes-tiny")
         >>> sim = CLIPSimilarity(bundle.dual, bundle.tokenizer, bundle.prompts)
         >>> audit("photos/", bundle.prompts, sim=sim, preprocess=bundle.preprocess,
-        ...       mask_provider=bundle.mask_provider, out_dir="audit")   # doctest: +SKIP
+        ...       mask_provider=bundle.mask_provider, out_dir="audit").index   # doctest: +SKIP
         PosixPath('audit/index.html')
     """
-    return run_audit(
-        images, prompts, sim=sim, preprocess=preprocess, out_dir=out_dir, methods=methods,
-        mask_provider=mask_provider, top_k=top_k, batch_size=batch_size, model_name=model_name,
-        low_confidence=low_confidence, background_threshold=background_threshold, progress=progress,
-    ).index
-
-
-def run_audit(
-    images: Union[PathLike, Sequence[PathLike]],
-    prompts: Sequence[str],
-    *,
-    sim: CLIPSimilarity,
-    preprocess: Callable[[Any], Tensor],
-    out_dir: PathLike,
-    methods: Optional[Union[Sequence[str], Mapping[str, Method]]] = None,
-    mask_provider: Any = None,
-    top_k: int = 3,
-    batch_size: int = 16,
-    model_name: Optional[str] = None,
-    low_confidence: float = 0.5,
-    background_threshold: float = 0.5,
-    progress: bool = True,
-) -> AuditSummary:
-    """:func:`audit`, returning an :class:`AuditSummary` (the page and the work counts)."""
     prompts = _check_prompts(prompts, sim)
     _check_fraction(low_confidence, "low_confidence")
     _check_fraction(background_threshold, "background_threshold")
