@@ -18,7 +18,7 @@ from typing import Iterator, List
 
 import pytest
 
-from captum_iclip.audit import run_audit
+from captum_iclip.audit import audit
 from test_audit import PROMPTS, tiny_audit_model, write_images
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -49,7 +49,7 @@ def report(tmp_path_factory) -> Path:
     write_images(folder / "in", 2)
     prompts = PROMPTS + ['<b>&"']
     model = tiny_audit_model(prompts)
-    return run_audit(folder / "in", prompts, sim=model.sim, preprocess=model.preprocess, out_dir=folder / "report",
+    return audit(folder / "in", prompts, sim=model.sim, preprocess=model.preprocess, out_dir=folder / "report",
                      mask_provider=model.mask_provider, top_k=2, model_name=model.name, progress=False).index
 
 
