@@ -62,6 +62,12 @@ def _find_voc_root(root: Path, marker: str, year: str) -> Path:
     )
 
 
+def _split_samples(root: Path, split_dir: str, label_dir: str, split: str) -> list:
+    """(JPEG, label PNG, id) of every id listed in ``root/ImageSets/<split_dir>/<split>.txt``."""
+    ids = read_split_file(root / "ImageSets" / split_dir / f"{split}.txt")
+    return [(root / "JPEGImages" / f"{i}.jpg", root / label_dir / f"{i}.png", i) for i in ids]
+
+
 class VOCSegmentation(SegmentationDataset):
     """PASCAL VOC 2012 semantic segmentation (20 classes + background).
 
@@ -104,18 +110,7 @@ class VOCSegmentation(SegmentationDataset):
         class_names = read_class_names(names_file) if names_file.exists() else list(VOC_CLASSES)
         super().__init__(class_names, find_background(class_names), limit)
         self.split = split
-        ids = read_split_file(self.root / "ImageSets" / "Segmentation" / f"{split}.txt")
-        self._set_samples(
-            [
-                (
-                    self.root / "JPEGImages" / f"{sample_id}.jpg",
-                    self.root / "SegmentationClass" / f"{sample_id}.png",
-                    sample_id,
-                )
-                for sample_id in ids
-            ],
-            self.root,
-        )
+        self._set_samples(_split_samples(self.root, "Segmentation", "SegmentationClass", split), self.root)
 
 
 class PascalContext59(SegmentationDataset):
@@ -156,18 +151,7 @@ class PascalContext59(SegmentationDataset):
         self.root = _find_voc_root(Path(root), "SegmentationClassContext", "VOC2010")
         super().__init__(CONTEXT59_CLASSES, None, limit)
         self.split = split
-        ids = read_split_file(self.root / "ImageSets" / "SegmentationContext" / f"{split}.txt")
-        self._set_samples(
-            [
-                (
-                    self.root / "JPEGImages" / f"{sample_id}.jpg",
-                    self.root / "SegmentationClassContext" / f"{sample_id}.png",
-                    sample_id,
-                )
-                for sample_id in ids
-            ],
-            self.root,
-        )
+        self._set_samples(_split_samples(self.root, "SegmentationContext", "SegmentationClassContext", split), self.root)
 
     def _read_label(self, path: Path) -> np.ndarray:
         raw = load_index_png(path)

@@ -36,7 +36,7 @@ def build_method(
     ig_steps: int = 16,
     baseline: Optional[Tensor] = None,
 ) -> Method:
-    """Return ``fn(images, targets) -> (N, 1, H, W)`` for method ``name``.
+    """Return ``fn(images, target) -> (N, 1, H, W)`` for method ``name`` (Captum's explanation-function form).
 
     Args:
         name: one of :data:`METHODS`.
@@ -48,11 +48,11 @@ def build_method(
     """
     method = _build(name, sim, mask_provider=mask_provider, ig_steps=ig_steps, baseline=baseline)
 
-    def run(images, targets):
-        # Captum's metrics (sensitivity_max) call explanation functions with 1-tuples.
+    def run(images, target):
+        # Captum's metrics (sensitivity_max) call explanation functions with 1-tuples and target=.
         if isinstance(images, tuple):
-            return (method(images[0], targets),)
-        return method(images, targets)
+            return (method(images[0], target),)
+        return method(images, target)
 
     return run
 

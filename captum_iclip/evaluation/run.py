@@ -404,14 +404,6 @@ def _faithfulness_sample(dataset: SegmentationDataset, count: int,
     return sample
 
 
-def _tensor_input(run: Any) -> Any:
-    """``run`` as a Captum explanation function: Captum's metrics pass the inputs as a 1-tuple."""
-    def explain(inputs: Any, target: Any) -> Tensor:
-        return run(inputs[0] if isinstance(inputs, tuple) else inputs, target)
-
-    return explain
-
-
 def _faithfulness_records(sim: CLIPSimilarity, runners: Dict[str, Any], dataset: SegmentationDataset,
                           sample: List[Tuple[int, int]], config: EvalConfig, resolution: int,
                           device: torch.device, show: bool) -> List[dict]:
@@ -438,7 +430,7 @@ def _faithfulness_records(sim: CLIPSimilarity, runners: Dict[str, Any], dataset:
             infidelity = infidelity_score(sim, attributions, x, target, perturb_func=perturb,
                                           n_perturb_samples=config.faithfulness_perturbations)
             torch.manual_seed(config.seed * 1_000_003 + index)
-            sensitivity = sensitivity_score(_tensor_input(run), x, target,
+            sensitivity = sensitivity_score(run, x, target,
                                             perturb_radius=SENSITIVITY_RADIUS,
                                             n_perturb_samples=config.faithfulness_perturbations)
             records.append({"index": index, "name": name, "method": method, "target": target_class,
