@@ -208,3 +208,28 @@ def test_bad_input_is_reported(tmp_path, files, sim, dataset, capsys):
         evaluate(EvalConfig("voc", "unused", resolution=36, out=None), sim, dataset=dataset)
     assert main(_cli_args(files, tmp_path, methods="raw,bogus")) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def test_methods_follow_captums_explanation_function_contract(sim):
+    """sensitivity_max calls explanations with a 1-tuple and target=; a tensor returned for a
+    tuple input is silently mis-scored by Captum (and fails for batches of 2), so the methods
+    must return a 1-tuple then. The score is a max of relative changes, bounded by the largest
+    relative change any perturbation in the radius can cause."""
+    from captum_iclip.evaluation.faithfulness import sensitivity_score
+
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    run = build_method("raw", sim)
+    as_tuple = run((images,), target=0)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], run(images, 0))
+    torch.manual_seed(0)
+    scores = sensitivity_score(run, images, target=0, perturb_radius=0.02, n_perturb_samples=4)
+    assert scores.shape == (2,) and torch.isfinite(scores).all()
+    # Same perturbations, computed by hand for each image.
+    torch.manual_seed(0)
+    for i in range(2):
+        base = run(images[i:i + 1], 0)
+        worst = max(
+            float((run(images[i:i + 1] + (torch.rand_like(images[i:i + 1]) * 2 - 1) * 0.02, 0) - base).norm() / base.norm())
+            for _ in range(200)
+        )
+        assert float(scores[i]) <= worst * 1.5
