@@ -180,6 +180,33 @@ def test_training_is_reproducible_with_a_fixed_seed():
         assert torch.equal(a, b)
 
 
+def test_worker_processes_change_the_speed_not_the_result():
+    config = DINOConfig(**TINY, steps=3, drop_path_rate=0.1)
+    in_process, stats = train_dino(random_images(6), config, progress=False)
+    workers, stats_workers = train_dino(random_images(6), DINOConfig(**TINY, steps=3, drop_path_rate=0.1, data_workers=2),
+                                        progress=False)
+    assert stats["losses"] == stats_workers["losses"]
+    for a, b in zip(in_process.state_dict().values(), workers.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_batches_are_epoch_permutations_and_a_pure_function_of_the_step():
+    from captum_iclip.training.dino import _AugmentedBatches
+
+    batches = _AugmentedBatches(random_images(6), DINOConfig(**TINY, steps=6))
+    drawn = [batches.indices(step) for step in range(6)]  # 24 positions = 4 epochs of 6 images
+    flat = sum(drawn, [])
+    assert [sorted(flat[e * 6:(e + 1) * 6]) for e in range(4)] == [list(range(6))] * 4
+    assert flat[:6] != flat[6:12]  # a new order each epoch
+    later_first = batches[4]
+    torch.manual_seed(123)
+    rng_before = torch.get_rng_state()
+    assert all(torch.equal(a, b) for a, b in zip(later_first, batches[4]))
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the caller's RNG is left alone
+    stream = _AugmentedBatches(lambda i: random_images(1, seed=i)[0], DINOConfig(**TINY, steps=2))
+    assert stream.indices(1) == [4, 5, 6, 7]
+
+
 def test_save_load_round_trip_gives_identical_outputs(trained, tmp_path):
     config, backbone, stats, out_dir = trained
     assert stats["weights_path"] == str(out_dir / WEIGHTS_NAME)

@@ -15,6 +15,10 @@ from captum_iclip.zoo.train import MODEL_CONFIG, dino_foreground_iou, zero_shot_
 # bundle's config.json ("training"). It sits below the measurement and well above chance, so
 # that a broken bundle or loader fails.
 ZERO_SHOT_MARGIN_OVER_CHANCE = 10.0  # percentage points
+# Floor of the DINO attention, stated in the same closing note: the [CLS] attention puts at least
+# 1.5x the objects' share of the image on them (1.65x measured). The IoU of the top-60 %-mass masks
+# is reported, not floored: it is level with the trivial "every patch" mask (see the README).
+DINO_ATTENTION_OVER_AREA = 1.5
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +53,13 @@ def test_zero_shot_accuracy_is_well_above_chance(bundle):
     assert result["accuracy"] >= result["chance"] + ZERO_SHOT_MARGIN_OVER_CHANCE, result
 
 
-def test_recorded_dino_mask_figures_are_reproduced(bundle):
-    # The bundle records the IoU of its DINO masks with the ground-truth foreground; the loaded
-    # mask provider must reproduce it. (The figure itself is reported, not asserted against a
-    # floor: the tiny DINO's [CLS] attention prefers the background, see the README.)
+def test_dino_attention_prefers_the_objects_and_reproduces_the_recorded_figures(bundle):
     recorded = bundle.info["dino_masks"]
     result = dino_foreground_iou(bundle.mask_provider.model, num_scenes=recorded["scenes"])
-    assert result["dino_iou"] == pytest.approx(recorded["dino_iou"], abs=1e-6)
+    for key in ("dino_iou", "attention_on_objects", "object_area"):
+        assert result[key] == pytest.approx(recorded[key], abs=1e-4), key
     assert result["all_patches_iou"] == pytest.approx(recorded["all_patches_iou"], abs=1e-9)
+    assert result["attention_on_objects"] >= DINO_ATTENTION_OVER_AREA * result["object_area"], result
 
 
 def test_demo_writes_figure_and_tables(tmp_path):

@@ -63,7 +63,7 @@ WEIGHTS_NAME = "tiny_dino.pt"
 CONFIG_NAME = "tiny_dino.json"
 CHECKPOINT_NAME = "checkpoint.pt"
 # DINOConfig fields that do not change the training trajectory (ignored when resuming).
-_RUNTIME_FIELDS = ("num_threads", "checkpoint_every")
+_RUNTIME_FIELDS = ("num_threads", "checkpoint_every", "data_workers")
 
 ImageSource = Union[Callable[[int], Any], Sequence[Any], torch.utils.data.Dataset]
 
@@ -72,15 +72,24 @@ ImageSource = Union[Callable[[int], Any], Sequence[Any], torch.utils.data.Datase
 class DINOConfig:
     """Settings of a tiny DINO run.
 
-    The defaults suit 96 x 96 procedural scenes on two CPU cores (about 1.7 s
-    of single-thread CPU time per step, so 500 steps fit in 15 minutes). They
-    differ from DINO's ImageNet recipe where short schedules and texture-rich
-    backgrounds call for it: every crop is blurred (sigma up to 3 px) and the
-    colour jitter is stronger, so the background texture and palette that
-    would identify an image across views are destroyed while the saturated
-    shapes survive; a small head (256 prototypes), a constant teacher
-    temperature of 0.04, a start momentum of 0.99 and a higher learning rate
-    let the teacher sharpen and move within a few hundred steps.
+    The defaults are the recipe of the bundled ``shapes-tiny`` mask source:
+    96 x 96 procedural scenes on two CPU cores. They differ from DINO's
+    ImageNet recipe where a schedule of about a thousand small steps calls for it:
+
+    * QK-normalisation (``qk_norm=True``): with timm's small initialisation the
+      attention logits start near zero and the [CLS] attention stayed almost
+      uniform for hundreds of steps; normalised queries and keys give O(1)
+      logits from the start.
+    * No colour jitter, grayscale, blur or solarisation (their probabilities
+      are 0; the ranges are DINO's, ready to switch on). On the procedural
+      world, colour jitter (DINO's, hue alone, or brightness and contrast
+      alone) either made the loss climb back towards ``ln(out_dim)`` (a
+      uniform collapse) or turned the [CLS] attention *away* from the objects:
+      once the objects' colours are unreliable across views, the background
+      texture is what identifies an image, and the attention learns to skip
+      the objects. Blur alone changed little.
+    * A start momentum of 0.996, 1024 prototypes and a last layer frozen for
+      the first 30 steps, as in DINO.
 
     Args:
         image_size: Input size the backbone is built for (its positional
@@ -92,6 +101,8 @@ class DINOConfig:
             Registers"): extra learned tokens meant to give attention a sink other
             than background patches. (On the procedural world, 4 registers did not
             move the tiny model's [CLS] attention off the background in 300 steps.)
+        qk_norm: LayerNorm on the queries and keys of every attention (timm's
+            ``qk_norm``); :func:`~captum_iclip.masks.cls_attention` applies it too.
         drop_path_rate: Stochastic depth of the student (the teacher has none).
         out_dim: Number of DINO prototypes (output dimension of the head).
         head_hidden_dim, head_bottleneck_dim: DINO head MLP widths.
@@ -127,6 +138,9 @@ class DINOConfig:
             too).
         num_threads: ``torch.set_num_threads`` during training (restored after);
             ``None`` leaves the caller's setting alone.
+        data_workers: Processes that decode and augment upcoming batches while
+            the model trains (``0``: in the training process). Batches depend only
+            on ``seed`` and the step, so this changes the speed, not the result.
     """
 
     image_size: int = 96
@@ -136,8 +150,9 @@ class DINOConfig:
     num_heads: int = 4
     mlp_ratio: float = 4.0
     reg_tokens: int = 0
+    qk_norm: bool = True
     drop_path_rate: float = 0.0
-    out_dim: int = 256
+    out_dim: int = 1024
     head_hidden_dim: int = 512
     head_bottleneck_dim: int = 128
     global_crop_size: int = 64
@@ -145,13 +160,13 @@ class DINOConfig:
     num_local_crops: int = 4
     global_crop_scale: Tuple[float, float] = (0.35, 1.0)
     local_crop_scale: Tuple[float, float] = (0.08, 0.35)
-    color_jitter: Tuple[float, float, float, float] = (0.6, 0.6, 0.4, 0.1)
-    color_jitter_prob: float = 0.8
-    grayscale_prob: float = 0.2
-    blur_probs: Tuple[float, float, float] = (1.0, 1.0, 1.0)
-    blur_sigma: Tuple[float, float] = (0.5, 3.0)
-    solarize_prob: float = 0.2
-    steps: int = 500
+    color_jitter: Tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    color_jitter_prob: float = 0.0
+    grayscale_prob: float = 0.0
+    blur_probs: Tuple[float, float, float] = (0.0, 0.0, 0.0)
+    blur_sigma: Tuple[float, float] = (0.1, 2.0)
+    solarize_prob: float = 0.0
+    steps: int = 1000
     batch_size: int = 32
     lr: float = 5e-4
     min_lr: float = 1e-5
@@ -159,16 +174,17 @@ class DINOConfig:
     weight_decay: float = 0.04
     weight_decay_end: float = 0.1
     clip_grad: float = 3.0
-    freeze_last_layer_steps: int = 0
+    freeze_last_layer_steps: int = 30
     student_temp: float = 0.1
     teacher_temp_start: float = 0.04
     teacher_temp: float = 0.04
     teacher_temp_warmup_steps: int = 100
-    momentum_start: float = 0.99
+    momentum_start: float = 0.996
     center_momentum: float = 0.9
     seed: int = 0
     checkpoint_every: int = 50
     num_threads: Optional[int] = None
+    data_workers: int = 0
 
     def __post_init__(self) -> None:
         self.global_crop_scale = tuple(self.global_crop_scale)
@@ -187,6 +203,8 @@ class DINOConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be non-negative (0 disables), got {self.checkpoint_every}")
+        if self.data_workers < 0:
+            raise ValueError(f"data_workers must be non-negative (0: augment in this process), got {self.data_workers}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be None or at least 1, got {self.num_threads}")
         if self.num_local_crops < 0:
@@ -230,6 +248,7 @@ def build_backbone(config: DINOConfig) -> VisionTransformer:
         num_classes=0,
         global_pool="token",
         reg_tokens=config.reg_tokens,
+        qk_norm=config.qk_norm,
         dynamic_img_size=True,
     )
     model.pretrained_cfg = {
@@ -461,12 +480,22 @@ def _to_uint8_chw(item: Any) -> Tensor:
     return item.contiguous()
 
 
-class _BatchSampler:
-    """Draws image batches from a dataset (shuffled per epoch) or a ``index -> image`` callable."""
+def _derived_seed(*entropy: int) -> int:
+    """A 63-bit seed that depends on every value of ``entropy`` (NumPy's ``SeedSequence`` mixing)."""
+    return int(np.random.SeedSequence(list(entropy)).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
-    def __init__(self, source: ImageSource, batch_size: int, generator: torch.Generator) -> None:
-        self.batch_size = batch_size
-        self.generator = generator
+
+class _AugmentedBatches(torch.utils.data.Dataset):
+    """Step ``s`` -> the multi-crop views of the ``s``-th batch, as ``[view_0, ..., view_n]`` tensors.
+
+    Each batch is a pure function of ``(seed, step)``: the images come from
+    per-epoch permutations seeded by ``(seed, epoch)`` (or are items
+    ``s * batch_size ...`` of a callable stream) and the augmentations run under
+    a torch seed derived from ``(seed, step)``. So batches can be prepared ahead
+    in worker processes, and a resumed run only needs to know its next step.
+    """
+
+    def __init__(self, source: ImageSource, config: DINOConfig) -> None:
         if hasattr(source, "__getitem__") and hasattr(source, "__len__"):
             if len(source) == 0:
                 raise ValueError("source is empty")
@@ -479,28 +508,38 @@ class _BatchSampler:
                 "source must be a map-style dataset / sequence of uint8 images or a callable index -> image, "
                 f"got {type(source).__name__}"
             )
-        self.order: List[int] = []
-        self.next_index = 0
+        self.batch_size = config.batch_size
+        self.seed = config.seed
+        self.steps = config.steps
+        self.num_views = 2 + config.num_local_crops
+        self.augment = multi_crop_transform(config)
+        self._epoch_order: Tuple[int, List[int]] = (-1, [])
 
-    def __call__(self) -> List[Tensor]:
-        indices = []
-        for _ in range(self.batch_size):
-            if self.length is None:
-                indices.append(self.next_index)
-                self.next_index += 1
-            else:
-                if not self.order:
-                    self.order = torch.randperm(self.length, generator=self.generator).tolist()
-                indices.append(self.order.pop())
-        return [_to_uint8_chw(self.fetch(index)) for index in indices]
+    def __len__(self) -> int:
+        return self.steps
 
-    def state_dict(self) -> Dict[str, Any]:
-        """Position in the stream and the pending epoch order (the generator is saved by the caller)."""
-        return {"order": list(self.order), "next_index": self.next_index}
+    def _order(self, epoch: int) -> List[int]:
+        if self._epoch_order[0] != epoch:
+            generator = torch.Generator().manual_seed(_derived_seed(self.seed, epoch, 0))
+            self._epoch_order = (epoch, torch.randperm(self.length, generator=generator).tolist())
+        return self._epoch_order[1]
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.order = list(state["order"])
-        self.next_index = int(state["next_index"])
+    def indices(self, step: int) -> List[int]:
+        """Source indices of batch ``step``."""
+        first = step * self.batch_size
+        positions = range(first, first + self.batch_size)
+        if self.length is None:
+            return list(positions)
+        return [self._order(p // self.length)[p % self.length] for p in positions]
+
+    def __getitem__(self, step: int) -> List[Tensor]:
+        images = [_to_uint8_chw(self.fetch(index)) for index in self.indices(step)]
+        # The transforms draw from the global torch RNG: seed it per step, and leave the
+        # caller's stream (e.g. stochastic depth in the main process) untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_derived_seed(self.seed, step, 1))
+            views = [self.augment(image) for image in images]
+        return [torch.stack([v[k] for v in views]) for k in range(self.num_views)]
 
 
 # --------------------------------------------------------------------------- #
@@ -594,11 +633,12 @@ def train_dino(
     """Train a tiny ViT with DINO and return the teacher backbone.
 
     Every ``config.checkpoint_every`` steps, and after the last one, the full
-    training state (student, teacher, optimizer, loss center, step, losses, the
-    global torch RNG and the data generator) is written atomically to
-    ``out_dir/checkpoint.pt``. With ``resume=True`` training continues from that
-    file and ends in the same state, bit for bit, as an uninterrupted run with
-    the same thread count (the data source must give the same images again).
+    training state (student, teacher, optimizer, loss center, step, losses and
+    the global torch RNG) is written atomically to ``out_dir/checkpoint.pt``.
+    Batch ``s`` depends only on ``config.seed`` and ``s``, so with ``resume=True``
+    training continues from that file and ends in the same state, bit for bit,
+    as an uninterrupted run with the same thread count (the data source must
+    give the same images again).
 
     Args:
         source: Training images: a map-style dataset or sequence whose items are
@@ -613,7 +653,7 @@ def train_dino(
         progress (bool): Show a tqdm progress bar.
         resume (bool): Continue from ``out_dir/checkpoint.pt`` when it exists
             (a missing file starts from scratch). Its settings must equal
-            ``config`` except ``num_threads`` and ``checkpoint_every``.
+            ``config`` except ``num_threads``, ``checkpoint_every`` and ``data_workers``.
 
     Returns:
         tuple: ``(teacher_backbone, stats)``. The backbone is in eval mode
@@ -654,9 +694,7 @@ def _train(
     resume: bool,
 ) -> Tuple[VisionTransformer, Dict[str, Any]]:
     torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    sample_batch = _BatchSampler(source, config.batch_size, generator)
-    augment = multi_crop_transform(config)
+    batches = _AugmentedBatches(source, config)
 
     student = _MultiCropNetwork(
         build_backbone(config),
@@ -675,8 +713,6 @@ def _train(
         teacher.load_state_dict(state["teacher"])
         optimizer.load_state_dict(state["optimizer"])
         criterion.center.copy_(state["center"])
-        sample_batch.load_state_dict(state["sampler"])
-        generator.set_state(state["generator_rng"])
         torch.set_rng_state(state["torch_rng"])
         first_step, losses, earlier_wall_time = state["step"], list(state["losses"]), state["wall_time_s"]
 
@@ -701,23 +737,30 @@ def _train(
             "teacher": teacher.state_dict(),
             "optimizer": optimizer.state_dict(),
             "center": criterion.center.clone(),
-            "sampler": sample_batch.state_dict(),
-            "generator_rng": generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "losses": list(losses),
             "wall_time_s": earlier_wall_time + time.perf_counter() - start,
         }
         atomic_torch_save(state, checkpoint_path)
 
+    # Workers augment the next batches while this process trains on the current one.
+    loader = torch.utils.data.DataLoader(
+        batches,
+        batch_size=None,
+        sampler=range(first_step, config.steps),
+        num_workers=config.data_workers,
+        prefetch_factor=2 if config.data_workers else None,
+        # Its own generator: creating the iterator must not draw from the global RNG,
+        # whose state a resumed run restores before this point.
+        generator=torch.Generator(),
+    )
     start = time.perf_counter()
-    bar = tqdm(range(first_step, config.steps), desc="DINO", disable=not progress, initial=first_step, total=config.steps)
-    for step in bar:
+    bar = tqdm(loader, desc="DINO", disable=not progress, initial=first_step, total=config.steps)
+    for step, crops in enumerate(bar, start=first_step):
         for group in optimizer.param_groups:
             group["lr"] = float(lr_schedule[step])
         optimizer.param_groups[0]["weight_decay"] = float(wd_schedule[step])
 
-        views = [augment(image) for image in sample_batch()]
-        crops = [torch.stack([v[i] for v in views]) for i in range(num_views)]
         global_crops = torch.cat(crops[:2])
         student_inputs = [global_crops] + ([torch.cat(crops[2:])] if config.num_local_crops else [])
 
