@@ -2,15 +2,12 @@
 
 The report is served by ``http.server`` on 127.0.0.1 (an ephemeral port, in a
 thread) and also opened from ``file://``; every ``<img>`` must load and the
-console must stay free of errors. A full-page screenshot goes to ``tmp_path``
-(and to ``docs/audit-report.png`` when ``CAPTUM_ICLIP_SAVE_SCREENSHOT`` is set).
+console must stay free of errors. A full-page screenshot goes to ``tmp_path``.
 No browser is downloaded: CI installs Chromium with ``tests/install-browser.sh``.
 """
 from __future__ import annotations
 
 import functools
-import os
-import shutil
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,8 +23,6 @@ CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
     "--disable-sync", "--no-first-run", "--disable-quic",
 ]
-SCREENSHOT_ENV = "CAPTUM_ICLIP_SAVE_SCREENSHOT"
-DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "audit-report.png"
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(), reason=f"{CHROMIUM} is absent; install it with tests/install-browser.sh (apt-get install chromium)"
@@ -102,9 +97,6 @@ def test_report_over_http_loads_every_image(browser, server, report, tmp_path):
     screenshot = tmp_path / "audit-report.png"
     page.screenshot(path=str(screenshot), full_page=True)
     assert screenshot.stat().st_size > 10_000
-    if os.environ.get(SCREENSHOT_ENV):
-        DOCS_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(screenshot, DOCS_SCREENSHOT)
     page.close()
     assert errors == []
 
