@@ -88,6 +88,9 @@ class DINOConfig:
       once the objects' colours are unreliable across views, the background
       texture is what identifies an image, and the attention learns to skip
       the objects. Blur alone changed little.
+    * Six blocks: with four, the last block's [CLS] attention was less
+      selective (mask IoU 13.0 % after 400 steps, against 16.2 % after 200
+      with six, on 100 held-out scenes).
     * A start momentum of 0.996, 1024 prototypes and a last layer frozen for
       the first 30 steps, as in DINO.
 
@@ -147,7 +150,7 @@ class DINOConfig:
     image_size: int = 96
     patch_size: int = 8
     embed_dim: int = 128
-    depth: int = 4
+    depth: int = 6
     num_heads: int = 4
     mlp_ratio: float = 4.0
     reg_tokens: int = 0
