@@ -669,7 +669,14 @@ class DINOMaskProvider(MaskProvider):
         return cls_attention(self.model, x).float()
 
     def compute_mask(self, images: Tensor, grid_size: GridSize) -> Tensor:
-        attention = self.attention(images)
+        return self.mask_from_attention(self.attention(images), grid_size)
+
+    def mask_from_attention(self, attention: Tensor, grid_size: GridSize) -> Tensor:
+        """SPEC §3's foreground on ``grid_size`` from :meth:`attention` maps ``(N, h_d, w_d)``.
+
+        Returns:
+            Tensor: ``(N, h * w)`` bool masks (before the empty-mask fallback of ``forward``).
+        """
         if self.resample == "bilinear":
             if tuple(attention.shape[-2:]) != tuple(grid_size):
                 shrinking = grid_size[0] < attention.shape[-2] or grid_size[1] < attention.shape[-1]

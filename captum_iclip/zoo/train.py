@@ -99,8 +99,8 @@ def dino_foreground_iou(dino, num_scenes: int = 200, size: int = IMAGE_SIZE) -> 
     scenes = [generate_scene(HELDOUT_SEED_START + 1000 + i, size) for i in range(num_scenes)]
     images = torch.stack([preprocess(s.image) for s in scenes])
     with torch.no_grad():
-        masks = provider(images, grid).reshape(-1, *grid)
-        attention = provider.attention(images)
+        attention = provider.attention(images)  # one DINO pass for both figures
+    masks = provider.mask_from_attention(attention, grid).reshape(-1, *grid)
     foreground = torch.stack([torch.from_numpy((s.label > 0).astype(np.float32)) for s in scenes])[:, None]
     truth = torch.nn.functional.adaptive_avg_pool2d(foreground, grid)[:, 0] >= 0.5
     # Share of the [CLS] attention on object pixels, against the share of the image they cover.
