@@ -1,4 +1,5 @@
-"""Atomic file writes: a killed run never leaves a half-written file under the final name."""
+"""The package's file I/O in one place: atomic writes (a killed run never leaves a half-written
+file under the final name), safe checkpoint loading, and the one image reader of every command."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,26 @@ from typing import IO, Any, Callable, Union
 import torch
 
 PathLike = Union[str, os.PathLike]
+
+
+def check_output_file(path: str, argument: str) -> None:
+    """An output file must not be a folder, and its folder must not be a file."""
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{argument}: expected a file name, got the folder {target}")
+    for parent in target.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"{argument}: {parent} is a file, not a folder")
+
+
+def check_output_folder(path: PathLike, argument: str) -> Path:
+    """An output folder must not be a file (nor lie under one)."""
+    target = Path(path)
+    for candidate in (target, *target.parents):
+        if candidate.exists() and not candidate.is_dir():
+            what = "expected a folder, got the file" if candidate == target else "lies under the file"
+            raise ValueError(f"{argument}: {what} {candidate}")
+    return target
 
 
 def atomic_write(path: PathLike, write: Callable[[IO], Any], mode: str = "wb") -> Path:
@@ -51,3 +72,90 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
 def atomic_torch_save(obj: Any, path: PathLike) -> Path:
     """``torch.save`` made atomic."""
     return atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+# ----------------------------------------------------------------------------------
+# Reading: checkpoints and images
+# ----------------------------------------------------------------------------------
+def load_torch_file(path: PathLike, argument: str = "path") -> Any:
+    """``torch.load`` of a file written by ``torch.save``, with tensors and plain containers only.
+
+    ``weights_only=True`` always: a checkpoint is data, and unpickling arbitrary
+    objects from a file a user was handed would run code from it. A missing,
+    truncated or corrupt file (or one holding other objects) raises
+    :class:`ValueError` naming ``argument`` and the file.
+
+    Args:
+        path: the file.
+        argument: the name of the argument or option the path came from (for the message).
+
+    Returns:
+        What the file holds, on the CPU.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{argument}: no file at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError, zipfile errors, ...
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{argument}: cannot read {path} as a torch checkpoint (corrupt, truncated or holding "
+                         f"objects other than tensors and plain containers): {reason}") from error
+
+
+def read_image(source: Union[PathLike, bytes, "PIL.Image.Image"], argument: str = "image") -> "PIL.Image.Image":
+    """The one image reader of every command: decode an image file into an 8-bit RGB ``PIL`` image.
+
+    Differences from ``Image.open(path).convert("RGB")``, which is wrong for some files:
+
+    * EXIF orientation is applied (a phone photo stored sideways is shown upright);
+    * 16-bit greyscale (``I;16*``) and 32-bit integer (``I``) images are scaled from
+      ``[0, 65535]`` to ``[0, 255]`` (``convert`` clips them, so most pixels become white);
+    * 32-bit float (``F``) images are read as intensities in ``[0, 1]`` and scaled to
+      ``[0, 255]`` (``convert`` truncates them to 0 or 1, a black image);
+    * the whole file is decoded here, so a truncated file fails here, naming the file.
+
+    Palette, greyscale, CMYK and alpha images are converted by PIL as usual (alpha is dropped,
+    as open_clip's preprocessing does).
+
+    Args:
+        source: a path, the encoded bytes of an image, or an open PIL image.
+        argument: the name of the argument the image came from (for the message).
+
+    Returns:
+        An RGB image (mode ``"RGB"``, 8 bits per channel).
+
+    Raises:
+        FileNotFoundError: ``source`` is a path to no file.
+        OSError: the file cannot be decoded; the message names it.
+    """
+    import io
+
+    from PIL import Image, ImageOps
+
+    if isinstance(source, Image.Image):
+        return _to_rgb8(ImageOps.exif_transpose(source))
+    name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+    if not isinstance(source, (bytes, bytearray)) and not Path(source).is_file():
+        raise FileNotFoundError(f"{argument}: no image file at {name}")
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as image:
+            image.load()
+            return _to_rgb8(ImageOps.exif_transpose(image))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise OSError(f"{argument}: cannot decode image {name}: {type(error).__name__}: {error}") from error
+
+
+def _to_rgb8(image: "PIL.Image.Image") -> "PIL.Image.Image":
+    import numpy as np
+    from PIL import Image
+
+    if image.mode.startswith("I"):  # I;16, I;16B, I;16L, I;16N (16-bit) and I (32-bit int, how 16-bit PNGs may open)
+        values = np.asarray(image).astype(np.float64)
+        grey = np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if image.mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
+        grey = np.clip(np.round(values * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")

@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
+
+from captum_iclip._io import check_output_file, check_output_folder
 
 # Subcommands whose argument parsing lives with their code: name -> module with main(argv).
 DELEGATED = {
@@ -37,26 +39,61 @@ def image_transform(resolution, mean: Sequence[float], std: Sequence[float]):
 
 
 def open_images(paths: Sequence[str]):
-    """Open images as RGB, with an error naming the file that cannot be read."""
-    from PIL import Image, UnidentifiedImageError
+    """Open images as RGB with the package's one reader (:func:`captum_iclip._io.read_image`);
+    its error names the file that cannot be read."""
+    from captum_iclip._io import read_image
 
-    images = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        except FileNotFoundError:
-            raise SystemExit(f"captum-iclip: image not found: {path}")
-        except (UnidentifiedImageError, OSError) as error:
-            raise SystemExit(f"captum-iclip: cannot read image {path}: {error}")
-    return images
+    return [read_image(path, "images") for path in paths]
 
 
 def split_prompts(text: str) -> List[str]:
     prompts = [p.strip() for p in text.split(",") if p.strip()]
     if not prompts:
-        raise SystemExit("captum-iclip: --prompts is empty; give comma-separated texts, e.g. --prompts \"a cat,a dog\"")
+        raise ValueError("--prompts: expected comma-separated texts, e.g. --prompts \"a cat,a dog\", got none")
     return prompts
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (its type when it has none)."""
+    text = " ".join(str(error).split())
+    if isinstance(error, KeyError) and error.args:
+        text = f"KeyError: {error.args[0]!r}"
+    return text or type(error).__name__
+
+
+# Set by ``captum-iclip --debug``: errors keep their traceback.
+DEBUG = False
+
+
+def run_command(prog: str, command: Callable[[], Optional[int]], debug: Optional[bool] = None) -> int:
+    """Run a command and turn its errors into one line on stderr and exit status 2.
+
+    Bad input raises ``ValueError``/``TypeError`` naming the argument; unreadable files raise
+    ``OSError``; a model or file that torch cannot use raises ``RuntimeError``. Each becomes
+    ``"<prog>: error: <message>"`` and status 2, with no traceback (``--debug`` shows it).
+    ``SystemExit`` with a message (``"name: expected ..."``) is reported the same way;
+    argparse's own exits pass through.
+    """
+    from captum_iclip.models.loading import WeightsUnavailableError
+
+    debug = DEBUG if debug is None else debug
+    try:
+        return int(command() or 0)
+    except SystemExit as exit_:
+        if not isinstance(exit_.code, str):
+            raise
+        if debug:
+            raise
+        message = exit_.code
+        if message.startswith(f"{prog}: "):
+            message = message[len(prog) + 2:]
+        print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, OSError, RuntimeError, KeyError, WeightsUnavailableError) as error:
+        if debug:
+            raise
+        print(f"{prog}: error: {one_line(error)} (--debug shows the traceback)", file=sys.stderr)
+        return 2
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,16 +103,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pretrained", default=None, help="open_clip pretrained tag, e.g. openai")
     group.add_argument("--hf-model", default=None, help="Hugging Face CLIP model id or local folder")
     group.add_argument("--checkpoint", default=None, help="local open_clip checkpoint file for --model")
+    group.add_argument("--random-weights", action="store_true",
+                       help="explain an open_clip --model with its random initialisation (no weights) on purpose")
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_model_from_args(args: argparse.Namespace):
-    from captum_iclip.models.loading import WeightsUnavailableError, load_clip
+    from captum_iclip.models.loading import load_clip
 
-    try:
-        return load_clip(args.model, args.pretrained, hf_model=args.hf_model, checkpoint=args.checkpoint, device=args.device)
-    except WeightsUnavailableError as error:
-        raise SystemExit(f"captum-iclip: {error}")
+    return load_clip(args.model, args.pretrained, hf_model=args.hf_model, checkpoint=args.checkpoint,
+                     device=args.device, random_weights=getattr(args, "random_weights", False))
 
 
 def explain(args: argparse.Namespace) -> int:
@@ -83,9 +120,15 @@ def explain(args: argparse.Namespace) -> int:
     from captum_iclip.viz import attribution_grid, denormalize
 
     prompts = split_prompts(args.prompts)
+    check_output_file(args.out, "--out")
     loaded = load_model_from_args(args)
     sim = CLIPSimilarity(loaded.model, loaded.tokenizer, prompts, output="logits")
     adapter = sim.adapter
+    if args.resolution is not None:
+        ph, pw = adapter.patch_size
+        if args.resolution < 1 or args.resolution % ph or args.resolution % pw:
+            raise ValueError(f"--resolution: expected a positive multiple of the model's patch size "
+                             f"{ph}x{pw}, got {args.resolution}")
     transform = image_transform(args.resolution or adapter.image_size, adapter.image_mean, adapter.image_std)
     pil_images = open_images(args.images)
     batch = torch.stack([transform(image) for image in pil_images]).to(args.device, adapter.parameter.dtype)
@@ -109,12 +152,19 @@ def explain(args: argparse.Namespace) -> int:
 def demo(args: argparse.Namespace) -> int:
     from captum_iclip.demo import run_demo
 
+    if args.num_images < 1:
+        raise ValueError(f"--num-images: expected at least 1, got {args.num_images}")
+    check_output_folder(args.out, "--out")
+
     run_demo(out_dir=args.out, num_images=args.num_images, device=args.device, progress=not args.no_progress)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="captum-iclip", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="captum-iclip", description=__doc__.split("\n\n")[0],
+                                     epilog="Errors are one line with exit status 2; --debug (anywhere on the "
+                                            "command line) shows their traceback.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("explain", help="attribute images against prompts and write an overlay grid")
@@ -128,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job on the bundled offline models: figure grid and metric table")
     p.add_argument("--out", default="captum-iclip-demo", help="output folder")
-    p.add_argument("--num-images", type=int, default=48, help="held-out scenes to evaluate")
+    p.add_argument("-n", "--num-images", type=int, default=48, help="held-out scenes to evaluate")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=demo)
@@ -139,14 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    global DEBUG
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG = "--debug" in argv
+    argv = [arg for arg in argv if arg != "--debug"]
     if argv and argv[0] in DELEGATED:
         import importlib
 
         module = importlib.import_module(DELEGATED[argv[0]])
-        return int(module.main(argv[1:]) or 0)
+        return run_command(f"captum-iclip {argv[0]}", lambda: module.main(argv[1:]), debug)
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    return run_command(f"captum-iclip {args.command}", lambda: args.func(args), debug)
 
 
 if __name__ == "__main__":

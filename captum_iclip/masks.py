@@ -34,6 +34,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data import OPENAI_CLIP_MEAN as OPENAI_DATASET_MEAN
 from timm.data import OPENAI_CLIP_STD as OPENAI_DATASET_STD
 
+from captum_iclip._io import load_torch_file
+
 __all__ = [
     "OPENAI_DATASET_MEAN",
     "OPENAI_DATASET_STD",
@@ -452,7 +454,7 @@ def as_mask_provider(obj: Union[MaskProvider, MaskFn, Tensor]) -> MaskProvider:
 # --------------------------------------------------------------------------- #
 def _load_state_dict_file(path: Union[str, os.PathLike]) -> dict:
     """Backbone state dict from a plain, ``{"state_dict"|"model"|"teacher": ...}`` or DDP file."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_torch_file(path, "checkpoint")
     for key in ("teacher", "state_dict", "model"):
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
@@ -765,15 +767,31 @@ class CachedMaskProvider(MaskProvider):
                 os.remove(temporary)
             raise
 
+    def _read(self, path: Path, patches: int) -> Optional[Tensor]:
+        """A cached mask, or ``None`` (a miss) when the entry is corrupt, truncated or of the wrong shape:
+        the cache holds derived data, so a damaged entry is recomputed and rewritten, with a warning."""
+        try:
+            mask = load_torch_file(path, "cache_dir")
+        except ValueError as error:
+            warnings.warn(f"CachedMaskProvider: recomputing a damaged cache entry: {error}", RuntimeWarning)
+            return None
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (patches,):
+            warnings.warn(f"CachedMaskProvider: recomputing the cache entry {path}: it does not hold a boolean "
+                          f"({patches},) mask", RuntimeWarning)
+            return None
+        return mask
+
     def compute_mask(self, images: Tensor, grid_size: GridSize) -> Tensor:
         paths = [self._path(self._key(image, grid_size)) for image in images]
         masks: list = [None] * len(paths)
         missing = []
+        expected = grid_size[0] * grid_size[1]
         for index, path in enumerate(paths):
-            if path.is_file():
-                masks[index] = torch.load(path, map_location="cpu", weights_only=True)
-            else:
+            mask = self._read(path, expected) if path.is_file() else None
+            if mask is None:
                 missing.append(index)
+            else:
+                masks[index] = mask
         self.hits += len(paths) - len(missing)
         if missing:
             computed = self.provider(images[missing], grid_size).cpu()

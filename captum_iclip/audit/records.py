@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from captum_iclip._io import atomic_write_text
 
-RECORD_SCHEMA = 1
+RECORD_SCHEMA = 2  # 2: records hold the content digest of their file ("content")
 RECORDS_DIR = "records"
 IMAGES_DIR = "images"
 # Files a folder is searched for (a corrupt file with one of these suffixes is reported, not skipped).
@@ -38,13 +38,15 @@ def find_images(specs: Sequence[str]) -> List[Path]:
     Args:
         specs: each a folder (its image files, recursively, by suffix), a glob
             pattern (``"shots/*.jpg"``, ``"**"`` recurses; every matching file) or a
-            file name (kept even if it does not exist, so that it is reported).
+            file name. Symbolic links with an image suffix are kept even when they
+            dangle or loop, so that the audit reports them as unreadable.
 
     Returns:
         The files, without duplicates, sorted by path.
 
     Raises:
-        ValueError: ``specs`` is empty or a pattern matches no file.
+        ValueError: ``specs`` is empty, a pattern matches no file, or a name is
+            neither a file nor a folder (nor a link).
 
     Examples::
 
@@ -59,15 +61,36 @@ def find_images(specs: Sequence[str]) -> List[Path]:
     for spec in specs:
         spec = str(spec)
         if os.path.isdir(spec):
-            found.update(p for p in Path(spec).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found.update(p for p in Path(spec).rglob("*")
+                         if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink()))
         elif glob.has_magic(spec):
-            matches = [Path(p) for p in glob.glob(spec, recursive=True) if os.path.isfile(p)]
+            matches = [Path(p) for p in glob.glob(spec, recursive=True) if os.path.isfile(p) or os.path.islink(p)]
             if not matches:
                 raise ValueError(f"images: the pattern {spec!r} matches no file")
             found.update(matches)
-        else:
+        elif os.path.lexists(spec):
             found.add(Path(spec))
+        else:
+            raise ValueError(f"images: no file or folder at {spec}")
     return sorted(found)
+
+
+def is_inside(path: Path, folder: Path) -> bool:
+    """Whether the file ``path`` lies in ``folder`` (an absolute, resolved path), following the links
+    of its folders but not of the file itself (which may dangle or loop)."""
+    try:
+        parent = Path(os.path.abspath(path)).parent.resolve()
+    except (OSError, RuntimeError):  # a loop in the folders above the file
+        return False
+    return parent == folder or folder in parent.parents
+
+
+def source_unchanged(record: Dict[str, Any]) -> bool:
+    """Whether the file a record was made from still exists with the same bytes."""
+    try:
+        return record.get("content") is not None and hash_file(Path(record["source"])) == record["content"]
+    except (OSError, KeyError, TypeError):
+        return False
 
 
 def hash_file(path: Path) -> str:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from captum_iclip._io import atomic_write_bytes, atomic_write_text
+from captum_iclip._io import atomic_write_bytes, atomic_write_text, check_output_folder, read_image
 from captum_iclip.audit import records as rec
 from captum_iclip.audit.report import ReportContext, render_report
 from captum_iclip.evaluation.methods import METHODS, available_methods, build_method
@@ -72,9 +72,11 @@ def audit(
     The run is resumable: each image leaves ``out_dir/records/<key>.json``
     (key: the file's content hash and the settings), a rerun skips images
     already recorded, and the page is rebuilt from every record made under the
-    same settings (so audits of several folders into one ``out_dir``
-    accumulate; byte-identical files are audited and shown once). A file that
-    cannot be read or decoded is reported in the page.
+    same settings whose file is in this run or still exists unchanged (so audits
+    of several folders into one ``out_dir`` accumulate, while a deleted or
+    replaced image leaves no stale row; byte-identical files are audited and
+    shown once). A file that cannot be read or decoded (a dangling or looping
+    link too) is reported in the page. Files inside ``out_dir`` are never audited.
 
     Args:
         images: folders, glob patterns or image files (see
@@ -82,7 +84,8 @@ def audit(
         prompts: the K prompt texts, as ``sim`` scores them (the page's labels).
         sim: the forward function, holding the model and the prompt embeddings.
         preprocess: PIL RGB image -> (3, H, W) tensor in the model's input space.
-        out_dir: the report folder (``index.html``, ``images/``, ``records/``).
+        out_dir: the report folder (``index.html``, ``images/``, ``records/``); it may lie
+            inside a searched folder (its files are left out).
         methods: method names of :mod:`captum_iclip.evaluation.methods` (default
             raw, surgery, iclip, mmp; iclip only if the model has an
             interpretability projection), or a mapping name ->
@@ -119,16 +122,19 @@ def audit(
             raise ValueError(f"{name}: expected a positive int, got {value!r}")
     if not callable(preprocess):
         raise TypeError(f"preprocess: expected a callable PIL image -> tensor, got {type(preprocess).__name__}")
-    paths = rec.find_images(images)
+    out = check_output_folder(out_dir, "out_dir")
+    # The report's own images are never audited (an out_dir inside a searched folder would grow each run).
+    resolved_out = out.resolve()
+    paths = [path for path in rec.find_images(images) if not rec.is_inside(path, resolved_out)]
     if not paths:
-        raise ValueError(f"images: no image files ({', '.join(rec.IMAGE_SUFFIXES)}) found in {images!r}")
+        raise ValueError(f"images: no image files ({', '.join(rec.IMAGE_SUFFIXES)}) found in {images!r} "
+                         f"outside out_dir")
     if mask_provider is not None:
         from captum_iclip.masks import as_mask_provider
 
         mask_provider = as_mask_provider(mask_provider)
     runners = _build_runners(methods, sim, mask_provider)
     top_k = min(top_k, len(prompts))
-    out = Path(out_dir)
     model_name = model_name or type(sim.model).__name__
     settings = {
         "schema": rec.RECORD_SCHEMA,
@@ -141,8 +147,9 @@ def audit(
     }
     digest = rec.settings_digest(settings)
 
-    pending: List[Tuple[str, Path]] = []
+    pending: List[Tuple[str, Path, str]] = []
     queued = set()
+    contents: Dict[str, str] = {}  # key -> content digest of this run's files
     unreadable: List[Dict[str, Any]] = []  # never stored: the file may be readable next time
     reused = failed = 0
     for path in paths:
@@ -152,12 +159,13 @@ def audit(
             unreadable.append(_error_record(path, None, digest, f"cannot read the file: {error.strerror or error}"))
             continue
         key = rec.image_key(path, content, digest)
+        contents[key] = content
         if key in queued:  # a byte-identical copy of a file already queued: audited once
             reused += 1
             continue
         record = rec.load_record(out, key)
         if record is None:
-            pending.append((key, path))
+            pending.append((key, path, content))
             queued.add(key)
         else:
             reused += 1
@@ -168,15 +176,16 @@ def audit(
     for start in range(0, len(pending), batch_size):
         chunk = pending[start:start + batch_size]
         decoded: List[Tuple[str, Path, Tensor]] = []
-        for key, path in chunk:
+        for key, path, content in chunk:
             try:
-                decoded.append((key, path, preprocess(_open_rgb(path))))
+                decoded.append((key, path, preprocess(read_image(path, "images"))))
             except Exception as error:  # any decoding/preprocessing failure belongs to the file: report it
-                rec.write_record(out, _error_record(path, key, digest, f"{type(error).__name__}: {error}"))
+                record = _error_record(path, key, digest, f"{type(error).__name__}: {error}")
+                rec.write_record(out, {**record, "content": content})
                 failed += 1
         if decoded:
             for record in _audit_batch(decoded, sim, runners, mask_provider, top_k, out, digest):
-                rec.write_record(out, record)
+                rec.write_record(out, {**record, "content": contents[record["key"]]})
             computed += len(decoded)
         bar.update(len(chunk))
     bar.close()
@@ -194,7 +203,10 @@ def audit(
         versions=library_versions(),
         foreign_records=rec.count_foreign_records(out, digest),
     )
-    page = render_report(rec.load_records(out, digest) + unreadable, context)
+    # Records of this run's files, and of files audited earlier into out_dir that are still there unchanged:
+    # a deleted or replaced image leaves no stale row.
+    shown = [r for r in rec.load_records(out, digest) if r["key"] in contents or rec.source_unchanged(r)]
+    page = render_report(shown + unreadable, context)
     index = atomic_write_text(out / "index.html", page)
     summary = AuditSummary(index, computed, reused, failed + len(unreadable))
     logger.info("audit: %d images explained, %d reused, %d unreadable -> %s", computed, reused, summary.unreadable, index)
@@ -246,14 +258,6 @@ def _describe(obj: Any) -> str:
     (a ``transforms.Compose`` lists its steps), prefixed by the qualified name (closures, lambdas)."""
     name = f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
     return f"{name}: {_ADDRESS.sub('', repr(obj))}"
-
-
-def _open_rgb(path: Path):
-    from PIL import Image
-
-    with Image.open(path) as image:
-        image.load()  # decode now, so a truncated file fails here and is reported
-        return image.convert("RGB")
 
 
 def _error_record(path: Path, key: Optional[str], settings: str, error: str) -> Dict[str, Any]:

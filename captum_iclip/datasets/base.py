@@ -25,6 +25,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from captum_iclip._io import read_image
+
 __all__ = [
     "IGNORE_INDEX",
     "SegmentationDataset",
@@ -145,7 +147,9 @@ def read_split_file(path: Path) -> list[str]:
 
 
 def load_rgb_image(path: Path) -> Image.Image:
-    """Open an image file and convert it to RGB, naming the file on failure.
+    """Open an image file as RGB with the package's one reader, naming the file on failure.
+
+    See :func:`captum_iclip._io.read_image` (EXIF orientation, 16-bit and float images).
 
     Args:
         path: The image file.
@@ -159,11 +163,7 @@ def load_rgb_image(path: Path) -> Image.Image:
     """
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as error:
-        raise OSError(f"cannot decode image file {path}: {error}") from error
+    return read_image(path, "image file")
 
 
 def load_index_png(path: Path) -> np.ndarray:

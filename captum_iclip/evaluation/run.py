@@ -85,7 +85,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from captum_iclip._io import atomic_write_text
+from captum_iclip._io import atomic_write_text, check_output_folder
 from captum_iclip.attr.itsm import ITSMAttribution
 from captum_iclip.datasets import DATASETS, SegmentationDataset, build_dataset
 from captum_iclip.demo import METHOD_TITLES, label_colours
@@ -201,6 +201,8 @@ class EvalConfig:
                 raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
         if not 0.0 <= self.theta <= 1.0:
             raise ValueError(f"theta: expected a value in [0, 1], got {self.theta!r}")
+        if self.out is not None:
+            check_output_folder(self.out, "out")
 
 
 def class_prompts(dataset: SegmentationDataset, bundle: Any = None) -> List[str]:
@@ -875,7 +877,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         >>> main(["--dataset", "voc", "--root", "data/world_voc", "--method", "raw,surgery"])  # doctest: +SKIP
         0
     """
+    from captum_iclip.cli import run_command
+
     args = build_parser().parse_args(argv)
+    return run_command("captum-iclip eval", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from captum_iclip.models.loading import check_device
+
+    check_device(args.device, "--device")
     args.device = _init_distributed(args.device)
     rank = _rank_and_world()[0]
     try:
@@ -891,9 +902,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         dataset = build_dataset(config.dataset, config.root, config.split, config.limit)
         sim, mask_provider, name = _load_model(args, dataset)
         results = evaluate(config, sim, dataset=dataset, mask_provider=mask_provider, model_name=name)
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        print(f"captum-iclip eval: error: {error}", file=sys.stderr)
-        return 2
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from captum_iclip._io import PathLike, atomic_torch_save
+from captum_iclip._io import PathLike, atomic_torch_save, load_torch_file
 from captum_iclip.models.adapters import VisionAdapter, get_adapter
 
 
@@ -98,7 +98,7 @@ class DualProjectionCLIP(nn.Module):
 
     def load_interpretability(self, path: PathLike) -> "DualProjectionCLIP":
         """Load a head saved by :meth:`save_interpretability` (checks family and shapes)."""
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = load_torch_file(path, "path")
         if not isinstance(payload, dict) or payload.get("format") != "captum-iclip/interpretability-head/1":
             raise ValueError(f"path: {path} is not an interpretability head saved by captum-iclip")
         if payload["family"] != self.adapter.family:
@@ -116,7 +116,7 @@ class DualProjectionCLIP(nn.Module):
 
     def load(self, path: PathLike) -> "DualProjectionCLIP":
         """Load weights saved by :meth:`save` into this (same-architecture) wrapper."""
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = load_torch_file(path, "path")
         if not isinstance(payload, dict) or payload.get("format") != "captum-iclip/dual-projection/1":
             raise ValueError(f"path: {path} is not a dual-projection model saved by captum-iclip")
         self.load_state_dict(payload["state_dict"])

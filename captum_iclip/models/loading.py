@@ -22,6 +22,32 @@ class WeightsUnavailableError(RuntimeError):
     """Pretrained weights could not be fetched or found."""
 
 
+def check_device(device: "str | torch.device", argument: str = "device") -> torch.device:
+    """``device`` as a ``torch.device`` that this machine has, else a ``ValueError`` naming ``argument``.
+
+    Examples::
+
+        >>> check_device("cpu")
+        device(type='cpu')
+    """
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"{argument}: expected a torch device such as 'cpu' or 'cuda:0', got {device!r}") from error
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{argument}: {device!r} needs a CUDA GPU, and torch sees none on this machine; "
+                             "use --device cpu")
+        if target.index is not None and target.index >= torch.cuda.device_count():
+            raise ValueError(f"{argument}: {device!r} does not exist; this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    elif target.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{argument}: 'mps' is not available on this machine; use --device cpu")
+    elif target.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{argument}: expected 'cpu', 'cuda' or 'mps', got {device!r}")
+    return target
+
+
 @dataclass
 class LoadedCLIP:
     """A CLIP model with what is needed to use it."""
@@ -40,6 +66,7 @@ def load_clip(
     checkpoint: Optional[str] = None,
     device: str = "cpu",
     image_size: Optional[int] = None,
+    random_weights: bool = False,
 ) -> LoadedCLIP:
     """Load a CLIP model for attribution.
 
@@ -52,6 +79,9 @@ def load_clip(
         checkpoint: a local open_clip checkpoint file for ``model_name``.
         device: where to put the model.
         image_size: resolution for the preprocessing (default: the model's own).
+        random_weights: load an open_clip architecture with its random initialisation
+            when neither ``pretrained`` nor ``checkpoint`` is given. Off by default: a
+            random model explains nothing, so asking for one must be explicit.
 
     Returns:
         :class:`LoadedCLIP` with the model in eval mode.
@@ -59,25 +89,51 @@ def load_clip(
     Raises:
         WeightsUnavailableError: the weights cannot be fetched (offline) or found,
             with a message saying what to download and how to pass it.
+        ValueError: options that contradict each other or would be ignored (``pretrained`` or
+            ``checkpoint`` without ``model_name``, or with a bundled model or ``hf_model``), an
+            open_clip name without weights and without ``random_weights``, an unknown name, a
+            device this machine does not have.
     """
+    check_device(device)
     if hf_model is not None:
+        given = [name for name, value in (("model_name", model_name), ("pretrained", pretrained),
+                                          ("checkpoint", checkpoint)) if value is not None]
+        if given:
+            raise ValueError(f"{given[0]}: cannot be combined with hf_model (--hf-model loads its own weights)")
         return _load_hf(hf_model, device, image_size)
     if model_name is None:
+        if pretrained is not None or checkpoint is not None:
+            argument = "pretrained" if pretrained is not None else "checkpoint"
+            raise ValueError(f"{argument}: needs model_name (--model NAME, the open_clip architecture the weights "
+                             "are for); without --model the bundled model shapes-tiny is used")
         model_name = "shapes-tiny"
     from captum_iclip import zoo
 
     if model_name in zoo.available():
+        if pretrained is not None or checkpoint is not None:
+            argument = "pretrained" if pretrained is not None else "checkpoint"
+            raise ValueError(f"{argument}: the bundled model {model_name!r} has its own weights; "
+                             "give --model an open_clip architecture to load other weights")
         bundle = zoo.load(model_name, device=device)
         return LoadedCLIP(bundle.model, bundle.preprocess, bundle.tokenizer, model_name)
-    return _load_open_clip(model_name, pretrained, checkpoint, device, image_size)
+    return _load_open_clip(model_name, pretrained, checkpoint, device, image_size, random_weights)
 
 
 def _load_open_clip(name: str, pretrained: Optional[str], checkpoint: Optional[str], device: str,
-                    image_size: Optional[int]) -> LoadedCLIP:
+                    image_size: Optional[int], random_weights: bool) -> LoadedCLIP:
     import open_clip
 
+    from captum_iclip import zoo
+
     if name not in open_clip.list_models():
-        raise ValueError(f"model_name: unknown open_clip model {name!r}; see open_clip.list_models()")
+        raise ValueError(f"model_name: expected an open_clip architecture (see open_clip.list_models()) or a bundled "
+                         f"model {zoo.available()}, got {name!r}")
+    if pretrained is not None and checkpoint is not None:
+        raise ValueError("checkpoint: give either pretrained (a tag) or checkpoint (a file), not both")
+    if pretrained is None and checkpoint is None and not random_weights:
+        raise ValueError(f"model_name: {name!r} has no weights without pretrained (--pretrained TAG) or checkpoint "
+                         "(--checkpoint FILE); pass random_weights=True (--random-weights; --from-scratch for "
+                         "training) to use a randomly initialised model on purpose")
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise WeightsUnavailableError(f"checkpoint: no file at {checkpoint}")
     extra = {"force_image_size": image_size} if image_size else {}
@@ -85,7 +141,13 @@ def _load_open_clip(name: str, pretrained: Optional[str], checkpoint: Optional[s
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=checkpoint or pretrained, device=device, **extra
         )
-    except (OSError, RuntimeError, ValueError) as error:
+    except Exception as error:  # open_clip raises RuntimeError, UnpicklingError, KeyError, ... for a bad file
+        if checkpoint is not None:
+            reason = " ".join(str(error).split()) or type(error).__name__
+            raise ValueError(f"checkpoint: cannot load {checkpoint} into open_clip {name!r} (corrupt, truncated or "
+                             f"for another architecture): {type(error).__name__}: {reason[:300]}") from error
+        if not isinstance(error, (OSError, RuntimeError, ValueError)):
+            raise
         raise WeightsUnavailableError(
             f"could not load open_clip {name!r} with pretrained={checkpoint or pretrained!r}: {error}\n{OFFLINE_HINT}"
         ) from error

@@ -25,7 +25,6 @@ preprocessing by default) so that masks can be cached by image content.
 from __future__ import annotations
 
 import csv
-import io
 import itertools
 import logging
 import os
@@ -36,9 +35,10 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequenc
 
 import torch
 import webdataset as wds
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler, IterableDataset, get_worker_info
+
+from captum_iclip._io import read_image
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class ImageTextBatch(NamedTuple):
 
 
 def load_image(source: Union[str, os.PathLike, bytes], transform: Callable) -> Optional[Tensor]:
-    """Open an image file (or encoded bytes) as RGB and transform it.
+    """Open an image file (or encoded bytes) as RGB with :func:`captum_iclip._io.read_image` and transform it.
 
     Args:
         source: a path or the encoded bytes of a JPEG/PNG/... image.
@@ -67,10 +67,8 @@ def load_image(source: Union[str, os.PathLike, bytes], transform: Callable) -> O
         The tensor, or ``None`` when the file is missing or cannot be decoded.
     """
     try:
-        stream = io.BytesIO(source) if isinstance(source, bytes) else source
-        with Image.open(stream) as image:
-            return transform(image.convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        return transform(read_image(source, "train_data"))
+    except (OSError, ValueError) as error:
         # OSError covers FileNotFoundError and PIL's UnidentifiedImageError / truncated files.
         logger.warning("skipping unreadable image %s: %s", source if not isinstance(source, bytes) else "<bytes>", error)
         return None

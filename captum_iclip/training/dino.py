@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from captum_iclip._io import atomic_torch_save, atomic_write_text
+from captum_iclip._io import atomic_torch_save, atomic_write_text, load_torch_file
 
 __all__ = [
     "DINOConfig",
@@ -601,7 +601,7 @@ def load_tiny_dino(path: Union[str, os.PathLike]) -> VisionTransformer:
     with open(folder / CONFIG_NAME) as stream:
         config = DINOConfig.from_dict(json.load(stream)["config"])
     backbone = build_backbone(config)
-    backbone.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    backbone.load_state_dict(load_torch_file(weights, "path"))
     return backbone.eval()
 
 
@@ -614,7 +614,7 @@ def _comparable(config: DINOConfig) -> Dict[str, Any]:
 
 
 def _load_checkpoint(path: Path, config: DINOConfig) -> Dict[str, Any]:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_torch_file(path, "resume")
     saved = _comparable(DINOConfig.from_dict(checkpoint["config"]))
     current = _comparable(config)
     if saved != current:

@@ -73,7 +73,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
-from captum_iclip._io import atomic_torch_save, atomic_write_text
+from captum_iclip._io import atomic_torch_save, atomic_write_text, load_torch_file
 from captum_iclip.masks import CachedMaskProvider, DINOMaskProvider, MaskProvider, as_mask_provider
 from captum_iclip.models.dual import DualProjectionCLIP
 from captum_iclip.pooling import MaskedMaxPooling
@@ -230,7 +230,9 @@ def _setup_distributed(device: str) -> _Distributed:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    target = torch.device(device)
+    from captum_iclip.models.loading import check_device
+
+    target = check_device(device)
     if target.type == "cuda":
         torch.cuda.set_device(target)
     owns_group = False
@@ -249,15 +251,23 @@ def _seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> Dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state as tensors, ints, floats, strings and tuples: what ``torch.load(weights_only=True)``
+    reads back (a NumPy array in a checkpoint would need the unsafe unpickler)."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss),
+                       float(cached_gaussian)),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    name, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -297,7 +307,9 @@ def build_model(config: TrainConfig, device: torch.device) -> Tuple[DualProjecti
         loaded = load_clip(name, config.pretrained, hf_model=config.hf_model, checkpoint=config.checkpoint,
                            device=str(device))
         clip, preprocess, tokenizer = loaded.model, loaded.preprocess, loaded.tokenizer
-    return DualProjectionCLIP(clip), preprocess, tokenizer
+    # A bundled model is already dual (its trained head included): train that head, do not wrap it again.
+    dual = clip if isinstance(clip, DualProjectionCLIP) else DualProjectionCLIP(clip)
+    return dual, preprocess, tokenizer
 
 
 def build_mask_provider(config: TrainConfig, dual: DualProjectionCLIP) -> Optional[MaskProvider]:
@@ -583,6 +595,10 @@ def train(config: TrainConfig, model: Optional[nn.Module] = None,
 
     The model is trained in place and left in eval mode with its ``requires_grad`` flags as given.
 
+    Raises:
+        ValueError: bad options (named), a checkpoint to resume that is not one (or is corrupt),
+            or a run in which no image could be read (nothing trained; no final weights written).
+
     Files in ``output_dir``: ``checkpoints/latest.pt`` (every ``save_every`` steps and at
     the end), ``log.jsonl``, ``final.pt`` (:meth:`DualProjectionCLIP.save`),
     ``interpretability_head.pt`` (:meth:`DualProjectionCLIP.save_interpretability`), ``stats.json``.
@@ -655,7 +671,7 @@ def _train(config: TrainConfig, ctx: _Distributed, model, mask_provider, dataset
     counters = dict.fromkeys(_COUNTERS, 0)
     resume_from = _resume_path(config)
     if resume_from is not None:
-        payload = torch.load(resume_from, map_location="cpu", weights_only=False)  # our own file: RNG states
+        payload = load_torch_file(resume_from, "resume")  # weights_only: a checkpoint never runs code
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"resume: {resume_from} is not a captum-iclip training checkpoint")
         if payload["world_size"] != ctx.world_size:
@@ -740,6 +756,10 @@ def _train(config: TrainConfig, ctx: _Distributed, model, mask_provider, dataset
     if ctx.world_size > 1:
         dist.all_reduce(totals)
     total = dict(zip(_COUNTERS, (int(v) for v in totals.tolist())))
+    if total["samples"] == 0:
+        # No step saw an image: the loss is NaN and the weights are the initial ones; that is a failure.
+        raise ValueError(f"train_data: no image could be read ({total['skipped_images']} skipped as missing or "
+                         "unreadable), so nothing was trained; check the paths and the image files")
     wall_time = elapsed_before + time.monotonic() - start
     stats = {
         "steps": step, "epochs": config.epochs, "steps_per_epoch": stream.steps_per_epoch,
@@ -873,14 +893,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``captum-iclip train``: parse ``argv``, train, return the exit status."""
+    from captum_iclip.cli import run_command
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = TrainConfig(**vars(args))
-        stats = train(config)
-    except (ValueError, TypeError) as error:
-        print(f"captum-iclip train: error: {error}", file=sys.stderr)
-        return 2
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(stats, indent=2))
-    return 0
+
+    def run() -> int:
+        stats = train(TrainConfig(**vars(args)))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(stats, indent=2))
+        return 0
+
+    return run_command("captum-iclip train", run)

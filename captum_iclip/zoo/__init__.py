@@ -70,13 +70,15 @@ def make_preprocess(image_size: int, mean, std) -> Callable[[Union["PIL.Image.Im
     """PIL image or uint8 (H, W, 3) array -> normalised (3, S, S) float tensor (bicubic resize)."""
     from PIL import Image
 
+    from captum_iclip._io import read_image
+
     mean_t = torch.tensor(mean).reshape(3, 1, 1)
     std_t = torch.tensor(std).reshape(3, 1, 1)
 
     def preprocess(image) -> Tensor:
         if isinstance(image, np.ndarray):
             image = Image.fromarray(image)
-        image = image.convert("RGB")
+        image = read_image(image)
         if image.size != (image_size, image_size):
             image = image.resize((image_size, image_size), Image.BICUBIC)
         array = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()) / 255.0
@@ -97,21 +99,24 @@ def load(name: str = "shapes-tiny", device: str = "cpu") -> ZooBundle:
     """
     import open_clip
 
+    from captum_iclip._io import load_torch_file
     from captum_iclip.masks import DINOMaskProvider
     from captum_iclip.models.dual import DualProjectionCLIP
+    from captum_iclip.models.loading import check_device
     from captum_iclip.training.dino import load_tiny_dino
 
+    check_device(device)
     if name not in available():
         raise ValueError(f"name: no bundled model {name!r}; available: {available()}")
     folder = WEIGHTS_DIR / name
     config = json.loads((folder / "config.json").read_text())
     clip = build_clip(config["model_config"])
-    clip.load_state_dict(_float32(torch.load(folder / "clip.pt", map_location="cpu", weights_only=True)))
+    clip.load_state_dict(_float32(load_torch_file(folder / "clip.pt", "name")))
     mean, std = config["mean"], config["std"]
     clip.visual.image_mean, clip.visual.image_std = tuple(mean), tuple(std)
     clip = clip.to(device).eval()
     dual = DualProjectionCLIP(clip)
-    head = torch.load(folder / "interpretability_head.pt", map_location="cpu", weights_only=True)
+    head = load_torch_file(folder / "interpretability_head.pt", "name")
     dual.interpretability_head.load_state_dict(_float32(head))
     dual = dual.to(device).eval()
     dino = load_tiny_dino(folder / "dino").to(device).eval()
