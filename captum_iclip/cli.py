@@ -55,7 +55,11 @@ def split_prompts(text: str) -> List[str]:
 
 def one_line(error: BaseException) -> str:
     """An exception's message on one line (its type when it has none)."""
-    text = " ".join(str(error).split())
+    text = str(error)
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: its last line is the error
+        lines = [line for line in text.splitlines() if line.strip()]
+        text = lines[-1] if lines else text
+    text = " ".join(text.split())
     if isinstance(error, KeyError) and error.args:
         text = f"KeyError: {error.args[0]!r}"
     return text or type(error).__name__
@@ -108,11 +112,23 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model_from_args(args: argparse.Namespace):
-    from captum_iclip.models.loading import load_clip
+# load_clip's argument names -> the options that set them (errors name what the user typed).
+_OPTION_OF = {"model_name": "--model", "pretrained": "--pretrained", "checkpoint": "--checkpoint",
+              "hf_model": "--hf-model", "device": "--device", "random_weights": "--random-weights"}
 
-    return load_clip(args.model, args.pretrained, hf_model=args.hf_model, checkpoint=args.checkpoint,
-                     device=args.device, random_weights=getattr(args, "random_weights", False))
+
+def load_model_from_args(args: argparse.Namespace):
+    from captum_iclip.models.loading import WeightsUnavailableError, load_clip
+
+    try:
+        return load_clip(args.model, args.pretrained, hf_model=args.hf_model, checkpoint=args.checkpoint,
+                         device=args.device, random_weights=getattr(args, "random_weights", False))
+    except (ValueError, WeightsUnavailableError) as error:
+        message = str(error)
+        for name, option in _OPTION_OF.items():
+            if message.startswith(f"{name}:"):
+                message = option + message[len(name):]
+        raise type(error)(message) from error
 
 
 def explain(args: argparse.Namespace) -> int:

@@ -123,9 +123,12 @@ def dino_patch_size(model: nn.Module) -> GridSize:
     Returns:
         tuple[int, int]: The patch height and width.
     """
-    if _is_hf_model(model):
+    if _is_hf_model(model) and hasattr(getattr(model, "config", None), "patch_size"):
         return _as_pair(model.config.patch_size)
-    return _as_pair(model.patch_embed.patch_size)
+    if hasattr(getattr(model, "patch_embed", None), "patch_size"):
+        return _as_pair(model.patch_embed.patch_size)
+    raise TypeError(f"model: expected a timm VisionTransformer or a Hugging Face ViT/DINOv2 model, "
+                    f"got {type(model).__name__}")
 
 
 def _native_image_size(model: nn.Module) -> GridSize:

@@ -1,7 +1,8 @@
 """The forward function every attribution explains: image -> image-text scores."""
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from contextlib import contextmanager
+from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,14 @@ class CLIPSimilarity(nn.Module):
 
     Text embeddings are computed once, L2-normalised; with ``templates`` each
     prompt is embedded with every template, the normalised embeddings are
-    averaged and renormalised (prompt ensembling, SPEC §1).
+    averaged and renormalised (prompt ensembling, Li et al. 2022, see
+    ``docs/methods.md``).
+
+    The model is always evaluated in eval mode: a model left in train mode would
+    give random maps (dropout) and have its BatchNorm statistics updated by each
+    attribution. Every forward pass (and every attribution of this package)
+    switches the wrapped model to eval mode for its duration and restores each
+    module's own mode afterwards, so the caller's model is left as it was.
 
     Args:
         model: an open_clip CLIP model (ViT or ModifiedResNet tower), a Hugging
@@ -36,9 +44,13 @@ class CLIPSimilarity(nn.Module):
         tokenizer: the model's tokenizer (``open_clip.get_tokenizer(name)`` or a
             Hugging Face tokenizer). Needed with ``prompts``.
         prompts: the K texts to score against, e.g. ``["a cat", "a dog"]``.
-        text_features: precomputed (K, D) text embeddings instead of prompts.
-        templates: optional prompt templates such as ``"a photo of a {}."`` (or
-            callables) for prompt ensembling.
+        text_features: precomputed (K, D) floating-point text embeddings instead of
+            prompts (normalised, then cast to the model's dtype; non-finite values
+            are refused).
+        templates: optional list of prompt templates such as ``["a photo of a {}."]``
+            (or callables) for prompt ensembling; a single string is refused (it is
+            not a list of templates). Assigning :attr:`templates` later re-validates
+            them; call :meth:`set_prompts` to re-embed the prompts with them.
         output: ``"cosine"`` (cosine similarity), ``"logits"`` (cosine times the
             model's logit scale) or ``"probs"`` (softmax of the logits over prompts).
 
@@ -71,7 +83,7 @@ class CLIPSimilarity(nn.Module):
         # Registered so that Captum's LayerGradCam can hook the patch grid of any tower.
         self.grid_tap = self.adapter.grid_tap
         self.tokenizer = tokenizer
-        self.templates = list(templates) if templates is not None else None
+        self.templates = templates
         self.output = output
         self.prompts: Optional[list] = None
         if text_features is not None:
@@ -83,6 +95,25 @@ class CLIPSimilarity(nn.Module):
             self.prompts = list(prompts)
 
     # --- text side ------------------------------------------------------------------
+    @property
+    def templates(self) -> Optional[List[Union[str, Callable[[str], str]]]]:
+        """The prompt templates (``None``: the prompt itself)."""
+        return self._templates
+
+    @templates.setter
+    def templates(self, templates: Optional[Sequence[Union[str, Callable[[str], str]]]]) -> None:
+        if templates is not None:
+            if isinstance(templates, str):
+                raise TypeError(f"templates: expected a list of templates, got the single string {templates!r}; "
+                                "wrap it in a list")
+            templates = list(templates)
+            if not templates:
+                raise ValueError("templates: expected at least one template (or None)")
+            bad = [t for t in templates if not (isinstance(t, str) or callable(t))]
+            if bad:
+                raise TypeError(f"templates: expected strings or callables, got {bad[0]!r}")
+        self._templates = templates
+
     def _check_prompts(self, prompts: Optional[Sequence[str]]) -> list:
         if prompts is None:
             raise ValueError("prompts: give a non-empty list of texts (or text_features)")
@@ -103,7 +134,14 @@ class CLIPSimilarity(nn.Module):
         dim = self.adapter.embed_dim
         if text_features.shape[1] != dim:
             raise ValueError(f"text_features: expected dimension {dim}, got {text_features.shape[1]}")
-        return F.normalize(text_features.detach().to(self.adapter.parameter.device), dim=-1)
+        if not text_features.is_floating_point():
+            raise TypeError(f"text_features: expected a floating-point tensor, got dtype {text_features.dtype}")
+        if not torch.isfinite(text_features).all():
+            raise ValueError("text_features: expected finite values, got NaN or infinity")
+        param = self.adapter.parameter
+        # Normalised in the given precision, then stored in the model's dtype (what the image features have).
+        features = F.normalize(text_features.detach().to(param.device), dim=-1)
+        return features.to(param.dtype)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
@@ -111,7 +149,8 @@ class CLIPSimilarity(nn.Module):
         prompts = self._check_prompts(prompts)
         templates = self.templates or ["{}"]
         texts = [_format_prompt(t, p) for p in prompts for t in templates]
-        features = F.normalize(self.adapter.encode_text(texts, self.tokenizer).float(), dim=-1)
+        with self.evaluating():
+            features = F.normalize(self.adapter.encode_text(texts, self.tokenizer).float(), dim=-1)
         features = features.reshape(len(prompts), len(templates), -1).mean(dim=1)
         return F.normalize(features, dim=-1).to(self.adapter.parameter.dtype)
 
@@ -120,9 +159,12 @@ class CLIPSimilarity(nn.Module):
 
         CLIP Surgery subtracts it from a single prompt's embedding (SPEC §2).
         """
-        if getattr(self, "_empty_prompt_feature", None) is None:
-            self._empty_prompt_feature = self.encode_prompts([""])
-        return self._empty_prompt_feature.to(self.text_features.device)
+        # Cached per template list: assigning new templates must not reuse the old embedding.
+        key = tuple(self.templates or ())
+        cached = getattr(self, "_empty_prompt_cache", None)
+        if cached is None or cached[0] != key:
+            self._empty_prompt_cache = cached = (key, self.encode_prompts([""]))
+        return cached[1].to(self.text_features.device)
 
     def set_prompts(self, prompts: Sequence[str]) -> "CLIPSimilarity":
         """Replace the prompts (re-embedding them once). Returns ``self``."""
@@ -139,6 +181,24 @@ class CLIPSimilarity(nn.Module):
         return self.adapter.logit_scale
 
     # --- image side -----------------------------------------------------------------
+    @contextmanager
+    def evaluating(self) -> Iterator["CLIPSimilarity"]:
+        """Run the wrapped model in eval mode, then give every module its own mode back.
+
+        Attributions must not depend on dropout nor update BatchNorm statistics, and
+        must not change the caller's model either. Nested uses are cheap and safe.
+        """
+        modes = [(module, module.training) for module in self.model.modules()]
+        if not any(training for _, training in modes):
+            yield self
+            return
+        self.model.eval()
+        try:
+            yield self
+        finally:
+            for module, training in modes:
+                module.training = training
+
     def check_inputs(self, images: Tensor, name: str = "inputs"):
         """Validate images (rank, channels, size, device, dtype); returns the patch grid."""
         return self.adapter.check_images(images, name)
@@ -153,7 +213,8 @@ class CLIPSimilarity(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         self.check_inputs(images)
-        return self.scores(self.adapter.encode_image(images))
+        with self.evaluating():
+            return self.scores(self.adapter.encode_image(images))
 
     def gradcam_layer(self) -> nn.Module:
         """The layer to hand to ``captum.attr.LayerGradCam``: the patch grid entering the

@@ -264,7 +264,7 @@ def test_torchrun_two_processes_webdataset(tmp_path):
     assert stats["steps"] == 4 and stats["steps_per_epoch"] == 2
     assert stats["skipped_images"] == 4  # the corrupt PNG and the caption without image, twice
     assert stats["samples"] + stats["equalisation_cut"] + stats["skipped_images"] == 24
-    checkpoint = torch.load(out / "checkpoints" / "latest.pt", weights_only=False)
+    checkpoint = torch.load(out / "checkpoints" / "latest.pt", weights_only=True)
     assert checkpoint["step"] == 4 and len(checkpoint["rng"]) == 2
 
 
@@ -291,7 +291,7 @@ def test_killed_run_resumes_bit_identically(tmp_path):
     finally:
         process.wait(timeout=30)
     assert not (interrupted / "final.pt").exists(), "the run ended before it could be killed"
-    killed_at = torch.load(checkpoint, weights_only=False)["step"]
+    killed_at = torch.load(checkpoint, weights_only=True)["step"]
     assert 3 <= killed_at < 30
 
     assert main([*options, "--output-dir", str(interrupted), "--resume"]) == 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 
 import pytest
@@ -89,14 +90,14 @@ def test_explain_command_on_the_bundled_model(tmp_path, capsys):
     assert "a star" in printed and "a circle" in printed and out.stat().st_size > 0
 
 
-def test_explain_reports_a_missing_image_and_empty_prompts(tmp_path):
-    with pytest.raises(SystemExit, match="not found"):
-        cli_main(["explain", str(tmp_path / "nope.png"), "--prompts", "a cat", "--out", str(tmp_path / "o.png")])
-    with pytest.raises(SystemExit, match="prompts"):
-        cli_main(["explain", str(tmp_path / "nope.png"), "--prompts", " , ", "--out", str(tmp_path / "o.png")])
+def test_explain_reports_a_missing_image_and_empty_prompts(tmp_path, capsys):
+    assert cli_main(["explain", str(tmp_path / "nope.png"), "--prompts", "a cat", "--out", str(tmp_path / "o.png")]) == 2
+    assert re.fullmatch(r"captum-iclip explain: error: images: no image file at \S+nope.png .*\n", capsys.readouterr().err)
+    assert cli_main(["explain", str(tmp_path / "nope.png"), "--prompts", " , ", "--out", str(tmp_path / "o.png")]) == 2
+    assert re.fullmatch(r"captum-iclip explain: error: --prompts: expected comma-separated texts.*\n", capsys.readouterr().err)
 
 
-def test_explain_offline_pretrained_weights_give_a_clear_message(tmp_path, monkeypatch):
+def test_explain_offline_pretrained_weights_give_a_clear_message(tmp_path, monkeypatch, capsys):
     import open_clip
 
     from captum_iclip.models import loading
@@ -107,6 +108,7 @@ def test_explain_offline_pretrained_weights_give_a_clear_message(tmp_path, monke
     monkeypatch.setattr(open_clip, "create_model_and_transforms", unreachable)
     with pytest.raises(loading.WeightsUnavailableError, match="--checkpoint"):
         loading.load_clip("ViT-B-16", "openai")
-    with pytest.raises(SystemExit, match="--hf-model"):
-        cli_main(["explain", str(tmp_path / "x.png"), "--prompts", "a cat", "--model", "ViT-B-16",
-                  "--pretrained", "openai", "--out", str(tmp_path / "o.png")])
+    assert cli_main(["explain", str(tmp_path / "x.png"), "--prompts", "a cat", "--model", "ViT-B-16",
+                     "--pretrained", "openai", "--out", str(tmp_path / "o.png")]) == 2
+    error = capsys.readouterr().err
+    assert "--hf-model" in error and error.count("\n") == 1

@@ -36,18 +36,34 @@ def target_indices(target: TargetType, num_examples: int, num_prompts: int) -> O
 
     ``None`` stays ``None`` (every prompt). An int, or a tensor with one element,
     applies to every example (as Captum broadcasts it); a list or 1-d tensor gives
-    one prompt per example.
+    one prompt per example. Floats and booleans are refused, as Captum refuses them
+    (a float target would otherwise be truncated to a different prompt).
     """
     if target is None:
         return None
     if isinstance(target, tuple):
         raise ValueError("target: the output is (N, K); give a prompt index, not a tuple")
-    if isinstance(target, numbers.Integral) or (isinstance(target, Tensor) and target.numel() == 1):
+    if isinstance(target, bool) or (isinstance(target, Tensor) and target.dtype == torch.bool):
+        raise TypeError(f"target: expected integer prompt indices, got a boolean {target!r}")
+    if isinstance(target, numbers.Integral):
         index = torch.full((num_examples,), int(target), dtype=torch.long)
     else:
         if isinstance(target, list) and any(isinstance(t, tuple) for t in target):
             raise ValueError("target: the output is (N, K); give prompt indices, not tuples")
-        index = torch.as_tensor(target, dtype=torch.long).flatten().cpu()
+        # As Captum does, refuse what is not an integer (a float 1.5 must not become prompt 1).
+        if isinstance(target, list) and not all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
+                                                for t in target):
+            raise TypeError(f"target: expected integer prompt indices, got {target!r}")
+        try:
+            values = target if isinstance(target, Tensor) else torch.as_tensor(target)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"target: expected an int, a list or a tensor of ints, got {type(target).__name__}") from error
+        if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+            raise TypeError(f"target: expected integer prompt indices, got a tensor of dtype {values.dtype}")
+        if isinstance(target, Tensor) and values.numel() == 1:
+            index = torch.full((num_examples,), int(values.reshape(())), dtype=torch.long)
+        else:
+            index = values.to(torch.long).flatten().cpu()
         if index.numel() != num_examples:
             raise ValueError(f"target: expected one prompt index per example ({num_examples}), got {index.numel()}")
     bad = (index < 0) | (index >= num_prompts)

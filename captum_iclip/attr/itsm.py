@@ -141,7 +141,7 @@ class ITSMAttribution(Attribution):
         if projection == "auto":
             projection = "interpretability" if sim.adapter.interpretability_head is not None else "recognition"
 
-        with torch.no_grad():
+        with torch.no_grad(), sim.evaluating():
             maps = self.similarity_maps(images, variant=variant, surgery_depth=surgery_depth, projection=projection)
             maps = maps.transpose(1, 2).reshape(images.shape[0], -1, *grid)
             maps = postprocess(select_targets(maps, index), images.shape[-2:], normalize, interpolate)

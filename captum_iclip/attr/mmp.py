@@ -87,17 +87,22 @@ class MaskedMaxPoolingAttribution(Attribution):
             inputs: preprocessed images (N, 3, H, W), or a 1-tuple of them.
             target: prompt index with Captum's semantics (int, list or tensor of N
                 ints, or ``None`` for every prompt).
-            mask: an explicit (N, h*w) or (N, h, w) foreground mask overriding the
-                provider for this call.
+            mask: an explicit (N, h*w) or (N, h, w) foreground mask on the patch
+                grid overriding the provider for this call: boolean or 0/1 values
+                (anything else, NaN included, is refused), ``N`` or 1 masks; an
+                empty mask means every patch, as for a provider.
             normalize: min-max normalise each map to [0, 1] (this breaks
-                completeness; off by default).
+                completeness; off by default). The convergence delta is always
+                that of the attributions returned, so with ``normalize=True`` it
+                shows how far the normalised map is from summing to the score.
             interpolate: spread each patch's value over its pixels, giving
                 (H, W) maps whose sum equals the patch sum; ``False`` returns the
                 patch grid.
             projection: ``"auto"`` (interpretability when available),
                 ``"interpretability"`` or ``"recognition"``.
             return_convergence_delta: also return :math:`S_k - \sum_i a_i` per
-                example, (N,) for one target per example, (N, K) for ``None``.
+                example over the returned attributions :math:`a`, (N,) for one
+                target per example, (N, K) for ``None``.
 
         Returns:
             Attributions (N, 1, H, W) for one target per example or (N, K, H, W)
@@ -111,17 +116,23 @@ class MaskedMaxPoolingAttribution(Attribution):
         if projection == "auto":
             projection = "interpretability" if sim.adapter.interpretability_head is not None else "recognition"
 
-        with torch.no_grad():
-            foreground = self.foreground(images, grid) if mask is None else mask.reshape(images.shape[0], -1)
+        if mask is not None:
+            from captum_iclip.masks import FixedMaskProvider
+
+            # The same checks as a provider's masks: 0/1 values only, the patch grid, one mask per image.
+            mask = FixedMaskProvider(mask)
+        with torch.no_grad(), sim.evaluating():
+            foreground = self.foreground(images, grid) if mask is None else mask(images, grid)
             patches = sim.adapter.dense_features(images, projection=projection)[:, 1:]
             attributions, scores = self.decompose(patches, foreground, sim.text_features.to(patches.dtype), index)
-            delta = scores - attributions.flatten(2).sum(-1)
             attributions = attributions.reshape(*attributions.shape[:2], *grid)
             if normalize:
                 attributions = minmax_normalize(attributions)
             if interpolate:
                 ph, pw = sim.adapter.patch_size
                 attributions = F.interpolate(attributions, scale_factor=(ph, pw), mode="nearest") / (ph * pw)
+            # Captum's convergence delta relates the attributions *returned* to the score they explain.
+            delta = scores - attributions.flatten(2).sum(-1)
         if index is not None:
             delta = delta[:, 0]
         out = (attributions,) if is_tuple else attributions

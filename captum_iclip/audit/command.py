@@ -57,7 +57,7 @@ def read_prompts(args: argparse.Namespace) -> List[str]:
     if args.prompts is not None:
         return split_prompts(args.prompts)
     try:
-        lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+        lines = Path(args.prompts_file).read_text(encoding="utf-8-sig").splitlines()
     except OSError as error:
         raise SystemExit(f"captum-iclip audit: cannot read --prompts-file {args.prompts_file}: {error}")
     prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
@@ -93,7 +93,10 @@ def load_audit_model(args: argparse.Namespace, prompts: List[str]) -> AuditModel
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run ``captum-iclip audit`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    from captum_iclip._io import check_output_folder
+
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    check_output_folder(args.out, "--out")
     prompts = read_prompts(args)
     model = load_audit_model(args, prompts)
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]

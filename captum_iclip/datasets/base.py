@@ -89,6 +89,8 @@ def read_class_names(path: Path) -> list[str]:
 
     Blank lines at the end of the file are ignored; blank lines inside it
     are an error because they would shift every following class id.
+    A UTF-8 byte-order mark (written by some editors) is not part of the
+    first name.
 
     Args:
         path: The text file.
@@ -104,7 +106,7 @@ def read_class_names(path: Path) -> list[str]:
     """
     if not path.is_file():
         raise FileNotFoundError(f"class list file not found: {path}")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
     while lines and not lines[-1]:
         lines.pop()
     if not lines:
@@ -139,7 +141,7 @@ def read_split_file(path: Path) -> list[str]:
     """
     if not path.is_file():
         raise FileNotFoundError(f"split file not found: {path}")
-    ids = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    ids = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
     ids = [sample_id for sample_id in ids if sample_id]
     if not ids:
         raise ValueError(f"split file {path} lists no sample")
@@ -270,8 +272,11 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Image.Image, np.ndarray, str]:
         image_path, label_source, name = self._samples[index]
         image = load_rgb_image(image_path)
-        label = self._read_label(label_source)
         where = self._describe_label(label_source)
+        try:
+            label = self._read_label(label_source)
+        except (KeyError, TypeError, IndexError) as error:  # a malformed annotation, not a bug of ours
+            raise ValueError(f"label {where} cannot be decoded: {type(error).__name__}: {error}") from error
         if label.shape != (image.height, image.width):
             raise ValueError(
                 f"label {where} has shape {label.shape} but image {image_path} "

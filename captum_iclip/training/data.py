@@ -115,7 +115,7 @@ class CsvImageTextDataset(Dataset):
         self.path = Path(path)
         if not self.path.is_file():
             raise ValueError(f"train_data: no CSV file at {self.path}")
-        with open(self.path, newline="", encoding="utf-8") as stream:
+        with open(self.path, newline="", encoding="utf-8-sig") as stream:
             reader = csv.DictReader(stream, delimiter=separator)
             columns = reader.fieldnames or []
             for argument, key in (("csv_img_key", img_key), ("csv_caption_key", caption_key)):
