@@ -200,8 +200,11 @@ class CLIPSimilarity(nn.Module):
                 module.training = training
 
     def check_inputs(self, images: Tensor, name: str = "inputs"):
-        """Validate images (rank, channels, size, device, dtype); returns the patch grid."""
-        return self.adapter.check_images(images, name)
+        """Validate images (rank, channels, size, device, dtype, finite values); returns the patch grid."""
+        grid = self.adapter.check_images(images, name)
+        if not torch.isfinite(images).all():  # NaN pixels would give NaN maps, or maps of whatever survives
+            raise ValueError(f"{name}: expected finite values, got NaN or infinity")
+        return grid
 
     def scores(self, image_features: Tensor) -> Tensor:
         """Turn (N, D) recognition embeddings into (N, K) scores of kind :attr:`output`."""

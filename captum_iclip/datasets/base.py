@@ -84,6 +84,14 @@ def find_background(class_names: Sequence[str]) -> int | None:
     return None
 
 
+def _read_text(path: Path, what: str) -> str:
+    """A UTF-8 text file (a byte-order mark is dropped), with an error naming it if it is not text."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{what} {path} is not UTF-8 text: {error}") from error
+
+
 def read_class_names(path: Path) -> list[str]:
     """Read a class list file: one class name per line, line i = class id i.
 
@@ -106,7 +114,7 @@ def read_class_names(path: Path) -> list[str]:
     """
     if not path.is_file():
         raise FileNotFoundError(f"class list file not found: {path}")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+    lines = [line.strip() for line in _read_text(path, "class list file").splitlines()]
     while lines and not lines[-1]:
         lines.pop()
     if not lines:
@@ -141,7 +149,7 @@ def read_split_file(path: Path) -> list[str]:
     """
     if not path.is_file():
         raise FileNotFoundError(f"split file not found: {path}")
-    ids = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+    ids = [line.strip() for line in _read_text(path, "split file").splitlines()]
     ids = [sample_id for sample_id in ids if sample_id]
     if not ids:
         raise ValueError(f"split file {path} lists no sample")
@@ -254,6 +262,8 @@ class SegmentationDataset(Dataset):
         ]
         self._limit = limit
         self._samples: list[tuple[Path, Any, str]] = []
+        # The file the class names came from, if any (named when a label does not fit them).
+        self.class_list_file: Path | None = None
 
     @property
     def num_classes(self) -> int:
@@ -285,8 +295,9 @@ class SegmentationDataset(Dataset):
         invalid = ((label >= self.num_classes) & (label != self.ignore_index)) | (label < 0)
         if invalid.any():
             bad = np.unique(label[invalid])[:8].tolist()
+            listed = f" (the classes listed in {self.class_list_file})" if self.class_list_file else ""
             raise ValueError(
-                f"label {where} holds values {bad} outside [0, {self.num_classes}) "
+                f"label {where} holds values {bad} outside [0, {self.num_classes}){listed} "
                 f"and the ignore value {self.ignore_index}"
             )
         return image, label, name

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -122,22 +121,25 @@ class COCOInstances(SegmentationDataset):
             raise FileNotFoundError(f"COCO annotation file not found: {annotation_file}")
         image_dir = _find_image_dir(self.root, split)
         # pycocotools reports its progress on stdout; keep library output quiet.
-        with contextlib.redirect_stdout(io.StringIO()):
-            try:
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
                 self.coco = COCO(str(annotation_file))
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise ValueError(
-                    f"cannot parse COCO annotation file {annotation_file}: {error}"
-                ) from error
-        categories = sorted(self.coco.loadCats(self.coco.getCatIds()), key=lambda c: c["id"])
-        self._class_of_category = {c["id"]: index + 1 for index, c in enumerate(categories)}
-        super().__init__(["background"] + [c["name"] for c in categories], 0, limit)
+            categories = sorted(self.coco.loadCats(self.coco.getCatIds()), key=lambda c: c["id"])
+            class_of_category = {c["id"]: index + 1 for index, c in enumerate(categories)}
+            class_names = ["background"] + [str(c["name"]) for c in categories]
+            samples = []
+            for image_id in sorted(self.coco.getImgIds()):
+                file_name = self.coco.imgs[image_id]["file_name"]
+                samples.append((image_dir / file_name, image_id, Path(file_name).stem))
+        # A malformed file: not UTF-8, not JSON, or entries without the fields COCO defines.
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
+            raise ValueError(
+                f"cannot parse COCO annotation file {annotation_file}: {type(error).__name__}: {error}"
+            ) from error
+        self._class_of_category = class_of_category
+        super().__init__(class_names, 0, limit)
         self.split = split
         self._annotation_file = annotation_file
-        samples = []
-        for image_id in sorted(self.coco.getImgIds()):
-            file_name = self.coco.imgs[image_id]["file_name"]
-            samples.append((image_dir / file_name, image_id, Path(file_name).stem))
         self._set_samples(samples, annotation_file)
 
     def _describe_label(self, image_id: int) -> str:

@@ -45,6 +45,7 @@ class FolderDataset(SegmentationDataset):
         self.root = require_dir(Path(root), "dataset root")
         class_names = read_class_names(self.root / "classes.txt")
         super().__init__(class_names, find_background(class_names), limit)
+        self.class_list_file = self.root / "classes.txt"
         image_dir = require_dir(self.root / "images", "image folder")
         mask_dir = require_dir(self.root / "masks", "mask folder")
         image_paths = sorted(

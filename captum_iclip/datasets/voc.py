@@ -109,6 +109,7 @@ class VOCSegmentation(SegmentationDataset):
         names_file = self.root / _CLASS_NAMES_FILE
         class_names = read_class_names(names_file) if names_file.exists() else list(VOC_CLASSES)
         super().__init__(class_names, find_background(class_names), limit)
+        self.class_list_file = names_file if names_file.exists() else None
         self.split = split
         self._set_samples(_split_samples(self.root, "Segmentation", "SegmentationClass", split), self.root)
 
