@@ -432,7 +432,7 @@ def _folder_dataset(root: Path, damage: str) -> Path:
 @pytest.mark.parametrize("case", [
     "unknown model", "cuda without GPU", "explain out is a folder", "explain resolution", "demo zero images",
     "demo out is a file", "corrupt open_clip checkpoint", "eval corrupt image", "eval corrupt mask",
-    "train corrupt resume", "train cuda without GPU",
+    "train corrupt resume", "train cuda without GPU", "world zero scenes", "world root is a file",
 ])
 def test_command_errors_are_one_line_naming_the_argument(tmp_path, capsys, case):
     if "cuda" in case and torch.cuda.is_available():
@@ -468,6 +468,10 @@ def test_command_errors_are_one_line_naming_the_argument(tmp_path, capsys, case)
         "train corrupt resume": lambda: (train + ["--device", "cpu", "--resume", str(bad)], "train",
                                          f"resume: cannot read {bad}"),
         "train cuda without GPU": lambda: (train + ["--device", "cuda"], "train", "device: 'cuda' needs a CUDA GPU"),
+        "world zero scenes": lambda: (["world", "export-text", "--out", str(tmp_path / "w"), "-n", "0"], "world",
+                                      "-n: expected at least 1 scene, got 0"),
+        "world root is a file": lambda: (["world", "export-voc", "--root", str(tmp_path / "a-file"), "-n", "1"],
+                                         "world", "--root: expected a folder, got the file"),
     }
     argv, prog, expected = cases[case]()
     assert cli_main(argv) == 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
+from captum_iclip._io import check_output_folder
 from captum_iclip.world.export import export_image_text, export_voc
 from captum_iclip.world.generator import HELDOUT_SEED_START, TRAIN_SEED_START
 
@@ -52,6 +53,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         0
     """
     args = build_parser().parse_args(argv)
+    if args.n < 1:
+        raise ValueError(f"-n: expected at least 1 scene, got {args.n}")
+    check_output_folder(args.root if args.command == "export-voc" else args.out,
+                        "--root" if args.command == "export-voc" else "--out")
     if args.command == "export-voc":
         root = export_voc(args.root, args.n, seed=args.seed, size=args.size, split=args.split)
         print(f"wrote {args.n} scenes to {root}")
@@ -70,4 +75,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from captum_iclip.cli import run_command
+
+    raise SystemExit(run_command("python -m captum_iclip.world", main))
