@@ -65,8 +65,14 @@ def one_line(error: BaseException) -> str:
     return text or type(error).__name__
 
 
-# Set by ``captum-iclip --debug``: errors keep their traceback.
+# Set by ``captum-iclip --debug`` while its command runs: errors keep their traceback.
 DEBUG = False
+
+
+def split_debug(argv: Optional[Sequence[str]]) -> "tuple[List[str], bool]":
+    """``argv`` (default ``sys.argv[1:]``) without ``--debug``, and whether it was there."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return [arg for arg in argv if arg != "--debug"], "--debug" in argv
 
 
 def run_command(prog: str, command: Callable[[], Optional[int]], debug: Optional[bool] = None) -> int:
@@ -168,9 +174,12 @@ def explain(args: argparse.Namespace) -> int:
 def demo(args: argparse.Namespace) -> int:
     from captum_iclip.demo import run_demo
 
+    from captum_iclip.models.loading import check_device
+
     if args.num_images < 1:
         raise ValueError(f"--num-images: expected at least 1, got {args.num_images}")
     check_output_folder(args.out, "--out")
+    check_device(args.device, "--device")
 
     run_demo(out_dir=args.out, num_images=args.num_images, device=args.device, progress=not args.no_progress)
     return 0
@@ -206,16 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     global DEBUG
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = DEBUG = "--debug" in argv
-    argv = [arg for arg in argv if arg != "--debug"]
-    if argv and argv[0] in DELEGATED:
-        import importlib
+    argv, debug = split_debug(argv)
+    previous, DEBUG = DEBUG, debug or DEBUG
+    try:
+        if argv and argv[0] in DELEGATED:
+            import importlib
 
-        module = importlib.import_module(DELEGATED[argv[0]])
-        return run_command(f"captum-iclip {argv[0]}", lambda: module.main(argv[1:]), debug)
-    args = build_parser().parse_args(argv)
-    return run_command(f"captum-iclip {args.command}", lambda: args.func(args), debug)
+            module = importlib.import_module(DELEGATED[argv[0]])
+            return run_command(f"captum-iclip {argv[0]}", lambda: module.main(argv[1:]))
+        args = build_parser().parse_args(argv)
+        return run_command(f"captum-iclip {args.command}", lambda: args.func(args))
+    finally:
+        DEBUG = previous
 
 
 if __name__ == "__main__":

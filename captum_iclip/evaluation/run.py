@@ -877,10 +877,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         >>> main(["--dataset", "voc", "--root", "data/world_voc", "--method", "raw,surgery"])  # doctest: +SKIP
         0
     """
-    from captum_iclip.cli import run_command
+    from captum_iclip.cli import run_command, split_debug
 
+    argv, debug = split_debug(argv)
     args = build_parser().parse_args(argv)
-    return run_command("captum-iclip eval", lambda: _run(args))
+    return run_command("captum-iclip eval", lambda: _run(args), debug or None)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -893,8 +893,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``captum-iclip train``: parse ``argv``, train, return the exit status."""
-    from captum_iclip.cli import run_command
+    from captum_iclip.cli import run_command, split_debug
 
+    argv, debug = split_debug(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -904,4 +905,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(json.dumps(stats, indent=2))
         return 0
 
-    return run_command("captum-iclip train", run)
+    return run_command("captum-iclip train", run, debug or None)

@@ -75,6 +75,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from captum_iclip.cli import run_command
+    from captum_iclip.cli import run_command, split_debug
 
-    raise SystemExit(run_command("python -m captum_iclip.world", main))
+    argv, debug = split_debug(None)
+    raise SystemExit(run_command("python -m captum_iclip.world", lambda: main(argv), debug or None))
