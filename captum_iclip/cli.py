@@ -123,18 +123,35 @@ _OPTION_OF = {"model_name": "--model", "pretrained": "--pretrained", "checkpoint
               "hf_model": "--hf-model", "device": "--device", "random_weights": "--random-weights"}
 
 
-def load_model_from_args(args: argparse.Namespace):
-    from captum_iclip.models.loading import WeightsUnavailableError, load_clip
+def _with_options(call: Callable):
+    """Run ``call``; its errors name the command-line options instead of load_clip's arguments."""
+    from captum_iclip.models.loading import WeightsUnavailableError
 
     try:
-        return load_clip(args.model, args.pretrained, hf_model=args.hf_model, checkpoint=args.checkpoint,
-                         device=args.device, random_weights=getattr(args, "random_weights", False))
+        return call()
     except (ValueError, WeightsUnavailableError) as error:
         message = str(error)
         for name, option in _OPTION_OF.items():
             if message.startswith(f"{name}:"):
                 message = option + message[len(name):]
         raise type(error)(message) from error
+
+
+def check_model_arguments(args: argparse.Namespace) -> None:
+    """The model options' checks of :func:`load_model_from_args`, for commands that load a bundled
+    model themselves: no weights option is ignored, the device exists."""
+    from captum_iclip.models.loading import check_device, check_model_options
+
+    _with_options(lambda: (check_device(args.device),
+                           check_model_options(args.model, args.pretrained, args.checkpoint, args.hf_model)))
+
+
+def load_model_from_args(args: argparse.Namespace):
+    from captum_iclip.models.loading import load_clip
+
+    return _with_options(lambda: load_clip(
+        args.model, args.pretrained, hf_model=args.hf_model, checkpoint=args.checkpoint, device=args.device,
+        random_weights=getattr(args, "random_weights", False)))
 
 
 def explain(args: argparse.Namespace) -> int:

@@ -433,6 +433,7 @@ def _folder_dataset(root: Path, damage: str) -> Path:
     "unknown model", "cuda without GPU", "explain out is a folder", "explain resolution", "demo zero images",
     "demo out is a file", "corrupt open_clip checkpoint", "eval corrupt image", "eval corrupt mask",
     "train corrupt resume", "train cuda without GPU", "world zero scenes", "world root is a file",
+    "audit pretrained without model", "eval checkpoint without model",
 ])
 def test_command_errors_are_one_line_naming_the_argument(tmp_path, capsys, case):
     if "cuda" in case and torch.cuda.is_available():
@@ -472,6 +473,12 @@ def test_command_errors_are_one_line_naming_the_argument(tmp_path, capsys, case)
                                       "-n: expected at least 1 scene, got 0"),
         "world root is a file": lambda: (["world", "export-voc", "--root", str(tmp_path / "a-file"), "-n", "1"],
                                          "world", "--root: expected a folder, got the file"),
+        "audit pretrained without model": lambda: (
+            ["audit", "--images", str(image), "--prompts", "a,b", "--out", str(tmp_path / "r"), "--pretrained",
+             "openai"], "audit", "--pretrained: needs model_name"),
+        "eval checkpoint without model": lambda: (
+            ["eval", "--dataset", "folder", "--root", str(tmp_path), "--checkpoint", str(bad)], "eval",
+            "--checkpoint: needs model_name"),
     }
     argv, prog, expected = cases[case]()
     assert cli_main(argv) == 2

@@ -94,11 +94,11 @@ def load_audit_model(args: argparse.Namespace, prompts: List[str]) -> AuditModel
 def main(argv: Optional[List[str]] = None) -> int:
     """Run ``captum-iclip audit`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     from captum_iclip._io import check_output_folder
-    from captum_iclip.models.loading import check_device
+    from captum_iclip.cli import check_model_arguments
 
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     check_output_folder(args.out, "--out")
-    check_device(args.device, "--device")
+    check_model_arguments(args)
     prompts = read_prompts(args)
     model = load_audit_model(args, prompts)
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]

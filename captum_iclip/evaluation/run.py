@@ -885,9 +885,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from captum_iclip.models.loading import check_device
+    from captum_iclip.cli import check_model_arguments
 
-    check_device(args.device, "--device")
+    check_model_arguments(args)
     args.device = _init_distributed(args.device)
     rank = _rank_and_world()[0]
     try:

@@ -48,6 +48,33 @@ def check_device(device: "str | torch.device", argument: str = "device") -> torc
     return target
 
 
+def check_model_options(model_name: Optional[str], pretrained: Optional[str], checkpoint: Optional[str],
+                        hf_model: Optional[str]) -> None:
+    """Refuse model options that contradict each other or would be ignored (a ``ValueError`` naming one).
+
+    ``pretrained`` and ``checkpoint`` need an open_clip ``model_name`` (without one the bundled model
+    would run, and the weights the user asked for would be ignored); a bundled model has its own
+    weights; ``hf_model`` loads its own model and weights.
+    """
+    given = next((name for name, value in (("pretrained", pretrained), ("checkpoint", checkpoint))
+                  if value is not None), None)
+    if hf_model is not None:
+        extra = "model_name" if model_name is not None else given
+        if extra is not None:
+            raise ValueError(f"{extra}: cannot be combined with hf_model (--hf-model loads its own weights)")
+        return
+    if given is None:
+        return
+    if model_name is None:
+        raise ValueError(f"{given}: needs model_name (--model NAME, the open_clip architecture the weights are "
+                         "for); without --model the bundled model shapes-tiny is used")
+    from captum_iclip import zoo
+
+    if model_name in zoo.available():
+        raise ValueError(f"{given}: the bundled model {model_name!r} has its own weights; give --model an "
+                         "open_clip architecture to load other weights")
+
+
 @dataclass
 class LoadedCLIP:
     """A CLIP model with what is needed to use it."""
@@ -95,25 +122,13 @@ def load_clip(
             device this machine does not have.
     """
     check_device(device)
+    check_model_options(model_name, pretrained, checkpoint, hf_model)
     if hf_model is not None:
-        given = [name for name, value in (("model_name", model_name), ("pretrained", pretrained),
-                                          ("checkpoint", checkpoint)) if value is not None]
-        if given:
-            raise ValueError(f"{given[0]}: cannot be combined with hf_model (--hf-model loads its own weights)")
         return _load_hf(hf_model, device, image_size)
-    if model_name is None:
-        if pretrained is not None or checkpoint is not None:
-            argument = "pretrained" if pretrained is not None else "checkpoint"
-            raise ValueError(f"{argument}: needs model_name (--model NAME, the open_clip architecture the weights "
-                             "are for); without --model the bundled model shapes-tiny is used")
-        model_name = "shapes-tiny"
     from captum_iclip import zoo
 
+    model_name = model_name or "shapes-tiny"
     if model_name in zoo.available():
-        if pretrained is not None or checkpoint is not None:
-            argument = "pretrained" if pretrained is not None else "checkpoint"
-            raise ValueError(f"{argument}: the bundled model {model_name!r} has its own weights; "
-                             "give --model an open_clip architecture to load other weights")
         bundle = zoo.load(model_name, device=device)
         return LoadedCLIP(bundle.model, bundle.preprocess, bundle.tokenizer, model_name)
     return _load_open_clip(model_name, pretrained, checkpoint, device, image_size, random_weights)
