@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable, Union
+from typing import IO, TYPE_CHECKING, Any, Callable, Union
 
 import torch
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 PathLike = Union[str, os.PathLike]
 
@@ -103,7 +106,7 @@ def load_torch_file(path: PathLike, argument: str = "path") -> Any:
                          f"objects other than tensors and plain containers): {reason}") from error
 
 
-def read_image(source: Union[PathLike, bytes, "PIL.Image.Image"], argument: str = "image") -> "PIL.Image.Image":
+def read_image(source: Union[PathLike, bytes, "Image.Image"], argument: str = "image") -> "Image.Image":
     """The one image reader of every command: decode an image file into an 8-bit RGB ``PIL`` image.
 
     Differences from ``Image.open(path).convert("RGB")``, which is wrong for some files:
@@ -146,7 +149,7 @@ def read_image(source: Union[PathLike, bytes, "PIL.Image.Image"], argument: str 
         raise OSError(f"{argument}: cannot decode image {name}: {type(error).__name__}: {error}") from error
 
 
-def _to_rgb8(image: "PIL.Image.Image") -> "PIL.Image.Image":
+def _to_rgb8(image: "Image.Image") -> "Image.Image":
     import numpy as np
     from PIL import Image
 

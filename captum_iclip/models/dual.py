@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
-import torch
 from torch import Tensor, nn
 
 from captum_iclip._io import PathLike, atomic_torch_save, load_torch_file

@@ -54,7 +54,6 @@ import logging
 import math
 import os
 import random
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
