@@ -396,6 +396,8 @@ def test_weights_options_are_never_ignored(tmp_path, capsys):
         load_clip(None, checkpoint=str(tmp_path / "missing.pt"))
     with pytest.raises(ValueError, match="model_name: 'RN50' has no weights .* random_weights=True"):
         load_clip("RN50")
+    tiny = _tiny_open_clip_config(tmp_path).stem
+    assert isinstance(load_clip(tiny, random_weights=True).model, open_clip.model.CLIP)  # the explicit opt-in
     if "shapes-tiny" in zoo.available():
         with pytest.raises(ValueError, match="checkpoint: the bundled model 'shapes-tiny' has its own weights"):
             load_clip("shapes-tiny", checkpoint=str(tmp_path / "x.pt"))
