@@ -299,3 +299,26 @@ def test_cli_writes_both_layouts(tmp_path, capsys):
     assert [p.name for p in (tmp_path / "txt/shards").iterdir()] == ["shard-000000.tar"]
     assert not (tmp_path / "txt/train.csv").exists()
     assert "wrote 2 scenes" in capsys.readouterr().out
+
+
+def test_sample_caption_controls_colour_and_background_words():
+    from captum_iclip.world import sample_caption
+    from captum_iclip.world.generator import _BACKGROUND_PHRASES
+
+    scenes = [generate_scene(seed) for seed in range(40)]
+    for scene in scenes:
+        plain = sample_caption(scene, np.random.default_rng(scene.seed), colour_prob=0.0, background_prob=0.0)
+        words = set(plain.replace(",", " ").split())
+        assert not words & set(COLOURS), plain
+        assert all(category in plain for category in scene.categories)
+        assert not any(phrase in plain for phrase in _BACKGROUND_PHRASES[scene.background])
+        full = sample_caption(scene, np.random.default_rng(scene.seed), colour_prob=1.0, background_prob=1.0)
+        assert all(obj.colour in full.split() for obj in scene.objects), full
+        assert any(phrase in full for phrase in _BACKGROUND_PHRASES[scene.background]), full
+        # Same stream, same caption.
+        assert sample_caption(scene, np.random.default_rng(7)) == sample_caption(scene, np.random.default_rng(7))
+    assert len(BACKGROUNDS) == len(_BACKGROUND_PHRASES)
+    # Overlapping pairs keep their "behind" relation available to re-captions.
+    assert any(scene.overlaps for scene in scenes) and not any(s.overlaps for s in scenes if len(s.objects) != 2)
+    with pytest.raises(ValueError, match="colour_prob: expected a probability"):
+        sample_caption(scenes[0], np.random.default_rng(0), colour_prob=1.5)

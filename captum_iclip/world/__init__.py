@@ -23,6 +23,7 @@ from captum_iclip.world.generator import (
     prompt_for,
     render_background,
     render_objects,
+    sample_caption,
 )
 
 __all__ = [
@@ -44,5 +45,6 @@ __all__ = [
     "prompt_for",
     "render_background",
     "render_objects",
+    "sample_caption",
     "voc_colormap",
 ]

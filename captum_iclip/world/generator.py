@@ -67,6 +67,7 @@ __all__ = [
     "prompt_for",
     "render_background",
     "render_objects",
+    "sample_caption",
 ]
 
 CATEGORIES: tuple[str, ...] = (
@@ -197,6 +198,8 @@ class Scene:
         seed: Seed the scene was generated from.
         instance: ``(S, S)`` uint8 map of the object that owns each pixel
             (1-based index into ``objects``, 0 background).
+        overlaps: Whether the two objects of a two-object scene overlap (the
+            caption may then say "behind").
     """
 
     image: np.ndarray
@@ -206,6 +209,7 @@ class Scene:
     caption: str
     seed: int
     instance: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 0), np.uint8))
+    overlaps: bool = False
 
     @property
     def categories(self) -> list[str]:
@@ -660,9 +664,25 @@ def _relation(first: WorldObject, second: WorldObject, overlaps: bool) -> str:
     return "above" if dy < 0 else "below"
 
 
-def _caption(objects: list[WorldObject], background: str, overlaps: bool, rng: np.random.Generator) -> str:
-    """Caption naming every object (mostly with colour), sometimes a relation or the background."""
-    phrases = [_noun_phrase(obj, with_colour=rng.random() < 0.9, with_size=rng.random() < 0.5) for obj in objects]
+# How often a scene's own caption names an object's colour and the background.
+CAPTION_COLOUR_PROB = 0.9
+CAPTION_BACKGROUND_PROB = 0.35
+
+
+def _caption(
+    objects: list[WorldObject],
+    background: str,
+    overlaps: bool,
+    rng: np.random.Generator,
+    colour_prob: float = CAPTION_COLOUR_PROB,
+    background_prob: float = CAPTION_BACKGROUND_PROB,
+) -> str:
+    """Caption naming every object (with colour with probability ``colour_prob``),
+    sometimes a relation, and the background with probability ``background_prob``.
+    The random stream is consumed the same way whatever the probabilities."""
+    phrases = [
+        _noun_phrase(obj, with_colour=rng.random() < colour_prob, with_size=rng.random() < 0.5) for obj in objects
+    ]
     if len(objects) == 2 and rng.random() < 0.5:
         first, second = objects[0], objects[1]
         if rng.random() < 0.5 and not overlaps:
@@ -675,11 +695,44 @@ def _caption(objects: list[WorldObject], background: str, overlaps: bool, rng: n
     else:
         ordered = [phrases[i] for i in rng.permutation(len(objects))]
         listed = ", ".join(ordered[:-1]) + " and " + ordered[-1]
-    if rng.random() < 0.35:
+    if rng.random() < background_prob:
         where = _BACKGROUND_PHRASES[background][rng.integers(len(_BACKGROUND_PHRASES[background]))]
         template = _BACKGROUND_TEMPLATES[rng.integers(len(_BACKGROUND_TEMPLATES))]
         return template.format(objects=listed, where=where)
     return _PLAIN_TEMPLATES[rng.integers(len(_PLAIN_TEMPLATES))].format(objects=listed)
+
+
+def sample_caption(
+    scene: Scene,
+    rng: np.random.Generator,
+    colour_prob: float = CAPTION_COLOUR_PROB,
+    background_prob: float = CAPTION_BACKGROUND_PROB,
+) -> str:
+    """Another caption of ``scene``, drawn like its own with other word probabilities.
+
+    Training recipes use it to vary how often captions name colours and
+    backgrounds without changing the scenes (or their exported captions).
+
+    Args:
+        scene: A generated scene.
+        rng: Random stream of the caption (e.g. seeded by scene and epoch).
+        colour_prob: Probability that an object's phrase names its colour.
+        background_prob: Probability that the caption names the background.
+
+    Returns:
+        A caption in the world's caption style.
+
+    Examples:
+        >>> scene = generate_scene(5)
+        >>> scene.caption
+        'a photo of a small red hexagon and a large blue diamond'
+        >>> sample_caption(scene, np.random.default_rng(1), colour_prob=0.0, background_prob=0.0)
+        'a photo of a hexagon next to a diamond'
+    """
+    for name, value in (("colour_prob", colour_prob), ("background_prob", background_prob)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name}: expected a probability in [0, 1], got {value!r}")
+    return _caption(scene.objects, scene.background, scene.overlaps, rng, colour_prob, background_prob)
 
 
 # --------------------------------------------------------------------- scene
@@ -783,6 +836,7 @@ def generate_scene(seed: int, size: int = 96) -> Scene:
         caption=caption,
         seed=int(seed),
         instance=instance,
+        overlaps=overlaps,
     )
 
 
