@@ -3,6 +3,7 @@ from captum_iclip.attr.itsm import ITSMAttribution
 from captum_iclip.attr.mmp import MaskedMaxPoolingAttribution
 from captum_iclip.models.adapters import get_adapter
 from captum_iclip.models.dual import DualProjectionCLIP
+from captum_iclip.models.loading import LoadedCLIP, load, mask_source
 from captum_iclip.pooling import MaskedMaxPooling
 from captum_iclip.similarity import CLIPSimilarity
 
@@ -12,7 +13,10 @@ __all__ = [
     "CLIPSimilarity",
     "DualProjectionCLIP",
     "ITSMAttribution",
+    "LoadedCLIP",
     "MaskedMaxPooling",
     "MaskedMaxPoolingAttribution",
     "get_adapter",
+    "load",
+    "mask_source",
 ]

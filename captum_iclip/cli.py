@@ -107,24 +107,28 @@ def run_command(prog: str, command: Callable[[], Optional[int]], debug: Optional
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model options shared by the commands that load a CLIP model."""
+    """The model options shared by the commands that load a CLIP model (read by :func:`load_model_from_args`)."""
     group = parser.add_argument_group("model (default: the bundled offline model shapes-tiny)")
-    group.add_argument("--model", default=None, help="open_clip model name (ViT-B-16, RN50, ...) or a bundled model name")
+    group.add_argument("--model", default=None,
+                       help="bundled model name, open_clip model name (ViT-B-16, RN50, ...) or Hugging Face id")
     group.add_argument("--pretrained", default=None, help="open_clip pretrained tag, e.g. openai")
     group.add_argument("--hf-model", default=None, help="Hugging Face CLIP model id or local folder")
     group.add_argument("--checkpoint", default=None, help="local open_clip checkpoint file for --model")
     group.add_argument("--random-weights", action="store_true",
                        help="explain an open_clip --model with its random initialisation (no weights) on purpose")
+    group.add_argument("--model-config", default=None,
+                       help="open_clip model-config JSON to register; its file stem becomes the --model name")
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
-# load_clip's argument names -> the options that set them (errors name what the user typed).
-_OPTION_OF = {"model_name": "--model", "pretrained": "--pretrained", "checkpoint": "--checkpoint",
-              "hf_model": "--hf-model", "device": "--device", "random_weights": "--random-weights"}
+# load's argument names -> the options that set them (errors name what the user typed).
+_OPTION_OF = {"model_name": "--model", "model": "--model", "spec": "--model", "pretrained": "--pretrained",
+              "checkpoint": "--checkpoint", "hf_model": "--hf-model", "device": "--device",
+              "random_weights": "--random-weights", "model_config": "--model-config"}
 
 
 def _with_options(call: Callable):
-    """Run ``call``; its errors name the command-line options instead of load_clip's arguments."""
+    """Run ``call``; its errors name the command-line options instead of the loader's arguments."""
     from captum_iclip.models.loading import WeightsUnavailableError
 
     try:
@@ -147,10 +151,12 @@ def check_model_arguments(args: argparse.Namespace) -> None:
 
 
 def load_model_from_args(args: argparse.Namespace):
-    from captum_iclip.models.loading import load_clip
+    """:func:`captum_iclip.load` on the options of :func:`add_model_arguments`; errors name the options."""
+    from captum_iclip.models.loading import load
 
-    return _with_options(lambda: load_clip(
-        args.model, args.pretrained, hf_model=args.hf_model, checkpoint=args.checkpoint, device=args.device,
+    return _with_options(lambda: load(
+        args.model, args.pretrained, hf_model=args.hf_model, checkpoint=args.checkpoint,
+        model_config=getattr(args, "model_config", None), device=args.device,
         random_weights=getattr(args, "random_weights", False)))
 
 
@@ -213,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--prompts", required=True, help='comma-separated prompts, e.g. "a cat,a dog"')
     add_model_arguments(p)
-    p.add_argument("--variant", choices=("raw", "surgery"), default="raw")
+    p.add_argument("--variant", choices=("plain", "surgery"), default="plain",
+                   help="plain ITSM or CLIP Surgery (default: plain)")
     p.add_argument("--resolution", type=int, default=None, help="input size (default: the model's own)")
     p.add_argument("--out", required=True, help="output figure (PNG)")
     p.set_defaults(func=explain)

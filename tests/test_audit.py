@@ -22,6 +22,7 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from PIL import Image
 
 from captum_iclip import CLIPSimilarity
+from captum_iclip.models.loading import WeightsUnavailableError
 from captum_iclip.audit import audit, background_fraction, command
 from captum_iclip.audit.command import AuditModel
 from captum_iclip.cli import main as cli_main
@@ -320,5 +321,5 @@ def test_default_model_is_the_bundled_one(monkeypatch):
         assert isinstance(loaded.sim.model, DualProjectionCLIP) and loaded.mask_provider is not None
         assert loaded.sim.prompts == ["a", "b"] and loaded.name == "shapes-tiny"
     monkeypatch.setattr(zoo, "available", lambda: [])
-    with pytest.raises(SystemExit, match="bundled model shapes-tiny is not installed"):
+    with pytest.raises(WeightsUnavailableError, match="bundled model shapes-tiny is not installed"):
         command.load_audit_model(args, ["a", "b"])

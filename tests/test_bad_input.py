@@ -73,7 +73,7 @@ def test_bad_target(vit_b32, itsm, image, target, message):
 
 
 def test_unknown_variant(vit_b32, itsm, image):
-    with NoForward(vit_b32), pytest.raises(ValueError, match=r"variant: expected one of \('raw', 'surgery'\), got 'gradcam'"):
+    with NoForward(vit_b32), pytest.raises(ValueError, match=r"variant: expected one of \('plain', 'surgery'\), got 'gradcam'"):
         itsm.attribute(image, variant="gradcam")
 
 
@@ -98,7 +98,7 @@ def test_negative_surgery_depth_on_a_resnet(tiny_resnet):
 
 
 def test_unknown_projection(vit_b32, itsm, image):
-    with NoForward(vit_b32), pytest.raises(ValueError, match=r"projection: expected 'recognition' or 'interpretability'"):
+    with NoForward(vit_b32), pytest.raises(ValueError, match=r"projection: expected one of \('auto', 'recognition', 'interpretability'\), got 'text'"):
         itsm.attribute(image, projection="text")
 
 

@@ -132,16 +132,16 @@ def test_patch_grid_maps_span_zero_to_one(itsm, images):
     torch.testing.assert_close(grid_maps.amax(-1), torch.ones(2, K), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("variant", ["raw", "surgery"])
+@pytest.mark.parametrize("variant", ["plain", "surgery"])
 def test_batch_invariance(itsm, images, raw_patch_scores, surgery_patch_scores, variant):
-    batched = raw_patch_scores if variant == "raw" else surgery_patch_scores
+    batched = raw_patch_scores if variant == "plain" else surgery_patch_scores
     for i in range(images.shape[0]):
         alone = itsm.attribute(images[i:i + 1], variant=variant, normalize=False, interpolate=False)
         torch.testing.assert_close(alone, batched[i:i + 1], rtol=0, atol=1e-5)
 
 
 # --- cost: one encoder pass per batch, no autograd ---------------------------------------
-@pytest.mark.parametrize("variant", ["raw", "surgery"])
+@pytest.mark.parametrize("variant", ["plain", "surgery"])
 def test_one_forward_pass_whatever_the_number_of_prompts(vit_b32, sim_b32, variant):
     images = make_images(1, 3, 224, 224, seed=11).requires_grad_(True)
     many = CLIPSimilarity(vit_b32, text_features=torch.randn(50, 512, generator=torch.Generator().manual_seed(0)))

@@ -107,7 +107,7 @@ def test_explain_offline_pretrained_weights_give_a_clear_message(tmp_path, monke
 
     monkeypatch.setattr(open_clip, "create_model_and_transforms", unreachable)
     with pytest.raises(loading.WeightsUnavailableError, match="--checkpoint"):
-        loading.load_clip("ViT-B-16", "openai")
+        loading.load("ViT-B-16", "openai")
     assert cli_main(["explain", str(tmp_path / "x.png"), "--prompts", "a cat", "--model", "ViT-B-16",
                      "--pretrained", "openai", "--out", str(tmp_path / "o.png")]) == 2
     error = capsys.readouterr().err

@@ -6,7 +6,6 @@ import numbers
 from typing import Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from captum._utils.typing import TargetType
 from torch import Tensor
 
@@ -86,12 +85,3 @@ def minmax_normalize(maps: Tensor) -> Tensor:
     span = flat.max(dim=-1, keepdim=True).values - low
     flat = (flat - low) / span.clamp_min(torch.finfo(flat.dtype).tiny)
     return flat.reshape(maps.shape)
-
-
-def postprocess(maps: Tensor, size: Tuple[int, int], normalize: bool, interpolate: bool) -> Tensor:
-    """SPEC §1 post-processing of (N, K, h, w) patch maps: min-max, then bilinear upsampling."""
-    if normalize:
-        maps = minmax_normalize(maps)
-    if interpolate:
-        maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
-    return maps

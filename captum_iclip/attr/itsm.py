@@ -1,25 +1,17 @@
 """ITSM: the Image-Text Similarity Map (SPEC §1) and its training-free correction (SPEC §2)."""
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
-
 import torch
 import torch.nn.functional as F
 from captum._utils.typing import TargetType
-from captum.attr import Attribution
 from captum.log import log_usage
 from torch import Tensor
 
-from captum_iclip.attr._utils import (
-    check_forward_func,
-    postprocess,
-    select_targets,
-    target_indices,
-    unpack_inputs,
-)
-from captum_iclip.similarity import CLIPSimilarity
+from captum_iclip.attr._utils import select_targets
+from captum_iclip.attr.base import CLIPMapAttribution
 
-VARIANTS = ("raw", "surgery")
+VARIANTS = ("plain", "surgery")
+"""``plain``: ITSM as defined by Li et al. (2022); ``surgery``: with CLIP Surgery's corrections."""
 
 
 def feature_surgery(patch_features: Tensor, global_feature: Tensor, text_features: Tensor) -> Tensor:
@@ -47,7 +39,7 @@ def feature_surgery(patch_features: Tensor, global_feature: Tensor, text_feature
     return weighted - weighted.mean(dim=-1, keepdim=True)
 
 
-class ITSMAttribution(Attribution):
+class ITSMAttribution(CLIPMapAttribution):
     r"""Image-Text Similarity Map (Li et al., 2022, arXiv 2209.07046).
 
     Every image token is projected into the joint embedding space like the
@@ -66,6 +58,13 @@ class ITSMAttribution(Attribution):
     When the forward function wraps a :class:`~captum_iclip.DualProjectionCLIP`,
     the maps are drawn from its interpretability projection while the scores
     keep the recognition projection (SPEC §4).
+
+    What differs from :class:`~captum_iclip.MaskedMaxPoolingAttribution` (the
+    rest is :class:`~captum_iclip.attr.base.CLIPMapAttribution`): the maps are
+    min-max normalised by default (an ITSM map is read by its shape, and the
+    localization metrics compare normalised maps) and upsampled bilinearly; there
+    is no convergence delta, because a similarity map is not a decomposition of
+    the score.
 
     Args:
         forward_func: a :class:`~captum_iclip.CLIPSimilarity`: the same forward
@@ -86,22 +85,18 @@ class ITSMAttribution(Attribution):
         torch.Size([2, 2, 224, 224])
     """
 
-    def __init__(self, forward_func: CLIPSimilarity) -> None:
-        super().__init__(check_forward_func(forward_func, "ITSMAttribution"))
-        self.similarity: CLIPSimilarity = forward_func
-
     @log_usage()
     def attribute(
         self,
-        inputs: Union[Tensor, Tuple[Tensor]],
+        inputs: Tensor | tuple[Tensor],
         target: TargetType = None,
         *,
-        variant: str = "raw",
+        variant: str = "plain",
         normalize: bool = True,
         interpolate: bool = True,
-        surgery_depth: Optional[int] = None,
+        surgery_depth: int | None = None,
         projection: str = "auto",
-    ) -> Union[Tensor, Tuple[Tensor]]:
+    ) -> Tensor | tuple[Tensor]:
         r"""
         Args:
             inputs: preprocessed images (N, 3, H, W), H and W divisible by the
@@ -109,14 +104,16 @@ class ITSMAttribution(Attribution):
             target: the prompt(s) to explain, with Captum's semantics: an int
                 (every example), a list or 1-d tensor of N ints (one per example),
                 or ``None`` for every prompt.
-            variant: ``"raw"`` (SPEC §1) or ``"surgery"`` (SPEC §2).
+            variant: ``"plain"`` (the ITSM of Li et al. 2022, docs/methods.md §1)
+                or ``"surgery"`` (CLIP Surgery, docs/methods.md §2).
             normalize: min-max normalise each (image, prompt) map to [0, 1].
-                ``False`` keeps the raw cosine similarities (or surgery scores).
+                ``False`` keeps the cosine similarities (or surgery scores).
             interpolate: upsample bilinearly to (H, W); ``False`` returns the
                 patch grid (h, w).
             surgery_depth: number of final transformer blocks given the
-                surgery path (``variant="surgery"`` only). Default: 6 (SPEC §2),
-                capped at half the tower's blocks for towers shallower than 12.
+                surgery path (``variant="surgery"`` only). Default: 6, as in
+                CLIP Surgery, capped at half the tower's blocks for towers
+                shallower than 12.
             projection: ``"auto"`` (the interpretability projection when the
                 model has one, else the recognition projection),
                 ``"recognition"`` or ``"interpretability"``.
@@ -127,25 +124,27 @@ class ITSMAttribution(Attribution):
             was a tuple. Draw one with
             ``captum.attr.visualization.visualize_image_attr(attr[0].permute(1, 2, 0).numpy(), ...)``.
         """
-        images, is_tuple = unpack_inputs(inputs)
-        sim = self.similarity
-        grid = sim.check_inputs(images)
         if variant not in VARIANTS:
-            raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
+            hint = " ('raw' is now 'plain')" if variant == "raw" else ""
+            raise ValueError(f"variant: expected one of {VARIANTS}{hint}, got {variant!r}")
+        prepared = self.prepare(inputs, target, projection)
+        images, sim = prepared.images, self.similarity
         if variant == "surgery":
             if surgery_depth is None:
                 blocks = sim.adapter.num_blocks
                 surgery_depth = 6 if blocks is None else min(6, blocks // 2)
             sim.adapter.check_surgery_depth(surgery_depth)
-        index = target_indices(target, images.shape[0], sim.num_prompts)
-        if projection == "auto":
-            projection = "interpretability" if sim.adapter.interpretability_head is not None else "recognition"
 
         with torch.no_grad(), sim.evaluating():
-            maps = self.similarity_maps(images, variant=variant, surgery_depth=surgery_depth, projection=projection)
-            maps = maps.transpose(1, 2).reshape(images.shape[0], -1, *grid)
-            maps = postprocess(select_targets(maps, index), images.shape[-2:], normalize, interpolate)
-        return (maps,) if is_tuple else maps
+            maps = self.similarity_maps(
+                images, variant=variant, surgery_depth=surgery_depth, projection=prepared.projection
+            )
+            maps = maps.transpose(1, 2).reshape(images.shape[0], -1, *prepared.grid)
+            maps = self.finish(
+                select_targets(maps, prepared.index), images.shape[-2:], normalize=normalize,
+                interpolate=interpolate, upsample="bilinear",
+            )
+        return (maps,) if prepared.is_tuple else maps
 
     def similarity_maps(self, images: Tensor, *, variant: str, surgery_depth: int, projection: str) -> Tensor:
         """Unnormalised (N, h*w, K) patch-prompt scores of ``variant``."""
@@ -160,13 +159,6 @@ class ITSMAttribution(Attribution):
         features = F.normalize(sim.adapter.dense_features(images, surgery_depth=depth, projection=projection), dim=-1)
         text = text.to(features.dtype)
         global_feature, patches = features[:, 0], features[:, 1:]
-        if variant == "raw" or single_prompt_surgery:
+        if variant == "plain" or single_prompt_surgery:
             return patches @ text.t()
         return feature_surgery(patches, global_feature, text)
-
-    def has_convergence_delta(self) -> bool:
-        return False
-
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        return False

@@ -1,21 +1,20 @@
 """Attribution of the masked-max-pooled image-text score to patches (SPEC §3)."""
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from captum._utils.typing import TargetType
-from captum.attr import Attribution
 from captum.log import log_usage
 from torch import Tensor
 
-from captum_iclip.attr._utils import check_forward_func, minmax_normalize, target_indices, unpack_inputs
+from captum_iclip.attr.base import CLIPMapAttribution
 from captum_iclip.pooling import MaskedMaxPooling
 from captum_iclip.similarity import CLIPSimilarity
 
 
-class MaskedMaxPoolingAttribution(Attribution):
+class MaskedMaxPoolingAttribution(CLIPMapAttribution):
     r"""Exact decomposition of the masked-max-pooled score over patches (ICLIP).
 
     The patch features :math:`P` of the interpretability projection are pooled
@@ -37,6 +36,11 @@ class MaskedMaxPoolingAttribution(Attribution):
     global token); ``forward_func`` provides the model, the prompts and their
     embeddings.
 
+    What differs from :class:`~captum_iclip.ITSMAttribution` (the rest is
+    :class:`~captum_iclip.attr.base.CLIPMapAttribution`): no normalisation by
+    default and ``"spread"`` upsampling, both so that the map sums to the pooled
+    score (completeness); a convergence delta; and a foreground mask.
+
     Args:
         forward_func: a :class:`~captum_iclip.CLIPSimilarity` (ideally around a
             :class:`~captum_iclip.DualProjectionCLIP`).
@@ -55,17 +59,23 @@ class MaskedMaxPoolingAttribution(Attribution):
     """
 
     def __init__(self, forward_func: CLIPSimilarity, mask_provider: Any = None) -> None:
-        super().__init__(check_forward_func(forward_func, "MaskedMaxPoolingAttribution"))
-        self.similarity: CLIPSimilarity = forward_func
-        self.mask_provider = None
-        if mask_provider is not None:
-            from captum_iclip.masks import as_mask_provider
+        super().__init__(forward_func)
+        from captum_iclip.masks import as_mask_provider  # imports timm: only when a provider is given
 
-            self.mask_provider = as_mask_provider(mask_provider)
+        self.mask_provider = None if mask_provider is None else as_mask_provider(mask_provider)
         self.pool = MaskedMaxPooling()
 
-    def foreground(self, images: Tensor, grid: Tuple[int, int]) -> Tensor:
-        """The (N, h*w) boolean foreground mask of ``images`` on the CLIP patch grid."""
+    def foreground(self, images: Tensor, grid: tuple[int, int], mask: Tensor | None = None) -> Tensor:
+        """The (N, h*w) boolean foreground of ``images`` on the CLIP patch grid.
+
+        ``mask`` (one call's override) goes through the same checks as a provider's
+        masks (:class:`~captum_iclip.masks.FixedMaskProvider`): shape, 0/1 values,
+        and an empty mask replaced by every patch.
+        """
+        if mask is not None:
+            from captum_iclip.masks import FixedMaskProvider
+
+            return FixedMaskProvider(mask.to(images.device))(images, grid)
         if self.mask_provider is None:
             return torch.ones(images.shape[0], grid[0] * grid[1], dtype=torch.bool, device=images.device)
         return self.mask_provider(images, grid)
@@ -73,24 +83,24 @@ class MaskedMaxPoolingAttribution(Attribution):
     @log_usage()
     def attribute(
         self,
-        inputs: Union[Tensor, Tuple[Tensor]],
+        inputs: Tensor | tuple[Tensor],
         target: TargetType = None,
         *,
-        mask: Optional[Tensor] = None,
+        mask: Tensor | None = None,
         normalize: bool = False,
         interpolate: bool = True,
         projection: str = "auto",
         return_convergence_delta: bool = False,
-    ) -> Union[Tensor, Tuple[Tensor, ...], Tuple[Union[Tensor, Tuple[Tensor]], Tensor]]:
+    ) -> Tensor | tuple[Tensor, ...] | tuple[Tensor | tuple[Tensor], Tensor]:
         r"""
         Args:
             inputs: preprocessed images (N, 3, H, W), or a 1-tuple of them.
             target: prompt index with Captum's semantics (int, list or tensor of N
                 ints, or ``None`` for every prompt).
             mask: an explicit (N, h*w) or (N, h, w) foreground mask on the patch
-                grid overriding the provider for this call: boolean or 0/1 values
-                (anything else, NaN included, is refused), ``N`` or 1 masks; an
-                empty mask means every patch, as for a provider.
+                grid (boolean or 0/1, NaN refused; N = 1 applies to every image)
+                overriding the provider for this call, with the provider's checks:
+                an empty mask means every patch.
             normalize: min-max normalise each map to [0, 1] (this breaks
                 completeness; off by default). The convergence delta is always
                 that of the attributions returned, so with ``normalize=True`` it
@@ -109,38 +119,28 @@ class MaskedMaxPoolingAttribution(Attribution):
             for ``target=None`` (a tuple if ``inputs`` was one), and the deltas
             if asked.
         """
-        images, is_tuple = unpack_inputs(inputs)
-        sim = self.similarity
-        grid = sim.check_inputs(images)
-        index = target_indices(target, images.shape[0], sim.num_prompts)
-        if projection == "auto":
-            projection = "interpretability" if sim.adapter.interpretability_head is not None else "recognition"
+        prepared = self.prepare(inputs, target, projection)
+        images, grid, sim = prepared.images, prepared.grid, self.similarity
 
-        if mask is not None:
-            from captum_iclip.masks import FixedMaskProvider
-
-            # The same checks as a provider's masks: 0/1 values only, the patch grid, one mask per image.
-            mask = FixedMaskProvider(mask)
         with torch.no_grad(), sim.evaluating():
-            foreground = self.foreground(images, grid) if mask is None else mask(images, grid)
-            patches = sim.adapter.dense_features(images, projection=projection)[:, 1:]
-            attributions, scores = self.decompose(patches, foreground, sim.text_features.to(patches.dtype), index)
-            attributions = attributions.reshape(*attributions.shape[:2], *grid)
-            if normalize:
-                attributions = minmax_normalize(attributions)
-            if interpolate:
-                ph, pw = sim.adapter.patch_size
-                attributions = F.interpolate(attributions, scale_factor=(ph, pw), mode="nearest") / (ph * pw)
+            foreground = self.foreground(images, grid, mask)
+            patches = sim.adapter.dense_features(images, projection=prepared.projection)[:, 1:]
+            text = sim.text_features.to(patches.dtype)
+            attributions, scores = self.decompose(patches, foreground, text, prepared.index)
+            attributions = self.finish(
+                attributions.reshape(*attributions.shape[:2], *grid), images.shape[-2:], normalize=normalize,
+                interpolate=interpolate, upsample="spread",
+            )
             # Captum's convergence delta relates the attributions *returned* to the score they explain.
             delta = scores - attributions.flatten(2).sum(-1)
-        if index is not None:
+        if prepared.index is not None:
             delta = delta[:, 0]
-        out = (attributions,) if is_tuple else attributions
+        out = (attributions,) if prepared.is_tuple else attributions
         return (out, delta) if return_convergence_delta else out
 
     def decompose(
-        self, patches: Tensor, foreground: Tensor, text: Tensor, index: Optional[Tensor]
-    ) -> Tuple[Tensor, Tensor]:
+        self, patches: Tensor, foreground: Tensor, text: Tensor, index: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
         """Per-patch shares of the pooled score.
 
         Args:
@@ -166,7 +166,3 @@ class MaskedMaxPoolingAttribution(Attribution):
 
     def has_convergence_delta(self) -> bool:
         return True
-
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        return False

@@ -5,11 +5,10 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from collections.abc import Callable
+from typing import Any
 
 from captum_iclip.audit.run import DEFAULT_METHODS, audit
-
-BUNDLED_DEFAULT = "shapes-tiny"
 
 
 @dataclass
@@ -50,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_prompts(args: argparse.Namespace) -> List[str]:
+def read_prompts(args: argparse.Namespace) -> list[str]:
     """The prompts of ``--prompts`` or ``--prompts-file``."""
     from captum_iclip.cli import split_prompts
 
@@ -66,32 +65,21 @@ def read_prompts(args: argparse.Namespace) -> List[str]:
     return prompts
 
 
-def load_audit_model(args: argparse.Namespace, prompts: List[str]) -> AuditModel:
-    """The model of the command's model options, with prompts embedded.
+def load_audit_model(args: argparse.Namespace, prompts: list[str]) -> AuditModel:
+    """The model of the command's model options (:func:`captum_iclip.load`), with prompts embedded.
 
     A bundled model (the default) comes with its DINO mask provider, which
     drives ``mmp`` and the background flag; other models have none.
     """
-    from captum_iclip import zoo
     from captum_iclip.cli import load_model_from_args
     from captum_iclip.similarity import CLIPSimilarity
 
-    name = args.model or BUNDLED_DEFAULT
-    if args.hf_model is None and name in zoo.available():
-        bundle = zoo.load(name, device=args.device)
-        sim = CLIPSimilarity(bundle.dual, bundle.tokenizer, prompts, output="logits")
-        return AuditModel(sim, bundle.preprocess, bundle.mask_provider, name)
-    if args.hf_model is None and args.model is None:
-        raise SystemExit(
-            f"captum-iclip audit: the bundled model {BUNDLED_DEFAULT} is not installed (no weights in "
-            f"{zoo.WEIGHTS_DIR}); choose a model with --model/--pretrained, --checkpoint or --hf-model"
-        )
     loaded = load_model_from_args(args)
     sim = CLIPSimilarity(loaded.model, loaded.tokenizer, prompts, output="logits").to(args.device)
-    return AuditModel(sim, loaded.preprocess, None, loaded.name)
+    return AuditModel(sim, loaded.preprocess, loaded.mask_provider, loaded.name)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run ``captum-iclip audit`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     from captum_iclip._io import check_output_folder
     from captum_iclip.cli import check_model_arguments

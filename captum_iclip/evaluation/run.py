@@ -791,8 +791,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--task", type=_comma_list, default=["localization"],
                         help=f"comma-separated tasks of {','.join(TASKS)} (default: localization)")
     add_model_arguments(parser)
-    parser.add_argument("--model-config", default=None,
-                        help="open_clip model-config JSON to register; its file stem becomes a --model name")
     parser.add_argument("--dino", default=None,
                         help="mask source of mmp: timm DINO name, Hugging Face id or folder "
                              "(default: the bundled model's DINO, else all patches)")
@@ -822,46 +820,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_model(args: argparse.Namespace, dataset: SegmentationDataset) -> Tuple[CLIPSimilarity, Any, str]:
-    """The forward function, the mask provider of ``mmp`` and the model's name, from the options."""
-    from captum_iclip import zoo
+def _load_model(args: argparse.Namespace, dataset: SegmentationDataset) -> tuple[CLIPSimilarity, Any, str]:
+    """The forward function, the mask provider of ``mmp`` and the model's name, from the options.
+
+    The model comes from :func:`captum_iclip.load`; the mask provider is ``--dino``'s
+    (:func:`captum_iclip.mask_source`) or else the bundled model's own.
+    """
     from captum_iclip.cli import load_model_from_args
+    from captum_iclip.models.loading import mask_source
 
-    if args.model_config is not None:
-        import open_clip
-
-        if not Path(args.model_config).is_file():
-            raise ValueError(f"--model-config: no file at {args.model_config}")
-        open_clip.add_model_config(args.model_config)
     if args.tau is not None and not 0.0 < args.tau <= 1.0:
         raise ValueError(f"--tau: expected a value in (0, 1], got {args.tau}")
-    mask_provider = None
-    bundled = args.hf_model is None and (args.model or "shapes-tiny") in zoo.available()
-    if bundled:
-        bundle = zoo.load(args.model or "shapes-tiny", device=args.device)
-        model, tokenizer, mask_provider, name = bundle.dual, bundle.tokenizer, bundle.mask_provider, bundle.name
-        prompts = class_prompts(dataset, bundle)
-        if args.tau is not None:
-            mask_provider.tau = args.tau
-    elif args.hf_model is None and args.model is None:
-        raise SystemExit("captum-iclip eval: the bundled model shapes-tiny is not installed (train it with "
-                         "python -m captum_iclip.zoo.train), and no --model/--hf-model was given")
-    else:
-        loaded = load_model_from_args(args)
-        model, tokenizer, name = loaded.model, loaded.tokenizer, loaded.name
-        prompts = class_prompts(dataset)
-    sim = CLIPSimilarity(model, tokenizer, prompts).to(args.device)
+    loaded = load_model_from_args(args)
+    prompts = class_prompts(dataset, loaded.bundle)
+    sim = CLIPSimilarity(loaded.model, loaded.tokenizer, prompts).to(args.device)
+    mask_provider = loaded.mask_provider
+    if mask_provider is not None and args.tau is not None:
+        mask_provider.tau = args.tau
     if args.dino is not None:
-        import timm
-
-        from captum_iclip.masks import DINOMaskProvider
-
-        mask_provider = DINOMaskProvider(
-            args.dino, pretrained=timm.is_model(args.dino) and args.dino_checkpoint is None,
-            checkpoint=args.dino_checkpoint, tau=0.6 if args.tau is None else args.tau,
-            input_mean=sim.adapter.image_mean, input_std=sim.adapter.image_std,
-        ).to(args.device)
-    return sim, mask_provider, name
+        mask_provider = mask_source(
+            args.dino, checkpoint=args.dino_checkpoint, tau=0.6 if args.tau is None else args.tau,
+            input_mean=sim.adapter.image_mean, input_std=sim.adapter.image_std, device=args.device,
+        )
+    return sim, mask_provider, loaded.name
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -52,7 +52,17 @@ class DualProjectionCLIP(nn.Module):
 
     @property
     def adapter(self) -> VisionAdapter:
-        return get_adapter(self)
+        """The dense adapter of the wrapped model with this head attached, built once.
+
+        It is rebuilt only when the head or the wrapped model is replaced, so a
+        training step that reads it does not build a new adapter each time.
+        """
+        cached = self.__dict__.get("_adapter")
+        if cached is None or cached.interpretability_head is not self.interpretability_head or cached.model is not self.clip:
+            cached = get_adapter(self)
+            # Stored outside nn.Module's registries: the adapter is a view, not a submodule or state.
+            self.__dict__["_adapter"] = cached
+        return cached
 
     @property
     def logit_scale(self) -> Tensor:

@@ -1,10 +1,21 @@
-"""Loading CLIP models by the names users know: open_clip names and pretrained tags,
-Hugging Face ids or folders, checkpoint files, and the bundled zoo."""
+"""The one loader of the package: CLIP models and mask sources by the names users know.
+
+:func:`load` takes a bundled model name (``"shapes-tiny"``), an open_clip
+architecture with a pretrained tag or a checkpoint file, or a Hugging Face id or
+folder, and returns everything a command needs (:class:`LoadedCLIP`).
+:func:`mask_source` turns a ``--dino`` value into a mask provider. Every command
+(``explain``, ``eval``, ``audit``, ``train``, ``demo``) loads through these two.
+
+A new model family is one entry in :data:`FAMILIES`: a predicate that recognises
+the spec and a function that loads it.
+"""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,6 +27,7 @@ OFFLINE_HINT = (
     "with --hf-model DIR (the folder written by CLIPModel.save_pretrained / huggingface-cli download). "
     "Without any of these, the bundled offline model is used (--model shapes-tiny)."
 )
+BUNDLED_DEFAULT = "shapes-tiny"
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -48,8 +60,8 @@ def check_device(device: "str | torch.device", argument: str = "device") -> torc
     return target
 
 
-def check_model_options(model_name: Optional[str], pretrained: Optional[str], checkpoint: Optional[str],
-                        hf_model: Optional[str]) -> None:
+def check_model_options(model_name: str | None, pretrained: str | None, checkpoint: str | None,
+                        hf_model: str | None) -> None:
     """Refuse model options that contradict each other or would be ignored (a ``ValueError`` naming one).
 
     ``pretrained`` and ``checkpoint`` need an open_clip ``model_name`` (without one the bundled model
@@ -77,84 +89,229 @@ def check_model_options(model_name: Optional[str], pretrained: Optional[str], ch
 
 @dataclass
 class LoadedCLIP:
-    """A CLIP model with what is needed to use it."""
+    """A CLIP model with what is needed to use it.
+
+    Attributes:
+        model: the model to explain, in eval mode (a bundled model's ``DualProjectionCLIP``).
+        preprocess: PIL image -> (3, S, S) tensor.
+        tokenizer: the model's tokenizer.
+        name: a readable name (``"shapes-tiny"``, ``"ViT-B-16/openai"``, a Hugging Face id).
+        image_size: the side ``S`` that ``preprocess`` produces.
+        mask_provider: the default mask source of masked max pooling (the bundled
+            model's DINO), or ``None`` (every patch).
+        bundle: the :class:`~captum_iclip.zoo.ZooBundle` of a bundled model (its
+            class names and training prompts), else ``None``.
+    """
 
     model: nn.Module
-    preprocess: Callable  # PIL image -> (3, H, W) tensor
+    preprocess: Callable
     tokenizer: Callable
     name: str
+    image_size: int
+    mask_provider: nn.Module | None = None
+    bundle: Any = None
 
 
-def load_clip(
-    model_name: Optional[str] = None,
-    pretrained: Optional[str] = None,
+@dataclass(frozen=True)
+class ModelSpec:
+    """What :func:`load` was asked for, as the loaders of :data:`FAMILIES` read it."""
+
+    name: str | None
+    pretrained: str | None
+    checkpoint: str | None
+    hf_model: str | None
+    device: str
+    image_size: int | None
+    from_scratch: bool
+    random_weights: bool = False
+
+
+def load(
+    spec: str | None = None,
+    pretrained: str | None = None,
     *,
-    hf_model: Optional[str] = None,
-    checkpoint: Optional[str] = None,
+    checkpoint: str | None = None,
+    hf_model: str | None = None,
+    model_config: str | None = None,
     device: str = "cpu",
-    image_size: Optional[int] = None,
+    image_size: int | None = None,
+    from_scratch: bool = False,
     random_weights: bool = False,
 ) -> LoadedCLIP:
     """Load a CLIP model for attribution.
 
     Args:
-        model_name: an open_clip architecture name (``"ViT-B-16"``, ``"RN50"``, ...)
-            or the name of a bundled model (``"shapes-tiny"``).
-        pretrained: an open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b88k"``);
-            fetched through open_clip's registry and cached as open_clip caches.
-        hf_model: a Hugging Face model id or a local folder with a ``CLIPModel``.
-        checkpoint: a local open_clip checkpoint file for ``model_name``.
+        spec: a bundled model name (``"shapes-tiny"``, the default when nothing is
+            given), an open_clip architecture name (``"ViT-B-16"``, ``"RN50"``), or
+            a Hugging Face id or local folder (same as ``hf_model``).
+        pretrained: an open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b88k"``),
+            fetched and cached as open_clip does.
+        checkpoint: a local open_clip checkpoint file for ``spec``.
+        hf_model: a Hugging Face ``CLIPModel`` id or local folder.
+        model_config: an open_clip model-config JSON to register first; its file
+            stem is the architecture name (``spec`` may be omitted).
         device: where to put the model.
-        image_size: resolution for the preprocessing (default: the model's own).
-        random_weights: load an open_clip architecture with its random initialisation
-            when neither ``pretrained`` nor ``checkpoint`` is given. Off by default: a
-            random model explains nothing, so asking for one must be explicit.
+        image_size: resolution of the preprocessing (default: the model's own).
+        from_scratch: an open_clip architecture with random weights (training).
+        random_weights: explain an open_clip architecture with its random
+            initialisation when neither ``pretrained`` nor ``checkpoint`` is given. Off
+            by default: a random model explains nothing, so asking for one must be explicit.
 
     Returns:
-        :class:`LoadedCLIP` with the model in eval mode.
+        A :class:`LoadedCLIP` with the model in eval mode.
 
     Raises:
         WeightsUnavailableError: the weights cannot be fetched (offline) or found,
             with a message saying what to download and how to pass it.
         ValueError: options that contradict each other or would be ignored (``pretrained`` or
-            ``checkpoint`` without ``model_name``, or with a bundled model or ``hf_model``), an
+            ``checkpoint`` without an open_clip name, or with a bundled model or ``hf_model``), an
             open_clip name without weights and without ``random_weights``, an unknown name, a
             device this machine does not have.
+
+    Examples::
+
+        >>> import captum_iclip
+        >>> loaded = captum_iclip.load("shapes-tiny")                    # bundled, offline
+        >>> loaded = captum_iclip.load("ViT-B-16", "openai")             # doctest: +SKIP
+        >>> loaded = captum_iclip.load("openai/clip-vit-base-patch16")   # doctest: +SKIP
     """
     check_device(device)
-    check_model_options(model_name, pretrained, checkpoint, hf_model)
-    if hf_model is not None:
-        return _load_hf(hf_model, device, image_size)
+    name = _register_model_config(model_config, spec)
+    if hf_model is None and name is not None and _is_hf_spec(name):
+        name, hf_model = None, name
+    check_model_options(name, pretrained, checkpoint, hf_model)
+    request = ModelSpec(name, pretrained, checkpoint, hf_model, device, image_size, from_scratch, random_weights)
+    for _, recognises, loader in FAMILIES:
+        if recognises(request):
+            return loader(request)
+    raise ValueError(f"spec: expected a bundled name, an open_clip name or a Hugging Face id, got {name!r}")
+
+
+def mask_source(
+    spec: str | nn.Module | None,
+    *,
+    checkpoint: str | None = None,
+    tau: float = 0.6,
+    input_mean: tuple[float, ...] | None = None,
+    input_std: tuple[float, ...] | None = None,
+    device: str = "cpu",
+    cache: str | None = None,
+) -> nn.Module | None:
+    """The foreground mask provider of a ``--dino`` value.
+
+    Args:
+        spec: a timm DINO name (``"vit_small_patch16_224.dino"``, pretrained weights
+            through timm unless ``checkpoint`` is given), a Hugging Face id or folder
+            (``"facebook/dino-vits16"``), a tiny DINO saved by
+            :func:`captum_iclip.training.dino.save_tiny_dino` (file or folder), a built
+            DINO module, or ``None`` (no provider: every patch is foreground).
+        checkpoint: a state-dict file for a timm name.
+        tau: the attention mass kept (see :class:`~captum_iclip.masks.DINOMaskProvider`).
+        input_mean, input_std: the CLIP model's input normalisation.
+        device: where to put the DINO model.
+        cache: a folder caching the masks on disk (:class:`~captum_iclip.masks.CachedMaskProvider`).
+
+    Returns:
+        A :class:`~captum_iclip.masks.MaskProvider`, or ``None`` for ``spec=None``.
+
+    Raises:
+        ValueError: ``checkpoint`` with a spec that is not a timm name, or a bad ``tau``.
+    """
+    if spec is None:
+        return None
+    import timm
+
+    from captum_iclip.masks import CachedMaskProvider, DINOMaskProvider
+    from captum_iclip.training.dino import CONFIG_NAME, load_tiny_dino
+
+    options: dict[str, Any] = {}
+    source: str | nn.Module = spec
+    if isinstance(spec, str):
+        path = Path(spec)
+        if path.is_file() or (path.is_dir() and (path / CONFIG_NAME).is_file()):
+            source = load_tiny_dino(path)
+        elif timm.is_model(spec) and not path.exists():
+            options = {"checkpoint": checkpoint} if checkpoint else {"pretrained": True}
+    if checkpoint and not options:
+        raise ValueError(f"dino_checkpoint: expected a timm model name in --dino, got {spec!r}")
+    if input_mean is not None:
+        options["input_mean"] = input_mean
+    if input_std is not None:
+        options["input_std"] = input_std
+    provider = DINOMaskProvider(source, tau=tau, **options).to(device)
+    return provider if cache is None else CachedMaskProvider(provider, cache)
+
+
+# --------------------------------------------------------------------------- families
+def _register_model_config(model_config: str | None, spec: str | None) -> str | None:
+    """Register an open_clip model-config JSON; its file stem names the architecture."""
+    if model_config is None:
+        return spec
+    import open_clip
+
+    path = Path(model_config)
+    if not path.is_file():
+        raise ValueError(f"model_config: expected an open_clip model-config JSON file, got {model_config!r}")
+    open_clip.add_model_config(path)
+    if spec is not None and spec != path.stem:
+        raise ValueError(
+            f"model: expected the name registered by model_config ({path.stem!r}, its file stem) or none, got {spec!r}"
+        )
+    return path.stem
+
+
+def _is_hf_spec(name: str) -> bool:
+    """A local folder or an ``owner/name`` hub id that is neither bundled nor an open_clip name."""
+    if name.startswith("hf-hub:"):  # open_clip's own hub syntax
+        return False
+    return Path(name).is_dir() or ("/" in name and not Path(name).exists())
+
+
+def _is_bundled(request: ModelSpec) -> bool:
+    if request.hf_model is not None or request.from_scratch:
+        return False
     from captum_iclip import zoo
 
-    model_name = model_name or "shapes-tiny"
-    if model_name in zoo.available():
-        bundle = zoo.load(model_name, device=device)
-        return LoadedCLIP(bundle.model, bundle.preprocess, bundle.tokenizer, model_name)
-    return _load_open_clip(model_name, pretrained, checkpoint, device, image_size, random_weights)
+    if request.name is None and BUNDLED_DEFAULT not in zoo.available():
+        raise WeightsUnavailableError(
+            f"model: the bundled model {BUNDLED_DEFAULT} is not installed (no weights in {zoo.WEIGHTS_DIR}; "
+            "train it with python -m captum_iclip.zoo.train); choose a model with --model/--pretrained, "
+            "--checkpoint or --hf-model"
+        )
+    return (request.name or BUNDLED_DEFAULT) in zoo.available()
 
 
-def _load_open_clip(name: str, pretrained: Optional[str], checkpoint: Optional[str], device: str,
-                    image_size: Optional[int], random_weights: bool) -> LoadedCLIP:
+def _load_bundled(request: ModelSpec) -> LoadedCLIP:
+    from captum_iclip import zoo
+
+    bundle = zoo.load(request.name or BUNDLED_DEFAULT, device=request.device)
+    return LoadedCLIP(
+        bundle.dual, bundle.preprocess, bundle.tokenizer, bundle.name, bundle.image_size, bundle.mask_provider, bundle
+    )
+
+
+def _load_open_clip(request: ModelSpec) -> LoadedCLIP:
     import open_clip
 
     from captum_iclip import zoo
 
-    if name not in open_clip.list_models():
+    name, pretrained, checkpoint = request.name, request.pretrained, request.checkpoint
+    if name is None or (name not in open_clip.list_models() and not name.startswith("hf-hub:")):
         raise ValueError(f"model_name: expected an open_clip architecture (see open_clip.list_models()) or a bundled "
                          f"model {zoo.available()}, got {name!r}")
     if pretrained is not None and checkpoint is not None:
         raise ValueError("checkpoint: give either pretrained (a tag) or checkpoint (a file), not both")
-    if pretrained is None and checkpoint is None and not random_weights:
+    if pretrained is None and checkpoint is None and not (request.random_weights or request.from_scratch):
         raise ValueError(f"model_name: {name!r} has no weights without pretrained (--pretrained TAG) or checkpoint "
                          "(--checkpoint FILE); pass random_weights=True (--random-weights; --from-scratch for "
                          "training) to use a randomly initialised model on purpose")
     if checkpoint is not None and not Path(checkpoint).is_file():
-        raise WeightsUnavailableError(f"checkpoint: no file at {checkpoint}")
-    extra = {"force_image_size": image_size} if image_size else {}
+        raise WeightsUnavailableError(f"checkpoint: expected a file, got {checkpoint!r} (no file there)")
+    weights = None if request.from_scratch else checkpoint or pretrained
+    extra = {"force_image_size": request.image_size} if request.image_size else {}
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=checkpoint or pretrained, device=device, **extra
+            name, pretrained=weights, device=request.device, **extra
         )
     except Exception as error:  # open_clip raises RuntimeError, UnpicklingError, KeyError, ... for a bad file
         if checkpoint is not None:
@@ -164,26 +321,42 @@ def _load_open_clip(name: str, pretrained: Optional[str], checkpoint: Optional[s
         if not isinstance(error, (OSError, RuntimeError, ValueError)):
             raise
         raise WeightsUnavailableError(
-            f"could not load open_clip {name!r} with pretrained={checkpoint or pretrained!r}: {error}\n{OFFLINE_HINT}"
+            f"could not load open_clip {name!r} with pretrained={weights!r}: {error}\n{OFFLINE_HINT}"
         ) from error
-    return LoadedCLIP(model.eval(), preprocess, open_clip.get_tokenizer(name), f"{name}/{checkpoint or pretrained}")
+    size = model.visual.image_size
+    size = request.image_size or (size if isinstance(size, int) else size[0])
+    return LoadedCLIP(model.eval(), preprocess, open_clip.get_tokenizer(name), f"{name}/{weights}", int(size))
 
 
-def _load_hf(model_id: str, device: str, image_size: Optional[int]) -> LoadedCLIP:
+def _load_hf(request: ModelSpec) -> LoadedCLIP:
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
+    model_id = request.hf_model
     local = Path(model_id).is_dir()
     try:
-        model = CLIPModel.from_pretrained(model_id, local_files_only=local).to(device).eval()
+        model = CLIPModel.from_pretrained(model_id, local_files_only=local).to(request.device).eval()
         tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=local)
         processor = CLIPImageProcessor.from_pretrained(model_id, local_files_only=local)
     except OSError as error:
         raise WeightsUnavailableError(f"could not load Hugging Face model {model_id!r}: {error}\n{OFFLINE_HINT}") from error
-    size = image_size or model.config.vision_config.image_size
+    size = request.image_size or model.config.vision_config.image_size
 
     def preprocess(image) -> torch.Tensor:
-        out = processor(images=image, return_tensors="pt", size={"shortest_edge": size},
-                        crop_size={"height": size, "width": size})
+        out = processor(
+            images=image, return_tensors="pt", size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        )
         return out["pixel_values"][0]
 
-    return LoadedCLIP(model, preprocess, tokenizer, model_id)
+    return LoadedCLIP(model, preprocess, tokenizer, model_id, int(size))
+
+
+FAMILIES: list[tuple[str, Callable[[ModelSpec], bool], Callable[[ModelSpec], LoadedCLIP]]] = [
+    ("huggingface", lambda request: request.hf_model is not None, _load_hf),
+    ("bundled", _is_bundled, _load_bundled),
+    ("open_clip", lambda request: True, _load_open_clip),
+]
+"""``(family, recognises(request), load(request))`` tried in order; the first that
+recognises the request loads it. New families go before ``open_clip`` (the fallback)."""
+
+load_clip = load
+"""The former name of :func:`load` (same arguments: ``load_clip(model_name, pretrained, ...)``)."""

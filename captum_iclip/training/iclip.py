@@ -73,7 +73,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from captum_iclip._io import atomic_torch_save, atomic_write_text, load_torch_file
-from captum_iclip.masks import CachedMaskProvider, DINOMaskProvider, MaskProvider, as_mask_provider
+from captum_iclip.masks import CachedMaskProvider, MaskProvider, as_mask_provider
 from captum_iclip.models.dual import DualProjectionCLIP
 from captum_iclip.pooling import MaskedMaxPooling
 from captum_iclip.training.data import (
@@ -284,55 +284,33 @@ def _gather_objects(obj: Any, world_size: int) -> List[Any]:
 # Model, masks and what trains
 # ----------------------------------------------------------------------------------
 def build_model(config: TrainConfig, device: torch.device) -> Tuple[DualProjectionCLIP, Callable, Callable]:
-    """The dual model, its (evaluation) preprocessing and tokenizer, from the config's model options."""
-    from captum_iclip.models.loading import load_clip
+    """The dual model, its (evaluation) preprocessing and tokenizer, from the config's model options.
 
-    name = config.model
-    if config.model_config is not None:
-        path = Path(config.model_config)
-        if not path.is_file():
-            raise ValueError(f"model_config: no JSON file at {path}")
-        open_clip.add_model_config(path)
-        if name is not None and name != path.stem:
-            raise ValueError(f"model: {name!r} differs from the name registered by model_config ({path.stem!r}, "
-                             "its file stem); omit --model")
-        name = path.stem
-    if config.from_scratch:
-        if name not in open_clip.list_models():
-            raise ValueError(f"model: from_scratch needs an open_clip architecture name or --model-config, got {name!r}")
-        clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device=device)
-        tokenizer = open_clip.get_tokenizer(name)
-    else:
-        loaded = load_clip(name, config.pretrained, hf_model=config.hf_model, checkpoint=config.checkpoint,
-                           device=str(device))
-        clip, preprocess, tokenizer = loaded.model, loaded.preprocess, loaded.tokenizer
-    # A bundled model is already dual (its trained head included): train that head, do not wrap it again.
-    dual = clip if isinstance(clip, DualProjectionCLIP) else DualProjectionCLIP(clip)
-    return dual, preprocess, tokenizer
+    Loaded by :func:`captum_iclip.load`. A bundled model is already dual (its trained
+    head included): that head trains, the model is not wrapped again.
+    """
+    from captum_iclip.models.loading import load
+
+    if config.from_scratch and config.model_config is None and config.model not in open_clip.list_models():
+        raise ValueError(f"model: from_scratch needs an open_clip architecture name or --model-config, got {config.model!r}")
+    loaded = load(config.model, config.pretrained, hf_model=config.hf_model, checkpoint=config.checkpoint,
+                  model_config=config.model_config, device=str(device), from_scratch=config.from_scratch)
+    model = loaded.model
+    dual = model if isinstance(model, DualProjectionCLIP) else DualProjectionCLIP(model)
+    return dual, loaded.preprocess, loaded.tokenizer
 
 
 def build_mask_provider(config: TrainConfig, dual: DualProjectionCLIP) -> Optional[MaskProvider]:
-    """DINO masks from ``config.dino`` (``None``: every patch is foreground), cached if ``mask_cache``."""
+    """DINO masks from ``config.dino`` (:func:`captum_iclip.mask_source`; ``None``: every patch), cached if ``mask_cache``."""
+    from captum_iclip.models.loading import mask_source
+
     if config.dino is None:
         if config.mask_cache:
             logger.warning("mask_cache is ignored without --dino: the mask is every patch")
         return None
-    from captum_iclip.training.dino import CONFIG_NAME, load_tiny_dino
-
     adapter = dual.adapter
-    source: Union[str, nn.Module] = config.dino
-    path = Path(config.dino)
-    if path.is_file() or (path.is_dir() and (path / CONFIG_NAME).is_file()):
-        source = load_tiny_dino(path)
-    is_timm_name = isinstance(source, str) and not path.exists() and "/" not in config.dino
-    options: Dict[str, Any] = {}
-    if is_timm_name:
-        options = {"checkpoint": config.dino_checkpoint} if config.dino_checkpoint else {"pretrained": True}
-    elif config.dino_checkpoint:
-        raise ValueError("dino_checkpoint: applies to a timm model name in --dino only")
-    provider = DINOMaskProvider(source, tau=config.tau, input_mean=adapter.image_mean, input_std=adapter.image_std,
-                                **options)
-    return provider if config.mask_cache is None else CachedMaskProvider(provider, config.mask_cache)
+    return mask_source(config.dino, checkpoint=config.dino_checkpoint, tau=config.tau, input_mean=adapter.image_mean,
+                       input_std=adapter.image_std, cache=config.mask_cache)
 
 
 def _vision_stages(dual: DualProjectionCLIP) -> Tuple[List[nn.Module], List[nn.Module]]:

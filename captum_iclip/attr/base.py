@@ -1,0 +1,94 @@
+"""The base class of our map attributions: what ITSM and masked max pooling share."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch.nn.functional as F
+from captum._utils.typing import TargetType
+from captum.attr import Attribution
+from torch import Tensor
+
+from captum_iclip.attr._utils import check_forward_func, minmax_normalize, target_indices, unpack_inputs
+from captum_iclip.similarity import CLIPSimilarity
+
+PROJECTIONS = ("auto", "recognition", "interpretability")
+UPSAMPLING = ("bilinear", "spread")
+
+
+class PreparedInputs(NamedTuple):
+    """Checked inputs of one ``attribute`` call."""
+
+    images: Tensor  # (N, 3, H, W)
+    is_tuple: bool  # the inputs came as Captum's 1-tuple: return a 1-tuple
+    grid: tuple[int, int]  # the patch grid (h, w)
+    index: Tensor | None  # (N,) prompt per example, or None for every prompt
+    projection: str  # "recognition" or "interpretability"
+
+
+class CLIPMapAttribution(Attribution):
+    r"""Base of the attributions that read a CLIP model's dense features (docs/methods.md).
+
+    It holds what every map method does the same way:
+
+    * the forward function: a :class:`~captum_iclip.CLIPSimilarity`, the same one
+      that Captum's own methods explain, so ``target=k`` names the same score;
+    * Captum's target semantics (an int, N ints, or ``None`` for every prompt),
+      giving (N, 1, ...) or (N, K, ...) maps;
+    * the projection of the patch tokens: ``"auto"`` is the interpretability
+      projection of a :class:`~captum_iclip.DualProjectionCLIP` (ICLIP), else the
+      recognition projection; ``"recognition"`` and ``"interpretability"`` force one;
+    * the post-processing of (N, K, h, w) patch maps: optional per-map min-max
+      normalisation to [0, 1], then upsampling to the input size, either
+      ``"bilinear"`` (smooth maps for display and localization metrics) or
+      ``"spread"`` (each patch's value divided evenly over its pixels, which keeps
+      the sum of the map, hence completeness).
+
+    Subclasses choose their defaults and say why in their docstrings.
+
+    Args:
+        forward_func: a :class:`~captum_iclip.CLIPSimilarity`.
+    """
+
+    def __init__(self, forward_func: CLIPSimilarity) -> None:
+        super().__init__(check_forward_func(forward_func, type(self).__name__))
+        self.similarity: CLIPSimilarity = forward_func
+
+    def prepare(self, inputs: Tensor | tuple[Tensor], target: TargetType, projection: str) -> PreparedInputs:
+        """Check the inputs, the target and the projection of one ``attribute`` call."""
+        images, is_tuple = unpack_inputs(inputs)
+        sim = self.similarity
+        grid = sim.check_inputs(images)
+        index = target_indices(target, images.shape[0], sim.num_prompts)
+        return PreparedInputs(images, is_tuple, grid, index, self.resolve_projection(projection))
+
+    def resolve_projection(self, projection: str) -> str:
+        """``"auto"`` -> the interpretability projection when the model has one, else the recognition one."""
+        if projection not in PROJECTIONS:
+            raise ValueError(f"projection: expected one of {PROJECTIONS}, got {projection!r}")
+        if projection != "auto":
+            return projection
+        has_head = self.similarity.adapter.interpretability_head is not None
+        return "interpretability" if has_head else "recognition"
+
+    def finish(
+        self, maps: Tensor, size: tuple[int, int], *, normalize: bool, interpolate: bool, upsample: str
+    ) -> Tensor:
+        """Post-process (N, K, h, w) patch maps: min-max normalise, then upsample to ``size``."""
+        if upsample not in UPSAMPLING:
+            raise ValueError(f"upsample: expected one of {UPSAMPLING}, got {upsample!r}")
+        if normalize:
+            maps = minmax_normalize(maps)
+        if not interpolate:
+            return maps
+        if upsample == "bilinear":
+            return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+        ph, pw = self.similarity.adapter.patch_size
+        return F.interpolate(maps, scale_factor=(ph, pw), mode="nearest") / (ph * pw)
+
+    def has_convergence_delta(self) -> bool:
+        return False
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return False
