@@ -19,7 +19,7 @@ from captum_iclip._io import check_output_file, check_output_folder
 # Subcommands whose argument parsing lives with their code: name -> module with main(argv).
 DELEGATED = {
     "train": "captum_iclip.training.iclip",
-    "eval": "captum_iclip.evaluation.run",
+    "eval": "captum_iclip.eval",
     "world": "captum_iclip.world.__main__",
     "audit": "captum_iclip.audit",
 }

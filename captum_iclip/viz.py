@@ -153,3 +153,10 @@ def attribution_grid(
         fig.savefig(buffer, dpi=dpi, format=str(path).rsplit(".", 1)[-1].lower())
         atomic_write_bytes(path, buffer.getvalue())
     return fig
+
+
+def label_colours(label: np.ndarray) -> np.ndarray:
+    """A ground-truth label map (H, W) of class ids as an RGB float image (H, W, 3), VOC colour map."""
+    from captum_iclip.world.export import voc_colormap
+
+    return voc_colormap()[label].astype(np.float32) / 255.0

@@ -189,7 +189,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path, files):
     assert main(_cli_args(files, tmp_path / "one")) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               "-m", "captum_iclip.evaluation.run", *_cli_args(files, tmp_path / "two")]
+               "-m", "captum_iclip.eval", *_cli_args(files, tmp_path / "two")]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     one = json.loads((tmp_path / "one" / "results.json").read_text())

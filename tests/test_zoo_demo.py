@@ -71,9 +71,9 @@ def test_demo_writes_figure_and_tables(tmp_path):
     for name in ("figure.png", "metrics.json", "metrics.csv", "metrics.md"):
         assert (out / name).stat().st_size > 0
     summary = json.loads((out / "metrics.json").read_text())
-    methods = [row["method"] for row in summary["methods"]]
+    methods = list(summary["methods"])
     assert methods == ["raw", "surgery", "iclip", "mmp", "gradcam", "ig"]
-    for row in summary["methods"]:
+    for row in summary["methods"].values():
         assert -100.0 <= row["msc"] <= 100.0 and 0.0 <= row["miou"] <= 100.0 and row["pairs"] > 0
     assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -86,9 +86,9 @@ class ReportContext:
 
 
 def method_title(name: str) -> str:
-    from captum_iclip.demo import METHOD_TITLES
+    from captum_iclip.evaluation.methods import method_title as registered_title
 
-    return METHOD_TITLES.get(name, name)
+    return registered_title(name)
 
 
 def _pct(value: Optional[float]) -> str:

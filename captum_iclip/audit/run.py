@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from captum_iclip._io import atomic_write_bytes, atomic_write_text, check_output_folder, read_image
 from captum_iclip.audit import records as rec
 from captum_iclip.audit.report import ReportContext, render_report
-from captum_iclip.evaluation.methods import METHODS, available_methods, build_method
+from captum_iclip.evaluation.methods import available_methods, build_method, method_names
 from captum_iclip.similarity import CLIPSimilarity
 
 logger = logging.getLogger(__name__)
@@ -243,10 +243,10 @@ def _build_runners(methods: Any, sim: CLIPSimilarity, mask_provider: Any) -> Dic
             raise TypeError("methods: expected a list of method names, got a single string")
         names = list(dict.fromkeys(methods))
         if not names:
-            raise ValueError(f"methods: expected at least one of {METHODS}")
-        unknown = [name for name in names if name not in METHODS]
+            raise ValueError(f"methods: expected at least one of {method_names()}")
+        unknown = [name for name in names if name not in method_names()]
         if unknown:
-            raise ValueError(f"methods: unknown {unknown}; expected names from {METHODS}")
+            raise ValueError(f"methods: unknown {unknown}; expected names from {method_names()}")
         unusable = [name for name in names if not usable[name]]
         if unusable:
             raise ValueError(f"methods: {unusable} need a DualProjectionCLIP model (an interpretability projection)")

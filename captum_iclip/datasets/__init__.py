@@ -16,6 +16,7 @@ from .cityscapes import CITYSCAPES_CLASSES, Cityscapes
 from .coco import COCO_STUFF_CLASSES, COCOInstances, COCOStuff
 from .folder import FolderDataset
 from .voc import CONTEXT59_CLASSES, VOC_CLASSES, PascalContext59, VOCSegmentation
+from .world import WorldScenes
 
 __all__ = [
     "CITYSCAPES_CLASSES",
@@ -31,6 +32,7 @@ __all__ = [
     "PascalContext59",
     "SegmentationDataset",
     "VOCSegmentation",
+    "WorldScenes",
     "build_dataset",
     "class_prompt",
 ]
@@ -42,6 +44,7 @@ DATASETS: dict[str, tuple[type[SegmentationDataset], str | None]] = {
     "context": (PascalContext59, "val"),
     "cityscapes": (Cityscapes, "val"),
     "folder": (FolderDataset, None),
+    "world": (WorldScenes, None),
 }
 """Dataset names accepted by :func:`build_dataset`, with their reader and
 default split (``None``: the format has no splits)."""
@@ -57,8 +60,9 @@ def build_dataset(
 
     Args:
         name: One of ``"voc"``, ``"coco"``, ``"coco-stuff"``, ``"context"``,
-            ``"cityscapes"``, ``"folder"`` (case-insensitive).
-        root: The dataset folder (see each reader for its layout).
+            ``"cityscapes"``, ``"folder"``, ``"world"`` (case-insensitive).
+        root: The dataset folder (see each reader for its layout); for
+            ``"world"``, the first seed or ``"heldout"``.
         split: Split name; ``None`` uses the reader's default (``"val"``, or
             ``"val2017"`` for COCO). Must be ``None`` for ``"folder"``.
         limit: Keep only the first ``limit`` samples.

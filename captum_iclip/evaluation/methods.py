@@ -1,21 +1,30 @@
-"""The explanation methods compared by ``demo``, ``eval`` and ``audit``, by name.
+"""The method registry: every explanation method that ``demo``, ``eval``, ``audit`` and the benchmarks compare.
 
-Each method maps a batch of images (a tensor, or Captum's 1-tuple of one) and
-one prompt index per image to maps (N, 1, H, W), returned in the same form;
-higher means "more of this prompt here". They all explain the
-same :class:`~captum_iclip.CLIPSimilarity`:
+Each entry (:class:`MethodInfo`) holds the method's name, its title in tables and
+figures, its colour in plots, its kind, and a builder. A built method maps a batch
+of images (a tensor, or Captum's 1-tuple of one) and one prompt index per image to
+maps (N, 1, H, W), returned in the same form; higher means "more of this prompt
+here". They all explain the same :class:`~captum_iclip.CLIPSimilarity`:
 
-* ``raw``: ITSM on the recognition projection (SPEC §1);
-* ``surgery``: ITSM with CLIP Surgery (SPEC §2);
-* ``iclip``: ITSM on the interpretability projection of a ``DualProjectionCLIP`` (SPEC §4);
-* ``mmp``: masked-max-pooling attribution (SPEC §3), DINO masks when a provider is given;
+* ``raw``: ITSM on the recognition projection (Li et al. 2022; docs/methods.md §1);
+* ``surgery``: ITSM with CLIP Surgery, recognition projection (Li et al. 2023; docs/methods.md §2);
+* ``iclip``: ITSM on the interpretability projection of a ``DualProjectionCLIP`` (docs/methods.md §4);
+* ``mmp``: masked-max-pooling attribution (docs/methods.md §3), DINO masks when a provider is given;
 * ``gradcam``: Captum ``LayerGradCam`` on the patch grid, upsampled;
 * ``ig``: Captum ``IntegratedGradients`` (black baseline in pixel space), summed over channels;
 * ``occlusion``: Captum ``Occlusion`` with patch-sized windows, summed over channels.
+
+"raw" always means the first: ITSM without surgery, on the recognition projection.
+
+Adding a method is one :func:`register_method` call (in this module, or in the
+module that defines the method).
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,8 +33,81 @@ from captum_iclip.attr.itsm import ITSMAttribution
 from captum_iclip.attr.mmp import MaskedMaxPoolingAttribution
 from captum_iclip.similarity import CLIPSimilarity
 
-METHODS = ("raw", "surgery", "iclip", "mmp", "gradcam", "ig", "occlusion")
 Method = Callable[[Tensor, Tensor], Tensor]
+KINDS = ("itsm", "pooling", "gradient", "perturbation")
+"""``itsm``: similarity maps of every prompt from one pass (also scored as open-vocabulary
+segmentation); ``pooling``: an exact decomposition of a pooled score; ``gradient`` and
+``perturbation``: Captum's own methods on the same forward function."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What a builder may read besides the forward function."""
+
+    mask_provider: Any = None  # foreground masks of mmp (None: every patch)
+    ig_steps: int = 16  # integration steps of ig
+    baseline: Tensor | None = None  # (3,) or (1, 3, H, W) baseline of ig; default the normalised black image
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """One registered explanation method.
+
+    Attributes:
+        name: the name used on the command line and in result files.
+        title: the name shown in tables and figures.
+        colour: a matplotlib colour for plots of this method.
+        kind: one of :data:`KINDS`.
+        build: ``build(sim, options) -> fn(images, targets) -> (N, 1, H, W)``.
+        itsm: for ``kind="itsm"``, the ``(variant, projection)`` of
+            :class:`~captum_iclip.ITSMAttribution` that gives every prompt's map at once.
+        needs_interpretability: applies only to models with an interpretability
+            projection (a ``DualProjectionCLIP``).
+    """
+
+    name: str
+    title: str
+    colour: str
+    kind: str
+    build: Callable[[CLIPSimilarity, BuildOptions], Method]
+    itsm: tuple[str, str] | None = None
+    needs_interpretability: bool = False
+
+    def applies_to(self, sim: CLIPSimilarity) -> bool:
+        """Whether the method can explain ``sim``."""
+        return not self.needs_interpretability or sim.adapter.interpretability_head is not None
+
+
+REGISTRY: dict[str, MethodInfo] = {}
+
+
+def register_method(info: MethodInfo) -> MethodInfo:
+    """Add a method to :data:`REGISTRY` (and so to ``demo``, ``eval``, ``audit``); returns it."""
+    if info.kind not in KINDS:
+        raise ValueError(f"kind: expected one of {KINDS}, got {info.kind!r}")
+    if info.kind == "itsm" and info.itsm is None:
+        raise ValueError(f"itsm: expected (variant, projection) for the itsm method {info.name!r}, got None")
+    if info.name in REGISTRY:
+        raise ValueError(f"name: expected a new method name, got {info.name!r} (already registered)")
+    REGISTRY[info.name] = info
+    return info
+
+
+def method_names() -> tuple[str, ...]:
+    """The registered method names, in registration order."""
+    return tuple(REGISTRY)
+
+
+def method_info(name: str) -> MethodInfo:
+    """The registry entry of ``name``."""
+    if name not in REGISTRY:
+        raise ValueError(f"method: expected one of {method_names()}, got {name!r}")
+    return REGISTRY[name]
+
+
+def method_title(name: str) -> str:
+    """The title of a registered method, or the name itself for a method given as a function."""
+    return REGISTRY[name].title if name in REGISTRY else name
 
 
 def build_method(
@@ -34,19 +116,28 @@ def build_method(
     *,
     mask_provider: Any = None,
     ig_steps: int = 16,
-    baseline: Optional[Tensor] = None,
+    baseline: Tensor | None = None,
 ) -> Method:
     """Return ``fn(images, target) -> (N, 1, H, W)`` for method ``name`` (Captum's explanation-function form).
 
     Args:
-        name: one of :data:`METHODS`.
+        name: a name of :data:`REGISTRY`.
         sim: the forward function.
         mask_provider: foreground masks for ``mmp`` (``None``: all patches).
         ig_steps: integration steps of ``ig``.
         baseline: (3,) or (1, 3, H, W) baseline of ``ig`` in the model's input
             space; default the normalised black image.
+
+    Raises:
+        ValueError: an unknown name, or a method that does not apply to ``sim``.
     """
-    method = _build(name, sim, mask_provider=mask_provider, ig_steps=ig_steps, baseline=baseline)
+    info = method_info(name)
+    if not info.applies_to(sim):
+        raise ValueError(
+            f"method: expected a method that applies to this model, got {name!r} "
+            "(it needs a DualProjectionCLIP model, with an interpretability projection)"
+        )
+    method = info.build(sim, BuildOptions(mask_provider, ig_steps, baseline))
 
     def run(images, target):
         # Captum's metrics (sensitivity_max) call explanation functions with 1-tuples and target=.
@@ -57,52 +148,62 @@ def build_method(
     return run
 
 
-def _build(name: str, sim: CLIPSimilarity, *, mask_provider: Any, ig_steps: int, baseline: Optional[Tensor]) -> Method:
-    from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion
+def available_methods(sim: CLIPSimilarity) -> dict[str, bool]:
+    """Which registered methods apply to ``sim`` (``iclip`` needs a dual-projection model)."""
+    return {name: info.applies_to(sim) for name, info in REGISTRY.items()}
 
-    has_head = sim.adapter.interpretability_head is not None
-    if name == "raw":
+
+# --------------------------------------------------------------------------- builders
+def _itsm_builder(variant: str, projection: str) -> Callable[[CLIPSimilarity, BuildOptions], Method]:
+    def build(sim: CLIPSimilarity, options: BuildOptions) -> Method:
         itsm = ITSMAttribution(sim)
-        return lambda x, t: itsm.attribute(x, target=t, projection="recognition")
-    if name == "surgery":
-        itsm = ITSMAttribution(sim)
-        return lambda x, t: itsm.attribute(x, target=t, variant="surgery", projection="recognition")
-    if name == "iclip":
-        if not has_head:
-            raise ValueError("method 'iclip' needs a DualProjectionCLIP model (with an interpretability projection)")
-        itsm = ITSMAttribution(sim)
-        return lambda x, t: itsm.attribute(x, target=t, projection="interpretability")
-    if name == "mmp":
-        mmp = MaskedMaxPoolingAttribution(sim, mask_provider=mask_provider)
-        return lambda x, t: mmp.attribute(x, target=t)
-    if name == "gradcam":
-        gradcam = LayerGradCam(sim, sim.gradcam_layer())
+        return lambda x, t: itsm.attribute(x, target=t, variant=variant, projection=projection)
 
-        def run_gradcam(x: Tensor, t: Tensor) -> Tensor:
-            maps = gradcam.attribute(x, target=t, relu_attributions=True)
-            return LayerAttribution.interpolate(maps, tuple(x.shape[-2:]), interpolate_mode="bilinear")
+    return build
 
-        return run_gradcam
-    if name == "ig":
-        ig = IntegratedGradients(sim)
 
-        def run_ig(x: Tensor, t: Tensor) -> Tensor:
-            base = _black(sim) if baseline is None else baseline
-            base = base.to(x).expand_as(x) if base.dim() == 4 else base.to(x).reshape(1, 3, 1, 1).expand_as(x)
-            return ig.attribute(x, baselines=base, target=t, n_steps=ig_steps).sum(dim=1, keepdim=True)
+def _build_mmp(sim: CLIPSimilarity, options: BuildOptions) -> Method:
+    mmp = MaskedMaxPoolingAttribution(sim, mask_provider=options.mask_provider)
+    return lambda x, t: mmp.attribute(x, target=t)
 
-        return run_ig
-    if name == "occlusion":
-        occlusion = Occlusion(sim)
-        ph, pw = sim.adapter.patch_size
 
-        def run_occlusion(x: Tensor, t: Tensor) -> Tensor:
-            with torch.no_grad():
-                maps = occlusion.attribute(x, target=t, sliding_window_shapes=(3, ph, pw), strides=(3, ph, pw))
-            return maps.sum(dim=1, keepdim=True)
+def _build_gradcam(sim: CLIPSimilarity, options: BuildOptions) -> Method:
+    from captum.attr import LayerAttribution, LayerGradCam
 
-        return run_occlusion
-    raise ValueError(f"method: expected one of {METHODS}, got {name!r}")
+    gradcam = LayerGradCam(sim, sim.gradcam_layer())
+
+    def run(x: Tensor, t: Tensor) -> Tensor:
+        maps = gradcam.attribute(x, target=t, relu_attributions=True)
+        return LayerAttribution.interpolate(maps, tuple(x.shape[-2:]), interpolate_mode="bilinear")
+
+    return run
+
+
+def _build_ig(sim: CLIPSimilarity, options: BuildOptions) -> Method:
+    from captum.attr import IntegratedGradients
+
+    ig = IntegratedGradients(sim)
+
+    def run(x: Tensor, t: Tensor) -> Tensor:
+        base = _black(sim) if options.baseline is None else options.baseline
+        base = base.to(x).expand_as(x) if base.dim() == 4 else base.to(x).reshape(1, 3, 1, 1).expand_as(x)
+        return ig.attribute(x, baselines=base, target=t, n_steps=options.ig_steps).sum(dim=1, keepdim=True)
+
+    return run
+
+
+def _build_occlusion(sim: CLIPSimilarity, options: BuildOptions) -> Method:
+    from captum.attr import Occlusion
+
+    occlusion = Occlusion(sim)
+    ph, pw = sim.adapter.patch_size
+
+    def run(x: Tensor, t: Tensor) -> Tensor:
+        with torch.no_grad():
+            maps = occlusion.attribute(x, target=t, sliding_window_shapes=(3, ph, pw), strides=(3, ph, pw))
+        return maps.sum(dim=1, keepdim=True)
+
+    return run
 
 
 def _black(sim: CLIPSimilarity) -> Tensor:
@@ -112,7 +213,19 @@ def _black(sim: CLIPSimilarity) -> Tensor:
     return -mean / std
 
 
-def available_methods(sim: CLIPSimilarity) -> Dict[str, bool]:
-    """Which methods apply to ``sim`` (``iclip`` needs a dual-projection model)."""
-    has_head = sim.adapter.interpretability_head is not None
-    return {name: (name != "iclip" or has_head) for name in METHODS}
+for _info in (
+    MethodInfo("raw", "raw ITSM", "tab:blue", "itsm", _itsm_builder("plain", "recognition"),
+               itsm=("plain", "recognition")),
+    MethodInfo("surgery", "surgery ITSM", "tab:orange", "itsm", _itsm_builder("surgery", "recognition"),
+               itsm=("surgery", "recognition")),
+    MethodInfo("iclip", "ICLIP ITSM", "tab:green", "itsm", _itsm_builder("plain", "interpretability"),
+               itsm=("plain", "interpretability"), needs_interpretability=True),
+    MethodInfo("mmp", "masked max pooling", "tab:red", "pooling", _build_mmp),
+    MethodInfo("gradcam", "LayerGradCam", "tab:purple", "gradient", _build_gradcam),
+    MethodInfo("ig", "IntegratedGradients", "tab:brown", "gradient", _build_ig),
+    MethodInfo("occlusion", "Occlusion", "tab:gray", "perturbation", _build_occlusion),
+):
+    register_method(_info)
+
+METHODS = method_names()
+"""The built-in method names (use :func:`method_names` to include methods registered later)."""

@@ -65,57 +65,39 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
-import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from PIL import Image
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from captum_iclip._io import atomic_write_text, check_output_folder
-from captum_iclip.attr.itsm import ITSMAttribution
+from captum_iclip._io import check_output_folder
 from captum_iclip.datasets import DATASETS, SegmentationDataset, build_dataset
-from captum_iclip.demo import METHOD_TITLES, label_colours
-from captum_iclip.evaluation.faithfulness import infidelity_score, patch_perturbation, sensitivity_score
-from captum_iclip.evaluation.methods import METHODS, available_methods, build_method
-from captum_iclip.evaluation.metrics import (
-    LocalizationMetrics,
-    SegmentationMetrics,
-    segment_from_maps,
-    sliding_window,
+from captum_iclip.evaluation.data import (
+    _ShardImages,
+    _collate,
+    _init_distributed,
+    _rank_and_world,
+    _sum_over_ranks,
+    _Clock,
+    shard_indices,
 )
+from captum_iclip.evaluation.methods import available_methods, build_method, method_names
+from captum_iclip.evaluation.report import results_markdown, write_results
+from captum_iclip.evaluation.tasks import TASK_TYPES, EvalBatch, EvalContext, _segmentation_labels
 from captum_iclip.similarity import CLIPSimilarity
 
 __all__ = [
-    "EvalConfig", "SEGMENTATION_VARIANTS", "TASKS", "build_parser", "class_prompts", "evaluate", "main",
-    "results_markdown", "shard_indices", "write_results",
+    "EvalConfig", "TASKS", "build_parser", "class_prompts", "evaluate", "main", "results_markdown",
+    "run_evaluation", "shard_indices", "write_results", "_segmentation_labels",
 ]
 
-TASKS = ("localization", "segmentation", "faithfulness")
-SEGMENTATION_VARIANTS = {
-    "raw": ("raw", "recognition"),
-    "surgery": ("surgery", "recognition"),
-    "iclip": ("raw", "interpretability"),
-}
-"""ITSM ``(variant, projection)`` of the methods that give every prompt's map in one pass."""
-
-PATCH_DROP_PROB = 0.25
-"""Probability that the infidelity perturbation replaces a patch by the dataset mean."""
-SENSITIVITY_RADIUS = 0.02
-"""L∞ radius of the max-sensitivity perturbations, in normalised input units."""
+TASKS = tuple(TASK_TYPES)
 
 
 @dataclass
@@ -126,7 +108,7 @@ class EvalConfig:
         dataset: A name of :data:`captum_iclip.datasets.DATASETS` (``"voc"``, ...).
         root: The dataset folder.
         split: Split name; ``None`` is the reader's default.
-        methods: Method names of :data:`~captum_iclip.evaluation.methods.METHODS`.
+        methods: Method names of the registry (:mod:`captum_iclip.evaluation.methods`).
         tasks: Names of :data:`TASKS`.
         resolution: Model input side; ``None`` is the model's own input size.
         limit: Evaluate only the first ``limit`` images.
@@ -181,10 +163,10 @@ class EvalConfig:
         if self.dataset.lower() not in DATASETS:
             raise ValueError(f"dataset: expected one of {sorted(DATASETS)}, got {self.dataset!r}")
         if not self.methods or len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"methods: expected distinct names of {METHODS}, got {list(self.methods)}")
+            raise ValueError(f"methods: expected distinct names of {method_names()}, got {list(self.methods)}")
         for name in self.methods:
-            if name not in METHODS:
-                raise ValueError(f"methods: expected names of {METHODS}, got {name!r}")
+            if name not in method_names():
+                raise ValueError(f"methods: expected names of {method_names()}, got {name!r}")
         if not self.tasks or any(task not in TASKS for task in self.tasks):
             raise ValueError(f"tasks: expected names of {TASKS}, got {list(self.tasks)}")
         for name in ("resolution", "window", "stride", "limit"):
@@ -230,265 +212,6 @@ def class_prompts(dataset: SegmentationDataset, bundle: Any = None) -> List[str]
     return prompts
 
 
-# --------------------------------------------------------------------------- data
-def _to_input(image: Image.Image, size: Tuple[int, int], mean: Tensor, std: Tensor) -> Tensor:
-    """An RGB image resized (bicubic) to ``size`` = (height, width), as a normalised (3, H, W) tensor."""
-    height, width = size
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.BICUBIC)
-    array = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()) / 255.0
-    return (array.permute(2, 0, 1) - mean) / std
-
-
-def _short_side_size(image: Image.Image, short_side: int, multiple: int) -> Tuple[int, int]:
-    """(height, width) with the short side at ``short_side``, both rounded to ``multiple``."""
-    scale = short_side / min(image.width, image.height)
-    return tuple(max(multiple, round(side * scale / multiple) * multiple) for side in (image.height, image.width))
-
-
-class _ShardImages(Dataset):
-    """The images of one shard as (index, model input, label, original image)."""
-
-    def __init__(self, dataset: SegmentationDataset, indices: Sequence[int], resolution: int,
-                 mean: Sequence[float], std: Sequence[float]) -> None:
-        self.dataset, self.indices, self.resolution = dataset, list(indices), resolution
-        self.mean = torch.tensor(mean, dtype=torch.float32).reshape(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).reshape(3, 1, 1)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, position: int) -> Tuple[int, Tensor, np.ndarray, Image.Image]:
-        index = self.indices[position]
-        image, label, _ = self.dataset[index]
-        square = (self.resolution, self.resolution)
-        return index, _to_input(image, square, self.mean, self.std), label, image
-
-
-def shard_indices(size: int, batch_size: int, rank: int, world_size: int) -> List[int]:
-    """The dataset indices of one rank: batches ``rank, rank + K, ...`` of ``batch_size`` images.
-
-    Striding whole batches (rather than single images) gives every batch the
-    same images as in a single-process run, so batched kernels see the same
-    inputs and the maps, hence the summed statistics, are bit-identical for
-    any number of processes. With ``batch_size=1`` rank ``r`` takes images
-    ``r, r + K, ...``.
-
-    Args:
-        size: Number of images in the dataset.
-        batch_size: Images per batch.
-        rank: This process's rank, in ``[0, world_size)``.
-        world_size: Number of processes ``K``.
-
-    Returns:
-        Ascending indices; the shards of all ranks partition ``range(size)``.
-
-    Examples:
-        >>> shard_indices(10, 2, 1, 2)
-        [2, 3, 6, 7]
-    """
-    starts = range(rank * batch_size, size, world_size * batch_size)
-    return [index for start in starts for index in range(start, min(start + batch_size, size))]
-
-
-def _collate(batch: List[tuple]) -> tuple:
-    return tuple(zip(*batch))
-
-
-def _scored_classes(label: np.ndarray, metric: LocalizationMetrics) -> List[int]:
-    """Class ids present in ``label`` that the localization metric scores, ascending."""
-    present = np.unique(label)
-    return [int(c) for c in present if c != metric.ignore_index and int(c) not in metric.exclude]
-
-
-def _largest_class(label: np.ndarray, classes: Sequence[int]) -> int:
-    """The class of ``classes`` with the most pixels in ``label`` (the lowest id on ties)."""
-    counts = [int((label == c).sum()) for c in classes]
-    return classes[int(np.argmax(counts))]
-
-
-# --------------------------------------------------------------------------- distribution
-def _rank_and_world() -> Tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _init_distributed(device: str) -> str:
-    """Join the torchrun process group when ``WORLD_SIZE`` > 1; returns this rank's device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return device
-    if device.startswith("cuda"):
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl")
-        return f"cuda:{local_rank}"
-    dist.init_process_group("gloo")
-    return device
-
-
-def _sum_over_ranks(values: Dict[str, float], device: torch.device) -> Dict[str, float]:
-    """Add per-rank floats (timings) over the process group."""
-    if not (dist.is_available() and dist.is_initialized()) or not values:
-        return dict(values)
-    if dist.get_backend() != "nccl":
-        device = torch.device("cpu")
-    tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return dict(zip(values, tensor.tolist()))
-
-
-def _gather_records(records: List[dict]) -> List[dict]:
-    """Every rank's records, merged and sorted by dataset index."""
-    if dist.is_available() and dist.is_initialized():
-        gathered: List[List[dict]] = [None] * dist.get_world_size()  # type: ignore[list-item]
-        dist.all_gather_object(gathered, records)
-        records = [record for part in gathered for record in part]
-    return sorted(records, key=lambda record: record["index"])
-
-
-class _Clock:
-    """Wall seconds that wait for queued GPU work, so timings cover the computation."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def __call__(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-
-# --------------------------------------------------------------------------- tasks
-def _segment_image(itsm: ITSMAttribution, image: Image.Image, square_input: Tensor, config: EvalConfig,
-                   variant: str, projection: str, patch: int, window: int, stride: int,
-                   dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(K, H', W') unnormalised similarities of every prompt on one image, at the model input's size.
-
-    Like the localization maps, the patch grid is first upsampled to the input
-    (for each window, by :func:`sliding_window`), then resized to the label.
-    """
-    def dense(crop: Tensor, interpolate: bool = False) -> Tensor:
-        return itsm.attribute(crop, target=None, variant=variant, projection=projection,
-                              normalize=False, interpolate=interpolate)
-
-    if not config.slide:
-        return dense(square_input[None].to(device, dtype), interpolate=True)[0]
-    size = _short_side_size(image, config.resolution, patch)
-    x = _to_input(image, size, torch.tensor(itsm.similarity.adapter.image_mean).reshape(3, 1, 1),
-                  torch.tensor(itsm.similarity.adapter.image_std).reshape(3, 1, 1))
-    return sliding_window(dense, x[None].to(device, dtype), window, stride)[0]
-
-
-def _segmentation_labels(scores: Tensor, label_shape: Tuple[int, int], dataset: SegmentationDataset,
-                         background_threshold: Optional[float]) -> Tensor:
-    """Per-pixel class ids at the label's size from (K, H', W') similarities (K = num_classes)."""
-    scores = F.interpolate(scores[None].float(), size=label_shape, mode="bilinear", align_corners=False)[0]
-    if background_threshold is None:
-        return segment_from_maps(scores)
-    foreground = dataset.foreground_classes
-    return segment_from_maps(scores[foreground], classes=foreground, background_index=dataset.background_index,
-                             background_threshold=background_threshold)
-
-
-def _faithfulness_sample(dataset: SegmentationDataset, count: int,
-                         metric: LocalizationMetrics) -> List[Tuple[int, int]]:
-    """(index, target class) of up to ``count`` evenly spaced images with a scored class."""
-    if count == 0 or len(dataset) == 0:
-        return []
-    indices = sorted({int(i) for i in np.linspace(0, len(dataset) - 1, min(count, len(dataset))).round()})
-    sample = []
-    for index in indices:
-        label = dataset[index][1]
-        classes = _scored_classes(label, metric)
-        if classes:
-            sample.append((index, _largest_class(label, classes)))
-    return sample
-
-
-def _faithfulness_records(sim: CLIPSimilarity, runners: Dict[str, Any], dataset: SegmentationDataset,
-                          sample: List[Tuple[int, int]], config: EvalConfig, resolution: int,
-                          device: torch.device, show: bool) -> List[dict]:
-    """This rank's share (positions ``rank, rank + K, ...``) of the per-image faithfulness scores."""
-    rank, world = _rank_and_world()
-    adapter = sim.adapter
-    mean = torch.tensor(adapter.image_mean, dtype=torch.float32).reshape(3, 1, 1)
-    std = torch.tensor(adapter.image_std, dtype=torch.float32).reshape(3, 1, 1)
-    perturb = patch_perturbation(adapter.patch_size[0], drop_prob=PATCH_DROP_PROB)
-    mine = sample[rank::world]
-    records = []
-    clock = _Clock(device)
-    bar = tqdm(total=len(mine) * len(runners), desc="faithfulness", unit="map", disable=not show)
-    for index, target_class in mine:
-        image, _, name = dataset[index]
-        x = _to_input(image, (resolution, resolution), mean, std)[None].to(device, adapter.parameter.dtype)
-        # An int, not a 1-element tensor: Captum repeats only multi-element targets for perturbed copies.
-        target = target_class
-        for method, run in runners.items():
-            began = clock()
-            # Seeded per image, so the score does not depend on the shard or the method order.
-            torch.manual_seed(config.seed * 1_000_003 + index)
-            attributions = run(x, target).detach()
-            infidelity = infidelity_score(sim, attributions, x, target, perturb_func=perturb,
-                                          n_perturb_samples=config.faithfulness_perturbations)
-            torch.manual_seed(config.seed * 1_000_003 + index)
-            sensitivity = sensitivity_score(run, x, target,
-                                            perturb_radius=SENSITIVITY_RADIUS,
-                                            n_perturb_samples=config.faithfulness_perturbations)
-            records.append({"index": index, "name": name, "method": method, "target": target_class,
-                            "infidelity": float(infidelity[0]), "sensitivity": float(sensitivity[0]),
-                            "seconds": clock() - began})
-            bar.update(1)
-    bar.close()
-    return records
-
-
-def _localize_batch(runners: Dict[str, Any], metrics: Dict[str, LocalizationMetrics], images: Tensor,
-                    labels: Sequence[np.ndarray], chunk: int, clock: _Clock,
-                    seconds: Dict[str, float]) -> Tuple[List[Tuple[int, int]], Dict[str, Tensor]]:
-    """Score every method's maps of the (image, class) pairs of a batch.
-
-    Each image is repeated once per scored class present in its label; the
-    pairs are explained ``chunk`` at a time (bounding the memory of ``ig`` and
-    ``occlusion``), the same chunks in any sharding.
-
-    Returns:
-        The pairs ``(image position, class)`` and each method's (P, 1, H, W) maps.
-    """
-    some_metric = next(iter(metrics.values()))
-    pairs = [(i, c) for i, label in enumerate(labels) for c in _scored_classes(label, some_metric)]
-    if not pairs:
-        return pairs, {}
-    pair_image = torch.tensor([i for i, _ in pairs], device=images.device)
-    pair_class = torch.tensor([c for _, c in pairs], device=images.device)
-    batch_maps = {}
-    for name, run in runners.items():
-        started = clock()
-        maps = torch.cat([run(images[pair_image[start:start + chunk]], pair_class[start:start + chunk]).detach()
-                          for start in range(0, len(pairs), chunk)]).float()
-        seconds[f"{name}/localization"] = seconds.get(f"{name}/localization", 0.0) + clock() - started
-        for i, label in enumerate(labels):
-            rows = (pair_image == i).nonzero().flatten()
-            if len(rows):
-                metrics[name].update(maps[rows, 0], pair_class[rows].cpu(), label)
-        batch_maps[name] = maps
-    return pairs, batch_maps
-
-
-def _examples(pairs: List[Tuple[int, int]], batch_maps: Dict[str, Tensor], indices: Sequence[int],
-              labels: Sequence[np.ndarray], originals: Sequence[Image.Image]) -> List[dict]:
-    """Example records of a batch: per image with a scored class, its largest class's maps."""
-    examples = []
-    for i, label in enumerate(labels):
-        rows = [row for row, (image, _) in enumerate(pairs) if image == i]
-        if rows:
-            classes = [pairs[row][1] for row in rows]
-            row = rows[classes.index(_largest_class(label, classes))]
-            examples.append({"image": originals[i], "label": label, "index": indices[i], "class": pairs[row][1],
-                             "maps": {name: maps[row].cpu() for name, maps in batch_maps.items()}})
-    return examples
-
-
 # --------------------------------------------------------------------------- evaluation
 def evaluate(
     config: EvalConfig,
@@ -528,10 +251,38 @@ def evaluate(
         >>> evaluate(config, sim)["methods"]["raw"]["miou"]  # doctest: +SKIP
         41.7
     """
+    results, examples, dataset = run_evaluation(config, sim, dataset=dataset, mask_provider=mask_provider,
+                                                model_name=model_name)
+    if _rank_and_world()[0] == 0 and config.out is not None:
+        write_results(results, config.out, examples, dataset)
+    return results
+
+
+def run_evaluation(
+    config: EvalConfig,
+    sim: CLIPSimilarity,
+    *,
+    dataset: Optional[SegmentationDataset] = None,
+    mask_provider: Any = None,
+    model_name: str = "",
+) -> Tuple[dict, List[dict], SegmentationDataset]:
+    """:func:`evaluate` without writing: the results, rank 0's example records and the dataset."""
     began_wall = time.perf_counter()
-    rank, world = _rank_and_world()
     if dataset is None:
         dataset = build_dataset(config.dataset, config.root, config.split, config.limit)
+    ctx = _context(config, sim, dataset, mask_provider)
+    tasks = [task(ctx) for name, task in TASK_TYPES.items() if name in ctx.config.tasks]
+    _run_batches(ctx, [task for task in tasks if task.name != "faithfulness"])
+    for task in tasks:
+        task.finish(ctx)
+    results = _results(ctx, tasks, model_name)
+    results["wall_seconds"] = time.perf_counter() - began_wall
+    localization = next((task for task in tasks if task.name == "localization"), None)
+    return results, (localization.examples if localization else []), dataset
+
+
+def _context(config: EvalConfig, sim: CLIPSimilarity, dataset: SegmentationDataset, mask_provider: Any) -> EvalContext:
+    """Check the model against the configuration and the dataset; build the methods."""
     if sim.num_prompts != dataset.num_classes:
         raise ValueError(f"sim: expected one prompt per dataset class ({dataset.num_classes}), got {sim.num_prompts}")
     unavailable = [name for name in config.methods if not available_methods(sim)[name]]
@@ -550,227 +301,66 @@ def evaluate(
     if config.background_threshold is not None and dataset.background_index is None:
         raise ValueError("background_threshold: the dataset has no background class; leave it unset")
     torch.manual_seed(config.seed)
-
-    device = adapter.parameter.device
-    dtype = adapter.parameter.dtype
-    show = config.progress and rank == 0
-    clock = _Clock(device)
-    tasks = set(config.tasks)
     runners = {name: build_method(name, sim, mask_provider=mask_provider, ig_steps=config.ig_steps)
                for name in config.methods}
-    localization = {name: LocalizationMetrics.for_dataset(dataset, theta=config.theta,
-                                                          pointing_tolerance=config.pointing_tolerance)
-                    for name in config.methods}
-    segmented = [name for name in config.methods if name in SEGMENTATION_VARIANTS] if "segmentation" in tasks else []
-    segmentation = {name: SegmentationMetrics(dataset.num_classes, dataset.ignore_index) for name in segmented}
-    itsm = ITSMAttribution(sim)
-    seconds: Dict[str, float] = {}
-    examples: List[dict] = []
+    show = config.progress and _rank_and_world()[0] == 0
+    return EvalContext(config, sim, dataset, runners, window, stride, show, _Clock(adapter.parameter.device))
 
-    shard = shard_indices(len(dataset), config.batch_size, rank, world)
-    loader = DataLoader(_ShardImages(dataset, shard, config.resolution, adapter.image_mean, adapter.image_std),
+
+def _run_batches(ctx: EvalContext, tasks: List[Any]) -> None:
+    """One pass over this rank's shard, every batch handed to every task."""
+    if not tasks:
+        return
+    config, adapter = ctx.config, ctx.sim.adapter
+    rank, world = _rank_and_world()
+    shard = shard_indices(len(ctx.dataset), config.batch_size, rank, world)
+    loader = DataLoader(_ShardImages(ctx.dataset, shard, config.resolution, adapter.image_mean, adapter.image_std),
                         batch_size=config.batch_size, shuffle=False, num_workers=config.workers,
                         collate_fn=_collate)
-    needs_images = bool(tasks & {"localization", "segmentation"})
-    bar = tqdm(total=len(shard) if needs_images else 0, desc=f"eval {dataset.__class__.__name__}",
-               unit="image", disable=not show)
-    for indices, inputs, labels, originals in (loader if needs_images else ()):
-        images = torch.stack(inputs).to(device, dtype)
-        if "localization" in tasks:
-            pairs, batch_maps = _localize_batch(runners, localization, images, labels, config.batch_size,
-                                                clock, seconds)
-            if rank == 0 and len(examples) < config.examples:
-                examples += _examples(pairs, batch_maps, indices, labels, originals)[:config.examples - len(examples)]
-        for name in segmented:
-            variant, projection = SEGMENTATION_VARIANTS[name]
-            started = clock()
-            for image, square_input, label in zip(originals, inputs, labels):
-                scores = _segment_image(itsm, image, square_input, config, variant, projection, patch,
-                                        window, stride, dtype, device)
-                predicted = _segmentation_labels(scores, label.shape, dataset, config.background_threshold)
-                segmentation[name].update(predicted.cpu(), label)
-            seconds[f"{name}/segmentation"] = seconds.get(f"{name}/segmentation", 0.0) + clock() - started
+    bar = tqdm(total=len(shard), desc=f"eval {ctx.dataset.__class__.__name__}", unit="image", disable=not ctx.show)
+    for indices, inputs, labels, originals in loader:
+        batch = EvalBatch(indices, inputs, torch.stack(inputs).to(ctx.device, ctx.dtype), labels, originals)
+        for task in tasks:
+            task.update(ctx, batch)
         bar.update(len(labels))
     bar.close()
 
-    faithfulness_records: List[dict] = []
-    if "faithfulness" in tasks:
-        sample = _faithfulness_sample(dataset, config.faithfulness_samples, localization[config.methods[0]])
-        faithfulness_records = _faithfulness_records(sim, runners, dataset, sample, config, config.resolution,
-                                                     device, show)
-        faithfulness_records = _gather_records(faithfulness_records)
 
-    for metric in (*localization.values(), *segmentation.values()):
-        metric.all_reduce()
+def _results(ctx: EvalContext, tasks: List[Any], model_name: str) -> dict:
+    """The results dictionary (``results.json``), the same on every rank."""
+    config, dataset = ctx.config, ctx.dataset
     timing_keys = [f"{name}/{task}" for name in config.methods for task in ("localization", "segmentation")]
-    seconds = _sum_over_ranks({key: seconds.get(key, 0.0) for key in timing_keys}, device)
-
-    results = {
+    seconds = _sum_over_ranks({key: ctx.seconds.get(key, 0.0) for key in timing_keys}, ctx.device)
+    methods = {}
+    for name in config.methods:
+        entry: Dict[str, Any] = {"miou": None, "msc": None, "pointing": None, "pairs": None, "per_class": None,
+                                 "segmentation": None, "faithfulness": None}
+        for task in tasks:
+            entry.update(task.entry(name, ctx))
+        faithfulness = next((task for task in tasks if task.name == "faithfulness"), None)
+        localization_seconds = seconds[f"{name}/localization"]
+        entry["timing"] = {
+            "localization_seconds": localization_seconds,
+            "localization_seconds_per_image": (
+                localization_seconds / len(dataset) if len(dataset) and "localization" in config.tasks else None
+            ),
+            "segmentation_seconds": seconds[f"{name}/segmentation"],
+            "faithfulness_seconds": faithfulness.seconds(name) if faithfulness else 0.0,
+        }
+        methods[name] = entry
+    return {
         "config": asdict(config),
         "dataset": {
-            "name": config.dataset,
-            "root": str(config.root),
-            "split": config.split,
-            "num_images": len(dataset),
-            "class_names": list(dataset.class_names),
-            "background_index": dataset.background_index,
+            "name": config.dataset, "root": str(config.root), "split": config.split, "num_images": len(dataset),
+            "class_names": list(dataset.class_names), "background_index": dataset.background_index,
         },
         "model": model_name,
         "resolution": config.resolution,
-        "segmentation_window": {"window": window, "stride": stride} if config.slide else None,
-        "world_size": world,
-        "prompts": list(sim.prompts or []),
-        "methods": {
-            name: _method_results(name, config, dataset, localization[name], segmentation.get(name),
-                                  [r for r in faithfulness_records if r["method"] == name], seconds)
-            for name in config.methods
-        },
+        "segmentation_window": {"window": ctx.window, "stride": ctx.stride} if config.slide else None,
+        "world_size": _rank_and_world()[1],
+        "prompts": list(ctx.sim.prompts or []),
+        "methods": methods,
     }
-    results["wall_seconds"] = time.perf_counter() - began_wall
-    if rank == 0 and config.out is not None:
-        write_results(results, config.out, examples, dataset)
-    return results
-
-
-def _finite(value: float) -> Optional[float]:
-    """JSON has no NaN: undefined means (nothing to average) become ``None``."""
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
-
-
-def _method_results(name: str, config: EvalConfig, dataset: SegmentationDataset, localization: LocalizationMetrics,
-                    segmentation: Optional[SegmentationMetrics], records: List[dict],
-                    seconds: Dict[str, float]) -> dict:
-    """One method's entry of ``results["methods"]``."""
-    names = dataset.class_names
-    entry: Dict[str, Any] = {"miou": None, "msc": None, "pointing": None, "pairs": None, "per_class": None}
-    if "localization" in config.tasks:
-        scores = localization.compute()
-        entry.update(miou=_finite(scores["miou"]), msc=_finite(scores["msc"]), pointing=_finite(scores["pointing"]),
-                     pairs=scores["pairs"])
-        entry["per_class"] = {
-            names[c]: {"iou": iou, "msc": scores["per_class_msc"].get(c),
-                       "pointing": scores["per_class_pointing"][c]}
-            for c, iou in scores["per_class_iou"].items()
-        }
-    entry["segmentation"] = None
-    if segmentation is not None:
-        scores = segmentation.compute()
-        entry["segmentation"] = {
-            "miou": _finite(scores["miou"]),
-            "pixel_accuracy": _finite(scores["pixel_accuracy"]),
-            "mean_accuracy": _finite(scores["mean_accuracy"]),
-            "per_class_iou": {names[c]: iou for c, iou in scores["per_class_iou"].items()},
-            "pixels": scores["pixels"],
-            "background": ("threshold" if config.background_threshold is not None
-                           else "prompt" if dataset.background_index is not None else "none"),
-        }
-    entry["faithfulness"] = None
-    if "faithfulness" in config.tasks:
-        entry["faithfulness"] = {
-            "infidelity": _finite(float(np.mean([r["infidelity"] for r in records])) if records else math.nan),
-            "sensitivity": _finite(float(np.mean([r["sensitivity"] for r in records])) if records else math.nan),
-            "samples": len(records),
-            "per_image": [{key: r[key] for key in ("index", "name", "target", "infidelity", "sensitivity")}
-                          for r in records],
-        }
-    images = len(dataset)
-    localization_seconds = seconds.get(f"{name}/localization", 0.0)
-    entry["timing"] = {
-        "localization_seconds": localization_seconds,
-        "localization_seconds_per_image": (
-            localization_seconds / images if images and "localization" in config.tasks else None
-        ),
-        "segmentation_seconds": seconds.get(f"{name}/segmentation", 0.0),
-        "faithfulness_seconds": sum(r["seconds"] for r in records),
-    }
-    return entry
-
-
-# --------------------------------------------------------------------------- outputs
-CSV_COLUMNS = ("method", "miou", "msc", "pointing", "pairs", "segmentation_miou", "segmentation_pixel_accuracy",
-               "infidelity", "sensitivity", "localization_seconds_per_image")
-
-
-def _csv_rows(results: dict) -> List[dict]:
-    rows = []
-    for name, entry in results["methods"].items():
-        segmentation, faithfulness = entry["segmentation"] or {}, entry["faithfulness"] or {}
-        rows.append({
-            "method": name, "miou": entry["miou"], "msc": entry["msc"], "pointing": entry["pointing"],
-            "pairs": entry["pairs"], "segmentation_miou": segmentation.get("miou"),
-            "segmentation_pixel_accuracy": segmentation.get("pixel_accuracy"),
-            "infidelity": faithfulness.get("infidelity"), "sensitivity": faithfulness.get("sensitivity"),
-            "localization_seconds_per_image": entry["timing"]["localization_seconds_per_image"],
-        })
-    return rows
-
-
-def results_markdown(results: dict) -> str:
-    """``results.md``: one row per method, with a line on what was evaluated.
-
-    Args:
-        results: As returned by :func:`evaluate`.
-
-    Returns:
-        A Markdown table (missing entries shown as "–").
-    """
-    def cell(value: Optional[float], digits: int) -> str:
-        return "–" if value is None else f"{value:.{digits}f}"
-
-    lines = ["| method | mIoU ↑ | mSC ↑ | pointing ↑ | seg. mIoU ↑ | infidelity ↓ | sensitivity ↓ | s / image |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for row in _csv_rows(results):
-        title = METHOD_TITLES.get(row["method"], row["method"])
-        lines.append(
-            f"| {title} | {cell(row['miou'], 1)} | {cell(row['msc'], 1)} "
-            f"| {cell(row['pointing'], 1)} | {cell(row['segmentation_miou'], 1)} | {cell(row['infidelity'], 4)} "
-            f"| {cell(row['sensitivity'], 4)} | {cell(row['localization_seconds_per_image'], 4)} |"
-        )
-    config, data = results["config"], results["dataset"]
-    lines += ["", f"{data['num_images']} images of {data['name']} ({data['split'] or 'default split'}), model "
-              f"{results['model'] or 'given in-process'} at {results['resolution']} px, θ = {config['theta']}, "
-              f"pointing tolerance {config['pointing_tolerance']} px, {results['world_size']} process(es)."]
-    return "\n".join(lines) + "\n"
-
-
-def write_results(results: dict, out: str, examples: Sequence[dict] = (),
-                  dataset: Optional[SegmentationDataset] = None) -> Dict[str, Path]:
-    """Write ``results.{json,csv,md}`` and the example overlays into ``out``, atomically.
-
-    Args:
-        results: As returned by :func:`evaluate`.
-        out: Output folder (created).
-        examples: Example records (image, label, class, maps per method) to draw.
-        dataset: The dataset, naming the classes of the examples.
-
-    Returns:
-        The written paths by kind (``json``, ``csv``, ``markdown``, ``example-<index>``).
-    """
-    from captum_iclip.viz import attribution_grid
-
-    folder = Path(out)
-    paths = {"json": folder / "results.json", "csv": folder / "results.csv", "markdown": folder / "results.md"}
-    atomic_write_text(paths["json"], json.dumps(results, indent=2) + "\n")
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(_csv_rows(results))
-    atomic_write_text(paths["csv"], buffer.getvalue())
-    atomic_write_text(paths["markdown"], results_markdown(results))
-    for example in examples:
-        methods = list(example["maps"])
-        class_name = dataset.class_names[example["class"]] if dataset is not None else str(example["class"])
-        path = folder / "examples" / f"{example['index']:06d}.png"
-        attribution_grid(
-            [example["image"]],
-            [[label_colours(example["label"])]
-             + [example["maps"][name] for name in methods]],
-            column_titles=["ground truth"] + [METHOD_TITLES.get(name, name) for name in methods],
-            row_titles=[class_name],
-            path=str(path),
-        )
-        paths[f"example-{example['index']}"] = path
-    return paths
 
 
 # --------------------------------------------------------------------------- command line
@@ -787,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--root", required=True, help="dataset folder")
     parser.add_argument("--split", default=None, help="split name (default: the reader's)")
     parser.add_argument("--method", type=_comma_list, default=["raw"],
-                        help=f"comma-separated methods of {','.join(METHODS)} (default: raw)")
+                        help=f"comma-separated methods of {','.join(method_names())} (default: raw)")
     parser.add_argument("--task", type=_comma_list, default=["localization"],
                         help=f"comma-separated tasks of {','.join(TASKS)} (default: localization)")
     add_model_arguments(parser)

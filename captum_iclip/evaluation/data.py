@@ -1,0 +1,159 @@
+"""What every evaluation task shares: model inputs from dataset images, shards, distribution, timing.
+
+Geometry and sharding are described in :mod:`captum_iclip.evaluation.run`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from captum_iclip.datasets import SegmentationDataset
+from captum_iclip.evaluation.metrics import LocalizationMetrics
+
+
+
+def _to_input(image: Image.Image, size: Tuple[int, int], mean: Tensor, std: Tensor) -> Tensor:
+    """An RGB image resized (bicubic) to ``size`` = (height, width), as a normalised (3, H, W) tensor."""
+    height, width = size
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.BICUBIC)
+    array = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()) / 255.0
+    return (array.permute(2, 0, 1) - mean) / std
+
+
+
+def _short_side_size(image: Image.Image, short_side: int, multiple: int) -> Tuple[int, int]:
+    """(height, width) with the short side at ``short_side``, both rounded to ``multiple``."""
+    scale = short_side / min(image.width, image.height)
+    return tuple(max(multiple, round(side * scale / multiple) * multiple) for side in (image.height, image.width))
+
+
+
+class _ShardImages(Dataset):
+    """The images of one shard as (index, model input, label, original image)."""
+
+    def __init__(self, dataset: SegmentationDataset, indices: Sequence[int], resolution: int,
+                 mean: Sequence[float], std: Sequence[float]) -> None:
+        self.dataset, self.indices, self.resolution = dataset, list(indices), resolution
+        self.mean = torch.tensor(mean, dtype=torch.float32).reshape(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).reshape(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> Tuple[int, Tensor, np.ndarray, Image.Image]:
+        index = self.indices[position]
+        image, label, _ = self.dataset[index]
+        square = (self.resolution, self.resolution)
+        return index, _to_input(image, square, self.mean, self.std), label, image
+
+
+
+def shard_indices(size: int, batch_size: int, rank: int, world_size: int) -> List[int]:
+    """The dataset indices of one rank: batches ``rank, rank + K, ...`` of ``batch_size`` images.
+
+    Striding whole batches (rather than single images) gives every batch the
+    same images as in a single-process run, so batched kernels see the same
+    inputs and the maps, hence the summed statistics, are bit-identical for
+    any number of processes. With ``batch_size=1`` rank ``r`` takes images
+    ``r, r + K, ...``.
+
+    Args:
+        size: Number of images in the dataset.
+        batch_size: Images per batch.
+        rank: This process's rank, in ``[0, world_size)``.
+        world_size: Number of processes ``K``.
+
+    Returns:
+        Ascending indices; the shards of all ranks partition ``range(size)``.
+
+    Examples:
+        >>> shard_indices(10, 2, 1, 2)
+        [2, 3, 6, 7]
+    """
+    starts = range(rank * batch_size, size, world_size * batch_size)
+    return [index for start in starts for index in range(start, min(start + batch_size, size))]
+
+
+
+def _collate(batch: List[tuple]) -> tuple:
+    return tuple(zip(*batch))
+
+
+
+def _scored_classes(label: np.ndarray, metric: LocalizationMetrics) -> List[int]:
+    """Class ids present in ``label`` that the localization metric scores, ascending."""
+    present = np.unique(label)
+    return [int(c) for c in present if c != metric.ignore_index and int(c) not in metric.exclude]
+
+
+
+def _largest_class(label: np.ndarray, classes: Sequence[int]) -> int:
+    """The class of ``classes`` with the most pixels in ``label`` (the lowest id on ties)."""
+    counts = [int((label == c).sum()) for c in classes]
+    return classes[int(np.argmax(counts))]
+
+
+
+def _rank_and_world() -> Tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+
+def _init_distributed(device: str) -> str:
+    """Join the torchrun process group when ``WORLD_SIZE`` > 1; returns this rank's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    if device.startswith("cuda"):
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+        return f"cuda:{local_rank}"
+    dist.init_process_group("gloo")
+    return device
+
+
+
+def _sum_over_ranks(values: Dict[str, float], device: torch.device) -> Dict[str, float]:
+    """Add per-rank floats (timings) over the process group."""
+    if not (dist.is_available() and dist.is_initialized()) or not values:
+        return dict(values)
+    if dist.get_backend() != "nccl":
+        device = torch.device("cpu")
+    tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return dict(zip(values, tensor.tolist()))
+
+
+
+def _gather_records(records: List[dict]) -> List[dict]:
+    """Every rank's records, merged and sorted by dataset index."""
+    if dist.is_available() and dist.is_initialized():
+        gathered: List[List[dict]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+        dist.all_gather_object(gathered, records)
+        records = [record for part in gathered for record in part]
+    return sorted(records, key=lambda record: record["index"])
+
+
+
+class _Clock:
+    """Wall seconds that wait for queued GPU work, so timings cover the computation."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()

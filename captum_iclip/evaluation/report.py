@@ -1,0 +1,121 @@
+"""The result files of an evaluation: ``results.json``, ``results.csv``, ``results.md`` and example overlays.
+
+One writer for ``captum-iclip eval`` and ``captum-iclip demo``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from captum_iclip._io import atomic_write_text
+from captum_iclip.datasets import SegmentationDataset
+from captum_iclip.evaluation.methods import method_title
+
+
+def _finite(value: float) -> Optional[float]:
+    """JSON has no NaN: undefined means (nothing to average) become ``None``."""
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+CSV_COLUMNS = ("method", "miou", "msc", "pointing", "pairs", "segmentation_miou", "segmentation_pixel_accuracy",
+               "infidelity", "sensitivity", "localization_seconds_per_image")
+
+
+def _csv_rows(results: dict) -> List[dict]:
+    rows = []
+    for name, entry in results["methods"].items():
+        segmentation, faithfulness = entry["segmentation"] or {}, entry["faithfulness"] or {}
+        rows.append({
+            "method": name, "miou": entry["miou"], "msc": entry["msc"], "pointing": entry["pointing"],
+            "pairs": entry["pairs"], "segmentation_miou": segmentation.get("miou"),
+            "segmentation_pixel_accuracy": segmentation.get("pixel_accuracy"),
+            "infidelity": faithfulness.get("infidelity"), "sensitivity": faithfulness.get("sensitivity"),
+            "localization_seconds_per_image": entry["timing"]["localization_seconds_per_image"],
+        })
+    return rows
+
+
+MARKDOWN_COLUMNS = (
+    # (task, header, CSV column, digits)
+    ("localization", "mIoU ↑", "miou", 1),
+    ("localization", "mSC ↑", "msc", 1),
+    ("localization", "pointing ↑", "pointing", 1),
+    ("segmentation", "seg. mIoU ↑", "segmentation_miou", 1),
+    ("faithfulness", "infidelity ↓", "infidelity", 4),
+    ("faithfulness", "sensitivity ↓", "sensitivity", 4),
+    ("localization", "s / image", "localization_seconds_per_image", 3),
+)
+"""The columns of ``results.md``; a column shows when its task was run."""
+
+
+def results_markdown(results: dict) -> str:
+    """``results.md``: one row per method, a column per figure of the tasks run, and a line on what was evaluated.
+
+    Args:
+        results: As returned by :func:`~captum_iclip.evaluation.run.evaluate`.
+
+    Returns:
+        A Markdown table (missing entries shown as "–"), followed by ``results["notes"]`` if any.
+    """
+
+    def cell(value: Optional[float], digits: int) -> str:
+        return "–" if value is None else f"{value:.{digits}f}"
+
+    config, data = results["config"], results["dataset"]
+    columns = [column for column in MARKDOWN_COLUMNS if column[0] in config["tasks"]]
+    lines = ["| method | " + " | ".join(header for _, header, _, _ in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for row in _csv_rows(results):
+        cells = [cell(row[key], digits) for _, _, key, digits in columns]
+        lines.append(f"| {method_title(row['method'])} | " + " | ".join(cells) + " |")
+    lines += ["", f"{data['num_images']} images of {data['name']} ({data['split'] or 'default split'}), model "
+              f"{results['model'] or 'given in-process'} at {results['resolution']} px, θ = {config['theta']}, "
+              f"pointing tolerance {config['pointing_tolerance']} px, {results['world_size']} process(es)."]
+    lines += results.get("notes", [])
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: dict, out: str, examples: Sequence[dict] = (),
+                  dataset: Optional[SegmentationDataset] = None, *, stem: str = "results") -> Dict[str, Path]:
+    """Write ``{stem}.{json,csv,md}`` and the example overlays into ``out``, atomically.
+
+    Args:
+        results: As returned by :func:`~captum_iclip.evaluation.run.evaluate`.
+        out: Output folder (created).
+        examples: Example records (image, label, class, maps per method) to draw.
+        dataset: The dataset, naming the classes of the examples.
+        stem: The files' name (``"results"`` for ``eval``, ``"metrics"`` for ``demo``).
+
+    Returns:
+        The written paths by kind (``json``, ``csv``, ``markdown``, ``example-<index>``).
+    """
+    from captum_iclip.viz import attribution_grid, label_colours
+
+    folder = Path(out)
+    paths = {"json": folder / f"{stem}.json", "csv": folder / f"{stem}.csv", "markdown": folder / f"{stem}.md"}
+    atomic_write_text(paths["json"], json.dumps(results, indent=2) + "\n")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(_csv_rows(results))
+    atomic_write_text(paths["csv"], buffer.getvalue())
+    atomic_write_text(paths["markdown"], results_markdown(results))
+    for example in examples:
+        methods = list(example["maps"])
+        class_name = dataset.class_names[example["class"]] if dataset is not None else str(example["class"])
+        path = folder / "examples" / f"{example['index']:06d}.png"
+        attribution_grid(
+            [example["image"]],
+            [[label_colours(example["label"])]
+             + [example["maps"][name] for name in methods]],
+            column_titles=["ground truth"] + [method_title(name) for name in methods],
+            row_titles=[class_name],
+            path=str(path),
+        )
+        paths[f"example-{example['index']}"] = path
+    return paths

@@ -1,0 +1,343 @@
+"""The evaluation tasks as objects: localization, open-vocabulary segmentation, faithfulness.
+
+Each task holds its metrics, sees every batch of the shard (:meth:`update`), adds
+its statistics over the ranks (:meth:`finish`) and gives its part of a method's
+results (:meth:`entry`). :func:`~captum_iclip.evaluation.run.evaluate` runs the
+tasks the configuration asks for; the metrics are defined in docs/methods.md §5.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from captum_iclip.attr.itsm import ITSMAttribution
+from captum_iclip.datasets import SegmentationDataset
+from captum_iclip.evaluation.data import (
+    _Clock,
+    _gather_records,
+    _largest_class,
+    _rank_and_world,
+    _scored_classes,
+    _short_side_size,
+    _to_input,
+)
+from captum_iclip.evaluation.faithfulness import infidelity_score, patch_perturbation, sensitivity_score
+from captum_iclip.evaluation.methods import method_info
+from captum_iclip.evaluation.metrics import (
+    LocalizationMetrics,
+    SegmentationMetrics,
+    segment_from_maps,
+    sliding_window,
+)
+from captum_iclip.similarity import CLIPSimilarity
+
+
+@dataclass
+class EvalContext:
+    """What the tasks of one evaluation share."""
+
+    config: Any  # EvalConfig, with the resolution resolved
+    sim: CLIPSimilarity
+    dataset: SegmentationDataset
+    runners: Dict[str, Any]  # method name -> fn(images, targets)
+    window: int
+    stride: int
+    show: bool  # progress bars (rank 0)
+    clock: _Clock
+    seconds: Dict[str, float] = field(default_factory=dict)  # "<method>/<task>" -> seconds on this rank
+
+    @property
+    def device(self) -> torch.device:
+        return self.sim.adapter.parameter.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.sim.adapter.parameter.dtype
+
+
+@dataclass
+class EvalBatch:
+    """One batch of the shard: dataset indices, square model inputs, labels and original images."""
+
+    indices: Sequence[int]
+    inputs: Sequence[Tensor]
+    images: Tensor  # the inputs stacked on the model's device and dtype
+    labels: Sequence[np.ndarray]
+    originals: Sequence[Image.Image]
+
+
+def _finite(value: float) -> Optional[float]:
+    """JSON has no NaN: undefined means (nothing to average) become ``None``."""
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+class LocalizationTask:
+    """Explanation mIoU, mSC and pointing game of every method's map of each (image, class present) pair."""
+
+    name = "localization"
+
+    def __init__(self, ctx: EvalContext) -> None:
+        config = ctx.config
+        self.metrics = {
+            name: LocalizationMetrics.for_dataset(ctx.dataset, theta=config.theta,
+                                                  pointing_tolerance=config.pointing_tolerance)
+            for name in config.methods
+        }
+        self.examples: List[dict] = []  # rank 0's first images with a scored class, for the overlays
+        self.rank = _rank_and_world()[0]
+
+    def update(self, ctx: EvalContext, batch: EvalBatch) -> None:
+        pairs, batch_maps = _localize_batch(ctx.runners, self.metrics, batch.images, batch.labels,
+                                            ctx.config.batch_size, ctx.clock, ctx.seconds)
+        wanted = ctx.config.examples - len(self.examples)
+        if self.rank == 0 and wanted > 0:
+            self.examples += _examples(pairs, batch_maps, batch.indices, batch.labels, batch.originals)[:wanted]
+
+    def finish(self, ctx: EvalContext) -> None:
+        for metric in self.metrics.values():
+            metric.all_reduce()
+
+    def entry(self, name: str, ctx: EvalContext) -> Dict[str, Any]:
+        scores = self.metrics[name].compute()
+        names = ctx.dataset.class_names
+        return {
+            "miou": _finite(scores["miou"]), "msc": _finite(scores["msc"]), "pointing": _finite(scores["pointing"]),
+            "pairs": scores["pairs"],
+            "per_class": {
+                names[c]: {"iou": iou, "msc": scores["per_class_msc"].get(c),
+                           "pointing": scores["per_class_pointing"][c]}
+                for c, iou in scores["per_class_iou"].items()
+            },
+        }
+
+
+class SegmentationTask:
+    """Open-vocabulary segmentation by the ITSM methods: per-pixel argmax over every prompt's similarity."""
+
+    name = "segmentation"
+
+    def __init__(self, ctx: EvalContext) -> None:
+        dataset = ctx.dataset
+        self.methods = [name for name in ctx.config.methods if method_info(name).itsm]
+        self.metrics = {name: SegmentationMetrics(dataset.num_classes, dataset.ignore_index) for name in self.methods}
+        self.itsm = ITSMAttribution(ctx.sim)
+
+    def update(self, ctx: EvalContext, batch: EvalBatch) -> None:
+        config, patch = ctx.config, ctx.sim.adapter.patch_size[0]
+        for name in self.methods:
+            variant, projection = method_info(name).itsm
+            started = ctx.clock()
+            for image, square_input, label in zip(batch.originals, batch.inputs, batch.labels):
+                scores = _segment_image(self.itsm, image, square_input, config, variant, projection, patch,
+                                        ctx.window, ctx.stride, ctx.dtype, ctx.device)
+                predicted = _segmentation_labels(scores, label.shape, ctx.dataset, config.background_threshold)
+                self.metrics[name].update(predicted.cpu(), label)
+            key = f"{name}/segmentation"
+            ctx.seconds[key] = ctx.seconds.get(key, 0.0) + ctx.clock() - started
+
+    def finish(self, ctx: EvalContext) -> None:
+        for metric in self.metrics.values():
+            metric.all_reduce()
+
+    def entry(self, name: str, ctx: EvalContext) -> Dict[str, Any]:
+        if name not in self.metrics:
+            return {"segmentation": None}
+        scores, names, dataset = self.metrics[name].compute(), ctx.dataset.class_names, ctx.dataset
+        background = ("threshold" if ctx.config.background_threshold is not None
+                      else "prompt" if dataset.background_index is not None else "none")
+        return {"segmentation": {
+            "miou": _finite(scores["miou"]),
+            "pixel_accuracy": _finite(scores["pixel_accuracy"]),
+            "mean_accuracy": _finite(scores["mean_accuracy"]),
+            "per_class_iou": {names[c]: iou for c, iou in scores["per_class_iou"].items()},
+            "pixels": scores["pixels"],
+            "background": background,
+        }}
+
+
+class FaithfulnessTask:
+    """Captum infidelity and max-sensitivity on a fixed sample of images, one target per image.
+
+    It runs after the pass over the batches (:meth:`finish`), on its own sample.
+    """
+
+    name = "faithfulness"
+
+    def __init__(self, ctx: EvalContext) -> None:
+        self.records: List[dict] = []
+
+    def update(self, ctx: EvalContext, batch: EvalBatch) -> None:
+        """Nothing per batch: the sample is drawn over the whole dataset."""
+
+    def finish(self, ctx: EvalContext) -> None:
+        config = ctx.config
+        metric = LocalizationMetrics.for_dataset(ctx.dataset, theta=config.theta,
+                                                 pointing_tolerance=config.pointing_tolerance)
+        sample = _faithfulness_sample(ctx.dataset, config.faithfulness_samples, metric)
+        records = _faithfulness_records(ctx.sim, ctx.runners, ctx.dataset, sample, config, config.resolution,
+                                        ctx.device, ctx.show)
+        self.records = _gather_records(records)
+
+    def entry(self, name: str, ctx: EvalContext) -> Dict[str, Any]:
+        records = [r for r in self.records if r["method"] == name]
+        return {"faithfulness": {
+            "infidelity": _finite(float(np.mean([r["infidelity"] for r in records])) if records else math.nan),
+            "sensitivity": _finite(float(np.mean([r["sensitivity"] for r in records])) if records else math.nan),
+            "samples": len(records),
+            "per_image": [{key: r[key] for key in ("index", "name", "target", "infidelity", "sensitivity")}
+                          for r in records],
+        }}
+
+    def seconds(self, name: str) -> float:
+        return sum(r["seconds"] for r in self.records if r["method"] == name)
+
+
+TASK_TYPES = {task.name: task for task in (LocalizationTask, SegmentationTask, FaithfulnessTask)}
+"""Task name -> task class, in the order they run."""
+
+
+# --------------------------------------------------------------------------- the tasks' computations
+PATCH_DROP_PROB = 0.25
+"""Probability that the infidelity perturbation replaces a patch by the dataset mean."""
+
+
+SENSITIVITY_RADIUS = 0.02
+"""L∞ radius of the max-sensitivity perturbations, in normalised input units."""
+
+
+def _segment_image(itsm: ITSMAttribution, image: Image.Image, square_input: Tensor, config: Any,
+                   variant: str, projection: str, patch: int, window: int, stride: int,
+                   dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(K, H', W') unnormalised similarities of every prompt on one image, at the model input's size.
+
+    Like the localization maps, the patch grid is first upsampled to the input
+    (for each window, by :func:`sliding_window`), then resized to the label.
+    """
+    def dense(crop: Tensor, interpolate: bool = False) -> Tensor:
+        return itsm.attribute(crop, target=None, variant=variant, projection=projection,
+                              normalize=False, interpolate=interpolate)
+
+    if not config.slide:
+        return dense(square_input[None].to(device, dtype), interpolate=True)[0]
+    size = _short_side_size(image, config.resolution, patch)
+    x = _to_input(image, size, torch.tensor(itsm.similarity.adapter.image_mean).reshape(3, 1, 1),
+                  torch.tensor(itsm.similarity.adapter.image_std).reshape(3, 1, 1))
+    return sliding_window(dense, x[None].to(device, dtype), window, stride)[0]
+
+
+def _segmentation_labels(scores: Tensor, label_shape: Tuple[int, int], dataset: SegmentationDataset,
+                         background_threshold: Optional[float]) -> Tensor:
+    """Per-pixel class ids at the label's size from (K, H', W') similarities (K = num_classes)."""
+    scores = F.interpolate(scores[None].float(), size=label_shape, mode="bilinear", align_corners=False)[0]
+    if background_threshold is None:
+        return segment_from_maps(scores)
+    foreground = dataset.foreground_classes
+    return segment_from_maps(scores[foreground], classes=foreground, background_index=dataset.background_index,
+                             background_threshold=background_threshold)
+
+
+def _faithfulness_sample(dataset: SegmentationDataset, count: int,
+                         metric: LocalizationMetrics) -> List[Tuple[int, int]]:
+    """(index, target class) of up to ``count`` evenly spaced images with a scored class."""
+    if count == 0 or len(dataset) == 0:
+        return []
+    indices = sorted({int(i) for i in np.linspace(0, len(dataset) - 1, min(count, len(dataset))).round()})
+    sample = []
+    for index in indices:
+        label = dataset[index][1]
+        classes = _scored_classes(label, metric)
+        if classes:
+            sample.append((index, _largest_class(label, classes)))
+    return sample
+
+
+def _faithfulness_records(sim: CLIPSimilarity, runners: Dict[str, Any], dataset: SegmentationDataset,
+                          sample: List[Tuple[int, int]], config: Any, resolution: int,
+                          device: torch.device, show: bool) -> List[dict]:
+    """This rank's share (positions ``rank, rank + K, ...``) of the per-image faithfulness scores."""
+    rank, world = _rank_and_world()
+    adapter = sim.adapter
+    mean = torch.tensor(adapter.image_mean, dtype=torch.float32).reshape(3, 1, 1)
+    std = torch.tensor(adapter.image_std, dtype=torch.float32).reshape(3, 1, 1)
+    perturb = patch_perturbation(adapter.patch_size[0], drop_prob=PATCH_DROP_PROB)
+    mine = sample[rank::world]
+    records = []
+    clock = _Clock(device)
+    bar = tqdm(total=len(mine) * len(runners), desc="faithfulness", unit="map", disable=not show)
+    for index, target_class in mine:
+        image, _, name = dataset[index]
+        x = _to_input(image, (resolution, resolution), mean, std)[None].to(device, adapter.parameter.dtype)
+        # An int, not a 1-element tensor: Captum repeats only multi-element targets for perturbed copies.
+        target = target_class
+        for method, run in runners.items():
+            began = clock()
+            # Seeded per image, so the score does not depend on the shard or the method order.
+            torch.manual_seed(config.seed * 1_000_003 + index)
+            attributions = run(x, target).detach()
+            infidelity = infidelity_score(sim, attributions, x, target, perturb_func=perturb,
+                                          n_perturb_samples=config.faithfulness_perturbations)
+            torch.manual_seed(config.seed * 1_000_003 + index)
+            sensitivity = sensitivity_score(run, x, target,
+                                            perturb_radius=SENSITIVITY_RADIUS,
+                                            n_perturb_samples=config.faithfulness_perturbations)
+            records.append({"index": index, "name": name, "method": method, "target": target_class,
+                            "infidelity": float(infidelity[0]), "sensitivity": float(sensitivity[0]),
+                            "seconds": clock() - began})
+            bar.update(1)
+    bar.close()
+    return records
+
+
+def _localize_batch(runners: Dict[str, Any], metrics: Dict[str, LocalizationMetrics], images: Tensor,
+                    labels: Sequence[np.ndarray], chunk: int, clock: _Clock,
+                    seconds: Dict[str, float]) -> Tuple[List[Tuple[int, int]], Dict[str, Tensor]]:
+    """Score every method's maps of the (image, class) pairs of a batch.
+
+    Each image is repeated once per scored class present in its label; the
+    pairs are explained ``chunk`` at a time (bounding the memory of ``ig`` and
+    ``occlusion``), the same chunks in any sharding.
+
+    Returns:
+        The pairs ``(image position, class)`` and each method's (P, 1, H, W) maps.
+    """
+    some_metric = next(iter(metrics.values()))
+    pairs = [(i, c) for i, label in enumerate(labels) for c in _scored_classes(label, some_metric)]
+    if not pairs:
+        return pairs, {}
+    pair_image = torch.tensor([i for i, _ in pairs], device=images.device)
+    pair_class = torch.tensor([c for _, c in pairs], device=images.device)
+    batch_maps = {}
+    for name, run in runners.items():
+        started = clock()
+        maps = torch.cat([run(images[pair_image[start:start + chunk]], pair_class[start:start + chunk]).detach()
+                          for start in range(0, len(pairs), chunk)]).float()
+        seconds[f"{name}/localization"] = seconds.get(f"{name}/localization", 0.0) + clock() - started
+        for i, label in enumerate(labels):
+            rows = (pair_image == i).nonzero().flatten()
+            if len(rows):
+                metrics[name].update(maps[rows, 0], pair_class[rows].cpu(), label)
+        batch_maps[name] = maps
+    return pairs, batch_maps
+
+
+def _examples(pairs: List[Tuple[int, int]], batch_maps: Dict[str, Tensor], indices: Sequence[int],
+              labels: Sequence[np.ndarray], originals: Sequence[Image.Image]) -> List[dict]:
+    """Example records of a batch: per image with a scored class, its largest class's maps."""
+    examples = []
+    for i, label in enumerate(labels):
+        rows = [row for row, (image, _) in enumerate(pairs) if image == i]
+        if rows:
+            classes = [pairs[row][1] for row in rows]
+            row = rows[classes.index(_largest_class(label, classes))]
+            examples.append({"image": originals[i], "label": label, "index": indices[i], "class": pairs[row][1],
+                             "maps": {name: maps[row].cpu() for name, maps in batch_maps.items()}})
+    return examples
