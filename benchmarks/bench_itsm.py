@@ -34,7 +34,7 @@ import statistics
 import time
 from typing import Callable, Dict, List, Tuple
 
-import open_clip
+import captum_iclip
 import torch
 from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam
 from tqdm import tqdm
@@ -100,8 +100,8 @@ def main() -> None:
     torch.manual_seed(0)
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns about random weights
 
-    model = open_clip.create_model("ViT-B-16").eval().requires_grad_(False)
-    tokenizer = open_clip.get_tokenizer("ViT-B-16")
+    loaded = captum_iclip.load("ViT-B-16", from_scratch=True)  # random weights, offline
+    model, tokenizer = loaded.model.requires_grad_(False), loaded.tokenizer
     sim = CLIPSimilarity(model, tokenizer, PROMPTS[: args.prompts])
     images = torch.randn(args.batch, 3, 224, 224)
     itsm = ITSMAttribution(sim)

@@ -31,7 +31,7 @@ import statistics
 import time
 from typing import Callable, Dict, List
 
-import open_clip
+import captum_iclip
 import torch
 
 from captum_iclip import CLIPSimilarity, ITSMAttribution
@@ -70,8 +70,8 @@ def run(model_name: str, device: torch.device, batch_sizes: List[int], resolutio
         prompt_counts: List[int], repeats: int, patch_grid: bool) -> List[Dict[str, float]]:
     """Time the grid; returns one row per (resolution, batch size, K)."""
     torch.manual_seed(0)
-    model = open_clip.create_model(model_name).to(device).eval()
-    tokenizer = open_clip.get_tokenizer(model_name)
+    loaded = captum_iclip.load(model_name, from_scratch=True, device=str(device))  # random weights, offline
+    model, tokenizer = loaded.model, loaded.tokenizer
     rows = []
     for resolution in resolutions:
         # open_clip's encode_image at the model's own size; elsewhere the adapter's, which is the

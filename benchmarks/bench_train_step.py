@@ -30,7 +30,7 @@ import tempfile
 import time
 from typing import Callable, Dict, List
 
-import open_clip
+import captum_iclip
 import torch
 from open_clip.loss import ClipLoss
 
@@ -53,8 +53,8 @@ def plain_clip_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lo
 
 def build_steps(model_name: str, batch_size: int, cache_dir: str) -> Dict[str, Callable[[], float]]:
     torch.manual_seed(0)
-    base = open_clip.create_model(model_name, pretrained=None)
-    tokenizer = open_clip.get_tokenizer(model_name)
+    loaded = captum_iclip.load(model_name, from_scratch=True)  # random weights, offline
+    base, tokenizer = loaded.model, loaded.tokenizer
     size = base.visual.image_size
     size = size if isinstance(size, int) else size[0]
     images = torch.randn(batch_size, 3, size, size)

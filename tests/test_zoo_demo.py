@@ -76,6 +76,18 @@ def test_demo_writes_figure_and_tables(tmp_path):
     for row in summary["methods"].values():
         assert -100.0 <= row["msc"] <= 100.0 and 0.0 <= row["miou"] <= 100.0 and row["pairs"] > 0
     assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The demo is `eval` on the same held-out scenes: the same numbers from the same loop.
+    from captum_iclip.demo import DEMO_SEED_OFFSET
+    from captum_iclip.world import HELDOUT_SEED_START
+
+    first_seed = str(HELDOUT_SEED_START + DEMO_SEED_OFFSET)
+    assert cli_main(["eval", "--dataset", "world", "--root", first_seed, "--limit", "6", "--batch-size", "16",
+                     "--method", "raw,surgery,iclip,mmp", "--pointing-tolerance", "3", "--examples", "0",
+                     "--no-progress", "--out", str(tmp_path / "eval")]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "results.json").read_text())
+    for name, entry in evaluated["methods"].items():
+        for key in ("miou", "msc", "pointing", "pairs", "per_class"):
+            assert entry[key] == summary["methods"][name][key], (name, key)
 
 
 def test_explain_command_on_the_bundled_model(tmp_path, capsys):
