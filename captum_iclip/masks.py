@@ -1,4 +1,5 @@
-"""Foreground mask providers for masked max pooling (SPEC §3, "mask source").
+"""Foreground mask providers for masked max pooling (docs/methods.md §3, "mask source";
+DINO: Caron et al., arXiv 2104.14294).
 
 A *mask provider* maps a batch of CLIP-preprocessed images ``(N, 3, H, W)`` and a
 CLIP patch grid ``(h, w)`` to a boolean foreground mask ``(N, h * w)`` (row-major
@@ -280,7 +281,7 @@ class MaskProvider(nn.Module):
     """Base class: ``forward(images, grid_size) -> BoolTensor (N, h * w)``.
 
     Subclasses implement :meth:`compute_mask`; :meth:`forward` validates inputs
-    and output, and replaces every empty mask by the all-patches mask (SPEC §3),
+    and output, and replaces every empty mask by the all-patches mask (docs/methods.md §3),
     counting each replacement in :attr:`num_empty_fallbacks`.
 
     Attributes:
@@ -677,7 +678,7 @@ class DINOMaskProvider(MaskProvider):
         return self.mask_from_attention(self.attention(images), grid_size)
 
     def mask_from_attention(self, attention: Tensor, grid_size: GridSize) -> Tensor:
-        """SPEC §3's foreground on ``grid_size`` from :meth:`attention` maps ``(N, h_d, w_d)``.
+        """The foreground of docs/methods.md §3 on ``grid_size`` from :meth:`attention` maps ``(N, h_d, w_d)``.
 
         Returns:
             Tensor: ``(N, h * w)`` bool masks (before the empty-mask fallback of ``forward``).

@@ -1,4 +1,4 @@
-"""Masked max pooling (SPEC §3): the paper's pooling that avoids the semantic shift."""
+"""Masked max pooling (ICLIP, arXiv 2209.07046; docs/methods.md §3): the paper's pooling that avoids the semantic shift."""
 from __future__ import annotations
 
 from typing import Tuple, Union

@@ -29,8 +29,7 @@ class CLIPSimilarity(nn.Module):
 
     Text embeddings are computed once, L2-normalised; with ``templates`` each
     prompt is embedded with every template, the normalised embeddings are
-    averaged and renormalised (prompt ensembling, Li et al. 2022, see
-    ``docs/methods.md``).
+    averaged and renormalised (prompt ensembling, docs/methods.md §1).
 
     The model is always evaluated in eval mode: a model left in train mode would
     give random maps (dropout) and have its BatchNorm statistics updated by each
@@ -157,7 +156,7 @@ class CLIPSimilarity(nn.Module):
     def empty_prompt_feature(self) -> Tensor:
         """(1, D) embedding of the empty prompt ``""`` (with the templates), computed once.
 
-        CLIP Surgery subtracts it from a single prompt's embedding (SPEC §2).
+        CLIP Surgery subtracts it from a single prompt's embedding (docs/methods.md §2).
         """
         # Cached per template list: assigning new templates must not reuse the old embedding.
         key = tuple(self.templates or ())

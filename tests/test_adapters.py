@@ -1,10 +1,10 @@
-"""Dense features of the CLIP vision adapters (SPEC §1, §2).
+"""Dense features of the CLIP vision adapters (docs/methods.md §1, §2).
 
 * parity: the global token of the dense path is the library's own image embedding;
 * geometry: any input size divisible by the patch size, positional embeddings
   resampled bilinearly (known answers on constructed embeddings);
 * architecture surgery: each family against a literal re-implementation of the
-  SPEC §2 text, on tiny models with generic (jittered) weights.
+  docs/methods.md §2 text, on tiny models with generic (jittered) weights.
 """
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def test_hf_global_token_is_get_image_features(hf_clip):
 
 @torch.no_grad()
 def test_open_clip_patch_tokens_are_the_projected_library_tokens(vit_b32):
-    """Every token, not only the global one: F = ln_post(Z) @ proj (SPEC §1)."""
+    """Every token, not only the global one: F = ln_post(Z) @ proj (docs/methods.md §1)."""
     images = make_images(1, 3, 224, 224, seed=1)
     visual = vit_b32.visual
     visual.output_tokens = True
@@ -154,7 +154,7 @@ def test_interpolate_pos_embed_rejects_a_wrong_native_grid():
         interpolate_pos_embed(torch.randn(1 + 6, 4), (2, 2), native_grid=(2, 2))
 
 
-# --- architecture surgery against literal re-implementations of SPEC §2 -------------------
+# --- architecture surgery against literal re-implementations of docs/methods.md §2 -------------------
 def value_value_attention(value: torch.Tensor, num_heads: int, scale: float, unit_norm: bool) -> torch.Tensor:
     """softmax(v v^T * scale) v, one head at a time, heads concatenated."""
     head_dim = value.shape[-1] // num_heads
@@ -240,7 +240,7 @@ def test_resnet_pool_surgery_matches_the_spec(tiny_resnet):
 
 @torch.no_grad()
 def test_resnet_dense_pool_queries_every_position(tiny_resnet):
-    """Without surgery, position i is the pool's output with i as the query (SPEC §1)."""
+    """Without surgery, position i is the pool's output with i as the query (docs/methods.md §1)."""
     visual = tiny_resnet.visual
     pool = visual.attnpool
     images = make_images(1, 3, 64, 64, seed=6)

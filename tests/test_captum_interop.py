@@ -1,4 +1,4 @@
-"""ITSM next to Captum's own tooling (SPEC §6), on one shared ``CLIPSimilarity``.
+"""ITSM next to Captum's own tooling (docs/methods.md §6), on one shared ``CLIPSimilarity``.
 
 Captum's methods and ours explain the same number: ``target=k`` is prompt k of the
 (N, K) output. The gradient methods are checked against hand-written gradients of

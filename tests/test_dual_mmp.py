@@ -1,4 +1,4 @@
-"""Dual projections (SPEC §4), masked max pooling and its attribution (SPEC §3)."""
+"""Dual projections (docs/methods.md §4), masked max pooling and its attribution (docs/methods.md §3)."""
 from __future__ import annotations
 
 import pytest
@@ -121,7 +121,7 @@ def dual_sim(tiny_vit, tiny_tokenizer):
 
 @torch.no_grad()
 def _manual_mmp(sim, images, mask, k):
-    """SPEC §3 written out: pooled score S_k and a_i by looping over channels."""
+    """docs/methods.md §3 written out: pooled score S_k and a_i by looping over channels."""
     patches = sim.adapter.dense_features(images, projection="interpretability")[0, 1:]
     allowed = patches.clone()
     allowed[~mask[0]] = float("-inf")

@@ -1,4 +1,4 @@
-"""ITSMAttribution (SPEC §1) and its training-free correction (SPEC §2).
+"""ITSMAttribution (docs/methods.md §1) and its training-free correction (docs/methods.md §2).
 
 Run on a random-weight open_clip ViT-B-32 (a 7x7 patch grid keeps the CPU cost
 low); test_adapters.py checks the dense features of every supported family.
@@ -153,9 +153,9 @@ def test_one_forward_pass_whatever_the_number_of_prompts(vit_b32, sim_b32, varia
         assert maps.grad_fn is None and not maps.requires_grad
 
 
-# --- surgery (SPEC §2) -----------------------------------------------------------------
+# --- surgery (docs/methods.md §2) -----------------------------------------------------------------
 def literal_feature_surgery(patches, global_feature, text):
-    """SPEC §2 written out over the D channels, one (image, patch, prompt) at a time."""
+    """docs/methods.md §2 written out over the D channels, one (image, patch, prompt) at a time."""
     n, length, _ = patches.shape
     k = text.shape[0]
     p = torch.softmax(2 * global_feature @ text.t(), dim=-1)  # (N, K)

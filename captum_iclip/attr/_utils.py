@@ -1,5 +1,5 @@
 """Shared plumbing of the attribution classes: forward-function checks, Captum
-target semantics, and the map post-processing of SPEC §1."""
+target semantics, and the map post-processing of docs/methods.md §1."""
 from __future__ import annotations
 
 import numbers

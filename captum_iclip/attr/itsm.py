@@ -1,4 +1,5 @@
-"""ITSM: the Image-Text Similarity Map (SPEC §1) and its training-free correction (SPEC §2)."""
+"""ITSM: the Image-Text Similarity Map (Li et al., arXiv 2209.07046; docs/methods.md §1)
+and its training-free correction, CLIP Surgery (Li et al., arXiv 2304.05653; docs/methods.md §2)."""
 from __future__ import annotations
 
 import torch
@@ -15,10 +16,10 @@ VARIANTS = ("plain", "surgery")
 
 
 def feature_surgery(patch_features: Tensor, global_feature: Tensor, text_features: Tensor) -> Tensor:
-    r"""CLIP Surgery's feature surgery for K >= 2 prompts (SPEC §2).
+    r"""CLIP Surgery's feature surgery for K >= 2 prompts (arXiv 2304.05653; docs/methods.md §2).
 
     With :math:`c_{i,k} = f_i \cdot t_k`, :math:`p_k = \mathrm{softmax}_k(2 f_0 \cdot t_k)`
-    and :math:`w_k = p_k / \mathrm{mean}_k p_k`, the spec's
+    and :math:`w_k = p_k / \mathrm{mean}_k p_k`, the paper's
     :math:`s_{i,k} = \sum_d (e_{i,k} - r_i)_d` with :math:`e_{i,k} = (f_i \odot t_k) w_k`,
     :math:`r_i = \mathrm{mean}_k e_{i,k}` reduces exactly to
     :math:`w_k c_{i,k} - \mathrm{mean}_{k'} w_{k'} c_{i,k'}`, because the channel sum of
@@ -44,20 +45,20 @@ class ITSMAttribution(CLIPMapAttribution):
 
     Every image token is projected into the joint embedding space like the
     global token, and its cosine similarity with the prompt's text embedding is
-    the attribution of that patch (SPEC §1). It needs one forward pass of the
+    the attribution of that patch (docs/methods.md §1). It needs one forward pass of the
     image encoder per batch, whatever the number of prompts, and no gradients.
 
     ``variant="surgery"`` applies CLIP Surgery (Li et al., 2023, arXiv
     2304.05653) without training: the last ``surgery_depth`` transformer blocks
     gain a value-value attention path that skips the MLP (for ResNets, the
     attention pool uses normalised value-value attention), and *feature surgery*
-    removes the component that the prompts share (SPEC §2). With a single
+    removes the component that the prompts share (docs/methods.md §2). With a single
     prompt the empty prompt ``""`` is subtracted instead, which needs the
     tokenizer of the ``CLIPSimilarity``.
 
     When the forward function wraps a :class:`~captum_iclip.DualProjectionCLIP`,
     the maps are drawn from its interpretability projection while the scores
-    keep the recognition projection (SPEC §4).
+    keep the recognition projection (docs/methods.md §4).
 
     What differs from :class:`~captum_iclip.MaskedMaxPoolingAttribution` (the
     rest is :class:`~captum_iclip.attr.base.CLIPMapAttribution`): the maps are
@@ -152,7 +153,7 @@ class ITSMAttribution(CLIPMapAttribution):
         text = sim.text_features
         single_prompt_surgery = variant == "surgery" and text.shape[0] == 1
         if single_prompt_surgery:
-            # One prompt: subtract the direction of the empty prompt (SPEC §2). Embedded
+            # One prompt: subtract the direction of the empty prompt (docs/methods.md §2). Embedded
             # first, so that a missing tokenizer fails before the image encoder runs.
             text = text - sim.empty_prompt_feature()
         depth = surgery_depth if variant == "surgery" else 0

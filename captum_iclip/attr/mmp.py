@@ -1,4 +1,4 @@
-"""Attribution of the masked-max-pooled image-text score to patches (SPEC §3)."""
+"""Attribution of the masked-max-pooled image-text score to patches (ICLIP, arXiv 2209.07046; docs/methods.md §3)."""
 from __future__ import annotations
 
 from typing import Any

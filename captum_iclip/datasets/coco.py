@@ -113,7 +113,9 @@ class COCOInstances(SegmentationDataset):
     """
 
     def __init__(self, root: str | Path, split: str = "val2017", limit: int | None = None) -> None:
-        from pycocotools.coco import COCO
+        from captum_iclip._optional import require
+
+        COCO = require("pycocotools.coco", "the COCO datasets (--dataset coco, coco-stuff)").COCO
 
         self.root = require_dir(Path(root), "dataset root")
         annotation_file = self.root / "annotations" / f"instances_{split}.json"

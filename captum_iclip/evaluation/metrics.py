@@ -1,4 +1,4 @@
-"""Streaming localization and segmentation metrics (SPEC §5).
+"""Streaming localization and segmentation metrics (docs/methods.md §5).
 
 Both metric classes keep only sums (integer counts, and the score contrast
 in fixed point), never maps, so a dataset can be processed image by image,
@@ -146,7 +146,8 @@ class _StreamingMetric:
 
 
 class LocalizationMetrics(_StreamingMetric):
-    """Explanation mIoU, mean score contrast and pointing game (SPEC §5).
+    """Explanation mIoU, mean score contrast and pointing game (docs/methods.md §5;
+    pointing game of Zhang et al., arXiv 1608.00507).
 
     For every image, :meth:`update` takes the maps of the classes present in
     it and, for each class ``c`` in the ground truth and not in ``exclude``,
@@ -543,7 +544,7 @@ def segment_from_maps(
     background_index: int | None = None,
     background_threshold: float | None = None,
 ) -> Tensor:
-    """Open-vocabulary segmentation: per-pixel argmax over class maps (SPEC §5).
+    """Open-vocabulary segmentation: per-pixel argmax over class maps (docs/methods.md §5).
 
     Two ways to get background, as in the literature: include a background
     prompt's map in ``maps`` (then the plain argmax handles it), or give

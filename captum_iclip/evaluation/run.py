@@ -1,4 +1,4 @@
-"""``captum-iclip eval``: benchmarks of the explanation methods on segmentation datasets (SPEC §5).
+"""``captum-iclip eval``: benchmarks of the explanation methods on segmentation datasets (docs/methods.md §5).
 
 Three tasks, each run for every requested method of
 :mod:`captum_iclip.evaluation.methods`:

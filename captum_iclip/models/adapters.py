@@ -1,4 +1,4 @@
-"""Dense image-token features of CLIP vision towers (SPEC §1, §2).
+"""Dense image-token features of CLIP vision towers (docs/methods.md §1, §2).
 
 One adapter per model family turns a CLIP model into the same small interface:
 
@@ -9,7 +9,7 @@ One adapter per model family turns a CLIP model into the same small interface:
   ``project(tokens(x))[:, 0]`` equals the library's own ``encode_image(x)``;
 * ``encode_text(prompts, tokenizer)`` and ``logit_scale`` give the text side.
 
-An optional *interpretability head* (the second projection of ICLIP, SPEC §4) can
+An optional *interpretability head* (the second projection of ICLIP, docs/methods.md §4) can
 be attached; ``dense_features(..., projection="interpretability")`` then projects
 the patch tokens with it while the global token keeps the recognition projection.
 
@@ -47,7 +47,7 @@ class GridTap(nn.Identity):
 def interpolate_pos_embed(
     pos_embed: Tensor, grid: Tuple[int, int], native_grid: Optional[Tuple[int, int]] = None
 ) -> Tensor:
-    """Resize a (1 + h0*w0, C) positional embedding to ``grid`` (SPEC §1).
+    """Resize a (1 + h0*w0, C) positional embedding to ``grid`` (docs/methods.md §1).
 
     The class position is kept; patch positions are resampled bilinearly
     (``align_corners=False``). At the native grid the embedding is returned as is,
@@ -87,7 +87,7 @@ def interpolate_pos_embed(
 
 
 def self_value_attention(value: Tensor, num_heads: int, scale: float, l2_normalize: bool = False) -> Tensor:
-    """Attention in which query, key and value are all ``value`` (CLIP Surgery, SPEC §2).
+    """Attention in which query, key and value are all ``value`` (CLIP Surgery, arXiv 2304.05653; docs/methods.md §2).
 
     Args:
         value: (N, L, C) value projections of the tokens.
@@ -124,7 +124,7 @@ class VisionAdapter:
     Args:
         model: the CLIP model (image and text towers).
         interpretability_head: optional module applied to the patch tokens
-            instead of the recognition projection (ICLIP, SPEC §4).
+            instead of the recognition projection (ICLIP, docs/methods.md §4).
     """
 
     family: str = ""
@@ -235,7 +235,7 @@ class VisionAdapter:
         Args:
             images: (N, 3, H, W) preprocessed images.
             surgery_depth: number of final blocks run with CLIP Surgery's dual
-                paths (SPEC §2); 0 runs the plain tower.
+                paths (docs/methods.md §2); 0 runs the plain tower.
             projection: ``"recognition"`` projects every token with the model's
                 own projection; ``"interpretability"`` projects the patch tokens
                 with the attached interpretability head (the global token keeps
@@ -388,7 +388,7 @@ class OpenCLIPViTAdapter(OpenCLIPAdapter):
 
     @staticmethod
     def _surgery_attention(blk: nn.Module, x_ori: Tensor) -> Tensor:
-        """The new path's residual: OutProj(softmax(v v^T * scale) v) on ln_1(x_ori) (SPEC §2)."""
+        """The new path's residual: OutProj(softmax(v v^T * scale) v) on ln_1(x_ori) (docs/methods.md §2)."""
         attn = blk.attn
         if getattr(attn, "logit_scale", None) is not None or getattr(attn, "head_scale", None) is not None:
             raise TypeError("variant: surgery does not support scaled-cosine or head-scaled attention blocks")
@@ -421,7 +421,7 @@ class OpenCLIPViTAdapter(OpenCLIPAdapter):
 class PositionwisePoolProjection(nn.Module):
     """The attention pool's value and output projections applied to each position alone.
 
-    This is the ResNet interpretability head (SPEC §4): a copy of ``v_proj`` and
+    This is the ResNet interpretability head (docs/methods.md §4): a copy of ``v_proj`` and
     ``c_proj`` so that every position is projected as if it attended only to itself.
     """
 
@@ -476,11 +476,11 @@ class OpenCLIPResNetAdapter(OpenCLIPAdapter):
         return num_heads, self.pool.v_proj.out_features // num_heads
 
     def project(self, tokens: Tensor, surgery: bool = False) -> Tensor:
-        """The attention pool with every position as a query (SPEC §1).
+        """The attention pool with every position as a query (docs/methods.md §1).
 
         With ``surgery`` the patch positions use CLIP Surgery's pool instead:
         q = k = v = the per-head L2-normalised values, scale ``8 / sqrt(head_dim)``;
-        the global token keeps the original pooling (SPEC §2).
+        the global token keeps the original pooling (docs/methods.md §2).
         """
         pool = self.pool
         num_heads, head_dim = self._heads()

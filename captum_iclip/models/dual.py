@@ -1,4 +1,4 @@
-"""Dual projections (SPEC §4): one projection for recognition, one for interpretability."""
+"""Dual projections (ICLIP, arXiv 2209.07046; docs/methods.md §4): one projection for recognition, one for interpretability."""
 from __future__ import annotations
 
 from typing import Any, Dict, Optional

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
-import webdataset as wds
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler, IterableDataset, get_worker_info
 
@@ -44,6 +43,13 @@ logger = logging.getLogger(__name__)
 
 Sample = Optional[Tuple[Tensor, str]]
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def _wds():
+    """webdataset, imported when shards are read (the ``train`` extra)."""
+    from captum_iclip._optional import require
+
+    return require("webdataset", "webdataset shards (--train-data *.tar)")
 
 
 class ImageTextBatch(NamedTuple):
@@ -172,7 +178,7 @@ class ResumableDistributedSampler(DistributedSampler):
 
 def expand_shards(urls: str) -> List[str]:
     """Shard list of an open_clip ``--train-data`` string (brace patterns, ``::``-joined lists)."""
-    shards = wds.shardlists.expand_urls(urls)
+    shards = _wds().shardlists.expand_urls(urls)
     if not shards:
         raise ValueError(f"train_data: no shards in {urls!r}")
     return shards
@@ -184,7 +190,7 @@ def count_webdataset_samples(shards: Sequence[str]) -> int:
     for shard in shards:
         try:
             with tarfile.open(shard) as archive:
-                keys = {wds.tariterators.base_plus_ext(m.name)[0] for m in archive if m.isfile()}
+                keys = {_wds().tariterators.base_plus_ext(m.name)[0] for m in archive if m.isfile()}
         except (OSError, tarfile.TarError) as error:
             raise ValueError(f"train_data: cannot read shard {shard} to count its samples ({error}); "
                              "pass --train-num-samples") from error
@@ -257,10 +263,10 @@ class WebDatasetBatches(IterableDataset):
         for epoch in itertools.count():
             order = list(self.shards)
             random.Random(self.seed + epoch).shuffle(order)
-            of_rank = list(wds.split_by_node([{"url": url} for url in order]))
+            of_rank = list(_wds().split_by_node([{"url": url} for url in order]))
             shards = of_rank[worker::num_workers]
             produced = 0
-            for sample in wds.tarfile_samples(shards, handler=self._count_tar_error):
+            for sample in _wds().tarfile_samples(shards, handler=self._count_tar_error):
                 produced += 1
                 yield sample
             if not produced:  # an endless stream of nothing would hang the run

@@ -2,7 +2,7 @@
 Self-Supervised Vision Transformers*, ICCV 2021) for CPU-sized ViTs.
 
 It trains a small timm ``VisionTransformer`` whose last-block [CLS] attention
-serves as the foreground mask source of masked max pooling (SPEC §3) on
+serves as the foreground mask source of masked max pooling (docs/methods.md §3) on
 procedural scenes, where no pretrained DINO can be downloaded.
 
 The recipe follows the paper: a student and an EMA teacher (momentum cosine
@@ -73,26 +73,9 @@ class DINOConfig:
     """Settings of a tiny DINO run.
 
     The defaults are the recipe of the bundled ``shapes-tiny`` mask source:
-    96 x 96 procedural scenes on two CPU cores. They differ from DINO's
-    ImageNet recipe where a schedule of about a thousand small steps calls for it:
-
-    * QK-normalisation (``qk_norm=True``): with timm's small initialisation the
-      attention logits start near zero and the [CLS] attention stayed almost
-      uniform for hundreds of steps; normalised queries and keys give O(1)
-      logits from the start.
-    * No colour jitter, grayscale, blur or solarisation (their probabilities
-      are 0; the ranges are DINO's, ready to switch on). On the procedural
-      world, colour jitter (DINO's, hue alone, or brightness and contrast
-      alone) either made the loss climb back towards ``ln(out_dim)`` (a
-      uniform collapse) or turned the [CLS] attention *away* from the objects:
-      once the objects' colours are unreliable across views, the background
-      texture is what identifies an image, and the attention learns to skip
-      the objects. Blur alone changed little.
-    * Six blocks: with four, the last block's [CLS] attention was less
-      selective (mask IoU 13.0 % after 400 steps, against 16.2 % after 200
-      with six, on 100 held-out scenes).
-    * A start momentum of 0.996, 1024 prototypes and a last layer frozen for
-      the first 30 steps, as in DINO.
+    96 x 96 procedural scenes on two CPU cores. Where they differ from DINO's
+    ImageNet recipe (QK-normalisation, no colour augmentations, six blocks, no
+    register tokens) and the runs that led there are in docs/training-notes.md.
 
     Args:
         image_size: Input size the backbone is built for (its positional
@@ -101,10 +84,9 @@ class DINOConfig:
             positional embeddings (``dynamic_img_size=True``).
         patch_size, embed_dim, depth, num_heads, mlp_ratio: ViT shape.
         reg_tokens: Register tokens (Darcet et al., 2023, "Vision Transformers Need
-            Registers"): extra learned tokens meant to give attention a sink other
-            than background patches. (On the procedural world, 4 registers lowered
-            the share of the [CLS] attention on the objects: 15.5 % after 250 steps,
-            against 20.4 % without them after 400 steps.)
+            Registers", arXiv 2309.16588): extra learned tokens meant to give attention
+            a sink other than background patches (0 in the bundled recipe; see
+            docs/training-notes.md).
         qk_norm: LayerNorm on the queries and keys of every attention (timm's
             ``qk_norm``); :func:`~captum_iclip.masks.cls_attention` applies it too.
         drop_path_rate: Stochastic depth of the student (the teacher has none).

@@ -1,4 +1,4 @@
-"""ICLIP training (SPEC §4): masked max pooling on the interpretability projection.
+"""ICLIP training (Li et al., arXiv 2209.07046; docs/methods.md §4): masked max pooling on the interpretability projection.
 
 The objective is
 
@@ -548,7 +548,7 @@ def train(config: TrainConfig, model: Optional[nn.Module] = None,
           mask_provider: Optional[Union[MaskProvider, Callable, Tensor]] = None, *,
           dataset: Optional[Dataset] = None, tokenizer: Optional[Callable] = None,
           preprocess: Optional[Callable] = None) -> Dict[str, Any]:
-    """Train an ICLIP model (SPEC §4) and write its checkpoints, final weights and stats.
+    """Train an ICLIP model (docs/methods.md §4) and write its checkpoints, final weights and stats.
 
     Args:
         config: the options (see :class:`TrainConfig`).
@@ -727,7 +727,7 @@ def _train(config: TrainConfig, ctx: _Distributed, model, mask_provider, dataset
         param.requires_grad_(flag)
     dual.eval()
     if config.objective == "clip":
-        # The head was not trained: start it again from the trained recognition projection (SPEC §4).
+        # The head was not trained: start it again from the trained recognition projection (docs/methods.md §4).
         dual.interpretability_head.load_state_dict(dual.adapter.make_interpretability_head().state_dict())
     totals = torch.tensor([counters[k] for k in _COUNTERS], dtype=torch.float64, device=ctx.device)
     if ctx.world_size > 1:

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Iterable, Union
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -150,7 +149,9 @@ def export_image_text(
 
     writer = None
     if "wds" in formats and n > 0:
-        writer = wds.ShardWriter(
+        from captum_iclip._optional import require
+
+        writer = require("webdataset", "world export to webdataset shards").ShardWriter(
             str(shard_dir / ".shard-%06d.tar.partial"), maxcount=shard_size, post=publish_shard, verbose=0
         )
     rows: list[tuple[str, str]] = []
