@@ -36,7 +36,14 @@ from open_clip.loss import ClipLoss
 
 from captum_iclip.masks import CachedMaskProvider, as_mask_provider
 from captum_iclip.models.dual import DualProjectionCLIP
-from captum_iclip.training.iclip import ICLIPForward, TrainConfig, configure_trainable, parameter_groups, train_step
+from captum_iclip.training.iclip import (
+    ICLIPForward,
+    TrainConfig,
+    TrainStep,
+    configure_trainable,
+    parameter_groups,
+    train_step,
+)
 
 
 def plain_clip_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: ClipLoss,
@@ -81,10 +88,11 @@ def build_steps(model_name: str, batch_size: int, cache_dir: str) -> Dict[str, C
     provider = CachedMaskProvider(as_mask_provider(lambda x, g: masks[: x.shape[0]]), cache_dir, fingerprint="bench")
     provider(images, grid)  # fill the cache: the timed steps read masks from disk
     trainable = [p for p in dual.parameters() if p.requires_grad]
+    parts = TrainStep(forward, loss_fn, optimizer_iclip, None, trainable, provider, dual, tokenizer, config,
+                      lambda_rec=0.0, autocast_dtype=None, device=torch.device("cpu"))
 
     return {
-        "iclip-projection": lambda: train_step(forward, loss_fn, optimizer_iclip, None, trainable, provider, dual,
-                                               images, captions, tokenizer, config, 0.0, None, torch.device("cpu")),
+        "iclip-projection": lambda: train_step(parts, images, captions),
         "clip-all-trainable": lambda: plain_clip_step(all_trainable, optimizer_all, loss_fn, images, tokens),
         "clip-frozen": lambda: plain_clip_step(frozen, optimizer_frozen, loss_fn, images, tokens),
     }

@@ -348,3 +348,19 @@ def test_data_order_resumes_mid_stream(tmp_path):
     order = list(sampler)
     sampler.set_epoch(4, start=3)
     assert list(sampler) == order[3:] and len(sampler) == 2
+
+
+def test_trainer_checkpoints_before_its_first_step_and_resumes_from_it(tmp_path):
+    from captum_iclip.training.iclip import ICLIPTrainer, _setup_distributed
+
+    config = TrainConfig(mode="projection", batch_size=4, epochs=1, workers=0, output_dir=str(tmp_path), save_every=0)
+    ctx = _setup_distributed(config.device)
+    trainer = ICLIPTrainer(config, ctx, tiny_vit(), dataset=random_dataset(8, 32), tokenizer=tokenizer())
+    trainer.save()  # the state before any step: a checkpoint a resumed run starts from
+    saved = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=False)
+    assert saved["step"] == 0 and saved["elapsed_s"] >= 0.0 and saved["counters"][0]["samples"] == 0
+
+    resumed = ICLIPTrainer(TrainConfig(**{**config.__dict__, "resume": "latest"}), ctx, tiny_vit(),
+                           dataset=random_dataset(8, 32), tokenizer=tokenizer())
+    resumed.resume()
+    assert resumed.step_index == 0 and resumed.run()["steps"] == 2

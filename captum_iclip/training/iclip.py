@@ -582,218 +582,76 @@ def train(config: TrainConfig, model: Optional[nn.Module] = None,
     """
     ctx = _setup_distributed(config.device)
     try:
-        return _train(config, ctx, model, mask_provider, dataset, tokenizer, preprocess)
+        trainer = ICLIPTrainer(config, ctx, model, mask_provider, dataset=dataset, tokenizer=tokenizer,
+                               preprocess=preprocess)
+        trainer.resume()
+        return trainer.run()
     finally:
         if ctx.owns_group:
             dist.destroy_process_group()
 
 
-def _train(config: TrainConfig, ctx: _Distributed, model, mask_provider, dataset, tokenizer,
-           preprocess) -> Dict[str, Any]:
-    out_dir = Path(config.output_dir)
-    checkpoint_path = out_dir / "checkpoints" / "latest.pt"
-    autocast_dtype = _precision(config, ctx.device)
+@dataclass
+class TrainStep:
+    """What one optimisation step needs besides the batch (see :func:`train_step`).
 
-    # The same seed on every rank while the model is built (identical random init), then one per rank.
-    _seed_everything(config.seed)
-    if model is None:
-        dual, built_preprocess, tokenizer = build_model(config, ctx.device)
-        preprocess = preprocess or built_preprocess
-    else:
-        dual = model if isinstance(model, DualProjectionCLIP) else DualProjectionCLIP(model)
-        dual.to(ctx.device)
-        if tokenizer is None:
-            if not hasattr(dual.clip, "context_length"):
-                raise ValueError("tokenizer: required with a model that is not an open_clip CLIP")
-            tokenizer = open_clip.SimpleTokenizer(context_length=dual.clip.context_length)
-    preprocess = preprocess or _default_preprocess(dual)
-    _seed_everything(config.seed + ctx.rank)
-
-    provider = as_mask_provider(mask_provider) if mask_provider is not None else build_mask_provider(config, dual)
-    if mask_provider is not None and config.mask_cache:
-        provider = CachedMaskProvider(provider, config.mask_cache)
-    if provider is not None:
-        provider.to(ctx.device)
-    if config.objective == "clip" and provider is not None:
-        logger.warning("objective='clip' has no MMP term; the mask source is not used")
-        provider = None
-
-    # The caller's flags come back at the end: they select kernels (e.g. attention fast paths), and
-    # recognition outputs must stay bit-identical to the untrained model's in projection mode.
-    requires_grad_before = [p.requires_grad for p in dual.parameters()]
-    trainable_modules = configure_trainable(dual, config)
-    dual.eval()
-    for module in trainable_modules:
-        module.train()
-    lambda_rec = config.lambda_rec
-    step_module = ICLIPForward(dual, config.objective, with_recognition=lambda_rec > 0).to(ctx.device)
-    trainable = [p for p in dual.parameters() if p.requires_grad]
-    forward: nn.Module = step_module
-    if ctx.world_size > 1:
-        forward = DistributedDataParallel(
-            step_module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-            # Without the recognition term the recognition projection of a fully trained model gets no gradient.
-            find_unused_parameters=config.mode == "full" and config.objective == "iclip" and lambda_rec == 0,
-        )
-    optimizer = torch.optim.AdamW(parameter_groups(dual, config.wd), lr=config.lr,
-                                  betas=(config.beta1, config.beta2), eps=config.eps)
-    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
-    loss_fn = ClipLoss(local_loss=False, gather_with_grad=True, rank=ctx.rank, world_size=ctx.world_size)
-    stream = _BatchStream(config, dataset, preprocess, ctx)
-    total_steps = config.epochs * stream.steps_per_epoch
-    scheduler = cosine_lr(optimizer, config.lr, config.warmup, total_steps)
-    trains_logit_scale = dual.logit_scale.requires_grad
-
-    step, elapsed_before, last_loss = 0, 0.0, float("nan")
-    counters = dict.fromkeys(_COUNTERS, 0)
-    resume_from = _resume_path(config)
-    if resume_from is not None:
-        payload = load_torch_file(resume_from, "resume")  # weights_only: a checkpoint never runs code
-        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"resume: {resume_from} is not a captum-iclip training checkpoint")
-        if payload["world_size"] != ctx.world_size:
-            raise ValueError(f"resume: the checkpoint was written by {payload['world_size']} ranks, this run has "
-                             f"{ctx.world_size}; the data order and RNG states are per rank")
-        changed = [k for k in RESUME_INVARIANTS if payload["config"].get(k) != getattr(config, k)]
-        if changed:
-            raise ValueError(f"resume: options {changed} differ from the checkpoint's; they fix the data order "
-                             "and schedule")
-        _load_trainable_state(dual, config.mode, payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        if scaler is not None and payload["scaler"] is not None:
-            scaler.load_state_dict(payload["scaler"])
-        step, elapsed_before, last_loss = payload["step"], payload["elapsed_s"], payload["last_loss"]
-        counters = dict(payload["counters"][ctx.rank])
-        _set_rng_state(payload["rng"][ctx.rank])
-        if ctx.is_main:
-            logger.info("resumed from %s at step %d", resume_from, step)
-    fallbacks_before = counters["empty_mask_fallbacks"]
-
-    def save_checkpoint() -> None:
-        epoch, step_in_epoch = divmod(step, stream.steps_per_epoch)  # the position of the next batch
-        counters["empty_mask_fallbacks"] = fallbacks_before + _mask_fallbacks(provider, step_module.pool)
-        rng_states = _gather_objects(_rng_state(), ctx.world_size)
-        all_counters = _gather_objects(dict(counters), ctx.world_size)
-        if ctx.is_main:
-            atomic_torch_save({
-                "format": CHECKPOINT_FORMAT, "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
-                "model": _trainable_state(dual, config.mode),
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": rng_states, "counters": all_counters, "elapsed_s": elapsed_before + time.monotonic() - start,
-                "last_loss": last_loss, "world_size": ctx.world_size, "config": dataclasses.asdict(config),
-            }, checkpoint_path)
-
-    if ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    log_file = open(out_dir / "log.jsonl", "a", encoding="utf-8") if ctx.is_main else None
-    progress = tqdm(total=total_steps, initial=step, disable=not ctx.is_main, desc="iclip", dynamic_ncols=True)
-    start = time.monotonic()
-    window_start, window_samples = start, 0
-    try:
-        for epoch, batch in itertools.islice(stream.iterate(step), total_steps - step):
-            lr = scheduler(step)
-            counters["skipped_images"] += batch.num_skipped
-            images, captions, cut = _equalise_batch(batch, ctx)
-            counters["equalisation_cut"] += cut
-            if images is not None:
-                last_loss = train_step(forward, loss_fn, optimizer, scaler, trainable, provider, dual, images,
-                                        captions, tokenizer, config, lambda_rec, autocast_dtype, ctx.device)
-                if trains_logit_scale:
-                    with torch.no_grad():
-                        dual.logit_scale.clamp_(0, math.log(100))  # as open_clip does
-                counters["samples"] += len(captions)
-                window_samples += len(captions)
-            step += 1
-            progress.update(1)
-            if ctx.is_main and (step % config.log_every == 0 or step == total_steps):
-                now = time.monotonic()
-                record = {"step": step, "epoch": epoch, "loss": last_loss, "lr": lr,
-                          "samples_per_s": window_samples * ctx.world_size / max(now - window_start, 1e-9),
-                          "skipped_images": counters["skipped_images"]}
-                window_start, window_samples = now, 0
-                progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
-                tqdm.write(json.dumps(record))
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-            if config.save_every and step % config.save_every == 0:
-                save_checkpoint()
-        save_checkpoint()
-    finally:
-        progress.close()
-        if log_file is not None:
-            log_file.close()
-
-    for param, flag in zip(dual.parameters(), requires_grad_before):
-        param.requires_grad_(flag)
-    dual.eval()
-    if config.objective == "clip":
-        # The head was not trained: start it again from the trained recognition projection (docs/methods.md §4).
-        dual.interpretability_head.load_state_dict(dual.adapter.make_interpretability_head().state_dict())
-    totals = torch.tensor([counters[k] for k in _COUNTERS], dtype=torch.float64, device=ctx.device)
-    if ctx.world_size > 1:
-        dist.all_reduce(totals)
-    total = dict(zip(_COUNTERS, (int(v) for v in totals.tolist())))
-    if total["samples"] == 0:
-        # No step saw an image: the loss is NaN and the weights are the initial ones; that is a failure.
-        raise ValueError(f"train_data: no image could be read ({total['skipped_images']} skipped as missing or "
-                         "unreadable), so nothing was trained; check the paths and the image files")
-    wall_time = elapsed_before + time.monotonic() - start
-    stats = {
-        "steps": step, "epochs": config.epochs, "steps_per_epoch": stream.steps_per_epoch,
-        "samples": total["samples"], "wall_time_s": wall_time, "samples_per_s": total["samples"] / max(wall_time, 1e-9),
-        "final_loss": last_loss, "skipped_images": total["skipped_images"],
-        "empty_mask_fallbacks": total["empty_mask_fallbacks"], "equalisation_cut": total["equalisation_cut"],
-        "lambda_rec": lambda_rec, "mode": config.mode, "objective": config.objective, "world_size": ctx.world_size,
-    }
-    if ctx.is_main:
-        metadata = {"config": dataclasses.asdict(config), "stats": stats}
-        dual.save(out_dir / "final.pt", **metadata)
-        dual.save_interpretability(out_dir / "interpretability_head.pt", **metadata)
-        atomic_write_text(out_dir / "stats.json", json.dumps(stats, indent=2))
-        logger.info("training done: %s", stats)
-    return stats
-
-
-def train_step(forward: nn.Module, loss_fn: ClipLoss, optimizer: torch.optim.Optimizer,
-                scaler: Optional[torch.amp.GradScaler], trainable: List[Tensor], provider: Optional[MaskProvider],
-                dual: DualProjectionCLIP, images: Tensor, captions: List[str], tokenizer: Callable,
-                config: TrainConfig, lambda_rec: float, autocast_dtype: Optional[torch.dtype],
-                device: torch.device) -> float:
-    """One optimisation step of the objective (also what ``benchmarks/bench_train_step.py`` times).
-
-    Args:
+    Attributes:
         forward: :class:`ICLIPForward` (possibly DDP-wrapped).
         loss_fn: open_clip's ``ClipLoss`` (global batch across ranks).
-        optimizer, scaler: AdamW and, for fp16 autocast, a GradScaler (else ``None``).
+        optimizer: AdamW over the trainable parameters.
+        scaler: a GradScaler for fp16 autocast, else ``None``.
         trainable: the parameters whose gradient norm is clipped.
         provider: mask source on the CLIP patch grid (``None``: every patch).
         dual: the model (for the patch grid).
-        images, captions: the batch.
         tokenizer: captions -> tokens.
-        config: ``objective`` and ``grad_clip_norm``.
+        config: ``objective``, ``grad_clip_norm``.
         lambda_rec: weight of the recognition term.
         autocast_dtype: ``None`` for fp32.
         device: where the step runs.
+    """
+
+    forward: nn.Module
+    loss_fn: ClipLoss
+    optimizer: torch.optim.Optimizer
+    scaler: Optional[torch.amp.GradScaler]
+    trainable: List[Tensor]
+    provider: Optional[MaskProvider]
+    dual: DualProjectionCLIP
+    tokenizer: Callable
+    config: TrainConfig
+    lambda_rec: float
+    autocast_dtype: Optional[torch.dtype]
+    device: torch.device
+
+
+def train_step(parts: TrainStep, images: Tensor, captions: List[str]) -> float:
+    """One optimisation step of the objective (also what ``benchmarks/bench_train_step.py`` times).
+
+    Args:
+        parts: the model, loss, optimizer and options of the step.
+        images, captions: the batch.
 
     Returns:
         The loss (over the global batch) before the update.
     """
+    device, config = parts.device, parts.config
     images = images.to(device, non_blocking=True)
-    text = tokenize(tokenizer, captions, device)
+    text = tokenize(parts.tokenizer, captions, device)
     mask = None
-    if provider is not None:
+    if parts.provider is not None:
         with torch.no_grad():
-            mask = provider(images, dual.adapter.grid_size(*images.shape[-2:]))
-    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
-    with autocast:
-        features = forward(images, text, mask)
+            mask = parts.provider(images, parts.dual.adapter.grid_size(*images.shape[-2:]))
+    dtype = parts.autocast_dtype
+    with torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext():
+        features = parts.forward(images, text, mask)
         scale = features["logit_scale"]
         if config.objective == "clip":
-            loss = loss_fn(features["image_rec"], features["text"], scale)
+            loss = parts.loss_fn(features["image_rec"], features["text"], scale)
         else:
-            loss = loss_fn(features["image_int"], features["text"], scale)
-            if lambda_rec > 0:
-                loss = loss + lambda_rec * loss_fn(features["image_rec"], features["text"], scale)
+            loss = parts.loss_fn(features["image_int"], features["text"], scale)
+            if parts.lambda_rec > 0:
+                loss = loss + parts.lambda_rec * parts.loss_fn(features["image_rec"], features["text"], scale)
+    optimizer, scaler = parts.optimizer, parts.scaler
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -801,13 +659,258 @@ def train_step(forward: nn.Module, loss_fn: ClipLoss, optimizer: torch.optim.Opt
     else:
         loss.backward()
     if config.grad_clip_norm is not None:
-        torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip_norm)
+        torch.nn.utils.clip_grad_norm_(parts.trainable, config.grad_clip_norm)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
     return float(loss.detach())
+
+
+class ICLIPTrainer:
+    """One ICLIP run: its state, :meth:`resume`, :meth:`step`, :meth:`save` and :meth:`run`.
+
+    Building it sets up the model, the mask source, what trains, the optimizer, the
+    schedule and the batch stream (the arguments are those of :func:`train`).
+    The run's state is ``step``, ``last_loss``, ``counters`` and the wall time.
+    """
+
+    def __init__(self, config: TrainConfig, ctx: _Distributed, model: Optional[nn.Module] = None,
+                 mask_provider: Any = None, *, dataset: Optional[Dataset] = None,
+                 tokenizer: Optional[Callable] = None, preprocess: Optional[Callable] = None) -> None:
+        self.config, self.ctx = config, ctx
+        self.out_dir = Path(config.output_dir)
+        self.checkpoint_path = self.out_dir / "checkpoints" / "latest.pt"
+        dual, tokenizer, preprocess = self._model(model, tokenizer, preprocess)
+        self.dual = dual
+        self.provider = self._masks(mask_provider)
+        self.parts = self._step_parts(tokenizer)
+        self.stream = _BatchStream(config, dataset, preprocess, ctx)
+        self.total_steps = config.epochs * self.stream.steps_per_epoch
+        self.scheduler = cosine_lr(self.parts.optimizer, config.lr, config.warmup, self.total_steps)
+        # State: what a checkpoint holds and a resumed run continues from.
+        self.step_index, self.elapsed_before, self.last_loss = 0, 0.0, float("nan")
+        self.counters = dict.fromkeys(_COUNTERS, 0)
+        self.fallbacks_before = 0
+        self.started = time.monotonic()
+
+    # --- setup --------------------------------------------------------------------
+    def _model(self, model, tokenizer, preprocess) -> Tuple[DualProjectionCLIP, Callable, Callable]:
+        config, ctx = self.config, self.ctx
+        # The same seed on every rank while the model is built (identical random init), then one per rank.
+        _seed_everything(config.seed)
+        if model is None:
+            dual, built_preprocess, tokenizer = build_model(config, ctx.device)
+            preprocess = preprocess or built_preprocess
+        else:
+            dual = model if isinstance(model, DualProjectionCLIP) else DualProjectionCLIP(model)
+            dual.to(ctx.device)
+            if tokenizer is None:
+                if not hasattr(dual.clip, "context_length"):
+                    raise ValueError("tokenizer: expected a tokenizer with a model that is not an open_clip CLIP, "
+                                     "got None")
+                tokenizer = open_clip.SimpleTokenizer(context_length=dual.clip.context_length)
+        _seed_everything(config.seed + ctx.rank)
+        return dual, tokenizer, preprocess or _default_preprocess(dual)
+
+    def _masks(self, mask_provider: Any) -> Optional[MaskProvider]:
+        config = self.config
+        provider = (as_mask_provider(mask_provider) if mask_provider is not None
+                    else build_mask_provider(config, self.dual))
+        if mask_provider is not None and config.mask_cache:
+            provider = CachedMaskProvider(provider, config.mask_cache)
+        if provider is not None:
+            provider.to(self.ctx.device)
+        if config.objective == "clip" and provider is not None:
+            logger.warning("objective='clip' has no MMP term; the mask source is not used")
+            provider = None
+        return provider
+
+    def _step_parts(self, tokenizer: Callable) -> TrainStep:
+        config, ctx, dual = self.config, self.ctx, self.dual
+        # The caller's flags come back at the end: they select kernels (e.g. attention fast paths), and
+        # recognition outputs must stay bit-identical to the untrained model's in projection mode.
+        self.requires_grad_before = [p.requires_grad for p in dual.parameters()]
+        trainable_modules = configure_trainable(dual, config)
+        dual.eval()
+        for module in trainable_modules:
+            module.train()
+        lambda_rec = config.lambda_rec
+        self.step_module = ICLIPForward(dual, config.objective, with_recognition=lambda_rec > 0).to(ctx.device)
+        forward: nn.Module = self.step_module
+        if ctx.world_size > 1:
+            forward = DistributedDataParallel(
+                self.step_module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                # Without the recognition term the recognition projection of a fully trained model gets no gradient.
+                find_unused_parameters=config.mode == "full" and config.objective == "iclip" and lambda_rec == 0,
+            )
+        autocast_dtype = _precision(config, ctx.device)
+        optimizer = torch.optim.AdamW(parameter_groups(dual, config.wd), lr=config.lr,
+                                      betas=(config.beta1, config.beta2), eps=config.eps)
+        return TrainStep(
+            forward=forward,
+            loss_fn=ClipLoss(local_loss=False, gather_with_grad=True, rank=ctx.rank, world_size=ctx.world_size),
+            optimizer=optimizer,
+            scaler=torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None,
+            trainable=[p for p in dual.parameters() if p.requires_grad], provider=self.provider, dual=dual,
+            tokenizer=tokenizer, config=config, lambda_rec=lambda_rec, autocast_dtype=autocast_dtype,
+            device=ctx.device,
+        )
+
+    # --- state --------------------------------------------------------------------
+    def resume(self) -> None:
+        """Continue from ``output_dir/checkpoints/latest.pt`` when ``config.resume`` asks for it."""
+        config, ctx = self.config, self.ctx
+        resume_from = _resume_path(config)
+        if resume_from is not None:
+            payload = load_torch_file(resume_from, "resume")  # weights_only: a checkpoint never runs code
+            if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError(f"resume: expected a captum-iclip training checkpoint, got {resume_from}")
+            if payload["world_size"] != ctx.world_size:
+                raise ValueError(f"resume: the checkpoint was written by {payload['world_size']} ranks, this run "
+                                 f"has {ctx.world_size}; the data order and RNG states are per rank")
+            changed = [k for k in RESUME_INVARIANTS if payload["config"].get(k) != getattr(config, k)]
+            if changed:
+                raise ValueError(f"resume: options {changed} differ from the checkpoint's; they fix the data "
+                                 "order and schedule")
+            _load_trainable_state(self.dual, config.mode, payload["model"])
+            self.parts.optimizer.load_state_dict(payload["optimizer"])
+            if self.parts.scaler is not None and payload["scaler"] is not None:
+                self.parts.scaler.load_state_dict(payload["scaler"])
+            self.step_index, self.elapsed_before = payload["step"], payload["elapsed_s"]
+            self.last_loss = payload["last_loss"]
+            self.counters = dict(payload["counters"][ctx.rank])
+            _set_rng_state(payload["rng"][ctx.rank])
+            if ctx.is_main:
+                logger.info("resumed from %s at step %d", resume_from, self.step_index)
+        self.fallbacks_before = self.counters["empty_mask_fallbacks"]
+
+    def elapsed(self) -> float:
+        """Wall seconds of the run, the time before a resume included."""
+        return self.elapsed_before + time.monotonic() - self.started
+
+    def save(self) -> None:
+        """Write the checkpoint of the current state (every rank takes part; the main rank writes)."""
+        ctx, config = self.ctx, self.config
+        epoch, step_in_epoch = divmod(self.step_index, self.stream.steps_per_epoch)  # the next batch's position
+        self.counters["empty_mask_fallbacks"] = (self.fallbacks_before
+                                                 + _mask_fallbacks(self.provider, self.step_module.pool))
+        rng_states = _gather_objects(_rng_state(), ctx.world_size)
+        all_counters = _gather_objects(dict(self.counters), ctx.world_size)
+        if ctx.is_main:
+            scaler = self.parts.scaler
+            atomic_torch_save({
+                "format": CHECKPOINT_FORMAT, "step": self.step_index, "epoch": epoch, "step_in_epoch": step_in_epoch,
+                "model": _trainable_state(self.dual, config.mode),
+                "optimizer": self.parts.optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": rng_states, "counters": all_counters, "elapsed_s": self.elapsed(),
+                "last_loss": self.last_loss, "world_size": ctx.world_size, "config": dataclasses.asdict(config),
+            }, self.checkpoint_path)
+
+    # --- training -----------------------------------------------------------------
+    def step(self, batch: ImageTextBatch) -> int:
+        """One step on ``batch`` (skipped when no rank has an image); returns the samples trained on here."""
+        self.counters["skipped_images"] += batch.num_skipped
+        images, captions, cut = _equalise_batch(batch, self.ctx)
+        self.counters["equalisation_cut"] += cut
+        trained = 0
+        if images is not None:
+            self.last_loss = train_step(self.parts, images, captions)
+            if self.dual.logit_scale.requires_grad:
+                with torch.no_grad():
+                    self.dual.logit_scale.clamp_(0, math.log(100))  # as open_clip does
+            trained = len(captions)
+            self.counters["samples"] += trained
+        self.step_index += 1
+        return trained
+
+    def run(self) -> Dict[str, Any]:
+        """Train to the last step, checkpoint, then write the final weights and statistics."""
+        config, ctx = self.config, self.ctx
+        if ctx.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        log = _TrainLog(self.out_dir / "log.jsonl", ctx, self.total_steps, self.step_index)
+        self.started = time.monotonic()
+        try:
+            batches = itertools.islice(self.stream.iterate(self.step_index), self.total_steps - self.step_index)
+            for epoch, batch in batches:
+                lr = self.scheduler(self.step_index)
+                samples = self.step(batch)
+                log.update(self.step_index, epoch, self.last_loss, lr, samples, self.counters["skipped_images"],
+                           write=self.step_index % config.log_every == 0 or self.step_index == self.total_steps)
+                if config.save_every and self.step_index % config.save_every == 0:
+                    self.save()
+            self.save()
+        finally:
+            log.close()
+        return self.finish()
+
+    def finish(self) -> Dict[str, Any]:
+        """Restore the caller's flags, sum the counters over ranks, write the final files; returns the stats."""
+        config, ctx, dual = self.config, self.ctx, self.dual
+        for param, flag in zip(dual.parameters(), self.requires_grad_before):
+            param.requires_grad_(flag)
+        dual.eval()
+        if config.objective == "clip":
+            # The head was not trained: start it again from the trained recognition projection (docs/methods.md §4).
+            dual.interpretability_head.load_state_dict(dual.adapter.make_interpretability_head().state_dict())
+        totals = torch.tensor([self.counters[k] for k in _COUNTERS], dtype=torch.float64, device=ctx.device)
+        if ctx.world_size > 1:
+            dist.all_reduce(totals)
+        total = dict(zip(_COUNTERS, (int(v) for v in totals.tolist())))
+        if total["samples"] == 0:
+            # No step saw an image: the loss is NaN and the weights are the initial ones; that is a failure.
+            raise ValueError(f"train_data: no image could be read ({total['skipped_images']} skipped as missing or "
+                             "unreadable), so nothing was trained; check the paths and the image files")
+        wall_time = self.elapsed()
+        stats = {
+            "steps": self.step_index, "epochs": config.epochs, "steps_per_epoch": self.stream.steps_per_epoch,
+            "samples": total["samples"], "wall_time_s": wall_time,
+            "samples_per_s": total["samples"] / max(wall_time, 1e-9), "final_loss": self.last_loss,
+            "skipped_images": total["skipped_images"], "empty_mask_fallbacks": total["empty_mask_fallbacks"],
+            "equalisation_cut": total["equalisation_cut"], "lambda_rec": self.parts.lambda_rec,
+            "mode": config.mode, "objective": config.objective, "world_size": ctx.world_size,
+        }
+        if ctx.is_main:
+            metadata = {"config": dataclasses.asdict(config), "stats": stats}
+            dual.save(self.out_dir / "final.pt", **metadata)
+            dual.save_interpretability(self.out_dir / "interpretability_head.pt", **metadata)
+            atomic_write_text(self.out_dir / "stats.json", json.dumps(stats, indent=2))
+            logger.info("training done: %s", stats)
+        return stats
+
+
+class _TrainLog:
+    """The progress bar and ``log.jsonl`` of the main rank (throughput over the last logging window)."""
+
+    def __init__(self, path: Path, ctx: _Distributed, total_steps: int, step: int) -> None:
+        self.ctx = ctx
+        self.file = open(path, "a", encoding="utf-8") if ctx.is_main else None  # noqa: SIM115 - closed by close()
+        self.progress = tqdm(total=total_steps, initial=step, disable=not ctx.is_main, desc="iclip",
+                             dynamic_ncols=True)
+        self.window_start, self.window_samples = time.monotonic(), 0
+
+    def update(self, step: int, epoch: int, loss: float, lr: float, samples: int, skipped: int, *, write: bool) -> None:
+        self.window_samples += samples
+        self.progress.update(1)
+        if not (self.ctx.is_main and write):
+            return
+        now = time.monotonic()
+        record = {"step": step, "epoch": epoch, "loss": loss, "lr": lr,
+                  "samples_per_s": self.window_samples * self.ctx.world_size / max(now - self.window_start, 1e-9),
+                  "skipped_images": skipped}
+        self.window_start, self.window_samples = now, 0
+        self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        tqdm.write(json.dumps(record))
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.progress.close()
+        if self.file is not None:
+            self.file.close()
 
 
 # ----------------------------------------------------------------------------------
