@@ -174,3 +174,16 @@ def test_world_scenes_are_the_generators_scenes():
     assert len(WorldScenes("heldout")) == 100
     with pytest.raises(ValueError, match="root: expected 'heldout' or a non-negative first seed, got 'VOCdevkit'"):
         WorldScenes("VOCdevkit")
+
+
+def test_no_function_of_the_package_is_over_80_lines():
+    import ast
+    from pathlib import Path
+
+    package = Path(captum_iclip.__file__).parent
+    long = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
+                long.append(f"{path.relative_to(package)}:{node.lineno} {node.name}")
+    assert not long, long

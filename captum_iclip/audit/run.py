@@ -1,7 +1,28 @@
 """The audit itself: score every image against the prompts, draw the maps of its
-top prompts with every method, store one record per image, rebuild the page."""
+top prompts with every method, store one record per image, rebuild the page.
+
+For each image the report shows its ``top_k`` prompts with their softmax
+probabilities and, for each of them, an overlay per method; a per-prompt
+summary; the run's metadata; and the flagged cases:
+
+* *looks at the background*: more than ``background_threshold`` of the
+  top-1 prompt's (min-max normalised) map mass lies outside the foreground
+  of ``mask_provider`` (see :func:`~captum_iclip.audit.records.background_fraction`);
+  not computed without a mask provider;
+* *low confidence*: the top-1 probability is below ``low_confidence``.
+
+The run is resumable: each image leaves ``out_dir/records/<key>.json``
+(key: the file's content hash and the settings), a rerun skips images
+already recorded, and the page is rebuilt from every record made under the
+same settings whose file is in this run or still exists unchanged (so audits
+of several folders into one ``out_dir`` accumulate, while a deleted or
+replaced image leaves no stale row; byte-identical files are audited and
+shown once). A file that cannot be read or decoded (a dangling or looping
+link too) is reported in the page. Files inside ``out_dir`` are never audited.
+"""
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
@@ -59,24 +80,8 @@ def audit(
 ) -> AuditSummary:
     """Audit a set of images and write a self-contained static HTML report.
 
-    For each image the report shows its ``top_k`` prompts with their softmax
-    probabilities and, for each of them, an overlay per method; a per-prompt
-    summary; the run's metadata; and the flagged cases:
-
-    * *looks at the background*: more than ``background_threshold`` of the
-      top-1 prompt's (min-max normalised) map mass lies outside the foreground
-      of ``mask_provider`` (see :func:`~captum_iclip.audit.records.background_fraction`);
-      not computed without a mask provider;
-    * *low confidence*: the top-1 probability is below ``low_confidence``.
-
-    The run is resumable: each image leaves ``out_dir/records/<key>.json``
-    (key: the file's content hash and the settings), a rerun skips images
-    already recorded, and the page is rebuilt from every record made under the
-    same settings whose file is in this run or still exists unchanged (so audits
-    of several folders into one ``out_dir`` accumulate, while a deleted or
-    replaced image leaves no stale row; byte-identical files are audited and
-    shown once). A file that cannot be read or decoded (a dangling or looping
-    link too) is reported in the page. Files inside ``out_dir`` are never audited.
+    What the page shows, when an image is flagged and how reruns reuse earlier
+    work is described in the module docstring.
 
     Args:
         images: folders, glob patterns or image files (see
@@ -107,36 +112,66 @@ def audit(
 
     Examples::
 
-        >>> from captum_iclip import CLIPSimilarity, zoo
-        >>> bundle = zoo.load("shapes-tiny")
-        >>> sim = CLIPSimilarity(bundle.dual, bundle.tokenizer, bundle.prompts)
-        >>> audit("photos/", bundle.prompts, sim=sim, preprocess=bundle.preprocess,
-        ...       mask_provider=bundle.mask_provider, out_dir="audit").index   # doctest: +SKIP
+        >>> loaded = captum_iclip.load("shapes-tiny")
+        >>> prompts = loaded.bundle.prompts
+        >>> sim = CLIPSimilarity(loaded.model, loaded.tokenizer, prompts)
+        >>> audit("photos/", prompts, sim=sim, preprocess=loaded.preprocess, mask_provider=loaded.mask_provider,
+        ...       out_dir="audit").index   # doctest: +SKIP
         PosixPath('audit/index.html')
     """
     prompts = _check_prompts(prompts, sim)
-    _check_fraction(low_confidence, "low_confidence")
-    _check_fraction(background_threshold, "background_threshold")
-    for value, name in ((top_k, "top_k"), (batch_size, "batch_size")):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    if not callable(preprocess):
-        raise TypeError(f"preprocess: expected a callable PIL image -> tensor, got {type(preprocess).__name__}")
+    _check_options(low_confidence, background_threshold, top_k, batch_size, preprocess)
     out = check_output_folder(out_dir, "out_dir")
-    # The report's own images are never audited (an out_dir inside a searched folder would grow each run).
-    resolved_out = out.resolve()
-    paths = [path for path in rec.find_images(images) if not rec.is_inside(path, resolved_out)]
-    if not paths:
-        raise ValueError(f"images: no image files ({', '.join(rec.IMAGE_SUFFIXES)}) found in {images!r} "
-                         f"outside out_dir")
-    if mask_provider is not None:
-        from captum_iclip.masks import as_mask_provider
-
-        mask_provider = as_mask_provider(mask_provider)
+    paths = _find_images(images, out)
+    mask_provider = None if mask_provider is None else _as_mask_provider(mask_provider)
     runners = _build_runners(methods, sim, mask_provider)
     top_k = min(top_k, len(prompts))
-    model_name = model_name or type(sim.model).__name__
-    settings = {
+    digest = rec.settings_digest(_settings(sim, prompts, runners, top_k, mask_provider, preprocess))
+
+    plan = _plan(paths, out, digest)
+    _explain(plan, preprocess, sim, runners, mask_provider, top_k, batch_size, out, digest, progress)
+    name = model_name or type(sim.model).__name__
+    context = _context(prompts, runners, top_k, name, mask_provider, low_confidence, background_threshold, out, digest)
+    # Records of this run's files, and of files audited earlier into out_dir that are still there unchanged:
+    # a deleted or replaced image leaves no stale row.
+    shown = [r for r in rec.load_records(out, digest) if r["key"] in plan.contents or rec.source_unchanged(r)]
+    index = atomic_write_text(out / "index.html", render_report(shown + plan.unreadable, context))
+    summary = AuditSummary(index, plan.computed, plan.reused, plan.failed + len(plan.unreadable))
+    logger.info("audit: %d explained, %d reused, %d unreadable -> %s", *dataclasses.astuple(summary)[1:], index)
+    return summary
+
+
+def _context(prompts: List[str], runners: Mapping[str, Method], top_k: int, model_name: str, mask_provider: Any,
+             low_confidence: float, background_threshold: float, out: Path, digest: str) -> ReportContext:
+    """What the page says about the run besides the records."""
+    return ReportContext(
+        prompts=prompts, methods=list(runners), top_k=top_k, model_name=model_name,
+        has_masks=mask_provider is not None, low_confidence=low_confidence,
+        background_threshold=background_threshold, settings=digest,
+        generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"), versions=library_versions(),
+        foreign_records=rec.count_foreign_records(out, digest),
+    )
+
+
+def _explain(plan: "_Plan", preprocess: Callable, sim: CLIPSimilarity, runners: Mapping[str, Method],
+             mask_provider: Any, top_k: int, batch_size: int, out: Path, digest: str, progress: bool) -> None:
+    """Explain the pending files batch by batch, writing one record per file."""
+    bar = tqdm(total=len(plan.pending), desc="audit", unit="image", disable=not progress)
+    for start in range(0, len(plan.pending), batch_size):
+        chunk = plan.pending[start:start + batch_size]
+        decoded = _decode(chunk, preprocess, out, digest, plan)
+        if decoded:
+            for record in _audit_batch(decoded, sim, runners, mask_provider, top_k, out, digest):
+                rec.write_record(out, {**record, "content": plan.contents[record["key"]]})
+            plan.computed += len(decoded)
+        bar.update(len(chunk))
+    bar.close()
+
+
+def _settings(sim: CLIPSimilarity, prompts: List[str], runners: Mapping[str, Method], top_k: int,
+              mask_provider: Any, preprocess: Callable) -> Dict[str, Any]:
+    """Everything that shapes a record: records made under other settings are not reused."""
+    return {
         "schema": rec.RECORD_SCHEMA,
         "model": rec.fingerprint_module(sim),  # weights and prompt embeddings
         "prompts": prompts,
@@ -145,72 +180,85 @@ def audit(
         "mask_provider": mask_provider.cache_fingerprint() if mask_provider is not None else None,
         "preprocess": _describe(preprocess),
     }
-    digest = rec.settings_digest(settings)
 
-    pending: List[Tuple[str, Path, str]] = []
+
+@dataclass
+class _Plan:
+    """What a run has to do, and its counts so far."""
+
+    pending: List[Tuple[str, Path, str]]  # (record key, file, content digest) to explain
+    unreadable: List[Dict[str, Any]]  # never stored: the file may be readable next time
+    contents: Dict[str, str]  # key -> content digest of this run's files
+    reused: int = 0
+    failed: int = 0
+    computed: int = 0
+
+
+def _plan(paths: Sequence[Path], out: Path, digest: str) -> _Plan:
+    """The files without a record under these settings; byte-identical copies are audited once."""
+    plan = _Plan([], [], {})
     queued = set()
-    contents: Dict[str, str] = {}  # key -> content digest of this run's files
-    unreadable: List[Dict[str, Any]] = []  # never stored: the file may be readable next time
-    reused = failed = 0
     for path in paths:
         try:
             content = rec.hash_file(path)
         except OSError as error:
-            unreadable.append(_error_record(path, None, digest, f"cannot read the file: {error.strerror or error}"))
+            plan.unreadable.append(_error_record(path, None, digest, f"cannot read the file: {error.strerror or error}"))
             continue
         key = rec.image_key(path, content, digest)
-        contents[key] = content
+        plan.contents[key] = content
         if key in queued:  # a byte-identical copy of a file already queued: audited once
-            reused += 1
+            plan.reused += 1
             continue
         record = rec.load_record(out, key)
         if record is None:
-            pending.append((key, path, content))
+            plan.pending.append((key, path, content))
             queued.add(key)
         else:
-            reused += 1
-            failed += record["status"] != "ok"
+            plan.reused += 1
+            plan.failed += record["status"] != "ok"
+    return plan
 
-    computed = 0
-    bar = tqdm(total=len(pending), desc="audit", unit="image", disable=not progress)
-    for start in range(0, len(pending), batch_size):
-        chunk = pending[start:start + batch_size]
-        decoded: List[Tuple[str, Path, Tensor]] = []
-        for key, path, content in chunk:
-            try:
-                decoded.append((key, path, preprocess(read_image(path, "images"))))
-            except Exception as error:  # any decoding/preprocessing failure belongs to the file: report it
-                record = _error_record(path, key, digest, f"{type(error).__name__}: {error}")
-                rec.write_record(out, {**record, "content": content})
-                failed += 1
-        if decoded:
-            for record in _audit_batch(decoded, sim, runners, mask_provider, top_k, out, digest):
-                rec.write_record(out, {**record, "content": contents[record["key"]]})
-            computed += len(decoded)
-        bar.update(len(chunk))
-    bar.close()
 
-    context = ReportContext(
-        prompts=prompts,
-        methods=list(runners),
-        top_k=top_k,
-        model_name=model_name,
-        has_masks=mask_provider is not None,
-        low_confidence=low_confidence,
-        background_threshold=background_threshold,
-        settings=digest,
-        generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        versions=library_versions(),
-        foreign_records=rec.count_foreign_records(out, digest),
-    )
-    # Records of this run's files, and of files audited earlier into out_dir that are still there unchanged:
-    # a deleted or replaced image leaves no stale row.
-    shown = [r for r in rec.load_records(out, digest) if r["key"] in contents or rec.source_unchanged(r)]
-    page = render_report(shown + unreadable, context)
-    index = atomic_write_text(out / "index.html", page)
-    summary = AuditSummary(index, computed, reused, failed + len(unreadable))
-    logger.info("audit: %d images explained, %d reused, %d unreadable -> %s", computed, reused, summary.unreadable, index)
-    return summary
+def _decode(chunk: Sequence[Tuple[str, Path, str]], preprocess: Callable, out: Path, digest: str,
+            plan: _Plan) -> List[Tuple[str, Path, Tensor]]:
+    """The model inputs of a chunk of files; a file that fails gets an error record."""
+    decoded: List[Tuple[str, Path, Tensor]] = []
+    for key, path, content in chunk:
+        try:
+            decoded.append((key, path, preprocess(read_image(path, "images"))))
+        except Exception as error:  # any decoding/preprocessing failure belongs to the file: report it
+            record = _error_record(path, key, digest, f"{type(error).__name__}: {error}")
+            rec.write_record(out, {**record, "content": content})
+            plan.failed += 1
+    return decoded
+
+
+def _as_mask_provider(mask_provider: Any) -> Any:
+    from captum_iclip.masks import as_mask_provider
+
+    return as_mask_provider(mask_provider)
+
+
+def _find_images(images: Any, out: Path) -> List[Path]:
+    """The images to audit; the report's own images are never audited (an out_dir inside a searched
+    folder would grow each run)."""
+    resolved_out = out.resolve()
+    paths = [path for path in rec.find_images(images) if not rec.is_inside(path, resolved_out)]
+    if not paths:
+        raise ValueError(f"images: expected image files ({', '.join(rec.IMAGE_SUFFIXES)}) outside out_dir, "
+                         f"got none in {images!r}")
+    return paths
+
+
+def _check_options(low_confidence: float, background_threshold: float, top_k: int, batch_size: int,
+                   preprocess: Callable) -> None:
+    _check_fraction(low_confidence, "low_confidence")
+    _check_fraction(background_threshold, "background_threshold")
+    for value, name in ((top_k, "top_k"), (batch_size, "batch_size")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    if not callable(preprocess):
+        raise TypeError(f"preprocess: expected a callable PIL image -> tensor, got {type(preprocess).__name__}")
 
 
 def _check_prompts(prompts: Sequence[str], sim: CLIPSimilarity) -> List[str]:

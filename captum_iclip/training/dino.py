@@ -666,124 +666,141 @@ def train_dino(
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
     try:
-        return _train(source, config, out_dir, checkpoint_path, progress, resume)
+        trainer = DINOTrainer(source, config)
+        if resume and checkpoint_path.is_file():
+            trainer.resume(checkpoint_path)
+        backbone = trainer.run(checkpoint_path, progress)
+        stats = trainer.stats()
+        if out_dir is not None:
+            stats["weights_path"] = str(save_tiny_dino(backbone, config, out_dir, stats))
+        return backbone, stats
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _train(
-    source: ImageSource,
-    config: DINOConfig,
-    out_dir: Optional[Union[str, os.PathLike]],
-    checkpoint_path: Optional[Path],
-    progress: bool,
-    resume: bool,
-) -> Tuple[VisionTransformer, Dict[str, Any]]:
-    torch.manual_seed(config.seed)
-    batches = _AugmentedBatches(source, config)
+class DINOTrainer:
+    """One tiny-DINO run: student, EMA teacher, loss center and schedules; :meth:`resume`, :meth:`step`,
+    :meth:`save` and :meth:`run` (the recipe is described in the module docstring).
 
-    student = _MultiCropNetwork(
-        build_backbone(config),
-        DINOHead(config.embed_dim, config.out_dim, config.head_hidden_dim, config.head_bottleneck_dim),
-    )
-    # Eval mode: the teacher runs without stochastic depth (timm DropPath is off in eval).
-    teacher = copy.deepcopy(student).eval().requires_grad_(False)
-    student.train()
-    criterion = DINOLoss(config.out_dim, config.student_temp, config.center_momentum)
-    optimizer = torch.optim.AdamW(_param_groups(student), lr=config.lr)
+    Args:
+        source: training images (see :func:`train_dino`).
+        config: the settings.
+    """
 
-    first_step, losses, earlier_wall_time = 0, [], 0.0
-    if resume and checkpoint_path.is_file():
-        state = _load_checkpoint(checkpoint_path, config)
-        student.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        optimizer.load_state_dict(state["optimizer"])
-        criterion.center.copy_(state["center"])
+    def __init__(self, source: ImageSource, config: DINOConfig) -> None:
+        self.config = config
+        torch.manual_seed(config.seed)
+        self.batches = _AugmentedBatches(source, config)
+        self.student = _MultiCropNetwork(
+            build_backbone(config),
+            DINOHead(config.embed_dim, config.out_dim, config.head_hidden_dim, config.head_bottleneck_dim),
+        )
+        # Eval mode: the teacher runs without stochastic depth (timm DropPath is off in eval).
+        self.teacher = copy.deepcopy(self.student).eval().requires_grad_(False)
+        self.student.train()
+        self.criterion = DINOLoss(config.out_dim, config.student_temp, config.center_momentum)
+        self.optimizer = torch.optim.AdamW(_param_groups(self.student), lr=config.lr)
+        self.lr_schedule = cosine_schedule(config.lr, config.min_lr, config.steps, config.warmup_steps)
+        self.wd_schedule = cosine_schedule(config.weight_decay, config.weight_decay_end, config.steps)
+        self.momentum_schedule = cosine_schedule(config.momentum_start, 1.0, config.steps)
+        warmup = min(config.teacher_temp_warmup_steps, config.steps)
+        self.teacher_temps = np.concatenate([
+            np.linspace(config.teacher_temp_start, config.teacher_temp, warmup),
+            np.full(config.steps - warmup, config.teacher_temp),
+        ])
+        # State: what a checkpoint holds.
+        self.first_step, self.losses, self.earlier_wall_time = 0, [], 0.0
+        self.started = time.perf_counter()
+
+    def resume(self, path: Path) -> None:
+        """Continue from the checkpoint at ``path`` (written with the same settings)."""
+        state = _load_checkpoint(path, self.config)
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.criterion.center.copy_(state["center"])
         torch.set_rng_state(state["torch_rng"])
-        first_step, losses, earlier_wall_time = state["step"], list(state["losses"]), state["wall_time_s"]
+        self.first_step, self.losses, self.earlier_wall_time = state["step"], list(state["losses"]), state["wall_time_s"]
 
-    lr_schedule = cosine_schedule(config.lr, config.min_lr, config.steps, config.warmup_steps)
-    wd_schedule = cosine_schedule(config.weight_decay, config.weight_decay_end, config.steps)
-    momentum_schedule = cosine_schedule(config.momentum_start, 1.0, config.steps)
-    temp_warmup = min(config.teacher_temp_warmup_steps, config.steps)
-    teacher_temps = np.concatenate(
-        [
-            np.linspace(config.teacher_temp_start, config.teacher_temp, temp_warmup),
-            np.full(config.steps - temp_warmup, config.teacher_temp),
-        ]
-    )
-    last_layer = list(student.head.last_layer.parameters())
-    num_views = 2 + config.num_local_crops
+    def wall_time(self) -> float:
+        """Seconds of training, earlier sessions included."""
+        return self.earlier_wall_time + time.perf_counter() - self.started
 
-    def save_checkpoint(next_step: int) -> None:
-        state = {
-            "config": asdict(config),
+    def save(self, path: Path, next_step: int) -> None:
+        """Write the full training state, to continue at ``next_step``."""
+        atomic_torch_save({
+            "config": asdict(self.config),
             "step": next_step,
-            "student": student.state_dict(),
-            "teacher": teacher.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "center": criterion.center.clone(),
+            "student": self.student.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "center": self.criterion.center.clone(),
             "torch_rng": torch.get_rng_state(),
-            "losses": list(losses),
-            "wall_time_s": earlier_wall_time + time.perf_counter() - start,
-        }
-        atomic_torch_save(state, checkpoint_path)
+            "losses": list(self.losses),
+            "wall_time_s": self.wall_time(),
+        }, path)
 
-    # Workers augment the next batches while this process trains on the current one.
-    loader = torch.utils.data.DataLoader(
-        batches,
-        batch_size=None,
-        sampler=range(first_step, config.steps),
-        num_workers=config.data_workers,
-        prefetch_factor=2 if config.data_workers else None,
-        # Its own generator: creating the iterator must not draw from the global RNG,
-        # whose state a resumed run restores before this point.
-        generator=torch.Generator(),
-    )
-    start = time.perf_counter()
-    bar = tqdm(loader, desc="DINO", disable=not progress, initial=first_step, total=config.steps)
-    for step, crops in enumerate(bar, start=first_step):
+    def step(self, step: int, crops: List[Tensor]) -> float:
+        """One optimisation step on the multi-crop views of a batch; returns the loss."""
+        config, optimizer = self.config, self.optimizer
         for group in optimizer.param_groups:
-            group["lr"] = float(lr_schedule[step])
-        optimizer.param_groups[0]["weight_decay"] = float(wd_schedule[step])
+            group["lr"] = float(self.lr_schedule[step])
+        optimizer.param_groups[0]["weight_decay"] = float(self.wd_schedule[step])
 
         global_crops = torch.cat(crops[:2])
         student_inputs = [global_crops] + ([torch.cat(crops[2:])] if config.num_local_crops else [])
-
         with torch.no_grad():
-            teacher_out = teacher([global_crops])
-        student_out = student(student_inputs)
-        loss = criterion(student_out, teacher_out, num_views, float(teacher_temps[step]))
+            teacher_out = self.teacher([global_crops])
+        student_out = self.student(student_inputs)
+        loss = self.criterion(student_out, teacher_out, 2 + config.num_local_crops, float(self.teacher_temps[step]))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"DINO loss is {loss.item()} at step {step}")
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.clip_grad > 0:
-            nn.utils.clip_grad_norm_(student.parameters(), config.clip_grad)
+            nn.utils.clip_grad_norm_(self.student.parameters(), config.clip_grad)
         if step < config.freeze_last_layer_steps:
-            for param in last_layer:
+            for param in self.student.head.last_layer.parameters():
                 param.grad = None
         optimizer.step()
-        ema_update(teacher, student, float(momentum_schedule[step]))
+        ema_update(self.teacher, self.student, float(self.momentum_schedule[step]))
+        self.losses.append(loss.item())
+        return self.losses[-1]
 
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr_schedule[step]:.1e}")
-        done = step + 1
-        if checkpoint_path is not None and config.checkpoint_every and (
-            done % config.checkpoint_every == 0 or done == config.steps
-        ):
-            save_checkpoint(done)
+    def run(self, checkpoint_path: Optional[Path], progress: bool) -> VisionTransformer:
+        """Train to ``config.steps``, checkpointing on the way; returns the teacher backbone (eval, frozen)."""
+        config = self.config
+        # Workers augment the next batches while this process trains on the current one.
+        loader = torch.utils.data.DataLoader(
+            self.batches,
+            batch_size=None,
+            sampler=range(self.first_step, config.steps),
+            num_workers=config.data_workers,
+            prefetch_factor=2 if config.data_workers else None,
+            # Its own generator: creating the iterator must not draw from the global RNG,
+            # whose state a resumed run restores before this point.
+            generator=torch.Generator(),
+        )
+        self.started = time.perf_counter()
+        bar = tqdm(loader, desc="DINO", disable=not progress, initial=self.first_step, total=config.steps)
+        for step, crops in enumerate(bar, start=self.first_step):
+            loss = self.step(step, crops)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.lr_schedule[step]:.1e}")
+            done = step + 1
+            if checkpoint_path is not None and config.checkpoint_every and (
+                done % config.checkpoint_every == 0 or done == config.steps
+            ):
+                self.save(checkpoint_path, done)
+        return self.teacher.backbone.eval().requires_grad_(False)
 
-    stats: Dict[str, Any] = {
-        "steps": config.steps,
-        "images_seen": config.steps * config.batch_size,
-        "wall_time_s": earlier_wall_time + time.perf_counter() - start,
-        "final_loss": float(np.mean(losses[-10:])),
-        "losses": losses,
-        "weights_path": None,
-    }
-    backbone = teacher.backbone.eval().requires_grad_(False)
-    if out_dir is not None:
-        stats["weights_path"] = str(save_tiny_dino(backbone, config, out_dir, stats))
-    return backbone, stats
+    def stats(self) -> Dict[str, Any]:
+        """The run's figures (see :func:`train_dino`)."""
+        return {
+            "steps": self.config.steps,
+            "images_seen": self.config.steps * self.config.batch_size,
+            "wall_time_s": self.wall_time(),
+            "final_loss": float(np.mean(self.losses[-10:])),
+            "losses": self.losses,
+            "weights_path": None,
+        }

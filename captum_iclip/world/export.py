@@ -140,20 +140,7 @@ def export_image_text(
         shard_dir.mkdir(parents=True, exist_ok=True)
 
     shards: list[Path] = []
-
-    def publish_shard(partial: str) -> None:
-        # ".shard-000000.tar.partial" -> "shard-000000.tar"
-        final = Path(partial).with_name(Path(partial).name[1 : -len(".partial")])
-        os.replace(partial, final)
-        shards.append(final)
-
-    writer = None
-    if "wds" in formats and n > 0:
-        from captum_iclip._optional import require
-
-        writer = require("webdataset", "world export to webdataset shards").ShardWriter(
-            str(shard_dir / ".shard-%06d.tar.partial"), maxcount=shard_size, post=publish_shard, verbose=0
-        )
+    writer = _shard_writer(shard_dir, shard_size, shards) if "wds" in formats and n > 0 else None
     rows: list[tuple[str, str]] = []
     try:
         for scene_seed in _seeds(seed, n, "export image-text"):
@@ -178,18 +165,36 @@ def export_image_text(
     if writer is not None:
         writer.close()
 
-    csv_path = None
-    if "csv" in formats:
-        csv_path = out / "train.csv"
-        text = io.StringIO()
-        table = csv.writer(text, delimiter="\t", lineterminator="\n")
-        table.writerow(("filepath", "title"))
-        table.writerows(rows)
-        atomic_write_text(csv_path, text.getvalue())
+    csv_path = _write_csv(out / "train.csv", rows) if "csv" in formats else None
     wds_url = None
     if shards:
         wds_url = str(shard_dir / f"shard-{{{0:06d}..{len(shards) - 1:06d}}}.tar")
     return {"num_samples": n, "csv": csv_path, "shards": shards, "wds_url": wds_url}
+
+
+def _shard_writer(shard_dir: Path, shard_size: int, shards: list[Path]):
+    """A webdataset ``ShardWriter`` whose shards appear under their final name only when complete."""
+    from captum_iclip._optional import require
+
+    def publish_shard(partial: str) -> None:
+        # ".shard-000000.tar.partial" -> "shard-000000.tar"
+        final = Path(partial).with_name(Path(partial).name[1 : -len(".partial")])
+        os.replace(partial, final)
+        shards.append(final)
+
+    return require("webdataset", "world export to webdataset shards").ShardWriter(
+        str(shard_dir / ".shard-%06d.tar.partial"), maxcount=shard_size, post=publish_shard, verbose=0
+    )
+
+
+def _write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
+    """open_clip's tab-separated ``filepath``/``title`` table, written atomically."""
+    text = io.StringIO()
+    table = csv.writer(text, delimiter="\t", lineterminator="\n")
+    table.writerow(("filepath", "title"))
+    table.writerows(rows)
+    atomic_write_text(path, text.getvalue())
+    return path
 
 
 def export_voc(
