@@ -81,10 +81,10 @@ def top_mass_mask(attention: Tensor, tau: float) -> Tensor:
         tensor([[ True,  True, False, False]])
     """
     if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not 0.0 < tau <= 1.0:
-        raise ValueError(f"tau must be a float in (0, 1], got {tau!r}")
+        raise ValueError(f"tau: expected a float in (0, 1], got {tau!r}")
     if not isinstance(attention, Tensor) or attention.dim() not in (2, 3):
         raise ValueError(
-            "attention must be a tensor of shape (N, h, w) or (N, L), got "
+            "attention: expected a tensor of shape (N, h, w) or (N, L), got "
             f"{tuple(attention.shape) if isinstance(attention, Tensor) else type(attention).__name__}"
         )
     flat = attention.detach().flatten(1).to(torch.float64)
@@ -248,7 +248,7 @@ def cls_attention(model: nn.Module, images: Tensor) -> Tensor:
     """
     if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(
-            "images must be a tensor of shape (N, 3, H, W), got "
+            "images: expected a tensor of shape (N, 3, H, W), got "
             f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}"
         )
     if _is_hf_model(model):
@@ -265,14 +265,14 @@ def _check_grid_size(grid_size: GridSize) -> GridSize:
         or len(grid_size) != 2
         or not all(isinstance(v, int) and v > 0 for v in grid_size)
     ):
-        raise ValueError(f"grid_size must be a pair of positive ints (h, w), got {grid_size!r}")
+        raise ValueError(f"grid_size: expected a pair of positive ints (h, w), got {grid_size!r}")
     return int(grid_size[0]), int(grid_size[1])
 
 
 def _check_images(images: Tensor) -> None:
     if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(
-            "images must be a tensor of shape (N, 3, H, W), got "
+            "images: expected a tensor of shape (N, 3, H, W), got "
             f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}"
         )
 
@@ -345,7 +345,7 @@ def _as_bool_mask(mask: Tensor, argument: str) -> Tensor:
         if not ((mask == 0) | (mask == 1)).all():
             raise ValueError(f"{argument} must be boolean or contain only 0 and 1")
         return mask != 0
-    raise TypeError(f"{argument} must be a boolean or 0/1 tensor, got dtype {mask.dtype}")
+    raise TypeError(f"{argument}: expected a boolean or 0/1 tensor, got dtype {mask.dtype}")
 
 
 class FixedMaskProvider(MaskProvider):
@@ -366,7 +366,7 @@ class FixedMaskProvider(MaskProvider):
         super().__init__()
         if not isinstance(mask, Tensor) or mask.dim() not in (2, 3):
             raise ValueError(
-                "mask must be a tensor of shape (N, h, w) or (N, h*w), got "
+                "mask: expected a tensor of shape (N, h, w) or (N, h*w), got "
                 f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}"
             )
         self.grid_size: Optional[GridSize] = tuple(mask.shape[1:]) if mask.dim() == 3 else None
@@ -404,7 +404,7 @@ class CallableMaskProvider(MaskProvider):
     def __init__(self, fn: MaskFn) -> None:
         super().__init__()
         if not callable(fn):
-            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+            raise TypeError(f"fn: expected a callable, got {type(fn).__name__}")
         self.fn = fn
 
     def extra_repr(self) -> str:
@@ -593,14 +593,14 @@ class DINOMaskProvider(MaskProvider):
     ) -> None:
         super().__init__()
         if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not 0.0 < tau <= 1.0:
-            raise ValueError(f"tau must be a float in (0, 1], got {tau!r}")
+            raise ValueError(f"tau: expected a float in (0, 1], got {tau!r}")
         if resample not in _RESAMPLE_MODES:
-            raise ValueError(f"resample must be one of {_RESAMPLE_MODES}, got {resample!r}")
+            raise ValueError(f"resample: expected one of {_RESAMPLE_MODES}, got {resample!r}")
         for argument, value in (("input_mean", input_mean), ("input_std", input_std)):
             if len(value) != 3:
                 raise ValueError(f"{argument} must hold 3 values (RGB), got {value!r}")
         if any(s <= 0 for s in input_std):
-            raise ValueError(f"input_std must be positive, got {input_std!r}")
+            raise ValueError(f"input_std: expected a positive value, got {input_std!r}")
 
         dino_mean, dino_std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
         self.model_name = model if isinstance(model, str) else type(model).__name__
@@ -620,7 +620,7 @@ class DINOMaskProvider(MaskProvider):
                     f"model {model!r} is neither a timm model name, a Hugging Face id nor a local folder"
                 )
         elif not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a model name or an nn.Module, got {type(model).__name__}")
+            raise TypeError(f"model: expected a model name or an nn.Module, got {type(model).__name__}")
         elif pretrained or checkpoint is not None:
             raise ValueError("pretrained and checkpoint apply to model names, not to a built module")
 
@@ -636,7 +636,7 @@ class DINOMaskProvider(MaskProvider):
             self.dino_size = _native_image_size(model)
         elif not isinstance(image_size, int) or image_size <= 0 or image_size % patch_h or image_size % patch_w:
             raise ValueError(
-                f"image_size must be a positive multiple of the DINO patch size {(patch_h, patch_w)}, got {image_size!r}"
+                f"image_size: expected a positive multiple of the DINO patch size {(patch_h, patch_w)}, got {image_size!r}"
             )
         else:
             self.dino_size = (image_size, image_size)

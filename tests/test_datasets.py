@@ -340,7 +340,7 @@ def test_build_dataset(tmp_path):
     assert isinstance(dataset, VOCSegmentation) and len(dataset) == 1
     _make_coco(tmp_path / "coco")
     assert isinstance(build_dataset("coco", tmp_path / "coco"), COCOInstances)
-    with pytest.raises(ValueError, match="name must be one of"):
+    with pytest.raises(ValueError, match="name: expected one of"):
         build_dataset("imagenet", tmp_path)
     with pytest.raises(ValueError, match="no splits"):
         build_dataset("folder", tmp_path, split="val")

@@ -164,7 +164,7 @@ def test_localization_rejects_bad_input():
         metric.update(torch.rand(2, 32, 32), [3], gt)
     with pytest.raises(ValueError, match="distinct"):
         metric.update(torch.rand(2, 32, 32), [3, 3], gt)
-    with pytest.raises(ValueError, match=r"classes must be in \[0, 5\)"):
+    with pytest.raises(ValueError, match=r"classes: expected ids in \[0, 5\)"):
         metric.update(torch.rand(1, 32, 32), [5], gt)
     with pytest.raises(ValueError, match="finite"):
         metric.update(torch.full((1, 32, 32), math.nan), [3], gt)

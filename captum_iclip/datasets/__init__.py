@@ -81,7 +81,7 @@ def build_dataset(
     """
     key = name.lower() if isinstance(name, str) else name
     if key not in DATASETS:
-        raise ValueError(f"name must be one of {sorted(DATASETS)}, got {name!r}")
+        raise ValueError(f"name: expected one of {sorted(DATASETS)}, got {name!r}")
     reader, default_split = DATASETS[key]
     if default_split is None:
         if split is not None:

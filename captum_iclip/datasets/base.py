@@ -253,7 +253,7 @@ class SegmentationDataset(Dataset):
         if limit is not None and (
             isinstance(limit, bool) or not isinstance(limit, int) or limit < 0
         ):
-            raise ValueError(f"limit must be a non-negative int or None, got {limit!r}")
+            raise ValueError(f"limit: expected a non-negative int or None, got {limit!r}")
         self.class_names = list(class_names)
         self.prompts = [class_prompt(name) for name in self.class_names]
         self.background_index = background_index

@@ -58,7 +58,7 @@ def gaussian_perturbation(std: float) -> PerturbFunc:
         True
     """
     if not std > 0:
-        raise ValueError(f"std must be positive, got {std!r}")
+        raise ValueError(f"std: expected a positive value, got {std!r}")
 
     def perturb(inputs: Tensor) -> tuple[Tensor, Tensor]:
         noise = torch.randn_like(inputs) * std
@@ -92,9 +92,9 @@ def patch_perturbation(patch_size: int, drop_prob: float = 0.25, fill: float = 0
         (0.0, 192.0)
     """
     if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
-        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+        raise ValueError(f"patch_size: expected a positive int, got {patch_size!r}")
     if not 0.0 < drop_prob <= 1.0:
-        raise ValueError(f"drop_prob must be in (0, 1], got {drop_prob!r}")
+        raise ValueError(f"drop_prob: expected in (0, 1], got {drop_prob!r}")
 
     def perturb(inputs: Tensor) -> tuple[Tensor, Tensor]:
         if inputs.dim() != 4:
@@ -240,7 +240,7 @@ def sensitivity_score(
     if not isinstance(inputs, Tensor) or inputs.dim() != 4:
         raise ValueError("inputs must be a tensor of shape (N, C, H, W)")
     if not perturb_radius > 0:
-        raise ValueError(f"perturb_radius must be positive, got {perturb_radius!r}")
+        raise ValueError(f"perturb_radius: expected a positive value, got {perturb_radius!r}")
     return sensitivity_max(
         explanation_func,
         inputs,

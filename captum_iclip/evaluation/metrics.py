@@ -38,7 +38,7 @@ def _as_label_tensor(value: Tensor | np.ndarray, name: str) -> Tensor:
         value = torch.from_numpy(value)
     if not isinstance(value, Tensor):
         raise TypeError(
-            f"{name} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}"
+            f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(value).__name__}"
         )
     if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer class ids, got dtype {value.dtype}")
@@ -111,7 +111,7 @@ class _StreamingMetric:
             ValueError: If ``other`` has another configuration.
         """
         if type(other) is not type(self):
-            raise TypeError(f"other must be a {type(self).__name__}, got {type(other).__name__}")
+            raise TypeError(f"other: expected a {type(self).__name__}, got {type(other).__name__}")
         if other._config() != self._config():
             raise ValueError(
                 f"other has configuration {other._config()}, expected {self._config()}"
@@ -210,16 +210,16 @@ class LocalizationMetrics(_StreamingMetric):
         exclude: Sequence[int] = (0,),
     ) -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+            raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
         if not 0.0 <= float(theta) <= 1.0:
-            raise ValueError(f"theta must be in [0, 1], got {theta!r}")
+            raise ValueError(f"theta: expected in [0, 1], got {theta!r}")
         if (
             isinstance(pointing_tolerance, bool)
             or not isinstance(pointing_tolerance, int)
             or pointing_tolerance < 0
         ):
             raise ValueError(
-                f"pointing_tolerance must be a non-negative int, got {pointing_tolerance!r}"
+                f"pointing_tolerance: expected a non-negative int, got {pointing_tolerance!r}"
             )
         if 0 <= ignore_index < num_classes:
             raise ValueError(
@@ -305,9 +305,9 @@ class LocalizationMetrics(_StreamingMetric):
                 f"for {maps.shape[0]} maps"
             )
         if classes.numel() and (classes.min() < 0 or classes.max() >= self.num_classes):
-            raise ValueError(f"classes must be in [0, {self.num_classes}), got {classes.tolist()}")
+            raise ValueError(f"classes: expected ids in [0, {self.num_classes}), got {classes.tolist()}")
         if classes.unique().numel() != classes.numel():
-            raise ValueError(f"classes must be distinct, got {classes.tolist()}")
+            raise ValueError(f"classes: expected distinct values, got {classes.tolist()}")
         valid = gt != self.ignore_index
         bad = valid & ((gt < 0) | (gt >= self.num_classes))
         if bad.any():
@@ -456,7 +456,7 @@ class SegmentationMetrics(_StreamingMetric):
 
     def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+            raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
         if 0 <= ignore_index < num_classes:
             raise ValueError(
                 f"ignore_index must not be a class id in [0, {num_classes}), got {ignore_index}"
@@ -603,7 +603,7 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
     positive_ints = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair)
     if len(pair) != 2 or not positive_ints:
-        raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
+        raise ValueError(f"{name}: expected a positive int or a pair of them, got {value!r}")
     return pair
 
 

@@ -181,20 +181,20 @@ class DINOConfig:
         for name in ("image_size", "global_crop_size", "local_crop_size"):
             value = getattr(self, name)
             if value <= 0 or value % self.patch_size:
-                raise ValueError(f"{name} must be a positive multiple of patch_size={self.patch_size}, got {value}")
+                raise ValueError(f"{name}: expected a positive multiple of patch_size={self.patch_size}, got {value}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
         for name in ("steps", "batch_size", "out_dim"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise ValueError(f"{name}: expected at least 1, got {getattr(self, name)}")
         if self.checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be non-negative (0 disables), got {self.checkpoint_every}")
+            raise ValueError(f"checkpoint_every: expected a non-negative int (0 disables), got {self.checkpoint_every}")
         if self.data_workers < 0:
-            raise ValueError(f"data_workers must be non-negative (0: augment in this process), got {self.data_workers}")
+            raise ValueError(f"data_workers: expected a non-negative int (0: augment in this process), got {self.data_workers}")
         if self.num_threads is not None and self.num_threads < 1:
-            raise ValueError(f"num_threads must be None or at least 1, got {self.num_threads}")
+            raise ValueError(f"num_threads: expected None or at least 1, got {self.num_threads}")
         if self.num_local_crops < 0:
-            raise ValueError(f"num_local_crops must be non-negative, got {self.num_local_crops}")
+            raise ValueError(f"num_local_crops: expected a non-negative value, got {self.num_local_crops}")
         if not 0.0 <= self.momentum_start <= 1.0 or not 0.0 <= self.center_momentum <= 1.0:
             raise ValueError("momentum_start and center_momentum must lie in [0, 1]")
 
@@ -456,7 +456,7 @@ def _to_uint8_chw(item: Any) -> Tensor:
     if not isinstance(item, Tensor):
         item = torch.from_numpy(np.ascontiguousarray(np.asarray(item)))
     if item.dtype != torch.uint8:
-        raise TypeError(f"source images must be uint8, got {item.dtype}")
+        raise TypeError(f"source: expected uint8 images, got {item.dtype}")
     if item.dim() == 2:
         item = item.unsqueeze(-1).expand(-1, -1, 3)
     if item.dim() == 3 and item.shape[-1] == 3 and item.shape[0] != 3:
@@ -579,7 +579,7 @@ def load_tiny_dino(path: Union[str, os.PathLike]) -> VisionTransformer:
     path = Path(path)
     folder, weights = (path, path / WEIGHTS_NAME) if path.is_dir() else (path.parent, path)
     if not weights.is_file() or not (folder / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"path must be a tiny DINO folder holding {WEIGHTS_NAME} and {CONFIG_NAME}, got {path}")
+        raise FileNotFoundError(f"path: expected a tiny DINO folder holding {WEIGHTS_NAME} and {CONFIG_NAME}, got {path}")
     with open(folder / CONFIG_NAME) as stream:
         config = DINOConfig.from_dict(json.load(stream)["config"])
     backbone = build_backbone(config)

@@ -60,7 +60,7 @@ def voc_colormap(num_colours: int = 256) -> np.ndarray:
         [[0, 0, 0], [128, 0, 0], [192, 128, 128], [224, 224, 192]]
     """
     if not 1 <= num_colours <= 256:
-        raise ValueError(f"num_colours must be in [1, 256], got {num_colours}")
+        raise ValueError(f"num_colours: expected in [1, 256], got {num_colours}")
     index = np.arange(num_colours)
     colours = np.zeros((num_colours, 3), np.int64)
     for shift in range(8):
@@ -83,7 +83,7 @@ def _png_bytes(image: Image.Image) -> bytes:
 
 def _check_count(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
     return int(value)
 
 
@@ -128,10 +128,10 @@ def export_image_text(
     seed = _check_count("seed", seed, 0)
     shard_size = _check_count("shard_size", shard_size, 1)
     if isinstance(formats, str):
-        raise TypeError(f"formats must be a sequence of format names, got the string {formats!r}")
+        raise TypeError(f"formats: expected a sequence of format names, got the string {formats!r}")
     unknown = set(formats) - set(_TEXT_FORMATS)
     if unknown or not formats:
-        raise ValueError(f"formats must be a non-empty subset of {_TEXT_FORMATS}, got {tuple(formats)!r}")
+        raise ValueError(f"formats: expected a non-empty subset of {_TEXT_FORMATS}, got {tuple(formats)!r}")
     out = Path(out_dir)
     image_dir, shard_dir = out / "images", out / "shards"
     if "csv" in formats:
@@ -231,7 +231,7 @@ def export_voc(
     n = _check_count("n", n, 0)
     seed = _check_count("seed", seed, 0)
     if not isinstance(split, str) or not split or os.sep in split or split.startswith("."):
-        raise ValueError(f"split must be a plain file stem such as 'val', got {split!r}")
+        raise ValueError(f"split: expected a plain file stem such as 'val', got {split!r}")
     root = Path(root)
     jpeg_dir, label_dir, set_dir = root / "JPEGImages", root / "SegmentationClass", root / "ImageSets" / "Segmentation"
     for folder in (jpeg_dir, label_dir, set_dir):

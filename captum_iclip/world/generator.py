@@ -167,11 +167,11 @@ class WorldObject:
 
     def __post_init__(self) -> None:
         if self.category not in CATEGORIES:
-            raise ValueError(f"category must be one of {CATEGORIES}, got {self.category!r}")
+            raise ValueError(f"category: expected one of {CATEGORIES}, got {self.category!r}")
         if self.colour not in COLOURS:
-            raise ValueError(f"colour must be one of {COLOURS}, got {self.colour!r}")
+            raise ValueError(f"colour: expected one of {COLOURS}, got {self.colour!r}")
         if not self.scale > 0:
-            raise ValueError(f"scale must be positive, got {self.scale!r}")
+            raise ValueError(f"scale: expected a positive value, got {self.scale!r}")
 
     @property
     def class_id(self) -> int:
@@ -250,7 +250,7 @@ def prompt_for(category: str) -> str:
     if category == "background":
         return "the background"
     if category not in CATEGORIES:
-        raise ValueError(f"category must be one of {CATEGORIES} or 'background', got {category!r}")
+        raise ValueError(f"category: expected one of {CATEGORIES} or 'background', got {category!r}")
     return f"a {category}"
 
 
@@ -611,7 +611,7 @@ def render_background(kind: str, size: int, rng: np.random.Generator) -> np.ndar
         (16, 16, 3)
     """
     if kind not in _BACKGROUND_RENDERERS:
-        raise ValueError(f"kind must be one of {BACKGROUNDS}, got {kind!r}")
+        raise ValueError(f"kind: expected one of {BACKGROUNDS}, got {kind!r}")
     return np.clip(_BACKGROUND_RENDERERS[kind](rng, size), 0.0, 1.0).astype(np.float32)
 
 
@@ -803,9 +803,9 @@ def generate_scene(seed: int, size: int = 96) -> Scene:
         ((96, 96, 3), (96, 96))
     """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 16 <= size <= 1024:
-        raise ValueError(f"size must be an int in [16, 1024], got {size!r}")
+        raise ValueError(f"size: expected an int in [16, 1024], got {size!r}")
     layout_rng, texture_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(2))
 
     count = int(layout_rng.choice([1, 2, 3], p=[0.3, 0.4, 0.3]))
@@ -862,11 +862,11 @@ class WorldDataset(torch.utils.data.Dataset):
 
     def __init__(self, start_seed: int, length: int, size: int = 96, transform: Optional[Callable] = None) -> None:
         if isinstance(start_seed, bool) or not isinstance(start_seed, (int, np.integer)) or start_seed < 0:
-            raise ValueError(f"start_seed must be a non-negative int, got {start_seed!r}")
+            raise ValueError(f"start_seed: expected a non-negative int, got {start_seed!r}")
         if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
-            raise ValueError(f"length must be a non-negative int, got {length!r}")
+            raise ValueError(f"length: expected a non-negative int, got {length!r}")
         if transform is not None and not callable(transform):
-            raise TypeError(f"transform must be callable or None, got {type(transform).__name__}")
+            raise TypeError(f"transform: expected callable or None, got {type(transform).__name__}")
         self.start_seed = int(start_seed)
         self.length = int(length)
         self.size = size
