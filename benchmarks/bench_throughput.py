@@ -84,10 +84,12 @@ def run(model_name: str, device: torch.device, batch_sizes: List[int], resolutio
             for count in prompt_counts:
                 itsm = ITSMAttribution(CLIPSimilarity(model, tokenizer, [f"a photo of thing number {i}"
                                                                          for i in range(count)]))
+                # Default arguments bind this iteration's values (the lambdas run before the next one anyway).
                 seconds = round_robin_medians({
-                    "encode": lambda: encode_image(images),
-                    "raw": lambda: itsm.attribute(images, interpolate=not patch_grid),
-                    "surgery": lambda: itsm.attribute(images, variant="surgery", interpolate=not patch_grid),
+                    "encode": lambda encode=encode_image, x=images: encode(x),
+                    "raw": lambda itsm=itsm, x=images: itsm.attribute(x, interpolate=not patch_grid),
+                    "surgery": lambda itsm=itsm, x=images: itsm.attribute(x, variant="surgery",
+                                                                          interpolate=not patch_grid),
                 }, repeats, device)
                 rows.append({"resolution": resolution, "batch": batch_size, "prompts": count, **seconds})
                 print(_format_row(rows[-1]), flush=True)

@@ -493,11 +493,12 @@ def _load_timm_dino(name: str, pretrained: bool, checkpoint: Optional[str]) -> n
         if missing:
             raise ValueError(f"checkpoint {checkpoint!s} lacks weights of {name!r}: {missing[:5]}...")
         if unexpected:
-            warnings.warn(f"checkpoint {checkpoint!s}: ignored unexpected keys {unexpected[:5]}...")
+            warnings.warn(f"checkpoint {checkpoint!s}: ignored unexpected keys {unexpected[:5]}...", stacklevel=3)
     elif not pretrained:
         warnings.warn(
             f"DINOMaskProvider({name!r}) has random weights (pretrained=False and no checkpoint): "
-            "its masks are meaningless; pass pretrained=True or checkpoint=PATH"
+            "its masks are meaningless; pass pretrained=True or checkpoint=PATH",
+            stacklevel=3,
         )
     return model
 

@@ -71,7 +71,7 @@ def test_scene_content_does_not_depend_on_resolution():
     assert small.image.shape == (64, 64, 3) and large.label.shape == (160, 160)
     assert small.caption == large.caption and small.objects == large.objects and small.background == large.background
     # Each object's pixel area scales with the squared resolution.
-    for k, obj in enumerate(small.objects, start=1):
+    for k, _ in enumerate(small.objects, start=1):
         ratio = (large.instance == k).sum() / (small.instance == k).sum()
         assert ratio == pytest.approx((160 / 64) ** 2, rel=0.08)
 

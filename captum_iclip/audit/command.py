@@ -58,7 +58,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     try:
         lines = Path(args.prompts_file).read_text(encoding="utf-8-sig").splitlines()
     except OSError as error:
-        raise SystemExit(f"captum-iclip audit: cannot read --prompts-file {args.prompts_file}: {error}")
+        raise SystemExit(f"captum-iclip audit: cannot read --prompts-file {args.prompts_file}: {error}") from error
     prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise SystemExit(f"captum-iclip audit: --prompts-file {args.prompts_file} holds no prompt")
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             background_threshold=args.background_threshold, progress=not args.no_progress,
         )
     except ValueError as error:  # bad input (argument named in the message), not a crash
-        raise SystemExit(f"captum-iclip audit: {error}")
+        raise SystemExit(f"captum-iclip audit: {error}") from error
     print(f"audit: {summary.computed} images explained, {summary.reused} reused from records, "
           f"{summary.unreadable} unreadable (listed in the report)")
     print(f"report: {summary.index}")

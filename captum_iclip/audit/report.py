@@ -290,7 +290,7 @@ def _legend(cmap: str = "jet") -> str:
     """A colour bar of ``cmap`` (the overlays' colormap, :func:`captum_iclip.viz.overlay`'s default)."""
     from matplotlib import colormaps
 
-    stops = ", ".join("#%02x%02x%02x" % tuple(round(255 * c) for c in rgba[:3])
+    stops = ", ".join("#" + "".join(f"{round(255 * c):02x}" for c in rgba[:3])
                       for rgba in colormaps[cmap](np.linspace(0.0, 1.0, 9)))
     return f'<span class="legend" style="background: linear-gradient(to right, {stops})"></span>'
 

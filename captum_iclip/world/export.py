@@ -245,8 +245,8 @@ def export_voc(
         name = sample_name(scene_seed)
         label = Image.frombytes("P", scene.label.shape[::-1], scene.label.tobytes())
         label.putpalette(palette)
-        atomic_write(jpeg_dir / f"{name}.jpg", lambda handle: scene.pil().save(handle, format="JPEG", quality=95))
-        atomic_write(label_dir / f"{name}.png", lambda handle: label.save(handle, format="PNG"))
+        atomic_write(jpeg_dir / f"{name}.jpg", lambda handle, scene=scene: scene.pil().save(handle, format="JPEG", quality=95))
+        atomic_write(label_dir / f"{name}.png", lambda handle, label=label: label.save(handle, format="PNG"))
         names.append(name)
         captions[name] = scene.caption
 

@@ -17,11 +17,14 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 # CAPTUM_ICLIP_ZOO_DIR points at another folder of bundles (e.g. one trained with zoo.train --out).
 WEIGHTS_DIR = Path(os.environ.get("CAPTUM_ICLIP_ZOO_DIR") or Path(__file__).parent / "weights")
@@ -66,7 +69,7 @@ def build_clip(model_config: Dict) -> nn.Module:
     )
 
 
-def make_preprocess(image_size: int, mean, std) -> Callable[[Union["PIL.Image.Image", np.ndarray]], Tensor]:
+def make_preprocess(image_size: int, mean, std) -> Callable[[Union["Image.Image", np.ndarray]], Tensor]:
     """PIL image or uint8 (H, W, 3) array -> normalised (3, S, S) float tensor (bicubic resize)."""
     from PIL import Image
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -158,7 +157,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     progress = not args.no_progress
     world = RenderedWorld(TRAIN_SEED_START, args.train_scenes, progress=progress)
     tokenizer = open_clip.SimpleTokenizer(context_length=MODEL_CONFIG["text_cfg"]["context_length"])
-    masks_for = lambda dino: DINOMaskProvider(dino, tau=TAU, input_mean=OPENAI_CLIP_MEAN, input_std=OPENAI_CLIP_STD)
+    def masks_for(dino):
+        return DINOMaskProvider(dino, tau=TAU, input_mean=OPENAI_CLIP_MEAN, input_std=OPENAI_CLIP_STD)
 
     if "clip" in stages and not (clip_dir / "final.pt").is_file():
         # The tiny CLIP, from scratch, with the plain CLIP loss.
@@ -207,7 +207,9 @@ def write_bundle(out: Path, dual, dino_dir: Path, figures: Dict, prompts: List[s
     """Write float16 weights and ``config.json`` (written last: its presence marks a complete bundle)."""
     from captum_iclip.training.dino import CONFIG_NAME, WEIGHTS_NAME
 
-    half = lambda state: {k: v.detach().cpu().half() if v.is_floating_point() else v.cpu() for k, v in state.items()}
+    def half(state):
+        return {k: v.detach().cpu().half() if v.is_floating_point() else v.cpu() for k, v in state.items()}
+
     out.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(half(dual.clip.state_dict()), out / "clip.pt")
     atomic_torch_save(half(dual.interpretability_head.state_dict()), out / "interpretability_head.pt")
