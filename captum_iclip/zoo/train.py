@@ -121,7 +121,8 @@ def dino_foreground_iou(dino, num_scenes: int = 200, size: int = IMAGE_SIZE) -> 
 STAGES = ("clip", "dino", "iclip", "bundle")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m captum_iclip.zoo.train`` argument parser."""
     parser = argparse.ArgumentParser(prog="python -m captum_iclip.zoo.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--work-dir", default="runs/zoo", help="checkpoints and logs of the stages")
     parser.add_argument("--out", default=str(WEIGHTS_DIR / "shapes-tiny"), help="where the bundle is written")
@@ -136,6 +137,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = sorted(set(stages) - set(STAGES))
@@ -144,63 +150,88 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from captum_iclip.masks import DINOMaskProvider
-    from captum_iclip.models.dual import DualProjectionCLIP
-    from captum_iclip.training.dino import CONFIG_NAME, load_tiny_dino, train_dino
-    from captum_iclip.training.iclip import TrainConfig, train
-    from captum_iclip.world import CATEGORIES, TRAIN_SEED_START, class_names, prompt_for
     import open_clip
+
+    from captum_iclip.world import TRAIN_SEED_START
 
     torch.manual_seed(args.seed)
     work = Path(args.work_dir)
-    clip_dir, dino_dir, iclip_dir = work / "clip", work / "dino", work / "iclip"
-    progress = not args.no_progress
-    world = RenderedWorld(TRAIN_SEED_START, args.train_scenes, progress=progress)
+    world = RenderedWorld(TRAIN_SEED_START, args.train_scenes, progress=not args.no_progress)
     tokenizer = open_clip.SimpleTokenizer(context_length=MODEL_CONFIG["text_cfg"]["context_length"])
-    def masks_for(dino):
-        return DINOMaskProvider(dino, tau=TAU, input_mean=OPENAI_CLIP_MEAN, input_std=OPENAI_CLIP_STD)
-
-    if "clip" in stages and not (clip_dir / "final.pt").is_file():
-        # The tiny CLIP, from scratch, with the plain CLIP loss.
-        train(
-            TrainConfig(mode="full", objective="clip", batch_size=args.clip_batch_size, epochs=args.clip_epochs,
-                        lr=args.clip_lr, wd=0.1, warmup=100, grad_clip_norm=1.0, seed=args.seed, device="cpu",
-                        output_dir=str(clip_dir), save_every=25, resume="latest", workers=0),
-            model=build_clip(MODEL_CONFIG), dataset=world, tokenizer=tokenizer,
-        )
-    if "dino" in stages and not (dino_dir / "tiny_dino.pt").is_file():
-        # The tiny DINO on the same images (no labels, no captions).
-        # One worker augments the next batches while the model trains (same result, faster).
-        config = DINOConfig(image_size=IMAGE_SIZE, steps=args.dino_steps, seed=args.seed, data_workers=1)
-        train_dino(world.images, config, out_dir=dino_dir, progress=progress, resume=True)
-    if "iclip" in stages and not (iclip_dir / "interpretability_head.pt").is_file():
-        # The interpretability projection over DINO foregrounds, CLIP frozen (projection mode).
-        dual = DualProjectionCLIP(build_clip(MODEL_CONFIG)).load(clip_dir / "final.pt")
-        train(
-            TrainConfig(mode="projection", objective="iclip", batch_size=args.clip_batch_size, epochs=args.iclip_epochs,
-                        lr=1e-3, wd=0.0, warmup=20, seed=args.seed, device="cpu", output_dir=str(iclip_dir),
-                        save_every=25, resume="latest", workers=0, mask_cache=str(work / "mask-cache")),
-            model=dual, mask_provider=masks_for(load_tiny_dino(dino_dir)), dataset=world, tokenizer=tokenizer,
-        )
+    if "clip" in stages and not (work / "clip" / "final.pt").is_file():
+        _train_clip(args, work / "clip", world, tokenizer)
+    if "dino" in stages and not (work / "dino" / "tiny_dino.pt").is_file():
+        _train_dino(args, work / "dino", world)
+    if "iclip" in stages and not (work / "iclip" / "interpretability_head.pt").is_file():
+        _train_iclip(args, work, world, tokenizer)
     if "bundle" in stages:
-        dual = DualProjectionCLIP(build_clip(MODEL_CONFIG)).load(clip_dir / "final.pt")
-        dual.load_interpretability(iclip_dir / "interpretability_head.pt")
-        # The bundle ships float16 weights: measure the models exactly as they will be loaded.
-        dual = dual.half().float().eval()
-        dino = load_tiny_dino(dino_dir).half().float().eval()
-        # Each stage's own statistics, also when an earlier (killed) run completed it.
-        figures: Dict = {
-            "train_scenes": args.train_scenes,
-            "clip": json.loads((clip_dir / "stats.json").read_text()),
-            "dino": {k: v for k, v in json.loads((dino_dir / CONFIG_NAME).read_text()).get("stats", {}).items()
-                     if k != "losses"},
-            "iclip": json.loads((iclip_dir / "stats.json").read_text()),
-            "zero_shot": zero_shot_accuracy(dual.clip, tokenizer),
-            "dino_masks": dino_foreground_iou(dino),
-        }
-        write_bundle(Path(args.out), dual, dino_dir, figures, [prompt_for(c) for c in CATEGORIES], class_names())
-        print(json.dumps({k: figures[k] for k in ("zero_shot", "dino_masks")}, indent=2))
+        _bundle(args, work, tokenizer)
     return 0
+
+
+def _train_clip(args: argparse.Namespace, clip_dir: Path, world: "RenderedWorld", tokenizer) -> None:
+    """The tiny CLIP, from scratch, with the plain CLIP loss."""
+    from captum_iclip.training.iclip import TrainConfig, train
+
+    train(
+        TrainConfig(mode="full", objective="clip", batch_size=args.clip_batch_size, epochs=args.clip_epochs,
+                    lr=args.clip_lr, wd=0.1, warmup=100, grad_clip_norm=1.0, seed=args.seed, device="cpu",
+                    output_dir=str(clip_dir), save_every=25, resume="latest", workers=0),
+        model=build_clip(MODEL_CONFIG), dataset=world, tokenizer=tokenizer,
+    )
+
+
+def _train_dino(args: argparse.Namespace, dino_dir: Path, world: "RenderedWorld") -> None:
+    """The tiny DINO on the same images (no labels, no captions)."""
+    from captum_iclip.training.dino import train_dino
+
+    # One worker augments the next batches while the model trains (same result, faster).
+    config = DINOConfig(image_size=IMAGE_SIZE, steps=args.dino_steps, seed=args.seed, data_workers=1)
+    train_dino(world.images, config, out_dir=dino_dir, progress=not args.no_progress, resume=True)
+
+
+def _train_iclip(args: argparse.Namespace, work: Path, world: "RenderedWorld", tokenizer) -> None:
+    """The interpretability projection over DINO foregrounds, CLIP frozen (projection mode)."""
+    from captum_iclip.masks import DINOMaskProvider
+    from captum_iclip.models.dual import DualProjectionCLIP
+    from captum_iclip.training.dino import load_tiny_dino
+    from captum_iclip.training.iclip import TrainConfig, train
+
+    dual = DualProjectionCLIP(build_clip(MODEL_CONFIG)).load(work / "clip" / "final.pt")
+    masks = DINOMaskProvider(load_tiny_dino(work / "dino"), tau=TAU, input_mean=OPENAI_CLIP_MEAN,
+                             input_std=OPENAI_CLIP_STD)
+    train(
+        TrainConfig(mode="projection", objective="iclip", batch_size=args.clip_batch_size, epochs=args.iclip_epochs,
+                    lr=1e-3, wd=0.0, warmup=20, seed=args.seed, device="cpu", output_dir=str(work / "iclip"),
+                    save_every=25, resume="latest", workers=0, mask_cache=str(work / "mask-cache")),
+        model=dual, mask_provider=masks, dataset=world, tokenizer=tokenizer,
+    )
+
+
+def _bundle(args: argparse.Namespace, work: Path, tokenizer) -> None:
+    """Measure the trained models as they will ship and write the bundle."""
+    from captum_iclip.models.dual import DualProjectionCLIP
+    from captum_iclip.training.dino import CONFIG_NAME, load_tiny_dino
+    from captum_iclip.world import CATEGORIES, class_names, prompt_for
+
+    clip_dir, dino_dir, iclip_dir = work / "clip", work / "dino", work / "iclip"
+    dual = DualProjectionCLIP(build_clip(MODEL_CONFIG)).load(clip_dir / "final.pt")
+    dual.load_interpretability(iclip_dir / "interpretability_head.pt")
+    # The bundle ships float16 weights: measure the models exactly as they will be loaded.
+    dual = dual.half().float().eval()
+    dino = load_tiny_dino(dino_dir).half().float().eval()
+    # Each stage's own statistics, also when an earlier (killed) run completed it.
+    figures: Dict = {
+        "train_scenes": args.train_scenes,
+        "clip": json.loads((clip_dir / "stats.json").read_text()),
+        "dino": {k: v for k, v in json.loads((dino_dir / CONFIG_NAME).read_text()).get("stats", {}).items()
+                 if k != "losses"},
+        "iclip": json.loads((iclip_dir / "stats.json").read_text()),
+        "zero_shot": zero_shot_accuracy(dual.clip, tokenizer),
+        "dino_masks": dino_foreground_iou(dino),
+    }
+    write_bundle(Path(args.out), dual, dino_dir, figures, [prompt_for(c) for c in CATEGORIES], class_names())
+    print(json.dumps({k: figures[k] for k in ("zero_shot", "dino_masks")}, indent=2))
 
 
 def write_bundle(out: Path, dual, dino_dir: Path, figures: Dict, prompts: List[str], names: List[str]) -> None:
