@@ -187,3 +187,14 @@ def test_no_function_of_the_package_is_over_80_lines():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
                 long.append(f"{path.relative_to(package)}:{node.lineno} {node.name}")
     assert not long, long
+
+
+def test_a_missing_extra_is_named_in_the_error(monkeypatch):
+    import sys
+
+    from captum_iclip._optional import require
+
+    monkeypatch.setitem(sys.modules, "webdataset", None)  # what Python sees when a package is not installed
+    with pytest.raises(ImportError, match=r"shards: expected the optional dependency 'webdataset'.*captum-iclip\[train\]"):
+        require("webdataset", "shards")
+    assert require("numpy", "anything") is np
