@@ -24,6 +24,7 @@ Usage::
 
     python benchmarks/bench_itsm.py --repeats 3 --batch 8 --threads 1
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,20 +33,38 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable, Dict, List, Tuple
+from collections.abc import Callable
 
-import captum_iclip
 import torch
 from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam
 from tqdm import tqdm
 
+import captum_iclip
 from captum_iclip import CLIPSimilarity, ITSMAttribution
 
 PROMPTS = [
     f"a photo of a {name}."
     for name in (
-        "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-        "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train", "tv monitor",
+        "aeroplane",
+        "bicycle",
+        "bird",
+        "boat",
+        "bottle",
+        "bus",
+        "car",
+        "cat",
+        "chair",
+        "cow",
+        "dining table",
+        "dog",
+        "horse",
+        "motorbike",
+        "person",
+        "potted plant",
+        "sheep",
+        "sofa",
+        "train",
+        "tv monitor",
     )
 ]
 
@@ -68,7 +87,7 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-Timing = Tuple[float, float]  # (wall seconds, CPU seconds of this process)
+Timing = tuple[float, float]  # (wall seconds, CPU seconds of this process)
 
 
 def seconds(run: Callable[[], object]) -> Timing:
@@ -77,18 +96,18 @@ def seconds(run: Callable[[], object]) -> Timing:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def medians(timings: List[Timing]) -> Timing:
+def medians(timings: list[Timing]) -> Timing:
     return statistics.median(t[0] for t in timings), statistics.median(t[1] for t in timings)
 
 
-def time_rounds(methods: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, Timing]:
+def time_rounds(methods: dict[str, Callable[[], object]], repeats: int) -> dict[str, Timing]:
     """Median (wall, CPU) seconds of each method over ``repeats`` rounds, after one warm-up call each."""
     for run in tqdm(methods.values(), desc="warm-up", leave=False):
         run()
     names = list(methods)
-    times: Dict[str, List[Timing]] = {name: [] for name in names}
+    times: dict[str, list[Timing]] = {name: [] for name in names}
     for round_index in tqdm(range(repeats), desc="rounds", leave=False):
-        order = names[round_index % len(names):] + names[: round_index % len(names)]
+        order = names[round_index % len(names) :] + names[: round_index % len(names)]
         for name in order:
             times[name].append(seconds(methods[name]))
     return {name: medians(values) for name, values in times.items()}
@@ -125,7 +144,9 @@ def main() -> None:
         "LayerGradCam": layer_gradcam,
     }
     one_prompt = ITSMAttribution(CLIPSimilarity(model, text_features=sim.text_features[:1]))
-    many_prompts = ITSMAttribution(CLIPSimilarity(model, text_features=torch.randn(args.many_prompts, sim.adapter.embed_dim)))
+    many_prompts = ITSMAttribution(
+        CLIPSimilarity(model, text_features=torch.randn(args.many_prompts, sim.adapter.embed_dim))
+    )
     prompt_methods = {
         "ITSM raw, 1 prompt": lambda: one_prompt.attribute(images, target=0),
         f"ITSM raw, {args.many_prompts} prompts": lambda: many_prompts.attribute(images, target=0),
@@ -144,8 +165,10 @@ def main() -> None:
         f"torch {torch.__version__}, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, load average {load_start[0]:.1f} -> {load_end[0]:.1f}"
     )
-    print(f"median of {args.repeats} rounds ({args.ig_repeats} for Integrated Gradients); "
-          "CPU = this process's CPU time, steadier than wall time on a shared machine\n")
+    print(
+        f"median of {args.repeats} rounds ({args.ig_repeats} for Integrated Gradients); "
+        "CPU = this process's CPU time, steadier than wall time on a shared machine\n"
+    )
     wall_unit, cpu_unit = results["encode_image"]
     print(f"{'method':<32} {'wall s':>9} {'x encode':>9} {'CPU s':>9} {'x encode':>9}")
     for name in [*main_methods, ig_label, *prompt_methods]:
@@ -159,7 +182,9 @@ def main() -> None:
         return results[numerator][clock] / results[denominator][clock]
 
     many = f"ITSM raw, {args.many_prompts} prompts"
-    checks = [(f"{name} <= {limit} x encode_image", name, "encode_image", limit, True) for name, limit in TARGETS.items()]
+    checks = [
+        (f"{name} <= {limit} x encode_image", name, "encode_image", limit, True) for name, limit in TARGETS.items()
+    ]
     checks.append((f"{args.many_prompts} prompts <= 1.25 x 1 prompt", many, "ITSM raw, 1 prompt", 1.25, True))
     checks.append((f"{ig_label} >= 20 x ITSM raw", ig_label, "ITSM raw", 20.0, False))
     print("\ntargets (wall | CPU)")

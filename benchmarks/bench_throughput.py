@@ -24,35 +24,36 @@ Usage::
     python benchmarks/bench_throughput.py --quick               # reduced grid for a small CPU
     python benchmarks/bench_throughput.py --device cuda --batch-sizes 1,8,32 --resolutions 224,448
 """
+
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
-from typing import Callable, Dict, List
+from collections.abc import Callable
 
-import captum_iclip
 import torch
 
+import captum_iclip
 from captum_iclip import CLIPSimilarity, ITSMAttribution
 
 
-def _ints(text: str) -> List[int]:
+def _ints(text: str) -> list[int]:
     return [int(item) for item in text.split(",") if item.strip()]
 
 
-def round_robin_medians(fns: Dict[str, Callable[[], object]], repeats: int,
-                        device: torch.device) -> Dict[str, float]:
+def round_robin_medians(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
     """Median wall time of each function, timed in turn ``repeats`` times after one warm-up each.
 
     Interleaving the functions makes a shared machine's changing load affect
     them alike, which keeps their ratios meaningful.
     """
+
     def synchronize() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    times: Dict[str, List[float]] = {name: [] for name in fns}
+    times: dict[str, list[float]] = {name: [] for name in fns}
     with torch.no_grad():
         for fn in fns.values():
             fn()
@@ -66,8 +67,15 @@ def round_robin_medians(fns: Dict[str, Callable[[], object]], repeats: int,
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def run(model_name: str, device: torch.device, batch_sizes: List[int], resolutions: List[int],
-        prompt_counts: List[int], repeats: int, patch_grid: bool) -> List[Dict[str, float]]:
+def run(
+    model_name: str,
+    device: torch.device,
+    batch_sizes: list[int],
+    resolutions: list[int],
+    prompt_counts: list[int],
+    repeats: int,
+    patch_grid: bool,
+) -> list[dict[str, float]]:
     """Time the grid; returns one row per (resolution, batch size, K)."""
     torch.manual_seed(0)
     loaded = captum_iclip.load(model_name, from_scratch=True, device=str(device))  # random weights, offline
@@ -82,25 +90,33 @@ def run(model_name: str, device: torch.device, batch_sizes: List[int], resolutio
         for batch_size in batch_sizes:
             images = torch.randn(batch_size, 3, resolution, resolution, device=device)
             for count in prompt_counts:
-                itsm = ITSMAttribution(CLIPSimilarity(model, tokenizer, [f"a photo of thing number {i}"
-                                                                         for i in range(count)]))
+                itsm = ITSMAttribution(
+                    CLIPSimilarity(model, tokenizer, [f"a photo of thing number {i}" for i in range(count)])
+                )
                 # Default arguments bind this iteration's values (the lambdas run before the next one anyway).
-                seconds = round_robin_medians({
-                    "encode": lambda encode=encode_image, x=images: encode(x),
-                    "raw": lambda itsm=itsm, x=images: itsm.attribute(x, interpolate=not patch_grid),
-                    "surgery": lambda itsm=itsm, x=images: itsm.attribute(x, variant="surgery",
-                                                                          interpolate=not patch_grid),
-                }, repeats, device)
+                seconds = round_robin_medians(
+                    {
+                        "encode": lambda encode=encode_image, x=images: encode(x),
+                        "raw": lambda itsm=itsm, x=images: itsm.attribute(x, interpolate=not patch_grid),
+                        "surgery": lambda itsm=itsm, x=images: itsm.attribute(
+                            x, variant="surgery", interpolate=not patch_grid
+                        ),
+                    },
+                    repeats,
+                    device,
+                )
                 rows.append({"resolution": resolution, "batch": batch_size, "prompts": count, **seconds})
                 print(_format_row(rows[-1]), flush=True)
     return rows
 
 
-def _format_row(row: Dict[str, float]) -> str:
+def _format_row(row: dict[str, float]) -> str:
     n = row["batch"]
-    return (f"| {row['resolution']} | {n} | {row['prompts']} | {n / row['encode']:.2f} "
-            f"| {n / row['raw']:.2f} | {row['raw'] / row['encode']:.2f} "
-            f"| {n / row['surgery']:.2f} | {row['surgery'] / row['encode']:.2f} |")
+    return (
+        f"| {row['resolution']} | {n} | {row['prompts']} | {n / row['encode']:.2f} "
+        f"| {n / row['raw']:.2f} | {row['raw'] / row['encode']:.2f} "
+        f"| {n / row['surgery']:.2f} | {row['surgery'] / row['encode']:.2f} |"
+    )
 
 
 def main() -> None:
@@ -113,20 +129,30 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--patch-grid", action="store_true", help="time patch-grid maps (no upsampling)")
-    parser.add_argument("--quick", action="store_true",
-                        help="reduced grid for a small CPU: ViT-B-32, batches 1 and 8, 224 px, 3 repeats")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="reduced grid for a small CPU: ViT-B-32, batches 1 and 8, 224 px, 3 repeats",
+    )
     args = parser.parse_args()
     if args.quick:
         args.model, args.batch_sizes, args.resolutions, args.repeats = "ViT-B-32", [1, 8], [224], 3
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"{args.model} (random weights) on {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
-             f" ({torch.get_num_threads()} threads)")
-          + f"; median of {args.repeats}; maps "
-          + ("on the patch grid" if args.patch_grid else "upsampled to the input"))
-    print("| res | batch | prompts | encode_image img/s | raw img/s | raw / encode | surgery img/s | surgery / encode |")
+    print(
+        f"{args.model} (random weights) on {device}"
+        + (
+            f" ({torch.cuda.get_device_name(device)})"
+            if device.type == "cuda"
+            else f" ({torch.get_num_threads()} threads)"
+        )
+        + f"; median of {args.repeats}; maps "
+        + ("on the patch grid" if args.patch_grid else "upsampled to the input")
+    )
+    print(
+        "| res | batch | prompts | encode_image img/s | raw img/s | raw / encode | surgery img/s | surgery / encode |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     run(args.model, device, args.batch_sizes, args.resolutions, args.prompts, args.repeats, args.patch_grid)
 

@@ -21,6 +21,7 @@ Usage::
     python benchmarks/bench_train_step.py                  # ViT-B-16 at 224, batch 8
     python benchmarks/bench_train_step.py --model ViT-B-32 --steps 5
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,12 +29,12 @@ import copy
 import statistics
 import tempfile
 import time
-from typing import Callable, Dict, List
+from collections.abc import Callable
 
-import captum_iclip
 import torch
 from open_clip.loss import ClipLoss
 
+import captum_iclip
 from captum_iclip.masks import CachedMaskProvider, as_mask_provider
 from captum_iclip.models.dual import DualProjectionCLIP
 from captum_iclip.training.iclip import (
@@ -46,8 +47,13 @@ from captum_iclip.training.iclip import (
 )
 
 
-def plain_clip_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: ClipLoss,
-                    images: torch.Tensor, tokens: torch.Tensor) -> float:
+def plain_clip_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: ClipLoss,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+) -> float:
     """open_clip's contrastive step: features, ClipLoss, backward, optimizer step."""
     image_features = model.encode_image(images, normalize=True)
     text_features = model.encode_text(tokens, normalize=True)
@@ -58,7 +64,7 @@ def plain_clip_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lo
     return float(loss.detach())
 
 
-def build_steps(model_name: str, batch_size: int, cache_dir: str) -> Dict[str, Callable[[], float]]:
+def build_steps(model_name: str, batch_size: int, cache_dir: str) -> dict[str, Callable[[], float]]:
     torch.manual_seed(0)
     loaded = captum_iclip.load(model_name, from_scratch=True)  # random weights, offline
     base, tokenizer = loaded.model, loaded.tokenizer
@@ -88,8 +94,20 @@ def build_steps(model_name: str, batch_size: int, cache_dir: str) -> Dict[str, C
     provider = CachedMaskProvider(as_mask_provider(lambda x, g: masks[: x.shape[0]]), cache_dir, fingerprint="bench")
     provider(images, grid)  # fill the cache: the timed steps read masks from disk
     trainable = [p for p in dual.parameters() if p.requires_grad]
-    parts = TrainStep(forward, loss_fn, optimizer_iclip, None, trainable, provider, dual, tokenizer, config,
-                      lambda_rec=0.0, autocast_dtype=None, device=torch.device("cpu"))
+    parts = TrainStep(
+        forward,
+        loss_fn,
+        optimizer_iclip,
+        None,
+        trainable,
+        provider,
+        dual,
+        tokenizer,
+        config,
+        lambda_rec=0.0,
+        autocast_dtype=None,
+        device=torch.device("cpu"),
+    )
 
     return {
         "iclip-projection": lambda: train_step(parts, images, captions),
@@ -98,7 +116,7 @@ def build_steps(model_name: str, batch_size: int, cache_dir: str) -> Dict[str, C
     }
 
 
-def main(argv: List[str] = None) -> None:
+def main(argv: list[str] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ViT-B-16", help="open_clip architecture (random weights)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -110,26 +128,31 @@ def main(argv: List[str] = None) -> None:
 
     with tempfile.TemporaryDirectory() as cache_dir:
         steps = build_steps(args.model, args.batch_size, cache_dir)
-        times: Dict[str, List[float]] = {name: [] for name in steps}
+        times: dict[str, list[float]] = {name: [] for name in steps}
         names = list(steps)
         for round_index in range(args.steps + 1):
             # Rotate the order: a step that follows the all-trainable one pays for its freed memory.
-            for name in names[round_index % 3:] + names[: round_index % 3]:
+            for name in names[round_index % 3 :] + names[: round_index % 3]:
                 step = steps[name]
                 start = time.perf_counter()
                 step()
                 if round_index:  # round 0 warms up
                     times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(values) for name, values in times.items()}
-    print(f"model={args.model} batch={args.batch_size} threads={torch.get_num_threads()} "
-          f"timed steps={args.steps} (median, seconds)")
+    print(
+        f"model={args.model} batch={args.batch_size} threads={torch.get_num_threads()} "
+        f"timed steps={args.steps} (median, seconds)"
+    )
     for name, value in medians.items():
         print(f"  {name:20s} {value:8.3f}   all: {', '.join(f'{v:.3f}' for v in times[name])}")
     for baseline in ("clip-all-trainable", "clip-frozen"):
         # Ratios within a round share the machine's load at that moment: their median is the steadier figure.
         paired = statistics.median(a / b for a, b in zip(times["iclip-projection"], times[baseline]))
-        print(f"ratio iclip-projection / {baseline:18s}: of medians {medians['iclip-projection'] / medians[baseline]:.3f}, "
-              f"median per round {paired:.3f}")
+        print(
+            f"ratio iclip-projection / {baseline:18s}: "
+            f"of medians {medians['iclip-projection'] / medians[baseline]:.3f}, "
+            f"median per round {paired:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """captum-iclip: Captum attributions that show where CLIP models see a text in an image."""
+
 from captum_iclip.attr.itsm import ITSMAttribution
 from captum_iclip.attr.mmp import MaskedMaxPoolingAttribution
 from captum_iclip.models.adapters import get_adapter

@@ -1,18 +1,20 @@
 """The package's file I/O in one place: atomic writes (a killed run never leaves a half-written
 file under the final name), safe checkpoint loading, and the one image reader of every command."""
+
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Callable, Union
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:
     from PIL import Image
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 def check_output_file(path: str, argument: str) -> None:
@@ -102,11 +104,13 @@ def load_torch_file(path: PathLike, argument: str = "path") -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError, zipfile errors, ...
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{argument}: cannot read {path} as a torch checkpoint (corrupt, truncated or holding "
-                         f"objects other than tensors and plain containers): {reason}") from error
+        raise ValueError(
+            f"{argument}: cannot read {path} as a torch checkpoint (corrupt, truncated or holding "
+            f"objects other than tensors and plain containers): {reason}"
+        ) from error
 
 
-def read_image(source: Union[PathLike, bytes, "Image.Image"], argument: str = "image") -> "Image.Image":
+def read_image(source: PathLike | bytes | Image.Image, argument: str = "image") -> Image.Image:
     """The one image reader of every command: decode an image file into an 8-bit RGB ``PIL`` image.
 
     Differences from ``Image.open(path).convert("RGB")``, which is wrong for some files:
@@ -149,7 +153,7 @@ def read_image(source: Union[PathLike, bytes, "Image.Image"], argument: str = "i
         raise OSError(f"{argument}: cannot decode image {name}: {type(error).__name__}: {error}") from error
 
 
-def _to_rgb8(image: "Image.Image") -> "Image.Image":
+def _to_rgb8(image: Image.Image) -> Image.Image:
     import numpy as np
     from PIL import Image
 

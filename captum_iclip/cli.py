@@ -5,12 +5,13 @@ Subcommands: ``explain`` (attribute images against prompts and draw the maps),
 the other homes: ``train`` (ICLIP training), ``eval`` (benchmarks), ``world``
 (the procedural world's exports) and ``audit`` (HTML audit reports).
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -30,12 +31,14 @@ def image_transform(resolution, mean: Sequence[float], std: Sequence[float]):
     from torchvision import transforms
 
     size = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
-    return transforms.Compose([
-        transforms.Resize(min(size), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(size),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
+    return transforms.Compose(
+        [
+            transforms.Resize(min(size), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(size),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
 
 
 def open_images(paths: Sequence[str]):
@@ -46,10 +49,10 @@ def open_images(paths: Sequence[str]):
     return [read_image(path, "images") for path in paths]
 
 
-def split_prompts(text: str) -> List[str]:
+def split_prompts(text: str) -> list[str]:
     prompts = [p.strip() for p in text.split(",") if p.strip()]
     if not prompts:
-        raise ValueError("--prompts: expected comma-separated texts, e.g. --prompts \"a cat,a dog\", got none")
+        raise ValueError('--prompts: expected comma-separated texts, e.g. --prompts "a cat,a dog", got none')
     return prompts
 
 
@@ -69,13 +72,13 @@ def one_line(error: BaseException) -> str:
 DEBUG = False
 
 
-def split_debug(argv: Optional[Sequence[str]]) -> "tuple[List[str], bool]":
+def split_debug(argv: Sequence[str] | None) -> tuple[list[str], bool]:
     """``argv`` (default ``sys.argv[1:]``) without ``--debug``, and whether it was there."""
     argv = list(sys.argv[1:] if argv is None else argv)
     return [arg for arg in argv if arg != "--debug"], "--debug" in argv
 
 
-def run_command(prog: str, command: Callable[[], Optional[int]], debug: Optional[bool] = None) -> int:
+def run_command(prog: str, command: Callable[[], int | None], debug: bool | None = None) -> int:
     """Run a command and turn its errors into one line on stderr and exit status 2.
 
     Bad input raises ``ValueError``/``TypeError`` naming the argument; unreadable files raise
@@ -96,7 +99,7 @@ def run_command(prog: str, command: Callable[[], Optional[int]], debug: Optional
             raise
         message = exit_.code
         if message.startswith(f"{prog}: "):
-            message = message[len(prog) + 2:]
+            message = message[len(prog) + 2 :]
         print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
         return 2
     except (ValueError, TypeError, OSError, RuntimeError, KeyError, WeightsUnavailableError) as error:
@@ -109,22 +112,39 @@ def run_command(prog: str, command: Callable[[], Optional[int]], debug: Optional
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The model options shared by the commands that load a CLIP model (read by :func:`load_model_from_args`)."""
     group = parser.add_argument_group("model (default: the bundled offline model shapes-tiny)")
-    group.add_argument("--model", default=None,
-                       help="bundled model name, open_clip model name (ViT-B-16, RN50, ...) or Hugging Face id")
+    group.add_argument(
+        "--model",
+        default=None,
+        help="bundled model name, open_clip model name (ViT-B-16, RN50, ...) or Hugging Face id",
+    )
     group.add_argument("--pretrained", default=None, help="open_clip pretrained tag, e.g. openai")
     group.add_argument("--hf-model", default=None, help="Hugging Face CLIP model id or local folder")
     group.add_argument("--checkpoint", default=None, help="local open_clip checkpoint file for --model")
-    group.add_argument("--random-weights", action="store_true",
-                       help="explain an open_clip --model with its random initialisation (no weights) on purpose")
-    group.add_argument("--model-config", default=None,
-                       help="open_clip model-config JSON to register; its file stem becomes the --model name")
+    group.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="explain an open_clip --model with its random initialisation (no weights) on purpose",
+    )
+    group.add_argument(
+        "--model-config",
+        default=None,
+        help="open_clip model-config JSON to register; its file stem becomes the --model name",
+    )
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 # load's argument names -> the options that set them (errors name what the user typed).
-_OPTION_OF = {"model_name": "--model", "model": "--model", "spec": "--model", "pretrained": "--pretrained",
-              "checkpoint": "--checkpoint", "hf_model": "--hf-model", "device": "--device",
-              "random_weights": "--random-weights", "model_config": "--model-config"}
+_OPTION_OF = {
+    "model_name": "--model",
+    "model": "--model",
+    "spec": "--model",
+    "pretrained": "--pretrained",
+    "checkpoint": "--checkpoint",
+    "hf_model": "--hf-model",
+    "device": "--device",
+    "random_weights": "--random-weights",
+    "model_config": "--model-config",
+}
 
 
 def _with_options(call: Callable):
@@ -137,7 +157,7 @@ def _with_options(call: Callable):
         message = str(error)
         for name, option in _OPTION_OF.items():
             if message.startswith(f"{name}:"):
-                message = option + message[len(name):]
+                message = option + message[len(name) :]
         raise type(error)(message) from error
 
 
@@ -146,18 +166,29 @@ def check_model_arguments(args: argparse.Namespace) -> None:
     model themselves: no weights option is ignored, the device exists."""
     from captum_iclip.models.loading import check_device, check_model_options
 
-    _with_options(lambda: (check_device(args.device),
-                           check_model_options(args.model, args.pretrained, args.checkpoint, args.hf_model)))
+    _with_options(
+        lambda: (
+            check_device(args.device),
+            check_model_options(args.model, args.pretrained, args.checkpoint, args.hf_model),
+        )
+    )
 
 
 def load_model_from_args(args: argparse.Namespace):
     """:func:`captum_iclip.load` on the options of :func:`add_model_arguments`; errors name the options."""
     from captum_iclip.models.loading import load
 
-    return _with_options(lambda: load(
-        args.model, args.pretrained, hf_model=args.hf_model, checkpoint=args.checkpoint,
-        model_config=getattr(args, "model_config", None), device=args.device,
-        random_weights=getattr(args, "random_weights", False)))
+    return _with_options(
+        lambda: load(
+            args.model,
+            args.pretrained,
+            hf_model=args.hf_model,
+            checkpoint=args.checkpoint,
+            model_config=getattr(args, "model_config", None),
+            device=args.device,
+            random_weights=getattr(args, "random_weights", False),
+        )
+    )
 
 
 def explain(args: argparse.Namespace) -> int:
@@ -172,8 +203,9 @@ def explain(args: argparse.Namespace) -> int:
     if args.resolution is not None:
         ph, pw = adapter.patch_size
         if args.resolution < 1 or args.resolution % ph or args.resolution % pw:
-            raise ValueError(f"--resolution: expected a positive multiple of the model's patch size "
-                             f"{ph}x{pw}, got {args.resolution}")
+            raise ValueError(
+                f"--resolution: expected a positive multiple of the model's patch size {ph}x{pw}, got {args.resolution}"
+            )
     transform = image_transform(args.resolution or adapter.image_size, adapter.image_mean, adapter.image_std)
     pil_images = open_images(args.images)
     batch = torch.stack([transform(image) for image in pil_images]).to(args.device, adapter.parameter.dtype)
@@ -188,15 +220,19 @@ def explain(args: argparse.Namespace) -> int:
         print(f"{path}: " + ", ".join(f"{p} {s:.3f}" for p, s in ranked))
         rows.append(f"{Path(path).name}\n{ranked[0][0]} ({ranked[0][1]:.2f})")
     titles = [f"{p} ({args.variant})" for p in prompts]
-    attribution_grid(list(originals), [[m[None] for m in image_maps] for image_maps in maps],
-                     column_titles=titles, row_titles=rows, path=args.out)
+    attribution_grid(
+        list(originals),
+        [[m[None] for m in image_maps] for image_maps in maps],
+        column_titles=titles,
+        row_titles=rows,
+        path=args.out,
+    )
     print(f"wrote {args.out}")
     return 0
 
 
 def demo(args: argparse.Namespace) -> int:
     from captum_iclip.demo import run_demo
-
     from captum_iclip.models.loading import check_device
 
     if args.num_images < 1:
@@ -209,9 +245,11 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="captum-iclip", description=__doc__.split("\n\n")[0],
-                                     epilog="Errors are one line with exit status 2; --debug (anywhere on the "
-                                            "command line) shows their traceback.")
+    parser = argparse.ArgumentParser(
+        prog="captum-iclip",
+        description=__doc__.split("\n\n")[0],
+        epilog="Errors are one line with exit status 2; --debug (anywhere on the command line) shows their traceback.",
+    )
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -219,8 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--prompts", required=True, help='comma-separated prompts, e.g. "a cat,a dog"')
     add_model_arguments(p)
-    p.add_argument("--variant", choices=("plain", "surgery"), default="plain",
-                   help="plain ITSM or CLIP Surgery (default: plain)")
+    p.add_argument(
+        "--variant", choices=("plain", "surgery"), default="plain", help="plain ITSM or CLIP Surgery (default: plain)"
+    )
     p.add_argument("--resolution", type=int, default=None, help="input size (default: the model's own)")
     p.add_argument("--out", required=True, help="output figure (PNG)")
     p.set_defaults(func=explain)
@@ -237,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     global DEBUG
     argv, debug = split_debug(argv)
     previous, DEBUG = DEBUG, debug or DEBUG

@@ -66,12 +66,19 @@ def run_demo(
     dataset = WorldScenes(first_seed, limit=num_images, size=loaded.image_size)
     sim = CLIPSimilarity(loaded.model, loaded.tokenizer, class_prompts(dataset, loaded.bundle)).to(device)
     config = EvalConfig(
-        "world", str(first_seed), methods=methods, tasks=("localization",), batch_size=batch_size,
-        pointing_tolerance=pointing_tolerance_for(loaded.image_size), examples=figure_rows, out=None,
+        "world",
+        str(first_seed),
+        methods=methods,
+        tasks=("localization",),
+        batch_size=batch_size,
+        pointing_tolerance=pointing_tolerance_for(loaded.image_size),
+        examples=figure_rows,
+        out=None,
         progress=progress,
     )
-    results, examples, _ = run_evaluation(config, sim, dataset=dataset, mask_provider=loaded.mask_provider,
-                                          model_name=loaded.name)
+    results, examples, _ = run_evaluation(
+        config, sim, dataset=dataset, mask_provider=loaded.mask_provider, model_name=loaded.name
+    )
     results["zero_shot"] = zero_shot_names_an_object(sim, dataset, batch_size)
     results["notes"] = [
         f"Zero-shot: the top prompt names an object of the scene in {results['zero_shot']['accuracy']:.1f}% "

@@ -25,15 +25,15 @@ import inspect
 import os
 import tempfile
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data import OPENAI_CLIP_MEAN as OPENAI_DATASET_MEAN
 from timm.data import OPENAI_CLIP_STD as OPENAI_DATASET_STD
+from torch import Tensor, nn
 
 from captum_iclip._io import load_torch_file
 
@@ -48,7 +48,7 @@ __all__ = [
     "CachedMaskProvider",
 ]
 
-GridSize = Tuple[int, int]
+GridSize = tuple[int, int]
 MaskFn = Callable[[Tensor, GridSize], Tensor]
 
 _RESAMPLE_MODES = ("bilinear", "nearest")
@@ -109,7 +109,7 @@ def _is_hf_model(model: nn.Module) -> bool:
     return type(model).__module__.startswith("transformers.")
 
 
-def _as_pair(value: Union[int, Sequence[int]]) -> GridSize:
+def _as_pair(value: int | Sequence[int]) -> GridSize:
     if isinstance(value, int):
         return value, value
     return int(value[0]), int(value[1])
@@ -128,8 +128,9 @@ def dino_patch_size(model: nn.Module) -> GridSize:
         return _as_pair(model.config.patch_size)
     if hasattr(getattr(model, "patch_embed", None), "patch_size"):
         return _as_pair(model.patch_embed.patch_size)
-    raise TypeError(f"model: expected a timm VisionTransformer or a Hugging Face ViT/DINOv2 model, "
-                    f"got {type(model).__name__}")
+    raise TypeError(
+        f"model: expected a timm VisionTransformer or a Hugging Face ViT/DINOv2 model, got {type(model).__name__}"
+    )
 
 
 def _native_image_size(model: nn.Module) -> GridSize:
@@ -144,8 +145,7 @@ def _patch_grid(model: nn.Module, images: Tensor) -> GridSize:
     patch_h, patch_w = dino_patch_size(model)
     if height % patch_h or width % patch_w:
         raise ValueError(
-            f"images must have H, W divisible by the DINO patch size {(patch_h, patch_w)}, "
-            f"got {(height, width)}"
+            f"images must have H, W divisible by the DINO patch size {(patch_h, patch_w)}, got {(height, width)}"
         )
     return height // patch_h, width // patch_w
 
@@ -156,8 +156,7 @@ def _timm_cls_attention(model: nn.Module, images: Tensor) -> Tensor:
 
     if not isinstance(model, VisionTransformer):
         raise TypeError(
-            f"model must be a timm VisionTransformer or a Hugging Face ViT/DINOv2 model, "
-            f"got {type(model).__name__}"
+            f"model must be a timm VisionTransformer or a Hugging Face ViT/DINOv2 model, got {type(model).__name__}"
         )
     if model.cls_token is None:
         raise ValueError("model has no [CLS] token (class_token=False); its [CLS] attention is undefined")
@@ -369,7 +368,7 @@ class FixedMaskProvider(MaskProvider):
                 "mask: expected a tensor of shape (N, h, w) or (N, h*w), got "
                 f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}"
             )
-        self.grid_size: Optional[GridSize] = tuple(mask.shape[1:]) if mask.dim() == 3 else None
+        self.grid_size: GridSize | None = tuple(mask.shape[1:]) if mask.dim() == 3 else None
         self.register_buffer("mask", _as_bool_mask(mask, "mask").flatten(1), persistent=False)
 
     def extra_repr(self) -> str:
@@ -422,7 +421,7 @@ class CallableMaskProvider(MaskProvider):
         return _as_bool_mask(mask, "the mask function's output").flatten(1)
 
 
-def as_mask_provider(obj: Union[MaskProvider, MaskFn, Tensor]) -> MaskProvider:
+def as_mask_provider(obj: MaskProvider | MaskFn | Tensor) -> MaskProvider:
     """Turn a provider, a callable or a fixed mask into a :class:`MaskProvider`.
 
     Args:
@@ -456,7 +455,7 @@ def as_mask_provider(obj: Union[MaskProvider, MaskFn, Tensor]) -> MaskProvider:
 # --------------------------------------------------------------------------- #
 # DINO mask provider
 # --------------------------------------------------------------------------- #
-def _load_state_dict_file(path: Union[str, os.PathLike]) -> dict:
+def _load_state_dict_file(path: str | os.PathLike) -> dict:
     """Backbone state dict from a plain, ``{"state_dict"|"model"|"teacher": ...}`` or DDP file."""
     checkpoint = load_torch_file(path, "checkpoint")
     for key in ("teacher", "state_dict", "model"):
@@ -468,17 +467,19 @@ def _load_state_dict_file(path: Union[str, os.PathLike]) -> dict:
     state_dict = {}
     for name, value in checkpoint.items():
         for prefix in ("module.", "backbone."):
-            name = name[len(prefix):] if name.startswith(prefix) else name
+            name = name[len(prefix) :] if name.startswith(prefix) else name
         state_dict[name] = value
     return state_dict
 
 
-def _load_timm_dino(name: str, pretrained: bool, checkpoint: Optional[str]) -> nn.Module:
+def _load_timm_dino(name: str, pretrained: bool, checkpoint: str | None) -> nn.Module:
     import timm
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     try:
-        model = timm.create_model(name, pretrained=pretrained and checkpoint is None, num_classes=0, dynamic_img_size=True)
+        model = timm.create_model(
+            name, pretrained=pretrained and checkpoint is None, num_classes=0, dynamic_img_size=True
+        )
     except Exception as error:  # offline hub / missing file: say what to do
         raise RuntimeError(
             f"could not download the pretrained weights of timm model {name!r} ({error}). "
@@ -503,7 +504,7 @@ def _load_timm_dino(name: str, pretrained: bool, checkpoint: Optional[str]) -> n
     return model
 
 
-def _load_hf_dino(name: str) -> Tuple[nn.Module, Tuple[float, ...], Tuple[float, ...]]:
+def _load_hf_dino(name: str) -> tuple[nn.Module, tuple[float, ...], tuple[float, ...]]:
     from transformers import AutoImageProcessor, AutoModel
 
     def load(local_files_only: bool):
@@ -582,14 +583,14 @@ class DINOMaskProvider(MaskProvider):
 
     def __init__(
         self,
-        model: Union[str, nn.Module] = "vit_small_patch16_224.dino",
+        model: str | nn.Module = "vit_small_patch16_224.dino",
         *,
         pretrained: bool = False,
-        checkpoint: Optional[str] = None,
+        checkpoint: str | None = None,
         tau: float = 0.6,
         input_mean: Sequence[float] = OPENAI_DATASET_MEAN,
         input_std: Sequence[float] = OPENAI_DATASET_STD,
-        image_size: Optional[int] = None,
+        image_size: int | None = None,
         resample: str = "bilinear",
     ) -> None:
         super().__init__()
@@ -617,9 +618,7 @@ class DINOMaskProvider(MaskProvider):
                     raise ValueError("pretrained and checkpoint apply to timm model names only")
                 model, dino_mean, dino_std = _load_hf_dino(model)
             else:
-                raise ValueError(
-                    f"model {model!r} is neither a timm model name, a Hugging Face id nor a local folder"
-                )
+                raise ValueError(f"model {model!r} is neither a timm model name, a Hugging Face id nor a local folder")
         elif not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a model name or an nn.Module, got {type(model).__name__}")
         elif pretrained or checkpoint is not None:
@@ -637,7 +636,8 @@ class DINOMaskProvider(MaskProvider):
             self.dino_size = _native_image_size(model)
         elif not isinstance(image_size, int) or image_size <= 0 or image_size % patch_h or image_size % patch_w:
             raise ValueError(
-                f"image_size: expected a positive multiple of the DINO patch size {(patch_h, patch_w)}, got {image_size!r}"
+                f"image_size: expected a positive multiple of the DINO patch size {(patch_h, patch_w)}, "
+                f"got {image_size!r}"
             )
         else:
             self.dino_size = (image_size, image_size)
@@ -654,7 +654,7 @@ class DINOMaskProvider(MaskProvider):
     def extra_repr(self) -> str:
         return f"model={self.model_name!r}, tau={self.tau}, dino_size={self.dino_size}, resample={self.resample!r}"
 
-    def train(self, mode: bool = True) -> "DINOMaskProvider":
+    def train(self, mode: bool = True) -> DINOMaskProvider:
         super().train(mode)
         self.model.eval()
         return self
@@ -732,10 +732,10 @@ class CachedMaskProvider(MaskProvider):
 
     def __init__(
         self,
-        provider: Union[MaskProvider, MaskFn, Tensor],
-        cache_dir: Union[str, os.PathLike],
+        provider: MaskProvider | MaskFn | Tensor,
+        cache_dir: str | os.PathLike,
         *,
-        fingerprint: Optional[str] = None,
+        fingerprint: str | None = None,
     ) -> None:
         super().__init__()
         self.provider = as_mask_provider(provider)
@@ -772,17 +772,22 @@ class CachedMaskProvider(MaskProvider):
                 os.remove(temporary)
             raise
 
-    def _read(self, path: Path, patches: int) -> Optional[Tensor]:
+    def _read(self, path: Path, patches: int) -> Tensor | None:
         """A cached mask, or ``None`` (a miss) when the entry is corrupt, truncated or of the wrong shape:
         the cache holds derived data, so a damaged entry is recomputed and rewritten, with a warning."""
         try:
             mask = load_torch_file(path, "cache_dir")
         except ValueError as error:
-            warnings.warn(f"CachedMaskProvider: recomputing a damaged cache entry: {error}", RuntimeWarning)
+            warnings.warn(
+                f"CachedMaskProvider: recomputing a damaged cache entry: {error}", RuntimeWarning, stacklevel=2
+            )
             return None
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (patches,):
-            warnings.warn(f"CachedMaskProvider: recomputing the cache entry {path}: it does not hold a boolean "
-                          f"({patches},) mask", RuntimeWarning)
+            warnings.warn(
+                f"CachedMaskProvider: recomputing the cache entry {path}: it does not hold a boolean ({patches},) mask",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return None
         return mask
 

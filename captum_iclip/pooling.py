@@ -1,7 +1,9 @@
-"""Masked max pooling (ICLIP, arXiv 2209.07046; docs/methods.md §3): the paper's pooling that avoids the semantic shift."""
-from __future__ import annotations
+"""Masked max pooling (ICLIP, arXiv 2209.07046; docs/methods.md §3).
 
-from typing import Tuple, Union
+The paper's pooling that avoids the semantic shift.
+"""
+
+from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
@@ -35,9 +37,7 @@ class MaskedMaxPooling(nn.Module):
         self.register_buffer("num_empty_masks", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer("num_pooled", torch.zeros((), dtype=torch.long), persistent=False)
 
-    def forward(
-        self, patches: Tensor, mask: Tensor, return_indices: bool = False
-    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    def forward(self, patches: Tensor, mask: Tensor, return_indices: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """
         Args:
             patches: (N, L, D) patch features.

@@ -1,8 +1,9 @@
 """The forward function every attribution explains: image -> image-text scores."""
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from captum_iclip.models.adapters import VisionAdapter, get_adapter
 OUTPUTS = ("cosine", "logits", "probs")
 
 
-def _format_prompt(template: Union[str, Callable[[str], str]], prompt: str) -> str:
+def _format_prompt(template: str | Callable[[str], str], prompt: str) -> str:
     if callable(template):
         return template(prompt)
     return template.format(prompt) if "{}" in template else f"{template} {prompt}"
@@ -67,11 +68,11 @@ class CLIPSimilarity(nn.Module):
     def __init__(
         self,
         model: nn.Module,
-        tokenizer: Optional[Callable] = None,
-        prompts: Optional[Sequence[str]] = None,
+        tokenizer: Callable | None = None,
+        prompts: Sequence[str] | None = None,
         *,
-        text_features: Optional[Tensor] = None,
-        templates: Optional[Sequence[Union[str, Callable[[str], str]]]] = None,
+        text_features: Tensor | None = None,
+        templates: Sequence[str | Callable[[str], str]] | None = None,
         output: str = "cosine",
     ) -> None:
         super().__init__()
@@ -84,7 +85,7 @@ class CLIPSimilarity(nn.Module):
         self.tokenizer = tokenizer
         self.templates = templates
         self.output = output
-        self.prompts: Optional[list] = None
+        self.prompts: list | None = None
         if text_features is not None:
             if prompts is not None:
                 raise ValueError("prompts: give either prompts or text_features, not both")
@@ -95,16 +96,17 @@ class CLIPSimilarity(nn.Module):
 
     # --- text side ------------------------------------------------------------------
     @property
-    def templates(self) -> Optional[List[Union[str, Callable[[str], str]]]]:
+    def templates(self) -> list[str | Callable[[str], str]] | None:
         """The prompt templates (``None``: the prompt itself)."""
         return self._templates
 
     @templates.setter
-    def templates(self, templates: Optional[Sequence[Union[str, Callable[[str], str]]]]) -> None:
+    def templates(self, templates: Sequence[str | Callable[[str], str]] | None) -> None:
         if templates is not None:
             if isinstance(templates, str):
-                raise TypeError(f"templates: expected a list of templates, got the single string {templates!r}; "
-                                "wrap it in a list")
+                raise TypeError(
+                    f"templates: expected a list of templates, got the single string {templates!r}; wrap it in a list"
+                )
             templates = list(templates)
             if not templates:
                 raise ValueError("templates: expected at least one template (or None)")
@@ -113,7 +115,7 @@ class CLIPSimilarity(nn.Module):
                 raise TypeError(f"templates: expected strings or callables, got {bad[0]!r}")
         self._templates = templates
 
-    def _check_prompts(self, prompts: Optional[Sequence[str]]) -> list:
+    def _check_prompts(self, prompts: Sequence[str] | None) -> list:
         if prompts is None:
             raise ValueError("prompts: give a non-empty list of texts (or text_features)")
         if isinstance(prompts, str):
@@ -165,7 +167,7 @@ class CLIPSimilarity(nn.Module):
             self._empty_prompt_cache = cached = (key, self.encode_prompts([""]))
         return cached[1].to(self.text_features.device)
 
-    def set_prompts(self, prompts: Sequence[str]) -> "CLIPSimilarity":
+    def set_prompts(self, prompts: Sequence[str]) -> CLIPSimilarity:
         """Replace the prompts (re-embedding them once). Returns ``self``."""
         self.text_features = self.encode_prompts(prompts)
         self.prompts = list(prompts)
@@ -181,7 +183,7 @@ class CLIPSimilarity(nn.Module):
 
     # --- image side -----------------------------------------------------------------
     @contextmanager
-    def evaluating(self) -> Iterator["CLIPSimilarity"]:
+    def evaluating(self) -> Iterator[CLIPSimilarity]:
         """Run the wrapped model in eval mode, then give every module its own mode back.
 
         Attributions must not depend on dropout nor update BatchNorm statistics, and

@@ -4,6 +4,7 @@ Examples::
 
     torchrun --nproc-per-node 2 -m captum_iclip.train --train-data data/train.csv --model ViT-B-16 ...
 """
+
 from captum_iclip.training.iclip import main
 
 if __name__ == "__main__":

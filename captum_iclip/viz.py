@@ -5,10 +5,11 @@ works on our outputs directly (``attr[i].permute(1, 2, 0)``); these helpers add
 what it lacks for CLIP: undoing CLIP's normalisation, and grids of images ×
 prompts or methods.
 """
+
 from __future__ import annotations
 
 import io
-from typing import Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -17,10 +18,12 @@ from torch import Tensor
 from captum_iclip._io import atomic_write_bytes
 from captum_iclip.models.adapters import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-ArrayLike = Union[Tensor, np.ndarray]
+ArrayLike = Tensor | np.ndarray
 
 
-def denormalize(images: Tensor, mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD) -> Tensor:
+def denormalize(
+    images: Tensor, mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD
+) -> Tensor:
     """Undo CLIP preprocessing: (N, 3, H, W) or (3, H, W) normalised -> [0, 1] RGB."""
     shape = (-1, 1, 1)
     mean_t = torch.as_tensor(mean, dtype=images.dtype, device=images.device).reshape(shape)
@@ -41,7 +44,7 @@ def _to_hwc(image: ArrayLike) -> np.ndarray:
     return np.clip(array.astype(np.float32), 0.0, 1.0)
 
 
-def _to_map(attribution: ArrayLike, size: Tuple[int, int]) -> np.ndarray:
+def _to_map(attribution: ArrayLike, size: tuple[int, int]) -> np.ndarray:
     """A (1, h, w) / (h, w) map resized bilinearly to ``size`` as float (H, W)."""
     if isinstance(attribution, np.ndarray):
         attribution = torch.from_numpy(attribution)
@@ -51,7 +54,9 @@ def _to_map(attribution: ArrayLike, size: Tuple[int, int]) -> np.ndarray:
             raise ValueError(f"attribution: expected one map (1, H, W) or (H, W), got shape {tuple(attribution.shape)}")
         attribution = attribution[0]
     if tuple(attribution.shape) != tuple(size):
-        attribution = torch.nn.functional.interpolate(attribution[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+        attribution = torch.nn.functional.interpolate(
+            attribution[None, None], size=size, mode="bilinear", align_corners=False
+        )[0, 0]
     return attribution.numpy()
 
 
@@ -90,15 +95,15 @@ def overlay(
 
 def attribution_grid(
     images: Sequence[ArrayLike],
-    maps: Sequence[Sequence[Optional[ArrayLike]]],
+    maps: Sequence[Sequence[ArrayLike | None]],
     *,
-    column_titles: Optional[Sequence[str]] = None,
-    row_titles: Optional[Sequence[str]] = None,
+    column_titles: Sequence[str] | None = None,
+    row_titles: Sequence[str] | None = None,
     show_image: bool = True,
     cmap: str = "jet",
     alpha: float = 0.5,
     cell_size: float = 2.2,
-    path: Optional[str] = None,
+    path: str | None = None,
     dpi: int = 100,
 ):
     """A grid figure: one row per image, one column per prompt or method.
@@ -138,7 +143,9 @@ def attribution_grid(
             cell = maps[i][j] if j < len(maps[i]) else None
             if cell is not None:
                 array = cell.detach().cpu().numpy() if isinstance(cell, Tensor) else np.asarray(cell)
-                drawn = array if array.ndim == 3 and array.shape[-1] == 3 else overlay(rgb, cell, cmap=cmap, alpha=alpha)
+                drawn = (
+                    array if array.ndim == 3 and array.shape[-1] == 3 else overlay(rgb, cell, cmap=cmap, alpha=alpha)
+                )
                 ax.imshow(drawn)
             if i == 0 and column_titles is not None and j < len(column_titles):
                 ax.set_title(column_titles[j], fontsize=9)

@@ -5,12 +5,13 @@ and tests only read from them (eval mode, no parameter updates). Images are tiny
 batches (1-2) of seeded noise; parity and invariance checks do not need natural
 images.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import string
-from typing import Callable
+from collections.abc import Callable
 
 import open_clip
 import pytest
@@ -109,12 +110,18 @@ def hf_clip(hf_tokenizer) -> CLIPModel:
     """transformers ``CLIPModel`` with a ViT-B/16 vision tower (a 2-layer text tower keeps it quick)."""
     config = CLIPConfig(
         vision_config=dict(
-            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            patch_size=16, image_size=224,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            patch_size=16,
+            image_size=224,
         ),
         text_config=dict(
-            vocab_size=len(hf_tokenizer), num_hidden_layers=2,
-            bos_token_id=hf_tokenizer.bos_token_id, eos_token_id=hf_tokenizer.eos_token_id,
+            vocab_size=len(hf_tokenizer),
+            num_hidden_layers=2,
+            bos_token_id=hf_tokenizer.bos_token_id,
+            eos_token_id=hf_tokenizer.eos_token_id,
             pad_token_id=hf_tokenizer.pad_token_id,
         ),
         projection_dim=512,
@@ -152,8 +159,12 @@ def tiny_hf() -> CLIPModel:
     """transformers CLIPModel: 2 layers, width 16, 2 heads, 4-px patches on 8x8 images."""
     config = CLIPConfig(
         vision_config=dict(
-            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-            patch_size=4, image_size=8,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            patch_size=4,
+            image_size=8,
         ),
         text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
         projection_dim=8,

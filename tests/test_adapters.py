@@ -6,6 +6,7 @@
 * architecture surgery: each family against a literal re-implementation of the
   docs/methods.md §2 text, on tiny models with generic (jittered) weights.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -13,6 +14,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_images
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from torch import nn
 
@@ -24,7 +26,6 @@ from captum_iclip.models.adapters import (
     get_adapter,
     interpolate_pos_embed,
 )
-from conftest import make_images
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -160,7 +161,7 @@ def value_value_attention(value: torch.Tensor, num_heads: int, scale: float, uni
     head_dim = value.shape[-1] // num_heads
     outputs = []
     for head in range(num_heads):
-        v = value[..., head * head_dim:(head + 1) * head_dim]
+        v = value[..., head * head_dim : (head + 1) * head_dim]
         if unit_norm:
             v = v / v.norm(dim=-1, keepdim=True)
         weights = torch.softmax(v @ v.transpose(-1, -2) * scale, dim=-1)
@@ -175,10 +176,10 @@ def literal_open_clip_vit_surgery(model: CLIP, images: torch.Tensor, depth: int)
     for block in blocks[: len(blocks) - depth]:
         x_ori = block(x_ori)
     x_new = x_ori
-    for block in blocks[len(blocks) - depth:]:
+    for block in blocks[len(blocks) - depth :]:
         width = x_ori.shape[-1]
         attn = block.attn
-        value = block.ln_1(x_ori) @ attn.in_proj_weight[2 * width:].T + attn.in_proj_bias[2 * width:]
+        value = block.ln_1(x_ori) @ attn.in_proj_weight[2 * width :].T + attn.in_proj_bias[2 * width :]
         head_dim = width // attn.num_heads
         x_new = x_new + attn.out_proj(value_value_attention(value, attn.num_heads, head_dim**-0.5, False))
         x_ori = block(x_ori)  # the original path: attention and MLP, unchanged
@@ -203,7 +204,7 @@ def literal_hf_surgery(model, images: torch.Tensor, depth: int) -> torch.Tensor:
     for layer in layers[: len(layers) - depth]:
         x_ori = layer(x_ori, None)
     x_new = x_ori
-    for layer in layers[len(layers) - depth:]:
+    for layer in layers[len(layers) - depth :]:
         attn = layer.self_attn
         value = attn.v_proj(layer.layer_norm1(x_ori))
         head_dim = value.shape[-1] // attn.num_heads

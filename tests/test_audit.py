@@ -4,6 +4,7 @@ A tiny random dual-projection open_clip model (64-px images, 8x8 patch grid)
 stands in for the bundled model; images are small PNGs written here, plus one
 corrupt file. The browser check of the same page lives in test_audit_browser.py.
 """
+
 from __future__ import annotations
 
 import functools
@@ -12,7 +13,6 @@ import logging
 import re
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Dict, List
 
 import numpy as np
 import open_clip
@@ -22,11 +22,11 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from PIL import Image
 
 from captum_iclip import CLIPSimilarity
-from captum_iclip.models.loading import WeightsUnavailableError
 from captum_iclip.audit import audit, background_fraction, command
 from captum_iclip.audit.command import AuditModel
 from captum_iclip.cli import main as cli_main
 from captum_iclip.models.dual import DualProjectionCLIP
+from captum_iclip.models.loading import WeightsUnavailableError
 from captum_iclip.zoo import make_preprocess
 
 logging.getLogger("open_clip").setLevel(logging.ERROR)
@@ -50,7 +50,7 @@ def tokenizer() -> open_clip.SimpleTokenizer:
     return open_clip.SimpleTokenizer(context_length=16)
 
 
-def tiny_audit_model(prompts: List[str], *, dual: bool = True, masks: bool = True) -> AuditModel:
+def tiny_audit_model(prompts: list[str], *, dual: bool = True, masks: bool = True) -> AuditModel:
     """What ``load_audit_model`` returns for a bundled model, built from :func:`tiny_clip`.
 
     The mask provider marks the central 4x4 patches of the 8x8 grid as foreground.
@@ -63,7 +63,7 @@ def tiny_audit_model(prompts: List[str], *, dual: bool = True, masks: bool = Tru
     return AuditModel(sim, preprocess, centre if masks else None, "tiny-random")
 
 
-def write_images(folder: Path, count: int, *, seed: int = 0, corrupt: bool = True) -> List[Path]:
+def write_images(folder: Path, count: int, *, seed: int = 0, corrupt: bool = True) -> list[Path]:
     """``count`` seeded 80x72 PNGs (a coloured disc on noise) and, optionally, a corrupt ``broken.png``."""
     from PIL import ImageDraw
 
@@ -73,7 +73,9 @@ def write_images(folder: Path, count: int, *, seed: int = 0, corrupt: bool = Tru
     for i in range(count):
         image = Image.fromarray(rng.integers(0, 256, size=(72, 80, 3), dtype=np.uint8))
         x, y = rng.integers(10, 50, size=2)
-        ImageDraw.Draw(image).ellipse([int(x), int(y), int(x) + 24, int(y) + 24], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        ImageDraw.Draw(image).ellipse(
+            [int(x), int(y), int(x) + 24, int(y) + 24], fill=tuple(int(c) for c in rng.integers(0, 256, 3))
+        )
         paths.append(folder / f"image {i}.png")
         image.save(paths[-1])
     if corrupt:
@@ -86,10 +88,10 @@ class PageParser(HTMLParser):
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
-        self.ids: List[str] = []
-        self.images: List[str] = []
-        self.texts: List[str] = []
-        self.tags: List[str] = []
+        self.ids: list[str] = []
+        self.images: list[str] = []
+        self.texts: list[str] = []
+        self.tags: list[str] = []
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
@@ -117,7 +119,7 @@ def section(html: str, name: str) -> str:
     return match.group(1)
 
 
-def ok_records(out: Path) -> List[Dict]:
+def ok_records(out: Path) -> list[dict]:
     records = [json.loads(p.read_text()) for p in sorted((out / "records").glob("*.json"))]
     return [r for r in records if r["status"] == "ok"]
 
@@ -135,13 +137,15 @@ def patched_loader(monkeypatch):
     return built
 
 
-def run_command(capsys, images: Path, out: Path, *extra: str) -> List[int]:
+def run_command(capsys, images: Path, out: Path, *extra: str) -> list[int]:
     """Run ``captum-iclip audit`` and return its (explained, reused, unreadable) counts."""
-    status = cli_main(["audit", "--images", str(images), "--prompts", ",".join(PROMPTS), "--out", str(out),
-                       "--no-progress", *extra])
+    status = cli_main(
+        ["audit", "--images", str(images), "--prompts", ",".join(PROMPTS), "--out", str(out), "--no-progress", *extra]
+    )
     assert status == 0
-    line = re.search(r"audit: (\d+) images explained, (\d+) reused from records, (\d+) unreadable",
-                     capsys.readouterr().out)
+    line = re.search(
+        r"audit: (\d+) images explained, (\d+) reused from records, (\d+) unreadable", capsys.readouterr().out
+    )
     assert line, "the command prints its work counts"
     return [int(n) for n in line.groups()]
 
@@ -157,7 +161,12 @@ def test_command_writes_a_complete_report_and_resumes(tmp_path, capsys, patched_
     for name in ("prompts", "flagged", "unreadable", "images", "run"):
         assert name in page.ids
     # Self-contained: no script, no external resource.
-    assert "<script" not in html and "http://" not in html and "https://" not in html and "<link rel=\"stylesheet\"" not in html
+    assert (
+        "<script" not in html
+        and "http://" not in html
+        and "https://" not in html
+        and '<link rel="stylesheet"' not in html
+    )
     # 3 images: one thumbnail and top-2 prompts x 4 methods (iclip included: the model is dual) each.
     assert len(page.images) == 3 * (1 + 2 * 4)
     assert all((out / src).is_file() and (out / src).stat().st_size > 0 for src in page.images)
@@ -199,8 +208,15 @@ def test_user_strings_are_escaped(tmp_path):
     model = tiny_audit_model(prompts)
     images = tmp_path / "in"
     write_images(images, 1, corrupt=False)[0].rename(images / 'x<i>&"y.png')
-    summary = audit(images, prompts, sim=model.sim, preprocess=model.preprocess, out_dir=tmp_path / "out",
-                        methods=["raw"], progress=False)
+    summary = audit(
+        images,
+        prompts,
+        sim=model.sim,
+        preprocess=model.preprocess,
+        out_dir=tmp_path / "out",
+        methods=["raw"],
+        progress=False,
+    )
     html = summary.index.read_text(encoding="utf-8")
     assert '<b>&"' not in html and "<script" not in html and "<i>" not in html
     assert "&lt;b&gt;&amp;&quot;" in html and "x&lt;i&gt;&amp;&quot;y.png" in html
@@ -218,7 +234,7 @@ def test_background_flag_on_a_constructed_case(tmp_path):
     def right_and_top_left(images, targets):
         # Mass: right half (2048 px) outside, top-left quarter (1024 px) inside: 2/3 outside.
         maps = torch.zeros(images.shape[0], 1, IMAGE_SIZE, IMAGE_SIZE)
-        maps[..., IMAGE_SIZE // 2:] = 1.0
+        maps[..., IMAGE_SIZE // 2 :] = 1.0
         maps[..., : IMAGE_SIZE // 2, : IMAGE_SIZE // 2] = 1.0
         return maps
 
@@ -229,9 +245,18 @@ def test_background_flag_on_a_constructed_case(tmp_path):
 
     images = tmp_path / "in"
     write_images(images, 2, corrupt=False)
-    summary = audit(images, PROMPTS, sim=model.sim, preprocess=model.preprocess, out_dir=tmp_path / "out",
-                        methods={"spread": right_and_top_left, "left": left}, mask_provider=left_half,
-                        top_k=1, low_confidence=0.6, progress=False)
+    summary = audit(
+        images,
+        PROMPTS,
+        sim=model.sim,
+        preprocess=model.preprocess,
+        out_dir=tmp_path / "out",
+        methods={"spread": right_and_top_left, "left": left},
+        mask_provider=left_half,
+        top_k=1,
+        low_confidence=0.6,
+        progress=False,
+    )
     records = ok_records(tmp_path / "out")
     assert len(records) == 2
     for record in records:
@@ -250,8 +275,16 @@ def test_without_masks_the_background_flag_is_not_computed(tmp_path):
     model = tiny_audit_model(PROMPTS, dual=False, masks=False)
     images = tmp_path / "in"
     write_images(images, 1, corrupt=False)
-    summary = audit(images, PROMPTS, sim=model.sim, preprocess=model.preprocess, out_dir=tmp_path / "out",
-                        methods=["raw", "mmp"], top_k=1, progress=False)
+    summary = audit(
+        images,
+        PROMPTS,
+        sim=model.sim,
+        preprocess=model.preprocess,
+        out_dir=tmp_path / "out",
+        methods=["raw", "mmp"],
+        top_k=1,
+        progress=False,
+    )
     html = summary.index.read_text(encoding="utf-8")
     assert "<em>not computed</em>: no foreground mask provider" in section(html, "flagged")
     assert "looks at the background</span>" not in html

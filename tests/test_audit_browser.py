@@ -5,27 +5,34 @@ thread) and also opened from ``file://``; every ``<img>`` must load and the
 console must stay free of errors. A full-page screenshot goes to ``tmp_path``.
 No browser is downloaded: CI installs Chromium with ``tests/install-browser.sh``.
 """
+
 from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator, List
 
 import pytest
+from test_audit import PROMPTS, tiny_audit_model, write_images
 
 from captum_iclip.audit import audit
-from test_audit import PROMPTS, tiny_audit_model, write_images
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--disable-sync", "--no-first-run", "--disable-quic",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
 ]
 
 pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason=f"{CHROMIUM} is absent; install it with tests/install-browser.sh (apt-get install chromium)"
+    not CHROMIUM.exists(),
+    reason=f"{CHROMIUM} is absent; install it with tests/install-browser.sh (apt-get install chromium)",
 )
 
 ALL_IMAGES_LOADED = """() => Array.from(document.images).map(img => ({
@@ -44,8 +51,17 @@ def report(tmp_path_factory) -> Path:
     write_images(folder / "in", 2)
     prompts = PROMPTS + ['<b>&"']
     model = tiny_audit_model(prompts)
-    return audit(folder / "in", prompts, sim=model.sim, preprocess=model.preprocess, out_dir=folder / "report",
-                     mask_provider=model.mask_provider, top_k=2, model_name=model.name, progress=False).index
+    return audit(
+        folder / "in",
+        prompts,
+        sim=model.sim,
+        preprocess=model.preprocess,
+        out_dir=folder / "report",
+        mask_provider=model.mask_provider,
+        top_k=2,
+        model_name=model.name,
+        progress=False,
+    ).index
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +93,7 @@ def browser():
 def open_page(browser, url: str):
     """Open ``url`` and return (page, errors): console errors and uncaught page errors."""
     page = browser.new_page(viewport={"width": 1280, "height": 900})
-    errors: List[str] = []
+    errors: list[str] = []
     page.on("console", lambda message: errors.append(f"console: {message.text}") if message.type == "error" else None)
     page.on("pageerror", lambda error: errors.append(f"pageerror: {error}"))
     page.on("requestfailed", lambda request: errors.append(f"request failed: {request.url}"))

@@ -1,11 +1,12 @@
 """Bad input fails early with an error that names the argument and what was expected."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_images
 
 from captum_iclip import CLIPSimilarity, ITSMAttribution
-from conftest import make_images
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +39,23 @@ class NoForward:
 @pytest.mark.parametrize(
     "images, error, message",
     [
-        (make_images(3, 224, 224), ValueError, r"inputs: expected a 4-D tensor \(N, 3, H, W\), got shape \(3, 224, 224\)"),
+        (
+            make_images(3, 224, 224),
+            ValueError,
+            r"inputs: expected a 4-D tensor \(N, 3, H, W\), got shape \(3, 224, 224\)",
+        ),
         (make_images(1, 1, 224, 224), ValueError, r"inputs: expected 3 colour channels"),
-        (make_images(1, 3, 224, 230), ValueError, r"inputs: image size 224x230 is not divisible by .* patch size 32x32"),
+        (
+            make_images(1, 3, 224, 230),
+            ValueError,
+            r"inputs: image size 224x230 is not divisible by .* patch size 32x32",
+        ),
         (make_images(0, 3, 224, 224), ValueError, r"inputs: the batch is empty"),
-        (make_images(1, 3, 224, 224).double(), TypeError, r"inputs: images have dtype torch.float64 but the model has torch.float32"),
+        (
+            make_images(1, 3, 224, 224).double(),
+            TypeError,
+            r"inputs: images have dtype torch.float64 but the model has torch.float32",
+        ),
         (torch.zeros(1, 3, 224, 224, dtype=torch.uint8), TypeError, r"inputs: expected a floating-point tensor"),
         (torch.empty(1, 3, 224, 224, device="meta"), ValueError, r"inputs: images are on meta but the model is on cpu"),
         (make_images(1, 3, 224, 224).numpy(), TypeError, r"inputs: expected a torch.Tensor"),
@@ -73,7 +86,10 @@ def test_bad_target(vit_b32, itsm, image, target, message):
 
 
 def test_unknown_variant(vit_b32, itsm, image):
-    with NoForward(vit_b32), pytest.raises(ValueError, match=r"variant: expected one of \('plain', 'surgery'\), got 'gradcam'"):
+    with (
+        NoForward(vit_b32),
+        pytest.raises(ValueError, match=r"variant: expected one of \('plain', 'surgery'\), got 'gradcam'"),
+    ):
         itsm.attribute(image, variant="gradcam")
 
 
@@ -98,7 +114,12 @@ def test_negative_surgery_depth_on_a_resnet(tiny_resnet):
 
 
 def test_unknown_projection(vit_b32, itsm, image):
-    with NoForward(vit_b32), pytest.raises(ValueError, match=r"projection: expected one of \('auto', 'recognition', 'interpretability'\), got 'text'"):
+    with (
+        NoForward(vit_b32),
+        pytest.raises(
+            ValueError, match=r"projection: expected one of \('auto', 'recognition', 'interpretability'\), got 'text'"
+        ),
+    ):
         itsm.attribute(image, projection="text")
 
 
@@ -124,7 +145,10 @@ def test_prompts_without_a_tokenizer(vit_b32):
 
 @pytest.mark.parametrize(
     "features, message",
-    [(torch.randn(2, 256), r"text_features: expected dimension 512, got 256"), (torch.randn(512), r"text_features: expected a non-empty \(K, D\)")],
+    [
+        (torch.randn(2, 256), r"text_features: expected dimension 512, got 256"),
+        (torch.randn(512), r"text_features: expected a non-empty \(K, D\)"),
+    ],
     ids=["dimension", "rank"],
 )
 def test_bad_text_features(vit_b32, features, message):

@@ -5,6 +5,7 @@ Captum's methods and ours explain the same number: ``target=k`` is prompt k of t
 ``sim(x)[:, k]``, Occlusion against a whole-image window, and the metrics against
 their definitions on a deterministic perturbation.
 """
+
 from __future__ import annotations
 
 import matplotlib
@@ -14,13 +15,12 @@ matplotlib.use("Agg")
 import pytest
 import torch
 import torch.nn.functional as F
-from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, NoiseTunnel, Occlusion
-from captum.attr import visualization
+from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, NoiseTunnel, Occlusion, visualization
 from captum.metrics import infidelity, sensitivity_max
+from conftest import PROMPTS, make_images
 from PIL import Image
 
 from captum_iclip import CLIPSimilarity, ITSMAttribution
-from conftest import PROMPTS, make_images
 
 TARGET = 1
 
@@ -63,7 +63,7 @@ def test_noise_tunnel_smooths_itsm(sim_b32, image):
         image, nt_type="smoothgrad", nt_samples=2, stdevs=0.1, target=TARGET
     )
     assert smoothed.shape == (1, 1, 224, 224)
-    assert 0 <= smoothed.min() and smoothed.max() <= 1
+    assert smoothed.min() >= 0 and smoothed.max() <= 1
 
 
 # --- captum.metrics ---------------------------------------------------------------------
@@ -161,7 +161,9 @@ def test_occlusion_of_the_whole_image_is_the_score_drop(sim_b32, image, scores):
 def test_cosine_logits_and_probs_outputs(tiny_vit):
     images = make_images(2, 3, 8, 8, seed=22)
     text = torch.randn(4, 8, generator=torch.Generator().manual_seed(22))
-    cosine, logits, probs = (CLIPSimilarity(tiny_vit, text_features=text, output=kind)(images) for kind in ("cosine", "logits", "probs"))
+    cosine, logits, probs = (
+        CLIPSimilarity(tiny_vit, text_features=text, output=kind)(images) for kind in ("cosine", "logits", "probs")
+    )
     expected = F.normalize(tiny_vit.encode_image(images), dim=-1) @ F.normalize(text, dim=-1).t()
     torch.testing.assert_close(cosine, expected, rtol=1e-5, atol=1e-6)
     scale = tiny_vit.logit_scale.exp()

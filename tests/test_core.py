@@ -69,11 +69,24 @@ def test_load_open_clip_from_a_model_config_and_checkpoint(tmp_path):
 
 def test_load_reads_a_hugging_face_folder_given_as_the_spec(tmp_path, hf_tokenizer):
     config = CLIPConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           patch_size=8, image_size=32),
-        text_config=dict(vocab_size=len(hf_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, bos_token_id=hf_tokenizer.bos_token_id,
-                         eos_token_id=hf_tokenizer.eos_token_id, pad_token_id=hf_tokenizer.pad_token_id),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            patch_size=8,
+            image_size=32,
+        ),
+        text_config=dict(
+            vocab_size=len(hf_tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            bos_token_id=hf_tokenizer.bos_token_id,
+            eos_token_id=hf_tokenizer.eos_token_id,
+            pad_token_id=hf_tokenizer.pad_token_id,
+        ),
         projection_dim=16,
     )
     torch.manual_seed(0)
@@ -129,14 +142,23 @@ def test_registry_entries_build_maps_and_new_methods_are_one_call(bundled):
     with pytest.raises(ValueError, match="kind: expected one of"):
         register_method(MethodInfo("x", "X", "k", "magic", REGISTRY["raw"].build))
 
-    info = register_method(MethodInfo("test-negated-raw", "negated raw", "black", "itsm",
-                                      lambda sim, options: (lambda x, t: -build_method("raw", sim)(x, t)),
-                                      itsm=("plain", "recognition")))
+    info = register_method(
+        MethodInfo(
+            "test-negated-raw",
+            "negated raw",
+            "black",
+            "itsm",
+            lambda sim, options: lambda x, t: -build_method("raw", sim)(x, t),
+            itsm=("plain", "recognition"),
+        )
+    )
     try:
         assert "test-negated-raw" in method_names() and info.applies_to(plain_sim)
         images = bundled.preprocess(generate_scene(HELDOUT_SEED_START).pil())[None]
-        assert torch.equal(build_method("test-negated-raw", plain_sim)(images, torch.tensor([1])),
-                           -build_method("raw", plain_sim)(images, torch.tensor([1])))
+        assert torch.equal(
+            build_method("test-negated-raw", plain_sim)(images, torch.tensor([1])),
+            -build_method("raw", plain_sim)(images, torch.tensor([1])),
+        )
     finally:
         del REGISTRY["test-negated-raw"]
 
@@ -195,6 +217,8 @@ def test_a_missing_extra_is_named_in_the_error(monkeypatch):
     from captum_iclip._optional import require
 
     monkeypatch.setitem(sys.modules, "webdataset", None)  # what Python sees when a package is not installed
-    with pytest.raises(ImportError, match=r"shards: expected the optional dependency 'webdataset'.*captum-iclip\[train\]"):
+    with pytest.raises(
+        ImportError, match=r"shards: expected the optional dependency 'webdataset'.*captum-iclip\[train\]"
+    ):
         require("webdataset", "shards")
     assert require("numpy", "anything") is np

@@ -15,9 +15,9 @@ from captum_iclip.datasets import (
     COCO_STUFF_CLASSES,
     CONTEXT59_CLASSES,
     VOC_CLASSES,
+    Cityscapes,
     COCOInstances,
     COCOStuff,
-    Cityscapes,
     FolderDataset,
     PascalContext59,
     VOCSegmentation,
@@ -278,9 +278,7 @@ def test_cityscapes_tree(tmp_path):
     for name in names:
         city = name.split("_")[0]
         _write_image(tmp_path / "leftImg8bit" / "val" / city / f"{name}_leftImg8bit.png", 2, 3)
-        _write_grey_png(
-            tmp_path / "gtFine" / "val" / city / f"{name}_gtFine_labelTrainIds.png", label
-        )
+        _write_grey_png(tmp_path / "gtFine" / "val" / city / f"{name}_gtFine_labelTrainIds.png", label)
     # Other gtFine products in the same folder must not be confused with train ids.
     _write_grey_png(
         tmp_path / "gtFine" / "val" / "lindau" / "lindau_000000_000019_gtFine_labelIds.png",

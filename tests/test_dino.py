@@ -157,8 +157,12 @@ def test_teacher_differs_from_student_and_follows_the_ema(monkeypatch):
     def recording_update(teacher, student, momentum):
         before = [p.clone() for p in teacher.parameters()]
         real_update(teacher, student, momentum)
-        captured.update(before=before, after=[p.clone() for p in teacher.parameters()],
-                        student=[p.clone() for p in student.parameters()], momentum=momentum)
+        captured.update(
+            before=before,
+            after=[p.clone() for p in teacher.parameters()],
+            student=[p.clone() for p in student.parameters()],
+            momentum=momentum,
+        )
 
     monkeypatch.setattr(dino, "ema_update", recording_update)
     config = DINOConfig(**TINY, steps=1, momentum_start=0.9)
@@ -183,8 +187,9 @@ def test_training_is_reproducible_with_a_fixed_seed():
 def test_worker_processes_change_the_speed_not_the_result():
     config = DINOConfig(**TINY, steps=3, drop_path_rate=0.1)
     in_process, stats = train_dino(random_images(6), config, progress=False)
-    workers, stats_workers = train_dino(random_images(6), DINOConfig(**TINY, steps=3, drop_path_rate=0.1, data_workers=2),
-                                        progress=False)
+    workers, stats_workers = train_dino(
+        random_images(6), DINOConfig(**TINY, steps=3, drop_path_rate=0.1, data_workers=2), progress=False
+    )
     assert stats["losses"] == stats_workers["losses"]
     for a, b in zip(in_process.state_dict().values(), workers.state_dict().values()):
         assert torch.equal(a, b)
@@ -196,7 +201,7 @@ def test_batches_are_epoch_permutations_and_a_pure_function_of_the_step():
     batches = _AugmentedBatches(random_images(6), DINOConfig(**TINY, steps=6))
     drawn = [batches.indices(step) for step in range(6)]  # 24 positions = 4 epochs of 6 images
     flat = sum(drawn, [])
-    assert [sorted(flat[e * 6:(e + 1) * 6]) for e in range(4)] == [list(range(6))] * 4
+    assert [sorted(flat[e * 6 : (e + 1) * 6]) for e in range(4)] == [list(range(6))] * 4
     assert flat[:6] != flat[6:12]  # a new order each epoch
     later_first = batches[4]
     torch.manual_seed(123)
@@ -283,8 +288,13 @@ def test_resume_of_a_finished_run_trains_nothing_and_other_settings_are_refused(
     for a, b in zip(first.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
     # thread count and checkpoint cadence do not change the trajectory; the lr does
-    train_dino(random_images(4), DINOConfig(**TINY, steps=2, checkpoint_every=5, num_threads=1),
-               out_dir=tmp_path, progress=False, resume=True)
+    train_dino(
+        random_images(4),
+        DINOConfig(**TINY, steps=2, checkpoint_every=5, num_threads=1),
+        out_dir=tmp_path,
+        progress=False,
+        resume=True,
+    )
     with pytest.raises(ValueError, match=r"\['lr'\]"):
         train_dino(random_images(4), DINOConfig(**TINY, steps=2, lr=0.5), out_dir=tmp_path, progress=False, resume=True)
     with pytest.raises(ValueError, match="out_dir"):

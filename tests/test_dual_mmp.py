@@ -1,13 +1,19 @@
 """Dual projections (docs/methods.md §4), masked max pooling and its attribution (docs/methods.md §3)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
-from captum_iclip import CLIPSimilarity, DualProjectionCLIP, ITSMAttribution, MaskedMaxPooling, MaskedMaxPoolingAttribution
-from captum_iclip.models.adapters import get_adapter
-
 from conftest import PROMPTS, make_images
+
+from captum_iclip import (
+    CLIPSimilarity,
+    DualProjectionCLIP,
+    ITSMAttribution,
+    MaskedMaxPooling,
+    MaskedMaxPoolingAttribution,
+)
+from captum_iclip.models.adapters import get_adapter
 
 
 # --- DualProjectionCLIP ----------------------------------------------------------------
@@ -86,8 +92,12 @@ def test_similarity_scores_come_from_recognition_and_maps_from_interpretability(
     with torch.no_grad():
         assert torch.equal(wrapped(images), plain(images))
     auto = ITSMAttribution(wrapped).attribute(images, normalize=False, interpolate=False)
-    recognition = ITSMAttribution(wrapped).attribute(images, normalize=False, interpolate=False, projection="recognition")
-    torch.testing.assert_close(recognition, ITSMAttribution(plain).attribute(images, normalize=False, interpolate=False))
+    recognition = ITSMAttribution(wrapped).attribute(
+        images, normalize=False, interpolate=False, projection="recognition"
+    )
+    torch.testing.assert_close(
+        recognition, ITSMAttribution(plain).attribute(images, normalize=False, interpolate=False)
+    )
     assert not torch.allclose(auto, recognition)
 
 

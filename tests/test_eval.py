@@ -5,6 +5,7 @@ registered from a model-config JSON and saved as a checkpoint, so the command
 line, in this process and under ``torchrun`` in a subprocess, loads exactly
 the model the in-process API is given.
 """
+
 from __future__ import annotations
 
 import csv
@@ -81,11 +82,35 @@ def sim(files, dataset) -> CLIPSimilarity:
 
 def _cli_args(files, out, methods="raw,mmp,gradcam"):
     return [
-        "--dataset", "voc", "--root", str(files["root"]), "--model-config", str(files["config"]),
-        "--model", MODEL_NAME, "--checkpoint", str(files["checkpoint"]), "--device", "cpu",
-        "--method", methods, "--task", "localization,segmentation,faithfulness",
-        "--pointing-tolerance", str(TOLERANCE), "--batch-size", "2", "--faithfulness-samples", "2",
-        "--faithfulness-perturbations", "2", "--examples", "2", "--no-progress", "--out", str(out),
+        "--dataset",
+        "voc",
+        "--root",
+        str(files["root"]),
+        "--model-config",
+        str(files["config"]),
+        "--model",
+        MODEL_NAME,
+        "--checkpoint",
+        str(files["checkpoint"]),
+        "--device",
+        "cpu",
+        "--method",
+        methods,
+        "--task",
+        "localization,segmentation,faithfulness",
+        "--pointing-tolerance",
+        str(TOLERANCE),
+        "--batch-size",
+        "2",
+        "--faithfulness-samples",
+        "2",
+        "--faithfulness-perturbations",
+        "2",
+        "--examples",
+        "2",
+        "--no-progress",
+        "--out",
+        str(out),
     ]
 
 
@@ -94,10 +119,19 @@ def _without_timing(results: dict) -> dict:
 
 
 def test_evaluate_writes_results_that_match_a_direct_computation(tmp_path, sim, dataset):
-    config = EvalConfig("voc", "unused", methods=["raw", "surgery", "mmp"],
-                        tasks=["localization", "segmentation", "faithfulness"], pointing_tolerance=TOLERANCE,
-                        batch_size=4, faithfulness_samples=3, faithfulness_perturbations=2, examples=2,
-                        out=str(tmp_path), progress=False)
+    config = EvalConfig(
+        "voc",
+        "unused",
+        methods=["raw", "surgery", "mmp"],
+        tasks=["localization", "segmentation", "faithfulness"],
+        pointing_tolerance=TOLERANCE,
+        batch_size=4,
+        faithfulness_samples=3,
+        faithfulness_perturbations=2,
+        examples=2,
+        out=str(tmp_path),
+        progress=False,
+    )
     results = evaluate(config, sim, dataset=dataset, model_name=MODEL_NAME)
 
     # Direct computation for `raw`: image by image, through the public pieces.
@@ -151,8 +185,11 @@ def test_sliding_window_with_one_window_equals_the_whole_image(sim, dataset):
     one_window = evaluate(EvalConfig("voc", "unused", slide=True, window=RESOLUTION, **common), sim, dataset=dataset)
     assert one_window["methods"]["surgery"]["segmentation"] == whole["methods"]["surgery"]["segmentation"]
     # Larger inputs, 3 x 3 overlapping windows: still a full, valid segmentation.
-    slid = evaluate(EvalConfig("voc", "unused", **{**common, "resolution": 64}, slide=True, window=32, stride=16),
-                    sim, dataset=dataset)
+    slid = evaluate(
+        EvalConfig("voc", "unused", **{**common, "resolution": 64}, slide=True, window=32, stride=16),
+        sim,
+        dataset=dataset,
+    )
     assert slid["segmentation_window"] == {"window": 32, "stride": 16}
     assert slid["methods"]["surgery"]["segmentation"]["pixels"] == NUM_IMAGES * 64 * 64
 
@@ -181,15 +218,23 @@ def test_shards_partition_the_dataset_in_whole_batches(size, batch_size, world_s
     shards = [shard_indices(size, batch_size, rank, world_size) for rank in range(world_size)]
     assert sorted(i for shard in shards for i in shard) == list(range(size))
     single_batches = [list(range(i, min(i + batch_size, size))) for i in range(0, size, batch_size)]
-    sharded_batches = [shard[i:i + batch_size] for shard in shards for i in range(0, len(shard), batch_size)]
+    sharded_batches = [shard[i : i + batch_size] for shard in shards for i in range(0, len(shard), batch_size)]
     assert sorted(sharded_batches) == single_batches
 
 
 def test_two_gloo_processes_equal_one_process(tmp_path, files):
     assert main(_cli_args(files, tmp_path / "one")) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               "-m", "captum_iclip.eval", *_cli_args(files, tmp_path / "two")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "captum_iclip.eval",
+        *_cli_args(files, tmp_path / "two"),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     one = json.loads((tmp_path / "one" / "results.json").read_text())
@@ -227,9 +272,12 @@ def test_methods_follow_captums_explanation_function_contract(sim):
     # Same perturbations, computed by hand for each image.
     torch.manual_seed(0)
     for i in range(2):
-        base = run(images[i:i + 1], 0)
+        base = run(images[i : i + 1], 0)
         worst = max(
-            float((run(images[i:i + 1] + (torch.rand_like(images[i:i + 1]) * 2 - 1) * 0.02, 0) - base).norm() / base.norm())
+            float(
+                (run(images[i : i + 1] + (torch.rand_like(images[i : i + 1]) * 2 - 1) * 0.02, 0) - base).norm()
+                / base.norm()
+            )
             for _ in range(200)
         )
         assert float(scores[i]) <= worst * 1.5

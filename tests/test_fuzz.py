@@ -19,24 +19,26 @@
 
 Seeds are fixed, so a failure reproduces; the case count keeps the module at a few seconds.
 """
+
 from __future__ import annotations
 
 import json
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from conftest import make_images
 from PIL import Image
 
 from captum_iclip import CLIPSimilarity, DualProjectionCLIP, ITSMAttribution, MaskedMaxPoolingAttribution
 from captum_iclip.datasets import COCOInstances, FolderDataset, VOCSegmentation
 from captum_iclip.training.data import CsvImageTextDataset
-from conftest import make_images
 
 Tensor = torch.Tensor
 
@@ -56,7 +58,7 @@ class Part:
     meaning: Any = None
 
 
-def image_part(rng: random.Random, base: Tensor) -> Tuple[str, Part]:
+def image_part(rng: random.Random, base: Tensor) -> tuple[str, Part]:
     kinds = {
         "batch": lambda: Part(base, True, slice(None)),
         "first image": lambda: Part(base[:1], True, slice(0, 1)),
@@ -72,7 +74,9 @@ def image_part(rng: random.Random, base: Tensor) -> Tuple[str, Part]:
         "4 channels": lambda: Part(torch.cat([base, base[:, :1]], 1), False),
         "size 6x8": lambda: Part(base[..., :6, :], False),
         "empty batch": lambda: Part(base[:0], False),
-        "NaN pixel": lambda: Part(base.clone().index_put_((torch.tensor(0), torch.tensor(1)), torch.tensor(float("nan"))), False),
+        "NaN pixel": lambda: Part(
+            base.clone().index_put_((torch.tensor(0), torch.tensor(1)), torch.tensor(float("nan"))), False
+        ),
         "inf pixel": lambda: Part(torch.where(base > 2, torch.inf, base), bool((base <= 2).all()), slice(None)),
         "numpy": lambda: Part(base.numpy(), False),
         "list": lambda: Part(base.tolist(), False),
@@ -82,7 +86,7 @@ def image_part(rng: random.Random, base: Tensor) -> Tuple[str, Part]:
     return name, kinds[name]()
 
 
-def target_part(rng: random.Random, batch: int) -> Tuple[str, Part]:
+def target_part(rng: random.Random, batch: int) -> tuple[str, Part]:
     index = [rng.randrange(3) for _ in range(batch)]
     kinds = {
         "None": lambda: Part(None, True, None),
@@ -108,7 +112,7 @@ def target_part(rng: random.Random, batch: int) -> Tuple[str, Part]:
     return name, kinds[name]()
 
 
-def mask_part(rng: random.Random, batch: int) -> Tuple[str, Part]:
+def mask_part(rng: random.Random, batch: int) -> tuple[str, Part]:
     bits = torch.tensor([[rng.random() < 0.5 for _ in range(GRID * GRID)] for _ in range(batch)])
     grid = bits.reshape(batch, GRID, GRID)
     everything = torch.ones(batch, GRID * GRID, dtype=torch.bool)
@@ -148,7 +152,7 @@ def test_attribute_gives_a_clear_error_or_the_correct_map(fuzz_sim):
     # References, by another path: every prompt at once on the canonical batch; for MMP, a provider per mask.
     reference = {name: methods[name](base, None, None) for name in ("raw", "surgery")}
 
-    def expected(method: str, rows: slice, index: Optional[List[int]], mask: Tensor) -> Tensor:
+    def expected(method: str, rows: slice, index: list[int] | None, mask: Tensor) -> Tensor:
         if method == "mmp":
             maps = MaskedMaxPoolingAttribution(fuzz_sim, mask_provider=mask).attribute(base[rows], target=None)
         else:
@@ -180,7 +184,7 @@ def test_attribute_gives_a_clear_error_or_the_correct_map(fuzz_sim):
         assert isinstance(out, tuple) == isinstance(images.value, tuple), label
         want = expected(method, images.meaning, target.meaning, mask.meaning)
         assert maps.shape == want.shape and torch.isfinite(maps).all(), label
-        torch.testing.assert_close(maps, want, msg=lambda m: f"{label}: {m}")
+        torch.testing.assert_close(maps, want, msg=lambda m, label=label: f"{label}: {m}")
         outcomes["map"] += 1
     assert min(outcomes.values()) > ATTRIBUTE_CASES // 5, outcomes  # both outcomes well exercised
 
@@ -220,7 +224,7 @@ def test_prompts_and_templates_give_a_clear_error_or_the_right_embeddings(tiny_v
         assert prompts.valid and templates.valid, f"{label}: invalid input accepted"
         # Each row is that prompt's own embedding: prompts embedded one by one give the same rows.
         one_by_one = torch.cat([sim.encode_prompts([p]) for p in prompts.value])
-        torch.testing.assert_close(sim.text_features, one_by_one, msg=lambda m: f"{label}: {m}")
+        torch.testing.assert_close(sim.text_features, one_by_one, msg=lambda m, label=label: f"{label}: {m}")
         assert sim.prompts == list(prompts.value)
 
 
@@ -238,7 +242,7 @@ def _label(rng: np.random.Generator, classes: int, height: int = 6, width: int =
     return rng.integers(0, classes, (height, width)).astype(np.uint8)
 
 
-def make_voc(root: Path, rng: np.random.Generator) -> Tuple[Callable[[], Any], List[Path]]:
+def make_voc(root: Path, rng: np.random.Generator) -> tuple[Callable[[], Any], list[Path]]:
     voc = root / "VOCdevkit" / "VOC2012"
     files = []
     for stem in ("a", "b"):
@@ -254,7 +258,7 @@ def make_voc(root: Path, rng: np.random.Generator) -> Tuple[Callable[[], Any], L
     return lambda: VOCSegmentation(root), [split] + files
 
 
-def make_folder(root: Path, rng: np.random.Generator) -> Tuple[Callable[[], Any], List[Path]]:
+def make_folder(root: Path, rng: np.random.Generator) -> tuple[Callable[[], Any], list[Path]]:
     (root / "classes.txt").parent.mkdir(parents=True, exist_ok=True)
     (root / "classes.txt").write_text("background\ncircle\nsquare\n")
     files = [root / "classes.txt"]
@@ -265,7 +269,7 @@ def make_folder(root: Path, rng: np.random.Generator) -> Tuple[Callable[[], Any]
     return lambda: FolderDataset(root), files
 
 
-def make_coco(root: Path, rng: np.random.Generator) -> Tuple[Callable[[], Any], List[Path]]:
+def make_coco(root: Path, rng: np.random.Generator) -> tuple[Callable[[], Any], list[Path]]:
     images, annotations = [], []
     files = []
     for image_id in (1, 2):
@@ -273,12 +277,28 @@ def make_coco(root: Path, rng: np.random.Generator) -> Tuple[Callable[[], Any], 
         _png(root / "val2017" / name, _image(rng))
         files.append(root / "val2017" / name)
         images.append({"id": image_id, "file_name": name, "height": 6, "width": 8})
-        annotations.append({"id": image_id, "image_id": image_id, "category_id": 3, "iscrowd": 0, "area": 12.0,
-                            "bbox": [1, 1, 4, 3], "segmentation": [[1, 1, 5, 1, 5, 4, 1, 4]]})
+        annotations.append(
+            {
+                "id": image_id,
+                "image_id": image_id,
+                "category_id": 3,
+                "iscrowd": 0,
+                "area": 12.0,
+                "bbox": [1, 1, 4, 3],
+                "segmentation": [[1, 1, 5, 1, 5, 4, 1, 4]],
+            }
+        )
     path = root / "annotations" / "instances_val2017.json"
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"images": images, "annotations": annotations,
-                                "categories": [{"id": 3, "name": "car", "supercategory": "vehicle"}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "images": images,
+                "annotations": annotations,
+                "categories": [{"id": 3, "name": "car", "supercategory": "vehicle"}],
+            }
+        )
+    )
     return lambda: COCOInstances(root), [path] + files
 
 
@@ -344,7 +364,9 @@ def test_readers_with_a_damaged_file_read_well_or_name_it(tmp_path, reader):
     for case in range(READER_CASES):
         root = tmp_path / f"{reader}-{case}"
         build, files = READERS[reader](root, np.random.default_rng(case))
-        victim = files[0] if case % 3 == 0 else rng.choice(files[1:])  # files[0]: the index (split, classes, annotations)
+        victim = (
+            files[0] if case % 3 == 0 else rng.choice(files[1:])
+        )  # files[0]: the index (split, classes, annotations)
         kind = damage(victim, rng)
         label = f"{reader} case {case}: {kind} {victim.relative_to(root)}"
         try:
@@ -362,7 +384,10 @@ def test_readers_with_a_damaged_file_read_well_or_name_it(tmp_path, reader):
 
 def test_training_csv_skips_damaged_images_and_names_a_damaged_table(tmp_path):
     rng = random.Random(7)
-    preprocess = lambda image: torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+    def preprocess(image):
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
     for case in range(8):
         root = tmp_path / f"csv-{case}"
         generator = np.random.default_rng(case)

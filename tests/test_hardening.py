@@ -3,6 +3,7 @@
 Each test failed on the code before its fix. Models are tiny random architectures
 (conftest) or the bundled shapes-tiny model where the defect is about it.
 """
+
 from __future__ import annotations
 
 import ast
@@ -17,14 +18,13 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from conftest import make_images
 from PIL import Image
 
 import captum_iclip
-from captum_iclip import zoo
-from captum_iclip import CLIPSimilarity, DualProjectionCLIP, ITSMAttribution, MaskedMaxPoolingAttribution
+from captum_iclip import CLIPSimilarity, DualProjectionCLIP, ITSMAttribution, MaskedMaxPoolingAttribution, zoo
 from captum_iclip._io import load_torch_file, read_image
 from captum_iclip.cli import main as cli_main
-from conftest import make_images
 
 PACKAGE = Path(captum_iclip.__file__).parent
 PROMPTS = ["a cat", "a dog", "a car"]
@@ -43,8 +43,13 @@ def one_error_line(capsys, prog: str) -> str:
 # --- 1. no code from checkpoints --------------------------------------------------------
 def _torch_load_calls(tree: ast.AST):
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
-                and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "load"
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "torch"
+        ):
             yield node
 
 
@@ -70,14 +75,14 @@ class _RunsCode:
 
 
 def test_crafted_training_checkpoint_runs_no_code_on_resume(tmp_path):
-    from captum_iclip.training.iclip import CHECKPOINT_FORMAT, TrainConfig, train
     from test_training import random_dataset, tiny_vit, tokenizer
+
+    from captum_iclip.training.iclip import CHECKPOINT_FORMAT, TrainConfig, train
 
     marker = tmp_path / "code-ran"
     crafted = tmp_path / "latest.pt"
     torch.save({"format": CHECKPOINT_FORMAT, "payload": _RunsCode(marker)}, crafted)
-    config = TrainConfig(output_dir=str(tmp_path / "run"), batch_size=2, workers=0, resume=str(crafted),
-                         device="cpu")
+    config = TrainConfig(output_dir=str(tmp_path / "run"), batch_size=2, workers=0, resume=str(crafted), device="cpu")
     with pytest.raises(ValueError, match=r"resume: cannot read .*latest\.pt"):
         train(config, model=tiny_vit(), dataset=random_dataset(4, 32), tokenizer=tokenizer())
     assert not marker.exists()
@@ -102,9 +107,11 @@ def test_corrupt_checkpoints_name_the_file(tmp_path, damage):
     path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a checkpoint at all")
     with pytest.raises(ValueError, match=rf"path: cannot read {re.escape(str(path))}"):
         load_torch_file(path)
-    clip = open_clip.model.CLIP(embed_dim=8, vision_cfg=open_clip.model.CLIPVisionCfg(
-        layers=1, width=16, head_width=8, patch_size=4, image_size=8),
-        text_cfg=open_clip.model.CLIPTextCfg(context_length=8, vocab_size=100, width=16, heads=2, layers=1))
+    clip = open_clip.model.CLIP(
+        embed_dim=8,
+        vision_cfg=open_clip.model.CLIPVisionCfg(layers=1, width=16, head_width=8, patch_size=4, image_size=8),
+        text_cfg=open_clip.model.CLIPTextCfg(context_length=8, vocab_size=100, width=16, heads=2, layers=1),
+    )
     with pytest.raises(ValueError, match=re.escape(str(path))):
         DualProjectionCLIP(clip).load_interpretability(path)
 
@@ -133,8 +140,24 @@ def test_train_command_trains_the_bundled_model(tmp_path, capsys, model):
 
     csv_path = _write_training_csv(tmp_path / "data", 4)
     out = tmp_path / "run"
-    status = cli_main(["train", "--train-data", str(csv_path), *model, "--batch-size", "2", "--workers", "0",
-                       "--output-dir", str(out), "--device", "cpu", "--lr", "1e-2"])
+    status = cli_main(
+        [
+            "train",
+            "--train-data",
+            str(csv_path),
+            *model,
+            "--batch-size",
+            "2",
+            "--workers",
+            "0",
+            "--output-dir",
+            str(out),
+            "--device",
+            "cpu",
+            "--lr",
+            "1e-2",
+        ]
+    )
     assert status == 0, capsys.readouterr().err
     stats = json.loads((out / "stats.json").read_text())
     assert stats["steps"] == 2 and stats["samples"] == 4 and stats["mode"] == "projection"
@@ -153,9 +176,24 @@ def test_training_where_every_image_is_unreadable_fails(tmp_path, capsys):
     from test_training import write_model_config
 
     csv_path = _write_training_csv(tmp_path / "data", 4, corrupt=True)
-    status = cli_main(["train", "--train-data", str(csv_path), "--model-config", str(write_model_config(tmp_path)),
-                       "--from-scratch", "--batch-size", "2", "--workers", "0", "--output-dir", str(tmp_path / "run"),
-                       "--device", "cpu"])
+    status = cli_main(
+        [
+            "train",
+            "--train-data",
+            str(csv_path),
+            "--model-config",
+            str(write_model_config(tmp_path)),
+            "--from-scratch",
+            "--batch-size",
+            "2",
+            "--workers",
+            "0",
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert status == 2
     assert one_error_line(capsys, "captum-iclip train").startswith("train_data: no image could be read (4 skipped")
     assert not (tmp_path / "run" / "final.pt").exists()
@@ -163,16 +201,26 @@ def test_training_where_every_image_is_unreadable_fails(tmp_path, capsys):
 
 # --- 3. audits never audit their own output; the report follows the folder ------------------
 def _audit_kwargs(out: Path, prompts=None):
-    from test_audit import PROMPTS as AUDIT_PROMPTS, tiny_audit_model
+    from test_audit import PROMPTS as AUDIT_PROMPTS
+    from test_audit import tiny_audit_model
 
     model = tiny_audit_model(list(prompts or AUDIT_PROMPTS))
-    return dict(prompts=list(prompts or AUDIT_PROMPTS), sim=model.sim, preprocess=model.preprocess, out_dir=out,
-                mask_provider=model.mask_provider, methods=["raw"], top_k=1, progress=False)
+    return dict(
+        prompts=list(prompts or AUDIT_PROMPTS),
+        sim=model.sim,
+        preprocess=model.preprocess,
+        out_dir=out,
+        mask_provider=model.mask_provider,
+        methods=["raw"],
+        top_k=1,
+        progress=False,
+    )
 
 
 def test_audit_out_inside_images_is_not_audited(tmp_path):
-    from captum_iclip.audit import audit
     from test_audit import write_images
+
+    from captum_iclip.audit import audit
 
     images = tmp_path / "photos"
     write_images(images, 3, corrupt=False)
@@ -185,8 +233,9 @@ def test_audit_out_inside_images_is_not_audited(tmp_path):
 
 
 def test_audit_lists_dangling_and_looping_links_as_unreadable(tmp_path):
-    from captum_iclip.audit import audit
     from test_audit import write_images
+
+    from captum_iclip.audit import audit
 
     images = tmp_path / "photos"
     write_images(images, 1, corrupt=False)
@@ -200,9 +249,10 @@ def test_audit_lists_dangling_and_looping_links_as_unreadable(tmp_path):
 
 
 def test_audit_report_drops_deleted_and_replaced_images(tmp_path):
+    from test_audit import write_images
+
     from captum_iclip.audit import audit
     from captum_iclip.audit import records as rec
-    from test_audit import write_images
 
     images = tmp_path / "photos"
     paths = write_images(images, 3, corrupt=False)
@@ -228,8 +278,21 @@ def test_audit_missing_images_folder_and_out_file_are_errors(tmp_path, capsys):
 
     with pytest.raises(ValueError, match="images: no file or folder at"):
         audit(tmp_path / "nope", **_audit_kwargs(tmp_path / "report"))
-    assert cli_main(["audit", "--images", str(tmp_path / "nope"), "--prompts", "a,b", "--out",
-                     str(tmp_path / "report"), "--no-progress"]) == 2
+    assert (
+        cli_main(
+            [
+                "audit",
+                "--images",
+                str(tmp_path / "nope"),
+                "--prompts",
+                "a,b",
+                "--out",
+                str(tmp_path / "report"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "images: no file or folder at" in one_error_line(capsys, "captum-iclip audit")
     (tmp_path / "file").write_text("x")
     assert cli_main(["audit", "--images", str(tmp_path), "--prompts", "a,b", "--out", str(tmp_path / "file")]) == 2
@@ -242,9 +305,11 @@ def tiny_sim(tiny_vit, tiny_tokenizer) -> CLIPSimilarity:
     return CLIPSimilarity(DualProjectionCLIP(tiny_vit), tiny_tokenizer, PROMPTS)
 
 
-@pytest.mark.parametrize("target", [torch.tensor(1.5), 1.5, [0.0, 1.0], torch.tensor([0.0, 1.0]), True,
-                                    torch.tensor(True)], ids=["tensor", "float", "list", "float tensor",
-                                                              "bool", "bool tensor"])
+@pytest.mark.parametrize(
+    "target",
+    [torch.tensor(1.5), 1.5, [0.0, 1.0], torch.tensor([0.0, 1.0]), True, torch.tensor(True)],
+    ids=["tensor", "float", "list", "float tensor", "bool", "bool tensor"],
+)
 def test_float_and_bool_targets_are_refused(tiny_sim, target):
     images = make_images(2, 3, 8, 8, seed=1)
     for method in (ITSMAttribution(tiny_sim), MaskedMaxPoolingAttribution(tiny_sim)):
@@ -265,8 +330,9 @@ def test_sixteen_bit_float_and_rotated_images_are_read_correctly(tmp_path):
     # float images: intensities in [0, 1]
     ramp = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
     Image.fromarray(ramp).save(tmp_path / "float.tif")
-    np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "float.tif"))[..., 1],
-                                  np.round(ramp * 255).astype(np.uint8))
+    np.testing.assert_array_equal(
+        np.asarray(read_image(tmp_path / "float.tif"))[..., 1], np.round(ramp * 255).astype(np.uint8)
+    )
     # EXIF orientation 6: stored 20 wide x 10 high, shown rotated (10 wide x 20 high)
     stored = Image.fromarray(np.zeros((10, 20, 3), dtype=np.uint8))
     exif = stored.getexif()
@@ -282,14 +348,20 @@ def test_every_command_reads_images_through_the_one_reader(tmp_path):
     from captum_iclip.training.data import load_image
     from captum_iclip.zoo import make_preprocess
 
-    openers = [str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
-               if re.search(r'Image\.open\(|\.convert\("RGB"\)', path.read_text(encoding="utf-8"))]
+    openers = [
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*.py")
+        if re.search(r'Image\.open\(|\.convert\("RGB"\)', path.read_text(encoding="utf-8"))
+    ]
     assert sorted(openers) == ["_io.py", "datasets/base.py"]  # base.py: label PNGs, read as indices
     ramp16 = (np.arange(8 * 8, dtype=np.uint32).reshape(8, 8) * 1000).astype(np.uint16)
     Image.fromarray(ramp16).save(tmp_path / "deep.png")
     expected = np.asarray(read_image(tmp_path / "deep.png"))
     assert expected.std() > 0 and expected.max() < 255  # not the all-white image convert("RGB") gives
-    to_tensor = lambda image: torch.from_numpy(np.array(image))
+
+    def to_tensor(image):
+        return torch.from_numpy(np.array(image))
+
     assert np.array_equal(np.asarray(open_images([str(tmp_path / "deep.png")])[0]), expected)
     assert np.array_equal(np.asarray(load_rgb_image(tmp_path / "deep.png")), expected)
     assert np.array_equal(load_image(tmp_path / "deep.png", to_tensor).numpy(), expected)
@@ -318,27 +390,34 @@ def test_mmp_delta_is_that_of_the_returned_attributions(tiny_sim):
     scores = raw.flatten(1).sum(1).double() + raw_delta.double()  # the pooled scores S_k
     assert raw_delta.abs().max() < 1e-5  # completeness
     for interpolate in (True, False):
-        norm, delta = mmp.attribute(images, target=[0, 2], normalize=True, interpolate=interpolate,
-                                    return_convergence_delta=True)
+        norm, delta = mmp.attribute(
+            images, target=[0, 2], normalize=True, interpolate=interpolate, return_convergence_delta=True
+        )
         assert torch.allclose(delta.double(), scores - norm.flatten(1).sum(1).double(), atol=1e-5)
         assert delta.abs().min() > 1e-3  # a normalised map does not sum to the score, and the delta says so
 
 
-@pytest.mark.parametrize("mask, message", [
-    (torch.full((2, 2, 2), 0.5), "only 0 and 1"),
-    (torch.tensor([[[1.0, float("nan")], [1.0, 0.0]]] * 2), "only 0 and 1"),
-    (torch.ones(2, 3, 3, dtype=torch.bool), r"grid \(3, 3\)"),
-    (torch.ones(2, 5, dtype=torch.bool), "5 patches"),
-    (torch.ones(3, 4, dtype=torch.bool), "3 masks"),
-], ids=["fractional", "nan", "wrong grid", "wrong count", "wrong batch"])
+@pytest.mark.parametrize(
+    "mask, message",
+    [
+        (torch.full((2, 2, 2), 0.5), "only 0 and 1"),
+        (torch.tensor([[[1.0, float("nan")], [1.0, 0.0]]] * 2), "only 0 and 1"),
+        (torch.ones(2, 3, 3, dtype=torch.bool), r"grid \(3, 3\)"),
+        (torch.ones(2, 5, dtype=torch.bool), "5 patches"),
+        (torch.ones(3, 4, dtype=torch.bool), "3 masks"),
+    ],
+    ids=["fractional", "nan", "wrong grid", "wrong count", "wrong batch"],
+)
 def test_mmp_per_call_mask_is_checked(tiny_sim, mask, message):
     mmp = MaskedMaxPoolingAttribution(tiny_sim)
     images = make_images(2, 3, 8, 8, seed=3)
     with pytest.raises(ValueError, match=message):
         mmp.attribute(images, target=0, mask=mask)
     good = torch.tensor([[[True, False], [False, True]]]).expand(2, -1, -1)
-    assert torch.equal(mmp.attribute(images, target=0, mask=good.float()),
-                       MaskedMaxPoolingAttribution(tiny_sim, mask_provider=good).attribute(images, target=0))
+    assert torch.equal(
+        mmp.attribute(images, target=0, mask=good.float()),
+        MaskedMaxPoolingAttribution(tiny_sim, mask_provider=good).attribute(images, target=0),
+    )
 
 
 def test_templates_given_as_one_string_are_refused(tiny_vit, tiny_tokenizer):
@@ -374,13 +453,19 @@ def test_text_features_of_another_float_dtype_are_cast_and_bad_ones_refused(tiny
 def test_a_model_in_train_mode_is_explained_in_eval_mode_and_left_as_given(tiny_resnet, tiny_tokenizer):
     images = make_images(2, 3, 64, 64, seed=5)
     evaluated = CLIPSimilarity(tiny_resnet, tiny_tokenizer, PROMPTS)
-    expected = (evaluated(images), ITSMAttribution(evaluated).attribute(images, target=1),
-                MaskedMaxPoolingAttribution(evaluated).attribute(images, target=1))
+    expected = (
+        evaluated(images),
+        ITSMAttribution(evaluated).attribute(images, target=1),
+        MaskedMaxPoolingAttribution(evaluated).attribute(images, target=1),
+    )
     model = copy.deepcopy(tiny_resnet).train()
     statistics = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
     sim = CLIPSimilarity(model, tiny_tokenizer, PROMPTS)
-    got = (sim(images), ITSMAttribution(sim).attribute(images, target=1),
-           MaskedMaxPoolingAttribution(sim).attribute(images, target=1))
+    got = (
+        sim(images),
+        ITSMAttribution(sim).attribute(images, target=1),
+        MaskedMaxPoolingAttribution(sim).attribute(images, target=1),
+    )
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
     assert all(module.training for module in model.modules())  # the caller's mode is given back
@@ -403,8 +488,21 @@ def test_weights_options_are_never_ignored(tmp_path, capsys):
             load_clip("shapes-tiny", checkpoint=str(tmp_path / "x.pt"))
     image = tmp_path / "x.png"
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(image)
-    assert cli_main(["explain", str(image), "--prompts", "a", "--checkpoint", str(tmp_path / "missing.pt"),
-                     "--out", str(tmp_path / "o.png")]) == 2
+    assert (
+        cli_main(
+            [
+                "explain",
+                str(image),
+                "--prompts",
+                "a",
+                "--checkpoint",
+                str(tmp_path / "missing.pt"),
+                "--out",
+                str(tmp_path / "o.png"),
+            ]
+        )
+        == 2
+    )
     assert one_error_line(capsys, "captum-iclip explain").startswith("--checkpoint: needs model_name")
     assert cli_main(["explain", str(image), "--prompts", "a", "--model", "RN50", "--out", str(tmp_path / "o.png")]) == 2
     assert "--random-weights" in one_error_line(capsys, "captum-iclip explain")
@@ -413,10 +511,15 @@ def test_weights_options_are_never_ignored(tmp_path, capsys):
 # --- 5. one-line errors ----------------------------------------------------------------------
 def _tiny_open_clip_config(folder: Path) -> Path:
     path = folder / "tiny-hardening.json"
-    path.write_text(json.dumps({"embed_dim": 8, "vision_cfg": {"image_size": 16, "layers": 1, "width": 16,
-                                "head_width": 8, "patch_size": 8},
-                                "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 2,
-                                             "layers": 1}}))
+    path.write_text(
+        json.dumps(
+            {
+                "embed_dim": 8,
+                "vision_cfg": {"image_size": 16, "layers": 1, "width": 16, "head_width": 8, "patch_size": 8},
+                "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
+            }
+        )
+    )
     open_clip.add_model_config(path)
     return path
 
@@ -431,12 +534,26 @@ def _folder_dataset(root: Path, damage: str) -> Path:
     return root
 
 
-@pytest.mark.parametrize("case", [
-    "unknown model", "cuda without GPU", "explain out is a folder", "explain resolution", "demo zero images",
-    "demo out is a file", "corrupt open_clip checkpoint", "eval corrupt image", "eval corrupt mask",
-    "train corrupt resume", "train cuda without GPU", "world zero scenes", "world root is a file",
-    "audit pretrained without model", "eval checkpoint without model",
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "unknown model",
+        "cuda without GPU",
+        "explain out is a folder",
+        "explain resolution",
+        "demo zero images",
+        "demo out is a file",
+        "corrupt open_clip checkpoint",
+        "eval corrupt image",
+        "eval corrupt mask",
+        "train corrupt resume",
+        "train cuda without GPU",
+        "world zero scenes",
+        "world root is a file",
+        "audit pretrained without model",
+        "eval checkpoint without model",
+    ],
+)
 def test_command_errors_are_one_line_naming_the_argument(tmp_path, capsys, case):
     if "cuda" in case and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -447,45 +564,102 @@ def test_command_errors_are_one_line_naming_the_argument(tmp_path, capsys, case)
     Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(image)
     (tmp_path / "a-file").write_text("x")
     explain = ["explain", str(image), "--prompts", "a,b", "--out", str(tmp_path / "o.png")]
-    train = ["train", "--train-data", str(_write_training_csv(tmp_path / "data", 2)), "--workers", "0",
-             "--batch-size", "2", "--output-dir", str(tmp_path / "run")]
+    train = [
+        "train",
+        "--train-data",
+        str(_write_training_csv(tmp_path / "data", 2)),
+        "--workers",
+        "0",
+        "--batch-size",
+        "2",
+        "--output-dir",
+        str(tmp_path / "run"),
+    ]
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"PK\x03\x04 truncated zip")
-    folder_eval = lambda damage: ["eval", "--dataset", "folder", "--root", str(_folder_dataset(tmp_path / "ds", damage)),
-                                  "--out", str(tmp_path / "e"), "--no-progress", "--examples", "0", "--device", "cpu"]
-    tiny_model = lambda: _tiny_open_clip_config(tmp_path).stem
+
+    def folder_eval(damage):
+        return [
+            "eval",
+            "--dataset",
+            "folder",
+            "--root",
+            str(_folder_dataset(tmp_path / "ds", damage)),
+            "--out",
+            str(tmp_path / "e"),
+            "--no-progress",
+            "--examples",
+            "0",
+            "--device",
+            "cpu",
+        ]
+
+    def tiny_model():
+        return _tiny_open_clip_config(tmp_path).stem
+
     cases = {  # case -> (argv, subcommand, what the message says)
         "unknown model": lambda: (explain + ["--model", "no-such-model"], "explain", "--model: expected an open_clip"),
         "cuda without GPU": lambda: (explain + ["--device", "cuda"], "explain", "--device: 'cuda' needs a CUDA GPU"),
         "explain out is a folder": lambda: (explain[:-1] + [str(tmp_path)], "explain", "--out: expected a file name"),
-        "explain resolution": lambda: (explain + ["--resolution", "100"], "explain",
-                                       "--resolution: expected a positive multiple of the model's patch size"),
-        "demo zero images": lambda: (["demo", "-n", "0", "--out", str(tmp_path / "d")], "demo",
-                                     "--num-images: expected at least 1, got 0"),
-        "demo out is a file": lambda: (["demo", "--out", str(tmp_path / "a-file")], "demo",
-                                       "--out: expected a folder"),
-        "corrupt open_clip checkpoint": lambda: (explain + ["--model", tiny_model(), "--checkpoint", str(bad)],
-                                                 "explain", f"--checkpoint: cannot load {bad}"),
+        "explain resolution": lambda: (
+            explain + ["--resolution", "100"],
+            "explain",
+            "--resolution: expected a positive multiple of the model's patch size",
+        ),
+        "demo zero images": lambda: (
+            ["demo", "-n", "0", "--out", str(tmp_path / "d")],
+            "demo",
+            "--num-images: expected at least 1, got 0",
+        ),
+        "demo out is a file": lambda: (["demo", "--out", str(tmp_path / "a-file")], "demo", "--out: expected a folder"),
+        "corrupt open_clip checkpoint": lambda: (
+            explain + ["--model", tiny_model(), "--checkpoint", str(bad)],
+            "explain",
+            f"--checkpoint: cannot load {bad}",
+        ),
         "eval corrupt image": lambda: (folder_eval("image"), "eval", "cannot decode image"),
         "eval corrupt mask": lambda: (folder_eval("mask"), "eval", "cannot decode label file"),
-        "train corrupt resume": lambda: (train + ["--device", "cpu", "--resume", str(bad)], "train",
-                                         f"resume: cannot read {bad}"),
+        "train corrupt resume": lambda: (
+            train + ["--device", "cpu", "--resume", str(bad)],
+            "train",
+            f"resume: cannot read {bad}",
+        ),
         "train cuda without GPU": lambda: (train + ["--device", "cuda"], "train", "device: 'cuda' needs a CUDA GPU"),
-        "world zero scenes": lambda: (["world", "export-text", "--out", str(tmp_path / "w"), "-n", "0"], "world",
-                                      "-n: expected at least 1 scene, got 0"),
-        "world root is a file": lambda: (["world", "export-voc", "--root", str(tmp_path / "a-file"), "-n", "1"],
-                                         "world", "--root: expected a folder, got the file"),
+        "world zero scenes": lambda: (
+            ["world", "export-text", "--out", str(tmp_path / "w"), "-n", "0"],
+            "world",
+            "-n: expected at least 1 scene, got 0",
+        ),
+        "world root is a file": lambda: (
+            ["world", "export-voc", "--root", str(tmp_path / "a-file"), "-n", "1"],
+            "world",
+            "--root: expected a folder, got the file",
+        ),
         "audit pretrained without model": lambda: (
-            ["audit", "--images", str(image), "--prompts", "a,b", "--out", str(tmp_path / "r"), "--pretrained",
-             "openai"], "audit", "--pretrained: needs model_name"),
+            [
+                "audit",
+                "--images",
+                str(image),
+                "--prompts",
+                "a,b",
+                "--out",
+                str(tmp_path / "r"),
+                "--pretrained",
+                "openai",
+            ],
+            "audit",
+            "--pretrained: needs model_name",
+        ),
         "eval checkpoint without model": lambda: (
-            ["eval", "--dataset", "folder", "--root", str(tmp_path), "--checkpoint", str(bad)], "eval",
-            "--checkpoint: needs model_name"),
+            ["eval", "--dataset", "folder", "--root", str(tmp_path), "--checkpoint", str(bad)],
+            "eval",
+            "--checkpoint: needs model_name",
+        ),
     }
     argv, prog, expected = cases[case]()
     assert cli_main(argv) == 2
     assert expected in one_error_line(capsys, f"captum-iclip {prog}")
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - whatever the command raised, re-raised
         cli_main(["--debug", *argv])  # --debug keeps the traceback
 
 

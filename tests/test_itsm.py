@@ -3,17 +3,18 @@
 Run on a random-weight open_clip ViT-B-32 (a 7x7 patch grid keeps the CPU cost
 low); test_adapters.py checks the dense features of every supported family.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import PROMPTS, make_images
 
 from captum_iclip import CLIPSimilarity, ITSMAttribution
 from captum_iclip.attr import feature_surgery
 from captum_iclip.attr._utils import target_indices
-from conftest import PROMPTS, make_images
 
 K = len(PROMPTS)
 
@@ -55,7 +56,7 @@ class EncoderCalls:
         self.calls += 1
         self.grad_enabled.append(torch.is_grad_enabled())
 
-    def __enter__(self) -> "EncoderCalls":
+    def __enter__(self) -> EncoderCalls:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -136,8 +137,8 @@ def test_patch_grid_maps_span_zero_to_one(itsm, images):
 def test_batch_invariance(itsm, images, raw_patch_scores, surgery_patch_scores, variant):
     batched = raw_patch_scores if variant == "plain" else surgery_patch_scores
     for i in range(images.shape[0]):
-        alone = itsm.attribute(images[i:i + 1], variant=variant, normalize=False, interpolate=False)
-        torch.testing.assert_close(alone, batched[i:i + 1], rtol=0, atol=1e-5)
+        alone = itsm.attribute(images[i : i + 1], variant=variant, normalize=False, interpolate=False)
+        torch.testing.assert_close(alone, batched[i : i + 1], rtol=0, atol=1e-5)
 
 
 # --- cost: one encoder pass per batch, no autograd ---------------------------------------
@@ -194,7 +195,9 @@ def test_single_prompt_surgery_subtracts_the_empty_prompt(vit_b32, tokenizer):
     text, empty = F.normalize(vit_b32.encode_text(tokenizer(["a photo of a cat", ""])), dim=-1).split(1)
     sim = CLIPSimilarity(vit_b32, tokenizer, text_features=text)  # the tokenizer embeds "" on demand
     image = make_images(1, 3, 224, 224, seed=13)
-    scores = ITSMAttribution(sim).attribute(image, variant="surgery", surgery_depth=4, normalize=False, interpolate=False)
+    scores = ITSMAttribution(sim).attribute(
+        image, variant="surgery", surgery_depth=4, normalize=False, interpolate=False
+    )
 
     patches = F.normalize(sim.adapter.dense_features(image, surgery_depth=4), dim=-1)[:, 1:]
     expected = (patches @ (text - empty).t()).reshape(1, 1, 7, 7)

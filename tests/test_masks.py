@@ -25,7 +25,9 @@ def tiny_vit(**kwargs) -> VisionTransformer:
 
 
 def clip_to_dino(images: torch.Tensor, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> torch.Tensor:
-    pixels = images * torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1) + torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    pixels = images * torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1) + torch.tensor(OPENAI_DATASET_MEAN).view(
+        1, 3, 1, 1
+    )
     return (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
@@ -274,7 +276,9 @@ def test_hf_dinov2_provider_agrees_with_output_attentions(hf_dinov2):
 def test_hf_cls_attention_needs_eager_attention():
     from transformers import ViTConfig, ViTModel
 
-    config = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=8, image_size=32)
+    config = ViTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=8, image_size=32
+    )
     model = ViTModel(config, add_pooling_layer=False).eval()
     model.set_attn_implementation("sdpa")
     with pytest.raises(ValueError, match="eager"):

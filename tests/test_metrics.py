@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -235,9 +234,7 @@ def _distributed_worker(rank: int, world_size: int, init_method: str, out_dir: s
         scenes = _random_scenes(9)[rank::world_size]  # uneven shards: 5 and 4 images
         localization = _localization(scenes).all_reduce()
         segmentation = _segmentation(scenes).all_reduce()
-        torch.save(
-            (localization.compute(), segmentation.compute()), f"{out_dir}/rank{rank}.pt"
-        )
+        torch.save((localization.compute(), segmentation.compute()), f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -297,9 +294,7 @@ def test_segment_from_maps_argmax_and_threshold():
     maps = torch.tensor([[[0.1, 0.9, 0.4]], [[0.2, 0.3, 0.35]]])  # K=2, 1x3
     assert segment_from_maps(maps).tolist() == [[1, 0, 0]]
     assert segment_from_maps(maps, classes=[4, 9]).tolist() == [[9, 4, 4]]
-    thresholded = segment_from_maps(
-        maps, classes=[4, 9], background_index=0, background_threshold=0.38
-    )
+    thresholded = segment_from_maps(maps, classes=[4, 9], background_index=0, background_threshold=0.38)
     assert thresholded.tolist() == [[0, 4, 4]]
     batched = segment_from_maps(torch.stack([maps, maps.flip(0)]), classes=[4, 9])
     assert batched.tolist() == [[[9, 4, 4]], [[4, 9, 9]]]
@@ -360,9 +355,7 @@ def test_infidelity_is_zero_for_exact_gradient_map_of_linear_model():
         scores = infidelity_score(forward, one_channel, inputs, 0, normalize=normalize)
         assert scores.shape == (2,)
         assert scores.abs().max() < 1e-10
-    patch = infidelity_score(
-        forward, one_channel, inputs, 0, perturb_func=patch_perturbation(4, drop_prob=0.5)
-    )
+    patch = infidelity_score(forward, one_channel, inputs, 0, perturb_func=patch_perturbation(4, drop_prob=0.5))
     assert patch.abs().max() < 1e-10
     # A wrong map is penalised.
     wrong = infidelity_score(forward, -one_channel.flip(-1), inputs, 0, normalize=False)
@@ -387,9 +380,7 @@ def test_sensitivity_of_linear_model_explanations():
     gradient = sensitivity_score(Saliency(forward).attribute, inputs, 0, abs=False)
     assert gradient.tolist() == [0.0, 0.0]  # the gradient of a linear model is constant
     radius = 0.02
-    input_x_gradient = sensitivity_score(
-        InputXGradient(forward).attribute, inputs, 0, perturb_radius=radius
-    )
+    input_x_gradient = sensitivity_score(InputXGradient(forward).attribute, inputs, 0, perturb_radius=radius)
     # ||w * d|| / ||w * x|| with |d| <= radius elementwise.
     full_weight = weight_map.expand(2, 3, 8, 8)
     explanation_norm = (full_weight * inputs).flatten(1).norm(dim=1)

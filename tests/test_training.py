@@ -1,4 +1,5 @@
 """ICLIP training: objective, modes, data formats, torchrun, exact resume (CPU, tiny models)."""
+
 from __future__ import annotations
 
 import io
@@ -10,7 +11,6 @@ import sys
 import tarfile
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
 
 import numpy as np
 import open_clip
@@ -28,8 +28,12 @@ REPO = Path(__file__).resolve().parents[1]
 TEXT_CFG = dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1)
 VIT_CFG = dict(image_size=32, layers=2, width=32, head_width=16, patch_size=8)
 # A child process gets the repository on its path, no GPU and one thread, like the tests here.
-CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-             "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+CHILD_ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    "CUDA_VISIBLE_DEVICES": "",
+    "OMP_NUM_THREADS": "1",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -107,7 +111,7 @@ def write_shards(folder: Path, num_shards: int, per_shard: int) -> str:
 
 
 class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, items: List[Tuple[torch.Tensor, str]]) -> None:
+    def __init__(self, items: list[tuple[torch.Tensor, str]]) -> None:
         self.items = items
 
     def __len__(self) -> int:
@@ -127,15 +131,23 @@ def image_size_tensor(image: Image.Image) -> torch.Tensor:
     return torch.tensor(image.size)
 
 
-def torchrun(args: List[str], timeout: float = 150) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               "-m", "captum_iclip.train", *args]
+def torchrun(args: list[str], timeout: float = 150) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "captum_iclip.train",
+        *args,
+    ]
     result = subprocess.run(command, env=CHILD_ENV, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
 
-def state_dict_of(path: Path) -> Dict[str, torch.Tensor]:
+def state_dict_of(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
@@ -185,10 +197,20 @@ def test_objective_matches_a_direct_computation(tmp_path):
 
         expected = infonce(pooled) + 0.5 * infonce(clip.encode_image(images))
 
-    config = TrainConfig(mode="full", rec_weight=0.5, batch_size=4, epochs=1, workers=0, output_dir=str(tmp_path),
-                         log_every=1, save_every=0, lr=1e-3)
-    stats = train(config, model=dual, mask_provider=lambda x, grid: mask[: x.shape[0]], dataset=data,
-                  tokenizer=tokenizer())
+    config = TrainConfig(
+        mode="full",
+        rec_weight=0.5,
+        batch_size=4,
+        epochs=1,
+        workers=0,
+        output_dir=str(tmp_path),
+        log_every=1,
+        save_every=0,
+        lr=1e-3,
+    )
+    stats = train(
+        config, model=dual, mask_provider=lambda x, grid: mask[: x.shape[0]], dataset=data, tokenizer=tokenizer()
+    )
     first = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
     assert first["loss"] == pytest.approx(float(expected), rel=1e-5)
     assert stats["empty_mask_fallbacks"] == 1 and stats["steps"] == 1 and stats["samples"] == 4
@@ -203,8 +225,9 @@ def test_projection_mode_keeps_recognition_bit_identical(tmp_path, build, size):
     before_state = {k: v.clone() for k, v in clip.state_dict().items()}  # BatchNorm running stats included
     before_head = {k: v.clone() for k, v in dual.interpretability_head.state_dict().items()}
 
-    config = TrainConfig(mode="projection", batch_size=4, epochs=3, workers=0, output_dir=str(tmp_path),
-                         save_every=0, lr=1e-2)
+    config = TrainConfig(
+        mode="projection", batch_size=4, epochs=3, workers=0, output_dir=str(tmp_path), save_every=0, lr=1e-2
+    )
     stats = train(config, model=dual, dataset=random_dataset(8, size), tokenizer=tokenizer())
 
     assert stats["steps"] == 6 and stats["lambda_rec"] == 0.0
@@ -223,9 +246,18 @@ def test_csv_skips_corrupt_and_missing_images_and_tiny_dino_masks_are_cached(tmp
     csv_path = write_csv(tmp_path / "data", num_good=8)  # 10 rows: 8 good, 1 corrupt, 1 missing
     dino_config = DINOConfig(image_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
     save_tiny_dino(build_backbone(dino_config), dino_config, tmp_path / "dino")
-    config = TrainConfig(train_data=str(csv_path), model_config=str(write_model_config(tmp_path)), from_scratch=True,
-                         dino=str(tmp_path / "dino"), mask_cache=str(tmp_path / "masks"), batch_size=5, epochs=2,
-                         workers=0, output_dir=str(tmp_path / "run"), save_every=0)
+    config = TrainConfig(
+        train_data=str(csv_path),
+        model_config=str(write_model_config(tmp_path)),
+        from_scratch=True,
+        dino=str(tmp_path / "dino"),
+        mask_cache=str(tmp_path / "masks"),
+        batch_size=5,
+        epochs=2,
+        workers=0,
+        output_dir=str(tmp_path / "run"),
+        save_every=0,
+    )
     stats = train(config)
 
     # 2 steps per epoch cover all 10 rows, so each epoch meets both bad rows.
@@ -241,9 +273,31 @@ def test_csv_skips_corrupt_and_missing_images_and_tiny_dino_masks_are_cached(tmp
 def test_torchrun_two_processes_csv(tmp_path):
     csv_path = write_csv(tmp_path / "data", num_good=10)  # 12 rows: 6 per rank, 2 batches of 3
     out = tmp_path / "run"
-    torchrun(["--train-data", str(csv_path), "--csv-img-key", "filepath", "--csv-caption-key", "title",
-              "--model-config", str(write_model_config(tmp_path)), "--from-scratch", "--mode", "last-k",
-              "--batch-size", "3", "--epochs", "1", "--workers", "0", "--output-dir", str(out), "--log-every", "1"])
+    torchrun(
+        [
+            "--train-data",
+            str(csv_path),
+            "--csv-img-key",
+            "filepath",
+            "--csv-caption-key",
+            "title",
+            "--model-config",
+            str(write_model_config(tmp_path)),
+            "--from-scratch",
+            "--mode",
+            "last-k",
+            "--batch-size",
+            "3",
+            "--epochs",
+            "1",
+            "--workers",
+            "0",
+            "--output-dir",
+            str(out),
+            "--log-every",
+            "1",
+        ]
+    )
     stats = json.loads((out / "stats.json").read_text())
     assert stats["world_size"] == 2 and stats["steps"] == 2
     assert stats["skipped_images"] == 2
@@ -256,9 +310,29 @@ def test_torchrun_two_processes_csv(tmp_path):
 def test_torchrun_two_processes_webdataset(tmp_path):
     shards = write_shards(tmp_path / "shards", num_shards=4, per_shard=3)  # 12 samples: 2 shards per rank
     out = tmp_path / "run"
-    torchrun(["--train-data", shards, "--dataset-type", "webdataset", "--model-config",
-              str(write_model_config(tmp_path)), "--from-scratch", "--mode", "projection", "--batch-size", "3",
-              "--epochs", "2", "--workers", "0", "--output-dir", str(out), "--save-every", "1"])
+    torchrun(
+        [
+            "--train-data",
+            shards,
+            "--dataset-type",
+            "webdataset",
+            "--model-config",
+            str(write_model_config(tmp_path)),
+            "--from-scratch",
+            "--mode",
+            "projection",
+            "--batch-size",
+            "3",
+            "--epochs",
+            "2",
+            "--workers",
+            "0",
+            "--output-dir",
+            str(out),
+            "--save-every",
+            "1",
+        ]
+    )
     stats = json.loads((out / "stats.json").read_text())
     # 12 samples / (3 x 2 ranks) = 2 steps per epoch; each epoch reads every shard once.
     assert stats["steps"] == 4 and stats["steps_per_epoch"] == 2
@@ -272,17 +346,40 @@ def test_torchrun_two_processes_webdataset(tmp_path):
 def test_killed_run_resumes_bit_identically(tmp_path):
     csv_path = write_csv(tmp_path / "data", num_good=6, bad=False)
     model_config = str(write_model_config(tmp_path))
-    options = ["--train-data", str(csv_path), "--model-config", model_config, "--from-scratch", "--mode", "full",
-               "--batch-size", "2", "--epochs", "10", "--workers", "0", "--save-every", "3", "--lr", "1e-3",
-               "--warmup", "2"]  # 30 steps over 10 epochs
+    options = [
+        "--train-data",
+        str(csv_path),
+        "--model-config",
+        model_config,
+        "--from-scratch",
+        "--mode",
+        "full",
+        "--batch-size",
+        "2",
+        "--epochs",
+        "10",
+        "--workers",
+        "0",
+        "--save-every",
+        "3",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "2",
+    ]  # 30 steps over 10 epochs
 
     reference = tmp_path / "reference"
     assert main([*options, "--output-dir", str(reference)]) == 0
 
     interrupted = tmp_path / "interrupted"
     checkpoint = interrupted / "checkpoints" / "latest.pt"
-    process = subprocess.Popen([sys.executable, "-m", "captum_iclip.train", *options, "--output-dir", str(interrupted)],
-                               env=CHILD_ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "captum_iclip.train", *options, "--output-dir", str(interrupted)],
+        env=CHILD_ENV,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 120
         while not checkpoint.is_file() and process.poll() is None and time.monotonic() < deadline:
@@ -307,16 +404,32 @@ def test_last_k_and_clip_objective_train_only_what_they_name(tmp_path):
     data = random_dataset(4, 32)
     clip = tiny_vit()
     before = {k: v.clone() for k, v in clip.state_dict().items()}
-    config = TrainConfig(mode="last-k", unlock_blocks=1, batch_size=4, epochs=2, workers=0,
-                         output_dir=str(tmp_path / "last-k"), save_every=0, lr=1e-2)
+    config = TrainConfig(
+        mode="last-k",
+        unlock_blocks=1,
+        batch_size=4,
+        epochs=2,
+        workers=0,
+        output_dir=str(tmp_path / "last-k"),
+        save_every=0,
+        lr=1e-2,
+    )
     train(config, model=clip, dataset=data, tokenizer=tokenizer())
     changed = {k for k, v in clip.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {k for k in before if k.startswith(("visual.transformer.resblocks.1.", "visual.ln_post."))}
 
     clip = tiny_vit()
     dual = DualProjectionCLIP(clip)
-    config = TrainConfig(mode="full", objective="clip", batch_size=4, epochs=2, workers=0,
-                         output_dir=str(tmp_path / "clip"), save_every=0, lr=1e-2)
+    config = TrainConfig(
+        mode="full",
+        objective="clip",
+        batch_size=4,
+        epochs=2,
+        workers=0,
+        output_dir=str(tmp_path / "clip"),
+        save_every=0,
+        lr=1e-2,
+    )
     train(config, model=dual, dataset=data, tokenizer=tokenizer())
     assert not torch.equal(clip.visual.proj, before["visual.proj"])
     assert not torch.equal(clip.token_embedding.weight, before["token_embedding.weight"])
@@ -331,9 +444,10 @@ def test_data_order_resumes_mid_stream(tmp_path):
 
     shards = write_shards(tmp_path / "shards", num_shards=4, per_shard=3)
 
-    def captions(start: int, count: int, workers: int) -> List[List[str]]:
-        stream = WebDatasetBatches(shards, image_size_tensor, batch_size=2, seed=7, start_batch=start,
-                                   num_workers=workers)
+    def captions(start: int, count: int, workers: int) -> list[list[str]]:
+        stream = WebDatasetBatches(
+            shards, image_size_tensor, batch_size=2, seed=7, start_batch=start, num_workers=workers
+        )
         loader = DataLoader(stream, batch_size=None, num_workers=workers)
         return [batch.captions for batch, _ in zip(loader, range(count))]
 
@@ -360,7 +474,12 @@ def test_trainer_checkpoints_before_its_first_step_and_resumes_from_it(tmp_path)
     saved = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=False)
     assert saved["step"] == 0 and saved["elapsed_s"] >= 0.0 and saved["counters"][0]["samples"] == 0
 
-    resumed = ICLIPTrainer(TrainConfig(**{**config.__dict__, "resume": "latest"}), ctx, tiny_vit(),
-                           dataset=random_dataset(8, 32), tokenizer=tokenizer())
+    resumed = ICLIPTrainer(
+        TrainConfig(**{**config.__dict__, "resume": "latest"}),
+        ctx,
+        tiny_vit(),
+        dataset=random_dataset(8, 32),
+        tokenizer=tokenizer(),
+    )
     resumed.resume()
     assert resumed.step_index == 0 and resumed.run()["steps"] == 2

@@ -10,6 +10,7 @@ The notebooks load the bundled offline model (``zoo.load("shapes-tiny")``);
 The notebooks are stored without outputs, so that the repository stays small
 and their diffs readable; a test checks that too.
 """
+
 from __future__ import annotations
 
 import sys
@@ -33,7 +34,7 @@ KERNEL_STARTUP_TIMEOUT_S = 120
 
 def test_tutorials_are_present():
     # Guards the parametrised test below, which would silently run nothing on an empty glob.
-    assert EXPECTED <= {path.name for path in NOTEBOOKS}
+    assert {path.name for path in NOTEBOOKS} >= EXPECTED
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)

@@ -13,7 +13,6 @@ import webdataset as wds
 from PIL import Image, ImageFilter
 
 from captum_iclip._io import atomic_write
-
 from captum_iclip.world import (
     BACKGROUNDS,
     CATEGORIES,

@@ -1,4 +1,5 @@
 """The bundled offline models and the demo (issue: the offline default)."""
+
 from __future__ import annotations
 
 import json
@@ -81,9 +82,31 @@ def test_demo_writes_figure_and_tables(tmp_path):
     from captum_iclip.world import HELDOUT_SEED_START
 
     first_seed = str(HELDOUT_SEED_START + DEMO_SEED_OFFSET)
-    assert cli_main(["eval", "--dataset", "world", "--root", first_seed, "--limit", "6", "--batch-size", "16",
-                     "--method", "raw,surgery,iclip,mmp", "--pointing-tolerance", "3", "--examples", "0",
-                     "--no-progress", "--out", str(tmp_path / "eval")]) == 0
+    assert (
+        cli_main(
+            [
+                "eval",
+                "--dataset",
+                "world",
+                "--root",
+                first_seed,
+                "--limit",
+                "6",
+                "--batch-size",
+                "16",
+                "--method",
+                "raw,surgery,iclip,mmp",
+                "--pointing-tolerance",
+                "3",
+                "--examples",
+                "0",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 0
+    )
     evaluated = json.loads((tmp_path / "eval" / "results.json").read_text())
     for name, entry in evaluated["methods"].items():
         for key in ("miou", "msc", "pointing", "pairs", "per_class"):
@@ -103,10 +126,16 @@ def test_explain_command_on_the_bundled_model(tmp_path, capsys):
 
 
 def test_explain_reports_a_missing_image_and_empty_prompts(tmp_path, capsys):
-    assert cli_main(["explain", str(tmp_path / "nope.png"), "--prompts", "a cat", "--out", str(tmp_path / "o.png")]) == 2
-    assert re.fullmatch(r"captum-iclip explain: error: images: no image file at \S+nope.png .*\n", capsys.readouterr().err)
+    assert (
+        cli_main(["explain", str(tmp_path / "nope.png"), "--prompts", "a cat", "--out", str(tmp_path / "o.png")]) == 2
+    )
+    assert re.fullmatch(
+        r"captum-iclip explain: error: images: no image file at \S+nope.png .*\n", capsys.readouterr().err
+    )
     assert cli_main(["explain", str(tmp_path / "nope.png"), "--prompts", " , ", "--out", str(tmp_path / "o.png")]) == 2
-    assert re.fullmatch(r"captum-iclip explain: error: --prompts: expected comma-separated texts.*\n", capsys.readouterr().err)
+    assert re.fullmatch(
+        r"captum-iclip explain: error: --prompts: expected comma-separated texts.*\n", capsys.readouterr().err
+    )
 
 
 def test_explain_offline_pretrained_weights_give_a_clear_message(tmp_path, monkeypatch, capsys):
@@ -120,7 +149,22 @@ def test_explain_offline_pretrained_weights_give_a_clear_message(tmp_path, monke
     monkeypatch.setattr(open_clip, "create_model_and_transforms", unreachable)
     with pytest.raises(loading.WeightsUnavailableError, match="--checkpoint"):
         loading.load("ViT-B-16", "openai")
-    assert cli_main(["explain", str(tmp_path / "x.png"), "--prompts", "a cat", "--model", "ViT-B-16",
-                     "--pretrained", "openai", "--out", str(tmp_path / "o.png")]) == 2
+    assert (
+        cli_main(
+            [
+                "explain",
+                str(tmp_path / "x.png"),
+                "--prompts",
+                "a cat",
+                "--model",
+                "ViT-B-16",
+                "--pretrained",
+                "openai",
+                "--out",
+                str(tmp_path / "o.png"),
+            ]
+        )
+        == 2
+    )
     error = capsys.readouterr().err
     assert "--hf-model" in error and error.count("\n") == 1

@@ -1,9 +1,9 @@
 """Shared plumbing of the attribution classes: forward-function checks, Captum
 target semantics, and the map post-processing of docs/methods.md §1."""
+
 from __future__ import annotations
 
 import numbers
-from typing import Optional, Tuple, Union
 
 import torch
 from captum._utils.typing import TargetType
@@ -21,7 +21,7 @@ def check_forward_func(forward_func: object, method: str) -> CLIPSimilarity:
     return forward_func
 
 
-def unpack_inputs(inputs: Union[Tensor, Tuple[Tensor, ...]]) -> Tuple[Tensor, bool]:
+def unpack_inputs(inputs: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, bool]:
     """Accept a tensor or a 1-tuple of tensors, as Captum does; remember which."""
     if isinstance(inputs, tuple):
         if len(inputs) != 1:
@@ -30,7 +30,7 @@ def unpack_inputs(inputs: Union[Tensor, Tuple[Tensor, ...]]) -> Tuple[Tensor, bo
     return inputs, False
 
 
-def target_indices(target: TargetType, num_examples: int, num_prompts: int) -> Optional[Tensor]:
+def target_indices(target: TargetType, num_examples: int, num_prompts: int) -> Tensor | None:
     """Captum's target semantics for an (N, K) output, as a (N,) index tensor.
 
     ``None`` stays ``None`` (every prompt). An int, or a tensor with one element,
@@ -50,13 +50,16 @@ def target_indices(target: TargetType, num_examples: int, num_prompts: int) -> O
         if isinstance(target, list) and any(isinstance(t, tuple) for t in target):
             raise ValueError("target: the output is (N, K); give prompt indices, not tuples")
         # As Captum does, refuse what is not an integer (a float 1.5 must not become prompt 1).
-        if isinstance(target, list) and not all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
-                                                for t in target):
+        if isinstance(target, list) and not all(
+            isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in target
+        ):
             raise TypeError(f"target: expected integer prompt indices, got {target!r}")
         try:
             values = target if isinstance(target, Tensor) else torch.as_tensor(target)
         except (TypeError, ValueError, RuntimeError) as error:
-            raise TypeError(f"target: expected an int, a list or a tensor of ints, got {type(target).__name__}") from error
+            raise TypeError(
+                f"target: expected an int, a list or a tensor of ints, got {type(target).__name__}"
+            ) from error
         if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
             raise TypeError(f"target: expected integer prompt indices, got a tensor of dtype {values.dtype}")
         if isinstance(target, Tensor) and values.numel() == 1:
@@ -71,7 +74,7 @@ def target_indices(target: TargetType, num_examples: int, num_prompts: int) -> O
     return index
 
 
-def select_targets(maps: Tensor, index: Optional[Tensor]) -> Tensor:
+def select_targets(maps: Tensor, index: Tensor | None) -> Tensor:
     """(N, K, ...) -> (N, 1, ...) at ``index``, or all K when ``index`` is None."""
     if index is None:
         return maps

@@ -1,5 +1,6 @@
 """ITSM: the Image-Text Similarity Map (Li et al., arXiv 2209.07046; docs/methods.md §1)
 and its training-free correction, CLIP Surgery (Li et al., arXiv 2304.05653; docs/methods.md §2)."""
+
 from __future__ import annotations
 
 import torch
@@ -142,8 +143,11 @@ class ITSMAttribution(CLIPMapAttribution):
             )
             maps = maps.transpose(1, 2).reshape(images.shape[0], -1, *prepared.grid)
             maps = self.finish(
-                select_targets(maps, prepared.index), images.shape[-2:], normalize=normalize,
-                interpolate=interpolate, upsample="bilinear",
+                select_targets(maps, prepared.index),
+                images.shape[-2:],
+                normalize=normalize,
+                interpolate=interpolate,
+                upsample="bilinear",
             )
         return (maps,) if prepared.is_tuple else maps
 

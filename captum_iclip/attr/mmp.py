@@ -1,4 +1,5 @@
 """Attribution of the masked-max-pooled image-text score to patches (ICLIP, arXiv 2209.07046; docs/methods.md §3)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -128,8 +129,11 @@ class MaskedMaxPoolingAttribution(CLIPMapAttribution):
             text = sim.text_features.to(patches.dtype)
             attributions, scores = self.decompose(patches, foreground, text, prepared.index)
             attributions = self.finish(
-                attributions.reshape(*attributions.shape[:2], *grid), images.shape[-2:], normalize=normalize,
-                interpolate=interpolate, upsample="spread",
+                attributions.reshape(*attributions.shape[:2], *grid),
+                images.shape[-2:],
+                normalize=normalize,
+                interpolate=interpolate,
+                upsample="spread",
             )
             # Captum's convergence delta relates the attributions *returned* to the score they explain.
             delta = scores - attributions.flatten(2).sum(-1)
@@ -159,7 +163,9 @@ class MaskedMaxPoolingAttribution(CLIPMapAttribution):
         else:
             text = text[None].expand(patches.shape[0], -1, -1)  # (N, K, D)
         contributions = pooled[:, None] * text / norm[:, None]  # (N, K', D): z_d t_kd / ||z||
-        attributions = torch.zeros(*contributions.shape[:2], patches.shape[1], dtype=patches.dtype, device=patches.device)
+        attributions = torch.zeros(
+            *contributions.shape[:2], patches.shape[1], dtype=patches.dtype, device=patches.device
+        )
         attributions.scatter_add_(2, winners[:, None].expand_as(contributions), contributions)
         scores = (F.normalize(pooled, dim=-1)[:, None] * text).sum(-1)
         return attributions, scores

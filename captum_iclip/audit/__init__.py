@@ -13,6 +13,7 @@ Modules: :mod:`~captum_iclip.audit.run` (the computation),
 :mod:`~captum_iclip.audit.report` (the page), :mod:`~captum_iclip.audit.command`
 (the command line).
 """
+
 from captum_iclip.audit.command import main
 from captum_iclip.audit.records import background_fraction, find_images
 from captum_iclip.audit.run import DEFAULT_METHODS, AuditSummary, audit

@@ -1,11 +1,12 @@
 """``captum-iclip audit``: the command line of :func:`~captum_iclip.audit.audit`."""
+
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 from captum_iclip.audit.run import DEFAULT_METHODS, audit
@@ -28,23 +29,38 @@ def build_parser() -> argparse.ArgumentParser:
         prog="captum-iclip audit",
         description="Audit images against prompts and write a self-contained static HTML report (OUT/index.html).",
     )
-    parser.add_argument("--images", required=True, nargs="+", metavar="DIR_OR_GLOB",
-                        help="image folders (searched recursively), glob patterns or files")
+    parser.add_argument(
+        "--images",
+        required=True,
+        nargs="+",
+        metavar="DIR_OR_GLOB",
+        help="image folders (searched recursively), glob patterns or files",
+    )
     prompts = parser.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompts", help='comma-separated prompts, e.g. "a cat,a dog"')
     prompts.add_argument("--prompts-file", help="a text file with one prompt per line (# starts a comment)")
     add_model_arguments(parser)
-    parser.add_argument("--methods", default=None,
-                        help=f"comma-separated methods (default {','.join(DEFAULT_METHODS)}; "
-                             "iclip only for models with an interpretability projection)")
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma-separated methods (default {','.join(DEFAULT_METHODS)}; "
+        "iclip only for models with an interpretability projection)",
+    )
     parser.add_argument("--top-k", type=int, default=3, help="prompts explained per image (default 3)")
     parser.add_argument("--out", required=True, help="report folder")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--low-confidence", type=float, default=0.5,
-                        help="flag images whose top-1 probability is below this (default 0.5)")
-    parser.add_argument("--background-threshold", type=float, default=0.5,
-                        help="flag top-1 maps with more than this share of their mass outside the DINO "
-                             "foreground (default 0.5)")
+    parser.add_argument(
+        "--low-confidence",
+        type=float,
+        default=0.5,
+        help="flag images whose top-1 probability is below this (default 0.5)",
+    )
+    parser.add_argument(
+        "--background-threshold",
+        type=float,
+        default=0.5,
+        help="flag top-1 maps with more than this share of their mass outside the DINO foreground (default 0.5)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -92,14 +108,25 @@ def main(argv: list[str] | None = None) -> int:
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
     try:
         summary = audit(
-            args.images, prompts, sim=model.sim, preprocess=model.preprocess, out_dir=args.out,
-            methods=methods, mask_provider=model.mask_provider, top_k=args.top_k, batch_size=args.batch_size,
-            model_name=model.name, low_confidence=args.low_confidence,
-            background_threshold=args.background_threshold, progress=not args.no_progress,
+            args.images,
+            prompts,
+            sim=model.sim,
+            preprocess=model.preprocess,
+            out_dir=args.out,
+            methods=methods,
+            mask_provider=model.mask_provider,
+            top_k=args.top_k,
+            batch_size=args.batch_size,
+            model_name=model.name,
+            low_confidence=args.low_confidence,
+            background_threshold=args.background_threshold,
+            progress=not args.no_progress,
         )
     except ValueError as error:  # bad input (argument named in the message), not a crash
         raise SystemExit(f"captum-iclip audit: {error}") from error
-    print(f"audit: {summary.computed} images explained, {summary.reused} reused from records, "
-          f"{summary.unreadable} unreadable (listed in the report)")
+    print(
+        f"audit: {summary.computed} images explained, {summary.reused} reused from records, "
+        f"{summary.unreadable} unreadable (listed in the report)"
+    )
     print(f"report: {summary.index}")
     return 0

@@ -8,6 +8,7 @@ skips the image; changing any setting changes every key, so stale results are
 never reused. Records are written atomically, after the image files they name,
 so a killed run leaves either a complete record or none.
 """
+
 from __future__ import annotations
 
 import glob
@@ -15,8 +16,9 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +34,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 _SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
-def find_images(specs: Sequence[str]) -> List[Path]:
+def find_images(specs: Sequence[str]) -> list[Path]:
     """Expand folders, glob patterns and file names into a sorted list of files.
 
     Args:
@@ -61,8 +63,11 @@ def find_images(specs: Sequence[str]) -> List[Path]:
     for spec in specs:
         spec = str(spec)
         if os.path.isdir(spec):
-            found.update(p for p in Path(spec).rglob("*")
-                         if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink()))
+            found.update(
+                p
+                for p in Path(spec).rglob("*")
+                if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink())
+            )
         elif glob.has_magic(spec):
             matches = [Path(p) for p in glob.glob(spec, recursive=True) if os.path.isfile(p) or os.path.islink(p)]
             if not matches:
@@ -85,7 +90,7 @@ def is_inside(path: Path, folder: Path) -> bool:
     return parent == folder or folder in parent.parents
 
 
-def source_unchanged(record: Dict[str, Any]) -> bool:
+def source_unchanged(record: dict[str, Any]) -> bool:
     """Whether the file a record was made from still exists with the same bytes."""
     try:
         return record.get("content") is not None and hash_file(Path(record["source"])) == record["content"]
@@ -111,7 +116,7 @@ def fingerprint_module(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def settings_digest(settings: Dict[str, Any]) -> str:
+def settings_digest(settings: dict[str, Any]) -> str:
     """A short digest of the JSON-serialisable audit settings."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -135,12 +140,12 @@ def record_path(out_dir: Path, key: str) -> Path:
     return out_dir / RECORDS_DIR / f"{key}.json"
 
 
-def write_record(out_dir: Path, record: Dict[str, Any]) -> Path:
+def write_record(out_dir: Path, record: dict[str, Any]) -> Path:
     """Store ``record`` atomically as ``out_dir/records/<key>.json``."""
     return atomic_write_text(record_path(out_dir, record["key"]), json.dumps(record, indent=1) + "\n")
 
 
-def _files_of(record: Dict[str, Any]) -> Iterable[str]:
+def _files_of(record: dict[str, Any]) -> Iterable[str]:
     if record.get("thumbnail"):
         yield record["thumbnail"]
     for entry in record.get("top", []):
@@ -148,7 +153,7 @@ def _files_of(record: Dict[str, Any]) -> Iterable[str]:
             yield cell["overlay"]
 
 
-def load_record(out_dir: Path, key: str) -> Optional[Dict[str, Any]]:
+def load_record(out_dir: Path, key: str) -> dict[str, Any] | None:
     """The stored record of ``key``, or ``None`` if absent, unreadable or missing one of its images."""
     try:
         record = json.loads(record_path(out_dir, key).read_text())
@@ -161,7 +166,7 @@ def load_record(out_dir: Path, key: str) -> Optional[Dict[str, Any]]:
     return record
 
 
-def load_records(out_dir: Path, settings: str) -> List[Dict[str, Any]]:
+def load_records(out_dir: Path, settings: str) -> list[dict[str, Any]]:
     """Every valid record in ``out_dir/records`` made under ``settings``, sorted by file name."""
     records = []
     for path in sorted((out_dir / RECORDS_DIR).glob("*.json")):

@@ -5,12 +5,14 @@ images are relative links into ``images/``, so the folder opens the same from
 ``file://``, over HTTP, or zipped and mailed. Every user string (file names,
 paths, prompts, error messages) goes through :func:`html.escape`.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from html import escape
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 from urllib.parse import quote
 
 import numpy as np
@@ -72,8 +74,8 @@ footer { color: var(--muted); font-size: 12px; padding: 24px 0 40px; }
 class ReportContext:
     """What the page says about the run, beside the records."""
 
-    prompts: List[str]
-    methods: List[str]
+    prompts: list[str]
+    methods: list[str]
     top_k: int
     model_name: str
     has_masks: bool
@@ -81,7 +83,7 @@ class ReportContext:
     background_threshold: float
     settings: str
     generated: str
-    versions: Dict[str, str] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
     foreign_records: int = 0
 
 
@@ -91,11 +93,11 @@ def method_title(name: str) -> str:
     return registered_title(name)
 
 
-def _pct(value: Optional[float]) -> str:
+def _pct(value: float | None) -> str:
     return "—" if value is None or math.isnan(value) else f"{100 * value:.0f}%"
 
 
-def _anchor(record: Dict[str, Any]) -> str:
+def _anchor(record: dict[str, Any]) -> str:
     return f"img-{record['key']}"
 
 
@@ -103,11 +105,11 @@ def _src(path: str) -> str:
     return escape(quote(path), quote=True)
 
 
-def _mean(values: Sequence[float]) -> Optional[float]:
+def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def flags_of(record: Dict[str, Any], context: ReportContext) -> Dict[str, Any]:
+def flags_of(record: dict[str, Any], context: ReportContext) -> dict[str, Any]:
     """The flags of one audited image.
 
     Returns:
@@ -124,7 +126,7 @@ def flags_of(record: Dict[str, Any], context: ReportContext) -> Dict[str, Any]:
     return {"low_confidence": best["probability"] < context.low_confidence, "background": background}
 
 
-def render_report(records: Sequence[Dict[str, Any]], context: ReportContext) -> str:
+def render_report(records: Sequence[dict[str, Any]], context: ReportContext) -> str:
     """The HTML page of an audit.
 
     Args:
@@ -155,9 +157,9 @@ def render_report(records: Sequence[Dict[str, Any]], context: ReportContext) -> 
         '<header class="top"><div class="wrap">',
         f"<h1>captum-iclip audit <small>{escape(context.model_name)} · {len(context.prompts)} prompts · "
         f"{escape(', '.join(method_title(m) for m in context.methods))}</small></h1>",
-        '<div class="stats">' + "".join(
-            f'<div class="stat {kind}"><b>{value}</b><span>{label}</span></div>' for value, label, kind in stats
-        ) + "</div>",
+        '<div class="stats">'
+        + "".join(f'<div class="stat {kind}"><b>{value}</b><span>{label}</span></div>' for value, label, kind in stats)
+        + "</div>",
         '<nav><a href="#prompts">Prompts</a><a href="#flagged">Flagged cases</a>'
         '<a href="#unreadable">Unreadable files</a><a href="#images">Images</a><a href="#run">About this run</a></nav>',
         '</div></header><main class="wrap">',
@@ -174,11 +176,11 @@ def render_report(records: Sequence[Dict[str, Any]], context: ReportContext) -> 
     return "\n".join(parts) + "\n"
 
 
-def _prompt_section(audited: Sequence[Dict[str, Any]], context: ReportContext) -> str:
+def _prompt_section(audited: Sequence[dict[str, Any]], context: ReportContext) -> str:
     num_prompts = len(context.prompts)
     top1 = [0] * num_prompts
     prob_sums = [0.0] * num_prompts
-    inside: Dict[tuple, List[float]] = {}
+    inside: dict[tuple, list[float]] = {}
     for record in audited:
         top1[record["top"][0]["prompt"]] += 1
         for k, p in enumerate(record["probabilities"]):
@@ -193,23 +195,26 @@ def _prompt_section(audited: Sequence[Dict[str, Any]], context: ReportContext) -
             '<tr><th rowspan="2">prompt</th><th rowspan="2" class="num">top-1 images</th>'
             f'<th rowspan="2" class="num">mean probability</th><th colspan="{span}" class="group">'
             "foreground share of the maps</th></tr><tr>"
-            + "".join(f'<th class="num">{escape(method_title(m))}</th>' for m in context.methods) + "</tr>"
+            + "".join(f'<th class="num">{escape(method_title(m))}</th>' for m in context.methods)
+            + "</tr>"
         )
     else:
         head = '<tr><th>prompt</th><th class="num">top-1 images</th><th class="num">mean probability</th></tr>'
     rows = []
     count = max(len(audited), 1)
     for k in sorted(range(num_prompts), key=lambda k: (-top1[k], -prob_sums[k])):
-        cells = (f'<td>{escape(context.prompts[k])}</td><td class="num">{top1[k]} ({100 * top1[k] / count:.0f}%)</td>'
-                 f'<td class="num">{prob_sums[k] / count:.3f}</td>')
+        cells = (
+            f'<td>{escape(context.prompts[k])}</td><td class="num">{top1[k]} ({100 * top1[k] / count:.0f}%)</td>'
+            f'<td class="num">{prob_sums[k] / count:.3f}</td>'
+        )
         if context.has_masks:
             cells += "".join(f'<td class="num">{_pct(_mean(inside.get((k, m), [])))}</td>' for m in context.methods)
         rows.append(f"<tr>{cells}</tr>")
     mask_note = (
         "Foreground share: the mean share of a map's mass inside the DINO foreground, over the maps drawn for "
         "that prompt (it is among an image's top prompts); — where none was drawn."
-        if context.has_masks else
-        "No foreground mask provider was available, so the foreground share of the maps is not computed."
+        if context.has_masks
+        else "No foreground mask provider was available, so the foreground share of the maps is not computed."
     )
     return (
         '<section id="prompts"><h2>Prompts</h2>'
@@ -220,7 +225,7 @@ def _prompt_section(audited: Sequence[Dict[str, Any]], context: ReportContext) -
     )
 
 
-def _flag_section(audited: Sequence[Dict[str, Any]], flags: Dict[str, Dict[str, Any]], context: ReportContext) -> str:
+def _flag_section(audited: Sequence[dict[str, Any]], flags: dict[str, dict[str, Any]], context: ReportContext) -> str:
     rules = [
         f"<li><b>low confidence</b>: the top-1 probability is below {context.low_confidence:.2f}.</li>",
     ]
@@ -247,21 +252,25 @@ def _flag_section(audited: Sequence[Dict[str, Any]], flags: Dict[str, Dict[str, 
             details.append(f"top-1 “{prompt}” at p = {best['probability']:.3f}")
         if flag["background"]:
             badges.append('<span class="badge bad">looks at the background</span>')
-            details.append(f"“{prompt}”: " + ", ".join(
-                f"{escape(method_title(m))} {_pct(f)} outside" for m, f in flag["background"].items()))
+            details.append(
+                f"“{prompt}”: "
+                + ", ".join(f"{escape(method_title(m))} {_pct(f)} outside" for m, f in flag["background"].items())
+            )
         if badges:
             rows.append(
                 f'<tr><td><a class="file" href="#{_anchor(record)}">{escape(record["name"])}</a></td>'
-                f'<td>{"<br>".join(badges)}</td><td>{"<br>".join(details)}</td></tr>'
+                f"<td>{'<br>'.join(badges)}</td><td>{'<br>'.join(details)}</td></tr>"
             )
     table = (
         '<table class="grid"><thead><tr><th>image</th><th>flag</th><th>detail</th></tr></thead>'
-        f'<tbody>{"".join(rows)}</tbody></table>' if rows else '<p class="note">No image was flagged.</p>'
+        f"<tbody>{''.join(rows)}</tbody></table>"
+        if rows
+        else '<p class="note">No image was flagged.</p>'
     )
     return f'<section id="flagged"><h2>Flagged cases</h2><ul class="note">{"".join(rules)}</ul>{table}</section>'
 
 
-def _broken_section(broken: Sequence[Dict[str, Any]]) -> str:
+def _broken_section(broken: Sequence[dict[str, Any]]) -> str:
     if not broken:
         return '<section id="unreadable"><h2>Unreadable files</h2><p class="note">Every file was read.</p></section>'
     rows = "".join(
@@ -274,7 +283,7 @@ def _broken_section(broken: Sequence[Dict[str, Any]]) -> str:
     )
 
 
-def _image_section(audited: Sequence[Dict[str, Any]], flags: Dict[str, Dict[str, Any]], context: ReportContext) -> str:
+def _image_section(audited: Sequence[dict[str, Any]], flags: dict[str, dict[str, Any]], context: ReportContext) -> str:
     caption = "share of the map's mass outside the foreground" if context.has_masks else "no foreground masks"
     cards = [_card(record, flags[record["key"]], context, lazy=i >= EAGER_CARDS) for i, record in enumerate(audited)]
     return (
@@ -282,7 +291,8 @@ def _image_section(audited: Sequence[Dict[str, Any]], flags: Dict[str, Dict[str,
         f'<p class="note">Each image as the model sees it, its top {context.top_k} prompts by probability, and '
         f"one map per method for each, min-max normalised: low {_legend()} high. "
         f"Under each map: {caption}.</p>"
-        + ("".join(cards) or '<p class="note">No image was audited.</p>') + "</section>"
+        + ("".join(cards) or '<p class="note">No image was audited.</p>')
+        + "</section>"
     )
 
 
@@ -290,8 +300,9 @@ def _legend(cmap: str = "jet") -> str:
     """A colour bar of ``cmap`` (the overlays' colormap, :func:`captum_iclip.viz.overlay`'s default)."""
     from matplotlib import colormaps
 
-    stops = ", ".join("#" + "".join(f"{round(255 * c):02x}" for c in rgba[:3])
-                      for rgba in colormaps[cmap](np.linspace(0.0, 1.0, 9)))
+    stops = ", ".join(
+        "#" + "".join(f"{round(255 * c):02x}" for c in rgba[:3]) for rgba in colormaps[cmap](np.linspace(0.0, 1.0, 9))
+    )
     return f'<span class="legend" style="background: linear-gradient(to right, {stops})"></span>'
 
 
@@ -299,11 +310,13 @@ def _img(src: str, alt: str, css: str, width: int, height: int, display: int, la
     # Small model inputs are shown larger than they are: keep their pixels sharp.
     upscaled = " upscaled" if width < display else ""
     loading = ' loading="lazy"' if lazy else ""
-    return (f'<img class="{css}{upscaled}" src="{_src(src)}" alt="{escape(alt, quote=True)}" '
-            f'width="{width}" height="{height}"{loading}>')
+    return (
+        f'<img class="{css}{upscaled}" src="{_src(src)}" alt="{escape(alt, quote=True)}" '
+        f'width="{width}" height="{height}"{loading}>'
+    )
 
 
-def _card(record: Dict[str, Any], flag: Dict[str, Any], context: ReportContext, *, lazy: bool) -> str:
+def _card(record: dict[str, Any], flag: dict[str, Any], context: ReportContext, *, lazy: bool) -> str:
     width, height = record["width"], record["height"]
     badges = ""
     if flag["low_confidence"]:
@@ -320,10 +333,19 @@ def _card(record: Dict[str, Any], flag: Dict[str, Any], context: ReportContext, 
             fraction = cell.get("background_fraction")
             outside = rank == 0 and name in flag["background"]
             text = f"{_pct(fraction)} outside" if fraction is not None else ("—" if context.has_masks else "")
-            image = _img(cell["overlay"], f"{method_title(name)} map of “{prompt}” on {record['name']}",
-                         "map", width, height, 112, lazy)
-            cells.append(f'<td><figure class="{"outside" if outside else ""}">{image}'
-                         f"<figcaption>{text}</figcaption></figure></td>")
+            image = _img(
+                cell["overlay"],
+                f"{method_title(name)} map of “{prompt}” on {record['name']}",
+                "map",
+                width,
+                height,
+                112,
+                lazy,
+            )
+            cells.append(
+                f'<td><figure class="{"outside" if outside else ""}">{image}'
+                f"<figcaption>{text}</figcaption></figure></td>"
+            )
         rows.append(
             f'<tr><td class="prompt"><span class="rank">#{rank + 1}</span> '
             f'<span class="prompt-text">{escape(prompt)}</span>'
@@ -348,11 +370,19 @@ def _run_section(context: ReportContext) -> str:
         ("prompts", str(len(context.prompts))),
         ("top-k", str(context.top_k)),
         ("probabilities", "softmax over the prompts of the model's logits (logit scale × cosine)"),
-        ("foreground masks", "yes (the model's mask provider, e.g. DINO)" if context.has_masks
-         else "none: the background flag is not computed"),
+        (
+            "foreground masks",
+            "yes (the model's mask provider, e.g. DINO)"
+            if context.has_masks
+            else "none: the background flag is not computed",
+        ),
         ("low-confidence threshold", f"top-1 probability &lt; {context.low_confidence:.2f}"),
-        ("background threshold", f"&gt; {100 * context.background_threshold:.0f}% of the map mass outside the foreground"
-         if context.has_masks else "not used"),
+        (
+            "background threshold",
+            f"&gt; {100 * context.background_threshold:.0f}% of the map mass outside the foreground"
+            if context.has_masks
+            else "not used",
+        ),
         ("settings digest", escape(context.settings)),
         ("generated", escape(context.generated)),
     ]
@@ -360,6 +390,8 @@ def _run_section(context: ReportContext) -> str:
     body = "".join(f"<tr><th>{name}</th><td>{value}</td></tr>" for name, value in rows)
     note = ""
     if context.foreign_records:
-        note = (f'<p class="note">{context.foreign_records} record(s) in records/ were made with other settings '
-                "(another model, prompts or methods) and are not shown.</p>")
+        note = (
+            f'<p class="note">{context.foreign_records} record(s) in records/ were made with other settings '
+            "(another model, prompts or methods) and are not shown.</p>"
+        )
     return f'<section id="run"><h2>About this run</h2><table class="grid"><tbody>{body}</tbody></table>{note}</section>'

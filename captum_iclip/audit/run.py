@@ -20,6 +20,7 @@ replaced image leaves no stale row; byte-identical files are audited and
 shown once). A file that cannot be read or decoded (a dangling or looping
 link too) is reported in the page. Files inside ``out_dir`` are never audited.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,10 +29,11 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +51,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_METHODS = ("raw", "surgery", "iclip", "mmp")
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 Method = Callable[[Tensor, Tensor], Tensor]
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 @dataclass
@@ -63,17 +65,17 @@ class AuditSummary:
 
 
 def audit(
-    images: Union[PathLike, Sequence[PathLike]],
+    images: PathLike | Sequence[PathLike],
     prompts: Sequence[str],
     *,
     sim: CLIPSimilarity,
     preprocess: Callable[[Any], Tensor],
     out_dir: PathLike,
-    methods: Optional[Union[Sequence[str], Mapping[str, Method]]] = None,
+    methods: Sequence[str] | Mapping[str, Method] | None = None,
     mask_provider: Any = None,
     top_k: int = 3,
     batch_size: int = 16,
-    model_name: Optional[str] = None,
+    model_name: str | None = None,
     low_confidence: float = 0.5,
     background_threshold: float = 0.5,
     progress: bool = True,
@@ -141,24 +143,49 @@ def audit(
     return summary
 
 
-def _context(prompts: List[str], runners: Mapping[str, Method], top_k: int, model_name: str, mask_provider: Any,
-             low_confidence: float, background_threshold: float, out: Path, digest: str) -> ReportContext:
+def _context(
+    prompts: list[str],
+    runners: Mapping[str, Method],
+    top_k: int,
+    model_name: str,
+    mask_provider: Any,
+    low_confidence: float,
+    background_threshold: float,
+    out: Path,
+    digest: str,
+) -> ReportContext:
     """What the page says about the run besides the records."""
     return ReportContext(
-        prompts=prompts, methods=list(runners), top_k=top_k, model_name=model_name,
-        has_masks=mask_provider is not None, low_confidence=low_confidence,
-        background_threshold=background_threshold, settings=digest,
-        generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"), versions=library_versions(),
+        prompts=prompts,
+        methods=list(runners),
+        top_k=top_k,
+        model_name=model_name,
+        has_masks=mask_provider is not None,
+        low_confidence=low_confidence,
+        background_threshold=background_threshold,
+        settings=digest,
+        generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        versions=library_versions(),
         foreign_records=rec.count_foreign_records(out, digest),
     )
 
 
-def _explain(plan: "_Plan", preprocess: Callable, sim: CLIPSimilarity, runners: Mapping[str, Method],
-             mask_provider: Any, top_k: int, batch_size: int, out: Path, digest: str, progress: bool) -> None:
+def _explain(
+    plan: _Plan,
+    preprocess: Callable,
+    sim: CLIPSimilarity,
+    runners: Mapping[str, Method],
+    mask_provider: Any,
+    top_k: int,
+    batch_size: int,
+    out: Path,
+    digest: str,
+    progress: bool,
+) -> None:
     """Explain the pending files batch by batch, writing one record per file."""
     bar = tqdm(total=len(plan.pending), desc="audit", unit="image", disable=not progress)
     for start in range(0, len(plan.pending), batch_size):
-        chunk = plan.pending[start:start + batch_size]
+        chunk = plan.pending[start : start + batch_size]
         decoded = _decode(chunk, preprocess, out, digest, plan)
         if decoded:
             for record in _audit_batch(decoded, sim, runners, mask_provider, top_k, out, digest):
@@ -168,8 +195,14 @@ def _explain(plan: "_Plan", preprocess: Callable, sim: CLIPSimilarity, runners: 
     bar.close()
 
 
-def _settings(sim: CLIPSimilarity, prompts: List[str], runners: Mapping[str, Method], top_k: int,
-              mask_provider: Any, preprocess: Callable) -> Dict[str, Any]:
+def _settings(
+    sim: CLIPSimilarity,
+    prompts: list[str],
+    runners: Mapping[str, Method],
+    top_k: int,
+    mask_provider: Any,
+    preprocess: Callable,
+) -> dict[str, Any]:
     """Everything that shapes a record: records made under other settings are not reused."""
     return {
         "schema": rec.RECORD_SCHEMA,
@@ -186,9 +219,9 @@ def _settings(sim: CLIPSimilarity, prompts: List[str], runners: Mapping[str, Met
 class _Plan:
     """What a run has to do, and its counts so far."""
 
-    pending: List[Tuple[str, Path, str]]  # (record key, file, content digest) to explain
-    unreadable: List[Dict[str, Any]]  # never stored: the file may be readable next time
-    contents: Dict[str, str]  # key -> content digest of this run's files
+    pending: list[tuple[str, Path, str]]  # (record key, file, content digest) to explain
+    unreadable: list[dict[str, Any]]  # never stored: the file may be readable next time
+    contents: dict[str, str]  # key -> content digest of this run's files
     reused: int = 0
     failed: int = 0
     computed: int = 0
@@ -202,7 +235,9 @@ def _plan(paths: Sequence[Path], out: Path, digest: str) -> _Plan:
         try:
             content = rec.hash_file(path)
         except OSError as error:
-            plan.unreadable.append(_error_record(path, None, digest, f"cannot read the file: {error.strerror or error}"))
+            plan.unreadable.append(
+                _error_record(path, None, digest, f"cannot read the file: {error.strerror or error}")
+            )
             continue
         key = rec.image_key(path, content, digest)
         plan.contents[key] = content
@@ -219,10 +254,11 @@ def _plan(paths: Sequence[Path], out: Path, digest: str) -> _Plan:
     return plan
 
 
-def _decode(chunk: Sequence[Tuple[str, Path, str]], preprocess: Callable, out: Path, digest: str,
-            plan: _Plan) -> List[Tuple[str, Path, Tensor]]:
+def _decode(
+    chunk: Sequence[tuple[str, Path, str]], preprocess: Callable, out: Path, digest: str, plan: _Plan
+) -> list[tuple[str, Path, Tensor]]:
     """The model inputs of a chunk of files; a file that fails gets an error record."""
-    decoded: List[Tuple[str, Path, Tensor]] = []
+    decoded: list[tuple[str, Path, Tensor]] = []
     for key, path, content in chunk:
         try:
             decoded.append((key, path, preprocess(read_image(path, "images"))))
@@ -239,19 +275,21 @@ def _as_mask_provider(mask_provider: Any) -> Any:
     return as_mask_provider(mask_provider)
 
 
-def _find_images(images: Any, out: Path) -> List[Path]:
+def _find_images(images: Any, out: Path) -> list[Path]:
     """The images to audit; the report's own images are never audited (an out_dir inside a searched
     folder would grow each run)."""
     resolved_out = out.resolve()
     paths = [path for path in rec.find_images(images) if not rec.is_inside(path, resolved_out)]
     if not paths:
-        raise ValueError(f"images: expected image files ({', '.join(rec.IMAGE_SUFFIXES)}) outside out_dir, "
-                         f"got none in {images!r}")
+        raise ValueError(
+            f"images: expected image files ({', '.join(rec.IMAGE_SUFFIXES)}) outside out_dir, got none in {images!r}"
+        )
     return paths
 
 
-def _check_options(low_confidence: float, background_threshold: float, top_k: int, batch_size: int,
-                   preprocess: Callable) -> None:
+def _check_options(
+    low_confidence: float, background_threshold: float, top_k: int, batch_size: int, preprocess: Callable
+) -> None:
     _check_fraction(low_confidence, "low_confidence")
     _check_fraction(background_threshold, "background_threshold")
     for value, name in ((top_k, "top_k"), (batch_size, "batch_size")):
@@ -261,7 +299,7 @@ def _check_options(low_confidence: float, background_threshold: float, top_k: in
         raise TypeError(f"preprocess: expected a callable PIL image -> tensor, got {type(preprocess).__name__}")
 
 
-def _check_prompts(prompts: Sequence[str], sim: CLIPSimilarity) -> List[str]:
+def _check_prompts(prompts: Sequence[str], sim: CLIPSimilarity) -> list[str]:
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
         raise TypeError("prompts: expected a list of strings")
     prompts = list(prompts)
@@ -277,7 +315,7 @@ def _check_fraction(value: float, name: str) -> None:
         raise ValueError(f"{name}: expected a number in [0, 1], got {value!r}")
 
 
-def _build_runners(methods: Any, sim: CLIPSimilarity, mask_provider: Any) -> Dict[str, Method]:
+def _build_runners(methods: Any, sim: CLIPSimilarity, mask_provider: Any) -> dict[str, Method]:
     """Method name -> fn(images, targets); the default drops iclip for models without its head."""
     if isinstance(methods, Mapping):
         if not methods or not all(callable(fn) for fn in methods.values()):
@@ -308,7 +346,7 @@ def _describe(obj: Any) -> str:
     return f"{name}: {_ADDRESS.sub('', repr(obj))}"
 
 
-def _error_record(path: Path, key: Optional[str], settings: str, error: str) -> Dict[str, Any]:
+def _error_record(path: Path, key: str | None, settings: str, error: str) -> dict[str, Any]:
     return {
         "schema": rec.RECORD_SCHEMA,
         "key": key,
@@ -339,14 +377,14 @@ def _png(rgb: np.ndarray) -> bytes:
 
 
 def _audit_batch(
-    decoded: Sequence[Tuple[str, Path, Tensor]],
+    decoded: Sequence[tuple[str, Path, Tensor]],
     sim: CLIPSimilarity,
     runners: Mapping[str, Method],
     mask_provider: Any,
     top_k: int,
     out: Path,
     settings: str,
-) -> List[Dict[str, Any]]:
+) -> list[dict[str, Any]]:
     """Explain one batch: write its thumbnails and overlays, return its records."""
     from captum_iclip.viz import denormalize, overlay
 
@@ -368,20 +406,24 @@ def _audit_batch(
     for i, (key, path, _) in enumerate(decoded):
         thumbnail = f"{rec.IMAGES_DIR}/{key}.png"
         atomic_write_bytes(out / thumbnail, _png(originals[i].permute(1, 2, 0).numpy()))
-        records.append({
-            "schema": rec.RECORD_SCHEMA,
-            "key": key,
-            "settings": settings,
-            "source": str(path),
-            "name": path.name,
-            "status": "ok",
-            "thumbnail": thumbnail,
-            "width": int(width),
-            "height": int(height),
-            "probabilities": [round(p, 6) for p in probs[i].tolist()],
-            "top": [{"prompt": int(top.indices[i, r]), "probability": round(float(top.values[i, r]), 6), "maps": {}}
-                    for r in range(top_k)],
-        })
+        records.append(
+            {
+                "schema": rec.RECORD_SCHEMA,
+                "key": key,
+                "settings": settings,
+                "source": str(path),
+                "name": path.name,
+                "status": "ok",
+                "thumbnail": thumbnail,
+                "width": int(width),
+                "height": int(height),
+                "probabilities": [round(p, 6) for p in probs[i].tolist()],
+                "top": [
+                    {"prompt": int(top.indices[i, r]), "probability": round(float(top.values[i, r]), 6), "maps": {}}
+                    for r in range(top_k)
+                ],
+            }
+        )
     for rank in range(top_k):
         targets = top.indices[:, rank].to(param.device)
         for name, run in runners.items():
@@ -398,7 +440,7 @@ def _audit_batch(
     return records
 
 
-def library_versions() -> Dict[str, str]:
+def library_versions() -> dict[str, str]:
     """Versions of this package and of the libraries that shape its results."""
     import platform
     from importlib import metadata

@@ -18,8 +18,9 @@ Readers describe their label space with ``class_names`` (index = class id),
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -121,8 +122,7 @@ def read_class_names(path: Path) -> list[str]:
         raise ValueError(f"class list file {path} is empty")
     if "" in lines:
         raise ValueError(
-            f"class list file {path} has a blank line at line "
-            f"{lines.index('') + 1}; every line must name one class"
+            f"class list file {path} has a blank line at line {lines.index('') + 1}; every line must name one class"
         )
     if len(set(lines)) != len(lines):
         raise ValueError(f"class list file {path} has duplicate class names")
@@ -250,16 +250,12 @@ class SegmentationDataset(Dataset):
         background_index: int | None,
         limit: int | None = None,
     ) -> None:
-        if limit is not None and (
-            isinstance(limit, bool) or not isinstance(limit, int) or limit < 0
-        ):
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
             raise ValueError(f"limit: expected a non-negative int or None, got {limit!r}")
         self.class_names = list(class_names)
         self.prompts = [class_prompt(name) for name in self.class_names]
         self.background_index = background_index
-        self.foreground_classes = [
-            index for index in range(len(self.class_names)) if index != background_index
-        ]
+        self.foreground_classes = [index for index in range(len(self.class_names)) if index != background_index]
         self._limit = limit
         self._samples: list[tuple[Path, Any, str]] = []
         # The file the class names came from, if any (named when a label does not fit them).
@@ -289,8 +285,7 @@ class SegmentationDataset(Dataset):
             raise ValueError(f"label {where} cannot be decoded: {type(error).__name__}: {error}") from error
         if label.shape != (image.height, image.width):
             raise ValueError(
-                f"label {where} has shape {label.shape} but image {image_path} "
-                f"is {image.height}x{image.width}"
+                f"label {where} has shape {label.shape} but image {image_path} is {image.height}x{image.width}"
             )
         invalid = ((label >= self.num_classes) & (label != self.ignore_index)) | (label < 0)
         if invalid.any():

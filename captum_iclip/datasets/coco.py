@@ -69,9 +69,7 @@ def _find_image_dir(root: Path, split: str) -> Path:
     for candidate in (root / split, root / "images" / split):
         if candidate.is_dir():
             return candidate
-    raise FileNotFoundError(
-        f"COCO image folder not found: tried {root / split} and {root / 'images' / split}"
-    )
+    raise FileNotFoundError(f"COCO image folder not found: tried {root / split} and {root / 'images' / split}")
 
 
 class COCOInstances(SegmentationDataset):
@@ -157,9 +155,7 @@ class COCOInstances(SegmentationDataset):
             reverse=True,
         )
         for annotation in things:
-            label[self.coco.annToMask(annotation) > 0] = self._class_of_category[
-                annotation["category_id"]
-            ]
+            label[self.coco.annToMask(annotation) > 0] = self._class_of_category[annotation["category_id"]]
         for annotation in annotations:
             if annotation.get("iscrowd", 0):
                 crowd = (self.coco.annToMask(annotation) > 0) & (label == 0)
@@ -214,15 +210,10 @@ class COCOStuff(SegmentationDataset):
         label_dir = next((d for d in label_candidates if d.is_dir()), None)
         if label_dir is None:
             raise FileNotFoundError(
-                "COCO-Stuff label folder not found: tried "
-                + " and ".join(str(d) for d in label_candidates)
+                "COCO-Stuff label folder not found: tried " + " and ".join(str(d) for d in label_candidates)
             )
-        label_files = sorted(
-            p for p in label_dir.glob("*.png") if not p.stem.endswith("_labelTrainIds")
-        )
-        self._set_samples(
-            [(image_dir / f"{p.stem}.jpg", p, p.stem) for p in label_files], label_dir
-        )
+        label_files = sorted(p for p in label_dir.glob("*.png") if not p.stem.endswith("_labelTrainIds"))
+        self._set_samples([(image_dir / f"{p.stem}.jpg", p, p.stem) for p in label_files], label_dir)
 
     def _read_label(self, path: Path) -> np.ndarray:
         return _STUFF_RAW_TO_CLASS[load_index_png(path).clip(0, 255)]

@@ -48,9 +48,7 @@ class FolderDataset(SegmentationDataset):
         self.class_list_file = self.root / "classes.txt"
         image_dir = require_dir(self.root / "images", "image folder")
         mask_dir = require_dir(self.root / "masks", "mask folder")
-        image_paths = sorted(
-            p for p in image_dir.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES
-        )
+        image_paths = sorted(p for p in image_dir.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
         samples = []
         seen_stems: dict[str, Path] = {}
         for image_path in image_paths:

@@ -152,7 +152,9 @@ class PascalContext59(SegmentationDataset):
         self.root = _find_voc_root(Path(root), "SegmentationClassContext", "VOC2010")
         super().__init__(CONTEXT59_CLASSES, None, limit)
         self.split = split
-        self._set_samples(_split_samples(self.root, "SegmentationContext", "SegmentationClassContext", split), self.root)
+        self._set_samples(
+            _split_samples(self.root, "SegmentationContext", "SegmentationClassContext", split), self.root
+        )
 
     def _read_label(self, path: Path) -> np.ndarray:
         raw = load_index_png(path)

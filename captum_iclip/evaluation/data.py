@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, List, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -20,8 +20,7 @@ from captum_iclip.datasets import SegmentationDataset
 from captum_iclip.evaluation.metrics import LocalizationMetrics
 
 
-
-def _to_input(image: Image.Image, size: Tuple[int, int], mean: Tensor, std: Tensor) -> Tensor:
+def _to_input(image: Image.Image, size: tuple[int, int], mean: Tensor, std: Tensor) -> Tensor:
     """An RGB image resized (bicubic) to ``size`` = (height, width), as a normalised (3, H, W) tensor."""
     height, width = size
     if image.size != (width, height):
@@ -30,19 +29,23 @@ def _to_input(image: Image.Image, size: Tuple[int, int], mean: Tensor, std: Tens
     return (array.permute(2, 0, 1) - mean) / std
 
 
-
-def _short_side_size(image: Image.Image, short_side: int, multiple: int) -> Tuple[int, int]:
+def _short_side_size(image: Image.Image, short_side: int, multiple: int) -> tuple[int, int]:
     """(height, width) with the short side at ``short_side``, both rounded to ``multiple``."""
     scale = short_side / min(image.width, image.height)
     return tuple(max(multiple, round(side * scale / multiple) * multiple) for side in (image.height, image.width))
 
 
-
 class _ShardImages(Dataset):
     """The images of one shard as (index, model input, label, original image)."""
 
-    def __init__(self, dataset: SegmentationDataset, indices: Sequence[int], resolution: int,
-                 mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(
+        self,
+        dataset: SegmentationDataset,
+        indices: Sequence[int],
+        resolution: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
         self.dataset, self.indices, self.resolution = dataset, list(indices), resolution
         self.mean = torch.tensor(mean, dtype=torch.float32).reshape(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).reshape(3, 1, 1)
@@ -50,15 +53,14 @@ class _ShardImages(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, position: int) -> Tuple[int, Tensor, np.ndarray, Image.Image]:
+    def __getitem__(self, position: int) -> tuple[int, Tensor, np.ndarray, Image.Image]:
         index = self.indices[position]
         image, label, _ = self.dataset[index]
         square = (self.resolution, self.resolution)
         return index, _to_input(image, square, self.mean, self.std), label, image
 
 
-
-def shard_indices(size: int, batch_size: int, rank: int, world_size: int) -> List[int]:
+def shard_indices(size: int, batch_size: int, rank: int, world_size: int) -> list[int]:
     """The dataset indices of one rank: batches ``rank, rank + K, ...`` of ``batch_size`` images.
 
     Striding whole batches (rather than single images) gives every batch the
@@ -84,17 +86,14 @@ def shard_indices(size: int, batch_size: int, rank: int, world_size: int) -> Lis
     return [index for start in starts for index in range(start, min(start + batch_size, size))]
 
 
-
-def _collate(batch: List[tuple]) -> tuple:
+def _collate(batch: list[tuple]) -> tuple:
     return tuple(zip(*batch))
 
 
-
-def _scored_classes(label: np.ndarray, metric: LocalizationMetrics) -> List[int]:
+def _scored_classes(label: np.ndarray, metric: LocalizationMetrics) -> list[int]:
     """Class ids present in ``label`` that the localization metric scores, ascending."""
     present = np.unique(label)
     return [int(c) for c in present if c != metric.ignore_index and int(c) not in metric.exclude]
-
 
 
 def _largest_class(label: np.ndarray, classes: Sequence[int]) -> int:
@@ -103,12 +102,10 @@ def _largest_class(label: np.ndarray, classes: Sequence[int]) -> int:
     return classes[int(np.argmax(counts))]
 
 
-
-def _rank_and_world() -> Tuple[int, int]:
+def _rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
 
 
 def _init_distributed(device: str) -> str:
@@ -124,8 +121,7 @@ def _init_distributed(device: str) -> str:
     return device
 
 
-
-def _sum_over_ranks(values: Dict[str, float], device: torch.device) -> Dict[str, float]:
+def _sum_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Add per-rank floats (timings) over the process group."""
     if not (dist.is_available() and dist.is_initialized()) or not values:
         return dict(values)
@@ -136,15 +132,13 @@ def _sum_over_ranks(values: Dict[str, float], device: torch.device) -> Dict[str,
     return dict(zip(values, tensor.tolist()))
 
 
-
-def _gather_records(records: List[dict]) -> List[dict]:
+def _gather_records(records: list[dict]) -> list[dict]:
     """Every rank's records, merged and sorted by dataset index."""
     if dist.is_available() and dist.is_initialized():
-        gathered: List[List[dict]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+        gathered: list[list[dict]] = [None] * dist.get_world_size()  # type: ignore[list-item]
         dist.all_gather_object(gathered, records)
         records = [record for part in gathered for record in part]
     return sorted(records, key=lambda record: record["index"])
-
 
 
 class _Clock:

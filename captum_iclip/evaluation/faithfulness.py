@@ -22,7 +22,8 @@ scale; min–max normalised maps are only defined up to scale anyway.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from captum.metrics import infidelity, sensitivity_max

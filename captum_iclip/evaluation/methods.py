@@ -214,12 +214,26 @@ def _black(sim: CLIPSimilarity) -> Tensor:
 
 
 for _info in (
-    MethodInfo("raw", "raw ITSM", "tab:blue", "itsm", _itsm_builder("plain", "recognition"),
-               itsm=("plain", "recognition")),
-    MethodInfo("surgery", "surgery ITSM", "tab:orange", "itsm", _itsm_builder("surgery", "recognition"),
-               itsm=("surgery", "recognition")),
-    MethodInfo("iclip", "ICLIP ITSM", "tab:green", "itsm", _itsm_builder("plain", "interpretability"),
-               itsm=("plain", "interpretability"), needs_interpretability=True),
+    MethodInfo(
+        "raw", "raw ITSM", "tab:blue", "itsm", _itsm_builder("plain", "recognition"), itsm=("plain", "recognition")
+    ),
+    MethodInfo(
+        "surgery",
+        "surgery ITSM",
+        "tab:orange",
+        "itsm",
+        _itsm_builder("surgery", "recognition"),
+        itsm=("surgery", "recognition"),
+    ),
+    MethodInfo(
+        "iclip",
+        "ICLIP ITSM",
+        "tab:green",
+        "itsm",
+        _itsm_builder("plain", "interpretability"),
+        itsm=("plain", "interpretability"),
+        needs_interpretability=True,
+    ),
     MethodInfo("mmp", "masked max pooling", "tab:red", "pooling", _build_mmp),
     MethodInfo("gradcam", "LayerGradCam", "tab:purple", "gradient", _build_gradcam),
     MethodInfo("ig", "IntegratedGradients", "tab:brown", "gradient", _build_ig),

@@ -10,7 +10,8 @@ sharding gives bit-identical results to a single pass.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,9 +38,7 @@ def _as_label_tensor(value: Tensor | np.ndarray, name: str) -> Tensor:
     if isinstance(value, np.ndarray):
         value = torch.from_numpy(value)
     if not isinstance(value, Tensor):
-        raise TypeError(
-            f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(value).__name__}"
-        )
+        raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
     if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer class ids, got dtype {value.dtype}")
     return value.long()
@@ -84,20 +83,15 @@ class _StreamingMetric:
             ValueError: If keys or shapes differ.
         """
         if set(state) != set(self._state_names):
-            raise ValueError(
-                f"state must have keys {sorted(self._state_names)}, got {sorted(state)}"
-            )
+            raise ValueError(f"state must have keys {sorted(self._state_names)}, got {sorted(state)}")
         for name in self._state_names:
             current = getattr(self, name)
             value = torch.as_tensor(state[name])
             if value.shape != current.shape:
-                raise ValueError(
-                    f"state[{name!r}] must have shape {tuple(current.shape)}, "
-                    f"got {tuple(value.shape)}"
-                )
+                raise ValueError(f"state[{name!r}] must have shape {tuple(current.shape)}, got {tuple(value.shape)}")
             setattr(self, name, value.to(device="cpu", dtype=current.dtype).clone())
 
-    def merge(self, other: "_StreamingMetric") -> "_StreamingMetric":
+    def merge(self, other: _StreamingMetric) -> _StreamingMetric:
         """Add another metric's sums (same class and configuration) into this one.
 
         Args:
@@ -113,14 +107,12 @@ class _StreamingMetric:
         if type(other) is not type(self):
             raise TypeError(f"other: expected a {type(self).__name__}, got {type(other).__name__}")
         if other._config() != self._config():
-            raise ValueError(
-                f"other has configuration {other._config()}, expected {self._config()}"
-            )
+            raise ValueError(f"other has configuration {other._config()}, expected {self._config()}")
         for name in self._state_names:
             getattr(self, name).add_(getattr(other, name))
         return self
 
-    def all_reduce(self, group: dist.ProcessGroup | None = None) -> "_StreamingMetric":
+    def all_reduce(self, group: dist.ProcessGroup | None = None) -> _StreamingMetric:
         """Sum the state over all processes of ``group`` (no-op when not distributed).
 
         Every process ends with the global sums, so :meth:`compute` then gives
@@ -213,18 +205,10 @@ class LocalizationMetrics(_StreamingMetric):
             raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
         if not 0.0 <= float(theta) <= 1.0:
             raise ValueError(f"theta: expected in [0, 1], got {theta!r}")
-        if (
-            isinstance(pointing_tolerance, bool)
-            or not isinstance(pointing_tolerance, int)
-            or pointing_tolerance < 0
-        ):
-            raise ValueError(
-                f"pointing_tolerance: expected a non-negative int, got {pointing_tolerance!r}"
-            )
+        if isinstance(pointing_tolerance, bool) or not isinstance(pointing_tolerance, int) or pointing_tolerance < 0:
+            raise ValueError(f"pointing_tolerance: expected a non-negative int, got {pointing_tolerance!r}")
         if 0 <= ignore_index < num_classes:
-            raise ValueError(
-                f"ignore_index must not be a class id in [0, {num_classes}), got {ignore_index}"
-            )
+            raise ValueError(f"ignore_index must not be a class id in [0, {num_classes}), got {ignore_index}")
         self.num_classes = num_classes
         self.theta = float(theta)
         self.pointing_tolerance = pointing_tolerance
@@ -239,7 +223,7 @@ class LocalizationMetrics(_StreamingMetric):
         self.reset()
 
     @classmethod
-    def for_dataset(cls, dataset: Any, **kwargs: Any) -> "LocalizationMetrics":
+    def for_dataset(cls, dataset: Any, **kwargs: Any) -> LocalizationMetrics:
         """A metric sized for a dataset reader, excluding its background class.
 
         Args:
@@ -301,8 +285,7 @@ class LocalizationMetrics(_StreamingMetric):
         classes = torch.as_tensor(classes, dtype=torch.long).reshape(-1)
         if classes.numel() != maps.shape[0]:
             raise ValueError(
-                f"classes must name one class per map: got {classes.numel()} classes "
-                f"for {maps.shape[0]} maps"
+                f"classes must name one class per map: got {classes.numel()} classes for {maps.shape[0]} maps"
             )
         if classes.numel() and (classes.min() < 0 or classes.max() >= self.num_classes):
             raise ValueError(f"classes: expected ids in [0, {self.num_classes}), got {classes.tolist()}")
@@ -317,9 +300,7 @@ class LocalizationMetrics(_StreamingMetric):
             )
 
         class_masks = gt[None] == classes.to(gt.device)[:, None, None]  # (K, H, W)
-        excluded = torch.tensor(
-            [int(c) in self.exclude for c in classes.tolist()], dtype=torch.bool
-        )
+        excluded = torch.tensor([int(c) in self.exclude for c in classes.tolist()], dtype=torch.bool)
         keep = class_masks.flatten(1).any(1).cpu() & ~excluded
         if not keep.any():
             return
@@ -328,9 +309,7 @@ class LocalizationMetrics(_StreamingMetric):
         if not torch.isfinite(maps).all():
             raise ValueError("maps must be finite (found NaN or inf)")
         if maps.shape[-2:] != gt.shape:
-            maps = F.interpolate(
-                maps[None], size=tuple(gt.shape), mode="bilinear", align_corners=False
-            )[0]
+            maps = F.interpolate(maps[None], size=tuple(gt.shape), mode="bilinear", align_corners=False)[0]
         maps = self._normalise(maps.double(), valid)
 
         predicted = (maps >= self.theta) & valid
@@ -380,13 +359,9 @@ class LocalizationMetrics(_StreamingMetric):
         dy, dx = (offset.to(maps.device) for offset in self._disk_offsets)
         probe_rows = rows[:, None] + dy[None]
         probe_cols = cols[:, None] + dx[None]
-        in_image = (
-            (probe_rows >= 0) & (probe_rows < height) & (probe_cols >= 0) & (probe_cols < width)
-        )
+        in_image = (probe_rows >= 0) & (probe_rows < height) & (probe_cols >= 0) & (probe_cols < width)
         map_index = torch.arange(maps.shape[0], device=maps.device)[:, None]
-        probed = class_masks[
-            map_index, probe_rows.clamp(0, height - 1), probe_cols.clamp(0, width - 1)
-        ]
+        probed = class_masks[map_index, probe_rows.clamp(0, height - 1), probe_cols.clamp(0, width - 1)]
         return (probed & in_image).any(dim=1) & ~constant
 
     def compute(self) -> dict:
@@ -412,18 +387,12 @@ class LocalizationMetrics(_StreamingMetric):
             for c in seen
             if self.contrast_pairs[c] > 0
         }
-        per_class_pointing = {
-            c: 100.0 * self.pointing_hits[c].item() / self.class_pairs[c].item() for c in seen
-        }
+        per_class_pointing = {c: 100.0 * self.pointing_hits[c].item() / self.class_pairs[c].item() for c in seen}
         pairs = int(self.class_pairs.sum())
         contrast_pairs = int(self.contrast_pairs.sum())
         return {
             "miou": sum(per_class_iou.values()) / len(seen) if seen else math.nan,
-            "msc": (
-                100.0 * int(self.contrast_sum.sum()) / _SC_SCALE / contrast_pairs
-                if contrast_pairs
-                else math.nan
-            ),
+            "msc": (100.0 * int(self.contrast_sum.sum()) / _SC_SCALE / contrast_pairs if contrast_pairs else math.nan),
             "pointing": 100.0 * int(self.pointing_hits.sum()) / pairs if pairs else math.nan,
             "per_class_iou": per_class_iou,
             "per_class_msc": per_class_msc,
@@ -458,9 +427,7 @@ class SegmentationMetrics(_StreamingMetric):
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
         if 0 <= ignore_index < num_classes:
-            raise ValueError(
-                f"ignore_index must not be a class id in [0, {num_classes}), got {ignore_index}"
-            )
+            raise ValueError(f"ignore_index must not be a class id in [0, {num_classes}), got {ignore_index}")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.reset()
@@ -528,9 +495,7 @@ class SegmentationMetrics(_StreamingMetric):
             "miou": sum(per_class_iou.values()) / len(present) if present else math.nan,
             "pixel_accuracy": 100.0 * true_positive.sum().item() / pixels if pixels else math.nan,
             "mean_accuracy": (
-                100.0 * (true_positive[in_gt] / gt_count[in_gt]).mean().item()
-                if in_gt.any()
-                else math.nan
+                100.0 * (true_positive[in_gt] / gt_count[in_gt]).mean().item() if in_gt.any() else math.nan
             ),
             "per_class_iou": per_class_iou,
             "pixels": pixels,
@@ -587,14 +552,10 @@ def segment_from_maps(
     if classes is not None:
         classes = torch.as_tensor(classes, dtype=torch.long, device=maps.device).reshape(-1)
         if classes.numel() != maps.shape[-3]:
-            raise ValueError(
-                f"classes must have one id per map ({maps.shape[-3]}), got {classes.numel()}"
-            )
+            raise ValueError(f"classes must have one id per map ({maps.shape[-3]}), got {classes.numel()}")
         labels = classes[best_map]
     if background_threshold is not None:
-        labels = torch.where(
-            best_score < background_threshold, torch.full_like(labels, background_index), labels
-        )
+        labels = torch.where(best_score < background_threshold, torch.full_like(labels, background_index), labels)
     return labels
 
 
@@ -668,9 +629,7 @@ def sliding_window(
                     f"{getattr(logits, 'shape', type(logits).__name__)}"
                 )
             if logits.shape[-2:] != (crop_h, crop_w):
-                logits = F.interpolate(
-                    logits, size=(crop_h, crop_w), mode="bilinear", align_corners=False
-                )
+                logits = F.interpolate(logits, size=(crop_h, crop_w), mode="bilinear", align_corners=False)
             if total is None:
                 total = logits.new_zeros(batch, logits.shape[1], height, width)
                 coverage = logits.new_zeros(height, width)

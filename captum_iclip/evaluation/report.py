@@ -9,34 +9,51 @@ import csv
 import io
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 from captum_iclip._io import atomic_write_text
 from captum_iclip.datasets import SegmentationDataset
 from captum_iclip.evaluation.methods import method_title
 
 
-def _finite(value: float) -> Optional[float]:
+def _finite(value: float) -> float | None:
     """JSON has no NaN: undefined means (nothing to average) become ``None``."""
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
-CSV_COLUMNS = ("method", "miou", "msc", "pointing", "pairs", "segmentation_miou", "segmentation_pixel_accuracy",
-               "infidelity", "sensitivity", "localization_seconds_per_image")
+CSV_COLUMNS = (
+    "method",
+    "miou",
+    "msc",
+    "pointing",
+    "pairs",
+    "segmentation_miou",
+    "segmentation_pixel_accuracy",
+    "infidelity",
+    "sensitivity",
+    "localization_seconds_per_image",
+)
 
 
-def _csv_rows(results: dict) -> List[dict]:
+def _csv_rows(results: dict) -> list[dict]:
     rows = []
     for name, entry in results["methods"].items():
         segmentation, faithfulness = entry["segmentation"] or {}, entry["faithfulness"] or {}
-        rows.append({
-            "method": name, "miou": entry["miou"], "msc": entry["msc"], "pointing": entry["pointing"],
-            "pairs": entry["pairs"], "segmentation_miou": segmentation.get("miou"),
-            "segmentation_pixel_accuracy": segmentation.get("pixel_accuracy"),
-            "infidelity": faithfulness.get("infidelity"), "sensitivity": faithfulness.get("sensitivity"),
-            "localization_seconds_per_image": entry["timing"]["localization_seconds_per_image"],
-        })
+        rows.append(
+            {
+                "method": name,
+                "miou": entry["miou"],
+                "msc": entry["msc"],
+                "pointing": entry["pointing"],
+                "pairs": entry["pairs"],
+                "segmentation_miou": segmentation.get("miou"),
+                "segmentation_pixel_accuracy": segmentation.get("pixel_accuracy"),
+                "infidelity": faithfulness.get("infidelity"),
+                "sensitivity": faithfulness.get("sensitivity"),
+                "localization_seconds_per_image": entry["timing"]["localization_seconds_per_image"],
+            }
+        )
     return rows
 
 
@@ -63,25 +80,33 @@ def results_markdown(results: dict) -> str:
         A Markdown table (missing entries shown as "–"), followed by ``results["notes"]`` if any.
     """
 
-    def cell(value: Optional[float], digits: int) -> str:
+    def cell(value: float | None, digits: int) -> str:
         return "–" if value is None else f"{value:.{digits}f}"
 
     config, data = results["config"], results["dataset"]
     columns = [column for column in MARKDOWN_COLUMNS if column[0] in config["tasks"]]
-    lines = ["| method | " + " | ".join(header for _, header, _, _ in columns) + " |",
-             "|---|" + "---:|" * len(columns)]
+    lines = ["| method | " + " | ".join(header for _, header, _, _ in columns) + " |", "|---|" + "---:|" * len(columns)]
     for row in _csv_rows(results):
         cells = [cell(row[key], digits) for _, _, key, digits in columns]
         lines.append(f"| {method_title(row['method'])} | " + " | ".join(cells) + " |")
-    lines += ["", f"{data['num_images']} images of {data['name']} ({data['split'] or 'default split'}), model "
-              f"{results['model'] or 'given in-process'} at {results['resolution']} px, θ = {config['theta']}, "
-              f"pointing tolerance {config['pointing_tolerance']} px, {results['world_size']} process(es)."]
+    lines += [
+        "",
+        f"{data['num_images']} images of {data['name']} ({data['split'] or 'default split'}), model "
+        f"{results['model'] or 'given in-process'} at {results['resolution']} px, θ = {config['theta']}, "
+        f"pointing tolerance {config['pointing_tolerance']} px, {results['world_size']} process(es).",
+    ]
     lines += results.get("notes", [])
     return "\n".join(lines) + "\n"
 
 
-def write_results(results: dict, out: str, examples: Sequence[dict] = (),
-                  dataset: Optional[SegmentationDataset] = None, *, stem: str = "results") -> Dict[str, Path]:
+def write_results(
+    results: dict,
+    out: str,
+    examples: Sequence[dict] = (),
+    dataset: SegmentationDataset | None = None,
+    *,
+    stem: str = "results",
+) -> dict[str, Path]:
     """Write ``{stem}.{json,csv,md}`` and the example overlays into ``out``, atomically.
 
     Args:
@@ -111,8 +136,7 @@ def write_results(results: dict, out: str, examples: Sequence[dict] = (),
         path = folder / "examples" / f"{example['index']:06d}.png"
         attribution_grid(
             [example["image"]],
-            [[label_colours(example["label"])]
-             + [example["maps"][name] for name in methods]],
+            [[label_colours(example["label"])] + [example["maps"][name] for name in methods]],
             column_titles=["ground truth"] + [method_title(name) for name in methods],
             row_titles=[class_name],
             path=str(path),

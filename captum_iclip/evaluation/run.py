@@ -62,14 +62,16 @@ Examples::
     torchrun --nproc-per-node 2 -m captum_iclip.evaluation.run --dataset voc --root data/world_voc \\
         --method raw,iclip,mmp --pointing-tolerance 3 --out runs/eval
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -79,12 +81,12 @@ from tqdm.auto import tqdm
 from captum_iclip._io import check_output_folder
 from captum_iclip.datasets import DATASETS, SegmentationDataset, build_dataset
 from captum_iclip.evaluation.data import (
-    _ShardImages,
+    _Clock,
     _collate,
     _init_distributed,
     _rank_and_world,
+    _ShardImages,
     _sum_over_ranks,
-    _Clock,
     shard_indices,
 )
 from captum_iclip.evaluation.methods import available_methods, build_method, method_names
@@ -93,8 +95,17 @@ from captum_iclip.evaluation.tasks import TASK_TYPES, EvalBatch, EvalContext, _s
 from captum_iclip.similarity import CLIPSimilarity
 
 __all__ = [
-    "EvalConfig", "TASKS", "build_parser", "class_prompts", "evaluate", "main", "results_markdown",
-    "run_evaluation", "shard_indices", "write_results", "_segmentation_labels",
+    "EvalConfig",
+    "TASKS",
+    "build_parser",
+    "class_prompts",
+    "evaluate",
+    "main",
+    "results_markdown",
+    "run_evaluation",
+    "shard_indices",
+    "write_results",
+    "_segmentation_labels",
 ]
 
 TASKS = tuple(TASK_TYPES)
@@ -136,25 +147,25 @@ class EvalConfig:
 
     dataset: str
     root: str
-    split: Optional[str] = None
+    split: str | None = None
     methods: Sequence[str] = ("raw",)
     tasks: Sequence[str] = ("localization",)
-    resolution: Optional[int] = None
-    limit: Optional[int] = None
+    resolution: int | None = None
+    limit: int | None = None
     batch_size: int = 8
     theta: float = 0.5
     pointing_tolerance: int = 15
-    background_threshold: Optional[float] = None
+    background_threshold: float | None = None
     slide: bool = False
-    window: Optional[int] = None
-    stride: Optional[int] = None
+    window: int | None = None
+    stride: int | None = None
     faithfulness_samples: int = 8
     faithfulness_perturbations: int = 8
     ig_steps: int = 16
     seed: int = 0
     examples: int = 4
     workers: int = 0
-    out: Optional[str] = "captum-iclip-eval"
+    out: str | None = "captum-iclip-eval"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -187,7 +198,7 @@ class EvalConfig:
             check_output_folder(self.out, "out")
 
 
-def class_prompts(dataset: SegmentationDataset, bundle: Any = None) -> List[str]:
+def class_prompts(dataset: SegmentationDataset, bundle: Any = None) -> list[str]:
     """One prompt per class id of ``dataset``.
 
     The dataset's own prompts (``"a photo of a {name}."``), except that a bundled
@@ -217,7 +228,7 @@ def evaluate(
     config: EvalConfig,
     sim: CLIPSimilarity,
     *,
-    dataset: Optional[SegmentationDataset] = None,
+    dataset: SegmentationDataset | None = None,
     mask_provider: Any = None,
     model_name: str = "",
 ) -> dict:
@@ -251,8 +262,9 @@ def evaluate(
         >>> evaluate(config, sim)["methods"]["raw"]["miou"]  # doctest: +SKIP
         41.7
     """
-    results, examples, dataset = run_evaluation(config, sim, dataset=dataset, mask_provider=mask_provider,
-                                                model_name=model_name)
+    results, examples, dataset = run_evaluation(
+        config, sim, dataset=dataset, mask_provider=mask_provider, model_name=model_name
+    )
     if _rank_and_world()[0] == 0 and config.out is not None:
         write_results(results, config.out, examples, dataset)
     return results
@@ -262,10 +274,10 @@ def run_evaluation(
     config: EvalConfig,
     sim: CLIPSimilarity,
     *,
-    dataset: Optional[SegmentationDataset] = None,
+    dataset: SegmentationDataset | None = None,
     mask_provider: Any = None,
     model_name: str = "",
-) -> Tuple[dict, List[dict], SegmentationDataset]:
+) -> tuple[dict, list[dict], SegmentationDataset]:
     """:func:`evaluate` without writing: the results, rank 0's example records and the dataset."""
     began_wall = time.perf_counter()
     if dataset is None:
@@ -301,22 +313,27 @@ def _context(config: EvalConfig, sim: CLIPSimilarity, dataset: SegmentationDatas
     if config.background_threshold is not None and dataset.background_index is None:
         raise ValueError("background_threshold: the dataset has no background class; leave it unset")
     torch.manual_seed(config.seed)
-    runners = {name: build_method(name, sim, mask_provider=mask_provider, ig_steps=config.ig_steps)
-               for name in config.methods}
+    runners = {
+        name: build_method(name, sim, mask_provider=mask_provider, ig_steps=config.ig_steps) for name in config.methods
+    }
     show = config.progress and _rank_and_world()[0] == 0
     return EvalContext(config, sim, dataset, runners, window, stride, show, _Clock(adapter.parameter.device))
 
 
-def _run_batches(ctx: EvalContext, tasks: List[Any]) -> None:
+def _run_batches(ctx: EvalContext, tasks: list[Any]) -> None:
     """One pass over this rank's shard, every batch handed to every task."""
     if not tasks:
         return
     config, adapter = ctx.config, ctx.sim.adapter
     rank, world = _rank_and_world()
     shard = shard_indices(len(ctx.dataset), config.batch_size, rank, world)
-    loader = DataLoader(_ShardImages(ctx.dataset, shard, config.resolution, adapter.image_mean, adapter.image_std),
-                        batch_size=config.batch_size, shuffle=False, num_workers=config.workers,
-                        collate_fn=_collate)
+    loader = DataLoader(
+        _ShardImages(ctx.dataset, shard, config.resolution, adapter.image_mean, adapter.image_std),
+        batch_size=config.batch_size,
+        shuffle=False,
+        num_workers=config.workers,
+        collate_fn=_collate,
+    )
     bar = tqdm(total=len(shard), desc=f"eval {ctx.dataset.__class__.__name__}", unit="image", disable=not ctx.show)
     for indices, inputs, labels, originals in loader:
         batch = EvalBatch(indices, inputs, torch.stack(inputs).to(ctx.device, ctx.dtype), labels, originals)
@@ -326,15 +343,22 @@ def _run_batches(ctx: EvalContext, tasks: List[Any]) -> None:
     bar.close()
 
 
-def _results(ctx: EvalContext, tasks: List[Any], model_name: str) -> dict:
+def _results(ctx: EvalContext, tasks: list[Any], model_name: str) -> dict:
     """The results dictionary (``results.json``), the same on every rank."""
     config, dataset = ctx.config, ctx.dataset
     timing_keys = [f"{name}/{task}" for name in config.methods for task in ("localization", "segmentation")]
     seconds = _sum_over_ranks({key: ctx.seconds.get(key, 0.0) for key in timing_keys}, ctx.device)
     methods = {}
     for name in config.methods:
-        entry: Dict[str, Any] = {"miou": None, "msc": None, "pointing": None, "pairs": None, "per_class": None,
-                                 "segmentation": None, "faithfulness": None}
+        entry: dict[str, Any] = {
+            "miou": None,
+            "msc": None,
+            "pointing": None,
+            "pairs": None,
+            "per_class": None,
+            "segmentation": None,
+            "faithfulness": None,
+        }
         for task in tasks:
             entry.update(task.entry(name, ctx))
         faithfulness = next((task for task in tasks if task.name == "faithfulness"), None)
@@ -351,8 +375,12 @@ def _results(ctx: EvalContext, tasks: List[Any], model_name: str) -> dict:
     return {
         "config": asdict(config),
         "dataset": {
-            "name": config.dataset, "root": str(config.root), "split": config.split, "num_images": len(dataset),
-            "class_names": list(dataset.class_names), "background_index": dataset.background_index,
+            "name": config.dataset,
+            "root": str(config.root),
+            "split": config.split,
+            "num_images": len(dataset),
+            "class_names": list(dataset.class_names),
+            "background_index": dataset.background_index,
         },
         "model": model_name,
         "resolution": config.resolution,
@@ -364,7 +392,7 @@ def _results(ctx: EvalContext, tasks: List[Any], model_name: str) -> dict:
 
 
 # --------------------------------------------------------------------------- command line
-def _comma_list(text: str) -> List[str]:
+def _comma_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
@@ -376,31 +404,59 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
     parser.add_argument("--root", required=True, help="dataset folder")
     parser.add_argument("--split", default=None, help="split name (default: the reader's)")
-    parser.add_argument("--method", type=_comma_list, default=["raw"],
-                        help=f"comma-separated methods of {','.join(method_names())} (default: raw)")
-    parser.add_argument("--task", type=_comma_list, default=["localization"],
-                        help=f"comma-separated tasks of {','.join(TASKS)} (default: localization)")
+    parser.add_argument(
+        "--method",
+        type=_comma_list,
+        default=["raw"],
+        help=f"comma-separated methods of {','.join(method_names())} (default: raw)",
+    )
+    parser.add_argument(
+        "--task",
+        type=_comma_list,
+        default=["localization"],
+        help=f"comma-separated tasks of {','.join(TASKS)} (default: localization)",
+    )
     add_model_arguments(parser)
-    parser.add_argument("--dino", default=None,
-                        help="mask source of mmp: timm DINO name, Hugging Face id or folder "
-                             "(default: the bundled model's DINO, else all patches)")
+    parser.add_argument(
+        "--dino",
+        default=None,
+        help="mask source of mmp: timm DINO name, Hugging Face id or folder "
+        "(default: the bundled model's DINO, else all patches)",
+    )
     parser.add_argument("--dino-checkpoint", default=None, help="state-dict file for a timm --dino name")
     parser.add_argument("--tau", type=float, default=None, help="DINO attention mass kept (default 0.6)")
     parser.add_argument("--resolution", type=int, default=None, help="model input side (default: the model's)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
     parser.add_argument("--batch-size", type=int, default=8, help="images per batch (default: %(default)s)")
-    parser.add_argument("--theta", type=float, default=0.5, help="binarisation threshold of the explanation IoU (default: %(default)s)")
-    parser.add_argument("--pointing-tolerance", type=int, default=15, help="pointing-game tolerance, label pixels (default: %(default)s)")
-    parser.add_argument("--background-threshold", type=float, default=None,
-                        help="segmentation: score below which a pixel is background (default: background prompt)")
-    parser.add_argument("--slide", action="store_true",
-                        help="segmentation: short side to --resolution, sliding windows of --window")
+    parser.add_argument(
+        "--theta", type=float, default=0.5, help="binarisation threshold of the explanation IoU (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--pointing-tolerance",
+        type=int,
+        default=15,
+        help="pointing-game tolerance, label pixels (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--background-threshold",
+        type=float,
+        default=None,
+        help="segmentation: score below which a pixel is background (default: background prompt)",
+    )
+    parser.add_argument(
+        "--slide", action="store_true", help="segmentation: short side to --resolution, sliding windows of --window"
+    )
     parser.add_argument("--window", type=int, default=None, help="sliding-window side (default: the model's input)")
     parser.add_argument("--stride", type=int, default=None, help="sliding-window step (default: window / 2)")
-    parser.add_argument("--faithfulness-samples", type=int, default=8,
-                        help="images in the faithfulness sample (default: %(default)s)")
-    parser.add_argument("--faithfulness-perturbations", type=int, default=8,
-                        help="perturbations per image for infidelity and sensitivity (default: %(default)s)")
+    parser.add_argument(
+        "--faithfulness-samples", type=int, default=8, help="images in the faithfulness sample (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--faithfulness-perturbations",
+        type=int,
+        default=8,
+        help="perturbations per image for infidelity and sensitivity (default: %(default)s)",
+    )
     parser.add_argument("--ig-steps", type=int, default=16, help="integration steps of ig (default: %(default)s)")
     parser.add_argument("--examples", type=int, default=4, help="example overlays to draw (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes (default: %(default)s)")
@@ -429,13 +485,17 @@ def _load_model(args: argparse.Namespace, dataset: SegmentationDataset) -> tuple
         mask_provider.tau = args.tau
     if args.dino is not None:
         mask_provider = mask_source(
-            args.dino, checkpoint=args.dino_checkpoint, tau=0.6 if args.tau is None else args.tau,
-            input_mean=sim.adapter.image_mean, input_std=sim.adapter.image_std, device=args.device,
+            args.dino,
+            checkpoint=args.dino_checkpoint,
+            tau=0.6 if args.tau is None else args.tau,
+            input_mean=sim.adapter.image_mean,
+            input_std=sim.adapter.image_std,
+            device=args.device,
         )
     return sim, mask_provider, loaded.name
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """``captum-iclip eval``: parse ``argv``, evaluate, write the results; returns the exit status.
 
     Args:
@@ -463,13 +523,28 @@ def _run(args: argparse.Namespace) -> int:
     rank = _rank_and_world()[0]
     try:
         config = EvalConfig(
-            dataset=args.dataset, root=args.root, split=args.split, methods=args.method, tasks=args.task,
-            resolution=args.resolution, limit=args.limit, batch_size=args.batch_size, theta=args.theta,
-            pointing_tolerance=args.pointing_tolerance, background_threshold=args.background_threshold,
-            slide=args.slide, window=args.window, stride=args.stride,
+            dataset=args.dataset,
+            root=args.root,
+            split=args.split,
+            methods=args.method,
+            tasks=args.task,
+            resolution=args.resolution,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            theta=args.theta,
+            pointing_tolerance=args.pointing_tolerance,
+            background_threshold=args.background_threshold,
+            slide=args.slide,
+            window=args.window,
+            stride=args.stride,
             faithfulness_samples=args.faithfulness_samples,
-            faithfulness_perturbations=args.faithfulness_perturbations, ig_steps=args.ig_steps, seed=args.seed,
-            examples=args.examples, workers=args.workers, out=args.out, progress=not args.no_progress,
+            faithfulness_perturbations=args.faithfulness_perturbations,
+            ig_steps=args.ig_steps,
+            seed=args.seed,
+            examples=args.examples,
+            workers=args.workers,
+            out=args.out,
+            progress=not args.no_progress,
         )
         dataset = build_dataset(config.dataset, config.root, config.split, config.limit)
         sim, mask_provider, name = _load_model(args, dataset)

@@ -9,8 +9,9 @@ tasks the configuration asks for; the metrics are defined in docs/methods.md §5
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,12 +49,12 @@ class EvalContext:
     config: Any  # EvalConfig, with the resolution resolved
     sim: CLIPSimilarity
     dataset: SegmentationDataset
-    runners: Dict[str, Any]  # method name -> fn(images, targets)
+    runners: dict[str, Any]  # method name -> fn(images, targets)
     window: int
     stride: int
     show: bool  # progress bars (rank 0)
     clock: _Clock
-    seconds: Dict[str, float] = field(default_factory=dict)  # "<method>/<task>" -> seconds on this rank
+    seconds: dict[str, float] = field(default_factory=dict)  # "<method>/<task>" -> seconds on this rank
 
     @property
     def device(self) -> torch.device:
@@ -75,7 +76,7 @@ class EvalBatch:
     originals: Sequence[Image.Image]
 
 
-def _finite(value: float) -> Optional[float]:
+def _finite(value: float) -> float | None:
     """JSON has no NaN: undefined means (nothing to average) become ``None``."""
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
@@ -88,16 +89,18 @@ class LocalizationTask:
     def __init__(self, ctx: EvalContext) -> None:
         config = ctx.config
         self.metrics = {
-            name: LocalizationMetrics.for_dataset(ctx.dataset, theta=config.theta,
-                                                  pointing_tolerance=config.pointing_tolerance)
+            name: LocalizationMetrics.for_dataset(
+                ctx.dataset, theta=config.theta, pointing_tolerance=config.pointing_tolerance
+            )
             for name in config.methods
         }
-        self.examples: List[dict] = []  # rank 0's first images with a scored class, for the overlays
+        self.examples: list[dict] = []  # rank 0's first images with a scored class, for the overlays
         self.rank = _rank_and_world()[0]
 
     def update(self, ctx: EvalContext, batch: EvalBatch) -> None:
-        pairs, batch_maps = _localize_batch(ctx.runners, self.metrics, batch.images, batch.labels,
-                                            ctx.config.batch_size, ctx.clock, ctx.seconds)
+        pairs, batch_maps = _localize_batch(
+            ctx.runners, self.metrics, batch.images, batch.labels, ctx.config.batch_size, ctx.clock, ctx.seconds
+        )
         wanted = ctx.config.examples - len(self.examples)
         if self.rank == 0 and wanted > 0:
             self.examples += _examples(pairs, batch_maps, batch.indices, batch.labels, batch.originals)[:wanted]
@@ -106,15 +109,20 @@ class LocalizationTask:
         for metric in self.metrics.values():
             metric.all_reduce()
 
-    def entry(self, name: str, ctx: EvalContext) -> Dict[str, Any]:
+    def entry(self, name: str, ctx: EvalContext) -> dict[str, Any]:
         scores = self.metrics[name].compute()
         names = ctx.dataset.class_names
         return {
-            "miou": _finite(scores["miou"]), "msc": _finite(scores["msc"]), "pointing": _finite(scores["pointing"]),
+            "miou": _finite(scores["miou"]),
+            "msc": _finite(scores["msc"]),
+            "pointing": _finite(scores["pointing"]),
             "pairs": scores["pairs"],
             "per_class": {
-                names[c]: {"iou": iou, "msc": scores["per_class_msc"].get(c),
-                           "pointing": scores["per_class_pointing"][c]}
+                names[c]: {
+                    "iou": iou,
+                    "msc": scores["per_class_msc"].get(c),
+                    "pointing": scores["per_class_pointing"][c],
+                }
                 for c, iou in scores["per_class_iou"].items()
             },
         }
@@ -137,8 +145,19 @@ class SegmentationTask:
             variant, projection = method_info(name).itsm
             started = ctx.clock()
             for image, square_input, label in zip(batch.originals, batch.inputs, batch.labels):
-                scores = _segment_image(self.itsm, image, square_input, config, variant, projection, patch,
-                                        ctx.window, ctx.stride, ctx.dtype, ctx.device)
+                scores = _segment_image(
+                    self.itsm,
+                    image,
+                    square_input,
+                    config,
+                    variant,
+                    projection,
+                    patch,
+                    ctx.window,
+                    ctx.stride,
+                    ctx.dtype,
+                    ctx.device,
+                )
                 predicted = _segmentation_labels(scores, label.shape, ctx.dataset, config.background_threshold)
                 self.metrics[name].update(predicted.cpu(), label)
             key = f"{name}/segmentation"
@@ -148,20 +167,27 @@ class SegmentationTask:
         for metric in self.metrics.values():
             metric.all_reduce()
 
-    def entry(self, name: str, ctx: EvalContext) -> Dict[str, Any]:
+    def entry(self, name: str, ctx: EvalContext) -> dict[str, Any]:
         if name not in self.metrics:
             return {"segmentation": None}
         scores, names, dataset = self.metrics[name].compute(), ctx.dataset.class_names, ctx.dataset
-        background = ("threshold" if ctx.config.background_threshold is not None
-                      else "prompt" if dataset.background_index is not None else "none")
-        return {"segmentation": {
-            "miou": _finite(scores["miou"]),
-            "pixel_accuracy": _finite(scores["pixel_accuracy"]),
-            "mean_accuracy": _finite(scores["mean_accuracy"]),
-            "per_class_iou": {names[c]: iou for c, iou in scores["per_class_iou"].items()},
-            "pixels": scores["pixels"],
-            "background": background,
-        }}
+        background = (
+            "threshold"
+            if ctx.config.background_threshold is not None
+            else "prompt"
+            if dataset.background_index is not None
+            else "none"
+        )
+        return {
+            "segmentation": {
+                "miou": _finite(scores["miou"]),
+                "pixel_accuracy": _finite(scores["pixel_accuracy"]),
+                "mean_accuracy": _finite(scores["mean_accuracy"]),
+                "per_class_iou": {names[c]: iou for c, iou in scores["per_class_iou"].items()},
+                "pixels": scores["pixels"],
+                "background": background,
+            }
+        }
 
 
 class FaithfulnessTask:
@@ -173,29 +199,34 @@ class FaithfulnessTask:
     name = "faithfulness"
 
     def __init__(self, ctx: EvalContext) -> None:
-        self.records: List[dict] = []
+        self.records: list[dict] = []
 
     def update(self, ctx: EvalContext, batch: EvalBatch) -> None:
         """Nothing per batch: the sample is drawn over the whole dataset."""
 
     def finish(self, ctx: EvalContext) -> None:
         config = ctx.config
-        metric = LocalizationMetrics.for_dataset(ctx.dataset, theta=config.theta,
-                                                 pointing_tolerance=config.pointing_tolerance)
+        metric = LocalizationMetrics.for_dataset(
+            ctx.dataset, theta=config.theta, pointing_tolerance=config.pointing_tolerance
+        )
         sample = _faithfulness_sample(ctx.dataset, config.faithfulness_samples, metric)
-        records = _faithfulness_records(ctx.sim, ctx.runners, ctx.dataset, sample, config, config.resolution,
-                                        ctx.device, ctx.show)
+        records = _faithfulness_records(
+            ctx.sim, ctx.runners, ctx.dataset, sample, config, config.resolution, ctx.device, ctx.show
+        )
         self.records = _gather_records(records)
 
-    def entry(self, name: str, ctx: EvalContext) -> Dict[str, Any]:
+    def entry(self, name: str, ctx: EvalContext) -> dict[str, Any]:
         records = [r for r in self.records if r["method"] == name]
-        return {"faithfulness": {
-            "infidelity": _finite(float(np.mean([r["infidelity"] for r in records])) if records else math.nan),
-            "sensitivity": _finite(float(np.mean([r["sensitivity"] for r in records])) if records else math.nan),
-            "samples": len(records),
-            "per_image": [{key: r[key] for key in ("index", "name", "target", "infidelity", "sensitivity")}
-                          for r in records],
-        }}
+        return {
+            "faithfulness": {
+                "infidelity": _finite(float(np.mean([r["infidelity"] for r in records])) if records else math.nan),
+                "sensitivity": _finite(float(np.mean([r["sensitivity"] for r in records])) if records else math.nan),
+                "samples": len(records),
+                "per_image": [
+                    {key: r[key] for key in ("index", "name", "target", "infidelity", "sensitivity")} for r in records
+                ],
+            }
+        }
 
     def seconds(self, name: str) -> float:
         return sum(r["seconds"] for r in self.records if r["method"] == name)
@@ -214,39 +245,61 @@ SENSITIVITY_RADIUS = 0.02
 """L∞ radius of the max-sensitivity perturbations, in normalised input units."""
 
 
-def _segment_image(itsm: ITSMAttribution, image: Image.Image, square_input: Tensor, config: Any,
-                   variant: str, projection: str, patch: int, window: int, stride: int,
-                   dtype: torch.dtype, device: torch.device) -> Tensor:
+def _segment_image(
+    itsm: ITSMAttribution,
+    image: Image.Image,
+    square_input: Tensor,
+    config: Any,
+    variant: str,
+    projection: str,
+    patch: int,
+    window: int,
+    stride: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Tensor:
     """(K, H', W') unnormalised similarities of every prompt on one image, at the model input's size.
 
     Like the localization maps, the patch grid is first upsampled to the input
     (for each window, by :func:`sliding_window`), then resized to the label.
     """
+
     def dense(crop: Tensor, interpolate: bool = False) -> Tensor:
-        return itsm.attribute(crop, target=None, variant=variant, projection=projection,
-                              normalize=False, interpolate=interpolate)
+        return itsm.attribute(
+            crop, target=None, variant=variant, projection=projection, normalize=False, interpolate=interpolate
+        )
 
     if not config.slide:
         return dense(square_input[None].to(device, dtype), interpolate=True)[0]
     size = _short_side_size(image, config.resolution, patch)
-    x = _to_input(image, size, torch.tensor(itsm.similarity.adapter.image_mean).reshape(3, 1, 1),
-                  torch.tensor(itsm.similarity.adapter.image_std).reshape(3, 1, 1))
+    x = _to_input(
+        image,
+        size,
+        torch.tensor(itsm.similarity.adapter.image_mean).reshape(3, 1, 1),
+        torch.tensor(itsm.similarity.adapter.image_std).reshape(3, 1, 1),
+    )
     return sliding_window(dense, x[None].to(device, dtype), window, stride)[0]
 
 
-def _segmentation_labels(scores: Tensor, label_shape: Tuple[int, int], dataset: SegmentationDataset,
-                         background_threshold: Optional[float]) -> Tensor:
+def _segmentation_labels(
+    scores: Tensor, label_shape: tuple[int, int], dataset: SegmentationDataset, background_threshold: float | None
+) -> Tensor:
     """Per-pixel class ids at the label's size from (K, H', W') similarities (K = num_classes)."""
     scores = F.interpolate(scores[None].float(), size=label_shape, mode="bilinear", align_corners=False)[0]
     if background_threshold is None:
         return segment_from_maps(scores)
     foreground = dataset.foreground_classes
-    return segment_from_maps(scores[foreground], classes=foreground, background_index=dataset.background_index,
-                             background_threshold=background_threshold)
+    return segment_from_maps(
+        scores[foreground],
+        classes=foreground,
+        background_index=dataset.background_index,
+        background_threshold=background_threshold,
+    )
 
 
-def _faithfulness_sample(dataset: SegmentationDataset, count: int,
-                         metric: LocalizationMetrics) -> List[Tuple[int, int]]:
+def _faithfulness_sample(
+    dataset: SegmentationDataset, count: int, metric: LocalizationMetrics
+) -> list[tuple[int, int]]:
     """(index, target class) of up to ``count`` evenly spaced images with a scored class."""
     if count == 0 or len(dataset) == 0:
         return []
@@ -260,9 +313,16 @@ def _faithfulness_sample(dataset: SegmentationDataset, count: int,
     return sample
 
 
-def _faithfulness_records(sim: CLIPSimilarity, runners: Dict[str, Any], dataset: SegmentationDataset,
-                          sample: List[Tuple[int, int]], config: Any, resolution: int,
-                          device: torch.device, show: bool) -> List[dict]:
+def _faithfulness_records(
+    sim: CLIPSimilarity,
+    runners: dict[str, Any],
+    dataset: SegmentationDataset,
+    sample: list[tuple[int, int]],
+    config: Any,
+    resolution: int,
+    device: torch.device,
+    show: bool,
+) -> list[dict]:
     """This rank's share (positions ``rank, rank + K, ...``) of the per-image faithfulness scores."""
     rank, world = _rank_and_world()
     adapter = sim.adapter
@@ -283,23 +343,38 @@ def _faithfulness_records(sim: CLIPSimilarity, runners: Dict[str, Any], dataset:
             # Seeded per image, so the score does not depend on the shard or the method order.
             torch.manual_seed(config.seed * 1_000_003 + index)
             attributions = run(x, target).detach()
-            infidelity = infidelity_score(sim, attributions, x, target, perturb_func=perturb,
-                                          n_perturb_samples=config.faithfulness_perturbations)
+            infidelity = infidelity_score(
+                sim, attributions, x, target, perturb_func=perturb, n_perturb_samples=config.faithfulness_perturbations
+            )
             torch.manual_seed(config.seed * 1_000_003 + index)
-            sensitivity = sensitivity_score(run, x, target,
-                                            perturb_radius=SENSITIVITY_RADIUS,
-                                            n_perturb_samples=config.faithfulness_perturbations)
-            records.append({"index": index, "name": name, "method": method, "target": target_class,
-                            "infidelity": float(infidelity[0]), "sensitivity": float(sensitivity[0]),
-                            "seconds": clock() - began})
+            sensitivity = sensitivity_score(
+                run, x, target, perturb_radius=SENSITIVITY_RADIUS, n_perturb_samples=config.faithfulness_perturbations
+            )
+            records.append(
+                {
+                    "index": index,
+                    "name": name,
+                    "method": method,
+                    "target": target_class,
+                    "infidelity": float(infidelity[0]),
+                    "sensitivity": float(sensitivity[0]),
+                    "seconds": clock() - began,
+                }
+            )
             bar.update(1)
     bar.close()
     return records
 
 
-def _localize_batch(runners: Dict[str, Any], metrics: Dict[str, LocalizationMetrics], images: Tensor,
-                    labels: Sequence[np.ndarray], chunk: int, clock: _Clock,
-                    seconds: Dict[str, float]) -> Tuple[List[Tuple[int, int]], Dict[str, Tensor]]:
+def _localize_batch(
+    runners: dict[str, Any],
+    metrics: dict[str, LocalizationMetrics],
+    images: Tensor,
+    labels: Sequence[np.ndarray],
+    chunk: int,
+    clock: _Clock,
+    seconds: dict[str, float],
+) -> tuple[list[tuple[int, int]], dict[str, Tensor]]:
     """Score every method's maps of the (image, class) pairs of a batch.
 
     Each image is repeated once per scored class present in its label; the
@@ -318,8 +393,12 @@ def _localize_batch(runners: Dict[str, Any], metrics: Dict[str, LocalizationMetr
     batch_maps = {}
     for name, run in runners.items():
         started = clock()
-        maps = torch.cat([run(images[pair_image[start:start + chunk]], pair_class[start:start + chunk]).detach()
-                          for start in range(0, len(pairs), chunk)]).float()
+        maps = torch.cat(
+            [
+                run(images[pair_image[start : start + chunk]], pair_class[start : start + chunk]).detach()
+                for start in range(0, len(pairs), chunk)
+            ]
+        ).float()
         seconds[f"{name}/localization"] = seconds.get(f"{name}/localization", 0.0) + clock() - started
         for i, label in enumerate(labels):
             rows = (pair_image == i).nonzero().flatten()
@@ -329,8 +408,13 @@ def _localize_batch(runners: Dict[str, Any], metrics: Dict[str, LocalizationMetr
     return pairs, batch_maps
 
 
-def _examples(pairs: List[Tuple[int, int]], batch_maps: Dict[str, Tensor], indices: Sequence[int],
-              labels: Sequence[np.ndarray], originals: Sequence[Image.Image]) -> List[dict]:
+def _examples(
+    pairs: list[tuple[int, int]],
+    batch_maps: dict[str, Tensor],
+    indices: Sequence[int],
+    labels: Sequence[np.ndarray],
+    originals: Sequence[Image.Image],
+) -> list[dict]:
     """Example records of a batch: per image with a scored class, its largest class's maps."""
     examples = []
     for i, label in enumerate(labels):
@@ -338,6 +422,13 @@ def _examples(pairs: List[Tuple[int, int]], batch_maps: Dict[str, Tensor], indic
         if rows:
             classes = [pairs[row][1] for row in rows]
             row = rows[classes.index(_largest_class(label, classes))]
-            examples.append({"image": originals[i], "label": label, "index": indices[i], "class": pairs[row][1],
-                             "maps": {name: maps[row].cpu() for name, maps in batch_maps.items()}})
+            examples.append(
+                {
+                    "image": originals[i],
+                    "label": label,
+                    "index": indices[i],
+                    "class": pairs[row][1],
+                    "maps": {name: maps[row].cpu() for name, maps in batch_maps.items()},
+                }
+            )
     return examples

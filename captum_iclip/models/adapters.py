@@ -17,10 +17,11 @@ Supported families: open_clip ``VisionTransformer`` (any patch size, any input
 size divisible by it), open_clip ``ModifiedResNet`` (RN50, RN101, RN50x4, ...) and
 Hugging Face ``transformers.CLIPModel``.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,7 @@ class GridTap(nn.Identity):
 
 
 def interpolate_pos_embed(
-    pos_embed: Tensor, grid: Tuple[int, int], native_grid: Optional[Tuple[int, int]] = None
+    pos_embed: Tensor, grid: tuple[int, int], native_grid: tuple[int, int] | None = None
 ) -> Tensor:
     """Resize a (1 + h0*w0, C) positional embedding to ``grid`` (docs/methods.md §1).
 
@@ -107,7 +108,7 @@ def self_value_attention(value: Tensor, num_heads: int, scale: float, l2_normali
     return out.transpose(1, 2).reshape(n, length, channels)
 
 
-def _check_depth(surgery_depth: int, num_blocks: Optional[int]) -> None:
+def _check_depth(surgery_depth: int, num_blocks: int | None) -> None:
     """``surgery_depth`` must be an int in 0..num_blocks (any int >= 0 when ``num_blocks`` is None)."""
     if isinstance(surgery_depth, bool) or not isinstance(surgery_depth, int):
         raise TypeError(f"surgery_depth: expected an int, got {type(surgery_depth).__name__}")
@@ -115,7 +116,9 @@ def _check_depth(surgery_depth: int, num_blocks: Optional[int]) -> None:
         if surgery_depth < 0:
             raise ValueError(f"surgery_depth: expected a non-negative int, got {surgery_depth}")
     elif not 0 <= surgery_depth <= num_blocks:
-        raise ValueError(f"surgery_depth: expected 0..{num_blocks} (the tower has {num_blocks} blocks), got {surgery_depth}")
+        raise ValueError(
+            f"surgery_depth: expected 0..{num_blocks} (the tower has {num_blocks} blocks), got {surgery_depth}"
+        )
 
 
 class VisionAdapter:
@@ -129,30 +132,30 @@ class VisionAdapter:
 
     family: str = ""
 
-    def __init__(self, model: nn.Module, interpretability_head: Optional[nn.Module] = None) -> None:
+    def __init__(self, model: nn.Module, interpretability_head: nn.Module | None = None) -> None:
         self.model = model
         self.interpretability_head = interpretability_head
         self.grid_tap = GridTap()
 
     # --- geometry -------------------------------------------------------------------
     @property
-    def patch_size(self) -> Tuple[int, int]:
+    def patch_size(self) -> tuple[int, int]:
         raise NotImplementedError
 
     @property
-    def image_size(self) -> Tuple[int, int]:
+    def image_size(self) -> tuple[int, int]:
         """The resolution the tower was built for."""
         raise NotImplementedError
 
     @property
-    def image_mean(self) -> Tuple[float, float, float]:
+    def image_mean(self) -> tuple[float, float, float]:
         return OPENAI_CLIP_MEAN
 
     @property
-    def image_std(self) -> Tuple[float, float, float]:
+    def image_std(self) -> tuple[float, float, float]:
         return OPENAI_CLIP_STD
 
-    def grid_size(self, height: int, width: int) -> Tuple[int, int]:
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
         ph, pw = self.patch_size
         if height % ph or width % pw:
             raise ValueError(
@@ -173,7 +176,7 @@ class VisionAdapter:
         raise NotImplementedError
 
     @property
-    def num_blocks(self) -> Optional[int]:
+    def num_blocks(self) -> int | None:
         """Transformer blocks that architecture surgery can reach; ``None`` where the
         surgery is a single switch (the ResNet attention pool: any depth > 0 turns it on)."""
         return None
@@ -182,7 +185,7 @@ class VisionAdapter:
         """Raise ``TypeError``/``ValueError`` naming ``surgery_depth`` if it does not fit the tower."""
         _check_depth(surgery_depth, self.num_blocks)
 
-    def check_images(self, images: Tensor, name: str = "inputs") -> Tuple[int, int]:
+    def check_images(self, images: Tensor, name: str = "inputs") -> tuple[int, int]:
         """Validate a batch of images and return its patch grid size."""
         if not isinstance(images, Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor of shape (N, 3, H, W), got {type(images).__name__}")
@@ -194,15 +197,19 @@ class VisionAdapter:
             raise ValueError(f"{name}: the batch is empty")
         param = self.parameter
         if images.device != param.device:
-            raise ValueError(f"{name}: images are on {images.device} but the model is on {param.device}; move one of them")
+            raise ValueError(
+                f"{name}: images are on {images.device} but the model is on {param.device}; move one of them"
+            )
         if not images.is_floating_point():
             raise TypeError(f"{name}: expected a floating-point tensor (a preprocessed image), got {images.dtype}")
         if images.dtype != param.dtype:
-            raise TypeError(f"{name}: images have dtype {images.dtype} but the model has {param.dtype}; cast one of them")
+            raise TypeError(
+                f"{name}: images have dtype {images.dtype} but the model has {param.dtype}; cast one of them"
+            )
         return self.grid_size(images.shape[-2], images.shape[-1])
 
     # --- image side -----------------------------------------------------------------
-    def tap_patches(self, x: Tensor, grid: Tuple[int, int]) -> Tensor:
+    def tap_patches(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
         """Route the patch tokens of (N, 1 + h*w, C) through :attr:`grid_tap` as an (N, C, h, w) map."""
         n, _, c = x.shape
         patches = self.grid_tap(x[:, 1:].transpose(1, 2).reshape(n, c, *grid))
@@ -296,15 +303,15 @@ class TokenProjection(nn.Module):
 def _split_value(attn: nn.Module, x: Tensor) -> Tensor:
     """The value projection of a fused-qkv attention module (nn.MultiheadAttention or open_clip Attention)."""
     channels = x.shape[-1]
-    weight = attn.in_proj_weight[2 * channels:]
-    bias = attn.in_proj_bias[2 * channels:] if attn.in_proj_bias is not None else None
+    weight = attn.in_proj_weight[2 * channels :]
+    bias = attn.in_proj_bias[2 * channels :] if attn.in_proj_bias is not None else None
     return F.linear(x, weight, bias)
 
 
 class OpenCLIPAdapter(VisionAdapter):
     """What the open_clip towers share: preprocessing statistics, the text tower, the stem."""
 
-    def __init__(self, model: nn.Module, interpretability_head: Optional[nn.Module] = None) -> None:
+    def __init__(self, model: nn.Module, interpretability_head: nn.Module | None = None) -> None:
         super().__init__(model, interpretability_head)
         self.visual = model.visual
 
@@ -328,11 +335,13 @@ class OpenCLIPAdapter(VisionAdapter):
 class OpenCLIPViTAdapter(OpenCLIPAdapter):
     family = "open_clip VisionTransformer"
 
-    def __init__(self, model: nn.Module, interpretability_head: Optional[nn.Module] = None) -> None:
+    def __init__(self, model: nn.Module, interpretability_head: nn.Module | None = None) -> None:
         super().__init__(model, interpretability_head)
         visual = model.visual
         if getattr(visual, "attn_pool", None) is not None:
-            raise TypeError("model: open_clip ViTs with an attentional pooler (CoCa) have no global token; not supported")
+            raise TypeError(
+                "model: open_clip ViTs with an attentional pooler (CoCa) have no global token; not supported"
+            )
         if getattr(visual, "pool_type", "tok") != "tok" or getattr(visual, "final_ln_after_pool", False):
             raise TypeError(
                 f"model: open_clip ViT with pool_type={visual.pool_type!r} is not supported; "
@@ -342,11 +351,11 @@ class OpenCLIPViTAdapter(OpenCLIPAdapter):
             raise TypeError("model: the open_clip ViT has no projection (proj is None)")
 
     @property
-    def patch_size(self) -> Tuple[int, int]:
+    def patch_size(self) -> tuple[int, int]:
         return tuple(self.visual.patch_size)
 
     @property
-    def image_size(self) -> Tuple[int, int]:
+    def image_size(self) -> tuple[int, int]:
         return tuple(self.visual.image_size)
 
     @property
@@ -439,16 +448,16 @@ class PositionwisePoolProjection(nn.Module):
 class OpenCLIPResNetAdapter(OpenCLIPAdapter):
     family = "open_clip ModifiedResNet"
 
-    def __init__(self, model: nn.Module, interpretability_head: Optional[nn.Module] = None) -> None:
+    def __init__(self, model: nn.Module, interpretability_head: nn.Module | None = None) -> None:
         super().__init__(model, interpretability_head)
         self.pool = model.visual.attnpool
 
     @property
-    def patch_size(self) -> Tuple[int, int]:
+    def patch_size(self) -> tuple[int, int]:
         return (32, 32)
 
     @property
-    def image_size(self) -> Tuple[int, int]:
+    def image_size(self) -> tuple[int, int]:
         size = self.visual.image_size
         return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
 
@@ -471,7 +480,7 @@ class OpenCLIPResNetAdapter(OpenCLIPAdapter):
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)
         return x + interpolate_pos_embed(self.pool.positional_embedding, grid).to(x.dtype)
 
-    def _heads(self) -> Tuple[int, int]:
+    def _heads(self) -> tuple[int, int]:
         num_heads = self.pool.num_heads
         return num_heads, self.pool.v_proj.out_features // num_heads
 
@@ -527,17 +536,17 @@ class LinearCopy(nn.Linear):
 class HFCLIPAdapter(VisionAdapter):
     family = "transformers CLIPModel"
 
-    def __init__(self, model: nn.Module, interpretability_head: Optional[nn.Module] = None) -> None:
+    def __init__(self, model: nn.Module, interpretability_head: nn.Module | None = None) -> None:
         super().__init__(model, interpretability_head)
         self.vision = model.vision_model
 
     @property
-    def patch_size(self) -> Tuple[int, int]:
+    def patch_size(self) -> tuple[int, int]:
         p = self.vision.embeddings.patch_size
         return (p, p)
 
     @property
-    def image_size(self) -> Tuple[int, int]:
+    def image_size(self) -> tuple[int, int]:
         s = self.vision.embeddings.image_size
         return (s, s)
 

@@ -1,7 +1,11 @@
-"""Dual projections (ICLIP, arXiv 2209.07046; docs/methods.md §4): one projection for recognition, one for interpretability."""
+"""Dual projections (ICLIP, arXiv 2209.07046; docs/methods.md §4).
+
+One projection for recognition, one for interpretability.
+"""
+
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -43,7 +47,7 @@ class DualProjectionCLIP(nn.Module):
         torch.Size([1, 50, 512])
     """
 
-    def __init__(self, model: nn.Module, interpretability_head: Optional[nn.Module] = None) -> None:
+    def __init__(self, model: nn.Module, interpretability_head: nn.Module | None = None) -> None:
         super().__init__()
         base = get_adapter(model)
         self.clip = model
@@ -58,7 +62,11 @@ class DualProjectionCLIP(nn.Module):
         training step that reads it does not build a new adapter each time.
         """
         cached = self.__dict__.get("_adapter")
-        if cached is None or cached.interpretability_head is not self.interpretability_head or cached.model is not self.clip:
+        if (
+            cached is None
+            or cached.interpretability_head is not self.interpretability_head
+            or cached.model is not self.clip
+        ):
             cached = get_adapter(self)
             # Stored outside nn.Module's registries: the adapter is a view, not a submodule or state.
             self.__dict__["_adapter"] = cached
@@ -94,18 +102,22 @@ class DualProjectionCLIP(nn.Module):
         return self.clip(*args, **kwargs)
 
     # --- persistence ----------------------------------------------------------------
-    def interpretability_state_dict(self) -> Dict[str, Tensor]:
+    def interpretability_state_dict(self) -> dict[str, Tensor]:
         return {k: v.detach().cpu() for k, v in self.interpretability_head.state_dict().items()}
 
     def save_interpretability(self, path: PathLike, **metadata: Any) -> None:
         """Save the added parameters alone (a small file), atomically."""
         atomic_torch_save(
-            {"format": "captum-iclip/interpretability-head/1", "family": self.adapter.family,
-             "state_dict": self.interpretability_state_dict(), "metadata": metadata},
+            {
+                "format": "captum-iclip/interpretability-head/1",
+                "family": self.adapter.family,
+                "state_dict": self.interpretability_state_dict(),
+                "metadata": metadata,
+            },
             path,
         )
 
-    def load_interpretability(self, path: PathLike) -> "DualProjectionCLIP":
+    def load_interpretability(self, path: PathLike) -> DualProjectionCLIP:
         """Load a head saved by :meth:`save_interpretability` (checks family and shapes)."""
         payload = load_torch_file(path, "path")
         if not isinstance(payload, dict) or payload.get("format") != "captum-iclip/interpretability-head/1":
@@ -118,12 +130,16 @@ class DualProjectionCLIP(nn.Module):
     def save(self, path: PathLike, **metadata: Any) -> None:
         """Save the whole wrapped model (CLIP weights and interpretability head), atomically."""
         atomic_torch_save(
-            {"format": "captum-iclip/dual-projection/1", "family": self.adapter.family,
-             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}, "metadata": metadata},
+            {
+                "format": "captum-iclip/dual-projection/1",
+                "family": self.adapter.family,
+                "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+                "metadata": metadata,
+            },
             path,
         )
 
-    def load(self, path: PathLike) -> "DualProjectionCLIP":
+    def load(self, path: PathLike) -> DualProjectionCLIP:
         """Load weights saved by :meth:`save` into this (same-architecture) wrapper."""
         payload = load_torch_file(path, "path")
         if not isinstance(payload, dict) or payload.get("format") != "captum-iclip/dual-projection/1":

@@ -34,7 +34,7 @@ class WeightsUnavailableError(RuntimeError):
     """Pretrained weights could not be fetched or found."""
 
 
-def check_device(device: "str | torch.device", argument: str = "device") -> torch.device:
+def check_device(device: str | torch.device, argument: str = "device") -> torch.device:
     """``device`` as a ``torch.device`` that this machine has, else a ``ValueError`` naming ``argument``.
 
     Examples::
@@ -48,11 +48,13 @@ def check_device(device: "str | torch.device", argument: str = "device") -> torc
         raise ValueError(f"{argument}: expected a torch device such as 'cpu' or 'cuda:0', got {device!r}") from error
     if target.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"{argument}: {device!r} needs a CUDA GPU, and torch sees none on this machine; "
-                             "use --device cpu")
+            raise ValueError(
+                f"{argument}: {device!r} needs a CUDA GPU, and torch sees none on this machine; use --device cpu"
+            )
         if target.index is not None and target.index >= torch.cuda.device_count():
-            raise ValueError(f"{argument}: {device!r} does not exist; this machine has "
-                             f"{torch.cuda.device_count()} CUDA device(s)")
+            raise ValueError(
+                f"{argument}: {device!r} does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
     elif target.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"{argument}: 'mps' is not available on this machine; use --device cpu")
     elif target.type not in ("cpu", "cuda", "mps"):
@@ -60,16 +62,18 @@ def check_device(device: "str | torch.device", argument: str = "device") -> torc
     return target
 
 
-def check_model_options(model_name: str | None, pretrained: str | None, checkpoint: str | None,
-                        hf_model: str | None) -> None:
+def check_model_options(
+    model_name: str | None, pretrained: str | None, checkpoint: str | None, hf_model: str | None
+) -> None:
     """Refuse model options that contradict each other or would be ignored (a ``ValueError`` naming one).
 
     ``pretrained`` and ``checkpoint`` need an open_clip ``model_name`` (without one the bundled model
     would run, and the weights the user asked for would be ignored); a bundled model has its own
     weights; ``hf_model`` loads its own model and weights.
     """
-    given = next((name for name, value in (("pretrained", pretrained), ("checkpoint", checkpoint))
-                  if value is not None), None)
+    given = next(
+        (name for name, value in (("pretrained", pretrained), ("checkpoint", checkpoint)) if value is not None), None
+    )
     if hf_model is not None:
         extra = "model_name" if model_name is not None else given
         if extra is not None:
@@ -78,13 +82,17 @@ def check_model_options(model_name: str | None, pretrained: str | None, checkpoi
     if given is None:
         return
     if model_name is None:
-        raise ValueError(f"{given}: needs model_name (--model NAME, the open_clip architecture the weights are "
-                         "for); without --model the bundled model shapes-tiny is used")
+        raise ValueError(
+            f"{given}: needs model_name (--model NAME, the open_clip architecture the weights are "
+            "for); without --model the bundled model shapes-tiny is used"
+        )
     from captum_iclip import zoo
 
     if model_name in zoo.available():
-        raise ValueError(f"{given}: the bundled model {model_name!r} has its own weights; give --model an "
-                         "open_clip architecture to load other weights")
+        raise ValueError(
+            f"{given}: the bundled model {model_name!r} has its own weights; give --model an "
+            "open_clip architecture to load other weights"
+        )
 
 
 @dataclass
@@ -297,14 +305,18 @@ def _load_open_clip(request: ModelSpec) -> LoadedCLIP:
 
     name, pretrained, checkpoint = request.name, request.pretrained, request.checkpoint
     if name is None or (name not in open_clip.list_models() and not name.startswith("hf-hub:")):
-        raise ValueError(f"model_name: expected an open_clip architecture (see open_clip.list_models()) or a bundled "
-                         f"model {zoo.available()}, got {name!r}")
+        raise ValueError(
+            f"model_name: expected an open_clip architecture (see open_clip.list_models()) or a bundled "
+            f"model {zoo.available()}, got {name!r}"
+        )
     if pretrained is not None and checkpoint is not None:
         raise ValueError("checkpoint: give either pretrained (a tag) or checkpoint (a file), not both")
     if pretrained is None and checkpoint is None and not (request.random_weights or request.from_scratch):
-        raise ValueError(f"model_name: {name!r} has no weights without pretrained (--pretrained TAG) or checkpoint "
-                         "(--checkpoint FILE); pass random_weights=True (--random-weights; --from-scratch for "
-                         "training) to use a randomly initialised model on purpose")
+        raise ValueError(
+            f"model_name: {name!r} has no weights without pretrained (--pretrained TAG) or checkpoint "
+            "(--checkpoint FILE); pass random_weights=True (--random-weights; --from-scratch for "
+            "training) to use a randomly initialised model on purpose"
+        )
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise WeightsUnavailableError(f"checkpoint: expected a file, got {checkpoint!r} (no file there)")
     weights = None if request.from_scratch else checkpoint or pretrained
@@ -316,8 +328,10 @@ def _load_open_clip(request: ModelSpec) -> LoadedCLIP:
     except Exception as error:  # open_clip raises RuntimeError, UnpicklingError, KeyError, ... for a bad file
         if checkpoint is not None:
             reason = " ".join(str(error).split()) or type(error).__name__
-            raise ValueError(f"checkpoint: cannot load {checkpoint} into open_clip {name!r} (corrupt, truncated or "
-                             f"for another architecture): {type(error).__name__}: {reason[:300]}") from error
+            raise ValueError(
+                f"checkpoint: cannot load {checkpoint} into open_clip {name!r} (corrupt, truncated or "
+                f"for another architecture): {type(error).__name__}: {reason[:300]}"
+            ) from error
         if not isinstance(error, (OSError, RuntimeError, ValueError)):
             raise
         raise WeightsUnavailableError(
@@ -338,7 +352,9 @@ def _load_hf(request: ModelSpec) -> LoadedCLIP:
         tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=local)
         processor = CLIPImageProcessor.from_pretrained(model_id, local_files_only=local)
     except OSError as error:
-        raise WeightsUnavailableError(f"could not load Hugging Face model {model_id!r}: {error}\n{OFFLINE_HINT}") from error
+        raise WeightsUnavailableError(
+            f"could not load Hugging Face model {model_id!r}: {error}\n{OFFLINE_HINT}"
+        ) from error
     size = request.image_size or model.config.vision_config.image_size
 
     def preprocess(image) -> torch.Tensor:

@@ -22,6 +22,7 @@ the current epoch; :class:`WebDatasetBatches` iterates the shards in a
 Images are transformed deterministically (the model's evaluation
 preprocessing by default) so that masks can be cached by image content.
 """
+
 from __future__ import annotations
 
 import csv
@@ -30,8 +31,9 @@ import logging
 import os
 import random
 import tarfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -41,7 +43,7 @@ from captum_iclip._io import read_image
 
 logger = logging.getLogger(__name__)
 
-Sample = Optional[Tuple[Tensor, str]]
+Sample = tuple[Tensor, str] | None
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -57,12 +59,12 @@ class ImageTextBatch(NamedTuple):
     number of samples of the raw batch that were dropped because their image was
     missing or unreadable."""
 
-    images: Optional[Tensor]
-    captions: List[str]
+    images: Tensor | None
+    captions: list[str]
     num_skipped: int
 
 
-def load_image(source: Union[str, os.PathLike, bytes], transform: Callable) -> Optional[Tensor]:
+def load_image(source: str | os.PathLike | bytes, transform: Callable) -> Tensor | None:
     """Open an image file (or encoded bytes) as RGB with :func:`captum_iclip._io.read_image` and transform it.
 
     Args:
@@ -76,7 +78,9 @@ def load_image(source: Union[str, os.PathLike, bytes], transform: Callable) -> O
         return transform(read_image(source, "train_data"))
     except (OSError, ValueError) as error:
         # OSError covers FileNotFoundError and PIL's UnidentifiedImageError / truncated files.
-        logger.warning("skipping unreadable image %s: %s", source if not isinstance(source, bytes) else "<bytes>", error)
+        logger.warning(
+            "skipping unreadable image %s: %s", source if not isinstance(source, bytes) else "<bytes>", error
+        )
         return None
 
 
@@ -116,8 +120,14 @@ class CsvImageTextDataset(Dataset):
         >>> image, caption = data[0]                                    # None if unreadable
     """
 
-    def __init__(self, path: Union[str, os.PathLike], transform: Callable, img_key: str = "filepath",
-                 caption_key: str = "title", separator: str = "\t") -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        transform: Callable,
+        img_key: str = "filepath",
+        caption_key: str = "title",
+        separator: str = "\t",
+    ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise ValueError(f"train_data: no CSV file at {self.path}")
@@ -126,8 +136,10 @@ class CsvImageTextDataset(Dataset):
             columns = reader.fieldnames or []
             for argument, key in (("csv_img_key", img_key), ("csv_caption_key", caption_key)):
                 if key not in columns:
-                    raise ValueError(f"{argument}: column {key!r} not in {self.path} (columns: {columns}); "
-                                     f"check --csv-separator (got {separator!r})")
+                    raise ValueError(
+                        f"{argument}: column {key!r} not in {self.path} (columns: {columns}); "
+                        f"check --csv-separator (got {separator!r})"
+                    )
             rows = [(row[img_key], row[caption_key]) for row in reader]
         if not rows:
             raise ValueError(f"train_data: {self.path} has no rows")
@@ -176,7 +188,7 @@ class ResumableDistributedSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
-def expand_shards(urls: str) -> List[str]:
+def expand_shards(urls: str) -> list[str]:
     """Shard list of an open_clip ``--train-data`` string (brace patterns, ``::``-joined lists)."""
     shards = _wds().shardlists.expand_urls(urls)
     if not shards:
@@ -192,13 +204,14 @@ def count_webdataset_samples(shards: Sequence[str]) -> int:
             with tarfile.open(shard) as archive:
                 keys = {_wds().tariterators.base_plus_ext(m.name)[0] for m in archive if m.isfile()}
         except (OSError, tarfile.TarError) as error:
-            raise ValueError(f"train_data: cannot read shard {shard} to count its samples ({error}); "
-                             "pass --train-num-samples") from error
+            raise ValueError(
+                f"train_data: cannot read shard {shard} to count its samples ({error}); pass --train-num-samples"
+            ) from error
         total += len(keys - {None})
     return total
 
 
-def decode_webdataset_sample(sample: Dict[str, object], transform: Callable) -> Sample:
+def decode_webdataset_sample(sample: dict[str, object], transform: Callable) -> Sample:
     """``{"png"|"jpg"|...: bytes, "txt": bytes}`` -> (image, caption), ``None`` if either is missing or bad."""
     image_key = next((k for k in IMAGE_EXTENSIONS if k in sample), None)
     if image_key is None or "txt" not in sample:
@@ -240,14 +253,25 @@ class WebDatasetBatches(IterableDataset):
         world_size: number of ranks.
     """
 
-    def __init__(self, urls: str, transform: Callable, batch_size: int, *, seed: int = 0, start_batch: int = 0,
-                 num_workers: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        urls: str,
+        transform: Callable,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        start_batch: int = 0,
+        num_workers: int = 0,
+        world_size: int = 1,
+    ) -> None:
         super().__init__()
         self.shards = expand_shards(urls)
         readers = world_size * max(1, num_workers)
         if len(self.shards) < readers:
-            raise ValueError(f"train_data: {len(self.shards)} shards cannot feed {world_size} ranks x "
-                             f"{max(1, num_workers)} workers; use at least {readers} shards or fewer --workers")
+            raise ValueError(
+                f"train_data: {len(self.shards)} shards cannot feed {world_size} ranks x "
+                f"{max(1, num_workers)} workers; use at least {readers} shards or fewer --workers"
+            )
         self.transform = transform
         self.batch_size = batch_size
         self.seed = seed
@@ -259,7 +283,7 @@ class WebDatasetBatches(IterableDataset):
         self._tar_errors += 1
         return True
 
-    def _raw_samples(self, worker: int, num_workers: int) -> Iterator[Dict[str, object]]:
+    def _raw_samples(self, worker: int, num_workers: int) -> Iterator[dict[str, object]]:
         for epoch in itertools.count():
             order = list(self.shards)
             random.Random(self.seed + epoch).shuffle(order)

@@ -30,9 +30,10 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,7 +66,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 # DINOConfig fields that do not change the training trajectory (ignored when resuming).
 _RUNTIME_FIELDS = ("num_threads", "checkpoint_every", "data_workers")
 
-ImageSource = Union[Callable[[int], Any], Sequence[Any], torch.utils.data.Dataset]
+ImageSource = Callable[[int], Any] | Sequence[Any] | torch.utils.data.Dataset
 
 
 @dataclass
@@ -144,13 +145,13 @@ class DINOConfig:
     global_crop_size: int = 64
     local_crop_size: int = 32
     num_local_crops: int = 4
-    global_crop_scale: Tuple[float, float] = (0.35, 1.0)
-    local_crop_scale: Tuple[float, float] = (0.08, 0.35)
-    color_jitter: Tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    global_crop_scale: tuple[float, float] = (0.35, 1.0)
+    local_crop_scale: tuple[float, float] = (0.08, 0.35)
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
     color_jitter_prob: float = 0.0
     grayscale_prob: float = 0.0
-    blur_probs: Tuple[float, float, float] = (0.0, 0.0, 0.0)
-    blur_sigma: Tuple[float, float] = (0.1, 2.0)
+    blur_probs: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_prob: float = 0.0
     steps: int = 1000
     batch_size: int = 32
@@ -169,7 +170,7 @@ class DINOConfig:
     center_momentum: float = 0.9
     seed: int = 0
     checkpoint_every: int = 50
-    num_threads: Optional[int] = None
+    num_threads: int | None = None
     data_workers: int = 0
 
     def __post_init__(self) -> None:
@@ -190,7 +191,9 @@ class DINOConfig:
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every: expected a non-negative int (0 disables), got {self.checkpoint_every}")
         if self.data_workers < 0:
-            raise ValueError(f"data_workers: expected a non-negative int (0: augment in this process), got {self.data_workers}")
+            raise ValueError(
+                f"data_workers: expected a non-negative int (0: augment in this process), got {self.data_workers}"
+            )
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads: expected None or at least 1, got {self.num_threads}")
         if self.num_local_crops < 0:
@@ -199,7 +202,7 @@ class DINOConfig:
             raise ValueError("momentum_start and center_momentum must lie in [0, 1]")
 
     @classmethod
-    def from_dict(cls, values: Dict[str, Any]) -> "DINOConfig":
+    def from_dict(cls, values: dict[str, Any]) -> DINOConfig:
         """Rebuild a config from :func:`dataclasses.asdict` output (e.g. read from JSON)."""
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
@@ -291,7 +294,7 @@ class _MultiCropNetwork(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, crops: List[Tensor]) -> Tensor:
+    def forward(self, crops: list[Tensor]) -> Tensor:
         features = torch.cat([self.backbone(batch) for batch in crops])
         return self.head(features)
 
@@ -353,7 +356,9 @@ class DINOLoss(nn.Module):
         self.center.mul_(self.center_momentum).add_(batch_mean, alpha=1.0 - self.center_momentum)
 
 
-def cosine_schedule(start: float, end: float, steps: int, warmup_steps: int = 0, warmup_start: float = 0.0) -> np.ndarray:
+def cosine_schedule(
+    start: float, end: float, steps: int, warmup_steps: int = 0, warmup_start: float = 0.0
+) -> np.ndarray:
     """Per-step values: linear warm-up ``warmup_start -> start``, then a cosine ``start -> end``.
 
     Args:
@@ -399,7 +404,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 # --------------------------------------------------------------------------- #
 # Data
 # --------------------------------------------------------------------------- #
-def multi_crop_transform(config: DINOConfig) -> Callable[[Tensor], List[Tensor]]:
+def multi_crop_transform(config: DINOConfig) -> Callable[[Tensor], list[Tensor]]:
     """DINO multi-crop augmentation of one uint8 ``(3, H, W)`` image.
 
     Global crops: ``RandomResizedCrop(global_crop_size, global_crop_scale)``,
@@ -420,7 +425,7 @@ def multi_crop_transform(config: DINOConfig) -> Callable[[Tensor], List[Tensor]]
     # The kernel spans +-2 sigma of the widest blur, so large sigmas are not truncated.
     kernel = 2 * math.ceil(2 * config.blur_sigma[1]) + 1
 
-    def pipeline(size: int, scale: Tuple[float, float], blur_p: float, solarize_p: float) -> v2.Compose:
+    def pipeline(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> v2.Compose:
         return v2.Compose(
             [
                 v2.RandomResizedCrop(size, scale=scale, antialias=True),
@@ -439,7 +444,7 @@ def multi_crop_transform(config: DINOConfig) -> Callable[[Tensor], List[Tensor]]
     second_global = pipeline(config.global_crop_size, config.global_crop_scale, second_blur, config.solarize_prob)
     local = pipeline(config.local_crop_size, config.local_crop_scale, local_blur, 0.0)
 
-    def transform(image: Tensor) -> List[Tensor]:
+    def transform(image: Tensor) -> list[Tensor]:
         crops = [first_global(image), second_global(image)]
         crops.extend(local(image) for _ in range(config.num_local_crops))
         return crops
@@ -486,7 +491,7 @@ class _AugmentedBatches(torch.utils.data.Dataset):
             if len(source) == 0:
                 raise ValueError("source is empty")
             self.fetch: Callable[[int], Any] = source.__getitem__
-            self.length: Optional[int] = len(source)
+            self.length: int | None = len(source)
         elif callable(source):
             self.fetch, self.length = source, None
         else:
@@ -499,18 +504,18 @@ class _AugmentedBatches(torch.utils.data.Dataset):
         self.steps = config.steps
         self.num_views = 2 + config.num_local_crops
         self.augment = multi_crop_transform(config)
-        self._epoch_order: Tuple[int, List[int]] = (-1, [])
+        self._epoch_order: tuple[int, list[int]] = (-1, [])
 
     def __len__(self) -> int:
         return self.steps
 
-    def _order(self, epoch: int) -> List[int]:
+    def _order(self, epoch: int) -> list[int]:
         if self._epoch_order[0] != epoch:
             generator = torch.Generator().manual_seed(_derived_seed(self.seed, epoch, 0))
             self._epoch_order = (epoch, torch.randperm(self.length, generator=generator).tolist())
         return self._epoch_order[1]
 
-    def indices(self, step: int) -> List[int]:
+    def indices(self, step: int) -> list[int]:
         """Source indices of batch ``step``."""
         first = step * self.batch_size
         positions = range(first, first + self.batch_size)
@@ -518,7 +523,7 @@ class _AugmentedBatches(torch.utils.data.Dataset):
             return list(positions)
         return [self._order(p // self.length)[p % self.length] for p in positions]
 
-    def __getitem__(self, step: int) -> List[Tensor]:
+    def __getitem__(self, step: int) -> list[Tensor]:
         images = [_to_uint8_chw(self.fetch(index)) for index in self.indices(step)]
         # The transforms draw from the global torch RNG: seed it per step, and leave the
         # caller's stream (e.g. stochastic depth in the main process) untouched.
@@ -531,7 +536,7 @@ class _AugmentedBatches(torch.utils.data.Dataset):
 # --------------------------------------------------------------------------- #
 # Training
 # --------------------------------------------------------------------------- #
-def _param_groups(model: nn.Module) -> List[Dict[str, Any]]:
+def _param_groups(model: nn.Module) -> list[dict[str, Any]]:
     decayed, undecayed = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -540,7 +545,9 @@ def _param_groups(model: nn.Module) -> List[Dict[str, Any]]:
     return [{"params": decayed}, {"params": undecayed, "weight_decay": 0.0}]
 
 
-def save_tiny_dino(backbone: VisionTransformer, config: DINOConfig, out_dir: Union[str, os.PathLike], stats: Optional[dict] = None) -> Path:
+def save_tiny_dino(
+    backbone: VisionTransformer, config: DINOConfig, out_dir: str | os.PathLike, stats: dict | None = None
+) -> Path:
     """Write ``tiny_dino.pt`` (backbone state dict) and ``tiny_dino.json`` (config, stats) atomically.
 
     Args:
@@ -561,7 +568,7 @@ def save_tiny_dino(backbone: VisionTransformer, config: DINOConfig, out_dir: Uni
     return weights
 
 
-def load_tiny_dino(path: Union[str, os.PathLike]) -> VisionTransformer:
+def load_tiny_dino(path: str | os.PathLike) -> VisionTransformer:
     """Rebuild a backbone written by :func:`train_dino` / :func:`save_tiny_dino`.
 
     Args:
@@ -579,7 +586,9 @@ def load_tiny_dino(path: Union[str, os.PathLike]) -> VisionTransformer:
     path = Path(path)
     folder, weights = (path, path / WEIGHTS_NAME) if path.is_dir() else (path.parent, path)
     if not weights.is_file() or not (folder / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"path: expected a tiny DINO folder holding {WEIGHTS_NAME} and {CONFIG_NAME}, got {path}")
+        raise FileNotFoundError(
+            f"path: expected a tiny DINO folder holding {WEIGHTS_NAME} and {CONFIG_NAME}, got {path}"
+        )
     with open(folder / CONFIG_NAME) as stream:
         config = DINOConfig.from_dict(json.load(stream)["config"])
     backbone = build_backbone(config)
@@ -587,7 +596,7 @@ def load_tiny_dino(path: Union[str, os.PathLike]) -> VisionTransformer:
     return backbone.eval()
 
 
-def _comparable(config: DINOConfig) -> Dict[str, Any]:
+def _comparable(config: DINOConfig) -> dict[str, Any]:
     """The settings that determine the training trajectory (not threads or checkpoint cadence)."""
     values = asdict(config)
     for name in _RUNTIME_FIELDS:
@@ -595,7 +604,7 @@ def _comparable(config: DINOConfig) -> Dict[str, Any]:
     return values
 
 
-def _load_checkpoint(path: Path, config: DINOConfig) -> Dict[str, Any]:
+def _load_checkpoint(path: Path, config: DINOConfig) -> dict[str, Any]:
     checkpoint = load_torch_file(path, "resume")
     saved = _comparable(DINOConfig.from_dict(checkpoint["config"]))
     current = _comparable(config)
@@ -610,12 +619,12 @@ def _load_checkpoint(path: Path, config: DINOConfig) -> Dict[str, Any]:
 
 def train_dino(
     source: ImageSource,
-    config: Optional[DINOConfig] = None,
+    config: DINOConfig | None = None,
     *,
-    out_dir: Optional[Union[str, os.PathLike]] = None,
+    out_dir: str | os.PathLike | None = None,
     progress: bool = True,
     resume: bool = False,
-) -> Tuple[VisionTransformer, Dict[str, Any]]:
+) -> tuple[VisionTransformer, dict[str, Any]]:
     """Train a tiny ViT with DINO and return the teacher backbone.
 
     Every ``config.checkpoint_every`` steps, and after the last one, the full
@@ -704,10 +713,12 @@ class DINOTrainer:
         self.wd_schedule = cosine_schedule(config.weight_decay, config.weight_decay_end, config.steps)
         self.momentum_schedule = cosine_schedule(config.momentum_start, 1.0, config.steps)
         warmup = min(config.teacher_temp_warmup_steps, config.steps)
-        self.teacher_temps = np.concatenate([
-            np.linspace(config.teacher_temp_start, config.teacher_temp, warmup),
-            np.full(config.steps - warmup, config.teacher_temp),
-        ])
+        self.teacher_temps = np.concatenate(
+            [
+                np.linspace(config.teacher_temp_start, config.teacher_temp, warmup),
+                np.full(config.steps - warmup, config.teacher_temp),
+            ]
+        )
         # State: what a checkpoint holds.
         self.first_step, self.losses, self.earlier_wall_time = 0, [], 0.0
         self.started = time.perf_counter()
@@ -720,7 +731,11 @@ class DINOTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.criterion.center.copy_(state["center"])
         torch.set_rng_state(state["torch_rng"])
-        self.first_step, self.losses, self.earlier_wall_time = state["step"], list(state["losses"]), state["wall_time_s"]
+        self.first_step, self.losses, self.earlier_wall_time = (
+            state["step"],
+            list(state["losses"]),
+            state["wall_time_s"],
+        )
 
     def wall_time(self) -> float:
         """Seconds of training, earlier sessions included."""
@@ -728,19 +743,22 @@ class DINOTrainer:
 
     def save(self, path: Path, next_step: int) -> None:
         """Write the full training state, to continue at ``next_step``."""
-        atomic_torch_save({
-            "config": asdict(self.config),
-            "step": next_step,
-            "student": self.student.state_dict(),
-            "teacher": self.teacher.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "center": self.criterion.center.clone(),
-            "torch_rng": torch.get_rng_state(),
-            "losses": list(self.losses),
-            "wall_time_s": self.wall_time(),
-        }, path)
+        atomic_torch_save(
+            {
+                "config": asdict(self.config),
+                "step": next_step,
+                "student": self.student.state_dict(),
+                "teacher": self.teacher.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "center": self.criterion.center.clone(),
+                "torch_rng": torch.get_rng_state(),
+                "losses": list(self.losses),
+                "wall_time_s": self.wall_time(),
+            },
+            path,
+        )
 
-    def step(self, step: int, crops: List[Tensor]) -> float:
+    def step(self, step: int, crops: list[Tensor]) -> float:
         """One optimisation step on the multi-crop views of a batch; returns the loss."""
         config, optimizer = self.config, self.optimizer
         for group in optimizer.param_groups:
@@ -768,7 +786,7 @@ class DINOTrainer:
         self.losses.append(loss.item())
         return self.losses[-1]
 
-    def run(self, checkpoint_path: Optional[Path], progress: bool) -> VisionTransformer:
+    def run(self, checkpoint_path: Path | None, progress: bool) -> VisionTransformer:
         """Train to ``config.steps``, checkpointing on the way; returns the teacher backbone (eval, frozen)."""
         config = self.config
         # Workers augment the next batches while this process trains on the current one.
@@ -788,13 +806,15 @@ class DINOTrainer:
             loss = self.step(step, crops)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.lr_schedule[step]:.1e}")
             done = step + 1
-            if checkpoint_path is not None and config.checkpoint_every and (
-                done % config.checkpoint_every == 0 or done == config.steps
+            if (
+                checkpoint_path is not None
+                and config.checkpoint_every
+                and (done % config.checkpoint_every == 0 or done == config.steps)
             ):
                 self.save(checkpoint_path, done)
         return self.teacher.backbone.eval().requires_grad_(False)
 
-    def stats(self) -> Dict[str, Any]:
+    def stats(self) -> dict[str, Any]:
         """The run's figures (see :func:`train_dino`)."""
         return {
             "steps": self.config.steps,

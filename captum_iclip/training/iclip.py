@@ -1,4 +1,6 @@
-"""ICLIP training (Li et al., arXiv 2209.07046; docs/methods.md §4): masked max pooling on the interpretability projection.
+"""ICLIP training (Li et al., arXiv 2209.07046; docs/methods.md §4).
+
+Masked max pooling on the interpretability projection.
 
 The objective is
 
@@ -44,6 +46,7 @@ Examples::
     >>> stats = train(TrainConfig(train_data="world/train.csv", output_dir="runs/x"),  # doctest: +SKIP
     ...               model=clip, tokenizer=tokenizer)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,10 +58,11 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any
 
 import numpy as np
 import open_clip
@@ -94,8 +98,19 @@ PRECISIONS = ("auto", "fp32", "amp_bf16", "amp_fp16")
 DATASET_TYPES = ("auto", "csv", "webdataset")
 CHECKPOINT_FORMAT = "captum-iclip/train-checkpoint/1"
 # Fields that must not change when a run is resumed: they fix the data order and the schedule.
-RESUME_INVARIANTS = ("train_data", "dataset_type", "batch_size", "epochs", "seed", "mode", "objective",
-                     "unlock_blocks", "lr", "warmup", "train_num_samples")
+RESUME_INVARIANTS = (
+    "train_data",
+    "dataset_type",
+    "batch_size",
+    "epochs",
+    "seed",
+    "mode",
+    "objective",
+    "unlock_blocks",
+    "lr",
+    "warmup",
+    "train_num_samples",
+)
 
 
 @dataclass
@@ -131,27 +146,27 @@ class TrainConfig:
         resume (``"latest"``: ``output_dir/checkpoints/latest.pt`` if present; or a path).
     """
 
-    train_data: Optional[str] = None
+    train_data: str | None = None
     dataset_type: str = "auto"
     csv_img_key: str = "filepath"
     csv_caption_key: str = "title"
     csv_separator: str = "\t"
-    train_num_samples: Optional[int] = None
+    train_num_samples: int | None = None
     workers: int = 2
-    model: Optional[str] = None
-    pretrained: Optional[str] = None
-    checkpoint: Optional[str] = None
-    hf_model: Optional[str] = None
-    model_config: Optional[str] = None
+    model: str | None = None
+    pretrained: str | None = None
+    checkpoint: str | None = None
+    hf_model: str | None = None
+    model_config: str | None = None
     from_scratch: bool = False
     mode: str = "projection"
     unlock_blocks: int = 1
     objective: str = "iclip"
-    rec_weight: Optional[float] = None
-    dino: Optional[str] = None
-    dino_checkpoint: Optional[str] = None
+    rec_weight: float | None = None
+    dino: str | None = None
+    dino_checkpoint: str | None = None
     tau: float = 0.6
-    mask_cache: Optional[str] = None
+    mask_cache: str | None = None
     batch_size: int = 64
     epochs: int = 1
     lr: float = 5e-4
@@ -160,18 +175,22 @@ class TrainConfig:
     beta2: float = 0.98
     eps: float = 1e-6
     warmup: int = 0
-    grad_clip_norm: Optional[float] = None
+    grad_clip_norm: float | None = None
     precision: str = "auto"
     seed: int = 0
     device: str = "auto"
     output_dir: str = "runs/iclip"
     log_every: int = 10
     save_every: int = 100
-    resume: Optional[str] = None
+    resume: str | None = None
 
     def __post_init__(self) -> None:
-        for name, allowed in (("mode", MODES), ("objective", OBJECTIVES), ("precision", PRECISIONS),
-                              ("dataset_type", DATASET_TYPES)):
+        for name, allowed in (
+            ("mode", MODES),
+            ("objective", OBJECTIVES),
+            ("precision", PRECISIONS),
+            ("dataset_type", DATASET_TYPES),
+        ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
         for name in ("batch_size", "epochs", "unlock_blocks", "log_every"):
@@ -191,8 +210,10 @@ class TrainConfig:
         if self.train_num_samples is not None and self.train_num_samples < 1:
             raise ValueError(f"train_num_samples: expected a positive integer, got {self.train_num_samples!r}")
         if self.mode == "projection" and self.objective == "clip":
-            raise ValueError("objective: 'clip' trains no interpretability head, so mode='projection' would train "
-                             "nothing; use mode='full' or 'last-k'")
+            raise ValueError(
+                "objective: 'clip' trains no interpretability head, so mode='projection' would train "
+                "nothing; use mode='full' or 'last-k'"
+            )
         if self.from_scratch and (self.pretrained or self.checkpoint or self.hf_model):
             raise ValueError("from_scratch: cannot be combined with pretrained, checkpoint or hf_model")
         if self.dino is not None and self.dino.lower() == "none":
@@ -249,20 +270,21 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _rng_state() -> Dict[str, Any]:
+def _rng_state() -> dict[str, Any]:
     """Every RNG state as tensors, ints, floats, strings and tuples: what ``torch.load(weights_only=True)``
     reads back (a NumPy array in a checkpoint would need the unsafe unpickler)."""
     name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    state = {"python": random.getstate(),
-             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss),
-                       float(cached_gaussian)),
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached_gaussian)),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(state: Dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     name, keys, position, has_gauss, cached_gaussian = state["numpy"]
@@ -272,10 +294,10 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _gather_objects(obj: Any, world_size: int) -> List[Any]:
+def _gather_objects(obj: Any, world_size: int) -> list[Any]:
     if world_size == 1:
         return [obj]
-    gathered: List[Any] = [None] * world_size
+    gathered: list[Any] = [None] * world_size
     dist.all_gather_object(gathered, obj)
     return gathered
 
@@ -283,7 +305,7 @@ def _gather_objects(obj: Any, world_size: int) -> List[Any]:
 # ----------------------------------------------------------------------------------
 # Model, masks and what trains
 # ----------------------------------------------------------------------------------
-def build_model(config: TrainConfig, device: torch.device) -> Tuple[DualProjectionCLIP, Callable, Callable]:
+def build_model(config: TrainConfig, device: torch.device) -> tuple[DualProjectionCLIP, Callable, Callable]:
     """The dual model, its (evaluation) preprocessing and tokenizer, from the config's model options.
 
     Loaded by :func:`captum_iclip.load`. A bundled model is already dual (its trained
@@ -292,16 +314,28 @@ def build_model(config: TrainConfig, device: torch.device) -> Tuple[DualProjecti
     from captum_iclip.models.loading import load
 
     if config.from_scratch and config.model_config is None and config.model not in open_clip.list_models():
-        raise ValueError(f"model: from_scratch needs an open_clip architecture name or --model-config, got {config.model!r}")
-    loaded = load(config.model, config.pretrained, hf_model=config.hf_model, checkpoint=config.checkpoint,
-                  model_config=config.model_config, device=str(device), from_scratch=config.from_scratch)
+        raise ValueError(
+            f"model: from_scratch needs an open_clip architecture name or --model-config, got {config.model!r}"
+        )
+    loaded = load(
+        config.model,
+        config.pretrained,
+        hf_model=config.hf_model,
+        checkpoint=config.checkpoint,
+        model_config=config.model_config,
+        device=str(device),
+        from_scratch=config.from_scratch,
+    )
     model = loaded.model
     dual = model if isinstance(model, DualProjectionCLIP) else DualProjectionCLIP(model)
     return dual, loaded.preprocess, loaded.tokenizer
 
 
-def build_mask_provider(config: TrainConfig, dual: DualProjectionCLIP) -> Optional[MaskProvider]:
-    """DINO masks from ``config.dino`` (:func:`captum_iclip.mask_source`; ``None``: every patch), cached if ``mask_cache``."""
+def build_mask_provider(config: TrainConfig, dual: DualProjectionCLIP) -> MaskProvider | None:
+    """DINO masks from ``config.dino`` (:func:`captum_iclip.mask_source`; ``None``: every patch).
+
+    Cached on disk when ``config.mask_cache`` is set.
+    """
     from captum_iclip.models.loading import mask_source
 
     if config.dino is None:
@@ -309,11 +343,17 @@ def build_mask_provider(config: TrainConfig, dual: DualProjectionCLIP) -> Option
             logger.warning("mask_cache is ignored without --dino: the mask is every patch")
         return None
     adapter = dual.adapter
-    return mask_source(config.dino, checkpoint=config.dino_checkpoint, tau=config.tau, input_mean=adapter.image_mean,
-                       input_std=adapter.image_std, cache=config.mask_cache)
+    return mask_source(
+        config.dino,
+        checkpoint=config.dino_checkpoint,
+        tau=config.tau,
+        input_mean=adapter.image_mean,
+        input_std=adapter.image_std,
+        cache=config.mask_cache,
+    )
 
 
-def _vision_stages(dual: DualProjectionCLIP) -> Tuple[List[nn.Module], List[nn.Module]]:
+def _vision_stages(dual: DualProjectionCLIP) -> tuple[list[nn.Module], list[nn.Module]]:
     """(blocks in order, modules after the blocks that the patch tokens pass) of the vision tower."""
     clip = dual.clip
     visual = getattr(clip, "visual", None)
@@ -327,7 +367,7 @@ def _vision_stages(dual: DualProjectionCLIP) -> Tuple[List[nn.Module], List[nn.M
     raise TypeError(f"model: mode='last-k' does not know the blocks of {type(clip).__name__}")
 
 
-def configure_trainable(dual: DualProjectionCLIP, config: TrainConfig) -> List[nn.Module]:
+def configure_trainable(dual: DualProjectionCLIP, config: TrainConfig) -> list[nn.Module]:
     """Freeze what the mode keeps fixed; return the modules to put in train mode.
 
     Args:
@@ -340,14 +380,16 @@ def configure_trainable(dual: DualProjectionCLIP, config: TrainConfig) -> List[n
     """
     dual.requires_grad_(False)
     if config.mode == "full":
-        trainable: List[nn.Module] = [dual.clip]
+        trainable: list[nn.Module] = [dual.clip]
     else:
         trainable = []
         if config.mode == "last-k":
             blocks, tail = _vision_stages(dual)
             if config.unlock_blocks > len(blocks):
-                raise ValueError(f"unlock_blocks: the vision tower has {len(blocks)} blocks, got {config.unlock_blocks}")
-            trainable += blocks[-config.unlock_blocks:] + tail
+                raise ValueError(
+                    f"unlock_blocks: the vision tower has {len(blocks)} blocks, got {config.unlock_blocks}"
+                )
+            trainable += blocks[-config.unlock_blocks :] + tail
     if config.objective == "iclip":
         trainable.append(dual.interpretability_head)
     for module in trainable:
@@ -355,8 +397,9 @@ def configure_trainable(dual: DualProjectionCLIP, config: TrainConfig) -> List[n
     return trainable
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups as open_clip makes them: no decay on gains, biases, norms and the logit scale."""
+
     def no_decay(name: str, param: Tensor) -> bool:
         return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
 
@@ -369,7 +412,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, An
     ]
 
 
-def tokenize(tokenizer: Callable, captions: List[str], device: torch.device) -> Union[Tensor, Dict[str, Tensor]]:
+def tokenize(tokenizer: Callable, captions: list[str], device: torch.device) -> Tensor | dict[str, Tensor]:
     """open_clip tokenizers give a tensor of ids; Hugging Face tokenizers a padded batch (a dict)."""
     if hasattr(tokenizer, "model_max_length"):  # a transformers tokenizer
         batch = tokenizer(captions, padding=True, truncation=True, return_tensors="pt")
@@ -397,7 +440,7 @@ class ICLIPForward(nn.Module):
         self.objective = objective
         self.with_recognition = with_recognition
 
-    def forward(self, images: Tensor, text: Any, mask: Optional[Tensor]) -> Dict[str, Tensor]:
+    def forward(self, images: Tensor, text: Any, mask: Tensor | None) -> dict[str, Tensor]:
         out = {"text": self.dual.encode_text(text, normalize=True), "logit_scale": self.dual.logit_scale.exp()}
         if self.objective == "clip":
             out["image_rec"] = self.dual.encode_image(images, normalize=True)
@@ -417,23 +460,27 @@ class ICLIPForward(nn.Module):
 # ----------------------------------------------------------------------------------
 def _default_preprocess(dual: DualProjectionCLIP) -> Callable:
     adapter = dual.adapter
-    return open_clip.transform.image_transform(adapter.image_size, is_train=False, mean=adapter.image_mean,
-                                               std=adapter.image_std)
+    return open_clip.transform.image_transform(
+        adapter.image_size, is_train=False, mean=adapter.image_mean, std=adapter.image_std
+    )
 
 
 class _BatchStream:
     """Batches in a resumable order: ``iterate(step)`` yields ``(epoch, batch)`` from global step ``step``."""
 
-    def __init__(self, config: TrainConfig, dataset: Optional[Dataset], preprocess: Callable,
-                 ctx: _Distributed) -> None:
+    def __init__(self, config: TrainConfig, dataset: Dataset | None, preprocess: Callable, ctx: _Distributed) -> None:
         self.config, self.ctx = config, ctx
         # Loaders draw their worker seeds from their own generator, never from the global RNG.
-        self.loader_options = dict(num_workers=config.workers, pin_memory=ctx.device.type == "cuda",
-                                   generator=torch.Generator().manual_seed(config.seed + ctx.rank))
+        self.loader_options = dict(
+            num_workers=config.workers,
+            pin_memory=ctx.device.type == "cuda",
+            generator=torch.Generator().manual_seed(config.seed + ctx.rank),
+        )
         if dataset is not None:
             if isinstance(dataset, IterableDataset):
-                raise TypeError("dataset: expected a map-style Dataset of (image tensor, caption), "
-                                "got an IterableDataset")
+                raise TypeError(
+                    "dataset: expected a map-style Dataset of (image tensor, caption), got an IterableDataset"
+                )
             self.webdataset = False
             self.dataset = dataset
         else:
@@ -449,20 +496,31 @@ class _BatchStream:
                 self.steps_per_epoch = num_samples // (config.batch_size * ctx.world_size)
                 self.preprocess = preprocess
             else:
-                self.dataset = CsvImageTextDataset(config.train_data, preprocess, config.csv_img_key,
-                                                   config.csv_caption_key, config.csv_separator)
+                self.dataset = CsvImageTextDataset(
+                    config.train_data, preprocess, config.csv_img_key, config.csv_caption_key, config.csv_separator
+                )
         if not self.webdataset:
-            self.sampler = ResumableDistributedSampler(self.dataset, num_replicas=ctx.world_size, rank=ctx.rank,
-                                                       shuffle=True, seed=config.seed, drop_last=True)
+            self.sampler = ResumableDistributedSampler(
+                self.dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed, drop_last=True
+            )
             self.steps_per_epoch = self.sampler.num_samples // config.batch_size
         if self.steps_per_epoch < 1:
-            raise ValueError(f"batch_size: {config.batch_size} x {ctx.world_size} ranks is larger than an epoch of data")
+            raise ValueError(
+                f"batch_size: {config.batch_size} x {ctx.world_size} ranks is larger than an epoch of data"
+            )
 
-    def iterate(self, step: int) -> Iterator[Tuple[int, ImageTextBatch]]:
+    def iterate(self, step: int) -> Iterator[tuple[int, ImageTextBatch]]:
         config = self.config
         if self.webdataset:
-            stream = WebDatasetBatches(self.shards, self.preprocess, config.batch_size, seed=config.seed,
-                                       start_batch=step, num_workers=config.workers, world_size=self.ctx.world_size)
+            stream = WebDatasetBatches(
+                self.shards,
+                self.preprocess,
+                config.batch_size,
+                seed=config.seed,
+                start_batch=step,
+                num_workers=config.workers,
+                world_size=self.ctx.world_size,
+            )
             loader = DataLoader(stream, batch_size=None, **self.loader_options)
             for index, batch in enumerate(loader, start=step):
                 yield index // self.steps_per_epoch, batch
@@ -470,14 +528,20 @@ class _BatchStream:
         epoch, within = divmod(step, self.steps_per_epoch)
         while True:
             self.sampler.set_epoch(epoch, start=within * config.batch_size)
-            loader = DataLoader(self.dataset, batch_size=config.batch_size, sampler=self.sampler, drop_last=True,
-                                collate_fn=collate_image_text, **self.loader_options)
+            loader = DataLoader(
+                self.dataset,
+                batch_size=config.batch_size,
+                sampler=self.sampler,
+                drop_last=True,
+                collate_fn=collate_image_text,
+                **self.loader_options,
+            )
             for batch in loader:
                 yield epoch, batch
             epoch, within = epoch + 1, 0
 
 
-def _equalise_batch(batch: ImageTextBatch, ctx: _Distributed) -> Tuple[Optional[Tensor], List[str], int]:
+def _equalise_batch(batch: ImageTextBatch, ctx: _Distributed) -> tuple[Tensor | None, list[str], int]:
     """Cut every rank's batch to the smallest one: the feature gather needs equal sizes.
 
     Returns the images, the captions and how many good samples were cut here.
@@ -496,7 +560,7 @@ def _equalise_batch(batch: ImageTextBatch, ctx: _Distributed) -> Tuple[Optional[
 # ----------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------
-def _resume_path(config: TrainConfig) -> Optional[Path]:
+def _resume_path(config: TrainConfig) -> Path | None:
     if config.resume is None:
         return None
     if config.resume == "latest":
@@ -508,12 +572,12 @@ def _resume_path(config: TrainConfig) -> Optional[Path]:
     return path
 
 
-def _trainable_state(dual: DualProjectionCLIP, mode: str) -> Dict[str, Tensor]:
+def _trainable_state(dual: DualProjectionCLIP, mode: str) -> dict[str, Tensor]:
     module = dual.interpretability_head if mode == "projection" else dual
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
-def _load_trainable_state(dual: DualProjectionCLIP, mode: str, state: Dict[str, Tensor]) -> None:
+def _load_trainable_state(dual: DualProjectionCLIP, mode: str, state: dict[str, Tensor]) -> None:
     (dual.interpretability_head if mode == "projection" else dual).load_state_dict(state)
 
 
@@ -523,7 +587,7 @@ def _load_trainable_state(dual: DualProjectionCLIP, mode: str, state: Dict[str, 
 _COUNTERS = ("samples", "skipped_images", "equalisation_cut", "empty_mask_fallbacks")
 
 
-def _mask_fallbacks(provider: Optional[MaskProvider], pool: MaskedMaxPooling) -> int:
+def _mask_fallbacks(provider: MaskProvider | None, pool: MaskedMaxPooling) -> int:
     """Empty masks replaced by all patches so far (each image counted once, where it was computed)."""
     count = int(pool.num_empty_masks)
     if provider is not None:
@@ -531,7 +595,7 @@ def _mask_fallbacks(provider: Optional[MaskProvider], pool: MaskedMaxPooling) ->
     return count
 
 
-def _precision(config: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
+def _precision(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     """The autocast dtype (``None``: fp32)."""
     if device.type != "cuda":
         if config.precision not in ("auto", "fp32"):
@@ -544,10 +608,15 @@ def _precision(config: TrainConfig, device: torch.device) -> Optional[torch.dtyp
     return torch.bfloat16
 
 
-def train(config: TrainConfig, model: Optional[nn.Module] = None,
-          mask_provider: Optional[Union[MaskProvider, Callable, Tensor]] = None, *,
-          dataset: Optional[Dataset] = None, tokenizer: Optional[Callable] = None,
-          preprocess: Optional[Callable] = None) -> Dict[str, Any]:
+def train(
+    config: TrainConfig,
+    model: nn.Module | None = None,
+    mask_provider: MaskProvider | Callable | Tensor | None = None,
+    *,
+    dataset: Dataset | None = None,
+    tokenizer: Callable | None = None,
+    preprocess: Callable | None = None,
+) -> dict[str, Any]:
     """Train an ICLIP model (docs/methods.md §4) and write its checkpoints, final weights and stats.
 
     Args:
@@ -582,8 +651,9 @@ def train(config: TrainConfig, model: Optional[nn.Module] = None,
     """
     ctx = _setup_distributed(config.device)
     try:
-        trainer = ICLIPTrainer(config, ctx, model, mask_provider, dataset=dataset, tokenizer=tokenizer,
-                               preprocess=preprocess)
+        trainer = ICLIPTrainer(
+            config, ctx, model, mask_provider, dataset=dataset, tokenizer=tokenizer, preprocess=preprocess
+        )
         trainer.resume()
         return trainer.run()
     finally:
@@ -613,18 +683,18 @@ class TrainStep:
     forward: nn.Module
     loss_fn: ClipLoss
     optimizer: torch.optim.Optimizer
-    scaler: Optional[torch.amp.GradScaler]
-    trainable: List[Tensor]
-    provider: Optional[MaskProvider]
+    scaler: torch.amp.GradScaler | None
+    trainable: list[Tensor]
+    provider: MaskProvider | None
     dual: DualProjectionCLIP
     tokenizer: Callable
     config: TrainConfig
     lambda_rec: float
-    autocast_dtype: Optional[torch.dtype]
+    autocast_dtype: torch.dtype | None
     device: torch.device
 
 
-def train_step(parts: TrainStep, images: Tensor, captions: List[str]) -> float:
+def train_step(parts: TrainStep, images: Tensor, captions: list[str]) -> float:
     """One optimisation step of the objective (also what ``benchmarks/bench_train_step.py`` times).
 
     Args:
@@ -676,9 +746,17 @@ class ICLIPTrainer:
     The run's state is ``step``, ``last_loss``, ``counters`` and the wall time.
     """
 
-    def __init__(self, config: TrainConfig, ctx: _Distributed, model: Optional[nn.Module] = None,
-                 mask_provider: Any = None, *, dataset: Optional[Dataset] = None,
-                 tokenizer: Optional[Callable] = None, preprocess: Optional[Callable] = None) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        ctx: _Distributed,
+        model: nn.Module | None = None,
+        mask_provider: Any = None,
+        *,
+        dataset: Dataset | None = None,
+        tokenizer: Callable | None = None,
+        preprocess: Callable | None = None,
+    ) -> None:
         self.config, self.ctx = config, ctx
         self.out_dir = Path(config.output_dir)
         self.checkpoint_path = self.out_dir / "checkpoints" / "latest.pt"
@@ -696,7 +774,7 @@ class ICLIPTrainer:
         self.started = time.monotonic()
 
     # --- setup --------------------------------------------------------------------
-    def _model(self, model, tokenizer, preprocess) -> Tuple[DualProjectionCLIP, Callable, Callable]:
+    def _model(self, model, tokenizer, preprocess) -> tuple[DualProjectionCLIP, Callable, Callable]:
         config, ctx = self.config, self.ctx
         # The same seed on every rank while the model is built (identical random init), then one per rank.
         _seed_everything(config.seed)
@@ -708,16 +786,18 @@ class ICLIPTrainer:
             dual.to(ctx.device)
             if tokenizer is None:
                 if not hasattr(dual.clip, "context_length"):
-                    raise ValueError("tokenizer: expected a tokenizer with a model that is not an open_clip CLIP, "
-                                     "got None")
+                    raise ValueError(
+                        "tokenizer: expected a tokenizer with a model that is not an open_clip CLIP, got None"
+                    )
                 tokenizer = open_clip.SimpleTokenizer(context_length=dual.clip.context_length)
         _seed_everything(config.seed + ctx.rank)
         return dual, tokenizer, preprocess or _default_preprocess(dual)
 
-    def _masks(self, mask_provider: Any) -> Optional[MaskProvider]:
+    def _masks(self, mask_provider: Any) -> MaskProvider | None:
         config = self.config
-        provider = (as_mask_provider(mask_provider) if mask_provider is not None
-                    else build_mask_provider(config, self.dual))
+        provider = (
+            as_mask_provider(mask_provider) if mask_provider is not None else build_mask_provider(config, self.dual)
+        )
         if mask_provider is not None and config.mask_cache:
             provider = CachedMaskProvider(provider, config.mask_cache)
         if provider is not None:
@@ -741,20 +821,27 @@ class ICLIPTrainer:
         forward: nn.Module = self.step_module
         if ctx.world_size > 1:
             forward = DistributedDataParallel(
-                self.step_module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                self.step_module,
+                device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                 # Without the recognition term the recognition projection of a fully trained model gets no gradient.
                 find_unused_parameters=config.mode == "full" and config.objective == "iclip" and lambda_rec == 0,
             )
         autocast_dtype = _precision(config, ctx.device)
-        optimizer = torch.optim.AdamW(parameter_groups(dual, config.wd), lr=config.lr,
-                                      betas=(config.beta1, config.beta2), eps=config.eps)
+        optimizer = torch.optim.AdamW(
+            parameter_groups(dual, config.wd), lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps
+        )
         return TrainStep(
             forward=forward,
             loss_fn=ClipLoss(local_loss=False, gather_with_grad=True, rank=ctx.rank, world_size=ctx.world_size),
             optimizer=optimizer,
             scaler=torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None,
-            trainable=[p for p in dual.parameters() if p.requires_grad], provider=self.provider, dual=dual,
-            tokenizer=tokenizer, config=config, lambda_rec=lambda_rec, autocast_dtype=autocast_dtype,
+            trainable=[p for p in dual.parameters() if p.requires_grad],
+            provider=self.provider,
+            dual=dual,
+            tokenizer=tokenizer,
+            config=config,
+            lambda_rec=lambda_rec,
+            autocast_dtype=autocast_dtype,
             device=ctx.device,
         )
 
@@ -768,12 +855,15 @@ class ICLIPTrainer:
             if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
                 raise ValueError(f"resume: expected a captum-iclip training checkpoint, got {resume_from}")
             if payload["world_size"] != ctx.world_size:
-                raise ValueError(f"resume: the checkpoint was written by {payload['world_size']} ranks, this run "
-                                 f"has {ctx.world_size}; the data order and RNG states are per rank")
+                raise ValueError(
+                    f"resume: the checkpoint was written by {payload['world_size']} ranks, this run "
+                    f"has {ctx.world_size}; the data order and RNG states are per rank"
+                )
             changed = [k for k in RESUME_INVARIANTS if payload["config"].get(k) != getattr(config, k)]
             if changed:
-                raise ValueError(f"resume: options {changed} differ from the checkpoint's; they fix the data "
-                                 "order and schedule")
+                raise ValueError(
+                    f"resume: options {changed} differ from the checkpoint's; they fix the data order and schedule"
+                )
             _load_trainable_state(self.dual, config.mode, payload["model"])
             self.parts.optimizer.load_state_dict(payload["optimizer"])
             if self.parts.scaler is not None and payload["scaler"] is not None:
@@ -794,20 +884,31 @@ class ICLIPTrainer:
         """Write the checkpoint of the current state (every rank takes part; the main rank writes)."""
         ctx, config = self.ctx, self.config
         epoch, step_in_epoch = divmod(self.step_index, self.stream.steps_per_epoch)  # the next batch's position
-        self.counters["empty_mask_fallbacks"] = (self.fallbacks_before
-                                                 + _mask_fallbacks(self.provider, self.step_module.pool))
+        self.counters["empty_mask_fallbacks"] = self.fallbacks_before + _mask_fallbacks(
+            self.provider, self.step_module.pool
+        )
         rng_states = _gather_objects(_rng_state(), ctx.world_size)
         all_counters = _gather_objects(dict(self.counters), ctx.world_size)
         if ctx.is_main:
             scaler = self.parts.scaler
-            atomic_torch_save({
-                "format": CHECKPOINT_FORMAT, "step": self.step_index, "epoch": epoch, "step_in_epoch": step_in_epoch,
-                "model": _trainable_state(self.dual, config.mode),
-                "optimizer": self.parts.optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": rng_states, "counters": all_counters, "elapsed_s": self.elapsed(),
-                "last_loss": self.last_loss, "world_size": ctx.world_size, "config": dataclasses.asdict(config),
-            }, self.checkpoint_path)
+            atomic_torch_save(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "step": self.step_index,
+                    "epoch": epoch,
+                    "step_in_epoch": step_in_epoch,
+                    "model": _trainable_state(self.dual, config.mode),
+                    "optimizer": self.parts.optimizer.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "rng": rng_states,
+                    "counters": all_counters,
+                    "elapsed_s": self.elapsed(),
+                    "last_loss": self.last_loss,
+                    "world_size": ctx.world_size,
+                    "config": dataclasses.asdict(config),
+                },
+                self.checkpoint_path,
+            )
 
     # --- training -----------------------------------------------------------------
     def step(self, batch: ImageTextBatch) -> int:
@@ -826,7 +927,7 @@ class ICLIPTrainer:
         self.step_index += 1
         return trained
 
-    def run(self) -> Dict[str, Any]:
+    def run(self) -> dict[str, Any]:
         """Train to the last step, checkpoint, then write the final weights and statistics."""
         config, ctx = self.config, self.ctx
         if ctx.is_main:
@@ -838,8 +939,15 @@ class ICLIPTrainer:
             for epoch, batch in batches:
                 lr = self.scheduler(self.step_index)
                 samples = self.step(batch)
-                log.update(self.step_index, epoch, self.last_loss, lr, samples, self.counters["skipped_images"],
-                           write=self.step_index % config.log_every == 0 or self.step_index == self.total_steps)
+                log.update(
+                    self.step_index,
+                    epoch,
+                    self.last_loss,
+                    lr,
+                    samples,
+                    self.counters["skipped_images"],
+                    write=self.step_index % config.log_every == 0 or self.step_index == self.total_steps,
+                )
                 if config.save_every and self.step_index % config.save_every == 0:
                     self.save()
             self.save()
@@ -847,7 +955,7 @@ class ICLIPTrainer:
             log.close()
         return self.finish()
 
-    def finish(self) -> Dict[str, Any]:
+    def finish(self) -> dict[str, Any]:
         """Restore the caller's flags, sum the counters over ranks, write the final files; returns the stats."""
         config, ctx, dual = self.config, self.ctx, self.dual
         for param, flag in zip(dual.parameters(), self.requires_grad_before):
@@ -862,16 +970,26 @@ class ICLIPTrainer:
         total = dict(zip(_COUNTERS, (int(v) for v in totals.tolist())))
         if total["samples"] == 0:
             # No step saw an image: the loss is NaN and the weights are the initial ones; that is a failure.
-            raise ValueError(f"train_data: no image could be read ({total['skipped_images']} skipped as missing or "
-                             "unreadable), so nothing was trained; check the paths and the image files")
+            raise ValueError(
+                f"train_data: no image could be read ({total['skipped_images']} skipped as missing or "
+                "unreadable), so nothing was trained; check the paths and the image files"
+            )
         wall_time = self.elapsed()
         stats = {
-            "steps": self.step_index, "epochs": config.epochs, "steps_per_epoch": self.stream.steps_per_epoch,
-            "samples": total["samples"], "wall_time_s": wall_time,
-            "samples_per_s": total["samples"] / max(wall_time, 1e-9), "final_loss": self.last_loss,
-            "skipped_images": total["skipped_images"], "empty_mask_fallbacks": total["empty_mask_fallbacks"],
-            "equalisation_cut": total["equalisation_cut"], "lambda_rec": self.parts.lambda_rec,
-            "mode": config.mode, "objective": config.objective, "world_size": ctx.world_size,
+            "steps": self.step_index,
+            "epochs": config.epochs,
+            "steps_per_epoch": self.stream.steps_per_epoch,
+            "samples": total["samples"],
+            "wall_time_s": wall_time,
+            "samples_per_s": total["samples"] / max(wall_time, 1e-9),
+            "final_loss": self.last_loss,
+            "skipped_images": total["skipped_images"],
+            "empty_mask_fallbacks": total["empty_mask_fallbacks"],
+            "equalisation_cut": total["equalisation_cut"],
+            "lambda_rec": self.parts.lambda_rec,
+            "mode": config.mode,
+            "objective": config.objective,
+            "world_size": ctx.world_size,
         }
         if ctx.is_main:
             metadata = {"config": dataclasses.asdict(config), "stats": stats}
@@ -888,8 +1006,7 @@ class _TrainLog:
     def __init__(self, path: Path, ctx: _Distributed, total_steps: int, step: int) -> None:
         self.ctx = ctx
         self.file = open(path, "a", encoding="utf-8") if ctx.is_main else None  # noqa: SIM115 - closed by close()
-        self.progress = tqdm(total=total_steps, initial=step, disable=not ctx.is_main, desc="iclip",
-                             dynamic_ncols=True)
+        self.progress = tqdm(total=total_steps, initial=step, disable=not ctx.is_main, desc="iclip", dynamic_ncols=True)
         self.window_start, self.window_samples = time.monotonic(), 0
 
     def update(self, step: int, epoch: int, loss: float, lr: float, samples: int, skipped: int, *, write: bool) -> None:
@@ -898,9 +1015,14 @@ class _TrainLog:
         if not (self.ctx.is_main and write):
             return
         now = time.monotonic()
-        record = {"step": step, "epoch": epoch, "loss": loss, "lr": lr,
-                  "samples_per_s": self.window_samples * self.ctx.world_size / max(now - self.window_start, 1e-9),
-                  "skipped_images": skipped}
+        record = {
+            "step": step,
+            "epoch": epoch,
+            "loss": loss,
+            "lr": lr,
+            "samples_per_s": self.window_samples * self.ctx.world_size / max(now - self.window_start, 1e-9),
+            "skipped_images": skipped,
+        }
         self.window_start, self.window_samples = now, 0
         self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         tqdm.write(json.dumps(record))
@@ -922,7 +1044,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="captum-iclip train",
         description="ICLIP training (masked max pooling on a dual projection). Run under torchrun for several "
-                    "processes. Without --dino the MMP mask is every patch.",
+        "processes. Without --dino the MMP mask is every patch.",
     )
     data = parser.add_argument_group("data (open_clip formats)")
     data.add_argument("--train-data", help="CSV/TSV file or webdataset shards, e.g. 'dir/shard-{000000..000003}.tar'")
@@ -942,9 +1064,15 @@ def build_parser() -> argparse.ArgumentParser:
     objective = parser.add_argument_group("objective")
     objective.add_argument("--mode", choices=MODES, default=defaults.mode)
     objective.add_argument("--unlock-blocks", type=int, default=defaults.unlock_blocks, help="k for --mode last-k")
-    objective.add_argument("--objective", choices=OBJECTIVES, default=defaults.objective,
-                           help="'clip': the plain CLIP loss alone (pretraining)")
-    objective.add_argument("--rec-weight", type=float, help="λ of the recognition term (default 1; 0 in projection mode)")
+    objective.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default=defaults.objective,
+        help="'clip': the plain CLIP loss alone (pretraining)",
+    )
+    objective.add_argument(
+        "--rec-weight", type=float, help="λ of the recognition term (default 1; 0 in projection mode)"
+    )
     objective.add_argument("--dino", help="timm name, Hugging Face id/folder or tiny-DINO path; 'none': all patches")
     objective.add_argument("--dino-checkpoint", help="weights file for a timm --dino name")
     objective.add_argument("--tau", type=float, default=defaults.tau, help="DINO attention mass kept")
@@ -966,12 +1094,16 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--output-dir", default=defaults.output_dir)
     output.add_argument("--log-every", type=int, default=defaults.log_every)
     output.add_argument("--save-every", type=int, default=defaults.save_every, help="checkpoint period (steps)")
-    output.add_argument("--resume", nargs="?", const="latest",
-                        help="continue from output_dir/checkpoints/latest.pt (if any) or from PATH")
+    output.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        help="continue from output_dir/checkpoints/latest.pt (if any) or from PATH",
+    )
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """``captum-iclip train``: parse ``argv``, train, return the exit status."""
     from captum_iclip.cli import run_command, split_debug
 

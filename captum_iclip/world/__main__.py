@@ -9,7 +9,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-from typing import Optional
 
 from captum_iclip._io import check_output_folder
 from captum_iclip.world.export import export_image_text, export_voc
@@ -39,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run the world command line.
 
     Args:
@@ -55,8 +54,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.n < 1:
         raise ValueError(f"-n: expected at least 1 scene, got {args.n}")
-    check_output_folder(args.root if args.command == "export-voc" else args.out,
-                        "--root" if args.command == "export-voc" else "--out")
+    check_output_folder(
+        args.root if args.command == "export-voc" else args.out, "--root" if args.command == "export-voc" else "--out"
+    )
     if args.command == "export-voc":
         root = export_voc(args.root, args.n, seed=args.seed, size=args.size, split=args.split)
         print(f"wrote {args.n} scenes to {root}")

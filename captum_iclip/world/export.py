@@ -26,8 +26,8 @@ import csv
 import io
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Union
 
 import numpy as np
 from PIL import Image
@@ -38,7 +38,7 @@ from captum_iclip.world.generator import HELDOUT_SEED_START, TRAIN_SEED_START, c
 
 __all__ = ["export_image_text", "export_voc", "sample_name", "voc_colormap"]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 _TEXT_FORMATS = ("csv", "wds")
 
 
@@ -245,7 +245,9 @@ def export_voc(
         name = sample_name(scene_seed)
         label = Image.frombytes("P", scene.label.shape[::-1], scene.label.tobytes())
         label.putpalette(palette)
-        atomic_write(jpeg_dir / f"{name}.jpg", lambda handle, scene=scene: scene.pil().save(handle, format="JPEG", quality=95))
+        atomic_write(
+            jpeg_dir / f"{name}.jpg", lambda handle, scene=scene: scene.pil().save(handle, format="JPEG", quality=95)
+        )
         atomic_write(label_dir / f"{name}.png", lambda handle, label=label: label.save(handle, format="PNG"))
         names.append(name)
         captions[name] = scene.caption

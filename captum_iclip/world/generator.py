@@ -42,8 +42,8 @@ from __future__ import annotations
 
 import colorsys
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -403,7 +403,7 @@ def _coverage(obj: WorldObject, size: int, k: int = SUPERSAMPLE) -> np.ndarray:
 
 
 def _object_texture(
-    obj: WorldObject, size: int, box: tuple[slice, slice], rng: Optional[np.random.Generator]
+    obj: WorldObject, size: int, box: tuple[slice, slice], rng: np.random.Generator | None
 ) -> np.ndarray:
     """Object colour over ``box``: base colour times a brightness ramp and grain.
 
@@ -426,7 +426,7 @@ def _object_texture(
 def render_objects(
     background: np.ndarray,
     objects: Sequence[WorldObject],
-    rng: Optional[np.random.Generator] = None,
+    rng: np.random.Generator | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Draw objects over a background and derive exact labels.
 
@@ -762,7 +762,7 @@ _LAYOUT_SUPERSAMPLE = 2
 
 def _place(
     candidate: WorldObject, visible: list[np.ndarray], areas: list[float], rng: np.random.Generator
-) -> Optional[np.ndarray]:
+) -> np.ndarray | None:
     """Move ``candidate`` to a spot that leaves every placed object visible enough.
 
     Args:
@@ -860,7 +860,7 @@ class WorldDataset(torch.utils.data.Dataset):
         True
     """
 
-    def __init__(self, start_seed: int, length: int, size: int = 96, transform: Optional[Callable] = None) -> None:
+    def __init__(self, start_seed: int, length: int, size: int = 96, transform: Callable | None = None) -> None:
         if isinstance(start_seed, bool) or not isinstance(start_seed, (int, np.integer)) or start_seed < 0:
             raise ValueError(f"start_seed: expected a non-negative int, got {start_seed!r}")
         if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:

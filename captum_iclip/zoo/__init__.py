@@ -11,13 +11,15 @@ Examples::
     >>> bundle = zoo.load("shapes-tiny")
     >>> sim = CLIPSimilarity(bundle.dual, bundle.tokenizer, bundle.prompts)
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, List, Union
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -40,10 +42,10 @@ class ZooBundle:
     tokenizer: Callable
     preprocess: Callable  # PIL image or uint8 (H, W, 3) array -> (3, S, S) tensor
     mask_provider: nn.Module  # DINO foreground masks on the CLIP patch grid
-    class_names: List[str]
-    prompts: List[str]  # one per class except the background
+    class_names: list[str]
+    prompts: list[str]  # one per class except the background
     image_size: int
-    info: Dict = field(default_factory=dict)  # training figures
+    info: dict = field(default_factory=dict)  # training figures
 
     @property
     def model(self) -> nn.Module:
@@ -51,14 +53,14 @@ class ZooBundle:
         return self.dual
 
 
-def available() -> List[str]:
+def available() -> list[str]:
     """Names of the bundled models whose weights are present."""
     if not WEIGHTS_DIR.is_dir():
         return []
     return sorted(p.name for p in WEIGHTS_DIR.iterdir() if (p / "config.json").is_file())
 
 
-def build_clip(model_config: Dict) -> nn.Module:
+def build_clip(model_config: dict) -> nn.Module:
     """An open_clip ``CLIP`` from a model-config dict (as in open_clip's model_configs/*.json)."""
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
@@ -69,7 +71,7 @@ def build_clip(model_config: Dict) -> nn.Module:
     )
 
 
-def make_preprocess(image_size: int, mean, std) -> Callable[[Union["Image.Image", np.ndarray]], Tensor]:
+def make_preprocess(image_size: int, mean, std) -> Callable[[Image.Image | np.ndarray], Tensor]:
     """PIL image or uint8 (H, W, 3) array -> normalised (3, S, S) float tensor (bicubic resize)."""
     from PIL import Image
 
@@ -139,6 +141,6 @@ def load(name: str = "shapes-tiny", device: str = "cpu") -> ZooBundle:
     )
 
 
-def _float32(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
+def _float32(state: dict[str, Tensor]) -> dict[str, Tensor]:
     # Weights ship in float16 to stay small; compute in float32.
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}

@@ -14,12 +14,13 @@ trainers resume from their own checkpoints, so a killed run continues where it
 stopped. The last step writes the bundle (float16 weights and ``config.json``
 with the training figures) into ``captum_iclip/zoo/weights/shapes-tiny``.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from captum_iclip.zoo import WEIGHTS_DIR, build_clip, make_preprocess
 
 IMAGE_SIZE = 96
 TAU = 0.6
-MODEL_CONFIG: Dict = {
+MODEL_CONFIG: dict = {
     "embed_dim": 128,
     "vision_cfg": {"image_size": IMAGE_SIZE, "layers": 4, "width": 128, "head_width": 64, "patch_size": 12},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3},
@@ -51,7 +52,7 @@ class RenderedWorld(Dataset):
         from captum_iclip.world import generate_scene
 
         self.images = np.empty((length, size, size, 3), dtype=np.uint8)
-        self.captions: List[str] = []
+        self.captions: list[str] = []
         for i in tqdm(range(length), desc="render world", disable=not progress):
             scene = generate_scene(start_seed + i, size=size)
             self.images[i] = scene.image
@@ -65,7 +66,7 @@ class RenderedWorld(Dataset):
         return self.preprocess(self.images[index]), self.captions[index]
 
 
-def zero_shot_accuracy(model, tokenizer, num_scenes: int = 500, size: int = IMAGE_SIZE) -> Dict[str, float]:
+def zero_shot_accuracy(model, tokenizer, num_scenes: int = 500, size: int = IMAGE_SIZE) -> dict[str, float]:
     """Held-out zero-shot check: does the top class prompt name an object in the scene?"""
     from captum_iclip import CLIPSimilarity
     from captum_iclip.world import CATEGORIES, HELDOUT_SEED_START, generate_scene, prompt_for
@@ -83,7 +84,7 @@ def zero_shot_accuracy(model, tokenizer, num_scenes: int = 500, size: int = IMAG
     return {"accuracy": 100.0 * hits / num_scenes, "chance": 100.0 * chance / num_scenes, "scenes": num_scenes}
 
 
-def dino_foreground_iou(dino, num_scenes: int = 200, size: int = IMAGE_SIZE) -> Dict[str, float]:
+def dino_foreground_iou(dino, num_scenes: int = 200, size: int = IMAGE_SIZE) -> dict[str, float]:
     """IoU (percent, over all patches of all scenes) of the DINO masks on the CLIP patch grid with the
     ground-truth foreground (patches at least half covered by objects), next to two trivial masks:
     the centre box (half the side) and every patch; and the percentage of the [CLS] attention that
@@ -113,9 +114,15 @@ def dino_foreground_iou(dino, num_scenes: int = 200, size: int = IMAGE_SIZE) -> 
     def iou(pred: torch.Tensor) -> float:
         return 100.0 * float((pred & truth).sum()) / float((pred | truth).sum())
 
-    return {"dino_iou": iou(masks), "centre_box_iou": iou(centre), "all_patches_iou": iou(torch.ones_like(truth)),
-            "scenes": num_scenes, "mean_foreground_fraction": float(masks.float().mean()),
-            "attention_on_objects": 100.0 * attention_share, "object_area": 100.0 * float(foreground.mean())}
+    return {
+        "dino_iou": iou(masks),
+        "centre_box_iou": iou(centre),
+        "all_patches_iou": iou(torch.ones_like(truth)),
+        "scenes": num_scenes,
+        "mean_foreground_fraction": float(masks.float().mean()),
+        "attention_on_objects": 100.0 * attention_share,
+        "object_area": 100.0 * float(foreground.mean()),
+    }
 
 
 STAGES = ("clip", "dino", "iclip", "bundle")
@@ -126,8 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m captum_iclip.zoo.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--work-dir", default="runs/zoo", help="checkpoints and logs of the stages")
     parser.add_argument("--out", default=str(WEIGHTS_DIR / "shapes-tiny"), help="where the bundle is written")
-    parser.add_argument("--stages", default=",".join(STAGES),
-                        help="stages to run now, in order (clip and dino are independent and may run in two processes)")
+    parser.add_argument(
+        "--stages",
+        default=",".join(STAGES),
+        help="stages to run now, in order (clip and dino are independent and may run in two processes)",
+    )
     parser.add_argument("--train-scenes", type=int, default=20000)
     parser.add_argument("--clip-epochs", type=int, default=3)
     parser.add_argument("--clip-batch-size", type=int, default=128)
@@ -140,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -169,19 +179,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def _train_clip(args: argparse.Namespace, clip_dir: Path, world: "RenderedWorld", tokenizer) -> None:
+def _train_clip(args: argparse.Namespace, clip_dir: Path, world: RenderedWorld, tokenizer) -> None:
     """The tiny CLIP, from scratch, with the plain CLIP loss."""
     from captum_iclip.training.iclip import TrainConfig, train
 
     train(
-        TrainConfig(mode="full", objective="clip", batch_size=args.clip_batch_size, epochs=args.clip_epochs,
-                    lr=args.clip_lr, wd=0.1, warmup=100, grad_clip_norm=1.0, seed=args.seed, device="cpu",
-                    output_dir=str(clip_dir), save_every=25, resume="latest", workers=0),
-        model=build_clip(MODEL_CONFIG), dataset=world, tokenizer=tokenizer,
+        TrainConfig(
+            mode="full",
+            objective="clip",
+            batch_size=args.clip_batch_size,
+            epochs=args.clip_epochs,
+            lr=args.clip_lr,
+            wd=0.1,
+            warmup=100,
+            grad_clip_norm=1.0,
+            seed=args.seed,
+            device="cpu",
+            output_dir=str(clip_dir),
+            save_every=25,
+            resume="latest",
+            workers=0,
+        ),
+        model=build_clip(MODEL_CONFIG),
+        dataset=world,
+        tokenizer=tokenizer,
     )
 
 
-def _train_dino(args: argparse.Namespace, dino_dir: Path, world: "RenderedWorld") -> None:
+def _train_dino(args: argparse.Namespace, dino_dir: Path, world: RenderedWorld) -> None:
     """The tiny DINO on the same images (no labels, no captions)."""
     from captum_iclip.training.dino import train_dino
 
@@ -190,7 +215,7 @@ def _train_dino(args: argparse.Namespace, dino_dir: Path, world: "RenderedWorld"
     train_dino(world.images, config, out_dir=dino_dir, progress=not args.no_progress, resume=True)
 
 
-def _train_iclip(args: argparse.Namespace, work: Path, world: "RenderedWorld", tokenizer) -> None:
+def _train_iclip(args: argparse.Namespace, work: Path, world: RenderedWorld, tokenizer) -> None:
     """The interpretability projection over DINO foregrounds, CLIP frozen (projection mode)."""
     from captum_iclip.masks import DINOMaskProvider
     from captum_iclip.models.dual import DualProjectionCLIP
@@ -198,13 +223,30 @@ def _train_iclip(args: argparse.Namespace, work: Path, world: "RenderedWorld", t
     from captum_iclip.training.iclip import TrainConfig, train
 
     dual = DualProjectionCLIP(build_clip(MODEL_CONFIG)).load(work / "clip" / "final.pt")
-    masks = DINOMaskProvider(load_tiny_dino(work / "dino"), tau=TAU, input_mean=OPENAI_CLIP_MEAN,
-                             input_std=OPENAI_CLIP_STD)
+    masks = DINOMaskProvider(
+        load_tiny_dino(work / "dino"), tau=TAU, input_mean=OPENAI_CLIP_MEAN, input_std=OPENAI_CLIP_STD
+    )
     train(
-        TrainConfig(mode="projection", objective="iclip", batch_size=args.clip_batch_size, epochs=args.iclip_epochs,
-                    lr=1e-3, wd=0.0, warmup=20, seed=args.seed, device="cpu", output_dir=str(work / "iclip"),
-                    save_every=25, resume="latest", workers=0, mask_cache=str(work / "mask-cache")),
-        model=dual, mask_provider=masks, dataset=world, tokenizer=tokenizer,
+        TrainConfig(
+            mode="projection",
+            objective="iclip",
+            batch_size=args.clip_batch_size,
+            epochs=args.iclip_epochs,
+            lr=1e-3,
+            wd=0.0,
+            warmup=20,
+            seed=args.seed,
+            device="cpu",
+            output_dir=str(work / "iclip"),
+            save_every=25,
+            resume="latest",
+            workers=0,
+            mask_cache=str(work / "mask-cache"),
+        ),
+        model=dual,
+        mask_provider=masks,
+        dataset=world,
+        tokenizer=tokenizer,
     )
 
 
@@ -221,11 +263,12 @@ def _bundle(args: argparse.Namespace, work: Path, tokenizer) -> None:
     dual = dual.half().float().eval()
     dino = load_tiny_dino(dino_dir).half().float().eval()
     # Each stage's own statistics, also when an earlier (killed) run completed it.
-    figures: Dict = {
+    figures: dict = {
         "train_scenes": args.train_scenes,
         "clip": json.loads((clip_dir / "stats.json").read_text()),
-        "dino": {k: v for k, v in json.loads((dino_dir / CONFIG_NAME).read_text()).get("stats", {}).items()
-                 if k != "losses"},
+        "dino": {
+            k: v for k, v in json.loads((dino_dir / CONFIG_NAME).read_text()).get("stats", {}).items() if k != "losses"
+        },
         "iclip": json.loads((iclip_dir / "stats.json").read_text()),
         "zero_shot": zero_shot_accuracy(dual.clip, tokenizer),
         "dino_masks": dino_foreground_iou(dino),
@@ -234,7 +277,7 @@ def _bundle(args: argparse.Namespace, work: Path, tokenizer) -> None:
     print(json.dumps({k: figures[k] for k in ("zero_shot", "dino_masks")}, indent=2))
 
 
-def write_bundle(out: Path, dual, dino_dir: Path, figures: Dict, prompts: List[str], names: List[str]) -> None:
+def write_bundle(out: Path, dual, dino_dir: Path, figures: dict, prompts: list[str], names: list[str]) -> None:
     """Write float16 weights and ``config.json`` (written last: its presence marks a complete bundle)."""
     from captum_iclip.training.dino import CONFIG_NAME, WEIGHTS_NAME
 
