@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job on the bundled offline models: figure grid and metric table")
     p.add_argument("--out", default="captum-iclip-demo", help="output folder")
-    p.add_argument("-n", "--num-images", type=int, default=48, help="held-out scenes to evaluate")
+    p.add_argument("-n", "--num-images", type=int, default=200, help="held-out scenes to evaluate")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=demo)

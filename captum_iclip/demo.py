@@ -17,8 +17,7 @@ import torch
 from captum_iclip.evaluation.methods import method_title
 
 DEMO_METHODS = ("raw", "surgery", "iclip", "mmp", "gradcam", "ig")
-# Demo scenes come from the held-out seed range, past the scenes the tests and eval use.
-DEMO_SEED_OFFSET = 500_000
+DEMO_BOOTSTRAP = 1000  # resamples of the 95 % intervals over scenes
 
 
 def pointing_tolerance_for(size: int) -> int:
@@ -30,7 +29,7 @@ def run_demo(
     out_dir: str = "captum-iclip-demo",
     *,
     model: str = "shapes-tiny",
-    num_images: int = 48,
+    num_images: int = 200,
     methods: Sequence[str] = DEMO_METHODS,
     batch_size: int = 16,
     figure_rows: int = 6,
@@ -57,12 +56,12 @@ def run_demo(
     from captum_iclip.evaluation.run import EvalConfig, class_prompts, run_evaluation
     from captum_iclip.models.loading import load
     from captum_iclip.similarity import CLIPSimilarity
-    from captum_iclip.world import HELDOUT_SEED_START
+    from captum_iclip.zoo.quality import SEED_RANGES
 
     if num_images < 1:
         raise ValueError(f"num_images: expected at least 1, got {num_images}")
     loaded = load(model, device=device)
-    first_seed = HELDOUT_SEED_START + DEMO_SEED_OFFSET
+    first_seed = SEED_RANGES["demo"]
     dataset = WorldScenes(first_seed, limit=num_images, size=loaded.image_size)
     sim = CLIPSimilarity(loaded.model, loaded.tokenizer, class_prompts(dataset, loaded.bundle)).to(device)
     config = EvalConfig(
@@ -73,6 +72,7 @@ def run_demo(
         batch_size=batch_size,
         pointing_tolerance=pointing_tolerance_for(loaded.image_size),
         examples=figure_rows,
+        bootstrap=DEMO_BOOTSTRAP,
         out=None,
         progress=progress,
     )
@@ -81,8 +81,10 @@ def run_demo(
     )
     results["zero_shot"] = zero_shot_names_an_object(sim, dataset, batch_size)
     results["notes"] = [
-        f"Zero-shot: the top prompt names an object of the scene in {results['zero_shot']['accuracy']:.1f}% "
-        f"of the scenes (chance {results['zero_shot']['chance']:.1f}%)."
+        f"95 % bootstrap intervals over the {len(dataset)} scenes ({DEMO_BOOTSTRAP} resamples) in brackets.",
+        f"Zero-shot on these scenes: the top prompt names an object of the scene in "
+        f"{results['zero_shot']['accuracy']:.1f}% of them (chance {results['zero_shot']['chance']:.1f}%).",
+        *recognition_notes(loaded.bundle.info if loaded.bundle is not None else {}),
     ]
     paths = write_results(results, out_dir, dataset=dataset, stem="metrics")
     paths["figure"] = Path(out_dir) / "figure.png"
@@ -90,6 +92,25 @@ def run_demo(
     for kind in ("figure", "json", "csv", "markdown"):
         print(f"{kind}: {paths[kind]}")
     return paths
+
+
+def recognition_notes(info: dict) -> list[str]:
+    """Lines on the bundle's recorded recognition and mask quality (held-out ``report`` scenes)."""
+    recognition, masks = info.get("recognition"), info.get("dino_masks")
+    lines = []
+    if recognition:
+        recalls = ", ".join(f"{name} {value:.0f}" for name, value in recognition["per_class_recall"].items())
+        lines += [
+            f"Recognition ({recognition['scenes']} held-out scenes): top-1 names an object of the scene in "
+            f"{recognition['top1_any']:.1f}% (chance {recognition['chance']:.1f}%); single-object scenes "
+            f"{recognition['single_object']:.1f}%; per-class recall on them: {recalls}.",
+        ]
+    if masks:
+        lines.append(
+            f"DINO masks ({masks['scenes']} held-out scenes): IoU with the object patches {masks['dino_iou']:.1f}% "
+            f"(centre box {masks['centre_box_iou']:.1f}%, every patch {masks['all_patches_iou']:.1f}%)."
+        )
+    return lines
 
 
 def zero_shot_names_an_object(sim, dataset, batch_size: int) -> dict[str, float]:

@@ -406,3 +406,29 @@ def test_perturbations_and_expansion():
         expand_attributions(torch.ones(2, 2, 6, 6), inputs)
     with pytest.raises(ValueError, match="drop_prob"):
         patch_perturbation(4, drop_prob=0.0)
+
+
+def test_bootstrap_intervals_over_recorded_images():
+    from captum_iclip.evaluation.metrics import LocalizationMetrics
+
+    gt = torch.zeros(8, 8, dtype=torch.long)
+    gt[2:6, 2:6] = 1
+    perfect, inverted = gt[None].float(), 1.0 - gt[None].float()
+    same = LocalizationMetrics(num_classes=2).record_images()
+    for _ in range(5):
+        same.update(perfect, [1], gt)
+    # Identical images: every resample gives the same figures, so the interval is a point.
+    for key, (low, high) in same.bootstrap(("miou", "msc", "pointing"), resamples=50).items():
+        assert low == high == same.compute()[key], key
+    mixed = LocalizationMetrics(num_classes=2).record_images()
+    for maps in (perfect, inverted, perfect, inverted, perfect, perfect):
+        mixed.update(maps, [1], gt)
+    (low, high), estimate = mixed.bootstrap(("msc",), resamples=400, seed=1)["msc"], mixed.compute()["msc"]
+    assert -100.0 <= low < estimate < high <= 100.0
+    # Recording does not change the sums: the same figures as an unrecorded metric.
+    plain = LocalizationMetrics(num_classes=2)
+    for maps in (perfect, inverted, perfect, inverted, perfect, perfect):
+        plain.update(maps, [1], gt)
+    assert plain.compute() == mixed.compute()
+    with pytest.raises(RuntimeError, match="bootstrap: expected images recorded"):
+        plain.bootstrap(("miou",))

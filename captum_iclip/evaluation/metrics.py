@@ -60,9 +60,72 @@ class _StreamingMetric:
         raise NotImplementedError
 
     def reset(self) -> None:
-        """Forget everything accumulated so far."""
+        """Forget everything accumulated so far (per-image records included)."""
         for name, tensor in self._empty_state().items():
             setattr(self, name, tensor)
+        if getattr(self, "_image_states", None) is not None:
+            self._image_states = []
+
+    def record_images(self) -> _StreamingMetric:
+        """Keep each :meth:`update`'s contribution apart, for :meth:`bootstrap` (single process).
+
+        Returns:
+            ``self``.
+        """
+        self._image_states: list[dict[str, Tensor]] | None = []
+        return self
+
+    def _record(self, contribution: dict[str, Tensor]) -> None:
+        if getattr(self, "_image_states", None) is not None:
+            self._image_states.append(contribution)
+
+    def bootstrap(
+        self, keys: Sequence[str], resamples: int = 1000, level: float = 0.95, seed: int = 0
+    ) -> dict[str, tuple[float, float]]:
+        """Percentile bootstrap intervals over the recorded images.
+
+        Each resample draws as many images as were recorded, with replacement, sums
+        their contributions and computes the metrics from those sums, exactly as
+        :meth:`compute` does on the whole set.
+
+        Args:
+            keys: Figures of :meth:`compute` to give intervals for (e.g. ``("miou", "msc")``).
+            resamples: Number of bootstrap resamples.
+            level: Coverage of the interval, in (0, 1).
+            seed: Seed of the resampling.
+
+        Returns:
+            ``{key: (low, high)}``; NaN bounds where a resample leaves a figure undefined.
+
+        Raises:
+            RuntimeError: If images were not recorded (see :meth:`record_images`).
+        """
+        images = getattr(self, "_image_states", None)
+        if not images:
+            raise RuntimeError("bootstrap: expected images recorded by record_images() before update(), got none")
+        if not 0.0 < level < 1.0:
+            raise ValueError(f"level: expected a coverage in (0, 1), got {level!r}")
+        if resamples < 1:
+            raise ValueError(f"resamples: expected at least 1, got {resamples!r}")
+        stacked = {name: torch.stack([image[name] for image in images]) for name in self._state_names}
+        generator = torch.Generator().manual_seed(seed)
+        resample = type(self).__new__(type(self))
+        resample.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_image_states"})
+        values: dict[str, list[float]] = {key: [] for key in keys}
+        for _ in range(resamples):
+            counts = torch.bincount(
+                torch.randint(len(images), (len(images),), generator=generator), minlength=len(images)
+            )
+            for name, per_image in stacked.items():
+                setattr(resample, name, torch.tensordot(counts, per_image, dims=1))
+            scores = resample.compute()
+            for key in keys:
+                values[key].append(float(scores[key]))
+        tail = 100.0 * (1.0 - level) / 2.0
+        return {
+            key: tuple(float(np.nanpercentile(v, q)) if not np.isnan(v).all() else math.nan for q in (tail, 100 - tail))
+            for key, v in ((key, np.array(values[key])) for key in keys)
+        }
 
     def state(self) -> dict[str, Tensor]:
         """A copy of the accumulated sums (CPU int64 tensors), e.g. to save or send.
@@ -303,6 +366,7 @@ class LocalizationMetrics(_StreamingMetric):
         excluded = torch.tensor([int(c) in self.exclude for c in classes.tolist()], dtype=torch.bool)
         keep = class_masks.flatten(1).any(1).cpu() & ~excluded
         if not keep.any():
+            self._record(self._empty_state())  # an image without a scored pair still counts in resamples
             return
         classes, class_masks = classes[keep], class_masks[keep.to(gt.device)]
         maps = maps[keep.to(maps.device)]
@@ -319,6 +383,7 @@ class LocalizationMetrics(_StreamingMetric):
         hits = self._pointing_hits(maps, class_masks, valid)
 
         fixed_contrast = torch.round(contrast * _SC_SCALE).long() * has_contrast
+        contribution = {}
         for name, values in (
             ("intersection", intersection),
             ("union", union),
@@ -327,7 +392,9 @@ class LocalizationMetrics(_StreamingMetric):
             ("contrast_sum", fixed_contrast),
             ("contrast_pairs", has_contrast.long()),
         ):
-            getattr(self, name).index_add_(0, classes, values.cpu())
+            contribution[name] = torch.zeros_like(getattr(self, name)).index_add_(0, classes, values.cpu())
+            getattr(self, name).add_(contribution[name])
+        self._record(contribution)
 
     @staticmethod
     def _normalise(maps: Tensor, valid: Tensor) -> Tensor:

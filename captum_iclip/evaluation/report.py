@@ -25,8 +25,14 @@ def _finite(value: float) -> float | None:
 CSV_COLUMNS = (
     "method",
     "miou",
+    "miou_low",
+    "miou_high",
     "msc",
+    "msc_low",
+    "msc_high",
     "pointing",
+    "pointing_low",
+    "pointing_high",
     "pairs",
     "segmentation_miou",
     "segmentation_pixel_accuracy",
@@ -43,9 +49,11 @@ def _csv_rows(results: dict) -> list[dict]:
         rows.append(
             {
                 "method": name,
-                "miou": entry["miou"],
-                "msc": entry["msc"],
-                "pointing": entry["pointing"],
+                **{
+                    f"{key}{suffix}": value
+                    for key in ("miou", "msc", "pointing")
+                    for suffix, value in zip(("", "_low", "_high"), [entry[key], *entry.get(f"{key}_ci", [None, None])])
+                },
                 "pairs": entry["pairs"],
                 "segmentation_miou": segmentation.get("miou"),
                 "segmentation_pixel_accuracy": segmentation.get("pixel_accuracy"),
@@ -80,14 +88,19 @@ def results_markdown(results: dict) -> str:
         A Markdown table (missing entries shown as "–"), followed by ``results["notes"]`` if any.
     """
 
-    def cell(value: float | None, digits: int) -> str:
-        return "–" if value is None else f"{value:.{digits}f}"
+    def cell(row: dict, key: str, digits: int) -> str:
+        value = row[key]
+        if value is None:
+            return "–"
+        low, high = row.get(f"{key}_low"), row.get(f"{key}_high")
+        interval = "" if low is None or high is None else f" [{low:.{digits}f}, {high:.{digits}f}]"
+        return f"{value:.{digits}f}{interval}".replace("-", "−")
 
     config, data = results["config"], results["dataset"]
     columns = [column for column in MARKDOWN_COLUMNS if column[0] in config["tasks"]]
     lines = ["| method | " + " | ".join(header for _, header, _, _ in columns) + " |", "|---|" + "---:|" * len(columns)]
     for row in _csv_rows(results):
-        cells = [cell(row[key], digits) for _, _, key, digits in columns]
+        cells = [cell(row, key, digits) for _, _, key, digits in columns]
         lines.append(f"| {method_title(row['method'])} | " + " | ".join(cells) + " |")
     lines += [
         "",

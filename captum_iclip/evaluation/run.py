@@ -138,6 +138,8 @@ class EvalConfig:
         examples: Example overlays of the localization maps to draw (rank 0's
             first images with a scored class; needs the localization task).
         workers: DataLoader worker processes.
+        bootstrap: Resamples of the 95 % percentile bootstrap intervals of the
+            localization figures over images (``0``: none; one process only).
         out: Output folder; ``None`` writes nothing.
         progress: Show progress bars (rank 0).
 
@@ -165,6 +167,7 @@ class EvalConfig:
     seed: int = 0
     examples: int = 4
     workers: int = 0
+    bootstrap: int = 0
     out: str | None = "captum-iclip-eval"
     progress: bool = True
 
@@ -188,7 +191,7 @@ class EvalConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        for name in ("faithfulness_samples", "examples", "workers", "pointing_tolerance"):
+        for name in ("faithfulness_samples", "examples", "workers", "pointing_tolerance", "bootstrap"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
@@ -460,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ig-steps", type=int, default=16, help="integration steps of ig (default: %(default)s)")
     parser.add_argument("--examples", type=int, default=4, help="example overlays to draw (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes (default: %(default)s)")
+    parser.add_argument(
+        "--bootstrap", type=int, default=0, help="resamples of 95%% bootstrap intervals over images (default: none)"
+    )
     parser.add_argument("--out", default="captum-iclip-eval", help="output folder (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the faithfulness perturbations")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -542,6 +548,7 @@ def _run(args: argparse.Namespace) -> int:
             ig_steps=args.ig_steps,
             seed=args.seed,
             examples=args.examples,
+            bootstrap=args.bootstrap,
             workers=args.workers,
             out=args.out,
             progress=not args.no_progress,

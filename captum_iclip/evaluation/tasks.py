@@ -95,7 +95,12 @@ class LocalizationTask:
             for name in config.methods
         }
         self.examples: list[dict] = []  # rank 0's first images with a scored class, for the overlays
-        self.rank = _rank_and_world()[0]
+        self.rank, world = _rank_and_world()
+        if config.bootstrap:
+            if world > 1:
+                raise ValueError(f"bootstrap: expected one process (intervals need every image's figures), got {world}")
+            for metric in self.metrics.values():
+                metric.record_images()
 
     def update(self, ctx: EvalContext, batch: EvalBatch) -> None:
         pairs, batch_maps = _localize_batch(
@@ -110,12 +115,19 @@ class LocalizationTask:
             metric.all_reduce()
 
     def entry(self, name: str, ctx: EvalContext) -> dict[str, Any]:
-        scores = self.metrics[name].compute()
+        metric = self.metrics[name]
+        scores = metric.compute()
         names = ctx.dataset.class_names
+        intervals = {}
+        if ctx.config.bootstrap:
+            keys = ("miou", "msc", "pointing")
+            found = metric.bootstrap(keys, resamples=ctx.config.bootstrap, seed=ctx.config.seed)
+            intervals = {f"{key}_ci": [_finite(bound) for bound in found[key]] for key in keys}
         return {
             "miou": _finite(scores["miou"]),
             "msc": _finite(scores["msc"]),
             "pointing": _finite(scores["pointing"]),
+            **intervals,
             "pairs": scores["pairs"],
             "per_class": {
                 names[c]: {

@@ -123,6 +123,7 @@ class TrainConfig:
         csv_img_key, csv_caption_key, csv_separator: CSV columns and separator (open_clip's defaults).
         train_num_samples: samples per epoch for webdataset (default: counted from the tar headers).
         workers: data-loader worker processes per rank.
+        progress: show the progress bar and the log lines on the console (``log.jsonl`` is written either way).
     Model:
         model: open_clip architecture name or bundled model name; with ``model_config`` the
             config's name (its file stem) by default.
@@ -153,6 +154,7 @@ class TrainConfig:
     csv_separator: str = "\t"
     train_num_samples: int | None = None
     workers: int = 2
+    progress: bool = True
     model: str | None = None
     pretrained: str | None = None
     checkpoint: str | None = None
@@ -932,7 +934,7 @@ class ICLIPTrainer:
         config, ctx = self.config, self.ctx
         if ctx.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        log = _TrainLog(self.out_dir / "log.jsonl", ctx, self.total_steps, self.step_index)
+        log = _TrainLog(self.out_dir / "log.jsonl", ctx, self.total_steps, self.step_index, config.progress)
         self.started = time.monotonic()
         try:
             batches = itertools.islice(self.stream.iterate(self.step_index), self.total_steps - self.step_index)
@@ -1003,10 +1005,12 @@ class ICLIPTrainer:
 class _TrainLog:
     """The progress bar and ``log.jsonl`` of the main rank (throughput over the last logging window)."""
 
-    def __init__(self, path: Path, ctx: _Distributed, total_steps: int, step: int) -> None:
-        self.ctx = ctx
+    def __init__(self, path: Path, ctx: _Distributed, total_steps: int, step: int, console: bool = True) -> None:
+        self.ctx, self.console = ctx, console and ctx.is_main
         self.file = open(path, "a", encoding="utf-8") if ctx.is_main else None  # noqa: SIM115 - closed by close()
-        self.progress = tqdm(total=total_steps, initial=step, disable=not ctx.is_main, desc="iclip", dynamic_ncols=True)
+        self.progress = tqdm(
+            total=total_steps, initial=step, disable=not self.console, desc="iclip", dynamic_ncols=True
+        )
         self.window_start, self.window_samples = time.monotonic(), 0
 
     def update(self, step: int, epoch: int, loss: float, lr: float, samples: int, skipped: int, *, write: bool) -> None:
@@ -1025,7 +1029,8 @@ class _TrainLog:
         }
         self.window_start, self.window_samples = now, 0
         self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-        tqdm.write(json.dumps(record))
+        if self.console:
+            tqdm.write(json.dumps(record))
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
 
@@ -1054,6 +1059,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--csv-separator", default=defaults.csv_separator)
     data.add_argument("--train-num-samples", type=int, help="samples per epoch (webdataset; default: counted)")
     data.add_argument("--workers", type=int, default=defaults.workers, help="data-loader workers per rank")
+    data.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or console log")
     model = parser.add_argument_group("model")
     model.add_argument("--model", help="open_clip architecture or bundled model name")
     model.add_argument("--pretrained", help="open_clip pretrained tag")

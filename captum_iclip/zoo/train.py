@@ -46,17 +46,40 @@ class RenderedWorld(Dataset):
 
     Rendering up front keeps the scenes identical across stages and epochs and
     keeps the generator's cost out of the training loops.
+
+    Args:
+        start_seed: Seed of the first scene.
+        length: Number of scenes.
+        size: Image side in pixels.
+        progress: Show a progress bar while rendering.
+        caption_colour_prob: When given, each scene is re-captioned by
+            :func:`~captum_iclip.world.sample_caption` with this probability of
+            naming an object's colour (seeded by ``caption_seed`` and the scene's
+            seed); ``None`` keeps the scenes' own captions (colour in 90 % of phrases).
+        caption_seed: Seed of the re-captioning.
     """
 
-    def __init__(self, start_seed: int, length: int, size: int = IMAGE_SIZE, progress: bool = True) -> None:
-        from captum_iclip.world import generate_scene
+    def __init__(
+        self,
+        start_seed: int,
+        length: int,
+        size: int = IMAGE_SIZE,
+        progress: bool = True,
+        caption_colour_prob: float | None = None,
+        caption_seed: int = 0,
+    ) -> None:
+        from captum_iclip.world import generate_scene, sample_caption
 
         self.images = np.empty((length, size, size, 3), dtype=np.uint8)
         self.captions: list[str] = []
         for i in tqdm(range(length), desc="render world", disable=not progress):
             scene = generate_scene(start_seed + i, size=size)
             self.images[i] = scene.image
-            self.captions.append(scene.caption)
+            if caption_colour_prob is None:
+                self.captions.append(scene.caption)
+            else:
+                rng = np.random.default_rng((caption_seed, start_seed + i))
+                self.captions.append(sample_caption(scene, rng, colour_prob=caption_colour_prob))
         self.preprocess = make_preprocess(size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
     def __len__(self) -> int:
@@ -66,63 +89,23 @@ class RenderedWorld(Dataset):
         return self.preprocess(self.images[index]), self.captions[index]
 
 
-def zero_shot_accuracy(model, tokenizer, num_scenes: int = 500, size: int = IMAGE_SIZE) -> dict[str, float]:
-    """Held-out zero-shot check: does the top class prompt name an object in the scene?"""
+RECOGNITION_SCENES = 1000  # held-out scenes of the recorded recognition figures
+MASK_SCENES = 500  # held-out scenes of the recorded mask figures
+
+
+def bundle_figures(clip, tokenizer, mask_provider, prompts: list[str]) -> dict[str, dict]:
+    """The bundle's recorded quality figures, on the ``report`` seed range (never used to choose a recipe):
+    zero-shot recognition over the shape prompts and the DINO masks on the CLIP patch grid."""
     from captum_iclip import CLIPSimilarity
-    from captum_iclip.world import CATEGORIES, HELDOUT_SEED_START, generate_scene, prompt_for
+    from captum_iclip.zoo.quality import mask_quality, recognition_report, scene_range
 
-    sim = CLIPSimilarity(model, tokenizer, [prompt_for(c) for c in CATEGORIES]).eval()
-    preprocess = make_preprocess(size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-    hits, chance = 0, 0.0
-    for start in range(0, num_scenes, 100):
-        scenes = [generate_scene(HELDOUT_SEED_START + i, size) for i in range(start, min(start + 100, num_scenes))]
-        with torch.no_grad():
-            top = sim(torch.stack([preprocess(s.image) for s in scenes])).argmax(-1).tolist()
-        for scene, k in zip(scenes, top):
-            hits += CATEGORIES[k] in scene.categories
-            chance += len(set(scene.categories)) / len(CATEGORIES)
-    return {"accuracy": 100.0 * hits / num_scenes, "chance": 100.0 * chance / num_scenes, "scenes": num_scenes}
-
-
-def dino_foreground_iou(dino, num_scenes: int = 200, size: int = IMAGE_SIZE) -> dict[str, float]:
-    """IoU (percent, over all patches of all scenes) of the DINO masks on the CLIP patch grid with the
-    ground-truth foreground (patches at least half covered by objects), next to two trivial masks:
-    the centre box (half the side) and every patch; and the percentage of the [CLS] attention that
-    falls on object pixels, next to the percentage of the image they cover (equal for a blind map)."""
-    from captum_iclip.masks import DINOMaskProvider
-    from captum_iclip.world import HELDOUT_SEED_START, generate_scene
-
-    patch = MODEL_CONFIG["vision_cfg"]["patch_size"]
-    grid = (size // patch, size // patch)
-    provider = DINOMaskProvider(dino, tau=TAU, input_mean=OPENAI_CLIP_MEAN, input_std=OPENAI_CLIP_STD)
-    preprocess = make_preprocess(size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-    scenes = [generate_scene(HELDOUT_SEED_START + 1000 + i, size) for i in range(num_scenes)]
-    images = torch.stack([preprocess(s.image) for s in scenes])
+    preprocess = make_preprocess(IMAGE_SIZE, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    sim = CLIPSimilarity(clip, tokenizer, prompts).eval()
+    side = IMAGE_SIZE // MODEL_CONFIG["vision_cfg"]["patch_size"]
     with torch.no_grad():
-        attention = provider.attention(images)  # one DINO pass for both figures
-    masks = provider.mask_from_attention(attention, grid).reshape(-1, *grid)
-    foreground = torch.stack([torch.from_numpy((s.label > 0).astype(np.float32)) for s in scenes])[:, None]
-    truth = torch.nn.functional.adaptive_avg_pool2d(foreground, grid)[:, 0] >= 0.5
-    # Share of the [CLS] attention on object pixels, against the share of the image they cover.
-    coverage = torch.nn.functional.adaptive_avg_pool2d(foreground, attention.shape[-2:])[:, 0]
-    attention_share = float((attention * coverage).sum() / attention.sum())
-    centre = torch.zeros(grid, dtype=torch.bool)
-    inner = slice(grid[0] // 4, grid[0] - grid[0] // 4)
-    centre[inner, inner] = True
-    centre = centre.expand_as(truth)
-
-    def iou(pred: torch.Tensor) -> float:
-        return 100.0 * float((pred & truth).sum()) / float((pred | truth).sum())
-
-    return {
-        "dino_iou": iou(masks),
-        "centre_box_iou": iou(centre),
-        "all_patches_iou": iou(torch.ones_like(truth)),
-        "scenes": num_scenes,
-        "mean_foreground_fraction": float(masks.float().mean()),
-        "attention_on_objects": 100.0 * attention_share,
-        "object_area": 100.0 * float(foreground.mean()),
-    }
+        recognition = recognition_report(sim, scene_range("report", RECOGNITION_SCENES, IMAGE_SIZE), preprocess)
+        masks = mask_quality(mask_provider, scene_range("report", MASK_SCENES, IMAGE_SIZE), preprocess, (side, side))
+    return {"recognition": recognition, "dino_masks": masks}
 
 
 STAGES = ("clip", "dino", "iclip", "bundle")
@@ -138,8 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(STAGES),
         help="stages to run now, in order (clip and dino are independent and may run in two processes)",
     )
-    parser.add_argument("--train-scenes", type=int, default=20000)
-    parser.add_argument("--clip-epochs", type=int, default=3)
+    parser.add_argument("--train-scenes", type=int, default=60000)
+    parser.add_argument(
+        "--caption-colour-prob",
+        type=float,
+        default=0.3,
+        help="probability that a training caption names an object's colour (the world's own captions: 0.9)",
+    )
+    parser.add_argument("--clip-epochs", type=int, default=10)
     parser.add_argument("--clip-batch-size", type=int, default=128)
     parser.add_argument("--clip-lr", type=float, default=2e-3)
     parser.add_argument("--dino-steps", type=int, default=DINOConfig.steps)
@@ -166,7 +155,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     work = Path(args.work_dir)
-    world = RenderedWorld(TRAIN_SEED_START, args.train_scenes, progress=not args.no_progress)
+    world = RenderedWorld(
+        TRAIN_SEED_START,
+        args.train_scenes,
+        progress=not args.no_progress,
+        caption_colour_prob=args.caption_colour_prob,
+        caption_seed=args.seed,
+    )
     tokenizer = open_clip.SimpleTokenizer(context_length=MODEL_CONFIG["text_cfg"]["context_length"])
     if "clip" in stages and not (work / "clip" / "final.pt").is_file():
         _train_clip(args, work / "clip", world, tokenizer)
@@ -199,6 +194,7 @@ def _train_clip(args: argparse.Namespace, clip_dir: Path, world: RenderedWorld, 
             save_every=25,
             resume="latest",
             workers=0,
+            progress=not args.no_progress,
         ),
         model=build_clip(MODEL_CONFIG),
         dataset=world,
@@ -217,15 +213,12 @@ def _train_dino(args: argparse.Namespace, dino_dir: Path, world: RenderedWorld) 
 
 def _train_iclip(args: argparse.Namespace, work: Path, world: RenderedWorld, tokenizer) -> None:
     """The interpretability projection over DINO foregrounds, CLIP frozen (projection mode)."""
-    from captum_iclip.masks import DINOMaskProvider
     from captum_iclip.models.dual import DualProjectionCLIP
     from captum_iclip.training.dino import load_tiny_dino
     from captum_iclip.training.iclip import TrainConfig, train
 
     dual = DualProjectionCLIP(build_clip(MODEL_CONFIG)).load(work / "clip" / "final.pt")
-    masks = DINOMaskProvider(
-        load_tiny_dino(work / "dino"), tau=TAU, input_mean=OPENAI_CLIP_MEAN, input_std=OPENAI_CLIP_STD
-    )
+    masks = _mask_provider(load_tiny_dino(work / "dino"))
     train(
         TrainConfig(
             mode="projection",
@@ -242,12 +235,20 @@ def _train_iclip(args: argparse.Namespace, work: Path, world: RenderedWorld, tok
             resume="latest",
             workers=0,
             mask_cache=str(work / "mask-cache"),
+            progress=not args.no_progress,
         ),
         model=dual,
         mask_provider=masks,
         dataset=world,
         tokenizer=tokenizer,
     )
+
+
+def _mask_provider(dino):
+    """The bundle's mask source: the tiny DINO's foreground at the bundle's tau, on CLIP-preprocessed inputs."""
+    from captum_iclip.masks import DINOMaskProvider
+
+    return DINOMaskProvider(dino, tau=TAU, input_mean=OPENAI_CLIP_MEAN, input_std=OPENAI_CLIP_STD)
 
 
 def _bundle(args: argparse.Namespace, work: Path, tokenizer) -> None:
@@ -270,11 +271,11 @@ def _bundle(args: argparse.Namespace, work: Path, tokenizer) -> None:
             k: v for k, v in json.loads((dino_dir / CONFIG_NAME).read_text()).get("stats", {}).items() if k != "losses"
         },
         "iclip": json.loads((iclip_dir / "stats.json").read_text()),
-        "zero_shot": zero_shot_accuracy(dual.clip, tokenizer),
-        "dino_masks": dino_foreground_iou(dino),
+        **bundle_figures(dual.clip, tokenizer, _mask_provider(dino), [prompt_for(c) for c in CATEGORIES]),
     }
     write_bundle(Path(args.out), dual, dino_dir, figures, [prompt_for(c) for c in CATEGORIES], class_names())
-    print(json.dumps({k: figures[k] for k in ("zero_shot", "dino_masks")}, indent=2))
+    summary = {k: v for k, v in figures["recognition"].items() if k != "confusion"}
+    print(json.dumps({"recognition": summary, "dino_masks": figures["dino_masks"]}, indent=2))
 
 
 def write_bundle(out: Path, dual, dino_dir: Path, figures: dict, prompts: list[str], names: list[str]) -> None:
