@@ -7,6 +7,13 @@ weights), inputs at 224x224. Every method explains the same ``CLIPSimilarity``:
 * ``ITSM raw`` / ``ITSM surgery``: maps for *every* prompt (``target=None``), with the
   default post-processing (min-max, bilinear upsampling to 224x224);
 * ``LayerGradCam``: one prompt (``target=0``) on ``sim.gradcam_layer()``, upsampled;
+* ``GEM``, ``LeGrad``, ``Chefer relevancy`` and the ITSM variants ``MaskCLIP``,
+  ``ClearCLIP``, ``SCLIP``, ``NACLIP``: maps for every prompt, default post-processing
+  (the prompt embeddings are computed once, outside ``attribute``);
+* ``legrad-torch`` (with ``--legrad-torch-python``): the authors' package on the same
+  work (every image, every prompt; it takes one image at a time), timed in its own
+  environment (it needs open_clip <= 2.23) on a ViT-B-16 with the same random weights,
+  before the other methods; its ratio is to our LeGrad's time.
 * ``IntegratedGradients``: one prompt, ``n_steps`` steps in chunks of
   ``--ig-batch`` images.
 
@@ -22,16 +29,20 @@ after a short warm-up at the same chunk size.
 
 Usage::
 
-    python benchmarks/bench_itsm.py --repeats 3 --batch 8 --threads 1
+    python benchmarks/bench_itsm.py --repeats 3 --batch 8 --threads 1 \
+        --legrad-torch-python /tmp/refvenv/bin/python   # optional; see benchmarks/reference_parity.py
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import platform
 import statistics
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -40,7 +51,7 @@ from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam
 from tqdm import tqdm
 
 import captum_iclip
-from captum_iclip import CLIPSimilarity, ITSMAttribution
+from captum_iclip import CheferRelevancy, CLIPSimilarity, GEMAttribution, ITSMAttribution, LeGradAttribution
 
 PROMPTS = [
     f"a photo of a {name}."
@@ -68,10 +79,17 @@ PROMPTS = [
     )
 ]
 
+VARIANT_TITLES = {"maskclip": "MaskCLIP", "clearclip": "ClearCLIP", "sclip": "SCLIP", "naclip": "NACLIP"}
 TARGETS = {
     "ITSM raw": 1.15,
     "ITSM surgery": 1.5,
+    "GEM": 1.3,
+    "MaskCLIP": 1.2,
+    "ClearCLIP": 1.2,
+    "SCLIP": 1.2,
+    "NACLIP": 1.2,
 }
+LEGRAD_TORCH_TARGET = 0.5  # our LeGrad at most half the time of legrad-torch
 
 
 def parse_args() -> argparse.Namespace:
@@ -84,6 +102,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ig-steps", type=int, default=50, help="Integrated Gradients steps")
     parser.add_argument("--ig-batch", type=int, default=16, help="Integrated Gradients internal_batch_size")
     parser.add_argument("--ig-repeats", type=int, default=1, help="timed Integrated Gradients runs")
+    parser.add_argument("--legrad-torch-python", help="python of an environment with legrad-torch (open_clip <= 2.23)")
+    parser.add_argument(
+        "--legrad-torch-worker", help=argparse.SUPPRESS
+    )  # internal: weights file to time legrad-torch on
     return parser.parse_args()
 
 
@@ -113,9 +135,51 @@ def time_rounds(methods: dict[str, Callable[[], object]], repeats: int) -> dict[
     return {name: medians(values) for name, values in times.items()}
 
 
+def time_legrad_torch(args: argparse.Namespace) -> None:
+    """Worker run in legrad-torch's environment: its time on the batch, every prompt, as JSON on stdout."""
+    import open_clip as legacy_open_clip  # the environment's open_clip (<= 2.23)
+    from legrad import LeWrapper
+
+    data = torch.load(args.legrad_torch_worker)
+    model = legacy_open_clip.create_model("ViT-B-16").eval()
+    model.load_state_dict(data["state_dict"])
+    legrad = LeWrapper(model, layer_index=-2)
+    images, text = data["images"], data["text"]
+
+    def run():
+        return [legrad.compute_legrad(text_embedding=text, image=image[None]) for image in images]
+
+    run()
+    timings = [seconds(run) for _ in range(args.repeats)]
+    print(json.dumps({"legrad-torch": medians(timings)}))
+
+
+def legrad_torch(args: argparse.Namespace, model: torch.nn.Module, images: torch.Tensor, text: torch.Tensor) -> Timing:
+    """Median (wall, CPU) seconds of legrad-torch on ``images`` and ``text``, timed in its own environment."""
+    with tempfile.TemporaryDirectory() as folder:
+        weights = os.path.join(folder, "inputs.pt")
+        torch.save({"state_dict": model.state_dict(), "images": images, "text": text}, weights)
+        # Its own open_clip comes first; this repository only for this script's imports.
+        env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+        command = [
+            args.legrad_torch_python,
+            __file__,
+            "--legrad-torch-worker",
+            weights,
+            "--repeats",
+            str(args.repeats),
+            "--threads",
+            str(args.threads),
+        ]
+        out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+    return tuple(json.loads(out.strip().splitlines()[-1])["legrad-torch"])
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    if args.legrad_torch_worker:
+        return time_legrad_torch(args)
     torch.manual_seed(0)
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns about random weights
 
@@ -126,6 +190,7 @@ def main() -> None:
     itsm = ITSMAttribution(sim)
     gradcam = LayerGradCam(sim, sim.gradcam_layer())
     integrated_gradients = IntegratedGradients(sim)
+    gem, legrad, chefer = GEMAttribution(sim), LeGradAttribution(sim), CheferRelevancy(sim)
 
     def encode_image():
         with torch.no_grad():
@@ -142,6 +207,13 @@ def main() -> None:
         "ITSM raw": lambda: itsm.attribute(images),
         "ITSM surgery": lambda: itsm.attribute(images, variant="surgery"),
         "LayerGradCam": layer_gradcam,
+        "GEM": lambda: gem.attribute(images),
+        "LeGrad": lambda: legrad.attribute(images),
+        "Chefer relevancy": lambda: chefer.attribute(images),
+        **{
+            title: (lambda variant=variant: itsm.attribute(images, variant=variant))
+            for variant, title in VARIANT_TITLES.items()
+        },
     }
     one_prompt = ITSMAttribution(CLIPSimilarity(model, text_features=sim.text_features[:1]))
     many_prompts = ITSMAttribution(
@@ -153,7 +225,10 @@ def main() -> None:
     }
 
     load_start = os.getloadavg()
-    results = time_rounds(main_methods, args.repeats)
+    results = {}
+    if args.legrad_torch_python:
+        results["legrad-torch"] = legrad_torch(args, model, images, sim.text_features)
+    results.update(time_rounds(main_methods, args.repeats))
     results.update(time_rounds(prompt_methods, args.repeats))
     ig(n_steps=max(1, args.ig_batch // args.batch))  # warm-up at the timed chunk size
     ig_label = f"IntegratedGradients({args.ig_steps})"
@@ -171,7 +246,7 @@ def main() -> None:
     )
     wall_unit, cpu_unit = results["encode_image"]
     print(f"{'method':<32} {'wall s':>9} {'x encode':>9} {'CPU s':>9} {'x encode':>9}")
-    for name in [*main_methods, ig_label, *prompt_methods]:
+    for name in [*main_methods, *(["legrad-torch"] if "legrad-torch" in results else []), ig_label, *prompt_methods]:
         wall, cpu = results[name]
         print(f"{name:<32} {wall:>9.3f} {wall / wall_unit:>9.2f} {cpu:>9.3f} {cpu / cpu_unit:>9.2f}")
 
@@ -187,6 +262,10 @@ def main() -> None:
     ]
     checks.append((f"{args.many_prompts} prompts <= 1.25 x 1 prompt", many, "ITSM raw, 1 prompt", 1.25, True))
     checks.append((f"{ig_label} >= 20 x ITSM raw", ig_label, "ITSM raw", 20.0, False))
+    if "legrad-torch" in results:
+        checks.append(
+            (f"LeGrad <= {LEGRAD_TORCH_TARGET} x legrad-torch", "LeGrad", "legrad-torch", LEGRAD_TORCH_TARGET, True)
+        )
     print("\ntargets (wall | CPU)")
     for label, numerator, denominator, limit, at_most in checks:
         wall, cpu = ratio(numerator, denominator, 0), ratio(numerator, denominator, 1)

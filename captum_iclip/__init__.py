@@ -1,6 +1,9 @@
 """captum-iclip: Captum attributions that show where CLIP models see a text in an image."""
 
+from captum_iclip.attr.chefer import CheferRelevancy
+from captum_iclip.attr.gem import GEMAttribution
 from captum_iclip.attr.itsm import ITSMAttribution
+from captum_iclip.attr.legrad import LeGradAttribution
 from captum_iclip.attr.mmp import MaskedMaxPoolingAttribution
 from captum_iclip.models.adapters import get_adapter
 from captum_iclip.models.dual import DualProjectionCLIP
@@ -12,8 +15,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CLIPSimilarity",
+    "CheferRelevancy",
     "DualProjectionCLIP",
+    "GEMAttribution",
     "ITSMAttribution",
+    "LeGradAttribution",
     "LoadedCLIP",
     "MaskedMaxPooling",
     "MaskedMaxPoolingAttribution",

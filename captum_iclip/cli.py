@@ -232,15 +232,27 @@ def explain(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from captum_iclip.demo import run_demo
+    from captum_iclip.demo import DEMO_METHODS, run_demo
+    from captum_iclip.evaluation.methods import method_names
     from captum_iclip.models.loading import check_device
 
     if args.num_images < 1:
         raise ValueError(f"--num-images: expected at least 1, got {args.num_images}")
     check_output_folder(args.out, "--out")
     check_device(args.device, "--device")
+    methods = DEMO_METHODS if args.methods is None else tuple(name.strip() for name in args.methods.split(","))
+    known = method_names()
+    unknown = [name for name in methods if name not in known]
+    if unknown or not methods:
+        raise ValueError(f"--methods: expected comma-separated names from {known}, got {args.methods!r}")
 
-    run_demo(out_dir=args.out, num_images=args.num_images, device=args.device, progress=not args.no_progress)
+    run_demo(
+        out_dir=args.out,
+        num_images=args.num_images,
+        methods=methods,
+        device=args.device,
+        progress=not args.no_progress,
+    )
     return 0
 
 
@@ -267,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job on the bundled offline models: figure grid and metric table")
     p.add_argument("--out", default="captum-iclip-demo", help="output folder")
     p.add_argument("-n", "--num-images", type=int, default=200, help="held-out scenes to evaluate")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated registry methods (default raw,surgery,iclip,mmp,gradcam,ig; "
+        "also gem,legrad,chefer,maskclip,clearclip,sclip,naclip, occlusion)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=demo)

@@ -88,7 +88,11 @@ def test_bad_target(vit_b32, itsm, image, target, message):
 def test_unknown_variant(vit_b32, itsm, image):
     with (
         NoForward(vit_b32),
-        pytest.raises(ValueError, match=r"variant: expected one of \('plain', 'surgery'\), got 'gradcam'"),
+        pytest.raises(
+            ValueError,
+            match=r"variant: expected one of \('plain', 'surgery', 'maskclip', 'clearclip', 'sclip', 'naclip'\), "
+            r"got 'gradcam'",
+        ),
     ):
         itsm.attribute(image, variant="gradcam")
 

@@ -79,6 +79,20 @@ def test_dino_masks_prefer_the_objects_and_reproduce_the_recorded_figures(bundle
     assert result["dino_iou"] >= result["all_patches_iou"] + DINO_IOU_MARGIN_OVER_ALL_PATCHES, result
 
 
+def test_demo_methods_option_runs_the_chosen_registry_methods(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--num-images", "2", "--no-progress", "--methods", "gem, maskclip,chefer"]
+    assert cli_main(argv) == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert list(summary["methods"]) == ["gem", "maskclip", "chefer"]
+    for row in summary["methods"].values():
+        assert -100.0 <= row["msc"] <= 100.0 and 0.0 <= row["miou"] <= 100.0 and row["pairs"] > 0
+    capsys.readouterr()
+    assert cli_main(["demo", "--out", str(tmp_path / "bad"), "--no-progress", "--methods", "raw,gem2"]) == 2
+    assert "--methods: expected comma-separated names from" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "metrics.json").exists()
+
+
 def test_demo_writes_figure_and_tables(tmp_path):
     out = tmp_path / "demo"
     assert cli_main(["demo", "--out", str(out), "--num-images", "6", "--no-progress"]) == 0

@@ -11,9 +11,11 @@ from torch import Tensor
 
 from captum_iclip.attr._utils import select_targets
 from captum_iclip.attr.base import CLIPMapAttribution
+from captum_iclip.models.attention import PATH_VARIANTS, dense_path
 
-VARIANTS = ("plain", "surgery")
-"""``plain``: ITSM as defined by Li et al. (2022); ``surgery``: with CLIP Surgery's corrections."""
+VARIANTS = ("plain", "surgery", *PATH_VARIANTS)
+"""``plain``: ITSM as defined by Li et al. (2022); ``surgery``: with CLIP Surgery's corrections;
+``maskclip``, ``clearclip``, ``sclip``, ``naclip``: last-block dense paths of ViT towers (docs/methods.md)."""
 
 
 def feature_surgery(patch_features: Tensor, global_feature: Tensor, text_features: Tensor) -> Tensor:
@@ -56,6 +58,15 @@ class ITSMAttribution(CLIPMapAttribution):
     removes the component that the prompts share (docs/methods.md §2). With a single
     prompt the empty prompt ``""`` is subtracted instead, which needs the
     tokenizer of the ``CLIPSimilarity``.
+
+    The other training-free dense variants change the last block for the patch
+    tokens only (the global token stays the model's image embedding) and score
+    them like ``"plain"`` (docs/methods.md): ``"maskclip"`` (Zhou et al., ECCV 2022:
+    the value embedding, attention replaced by identity), ``"sclip"`` (Wang et al.,
+    2023: correlative self-attention), ``"clearclip"`` (Lan et al., ECCV 2024:
+    query-query attention without the residual and the MLP), ``"naclip"``
+    (Hajimiri et al., WACV 2025: key-key attention with a Gaussian neighbourhood,
+    without the residual and the MLP). They need a ViT tower.
 
     When the forward function wraps a :class:`~captum_iclip.DualProjectionCLIP`,
     the maps are drawn from its interpretability projection while the scores
@@ -106,8 +117,10 @@ class ITSMAttribution(CLIPMapAttribution):
             target: the prompt(s) to explain, with Captum's semantics: an int
                 (every example), a list or 1-d tensor of N ints (one per example),
                 or ``None`` for every prompt.
-            variant: ``"plain"`` (the ITSM of Li et al. 2022, docs/methods.md §1)
-                or ``"surgery"`` (CLIP Surgery, docs/methods.md §2).
+            variant: ``"plain"`` (the ITSM of Li et al. 2022, docs/methods.md §1),
+                ``"surgery"`` (CLIP Surgery, docs/methods.md §2), or ``"maskclip"``,
+                ``"sclip"``, ``"clearclip"``, ``"naclip"`` (ViT towers only; see above
+                and docs/methods.md).
             normalize: min-max normalise each (image, prompt) map to [0, 1].
                 ``False`` keeps the cosine similarities (or surgery scores).
             interpolate: upsample bilinearly to (H, W); ``False`` returns the
@@ -136,6 +149,8 @@ class ITSMAttribution(CLIPMapAttribution):
                 blocks = sim.adapter.num_blocks
                 surgery_depth = 6 if blocks is None else min(6, blocks // 2)
             sim.adapter.check_surgery_depth(surgery_depth)
+        if variant in PATH_VARIANTS:
+            sim.adapter.block_views(f"variant={variant!r}")  # a clear error for towers without blocks
 
         with torch.no_grad(), sim.evaluating():
             maps = self.similarity_maps(
@@ -161,9 +176,11 @@ class ITSMAttribution(CLIPMapAttribution):
             # first, so that a missing tokenizer fails before the image encoder runs.
             text = text - sim.empty_prompt_feature()
         depth = surgery_depth if variant == "surgery" else 0
-        features = F.normalize(sim.adapter.dense_features(images, surgery_depth=depth, projection=projection), dim=-1)
+        path = dense_path(variant) if variant in PATH_VARIANTS else None
+        features = sim.adapter.dense_features(images, surgery_depth=depth, projection=projection, path=path)
+        features = F.normalize(features, dim=-1)
         text = text.to(features.dtype)
         global_feature, patches = features[:, 0], features[:, 1:]
-        if variant == "plain" or single_prompt_surgery:
+        if variant != "surgery" or single_prompt_surgery:
             return patches @ text.t()
         return feature_surgery(patches, global_feature, text)

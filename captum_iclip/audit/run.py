@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from captum_iclip._io import atomic_write_bytes, atomic_write_text, check_output_folder, read_image
 from captum_iclip.audit import records as rec
 from captum_iclip.audit.report import ReportContext, render_report
-from captum_iclip.evaluation.methods import available_methods, build_method, method_names
+from captum_iclip.evaluation.methods import available_methods, build_method, method_names, requirement
 from captum_iclip.similarity import CLIPSimilarity
 
 logger = logging.getLogger(__name__)
@@ -335,7 +335,7 @@ def _build_runners(methods: Any, sim: CLIPSimilarity, mask_provider: Any) -> dic
             raise ValueError(f"methods: unknown {unknown}; expected names from {method_names()}")
         unusable = [name for name in names if not usable[name]]
         if unusable:
-            raise ValueError(f"methods: {unusable} need a DualProjectionCLIP model (an interpretability projection)")
+            raise ValueError("methods: " + "; ".join(f"{name!r} {requirement(name)}" for name in unusable))
     return {name: build_method(name, sim, mask_provider=mask_provider) for name in names}
 
 

@@ -12,9 +12,13 @@ here". They all explain the same :class:`~captum_iclip.CLIPSimilarity`:
 * ``mmp``: masked-max-pooling attribution (docs/methods.md §3), DINO masks when a provider is given;
 * ``gradcam``: Captum ``LayerGradCam`` on the patch grid, upsampled;
 * ``ig``: Captum ``IntegratedGradients`` (black baseline in pixel space), summed over channels;
-* ``occlusion``: Captum ``Occlusion`` with patch-sized windows, summed over channels.
+* ``occlusion``: Captum ``Occlusion`` with patch-sized windows, summed over channels;
+* ``gem``, ``legrad``, ``chefer``: :class:`~captum_iclip.GEMAttribution`,
+  :class:`~captum_iclip.LeGradAttribution`, :class:`~captum_iclip.CheferRelevancy`;
+* ``maskclip``, ``clearclip``, ``sclip``, ``naclip``: ITSM with that variant (recognition projection).
 
-"raw" always means the first: ITSM without surgery, on the recognition projection.
+"raw" always means the first: ITSM without surgery (variant ``"plain"``), on the recognition projection.
+The methods of :data:`VIT_METHODS` need a ViT tower.
 
 Adding a method is one :func:`register_method` call (in this module, or in the
 module that defines the method).
@@ -29,15 +33,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from captum_iclip.attr.chefer import CheferRelevancy
+from captum_iclip.attr.gem import GEMAttribution
 from captum_iclip.attr.itsm import ITSMAttribution
+from captum_iclip.attr.legrad import LeGradAttribution
 from captum_iclip.attr.mmp import MaskedMaxPoolingAttribution
+from captum_iclip.models.adapters import ViTAdapter
+from captum_iclip.models.attention import PATH_VARIANTS
 from captum_iclip.similarity import CLIPSimilarity
 
 Method = Callable[[Tensor, Tensor], Tensor]
-KINDS = ("itsm", "pooling", "gradient", "perturbation")
+KINDS = ("itsm", "attention", "pooling", "gradient", "perturbation")
 """``itsm``: similarity maps of every prompt from one pass (also scored as open-vocabulary
-segmentation); ``pooling``: an exact decomposition of a pooled score; ``gradient`` and
-``perturbation``: Captum's own methods on the same forward function."""
+segmentation); ``attention``: similarity maps read through a changed attention path (GEM);
+``pooling``: an exact decomposition of a pooled score; ``gradient``: gradients of the score
+(Captum's own methods, LeGrad, Chefer relevancy); ``perturbation``: Captum's own methods on
+the same forward function."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,7 @@ class MethodInfo:
             :class:`~captum_iclip.ITSMAttribution` that gives every prompt's map at once.
         needs_interpretability: applies only to models with an interpretability
             projection (a ``DualProjectionCLIP``).
+        needs_vit: applies only to ViT towers (the methods that hook the block loop).
     """
 
     name: str
@@ -72,10 +84,20 @@ class MethodInfo:
     build: Callable[[CLIPSimilarity, BuildOptions], Method]
     itsm: tuple[str, str] | None = None
     needs_interpretability: bool = False
+    needs_vit: bool = False
 
     def applies_to(self, sim: CLIPSimilarity) -> bool:
         """Whether the method can explain ``sim``."""
+        if self.needs_vit and not isinstance(sim.adapter, ViTAdapter):
+            return False
         return not self.needs_interpretability or sim.adapter.interpretability_head is not None
+
+    @property
+    def requirement(self) -> str:
+        """What the method needs of the model, for error messages."""
+        if self.needs_interpretability:
+            return "needs a DualProjectionCLIP model (an interpretability projection)"
+        return "needs a ViT tower" if self.needs_vit else "applies to every model"
 
 
 REGISTRY: dict[str, MethodInfo] = {}
@@ -133,10 +155,7 @@ def build_method(
     """
     info = method_info(name)
     if not info.applies_to(sim):
-        raise ValueError(
-            f"method: expected a method that applies to this model, got {name!r} "
-            "(it needs a DualProjectionCLIP model, with an interpretability projection)"
-        )
+        raise ValueError(f"method: expected a method that applies to this model, got {name!r} (it {info.requirement})")
     method = info.build(sim, BuildOptions(mask_provider, ig_steps, baseline))
 
     def run(images, target):
@@ -153,11 +172,24 @@ def available_methods(sim: CLIPSimilarity) -> dict[str, bool]:
     return {name: info.applies_to(sim) for name, info in REGISTRY.items()}
 
 
+def requirement(name: str) -> str:
+    """What method ``name`` needs of the model, for error messages."""
+    return method_info(name).requirement
+
+
 # --------------------------------------------------------------------------- builders
 def _itsm_builder(variant: str, projection: str) -> Callable[[CLIPSimilarity, BuildOptions], Method]:
     def build(sim: CLIPSimilarity, options: BuildOptions) -> Method:
         itsm = ITSMAttribution(sim)
         return lambda x, t: itsm.attribute(x, target=t, variant=variant, projection=projection)
+
+    return build
+
+
+def _attribution_builder(cls: type) -> Callable[[CLIPSimilarity, BuildOptions], Method]:
+    def build(sim: CLIPSimilarity, options: BuildOptions) -> Method:
+        method = cls(sim)
+        return lambda x, t: method.attribute(x, target=t)
 
     return build
 
@@ -213,6 +245,14 @@ def _black(sim: CLIPSimilarity) -> Tensor:
     return -mean / std
 
 
+_PATH_COLOURS = {"maskclip": "gold", "clearclip": "teal", "sclip": "navy", "naclip": "magenta"}
+_PATH_TITLES = {
+    "maskclip": "MaskCLIP ITSM",
+    "clearclip": "ClearCLIP ITSM",
+    "sclip": "SCLIP ITSM",
+    "naclip": "NACLIP ITSM",
+}
+
 for _info in (
     MethodInfo(
         "raw", "raw ITSM", "tab:blue", "itsm", _itsm_builder("plain", "recognition"), itsm=("plain", "recognition")
@@ -238,8 +278,27 @@ for _info in (
     MethodInfo("gradcam", "LayerGradCam", "tab:purple", "gradient", _build_gradcam),
     MethodInfo("ig", "IntegratedGradients", "tab:brown", "gradient", _build_ig),
     MethodInfo("occlusion", "Occlusion", "tab:gray", "perturbation", _build_occlusion),
+    MethodInfo("gem", "GEM", "tab:pink", "attention", _attribution_builder(GEMAttribution), needs_vit=True),
+    MethodInfo("legrad", "LeGrad", "tab:olive", "gradient", _attribution_builder(LeGradAttribution), needs_vit=True),
+    MethodInfo(
+        "chefer", "Chefer relevancy", "tab:cyan", "gradient", _attribution_builder(CheferRelevancy), needs_vit=True
+    ),
+    *(
+        MethodInfo(
+            variant,
+            _PATH_TITLES[variant],
+            _PATH_COLOURS[variant],
+            "itsm",
+            _itsm_builder(variant, "recognition"),
+            itsm=(variant, "recognition"),
+            needs_vit=True,
+        )
+        for variant in PATH_VARIANTS
+    ),
 ):
     register_method(_info)
 
 METHODS = method_names()
 """The built-in method names (use :func:`method_names` to include methods registered later)."""
+VIT_METHODS = tuple(name for name, info in REGISTRY.items() if info.needs_vit)
+"""The built-in methods that need a ViT tower."""

@@ -89,7 +89,7 @@ from captum_iclip.evaluation.data import (
     _sum_over_ranks,
     shard_indices,
 )
-from captum_iclip.evaluation.methods import available_methods, build_method, method_names
+from captum_iclip.evaluation.methods import available_methods, build_method, method_names, requirement
 from captum_iclip.evaluation.report import results_markdown, write_results
 from captum_iclip.evaluation.tasks import TASK_TYPES, EvalBatch, EvalContext, _segmentation_labels
 from captum_iclip.similarity import CLIPSimilarity
@@ -302,7 +302,7 @@ def _context(config: EvalConfig, sim: CLIPSimilarity, dataset: SegmentationDatas
         raise ValueError(f"sim: expected one prompt per dataset class ({dataset.num_classes}), got {sim.num_prompts}")
     unavailable = [name for name in config.methods if not available_methods(sim)[name]]
     if unavailable:
-        raise ValueError(f"methods: {unavailable} need a DualProjectionCLIP model (an interpretability projection)")
+        raise ValueError("methods: " + "; ".join(f"{name!r} {requirement(name)}" for name in unavailable))
     adapter = sim.adapter
     patch = adapter.patch_size[0]
     config = replace(config, resolution=config.resolution or adapter.image_size[0])

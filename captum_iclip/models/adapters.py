@@ -13,6 +13,11 @@ An optional *interpretability head* (the second projection of ICLIP, docs/method
 be attached; ``dense_features(..., projection="interpretability")`` then projects
 the patch tokens with it while the global token keeps the recognition projection.
 
+The ViT families (open_clip and Hugging Face) share one block loop
+(:class:`ViTAdapter`, :func:`~captum_iclip.models.blocks.run_blocks`) over per-family
+block views, so CLIP Surgery and the attention variants of the other dense methods
+(:mod:`captum_iclip.models.attention`) are written once for both.
+
 Supported families: open_clip ``VisionTransformer`` (any patch size, any input
 size divisible by it), open_clip ``ModifiedResNet`` (RN50, RN101, RN50x4, ...) and
 Hugging Face ``transformers.CLIPModel``.
@@ -26,6 +31,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from captum_iclip.models.attention import self_value_attention, surgery_path
+from captum_iclip.models.blocks import AttentionTrace, BlockView, DensePath, HFBlockView, OpenCLIPBlockView, run_blocks
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -87,38 +95,15 @@ def interpolate_pos_embed(
     return torch.cat([cls_pos, patch_pos], dim=0)
 
 
-def self_value_attention(value: Tensor, num_heads: int, scale: float, l2_normalize: bool = False) -> Tensor:
-    """Attention in which query, key and value are all ``value`` (CLIP Surgery, arXiv 2304.05653; docs/methods.md §2).
-
-    Args:
-        value: (N, L, C) value projections of the tokens.
-        num_heads: heads to split C into.
-        scale: softmax temperature applied to ``q @ k^T``.
-        l2_normalize: L2-normalise each head's vectors before the product
-            (used for the ResNet attention pool).
-
-    Returns:
-        (N, L, C) attended values, heads merged, before the output projection.
-    """
-    n, length, channels = value.shape
-    heads = value.reshape(n, length, num_heads, channels // num_heads).transpose(1, 2)
-    if l2_normalize:
-        heads = heads / (heads.norm(dim=-1, keepdim=True) + 1e-6)
-    out = F.scaled_dot_product_attention(heads, heads, heads, scale=scale)
-    return out.transpose(1, 2).reshape(n, length, channels)
-
-
-def _check_depth(surgery_depth: int, num_blocks: int | None) -> None:
-    """``surgery_depth`` must be an int in 0..num_blocks (any int >= 0 when ``num_blocks`` is None)."""
-    if isinstance(surgery_depth, bool) or not isinstance(surgery_depth, int):
-        raise TypeError(f"surgery_depth: expected an int, got {type(surgery_depth).__name__}")
+def check_depth(depth: int, num_blocks: int | None, name: str = "surgery_depth") -> None:
+    """``depth`` must be an int in 0..num_blocks (any int >= 0 when ``num_blocks`` is None)."""
+    if isinstance(depth, bool) or not isinstance(depth, int):
+        raise TypeError(f"{name}: expected an int, got {type(depth).__name__}")
     if num_blocks is None:
-        if surgery_depth < 0:
-            raise ValueError(f"surgery_depth: expected a non-negative int, got {surgery_depth}")
-    elif not 0 <= surgery_depth <= num_blocks:
-        raise ValueError(
-            f"surgery_depth: expected 0..{num_blocks} (the tower has {num_blocks} blocks), got {surgery_depth}"
-        )
+        if depth < 0:
+            raise ValueError(f"{name}: expected a non-negative int, got {depth}")
+    elif not 0 <= depth <= num_blocks:
+        raise ValueError(f"{name}: expected 0..{num_blocks} (the tower has {num_blocks} blocks), got {depth}")
 
 
 class VisionAdapter:
@@ -183,7 +168,7 @@ class VisionAdapter:
 
     def check_surgery_depth(self, surgery_depth: int) -> None:
         """Raise ``TypeError``/``ValueError`` naming ``surgery_depth`` if it does not fit the tower."""
-        _check_depth(surgery_depth, self.num_blocks)
+        check_depth(surgery_depth, self.num_blocks)
 
     def check_images(self, images: Tensor, name: str = "inputs") -> tuple[int, int]:
         """Validate a batch of images and return its patch grid size."""
@@ -215,8 +200,35 @@ class VisionAdapter:
         patches = self.grid_tap(x[:, 1:].transpose(1, 2).reshape(n, c, *grid))
         return torch.cat([x[:, :1], patches.flatten(2).transpose(1, 2)], dim=1)
 
-    def tokens(self, images: Tensor, surgery_depth: int = 0) -> Tensor:
-        """Pre-projection tokens (N, 1 + h*w, C): global token first, then patches."""
+    def tokens(
+        self,
+        images: Tensor,
+        surgery_depth: int = 0,
+        *,
+        path: DensePath | None = None,
+        trace: AttentionTrace | None = None,
+    ) -> Tensor:
+        """Pre-projection tokens (N, 1 + h*w, C): global token first, then patches.
+
+        ``path`` (a second path through the last blocks, e.g. ClearCLIP's) and
+        ``trace`` (a record of the last blocks' attention) need a transformer
+        tower; see :class:`ViTAdapter`.
+        """
+        raise NotImplementedError
+
+    def block_views(self, method: str = "this method") -> list[BlockView]:
+        """The tower's transformer blocks as block views (:class:`~captum_iclip.models.blocks.BlockView`).
+
+        Raises:
+            TypeError: naming ``method`` where the tower has no transformer blocks (ResNets).
+        """
+        raise TypeError(
+            f"model: {method} needs a ViT tower (it changes or reads the attention of the last "
+            f"transformer blocks), got a {self.family} tower"
+        )
+
+    def final_norm(self, tokens: Tensor) -> Tensor:
+        """The tower's last normalisation (ln_post / post_layernorm) on every token."""
         raise NotImplementedError
 
     def project(self, tokens: Tensor, surgery: bool = False) -> Tensor:
@@ -236,7 +248,14 @@ class VisionAdapter:
         """The recognition image embedding, equal to the library's ``encode_image``."""
         return self.project_global(self.tokens(images))
 
-    def dense_features(self, images: Tensor, *, surgery_depth: int = 0, projection: str = "recognition") -> Tensor:
+    def dense_features(
+        self,
+        images: Tensor,
+        *,
+        surgery_depth: int = 0,
+        projection: str = "recognition",
+        path: DensePath | None = None,
+    ) -> Tensor:
         """Projected features of every token (N, 1 + h*w, D), unnormalised.
 
         Args:
@@ -247,6 +266,9 @@ class VisionAdapter:
                 own projection; ``"interpretability"`` projects the patch tokens
                 with the attached interpretability head (the global token keeps
                 the recognition projection).
+            path: a second path through the last blocks for the patch tokens
+                (MaskCLIP, SCLIP, ClearCLIP, NACLIP, GEM: see
+                :mod:`captum_iclip.models.attention`); ViT towers only.
 
         Returns:
             (N, 1 + h*w, D) features; index 0 is the global token and equals
@@ -266,7 +288,8 @@ class VisionAdapter:
             raise ValueError(f"projection: expected 'recognition' or 'interpretability', got {projection!r}")
         if projection == "interpretability" and self.interpretability_head is None:
             raise ValueError("projection: 'interpretability' needs a DualProjectionCLIP model")
-        tokens = self.tokens(images, surgery_depth=surgery_depth)
+        # ``path`` only when given: adapters of towers without transformer blocks need not know it.
+        tokens = self.tokens(images, surgery_depth=surgery_depth, **({"path": path} if path is not None else {}))
         if projection == "recognition":
             return self.project(tokens, surgery=surgery_depth > 0)
         global_feature = self.project_global(tokens)
@@ -286,6 +309,41 @@ class VisionAdapter:
         raise NotImplementedError
 
 
+class ViTAdapter(VisionAdapter):
+    """What the ViT families share: one block loop over their block views (:class:`BlockView`).
+
+    A family gives :meth:`embed` (patch, class and position embeddings, pre-norm),
+    :meth:`block_views` and :meth:`final_norm`; :meth:`tokens` is then the same for
+    all of them, so CLIP Surgery and every attention variant is written once
+    (:func:`~captum_iclip.models.blocks.run_blocks`).
+    """
+
+    def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Tokens (N, 1 + h*w, C) entering the first block, and the patch grid (h, w)."""
+        raise NotImplementedError
+
+    def tokens(
+        self,
+        images: Tensor,
+        surgery_depth: int = 0,
+        *,
+        path: DensePath | None = None,
+        trace: AttentionTrace | None = None,
+    ) -> Tensor:
+        self.check_surgery_depth(surgery_depth)
+        if surgery_depth:
+            if path is not None:
+                raise ValueError("path: give either surgery_depth or a path, not both")
+            path = surgery_path(surgery_depth)
+        if path is not None:
+            check_depth(path.depth, self.num_blocks, "path.depth")
+        if trace is not None:
+            check_depth(trace.start, self.num_blocks - 1, "trace.start")
+        x, grid = self.embed(images)
+        x = run_blocks(self.block_views(), x, grid, path=path, trace=trace, tap=lambda t: self.tap_patches(t, grid))
+        return self.final_norm(x)
+
+
 # ----------------------------------------------------------------------------------
 # open_clip VisionTransformer
 # ----------------------------------------------------------------------------------
@@ -298,14 +356,6 @@ class TokenProjection(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         return tokens @ self.weight
-
-
-def _split_value(attn: nn.Module, x: Tensor) -> Tensor:
-    """The value projection of a fused-qkv attention module (nn.MultiheadAttention or open_clip Attention)."""
-    channels = x.shape[-1]
-    weight = attn.in_proj_weight[2 * channels :]
-    bias = attn.in_proj_bias[2 * channels :] if attn.in_proj_bias is not None else None
-    return F.linear(x, weight, bias)
 
 
 class OpenCLIPAdapter(VisionAdapter):
@@ -332,7 +382,7 @@ class OpenCLIPAdapter(VisionAdapter):
         return self.model.encode_text(text)
 
 
-class OpenCLIPViTAdapter(OpenCLIPAdapter):
+class OpenCLIPViTAdapter(ViTAdapter, OpenCLIPAdapter):
     family = "open_clip VisionTransformer"
 
     def __init__(self, model: nn.Module, interpretability_head: nn.Module | None = None) -> None:
@@ -366,10 +416,8 @@ class OpenCLIPViTAdapter(OpenCLIPAdapter):
     def num_blocks(self) -> int:
         return len(self.visual.transformer.resblocks)
 
-    def tokens(self, images: Tensor, surgery_depth: int = 0) -> Tensor:
+    def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
         visual = self.visual
-        blocks = visual.transformer.resblocks
-        self.check_surgery_depth(surgery_depth)
         x = visual.conv1(images)
         grid = tuple(x.shape[-2:])
         x = x.flatten(2).transpose(1, 2)
@@ -377,42 +425,14 @@ class OpenCLIPViTAdapter(OpenCLIPAdapter):
         x = torch.cat([cls, x], dim=1)
         x = x + interpolate_pos_embed(visual.positional_embedding, grid, visual.grid_size).to(x.dtype)
         # Patch dropout is skipped on purpose: a dense map needs every patch.
-        x = visual.ln_pre(x)
+        return visual.ln_pre(x), grid
 
-        batch_first = getattr(visual.transformer, "batch_first", True)
-        n_plain = len(blocks) - surgery_depth
-        run = (lambda blk, t: blk(t)) if batch_first else (lambda blk, t: blk(t.transpose(0, 1)).transpose(0, 1))
-        for blk in blocks[: n_plain - 1] if n_plain >= 1 else []:
-            x = run(blk, x)
-        if n_plain >= 1:
-            x = self.tap_patches(x, grid)
-            x = run(blocks[n_plain - 1], x)
-        if surgery_depth:
-            x_new = x
-            for blk in blocks[n_plain:]:
-                x_new = x_new + self._surgery_attention(blk, x)
-                x = run(blk, x)
-            x = torch.cat([x[:, :1], x_new[:, 1:]], dim=1)
-        return visual.ln_post(x)
+    def block_views(self, method: str = "this method") -> list[BlockView]:
+        batch_first = getattr(self.visual.transformer, "batch_first", True)
+        return [OpenCLIPBlockView(block, batch_first) for block in self.visual.transformer.resblocks]
 
-    @staticmethod
-    def _surgery_attention(blk: nn.Module, x_ori: Tensor) -> Tensor:
-        """The new path's residual: OutProj(softmax(v v^T * scale) v) on ln_1(x_ori) (docs/methods.md §2)."""
-        attn = blk.attn
-        if getattr(attn, "logit_scale", None) is not None or getattr(attn, "head_scale", None) is not None:
-            raise TypeError("variant: surgery does not support scaled-cosine or head-scaled attention blocks")
-        num_heads = attn.num_heads
-        value = _split_value(attn, blk.ln_1(x_ori))
-        head_dim = value.shape[-1] // num_heads
-        attended = self_value_attention(value, num_heads, head_dim**-0.5)
-        # open_clip's custom blocks may normalise the heads' output before out_proj.
-        inner_norm = getattr(attn, "ln_inner", None)
-        if inner_norm is not None:
-            attended = inner_norm(attended)
-        out = attn.out_proj(attended)
-        if hasattr(blk, "ln_attn"):
-            out = blk.ln_attn(out)
-        return blk.ls_1(out)
+    def final_norm(self, tokens: Tensor) -> Tensor:
+        return self.visual.ln_post(tokens)
 
     def project(self, tokens: Tensor, surgery: bool = False) -> Tensor:
         return tokens @ self.visual.proj
@@ -465,7 +485,16 @@ class OpenCLIPResNetAdapter(OpenCLIPAdapter):
     def embed_dim(self) -> int:
         return self.pool.c_proj.out_features
 
-    def tokens(self, images: Tensor, surgery_depth: int = 0) -> Tensor:
+    def tokens(
+        self,
+        images: Tensor,
+        surgery_depth: int = 0,
+        *,
+        path: DensePath | None = None,
+        trace: AttentionTrace | None = None,
+    ) -> Tensor:
+        if path is not None or trace is not None:
+            self.block_views("path" if path is not None else "trace")  # raises: no transformer blocks
         # A ResNet's surgery lives in its attention pool (see ``project``), not here.
         self.check_surgery_depth(surgery_depth)
         visual = self.visual
@@ -533,7 +562,7 @@ class LinearCopy(nn.Linear):
         self.load_state_dict(source.state_dict())
 
 
-class HFCLIPAdapter(VisionAdapter):
+class HFCLIPAdapter(ViTAdapter):
     family = "transformers CLIPModel"
 
     def __init__(self, model: nn.Module, interpretability_head: nn.Module | None = None) -> None:
@@ -562,32 +591,20 @@ class HFCLIPAdapter(VisionAdapter):
     def num_blocks(self) -> int:
         return len(self.vision.encoder.layers)
 
-    def tokens(self, images: Tensor, surgery_depth: int = 0) -> Tensor:
-        self.check_surgery_depth(surgery_depth)
+    def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
         emb = self.vision.embeddings
         x = emb.patch_embedding(images)
         grid = tuple(x.shape[-2:])
         x = x.flatten(2).transpose(1, 2)
         x = torch.cat([emb.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
         x = x + interpolate_pos_embed(emb.position_embedding.weight, grid).to(x.dtype)
-        x = self.vision.pre_layrnorm(x)
+        return self.vision.pre_layrnorm(x), grid
 
-        layers = self.vision.encoder.layers
-        n_plain = len(layers) - surgery_depth
-        for layer in layers[: max(n_plain - 1, 0)]:
-            x = layer(x, None)
-        if n_plain >= 1:
-            x = self.tap_patches(x, grid)
-            x = layers[n_plain - 1](x, None)
-        if surgery_depth:
-            x_new = x
-            for layer in layers[n_plain:]:
-                attn = layer.self_attn
-                value = attn.v_proj(layer.layer_norm1(x))
-                x_new = x_new + attn.out_proj(self_value_attention(value, attn.num_heads, attn.scale))
-                x = layer(x, None)
-            x = torch.cat([x[:, :1], x_new[:, 1:]], dim=1)
-        return self.vision.post_layernorm(x)
+    def block_views(self, method: str = "this method") -> list[BlockView]:
+        return [HFBlockView(layer) for layer in self.vision.encoder.layers]
+
+    def final_norm(self, tokens: Tensor) -> Tensor:
+        return self.vision.post_layernorm(tokens)
 
     def project(self, tokens: Tensor, surgery: bool = False) -> Tensor:
         return self.model.visual_projection(tokens)

@@ -1,0 +1,102 @@
+"""Chefer et al.'s relevancy for CLIP: gradient-weighted attention rollout."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from captum._utils.typing import TargetType
+from captum.log import log_usage
+from torch import Tensor
+
+from captum_iclip.attr._prompt_grads import prompt_gradients
+from captum_iclip.attr.base import CLIPMapAttribution
+from captum_iclip.attr.legrad import resolve_layer
+from captum_iclip.models.blocks import AttentionTrace
+
+
+class CheferRelevancy(CLIPMapAttribution):
+    r"""Relevancy maps of Chefer et al., ICCV 2021, "Generic Attention-model
+    Explainability for Interpreting Bi-Modal and Encoder-Decoder Transformers"
+    (their CLIP relevancy, Transformer-MM-Explainability).
+
+    The explained score is the image-prompt logit :math:`\lambda \cos(f, t)`
+    (:math:`\lambda` the model's logit scale). For every block l from
+    ``start_layer`` on, with attention probabilities :math:`A^l` and their
+    gradient :math:`\nabla A^l`,
+
+    .. math:: \bar A^l = \mathrm{mean}_h\,[\nabla A^l \odot A^l]^+, \qquad
+              R \leftarrow R + \bar A^l R \quad (R = I \text{ initially}),
+
+    and the map is the class token's row :math:`R_{0, 1:}` over the patches
+    (docs/methods.md). The reference default uses the last block only. ViT towers only.
+
+    Built on :class:`~captum_iclip.attr.base.CLIPMapAttribution` (Captum's target
+    semantics, min-max normalisation, bilinear upsampling); it always reads the
+    recognition projection, the one its paper defines the method on.
+
+    Args:
+        forward_func: a :class:`~captum_iclip.CLIPSimilarity`; ``target=k`` is prompt k.
+
+    Examples::
+
+        >>> import open_clip, torch
+        >>> from captum_iclip import CLIPSimilarity, CheferRelevancy
+        >>> model = open_clip.create_model("ViT-B-16").eval()
+        >>> sim = CLIPSimilarity(model, open_clip.get_tokenizer("ViT-B-16"), ["a cat", "a dog"])
+        >>> CheferRelevancy(sim).attribute(torch.randn(2, 3, 224, 224), target=1).shape
+        torch.Size([2, 1, 224, 224])
+    """
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: Tensor | tuple[Tensor],
+        target: TargetType = None,
+        *,
+        start_layer: int = -1,
+        normalize: bool = True,
+        interpolate: bool = True,
+    ) -> Tensor | tuple[Tensor]:
+        r"""
+        Args:
+            inputs: preprocessed images (N, 3, H, W), H and W divisible by the
+                patch size; or a 1-tuple of such a tensor.
+            target: the prompt(s) to explain, with Captum's semantics: an int, a
+                list or 1-d tensor of N ints, or ``None`` for every prompt.
+            start_layer: the first block of the rollout (Python indexing; the
+                reference's default -1 is the last block alone).
+            normalize: min-max normalise each (image, prompt) map to [0, 1];
+                ``False`` keeps the relevancy.
+            interpolate: upsample bilinearly to (H, W); ``False`` returns the patch grid.
+
+        Returns:
+            *Tensor* or *tuple[Tensor]*: (N, 1, H, W) for one target per example,
+            (N, K, H, W) for ``target=None``; a tuple if ``inputs`` was a tuple.
+        """
+        prepared = self.prepare(inputs, target, "recognition")
+        images, grid, index, sim = prepared.images, prepared.grid, prepared.index, self.similarity
+        adapter = sim.adapter
+        num_blocks = len(adapter.block_views("CheferRelevancy"))
+        start = resolve_layer(start_layer, num_blocks, "start_layer")
+
+        trace = AttentionTrace(start)
+        with torch.enable_grad(), sim.evaluating():
+            features = F.normalize(adapter.project_global(adapter.tokens(images, trace=trace)), dim=-1)
+            logits = sim.logit_scale.to(features.dtype) * features @ sim.text_features.to(features.dtype).t()
+            probabilities = [p.detach() for p in trace.probabilities]
+
+            def rollout(gradients: list[Tensor]) -> Tensor:
+                relevancy = torch.eye(probabilities[0].shape[-1], dtype=logits.dtype, device=logits.device)
+                for attention, grad in zip(probabilities, gradients):
+                    # (k, N, heads, L, L) -> (k, N, L, L)
+                    weighted = (grad * attention).clamp_min(0).mean(dim=2)
+                    relevancy = relevancy + weighted @ relevancy
+                return relevancy[:, :, 0, 1:]
+
+            maps = prompt_gradients(logits, trace.probabilities, index, reduce=rollout)
+        with torch.no_grad():
+            maps = maps.transpose(0, 1).reshape(images.shape[0], -1, *grid)
+            maps = self.finish(
+                maps, images.shape[-2:], normalize=normalize, interpolate=interpolate, upsample="bilinear"
+            )
+        return (maps,) if prepared.is_tuple else maps

@@ -1,0 +1,117 @@
+"""LeGrad: gradients of the prompt score with respect to the attention maps of the last layers."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from captum._utils.typing import TargetType
+from captum.log import log_usage
+from torch import Tensor
+
+from captum_iclip.attr._prompt_grads import prompt_gradients
+from captum_iclip.attr.base import CLIPMapAttribution
+from captum_iclip.models.blocks import AttentionTrace
+
+
+def resolve_layer(layer_index: int, num_blocks: int, name: str) -> int:
+    """A block index from a Python-style (possibly negative) ``layer_index``."""
+    if isinstance(layer_index, bool) or not isinstance(layer_index, int):
+        raise TypeError(f"{name}: expected an int, got {type(layer_index).__name__}")
+    if not -num_blocks <= layer_index < num_blocks:
+        raise ValueError(
+            f"{name}: expected -{num_blocks}..{num_blocks - 1} (the tower has {num_blocks} blocks), got {layer_index}"
+        )
+    return layer_index % num_blocks
+
+
+def _positive_mean_over_layers(gradients: list[Tensor]) -> Tensor:
+    """(k, N, heads, L, L) gradients per layer -> (k, N, h*w): clipped, averaged over heads and queries,
+    summed over layers, patch keys."""
+    with torch.no_grad():
+        return sum(grad.clamp_min(0).mean(dim=(2, 3))[..., 1:] for grad in gradients)
+
+
+class LeGradAttribution(CLIPMapAttribution):
+    r"""LeGrad (Bousselham et al., 2024, "LeGrad: An Explainability Method for Vision
+    Transformers via Feature Formation Sensitivity", arXiv 2404.03214).
+
+    For every block l from ``layer_index`` to the last, the tokens leaving block l
+    are mean-pooled, passed through the final norm and projection and compared
+    with the prompt: :math:`s^l = \cos(\mathrm{proj}(\mathrm{ln}(\bar z^l)), t)`.
+    The map is the gradient of :math:`s^l` with respect to block l's attention
+    probabilities :math:`A^l` (heads × queries × keys), clipped at zero and
+    averaged over heads and queries, summed over the layers:
+
+    .. math:: m = \sum_{l} \mathrm{mean}_{h,i}\,\big[\partial s^l / \partial A^l_{h,i,\cdot}\big]^+ ,
+
+    restricted to the patch keys (docs/methods.md). One forward pass serves every
+    prompt and image; the prompts share one batched backward pass through the
+    last blocks only. ViT towers only.
+
+    Built on :class:`~captum_iclip.attr.base.CLIPMapAttribution` (Captum's target
+    semantics, min-max normalisation, bilinear upsampling); it always reads the
+    recognition projection, the one its paper defines the method on.
+
+    Args:
+        forward_func: a :class:`~captum_iclip.CLIPSimilarity`; ``target=k`` is prompt k.
+
+    Examples::
+
+        >>> import open_clip, torch
+        >>> from captum_iclip import CLIPSimilarity, LeGradAttribution
+        >>> model = open_clip.create_model("ViT-B-16").eval()
+        >>> sim = CLIPSimilarity(model, open_clip.get_tokenizer("ViT-B-16"), ["a cat", "a dog"])
+        >>> LeGradAttribution(sim).attribute(torch.randn(2, 3, 224, 224), target=0).shape
+        torch.Size([2, 1, 224, 224])
+    """
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: Tensor | tuple[Tensor],
+        target: TargetType = None,
+        *,
+        layer_index: int = -2,
+        normalize: bool = True,
+        interpolate: bool = True,
+    ) -> Tensor | tuple[Tensor]:
+        r"""
+        Args:
+            inputs: preprocessed images (N, 3, H, W), H and W divisible by the
+                patch size; or a 1-tuple of such a tensor.
+            target: the prompt(s) to explain, with Captum's semantics: an int, a
+                list or 1-d tensor of N ints, or ``None`` for every prompt.
+            layer_index: the first block whose attention is used (Python indexing;
+                the default -2, LeGrad's, uses the last two blocks).
+            normalize: min-max normalise each (image, prompt) map to [0, 1];
+                ``False`` keeps the summed gradients.
+            interpolate: upsample bilinearly to (H, W); ``False`` returns the patch grid.
+
+        Returns:
+            *Tensor* or *tuple[Tensor]*: (N, 1, H, W) for one target per example,
+            (N, K, H, W) for ``target=None``; a tuple if ``inputs`` was a tuple.
+        """
+        prepared = self.prepare(inputs, target, "recognition")
+        images, grid, index, sim = prepared.images, prepared.grid, prepared.index, self.similarity
+        adapter = sim.adapter
+        num_blocks = len(adapter.block_views("LeGradAttribution"))
+        start = resolve_layer(layer_index, num_blocks, "layer_index")
+
+        trace = AttentionTrace(start, detach=True)
+        with torch.enable_grad(), sim.evaluating():
+            adapter.tokens(images, trace=trace)
+            text = sim.text_features
+            # Each block's input is detached, so the gradient of the summed scores
+            # reaches every block's attention from that block's own score only.
+            scores = sum(
+                F.normalize(adapter.project_global(adapter.final_norm(out.mean(dim=1, keepdim=True))), dim=-1)
+                @ text.to(out.dtype).t()
+                for out in trace.outputs
+            )
+            maps = prompt_gradients(scores, trace.probabilities, index, reduce=_positive_mean_over_layers)
+        with torch.no_grad():
+            maps = maps.transpose(0, 1).reshape(images.shape[0], -1, *grid)
+            maps = self.finish(
+                maps, images.shape[-2:], normalize=normalize, interpolate=interpolate, upsample="bilinear"
+            )
+        return (maps,) if prepared.is_tuple else maps

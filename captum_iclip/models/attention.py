@@ -1,0 +1,155 @@
+"""The attention of the training-free dense CLIP methods, as second paths of the block loop.
+
+Each function maps :class:`~captum_iclip.models.blocks.AttentionInputs` (the q/k/v heads
+of one block) to attended heads (N, heads, L, head_dim); :func:`dense_path` turns a
+method's name into the :class:`~captum_iclip.models.blocks.DensePath` its paper defines.
+Formulas: docs/methods.md.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from captum_iclip.models.blocks import AttentionInputs, DensePath, Grid
+
+#: ITSM variants that are a second path through the last block(s).
+PATH_VARIANTS = ("maskclip", "clearclip", "sclip", "naclip")
+#: NACLIP's default neighbourhood: a Gaussian of 5 patches' standard deviation.
+NACLIP_STD = 5.0
+
+
+def self_value_attention(value: Tensor, num_heads: int, scale: float, l2_normalize: bool = False) -> Tensor:
+    """Attention in which query, key and value are all ``value`` (CLIP Surgery, Li et al. 2023).
+
+    Args:
+        value: (N, L, C) value projections of the tokens.
+        num_heads: heads to split C into.
+        scale: softmax temperature applied to ``q @ k^T``.
+        l2_normalize: L2-normalise each head's vectors before the product
+            (used for the ResNet attention pool).
+
+    Returns:
+        (N, L, C) attended values, heads merged, before the output projection.
+    """
+    n, length, channels = value.shape
+    heads = value.reshape(n, length, num_heads, channels // num_heads).transpose(1, 2)
+    if l2_normalize:
+        heads = heads / (heads.norm(dim=-1, keepdim=True) + 1e-6)
+    out = F.scaled_dot_product_attention(heads, heads, heads, scale=scale)
+    return out.transpose(1, 2).reshape(n, length, channels)
+
+
+def value_value(inputs: AttentionInputs) -> Tensor:
+    """CLIP Surgery: softmax(v v^T * scale) v."""
+    return F.scaled_dot_product_attention(inputs.v, inputs.v, inputs.v, scale=inputs.scale)
+
+
+def identity(inputs: AttentionInputs) -> Tensor:
+    """MaskCLIP (Zhou et al., ECCV 2022): every token attends to itself only, so the block
+    outputs its value embedding."""
+    return inputs.v
+
+
+def query_query(inputs: AttentionInputs) -> Tensor:
+    """ClearCLIP (Lan et al., ECCV 2024): softmax(q q^T * scale) v."""
+    return F.scaled_dot_product_attention(inputs.q, inputs.q, inputs.v, scale=inputs.scale)
+
+
+def correlative(inputs: AttentionInputs) -> Tensor:
+    """SCLIP's correlative self-attention (Wang et al., 2023): (softmax(q q^T s) + softmax(k k^T s)) v."""
+    q, k, v, scale = inputs.q, inputs.k, inputs.v, inputs.scale
+    return F.scaled_dot_product_attention(q, q, v, scale=scale) + F.scaled_dot_product_attention(k, k, v, scale=scale)
+
+
+@functools.lru_cache(maxsize=16)
+def gaussian_neighbourhood(grid: Grid, std: float) -> Tensor:
+    r"""NACLIP's additive neighbourhood term :math:`\omega` for ``grid``: (1 + h*w, 1 + h*w).
+
+    :math:`\omega_{ij} = \exp(-\lVert p_i - p_j \rVert^2 / (2\sigma^2))` for patches i, j
+    at grid positions :math:`p_i, p_j`; 0 in the class token's row and column.
+    """
+    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+    positions = torch.stack([rows.flatten(), cols.flatten()], dim=-1).double()
+    squared = torch.cdist(positions, positions).pow(2)
+    omega = torch.zeros(1 + squared.shape[0], 1 + squared.shape[0], dtype=torch.float64)
+    omega[1:, 1:] = torch.exp(-squared / (2 * std**2))
+    return omega
+
+
+def neighbourhood_key_key(std: float):
+    """NACLIP (Hajimiri et al., WACV 2025): softmax(k k^T * scale + omega) v with a Gaussian
+    neighbourhood ``omega`` of standard deviation ``std`` patches."""
+
+    def attend(inputs: AttentionInputs) -> Tensor:
+        k = inputs.k
+        omega = gaussian_neighbourhood(tuple(inputs.grid), float(std)).to(device=k.device, dtype=k.dtype)
+        return F.scaled_dot_product_attention(k, k, inputs.v, attn_mask=omega, scale=inputs.scale)
+
+    return attend
+
+
+def self_self(iterations: int = 1, temperature: float | None = None):
+    r"""GEM's self-self attention (Bousselham et al., CVPR 2024, "Grounding Everything").
+
+    For each of :math:`x \in \{q, k, v\}`, ``iterations`` times
+    :math:`x \leftarrow \mathrm{softmax}(\hat x \hat x^\top \tau)\,\hat x` with
+    :math:`\hat x` the per-head L2-normalised :math:`x`; then the three are
+    assigned to the values, :math:`\mathrm{softmax}(\hat x \hat x^\top \tau)\,v`, and
+    averaged. The inverse temperature :math:`\tau` is ``temperature``, or by default
+    the block's softmax scale times the mean token norm of the block's ln_1 output
+    (one per image).
+    """
+
+    def attend(inputs: AttentionInputs) -> Tensor:
+        if temperature is None:
+            inverse_temperature = inputs.tokens.norm(dim=-1).mean(dim=-1)[:, None, None, None] * inputs.scale
+        else:
+            inverse_temperature = temperature
+
+        def similarity_softmax(x: Tensor) -> Tensor:
+            x = F.normalize(x, dim=-1)
+            return torch.softmax(x @ x.transpose(-1, -2) * inverse_temperature, dim=-1), x
+
+        out = 0
+        for x in (inputs.v, inputs.k, inputs.q):
+            for _ in range(iterations):
+                weights, x = similarity_softmax(x)
+                x = weights @ x
+            out = out + similarity_softmax(x)[0] @ inputs.v
+        return out / 3
+
+    return attend
+
+
+def gem_path(depth: int = 6, iterations: int = 1, temperature: float | None = None) -> DensePath:
+    """GEM's self-self path through the last ``depth`` blocks: residual, no MLP."""
+    return DensePath(depth, self_self(iterations, temperature), residual=True, mlp=False)
+
+
+def surgery_path(depth: int) -> DensePath:
+    """CLIP Surgery's value-value path through the last ``depth`` blocks: residual, no MLP."""
+    return DensePath(depth, value_value, residual=True, mlp=False)
+
+
+def dense_path(variant: str) -> DensePath:
+    """The last-block path of an ITSM ``variant`` (one of :data:`PATH_VARIANTS`), as its reference code defines it.
+
+    * ``maskclip``: value embedding, with the block's residual and MLP;
+    * ``sclip``: correlative self-attention, with residual and MLP;
+    * ``clearclip``: query-query attention, no residual, no MLP;
+    * ``naclip``: key-key attention plus a Gaussian neighbourhood of
+      :data:`NACLIP_STD` patches, no residual, no MLP.
+    """
+    if variant == "maskclip":
+        return DensePath(1, identity, residual=True, mlp=True)
+    if variant == "sclip":
+        return DensePath(1, correlative, residual=True, mlp=True)
+    if variant == "clearclip":
+        return DensePath(1, query_query, residual=False, mlp=False)
+    if variant == "naclip":
+        return DensePath(1, neighbourhood_key_key(NACLIP_STD), residual=False, mlp=False)
+    raise ValueError(f"variant: expected one of {PATH_VARIANTS}, got {variant!r}")

@@ -1,0 +1,292 @@
+"""ViT blocks seen through their parts, and the block loop that every dense method shares.
+
+Training-free dense methods for CLIP (CLIP Surgery, GEM, MaskCLIP, SCLIP, ClearCLIP,
+NACLIP) change what the last blocks of a ViT compute for the patch tokens, and the
+gradient methods (LeGrad, Chefer et al.'s relevancy) read the attention probabilities
+of the last blocks. They all need the same parts of a pre-norm block:
+
+    x <- x + ls_1(OutProj(Attn(q, k, v)))      with q, k, v the projections of ln_1(x)
+    x <- x + ls_2(MLP(ln_2(x)))
+
+A :class:`BlockView` exposes those parts for one block of one model family (open_clip
+``ResidualAttentionBlock`` / ``CustomResidualAttentionBlock``, Hugging Face
+``CLIPEncoderLayer``), and :func:`run_blocks` is the one block loop: the plain path
+(the library's own blocks), an optional second path through the last blocks
+(:class:`DensePath`, docs/methods.md), and an optional record of the attention
+probabilities (:class:`AttentionTrace`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Grid = tuple[int, int]
+
+
+class BlockView:
+    """The parts of one pre-norm transformer block (see the module docstring).
+
+    Heads are split as (N, heads, L, head_dim) everywhere, tokens are batch-first
+    (N, L, C).
+    """
+
+    num_heads: int
+    scale: float
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The library's own block on batch-first tokens (bit-identical to its forward)."""
+        raise NotImplementedError
+
+    def ln_1(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def qkv(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Query, key and value heads of ``tokens`` (the ln_1 output), each (N, heads, L, head_dim)."""
+        raise NotImplementedError
+
+    def attention_branch(self, heads: Tensor) -> Tensor:
+        """What the attention adds to the residual stream, from attended heads (N, heads, L, head_dim)."""
+        raise NotImplementedError
+
+    def mlp_branch(self, x: Tensor) -> Tensor:
+        """What the MLP adds to the residual stream: ls_2(MLP(ln_2(x)))."""
+        raise NotImplementedError
+
+    @staticmethod
+    def split_heads(x: Tensor, num_heads: int) -> Tensor:
+        n, length, channels = x.shape
+        return x.reshape(n, length, num_heads, channels // num_heads).transpose(1, 2)
+
+    @staticmethod
+    def merge_heads(x: Tensor) -> Tensor:
+        n, heads, length, head_dim = x.shape
+        return x.transpose(1, 2).reshape(n, length, heads * head_dim)
+
+
+class OpenCLIPBlockView(BlockView):
+    """An open_clip ``ResidualAttentionBlock`` (``nn.MultiheadAttention``) or
+    ``CustomResidualAttentionBlock`` (open_clip ``Attention``)."""
+
+    def __init__(self, block: nn.Module, batch_first: bool = True) -> None:
+        super().__init__(block)
+        self.batch_first = batch_first
+        attn = block.attn
+        self.num_heads = attn.num_heads
+        self.scale = (attn.in_proj_weight.shape[1] // attn.num_heads) ** -0.5
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.batch_first:
+            return self.block(x)
+        return self.block(x.transpose(0, 1)).transpose(0, 1)
+
+    def ln_1(self, x: Tensor) -> Tensor:
+        return self.block.ln_1(x)
+
+    def qkv(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        attn = self.block.attn
+        if getattr(attn, "logit_scale", None) is not None or getattr(attn, "head_scale", None) is not None:
+            raise TypeError(
+                "model: blocks with scaled-cosine or head-scaled attention are not supported by the dense "
+                "attention methods (their attention is not softmax(q k^T / sqrt(d)))"
+            )
+        q, k, v = F.linear(tokens, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (self.split_heads(t, self.num_heads) for t in (q, k, v))
+        # open_clip's custom Attention may normalise q and k per head (qk_norm).
+        if hasattr(attn, "ln_q"):
+            q, k = attn.ln_q(q), attn.ln_k(k)
+        return q, k, v
+
+    def attention_branch(self, heads: Tensor) -> Tensor:
+        block, attn = self.block, self.block.attn
+        out = self.merge_heads(heads)
+        # open_clip's custom blocks may normalise the heads' output before out_proj ...
+        inner_norm = getattr(attn, "ln_inner", None)
+        if inner_norm is not None:
+            out = inner_norm(out)
+        out = attn.out_proj(out)
+        # ... and the attention's output before the layer scale.
+        if hasattr(block, "ln_attn"):
+            out = block.ln_attn(out)
+        return block.ls_1(out)
+
+    def mlp_branch(self, x: Tensor) -> Tensor:
+        return self.block.ls_2(self.block.mlp(self.block.ln_2(x)))
+
+
+class HFBlockView(BlockView):
+    """A Hugging Face ``CLIPEncoderLayer``."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__(layer)
+        attn = layer.self_attn
+        self.num_heads = attn.num_heads
+        self.scale = attn.scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block(x, None)
+
+    def ln_1(self, x: Tensor) -> Tensor:
+        return self.block.layer_norm1(x)
+
+    def qkv(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        attn = self.block.self_attn
+        return tuple(self.split_heads(proj(tokens), self.num_heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+
+    def attention_branch(self, heads: Tensor) -> Tensor:
+        return self.block.self_attn.out_proj(self.merge_heads(heads))
+
+    def mlp_branch(self, x: Tensor) -> Tensor:
+        return self.block.mlp(self.block.layer_norm2(x))
+
+
+# ----------------------------------------------------------------------------------
+# Second paths and attention records
+# ----------------------------------------------------------------------------------
+@dataclass
+class AttentionInputs:
+    """What a path's attention sees in one block.
+
+    Attributes:
+        q, k, v: the block's query, key and value heads of ``tokens``, (N, heads, L, head_dim).
+        tokens: the block's ln_1 output on the original path, (N, L, C).
+        scale: the block's softmax scale (``head_dim ** -0.5`` for CLIP).
+        grid: the patch grid (h, w); token 0 is the class token.
+    """
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    tokens: Tensor
+    scale: float
+    grid: Grid
+
+
+Attend = Callable[[AttentionInputs], Tensor]
+
+
+@dataclass(frozen=True)
+class DensePath:
+    """A second path through the last ``depth`` blocks that gives the patch tokens.
+
+    In each of those blocks the path attends with ``attend`` over the q/k/v of the
+    *original* path's ln_1 output and passes the result through the block's output
+    projection. With ``residual`` the path adds that to its own stream (which starts
+    as the input of its first block), otherwise the stream restarts from it; with
+    ``mlp`` the block's MLP follows, with its residual. The global token always
+    comes from the original path, so it stays the model's image embedding.
+
+    Examples: CLIP Surgery is ``DensePath(6, value-value attention, residual=True,
+    mlp=False)``; ClearCLIP is ``DensePath(1, query-query attention, residual=False,
+    mlp=False)`` (docs/methods.md).
+    """
+
+    depth: int
+    attend: Attend
+    residual: bool = True
+    mlp: bool = False
+
+
+@dataclass
+class AttentionTrace:
+    """Record the attention probabilities and outputs of the blocks from ``start`` on.
+
+    Those blocks are computed from their parts with explicit probabilities
+    ``softmax(q k^T * scale)`` (N, heads, L, L), so a gradient can be taken with respect
+    to them; earlier blocks run without autograd. With ``detach`` every recorded block
+    starts from a detached input, so that the gradient of a score read at block l
+    reaches only block l's attention (LeGrad) instead of all earlier ones (rollout).
+
+    Attributes:
+        probabilities: one (N, heads, L, L) tensor per recorded block.
+        outputs: one (N, L, C) block output per recorded block.
+    """
+
+    start: int
+    detach: bool = False
+    probabilities: list[Tensor] = field(default_factory=list)
+    outputs: list[Tensor] = field(default_factory=list)
+
+
+def _traced_block(view: BlockView, x: Tensor, trace: AttentionTrace) -> Tensor:
+    if trace.detach or not trace.outputs:
+        # A fresh leaf, so that the probabilities are in a graph even for a frozen model.
+        x = x.detach().requires_grad_(True)
+    q, k, v = view.qkv(view.ln_1(x))
+    probabilities = torch.softmax((q * view.scale) @ k.transpose(-1, -2), dim=-1)
+    x = x + view.attention_branch(probabilities @ v)
+    x = x + view.mlp_branch(x)
+    trace.probabilities.append(probabilities)
+    trace.outputs.append(x)
+    return x
+
+
+def _block_from_qkv(view: BlockView, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The original block, reusing q/k/v already computed for a path; ``x`` may hold the
+    first queries only (then q holds the same ones)."""
+    x = x + view.attention_branch(F.scaled_dot_product_attention(q, k, v, scale=view.scale))
+    return x + view.mlp_branch(x)
+
+
+def run_blocks(
+    views: Sequence[BlockView],
+    x: Tensor,
+    grid: Grid,
+    *,
+    path: DensePath | None = None,
+    trace: AttentionTrace | None = None,
+    tap: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """The block loop shared by every ViT family.
+
+    Args:
+        views: the tower's blocks, first to last.
+        x: (N, 1 + h*w, C) tokens entering the first block, class token first.
+        grid: the patch grid (h, w).
+        path: a second path through the last ``path.depth`` blocks for the patch tokens.
+        trace: record the attention of the blocks from ``trace.start`` on.
+        tap: applied to the tokens entering the last block of the plain path (the
+            Grad-CAM tap of the adapters).
+
+    Returns:
+        (N, 1 + h*w, C) tokens after the last block: the original path's class token,
+        and the patch tokens of ``path`` (of the original path without one).
+    """
+    depth = path.depth if path is not None else 0
+    n_plain = len(views) - depth
+    if path is not None and trace is not None:
+        raise ValueError("trace: a second path and an attention trace cannot be combined")
+    for index, view in enumerate(views[:n_plain]):
+        if index == n_plain - 1 and tap is not None:
+            x = tap(x)
+        if trace is not None and index >= trace.start:
+            x = _traced_block(view, x, trace)
+        elif trace is not None:
+            with torch.no_grad():
+                x = view.forward(x)
+        else:
+            x = view.forward(x)
+    if path is None:
+        return x
+
+    stream = x
+    for index, view in enumerate(views[n_plain:]):
+        tokens = view.ln_1(x)
+        q, k, v = view.qkv(tokens)
+        branch = view.attention_branch(path.attend(AttentionInputs(q, k, v, tokens, view.scale, grid)))
+        stream = stream + branch if path.residual else branch
+        if path.mlp:
+            stream = stream + view.mlp_branch(stream)
+        if index < depth - 1:
+            x = _block_from_qkv(view, x, q, k, v)
+        else:
+            # After the last block only the class token of the original path is used.
+            x = _block_from_qkv(view, x[:, :1], q[:, :, :1], k, v)
+    return torch.cat([x[:, :1], stream[:, 1:]], dim=1)
