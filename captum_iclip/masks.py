@@ -150,7 +150,7 @@ def _patch_grid(model: nn.Module, images: Tensor) -> GridSize:
     return height // patch_h, width // patch_w
 
 
-def _timm_cls_attention(model: nn.Module, images: Tensor) -> Tensor:
+def _timm_cls_attention(model: nn.Module, images: Tensor, blocks: Sequence[int] = (-1,)) -> Tensor:
     from timm.layers import Attention
     from timm.models.vision_transformer import VisionTransformer
 
@@ -166,35 +166,66 @@ def _timm_cls_attention(model: nn.Module, images: Tensor) -> Tensor:
             f"images of size {tuple(images.shape[-2:])} need a timm model built with dynamic_img_size=True "
             f"(this one accepts only {tuple(model.patch_embed.img_size)})"
         )
-    last_block = model.blocks[-1]
-    attn = getattr(last_block, "attn", None)
-    if not isinstance(attn, Attention) or not hasattr(last_block, "norm1"):
-        raise TypeError(
-            "the last timm block must be a pre-norm Block with a timm Attention module "
-            f"(got {type(last_block).__name__} / {type(attn).__name__})"
-        )
+    chosen = _block_indices(blocks, len(model.blocks))
+    for index in chosen:
+        block = model.blocks[index]
+        if not isinstance(getattr(block, "attn", None), Attention) or not hasattr(block, "norm1"):
+            raise TypeError(
+                f"blocks: block {index} must be a pre-norm timm Block with a timm Attention module "
+                f"(got {type(block).__name__} / {type(getattr(block, 'attn', None)).__name__})"
+            )
 
     tokens = model.patch_embed(images)
     tokens = model._pos_embed(tokens)
     tokens = model.patch_drop(tokens)
     tokens = model.norm_pre(tokens)
-    for block in model.blocks[:-1]:
+    maps = []
+    for index, block in enumerate(model.blocks):
+        if index in chosen:
+            maps.append(_block_cls_attention(block, tokens, model.num_prefix_tokens))
+        if index == chosen[-1]:
+            break
         tokens = block(tokens)
+    return torch.stack(maps).mean(0).reshape(images.shape[0], grid_h, grid_w)
 
-    # Recompute the last block's attention probabilities from its own projections:
-    # the fused (SDPA) kernel that timm uses never materialises them.
-    x = last_block.norm1(tokens)
+
+def _depth(model: nn.Module) -> int | None:
+    """Number of transformer blocks of a timm ViT or a Hugging Face ViT/DINOv2 (``None``: unknown)."""
+    if hasattr(model, "blocks"):
+        return len(model.blocks)
+    return getattr(getattr(model, "config", None), "num_hidden_layers", None)
+
+
+def _block_indices(blocks: Sequence[int], depth: int) -> list[int]:
+    """Non-negative, sorted, distinct block indices (negative ones count from the end)."""
+    if (
+        not isinstance(blocks, (tuple, list))
+        or not blocks
+        or not all(isinstance(b, int) and not isinstance(b, bool) and -depth <= b < depth for b in blocks)
+    ):
+        raise ValueError(
+            f"blocks: expected a non-empty sequence of block indices in [-{depth}, {depth}), got {blocks!r}"
+        )
+    return sorted({b % depth for b in blocks})
+
+
+def _block_cls_attention(block: nn.Module, tokens: Tensor, prefix: int) -> Tensor:
+    """``(N, T - prefix)``: the block's [CLS] attention to the patches, averaged over heads.
+
+    Recomputed from the block's own ``norm1``, ``qkv`` and ``q_norm`` / ``k_norm``:
+    the fused (SDPA) kernel that timm uses never materialises the probabilities.
+    """
+    attn = block.attn
+    x = block.norm1(tokens)
     batch, num_tokens, _ = x.shape
     qkv = attn.qkv(x).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim)
     q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    cls_query = q[:, :, :1] * attn.scale
-    probs = (cls_query @ k.transpose(-2, -1)).softmax(dim=-1)  # (N, heads, 1, T)
-    prefix = model.num_prefix_tokens
-    return probs[:, :, 0, prefix:].mean(dim=1).reshape(batch, grid_h, grid_w)
+    probs = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (N, heads, 1, T)
+    return probs[:, :, 0, prefix:].mean(dim=1)
 
 
-def _hf_cls_attention(model: nn.Module, images: Tensor) -> Tensor:
+def _hf_cls_attention(model: nn.Module, images: Tensor, blocks: Sequence[int] = (-1,)) -> Tensor:
     implementation = getattr(model.config, "_attn_implementation", None)
     if implementation != "eager":
         raise ValueError(
@@ -207,7 +238,8 @@ def _hf_cls_attention(model: nn.Module, images: Tensor) -> Tensor:
     if "interpolate_pos_encoding" in inspect.signature(model.forward).parameters:
         kwargs["interpolate_pos_encoding"] = True
     outputs = model(pixel_values=images, **kwargs)
-    probs = outputs.attentions[-1]  # (N, heads, T, T)
+    chosen = _block_indices(blocks, len(outputs.attentions))
+    probs = torch.stack([outputs.attentions[i] for i in chosen]).mean(0)  # (N, heads, T, T)
     # [CLS] first, then any register tokens, then the patches.
     prefix = probs.shape[-1] - grid_h * grid_w
     if prefix < 1:
@@ -215,8 +247,11 @@ def _hf_cls_attention(model: nn.Module, images: Tensor) -> Tensor:
     return probs[:, :, 0, prefix:].mean(dim=1).reshape(images.shape[0], grid_h, grid_w)
 
 
-def cls_attention(model: nn.Module, images: Tensor) -> Tensor:
-    """Last-block attention of the [CLS] query to the patch tokens, averaged over heads.
+def cls_attention(model: nn.Module, images: Tensor, blocks: Sequence[int] = (-1,)) -> Tensor:
+    """Attention of the [CLS] query to the patch tokens, averaged over heads (and over ``blocks``).
+
+    By default the last block's, as in DINO (Caron et al., 2021); ``blocks`` averages
+    the maps of several blocks instead (docs/methods.md §3).
 
     For a timm ``VisionTransformer`` (DINO ``vit_small_patch16_224.dino``, DINOv2
     ``vit_small_patch14_dinov2`` / ``..._reg4_dinov2``) the blocks before the last
@@ -233,6 +268,8 @@ def cls_attention(model: nn.Module, images: Tensor) -> Tensor:
     Args:
         model (nn.Module): The DINO backbone.
         images (Tensor): ``(N, 3, H, W)`` images in the model's own normalisation.
+        blocks (sequence of int): Blocks whose maps are averaged (negative indices
+            count from the end). Default: the last block.
 
     Returns:
         Tensor: ``(N, H // p, W // p)`` attention maps; each sums to at most 1 (the
@@ -251,8 +288,8 @@ def cls_attention(model: nn.Module, images: Tensor) -> Tensor:
             f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}"
         )
     if _is_hf_model(model):
-        return _hf_cls_attention(model, images)
-    return _timm_cls_attention(model, images)
+        return _hf_cls_attention(model, images, blocks)
+    return _timm_cls_attention(model, images, blocks)
 
 
 # --------------------------------------------------------------------------- #
@@ -542,7 +579,8 @@ class DINOMaskProvider(MaskProvider):
        processor values, ImageNet when unavailable);
     2. resize (bilinear, antialiased) to ``image_size`` (square) or, when ``None``,
        to the model's native input size, which is a multiple of its patch size;
-    3. :func:`cls_attention` gives ``A`` on the DINO patch grid;
+    3. :func:`cls_attention` gives ``A`` on the DINO patch grid (the last block's,
+       or the mean over ``blocks``);
     4. resample to the CLIP grid ``(h, w)``. ``resample="bilinear"`` (default)
        interpolates ``A`` bilinearly (``align_corners=False``, antialiased when
        shrinking) and applies :func:`top_mass_mask` with ``tau`` on the resampled
@@ -573,6 +611,9 @@ class DINOMaskProvider(MaskProvider):
         image_size (int, optional): Side of the square DINO input; must be a
             multiple of the patch size. ``None``: the model's native size.
         resample (str): ``"bilinear"`` or ``"nearest"``, see above.
+        blocks (sequence of int): DINO blocks whose [CLS] attention maps are
+            averaged (negative indices count from the end). Default ``(-1,)``: the
+            last block, as in the paper.
 
     Examples::
 
@@ -592,6 +633,7 @@ class DINOMaskProvider(MaskProvider):
         input_std: Sequence[float] = OPENAI_DATASET_STD,
         image_size: int | None = None,
         resample: str = "bilinear",
+        blocks: Sequence[int] = (-1,),
     ) -> None:
         super().__init__()
         if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not 0.0 < tau <= 1.0:
@@ -642,6 +684,8 @@ class DINOMaskProvider(MaskProvider):
         else:
             self.dino_size = (image_size, image_size)
 
+        depth = _depth(model)
+        self.blocks = tuple(_block_indices(blocks, depth)) if depth is not None else tuple(blocks)
         self.model = model.eval().requires_grad_(False)
         self.tau = float(tau)
         self.resample = resample
@@ -652,7 +696,10 @@ class DINOMaskProvider(MaskProvider):
         self.register_buffer("shift", ((clip_mean - dino_mean) / dino_std).view(1, 3, 1, 1), persistent=False)
 
     def extra_repr(self) -> str:
-        return f"model={self.model_name!r}, tau={self.tau}, dino_size={self.dino_size}, resample={self.resample!r}"
+        return (
+            f"model={self.model_name!r}, tau={self.tau}, dino_size={self.dino_size}, resample={self.resample!r}, "
+            f"blocks={self.blocks}"
+        )
 
     def train(self, mode: bool = True) -> DINOMaskProvider:
         super().train(mode)
@@ -673,7 +720,7 @@ class DINOMaskProvider(MaskProvider):
         x = images.float() * self.scale + self.shift
         if tuple(x.shape[-2:]) != self.dino_size:
             x = F.interpolate(x, size=self.dino_size, mode="bilinear", align_corners=False, antialias=True)
-        return cls_attention(self.model, x).float()
+        return cls_attention(self.model, x, self.blocks).float()
 
     def compute_mask(self, images: Tensor, grid_size: GridSize) -> Tensor:
         return self.mask_from_attention(self.attention(images), grid_size)

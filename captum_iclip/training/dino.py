@@ -64,7 +64,7 @@ WEIGHTS_NAME = "tiny_dino.pt"
 CONFIG_NAME = "tiny_dino.json"
 CHECKPOINT_NAME = "checkpoint.pt"
 # DINOConfig fields that do not change the training trajectory (ignored when resuming).
-_RUNTIME_FIELDS = ("num_threads", "checkpoint_every", "data_workers")
+_RUNTIME_FIELDS = ("num_threads", "checkpoint_every", "data_workers", "device")
 
 ImageSource = Callable[[int], Any] | Sequence[Any] | torch.utils.data.Dataset
 
@@ -128,6 +128,9 @@ class DINOConfig:
         data_workers: Processes that decode and augment upcoming batches while
             the model trains (``0``: in the training process). Batches depend only
             on ``seed`` and the step, so this changes the speed, not the result.
+        device: Where the networks train (``"cpu"``, ``"cuda"``, ...); the crops are
+            made on the CPU either way. Like the three settings above it may change
+            between a run and its resumption.
     """
 
     image_size: int = 96
@@ -172,6 +175,7 @@ class DINOConfig:
     checkpoint_every: int = 50
     num_threads: int | None = None
     data_workers: int = 0
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         self.global_crop_scale = tuple(self.global_crop_scale)
@@ -708,6 +712,10 @@ class DINOTrainer:
         self.teacher = copy.deepcopy(self.student).eval().requires_grad_(False)
         self.student.train()
         self.criterion = DINOLoss(config.out_dim, config.student_temp, config.center_momentum)
+        # Built on the CPU first, so the initialisation is the same on every device.
+        self.device = torch.device(config.device)
+        for module in (self.student, self.teacher, self.criterion):
+            module.to(self.device)
         self.optimizer = torch.optim.AdamW(_param_groups(self.student), lr=config.lr)
         self.lr_schedule = cosine_schedule(config.lr, config.min_lr, config.steps, config.warmup_steps)
         self.wd_schedule = cosine_schedule(config.weight_decay, config.weight_decay_end, config.steps)
@@ -765,6 +773,7 @@ class DINOTrainer:
             group["lr"] = float(self.lr_schedule[step])
         optimizer.param_groups[0]["weight_decay"] = float(self.wd_schedule[step])
 
+        crops = [crop.to(self.device, non_blocking=True) for crop in crops]
         global_crops = torch.cat(crops[:2])
         student_inputs = [global_crops] + ([torch.cat(crops[2:])] if config.num_local_crops else [])
         with torch.no_grad():

@@ -125,7 +125,8 @@ def load(name: str = "shapes-tiny", device: str = "cpu") -> ZooBundle:
     dual.interpretability_head.load_state_dict(_float32(head))
     dual = dual.to(device).eval()
     dino = load_tiny_dino(folder / "dino").to(device).eval()
-    masks = DINOMaskProvider(dino, tau=config["tau"], input_mean=mean, input_std=std).to(device)
+    blocks = tuple(config.get("dino_blocks", (-1,)))
+    masks = DINOMaskProvider(dino, tau=config["tau"], input_mean=mean, input_std=std, blocks=blocks).to(device)
     tokenizer = open_clip.SimpleTokenizer(context_length=config["model_config"]["text_cfg"]["context_length"])
     return ZooBundle(
         name=name,

@@ -27,13 +27,14 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from captum_iclip._io import atomic_torch_save, atomic_write_text
+from captum_iclip._io import atomic_torch_save, atomic_write, atomic_write_text
 from captum_iclip.models.adapters import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from captum_iclip.training.dino import DINOConfig
 from captum_iclip.zoo import WEIGHTS_DIR, build_clip, make_preprocess
 
 IMAGE_SIZE = 96
 TAU = 0.6
+DINO_BLOCKS = (-1,)
 MODEL_CONFIG: dict = {
     "embed_dim": 128,
     "vision_cfg": {"image_size": IMAGE_SIZE, "layers": 4, "width": 128, "head_width": 64, "patch_size": 12},
@@ -45,7 +46,8 @@ class RenderedWorld(Dataset):
     """World scenes rendered once into memory: items are (normalised image, caption).
 
     Rendering up front keeps the scenes identical across stages and epochs and
-    keeps the generator's cost out of the training loops.
+    keeps the generator's cost out of the training loops. Each scene depends only
+    on its seed, so rendering in several processes gives the same world.
 
     Args:
         start_seed: Seed of the first scene.
@@ -57,6 +59,10 @@ class RenderedWorld(Dataset):
             naming an object's colour (seeded by ``caption_seed`` and the scene's
             seed); ``None`` keeps the scenes' own captions (colour in 90 % of phrases).
         caption_seed: Seed of the re-captioning.
+        workers: Rendering processes (``0``: in this process).
+        cache_dir: Folder where the rendered world is kept (written atomically,
+            read back memory-mapped), so that a resumed run or another stage skips
+            the rendering; ``None`` renders every time.
     """
 
     def __init__(
@@ -67,26 +73,97 @@ class RenderedWorld(Dataset):
         progress: bool = True,
         caption_colour_prob: float | None = None,
         caption_seed: int = 0,
+        workers: int = 0,
+        cache_dir: str | Path | None = None,
     ) -> None:
-        from captum_iclip.world import generate_scene, sample_caption
-
-        self.images = np.empty((length, size, size, 3), dtype=np.uint8)
-        self.captions: list[str] = []
-        for i in tqdm(range(length), desc="render world", disable=not progress):
-            scene = generate_scene(start_seed + i, size=size)
-            self.images[i] = scene.image
-            if caption_colour_prob is None:
-                self.captions.append(scene.caption)
-            else:
-                rng = np.random.default_rng((caption_seed, start_seed + i))
-                self.captions.append(sample_caption(scene, rng, colour_prob=caption_colour_prob))
+        if length < 1:
+            raise ValueError(f"length: expected at least 1 scene, got {length}")
+        if workers < 0:
+            raise ValueError(f"workers: expected a non-negative int (0: render in this process), got {workers}")
+        recipe = (start_seed, length, size, caption_colour_prob, caption_seed)
+        stem = "world-" + "-".join(str(v) for v in recipe)
+        cached = Path(cache_dir) / stem if cache_dir is not None else None
+        if cached is not None and (cached / "captions.json").is_file():
+            self.images = np.load(cached / "images.npy", mmap_mode="r")
+            self.captions = json.loads((cached / "captions.json").read_text())
+        else:
+            self.images, self.captions = _render(recipe, workers, progress)
+            if cached is not None:
+                atomic_write(cached / "images.npy", lambda handle: np.save(handle, self.images))
+                atomic_write_text(cached / "captions.json", json.dumps(self.captions))  # last: marks it complete
         self.preprocess = make_preprocess(size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def __getitem__(self, index: int):
-        return self.preprocess(self.images[index]), self.captions[index]
+        return self.preprocess(np.asarray(self.images[index])), self.captions[index]
+
+
+_CHUNK = 500  # scenes per rendering task
+
+
+def _render_chunk(recipe: tuple, first: int) -> tuple[np.ndarray, list[str]]:
+    """Scenes ``first`` to ``first + _CHUNK`` (clipped) of the world ``recipe``."""
+    from captum_iclip.world import generate_scene, sample_caption
+
+    start_seed, length, size, colour_prob, caption_seed = recipe
+    indices = range(first, min(first + _CHUNK, length))
+    images = np.empty((len(indices), size, size, 3), dtype=np.uint8)
+    captions = []
+    for row, i in enumerate(indices):
+        scene = generate_scene(start_seed + i, size=size)
+        images[row] = scene.image
+        if colour_prob is None:
+            captions.append(scene.caption)
+        else:
+            rng = np.random.default_rng((caption_seed, start_seed + i))
+            captions.append(sample_caption(scene, rng, colour_prob=colour_prob))
+    return images, captions
+
+
+def _render(recipe: tuple, workers: int, progress: bool) -> tuple[np.ndarray, list[str]]:
+    from functools import partial
+    from multiprocessing import get_context
+
+    length = recipe[1]
+    firsts = range(0, length, _CHUNK)
+    bar = tqdm(total=length, desc="render world", disable=not progress)
+    images, captions = [], []
+    pool = get_context("fork").Pool(workers) if workers else None
+    try:
+        chunks = (
+            pool.imap(partial(_render_chunk, recipe), firsts) if pool else map(partial(_render_chunk, recipe), firsts)
+        )
+        for chunk_images, chunk_captions in chunks:
+            images.append(chunk_images)
+            captions.extend(chunk_captions)
+            bar.update(len(chunk_captions))
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
+    return np.concatenate(images), captions
+
+
+class CachedTokenizer:
+    """A tokenizer that remembers the ids of every caption it has seen.
+
+    Training on a rendered world revisits the same captions every epoch; looking
+    their ids up keeps tokenisation off the step's critical path (it costs about
+    as much as a GPU step for a batch of 512). Same output as ``tokenizer``.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.rows: dict[str, torch.Tensor] = {}
+
+    def __call__(self, texts: str | list[str]) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        missing = list(dict.fromkeys(t for t in texts if t not in self.rows))
+        if missing:
+            self.rows.update(zip(missing, self.tokenizer(missing)))
+        return torch.stack([self.rows[t] for t in texts])
 
 
 RECOGNITION_SCENES = 1000  # held-out scenes of the recorded recognition figures
@@ -131,9 +208,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clip-epochs", type=int, default=10)
     parser.add_argument("--clip-batch-size", type=int, default=128)
     parser.add_argument("--clip-lr", type=float, default=2e-3)
+    parser.add_argument("--vision-layers", type=int, default=MODEL_CONFIG["vision_cfg"]["layers"])
+    parser.add_argument("--vision-width", type=int, default=MODEL_CONFIG["vision_cfg"]["width"])
     parser.add_argument("--dino-steps", type=int, default=DINOConfig.steps)
+    parser.add_argument("--dino-batch-size", type=int, default=DINOConfig.batch_size)
+    parser.add_argument("--tau", type=float, default=TAU, help="DINO attention mass kept by the masks")
+    parser.add_argument(
+        "--dino-blocks",
+        default=",".join(str(b) for b in DINO_BLOCKS),
+        help="DINO blocks whose [CLS] attention the masks average (comma-separated; -1: the last)",
+    )
     parser.add_argument("--iclip-epochs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="where the stages train: cpu, cuda, cuda:1, ...")
+    parser.add_argument("--render-workers", type=int, default=0, help="processes rendering the world (0: this one)")
+    parser.add_argument("--data-workers", type=int, default=0, help="data-loader processes of each training stage")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
     return parser
@@ -155,29 +244,54 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     work = Path(args.work_dir)
-    world = RenderedWorld(
-        TRAIN_SEED_START,
-        args.train_scenes,
-        progress=not args.no_progress,
-        caption_colour_prob=args.caption_colour_prob,
-        caption_seed=args.seed,
-    )
-    tokenizer = open_clip.SimpleTokenizer(context_length=MODEL_CONFIG["text_cfg"]["context_length"])
-    if "clip" in stages and not (work / "clip" / "final.pt").is_file():
+    tokenizer = CachedTokenizer(open_clip.SimpleTokenizer(context_length=MODEL_CONFIG["text_cfg"]["context_length"]))
+    todo = [
+        stage
+        for stage, done in (
+            ("clip", "clip/final.pt"),
+            ("dino", "dino/tiny_dino.pt"),
+            ("iclip", "iclip/interpretability_head.pt"),
+        )
+        if stage in stages and not (work / done).is_file()
+    ]
+    if todo:
+        world = RenderedWorld(
+            TRAIN_SEED_START,
+            args.train_scenes,
+            progress=not args.no_progress,
+            caption_colour_prob=args.caption_colour_prob,
+            caption_seed=args.seed,
+            workers=args.render_workers,
+            cache_dir=work / "world",
+        )
+    if "clip" in todo:
         _train_clip(args, work / "clip", world, tokenizer)
-    if "dino" in stages and not (work / "dino" / "tiny_dino.pt").is_file():
+    if "dino" in todo:
         _train_dino(args, work / "dino", world)
-    if "iclip" in stages and not (work / "iclip" / "interpretability_head.pt").is_file():
+    if "iclip" in todo:
         _train_iclip(args, work, world, tokenizer)
     if "bundle" in stages:
         _bundle(args, work, tokenizer)
     return 0
 
 
+def clip_model_config(args: argparse.Namespace, work: Path) -> dict:
+    """The tiny CLIP's open_clip config: the one the clip stage recorded, else :data:`MODEL_CONFIG`
+    with the vision tower's depth and width from ``args``."""
+    recorded = work / "clip" / "model_config.json"
+    if recorded.is_file():
+        return json.loads(recorded.read_text())
+    config = json.loads(json.dumps(MODEL_CONFIG))
+    config["vision_cfg"].update(layers=args.vision_layers, width=args.vision_width)
+    return config
+
+
 def _train_clip(args: argparse.Namespace, clip_dir: Path, world: RenderedWorld, tokenizer) -> None:
     """The tiny CLIP, from scratch, with the plain CLIP loss."""
     from captum_iclip.training.iclip import TrainConfig, train
 
+    model_config = clip_model_config(args, clip_dir.parent)
+    atomic_write_text(clip_dir / "model_config.json", json.dumps(model_config, indent=2))
     train(
         TrainConfig(
             mode="full",
@@ -189,14 +303,14 @@ def _train_clip(args: argparse.Namespace, clip_dir: Path, world: RenderedWorld, 
             warmup=100,
             grad_clip_norm=1.0,
             seed=args.seed,
-            device="cpu",
+            device=args.device,
             output_dir=str(clip_dir),
             save_every=25,
             resume="latest",
-            workers=0,
+            workers=args.data_workers,
             progress=not args.no_progress,
         ),
-        model=build_clip(MODEL_CONFIG),
+        model=build_clip(model_config),
         dataset=world,
         tokenizer=tokenizer,
     )
@@ -207,7 +321,14 @@ def _train_dino(args: argparse.Namespace, dino_dir: Path, world: RenderedWorld) 
     from captum_iclip.training.dino import train_dino
 
     # One worker augments the next batches while the model trains (same result, faster).
-    config = DINOConfig(image_size=IMAGE_SIZE, steps=args.dino_steps, seed=args.seed, data_workers=1)
+    config = DINOConfig(
+        image_size=IMAGE_SIZE,
+        steps=args.dino_steps,
+        batch_size=args.dino_batch_size,
+        seed=args.seed,
+        data_workers=max(args.data_workers, 1),
+        device=args.device,
+    )
     train_dino(world.images, config, out_dir=dino_dir, progress=not args.no_progress, resume=True)
 
 
@@ -217,8 +338,8 @@ def _train_iclip(args: argparse.Namespace, work: Path, world: RenderedWorld, tok
     from captum_iclip.training.dino import load_tiny_dino
     from captum_iclip.training.iclip import TrainConfig, train
 
-    dual = DualProjectionCLIP(build_clip(MODEL_CONFIG)).load(work / "clip" / "final.pt")
-    masks = _mask_provider(load_tiny_dino(work / "dino"))
+    dual = DualProjectionCLIP(build_clip(clip_model_config(args, work))).load(work / "clip" / "final.pt")
+    masks = _mask_provider(load_tiny_dino(work / "dino"), args).to(args.device)
     train(
         TrainConfig(
             mode="projection",
@@ -229,11 +350,11 @@ def _train_iclip(args: argparse.Namespace, work: Path, world: RenderedWorld, tok
             wd=0.0,
             warmup=20,
             seed=args.seed,
-            device="cpu",
+            device=args.device,
             output_dir=str(work / "iclip"),
             save_every=25,
             resume="latest",
-            workers=0,
+            workers=args.data_workers,
             mask_cache=str(work / "mask-cache"),
             progress=not args.no_progress,
         ),
@@ -244,11 +365,17 @@ def _train_iclip(args: argparse.Namespace, work: Path, world: RenderedWorld, tok
     )
 
 
-def _mask_provider(dino):
-    """The bundle's mask source: the tiny DINO's foreground at the bundle's tau, on CLIP-preprocessed inputs."""
+def _dino_blocks(args: argparse.Namespace) -> tuple[int, ...]:
+    return tuple(int(b) for b in str(args.dino_blocks).split(",") if b.strip())
+
+
+def _mask_provider(dino, args: argparse.Namespace):
+    """The bundle's mask source: the tiny DINO's foreground (``--tau``, ``--dino-blocks``) on CLIP inputs."""
     from captum_iclip.masks import DINOMaskProvider
 
-    return DINOMaskProvider(dino, tau=TAU, input_mean=OPENAI_CLIP_MEAN, input_std=OPENAI_CLIP_STD)
+    return DINOMaskProvider(
+        dino, tau=args.tau, input_mean=OPENAI_CLIP_MEAN, input_std=OPENAI_CLIP_STD, blocks=_dino_blocks(args)
+    )
 
 
 def _bundle(args: argparse.Namespace, work: Path, tokenizer) -> None:
@@ -258,7 +385,8 @@ def _bundle(args: argparse.Namespace, work: Path, tokenizer) -> None:
     from captum_iclip.world import CATEGORIES, class_names, prompt_for
 
     clip_dir, dino_dir, iclip_dir = work / "clip", work / "dino", work / "iclip"
-    dual = DualProjectionCLIP(build_clip(MODEL_CONFIG)).load(clip_dir / "final.pt")
+    model_config = clip_model_config(args, work)
+    dual = DualProjectionCLIP(build_clip(model_config)).load(clip_dir / "final.pt")
     dual.load_interpretability(iclip_dir / "interpretability_head.pt")
     # The bundle ships float16 weights: measure the models exactly as they will be loaded.
     dual = dual.half().float().eval()
@@ -271,14 +399,25 @@ def _bundle(args: argparse.Namespace, work: Path, tokenizer) -> None:
             k: v for k, v in json.loads((dino_dir / CONFIG_NAME).read_text()).get("stats", {}).items() if k != "losses"
         },
         "iclip": json.loads((iclip_dir / "stats.json").read_text()),
-        **bundle_figures(dual.clip, tokenizer, _mask_provider(dino), [prompt_for(c) for c in CATEGORIES]),
+        **bundle_figures(dual.clip, tokenizer, _mask_provider(dino, args), [prompt_for(c) for c in CATEGORIES]),
     }
-    write_bundle(Path(args.out), dual, dino_dir, figures, [prompt_for(c) for c in CATEGORIES], class_names())
+    mask_settings = {"tau": args.tau, "dino_blocks": list(_dino_blocks(args))}
+    prompts = [prompt_for(c) for c in CATEGORIES]
+    write_bundle(Path(args.out), dual, model_config, dino_dir, figures, prompts, class_names(), mask_settings)
     summary = {k: v for k, v in figures["recognition"].items() if k != "confusion"}
     print(json.dumps({"recognition": summary, "dino_masks": figures["dino_masks"]}, indent=2))
 
 
-def write_bundle(out: Path, dual, dino_dir: Path, figures: dict, prompts: list[str], names: list[str]) -> None:
+def write_bundle(
+    out: Path,
+    dual,
+    model_config: dict,
+    dino_dir: Path,
+    figures: dict,
+    prompts: list[str],
+    names: list[str],
+    mask_settings: dict,
+) -> None:
     """Write float16 weights and ``config.json`` (written last: its presence marks a complete bundle)."""
     from captum_iclip.training.dino import CONFIG_NAME, WEIGHTS_NAME
 
@@ -292,11 +431,11 @@ def write_bundle(out: Path, dual, dino_dir: Path, figures: dict, prompts: list[s
     atomic_torch_save(half(dino_state), out / "dino" / WEIGHTS_NAME)
     atomic_write_text(out / "dino" / CONFIG_NAME, (dino_dir / CONFIG_NAME).read_text())
     config = {
-        "model_config": MODEL_CONFIG,
+        "model_config": model_config,
         "image_size": IMAGE_SIZE,
         "mean": list(OPENAI_CLIP_MEAN),
         "std": list(OPENAI_CLIP_STD),
-        "tau": TAU,
+        **mask_settings,
         "class_names": names,
         "prompts": prompts,
         "training": figures,
