@@ -256,6 +256,8 @@ def _setup_distributed(device: str) -> _Distributed:
 
     target = check_device(device)
     if target.type == "cuda":
+        if target.index is None:  # plain "cuda": this process's GPU under torchrun, else the first
+            target = torch.device("cuda", local_rank)
         torch.cuda.set_device(target)
     owns_group = False
     if world_size > 1 and not dist.is_initialized():
