@@ -150,13 +150,37 @@ def _patch_grid(model: nn.Module, images: Tensor) -> GridSize:
     return height // patch_h, width // patch_w
 
 
+def _eva_query_key(attn: nn.Module, x: Tensor, rope: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Queries and keys (N, heads, T, d) of a timm ``EvaAttention``, rotary embedding applied
+    to the patch tokens as the module applies it (DINOv3, EVA02)."""
+    from timm.layers import apply_rot_embed_cat
+
+    batch, num_tokens, _ = x.shape
+    if attn.qkv is not None:
+        bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        qkv = F.linear(x, attn.qkv.weight, bias).reshape(batch, num_tokens, 3, attn.num_heads, -1)
+        q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        q = attn.q_proj(x).reshape(batch, num_tokens, attn.num_heads, -1).transpose(1, 2)
+        k = attn.k_proj(x).reshape(batch, num_tokens, attn.num_heads, -1).transpose(1, 2)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if rope is not None:
+        prefix, half = attn.num_prefix_tokens, attn.rotate_half
+        q = torch.cat([q[:, :, :prefix], apply_rot_embed_cat(q[:, :, prefix:], rope, half=half)], dim=2)
+        k = torch.cat([k[:, :, :prefix], apply_rot_embed_cat(k[:, :, prefix:], rope, half=half)], dim=2)
+    return q, k
+
+
 def _timm_cls_attention(model: nn.Module, images: Tensor, blocks: Sequence[int] = (-1,)) -> Tensor:
     from timm.layers import Attention
+    from timm.models.eva import Eva, EvaAttention
     from timm.models.vision_transformer import VisionTransformer
 
-    if not isinstance(model, VisionTransformer):
+    is_eva = isinstance(model, Eva)
+    if not isinstance(model, VisionTransformer) and not is_eva:
         raise TypeError(
-            f"model must be a timm VisionTransformer or a Hugging Face ViT/DINOv2 model, got {type(model).__name__}"
+            "model: expected a timm VisionTransformer or a Hugging Face ViT/DINOv2/DINOv3 model "
+            f"(or a timm Eva, DINOv3), got {type(model).__name__}"
         )
     if model.cls_token is None:
         raise ValueError("model has no [CLS] token (class_token=False); its [CLS] attention is undefined")
@@ -167,25 +191,31 @@ def _timm_cls_attention(model: nn.Module, images: Tensor, blocks: Sequence[int] 
             f"(this one accepts only {tuple(model.patch_embed.img_size)})"
         )
     chosen = _block_indices(blocks, len(model.blocks))
+    attention_type = EvaAttention if is_eva else Attention
     for index in chosen:
         block = model.blocks[index]
-        if not isinstance(getattr(block, "attn", None), Attention) or not hasattr(block, "norm1"):
+        if not isinstance(getattr(block, "attn", None), attention_type) or not hasattr(block, "norm1"):
             raise TypeError(
-                f"blocks: block {index} must be a pre-norm timm Block with a timm Attention module "
+                f"blocks: block {index} must be a pre-norm timm block with a timm {attention_type.__name__} module "
                 f"(got {type(block).__name__} / {type(getattr(block, 'attn', None)).__name__})"
             )
 
     tokens = model.patch_embed(images)
-    tokens = model._pos_embed(tokens)
-    tokens = model.patch_drop(tokens)
+    if is_eva:
+        if getattr(model, "rope_mixed", False):
+            raise TypeError("timm Eva models with per-block (mixed) rotary embeddings are not supported")
+        # Eva applies its patch dropout inside _pos_embed (an identity in eval mode).
+        tokens, rope = model._pos_embed(tokens)
+    else:
+        tokens, rope = model.patch_drop(model._pos_embed(tokens)), None
     tokens = model.norm_pre(tokens)
     maps = []
     for index, block in enumerate(model.blocks):
         if index in chosen:
-            maps.append(_block_cls_attention(block, tokens, model.num_prefix_tokens))
+            maps.append(_block_cls_attention(block, tokens, model.num_prefix_tokens, rope))
         if index == chosen[-1]:
             break
-        tokens = block(tokens)
+        tokens = block(tokens, rope=rope) if is_eva else block(tokens)
     return torch.stack(maps).mean(0).reshape(images.shape[0], grid_h, grid_w)
 
 
@@ -209,18 +239,24 @@ def _block_indices(blocks: Sequence[int], depth: int) -> list[int]:
     return sorted({b % depth for b in blocks})
 
 
-def _block_cls_attention(block: nn.Module, tokens: Tensor, prefix: int) -> Tensor:
+def _block_cls_attention(block: nn.Module, tokens: Tensor, prefix: int, rope: Tensor | None = None) -> Tensor:
     """``(N, T - prefix)``: the block's [CLS] attention to the patches, averaged over heads.
 
-    Recomputed from the block's own ``norm1``, ``qkv`` and ``q_norm`` / ``k_norm``:
-    the fused (SDPA) kernel that timm uses never materialises the probabilities.
+    Recomputed from the block's own ``norm1``, ``qkv`` and ``q_norm`` / ``k_norm`` (and, for a
+    timm ``EvaAttention``, its rotary embedding ``rope``): the fused (SDPA) kernel that timm
+    uses never materialises the probabilities.
     """
+    from timm.models.eva import EvaAttention
+
     attn = block.attn
     x = block.norm1(tokens)
     batch, num_tokens, _ = x.shape
-    qkv = attn.qkv(x).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim)
-    q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    if isinstance(attn, EvaAttention):
+        q, k = _eva_query_key(attn, x, rope)
+    else:
+        qkv = attn.qkv(x).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim)
+        q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
     probs = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (N, heads, 1, T)
     return probs[:, :, 0, prefix:].mean(dim=1)
 
@@ -254,15 +290,16 @@ def cls_attention(model: nn.Module, images: Tensor, blocks: Sequence[int] = (-1,
     the maps of several blocks instead (docs/methods.md §3).
 
     For a timm ``VisionTransformer`` (DINO ``vit_small_patch16_224.dino``, DINOv2
-    ``vit_small_patch14_dinov2`` / ``..._reg4_dinov2``) the blocks before the last
-    are run as usual and the last block's attention is recomputed from its
-    ``norm1``, ``attn.qkv`` and ``attn.q_norm`` / ``attn.k_norm``; the
-    ``model.num_prefix_tokens`` prefix tokens ([CLS] and registers) are dropped
-    from the keys. Any H, W divisible by the patch size works when the model was
+    ``vit_small_patch14_dinov2`` / ``..._reg4_dinov2``) or ``Eva`` (DINOv3
+    ``vit_small_patch16_dinov3``, with rotary position embeddings) the blocks
+    before the last are run as usual and the last block's attention is recomputed
+    from its ``norm1``, query/key projections, ``q_norm`` / ``k_norm`` and (Eva) its
+    rotary embedding; the ``model.num_prefix_tokens`` prefix tokens ([CLS] and
+    registers) are dropped from the keys. Any H, W divisible by the patch size works when the model was
     built with ``dynamic_img_size=True`` (positional embeddings are interpolated).
 
-    For a Hugging Face ``ViTModel`` / ``Dinov2Model`` / ``Dinov2WithRegistersModel``
-    the attention comes from ``output_attentions=True``, which needs the eager
+    For a Hugging Face ``ViTModel`` / ``Dinov2Model`` / ``Dinov2WithRegistersModel`` /
+    ``DINOv3ViTModel`` the attention comes from ``output_attentions=True``, which needs the eager
     attention implementation (``attn_implementation="eager"``).
 
     Args:
@@ -511,7 +548,7 @@ def _load_state_dict_file(path: str | os.PathLike) -> dict:
 
 def _load_timm_dino(name: str, pretrained: bool, checkpoint: str | None) -> nn.Module:
     import timm
-    from timm.models.vision_transformer import checkpoint_filter_fn
+    from timm.models import eva, vision_transformer
 
     try:
         model = timm.create_model(
@@ -525,7 +562,9 @@ def _load_timm_dino(name: str, pretrained: bool, checkpoint: str | None) -> nn.M
             f"pass checkpoint='/path/to/file' instead of pretrained=True"
         ) from error
     if checkpoint is not None:
-        state_dict = checkpoint_filter_fn(_load_state_dict_file(checkpoint), model)
+        # Each timm family maps original (e.g. DINOv3) checkpoints to its own layout.
+        family = eva if isinstance(model, eva.Eva) else vision_transformer
+        state_dict = family.checkpoint_filter_fn(_load_state_dict_file(checkpoint), model)
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         if missing:
@@ -580,7 +619,8 @@ class DINOMaskProvider(MaskProvider):
     2. resize (bilinear, antialiased) to ``image_size`` (square) or, when ``None``,
        to the model's native input size, which is a multiple of its patch size;
     3. :func:`cls_attention` gives ``A`` on the DINO patch grid (the last block's,
-       or the mean over ``blocks``);
+       or the mean over ``blocks``; register tokens, like the [CLS] token itself, are
+       excluded from the attended tokens);
     4. resample to the CLIP grid ``(h, w)``. ``resample="bilinear"`` (default)
        interpolates ``A`` bilinearly (``align_corners=False``, antialiased when
        shrinking) and applies :func:`top_mass_mask` with ``tau`` on the resampled
@@ -597,9 +637,12 @@ class DINOMaskProvider(MaskProvider):
     Args:
         model (str or nn.Module): a timm model name (e.g.
             ``"vit_small_patch16_224.dino"``, ``"vit_base_patch16_224.dino"``,
-            ``"vit_small_patch14_dinov2"``), a Hugging Face hub id or local folder
-            (``"facebook/dino-vits16"``, ``"facebook/dinov2-small"``), or a built
-            timm ``VisionTransformer`` / Hugging Face ``ViTModel`` / ``Dinov2Model``
+            ``"vit_small_patch14_dinov2"``, ``"vit_small_patch14_reg4_dinov2"``,
+            ``"vit_small_patch16_dinov3"``), a Hugging Face hub id or local folder
+            (``"facebook/dino-vits16"``, ``"facebook/dinov2-small"``,
+            ``"facebook/dinov2-with-registers-small"``), or a built timm
+            ``VisionTransformer`` / ``Eva`` or Hugging Face ``ViTModel`` / ``Dinov2Model`` /
+            ``Dinov2WithRegistersModel`` / ``DINOv3ViTModel``
             (e.g. from :func:`captum_iclip.training.dino.load_tiny_dino`). A Hugging
             Face module is switched to eager attention.
         pretrained (bool): Load a timm model's pretrained weights through timm

@@ -1,9 +1,10 @@
 """The audit itself: score every image against the prompts, draw the maps of its
 top prompts with every method, store one record per image, rebuild the page.
 
-For each image the report shows its ``top_k`` prompts with their softmax
-probabilities and, for each of them, an overlay per method; a per-prompt
-summary; the run's metadata; and the flagged cases:
+For each image the report shows its ``top_k`` prompts with the model's own
+probabilities (softmax over the prompts for CLIP, sigmoid per prompt for SigLIP)
+and, for each of them, an overlay per method; a per-prompt summary; the run's
+metadata; and the flagged cases:
 
 * *looks at the background*: more than ``background_threshold`` of the
   top-1 prompt's (min-max normalised) map mass lies outside the foreground
@@ -359,13 +360,9 @@ def _error_record(path: Path, key: str | None, settings: str, error: str) -> dic
 
 
 def probabilities(sim: CLIPSimilarity, images: Tensor) -> Tensor:
-    """Softmax probabilities over the prompts, (N, K), whatever ``sim.output`` is."""
-    scores = sim(images).float()
-    if sim.output == "probs":
-        return scores
-    if sim.output == "cosine":
-        scores = sim.logit_scale.float() * scores
-    return scores.softmax(dim=-1)
+    """The model's own probabilities (N, K), whatever ``sim.output`` is: a softmax over the
+    prompts for CLIP, a sigmoid per prompt for SigLIP (see :class:`CLIPSimilarity`)."""
+    return sim.probabilities(sim(images)).float()
 
 
 def _png(rgb: np.ndarray) -> bytes:

@@ -42,6 +42,8 @@ SUPPORTED_MODELS = (
     "open_clip CLIP/CustomTextCLIP with a VisionTransformer tower",
     "open_clip CLIP/CustomTextCLIP with a ModifiedResNet tower",
     "transformers.CLIPModel",
+    "open_clip timm towers (SigLIP, SigLIP 2, EVA02, ConvNeXt, FastViT)",
+    "transformers.SiglipModel",
 )
 
 
@@ -626,8 +628,9 @@ def get_adapter(model: nn.Module) -> VisionAdapter:
     """Pick the dense adapter for ``model``.
 
     Args:
-        model: an open_clip CLIP model (ViT or ModifiedResNet tower), a Hugging Face
-            ``CLIPModel``, or a :class:`~captum_iclip.DualProjectionCLIP` wrapping one.
+        model: an open_clip CLIP model (ViT, ModifiedResNet or timm tower: SigLIP,
+            EVA02, ConvNeXt, ...), a Hugging Face ``CLIPModel`` or ``SiglipModel``, or
+            a :class:`~captum_iclip.DualProjectionCLIP` wrapping one.
 
     Returns:
         The adapter. A ``DualProjectionCLIP`` gives its inner model's adapter with
@@ -640,6 +643,14 @@ def get_adapter(model: nn.Module) -> VisionAdapter:
     inner = getattr(model, "interpretability_head", None)
     if inner is not None and hasattr(model, "clip"):
         model, head = model.clip, inner
+    # The families with their own modules: open_clip timm towers, Hugging Face SigLIP.
+    from captum_iclip.models.hf_siglip import hf_siglip_adapter
+    from captum_iclip.models.timm_towers import timm_tower_adapter
+
+    for find in (timm_tower_adapter, hf_siglip_adapter):
+        adapter = find(model, head)
+        if adapter is not None:
+            return adapter
     visual = getattr(model, "visual", None)
     if visual is not None:
         from open_clip.modified_resnet import ModifiedResNet

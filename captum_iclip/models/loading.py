@@ -30,6 +30,15 @@ OFFLINE_HINT = (
 BUNDLED_DEFAULT = "shapes-tiny"
 
 
+TOKENIZER_HINT = (
+    "This machine could not fetch the tokenizer. Some tokenizers (SigLIP, SigLIP 2) are not bundled with "
+    "open_clip but read from the Hugging Face hub: fetch it once where there is network access "
+    "(huggingface-cli download {repo}; it is then read from the Hugging Face cache), or use a Hugging Face "
+    "model folder that holds its tokenizer files with --hf-model DIR. In Python, "
+    "CLIPSimilarity(model, text_features=...) with precomputed text embeddings needs no tokenizer."
+)
+
+
 class WeightsUnavailableError(RuntimeError):
     """Pretrained weights could not be fetched or found."""
 
@@ -150,12 +159,14 @@ def load(
 
     Args:
         spec: a bundled model name (``"shapes-tiny"``, the default when nothing is
-            given), an open_clip architecture name (``"ViT-B-16"``, ``"RN50"``), or
+            given), an open_clip architecture name (``"ViT-B-16"``, ``"RN50"``,
+            ``"ViT-B-16-SigLIP"``, ``"EVA02-B-16"``, ``"convnext_base"``, ...), or
             a Hugging Face id or local folder (same as ``hf_model``).
         pretrained: an open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b88k"``),
             fetched and cached as open_clip does.
         checkpoint: a local open_clip checkpoint file for ``spec``.
-        hf_model: a Hugging Face ``CLIPModel`` id or local folder.
+        hf_model: a Hugging Face id or local folder with a ``CLIPModel``, ``SiglipModel``
+            or ``Siglip2Model`` (chosen by the folder's ``config.json``).
         model_config: an open_clip model-config JSON to register first; its file
             stem is the architecture name (``spec`` may be omitted).
         device: where to put the model.
@@ -321,6 +332,14 @@ def _load_open_clip(request: ModelSpec) -> LoadedCLIP:
         raise WeightsUnavailableError(f"checkpoint: expected a file, got {checkpoint!r} (no file there)")
     weights = None if request.from_scratch else checkpoint or pretrained
     extra = {"force_image_size": request.image_size} if request.image_size else {}
+    # The tokenizer first: it is small, and a missing one should not cost a weights download.
+    try:
+        tokenizer = open_clip.get_tokenizer(name)
+    except (OSError, ImportError, ValueError) as error:
+        repo = (open_clip.get_model_config(name) or {}).get("text_cfg", {}).get("hf_tokenizer_name") or name
+        raise WeightsUnavailableError(
+            f"could not load the tokenizer of open_clip {name!r}: {error}\n{TOKENIZER_HINT.format(repo=repo)}"
+        ) from error
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=weights, device=request.device, **extra
@@ -339,31 +358,65 @@ def _load_open_clip(request: ModelSpec) -> LoadedCLIP:
         ) from error
     size = model.visual.image_size
     size = request.image_size or (size if isinstance(size, int) else size[0])
-    return LoadedCLIP(model.eval(), preprocess, open_clip.get_tokenizer(name), f"{name}/{weights}", int(size))
+    return LoadedCLIP(model.eval(), preprocess, tokenizer, f"{name}/{weights}", int(size))
 
 
 def _load_hf(request: ModelSpec) -> LoadedCLIP:
-    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+    """A Hugging Face ``CLIPModel``, ``SiglipModel`` or ``Siglip2Model`` (by the config's ``model_type``)."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPModel, Siglip2Model, SiglipModel
 
     model_id = request.hf_model
     local = Path(model_id).is_dir()
     try:
-        model = CLIPModel.from_pretrained(model_id, local_files_only=local).to(request.device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=local)
-        processor = CLIPImageProcessor.from_pretrained(model_id, local_files_only=local)
+        model_type = AutoConfig.from_pretrained(model_id, local_files_only=local).model_type
+        model_class = {"siglip": SiglipModel, "siglip2": Siglip2Model}.get(model_type, CLIPModel)
+        model = model_class.from_pretrained(model_id, local_files_only=local).to(request.device).eval()
+        processor = AutoImageProcessor.from_pretrained(model_id, local_files_only=local)
     except OSError as error:
         raise WeightsUnavailableError(
             f"could not load Hugging Face model {model_id!r}: {error}\n{OFFLINE_HINT}"
         ) from error
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=local)
+    except (OSError, ImportError, ValueError) as error:
+        raise WeightsUnavailableError(
+            f"could not load the tokenizer of Hugging Face model {model_id!r}: {error}\n"
+            f"{TOKENIZER_HINT.format(repo=model_id)}"
+        ) from error
+    if model_type == "siglip2":
+        preprocess, size = _siglip2_preprocess(processor, model, request.image_size)
+        return LoadedCLIP(model, preprocess, tokenizer, model_id, size)
     size = request.image_size or model.config.vision_config.image_size
 
     def preprocess(image) -> torch.Tensor:
-        out = processor(
-            images=image, return_tensors="pt", size={"shortest_edge": size}, crop_size={"height": size, "width": size}
-        )
+        if model_type == "siglip":  # SigLIP resizes to a square without cropping
+            out = processor(images=image, return_tensors="pt", size={"height": size, "width": size})
+        else:
+            out = processor(
+                images=image,
+                return_tensors="pt",
+                size={"shortest_edge": size},
+                crop_size={"height": size, "width": size},
+            )
         return out["pixel_values"][0]
 
     return LoadedCLIP(model, preprocess, tokenizer, model_id, int(size))
+
+
+def _siglip2_preprocess(processor, model: nn.Module, image_size: int | None) -> tuple[Callable, int]:
+    """SigLIP 2 (NaFlex) images as (3, S, S) tensors, with ``S``: resized (the processor's resampling) to a
+    square whose patch grid is the model's position grid, rescaled and normalised as the processor does."""
+    from torchvision.transforms import functional as TF
+
+    vision = model.config.vision_config
+    size = image_size or int(round(vision.num_patches**0.5)) * vision.patch_size
+
+    def preprocess(image) -> torch.Tensor:
+        image = TF.resize(image.convert("RGB"), [size, size], interpolation=TF.InterpolationMode.BILINEAR)
+        pixels = TF.to_tensor(image) * (255 * processor.rescale_factor)
+        return TF.normalize(pixels, processor.image_mean, processor.image_std)
+
+    return preprocess, int(size)
 
 
 FAMILIES: list[tuple[str, Callable[[ModelSpec], bool], Callable[[ModelSpec], LoadedCLIP]]] = [
@@ -372,7 +425,9 @@ FAMILIES: list[tuple[str, Callable[[ModelSpec], bool], Callable[[ModelSpec], Loa
     ("open_clip", lambda request: True, _load_open_clip),
 ]
 """``(family, recognises(request), load(request))`` tried in order; the first that
-recognises the request loads it. New families go before ``open_clip`` (the fallback)."""
+recognises the request loads it. New families go before ``open_clip`` (the fallback).
+``huggingface`` covers ``CLIPModel``, ``SiglipModel`` and ``Siglip2Model`` folders; open_clip's
+timm towers (SigLIP, EVA02, ConvNeXt, FastViT) load through ``open_clip``."""
 
 load_clip = load
 """The former name of :func:`load` (same arguments: ``load_clip(model_name, pretrained, ...)``)."""
