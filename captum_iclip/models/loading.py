@@ -408,11 +408,13 @@ def _siglip2_preprocess(processor, model: nn.Module, image_size: int | None) -> 
     square whose patch grid is the model's position grid, rescaled and normalised as the processor does."""
     from torchvision.transforms import functional as TF
 
+    from captum_iclip._io import read_image
+
     vision = model.config.vision_config
     size = image_size or int(round(vision.num_patches**0.5)) * vision.patch_size
 
     def preprocess(image) -> torch.Tensor:
-        image = TF.resize(image.convert("RGB"), [size, size], interpolation=TF.InterpolationMode.BILINEAR)
+        image = TF.resize(read_image(image), [size, size], interpolation=TF.InterpolationMode.BILINEAR)
         pixels = TF.to_tensor(image) * (255 * processor.rescale_factor)
         return TF.normalize(pixels, processor.image_mean, processor.image_std)
 
