@@ -67,7 +67,6 @@ from captum_iclip import (
     LeGradAttribution,
     get_adapter,
 )
-from captum_iclip.models.hf_siglip import patchify
 from captum_iclip.models.loading import WeightsUnavailableError
 
 PROMPTS = [
@@ -231,22 +230,16 @@ def main() -> None:
     integrated_gradients = IntegratedGradients(sim)
     gem, legrad, chefer = GEMAttribution(sim), LeGradAttribution(sim), CheferRelevancy(sim)
 
-    if args.model == "hf-siglip2":  # its processor delivers flattened patches: made here, outside the timing
-        patch = sim.adapter.patch_size[0]
-        grid = [size[0] // patch, size[1] // patch]
-        hf_inputs = dict(
-            pixel_values=patchify(images, patch),
-            spatial_shapes=torch.tensor([grid] * args.batch),
-            pixel_attention_mask=torch.ones(args.batch, grid[0] * grid[1], dtype=torch.long),
-        )
-    else:
-        hf_inputs = dict(pixel_values=images)
+    # Hugging Face towers: the inputs their processor gives (flattened patches for SigLIP 2), made outside the timing.
+    own_inputs = None if hasattr(model, "encode_image") else sim.adapter.own_image_inputs(images)
+    with torch.no_grad():  # parity of the dense features' global entry with the model's own embedding
+        parity = (sim.adapter.dense_features(images)[:, 0] - sim.adapter.own_image_features(images)).abs().max()
 
     def encode_image():
         with torch.no_grad():
-            if hasattr(model, "encode_image"):
+            if own_inputs is None:
                 return model.encode_image(images)
-            return model.get_image_features(**hf_inputs)
+            return model.get_image_features(**own_inputs)
 
     def layer_gradcam():
         return LayerAttribution.interpolate(gradcam.attribute(images, target=0), size, "bilinear")
@@ -270,10 +263,10 @@ def main() -> None:
     # Methods the tower does not have (surgery on a convolutional trunk, the block-loop methods
     # outside the class-token ViTs) are left out, with the library's own reason.
     skipped = {}
-    checks = {"ITSM surgery": lambda: sim.adapter.check_surgery_depth(1)}
+    requirements = {"ITSM surgery": lambda: sim.adapter.check_surgery_depth(1)}
     for name in ("GEM", "LeGrad", "Chefer relevancy", *VARIANT_TITLES.values()):
-        checks[name] = lambda name=name: sim.adapter.block_views(name)
-    for name, check in checks.items():
+        requirements[name] = lambda name=name: sim.adapter.block_views(name)
+    for name, check in requirements.items():
         try:
             check()
         except (TypeError, NotImplementedError) as error:
@@ -311,6 +304,7 @@ def main() -> None:
         f"median of {args.repeats} rounds ({args.ig_repeats} for Integrated Gradients); "
         "CPU = this process's CPU time, steadier than wall time on a shared machine\n"
     )
+    print(f"global entry of the dense features vs the model's own embedding: max|diff| {parity:.2e}")
     for name, reason in skipped.items():
         print(f"skipped {name}: {reason}")
     wall_unit, cpu_unit = results["encode_image"]

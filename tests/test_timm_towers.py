@@ -10,7 +10,10 @@ jittered weights, built once per module:
   pooling head run on a sequence (or a 1x1 map) holding only that position;
 * scores: SigLIP logits against the model's own forward, sigmoid per prompt;
 * ITSM raw / surgery shapes, surgery's NotImplementedError on a convolutional trunk;
-* Captum's IntegratedGradients, NoiseTunnel and LayerGradCam on every family.
+* Captum's IntegratedGradients, NoiseTunnel and LayerGradCam on every family;
+* DualProjectionCLIP.encode_image is the model's own embedding (SigLIP 2 NaFlex included);
+* the block-loop methods (GEM, LeGrad, Chefer, ITSM path variants) raise an error naming the
+  model and the reason, and the method registry marks them unavailable.
 """
 
 from __future__ import annotations
@@ -26,7 +29,15 @@ from timm.models.vision_transformer import VisionTransformer
 from transformers import Siglip2Config, Siglip2Model, SiglipConfig, SiglipModel
 from transformers.models.siglip2.image_processing_siglip2 import convert_image_to_patches
 
-from captum_iclip import CLIPSimilarity, DualProjectionCLIP, ITSMAttribution, get_adapter
+from captum_iclip import (
+    CheferRelevancy,
+    CLIPSimilarity,
+    DualProjectionCLIP,
+    GEMAttribution,
+    ITSMAttribution,
+    LeGradAttribution,
+    get_adapter,
+)
 from captum_iclip.models.hf_siglip import HFSiglip2Adapter, HFSiglipAdapter
 from captum_iclip.models.timm_towers import TimmConvAdapter, TimmViTAdapter
 
@@ -390,3 +401,50 @@ def test_captum_methods_run_on_every_family(name, request):
     cam = LayerGradCam(sim, sim.gradcam_layer()).attribute(images, target=1)
     grid = sim.adapter.grid_size(side, side)
     assert cam.shape == (1, 1, *grid) and cam.abs().sum() > 0
+
+
+# --- the dual-projection wrapper's recognition embedding ---------------------------------------
+@pytest.mark.parametrize("name", FAMILIES)
+def test_dual_projection_encode_image_is_the_models_own(name, request):
+    # SigLIP 2's NaFlex tower takes flattened patches: the wrapper builds what its processor gives.
+    model = request.getfixturevalue(name)
+    images = make_images(2, 3, image_side(name), image_side(name), seed=12)
+    with torch.no_grad():
+        own = own_embedding(model, images)
+        dual = DualProjectionCLIP(model).encode_image(images)
+        normalized = DualProjectionCLIP(model).encode_image(images, normalize=True)
+    assert torch.equal(dual, own)
+    torch.testing.assert_close(normalized, torch.nn.functional.normalize(own, dim=-1), rtol=0, atol=1e-7)
+
+
+# --- the dense methods of the shared block loop ------------------------------------------------
+@pytest.mark.parametrize("name", FAMILIES)
+def test_block_loop_methods_name_the_model_and_the_reason(name, request):
+    from captum_iclip.evaluation.methods import VIT_METHODS, available_methods, build_method
+
+    model = request.getfixturevalue(name)
+    sim = CLIPSimilarity(model, text_features=torch.randn(2, get_adapter(model).embed_dim))
+    images = make_images(1, 3, image_side(name), image_side(name), seed=13)
+    if name == "convnext":  # no transformer blocks at all, as for a ResNet
+        error, message = TypeError, r"model: GEMAttribution needs a ViT tower .*got a open_clip timm ConvNeXt"
+    else:
+        model_name = {"hf_siglip": "SiglipModel", "hf_siglip2": "Siglip2Model"}.get(name, r"(VisionTransformer|Eva) ")
+        reason = "pool" if name in ("siglip", "hf_siglip", "hf_siglip2") else "block loop"
+        message = rf"model: GEMAttribution expected a class-token ViT tower .*, got .*{model_name}.*; .*{reason}"
+        error = NotImplementedError
+    with pytest.raises(error, match=message):
+        GEMAttribution(sim).attribute(images)
+    for run in (
+        lambda: LeGradAttribution(sim).attribute(images),
+        lambda: CheferRelevancy(sim).attribute(images),
+        lambda: ITSMAttribution(sim).attribute(images, variant="naclip"),
+    ):
+        with pytest.raises(error, match=r"model: (LeGradAttribution|CheferRelevancy|variant='naclip') "):
+            run()
+    # The registry marks them unavailable, and surgery on the convolutional trunk too.
+    available = available_methods(sim)
+    assert not any(available[method] for method in VIT_METHODS)
+    assert available["raw"] and available["surgery"] == (name != "convnext")
+    if name == "convnext":
+        with pytest.raises(ValueError, match=r"got 'surgery' \(it needs a tower CLIP Surgery is defined on"):
+            build_method("surgery", sim)

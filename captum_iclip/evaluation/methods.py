@@ -75,6 +75,8 @@ class MethodInfo:
         needs_interpretability: applies only to models with an interpretability
             projection (a ``DualProjectionCLIP``).
         needs_vit: applies only to ViT towers (the methods that hook the block loop).
+        needs_surgery: applies only to towers CLIP Surgery is defined on (not the
+            convolutional timm trunks, docs/methods.md §8).
     """
 
     name: str
@@ -85,10 +87,13 @@ class MethodInfo:
     itsm: tuple[str, str] | None = None
     needs_interpretability: bool = False
     needs_vit: bool = False
+    needs_surgery: bool = False
 
     def applies_to(self, sim: CLIPSimilarity) -> bool:
         """Whether the method can explain ``sim``."""
         if self.needs_vit and not isinstance(sim.adapter, ViTAdapter):
+            return False
+        if self.needs_surgery and not sim.adapter.has_surgery:
             return False
         return not self.needs_interpretability or sim.adapter.interpretability_head is not None
 
@@ -97,6 +102,8 @@ class MethodInfo:
         """What the method needs of the model, for error messages."""
         if self.needs_interpretability:
             return "needs a DualProjectionCLIP model (an interpretability projection)"
+        if self.needs_surgery:
+            return "needs a tower CLIP Surgery is defined on (a ViT, EVA or ResNet attention pool)"
         return "needs a ViT tower" if self.needs_vit else "applies to every model"
 
 
@@ -264,6 +271,7 @@ for _info in (
         "itsm",
         _itsm_builder("surgery", "recognition"),
         itsm=("surgery", "recognition"),
+        needs_surgery=True,
     ),
     MethodInfo(
         "iclip",

@@ -20,7 +20,10 @@ block views, so CLIP Surgery and the attention variants of the other dense metho
 
 Supported families: open_clip ``VisionTransformer`` (any patch size, any input
 size divisible by it), open_clip ``ModifiedResNet`` (RN50, RN101, RN50x4, ...) and
-Hugging Face ``transformers.CLIPModel``.
+Hugging Face ``transformers.CLIPModel`` here; open_clip's timm towers (SigLIP, SigLIP 2,
+EVA02, ConvNeXt, FastViT) in :mod:`captum_iclip.models.timm_towers` and Hugging Face
+``SiglipModel`` / ``Siglip2Model`` in :mod:`captum_iclip.models.hf_siglip`
+(docs/methods.md §8).
 """
 
 from __future__ import annotations
@@ -45,6 +48,18 @@ SUPPORTED_MODELS = (
     "open_clip timm towers (SigLIP, SigLIP 2, EVA02, ConvNeXt, FastViT)",
     "transformers.SiglipModel",
 )
+
+#: The one block loop (:func:`~captum_iclip.models.blocks.run_blocks`) reads the global token
+#: as token 0 of the original path; what the towers without one lack for the block-loop methods.
+BLOCK_LOOP_TOWERS = (
+    "a class-token ViT tower run by the shared block loop (open_clip VisionTransformer, transformers.CLIPModel)"
+)
+
+
+def block_loop_unavailable(method: str, model: str, reason: str) -> NotImplementedError:
+    """The error of a block-loop method (GEM, LeGrad, Chefer, the ITSM path variants) on a
+    transformer tower the block loop does not run, naming the method, the model and why."""
+    return NotImplementedError(f"model: {method} expected {BLOCK_LOOP_TOWERS}, got {model}; {reason}")
 
 
 class GridTap(nn.Identity):
@@ -168,6 +183,11 @@ class VisionAdapter:
         surgery is a single switch (the ResNet attention pool: any depth > 0 turns it on)."""
         return None
 
+    @property
+    def has_surgery(self) -> bool:
+        """Whether CLIP Surgery (docs/methods.md §2) is defined on this tower."""
+        return True
+
     def check_surgery_depth(self, surgery_depth: int) -> None:
         """Raise ``TypeError``/``ValueError`` naming ``surgery_depth`` if it does not fit the tower."""
         check_depth(surgery_depth, self.num_blocks)
@@ -249,6 +269,18 @@ class VisionAdapter:
     def encode_image(self, images: Tensor) -> Tensor:
         """The recognition image embedding, equal to the library's ``encode_image``."""
         return self.project_global(self.tokens(images))
+
+    def own_image_inputs(self, images: Tensor) -> dict[str, Tensor]:
+        """The keyword inputs of a Hugging Face model's ``get_image_features`` for (N, 3, H, W) images."""
+        return {"pixel_values": images}
+
+    def own_image_features(self, images: Tensor) -> Tensor:
+        """The model's own image embedding (N, D) by its own forward: open_clip's ``encode_image``,
+        or Hugging Face's ``get_image_features`` on :meth:`own_image_inputs`."""
+        if hasattr(self.model, "encode_image"):
+            return self.model.encode_image(images)
+        out = self.model.get_image_features(**self.own_image_inputs(images))
+        return out if isinstance(out, Tensor) else out.pooler_output
 
     def dense_features(
         self,

@@ -22,7 +22,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from captum_iclip.models.adapters import VisionAdapter, self_value_attention
+from captum_iclip.models.adapters import VisionAdapter, block_loop_unavailable
+from captum_iclip.models.attention import self_value_attention
+from captum_iclip.models.blocks import BlockView
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
@@ -87,6 +89,14 @@ class HFSiglipAdapter(VisionAdapter):
     @property
     def num_blocks(self) -> int:
         return len(self.vision.encoder.layers)
+
+    def block_views(self, method: str = "this method") -> list[BlockView]:
+        reason = (
+            "its embedding is an attention pool with a learned probe over every output token (no class "
+            "token), which a second path for the patch tokens or an attention record read at the class "
+            "token does not express"
+        )
+        raise block_loop_unavailable(method, self.family, reason)
 
     def _embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Patch and position embeddings (N, h*w, C) of ``images`` and their patch grid."""
@@ -206,6 +216,18 @@ class HFSiglip2Adapter(HFSiglipAdapter):
             emb.position_embedding.weight.reshape(size, size, -1), shapes, max_length=grid[0] * grid[1]
         )
         return x + positions, grid
+
+    def own_image_inputs(self, images: Tensor) -> dict[str, Tensor]:
+        """What SigLIP 2's image processor gives for full images: flattened patches, a mask
+        with every patch valid, and each image's patch grid."""
+        patch = self.patch_size[0]
+        n, _, height, width = images.shape
+        grid = (height // patch, width // patch)
+        return {
+            "pixel_values": patchify(images, patch),
+            "pixel_attention_mask": torch.ones(n, grid[0] * grid[1], dtype=torch.long, device=images.device),
+            "spatial_shapes": torch.tensor([grid] * n, device=images.device),
+        }
 
     def encode_text(self, prompts: Sequence[str], tokenizer: Callable) -> Tensor:
         # SigLIP 2 was trained on lowercased text padded to its full length (64 tokens; its model card).

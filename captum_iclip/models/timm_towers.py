@@ -35,7 +35,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from captum_iclip.models.adapters import OpenCLIPAdapter, self_value_attention
+from captum_iclip.models.adapters import OpenCLIPAdapter, block_loop_unavailable
+from captum_iclip.models.attention import self_value_attention
+from captum_iclip.models.blocks import BlockView
 
 
 def _pair(value) -> tuple[int, int]:
@@ -199,6 +201,20 @@ class TimmViTAdapter(TimmTowerAdapter):
     @property
     def num_prefix_tokens(self) -> int:
         return self.trunk.num_prefix_tokens
+
+    def block_views(self, method: str = "this method") -> list[BlockView]:
+        if self.pool_kind == "map":
+            reason = (
+                "its embedding is a latent-query attention pool over every output token (no class token), "
+                "which a second path for the patch tokens or an attention record read at the class token "
+                "does not express"
+            )
+        else:
+            reason = (
+                "timm's blocks (rotary embeddings, prefix and register tokens) are not wired into the "
+                "shared block loop; ITSM plain and surgery work on this tower"
+            )
+        raise block_loop_unavailable(method, self.model_name, reason)
 
     # --- embedding ------------------------------------------------------------------
     def _rope(self, grid: tuple[int, int]):
@@ -378,6 +394,10 @@ class TimmConvAdapter(TimmTowerAdapter):
         info = getattr(self.trunk, "feature_info", None)
         reduction = info[-1]["reduction"] if info else 32
         return (reduction, reduction)
+
+    @property
+    def has_surgery(self) -> bool:
+        return False
 
     def check_surgery_depth(self, surgery_depth: int) -> None:
         super().check_surgery_depth(surgery_depth)
