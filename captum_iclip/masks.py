@@ -89,7 +89,7 @@ def top_mass_mask(attention: Tensor, tau: float) -> Tensor:
         )
     flat = attention.detach().flatten(1).to(torch.float64)
     if not torch.isfinite(flat).all() or (flat < 0).any():
-        raise ValueError("attention must be finite and non-negative")
+        raise ValueError("attention: expected finite, non-negative values, got NaN, inf or negative values")
     values, order = torch.sort(flat, dim=1, descending=True, stable=True)
     cumulative = values.cumsum(dim=1)
     # Use the cumulative sum's own total so that rounding cannot leave the last
@@ -145,7 +145,7 @@ def _patch_grid(model: nn.Module, images: Tensor) -> GridSize:
     patch_h, patch_w = dino_patch_size(model)
     if height % patch_h or width % patch_w:
         raise ValueError(
-            f"images must have H, W divisible by the DINO patch size {(patch_h, patch_w)}, got {(height, width)}"
+            f"images: expected H, W divisible by the DINO patch size {(patch_h, patch_w)}, got {(height, width)}"
         )
     return height // patch_h, width // patch_w
 
@@ -183,12 +183,12 @@ def _timm_cls_attention(model: nn.Module, images: Tensor, blocks: Sequence[int] 
             f"(or a timm Eva, DINOv3), got {type(model).__name__}"
         )
     if model.cls_token is None:
-        raise ValueError("model has no [CLS] token (class_token=False); its [CLS] attention is undefined")
+        raise ValueError("model: expected a DINO model with a [CLS] token (its [CLS] attention), got class_token=False")
     grid_h, grid_w = _patch_grid(model, images)
     if not model.dynamic_img_size and tuple(images.shape[-2:]) != tuple(model.patch_embed.img_size):
         raise ValueError(
-            f"images of size {tuple(images.shape[-2:])} need a timm model built with dynamic_img_size=True "
-            f"(this one accepts only {tuple(model.patch_embed.img_size)})"
+            f"images: expected the size {tuple(model.patch_embed.img_size)} this timm model accepts (or a model "
+            f"built with dynamic_img_size=True), got {tuple(images.shape[-2:])}"
         )
     chosen = _block_indices(blocks, len(model.blocks))
     attention_type = EvaAttention if is_eva else Attention
@@ -196,14 +196,16 @@ def _timm_cls_attention(model: nn.Module, images: Tensor, blocks: Sequence[int] 
         block = model.blocks[index]
         if not isinstance(getattr(block, "attn", None), attention_type) or not hasattr(block, "norm1"):
             raise TypeError(
-                f"blocks: block {index} must be a pre-norm timm block with a timm {attention_type.__name__} module "
-                f"(got {type(block).__name__} / {type(getattr(block, 'attn', None)).__name__})"
+                f"blocks: expected pre-norm timm blocks with a timm {attention_type.__name__} module, got block "
+                f"{index}: {type(block).__name__} / {type(getattr(block, 'attn', None)).__name__}"
             )
 
     tokens = model.patch_embed(images)
     if is_eva:
         if getattr(model, "rope_mixed", False):
-            raise TypeError("timm Eva models with per-block (mixed) rotary embeddings are not supported")
+            raise TypeError(
+                "model: expected a timm Eva with one rotary embedding for all blocks, got per-block (mixed) ones"
+            )
         # Eva applies its patch dropout inside _pos_embed (an identity in eval mode).
         tokens, rope = model._pos_embed(tokens)
     else:
@@ -265,9 +267,9 @@ def _hf_cls_attention(model: nn.Module, images: Tensor, blocks: Sequence[int] = 
     implementation = getattr(model.config, "_attn_implementation", None)
     if implementation != "eager":
         raise ValueError(
-            f"the Hugging Face model uses attn_implementation={implementation!r}, which does not "
-            "return attention probabilities; load it with attn_implementation='eager' or call "
-            "model.set_attn_implementation('eager')"
+            "model: expected a Hugging Face model with attn_implementation='eager' (the only one that returns "
+            "attention probabilities; load it so or call model.set_attn_implementation('eager')), got "
+            f"{implementation!r}"
         )
     grid_h, grid_w = _patch_grid(model, images)
     kwargs = {"output_attentions": True}
@@ -279,7 +281,9 @@ def _hf_cls_attention(model: nn.Module, images: Tensor, blocks: Sequence[int] = 
     # [CLS] first, then any register tokens, then the patches.
     prefix = probs.shape[-1] - grid_h * grid_w
     if prefix < 1:
-        raise ValueError(f"expected a [CLS] token before the {grid_h * grid_w} patch tokens")
+        raise ValueError(
+            f"model: expected a [CLS] token before the {grid_h * grid_w} patch tokens, got {probs.shape[-1]} tokens"
+        )
     return probs[:, :, 0, prefix:].mean(dim=1).reshape(images.shape[0], grid_h, grid_w)
 
 
@@ -399,7 +403,7 @@ class MaskProvider(nn.Module):
         expected = (images.shape[0], grid_h * grid_w)
         if not isinstance(mask, Tensor) or tuple(mask.shape) != expected:
             raise ValueError(
-                f"{type(self).__name__} must return a mask of shape {expected}, got "
+                f"{type(self).__name__}: expected to return a mask of shape {expected}, got "
                 f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}"
             )
         mask = mask.to(device=images.device, dtype=torch.bool)
@@ -416,7 +420,7 @@ def _as_bool_mask(mask: Tensor, argument: str) -> Tensor:
         return mask
     if mask.is_floating_point() or mask.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
         if not ((mask == 0) | (mask == 1)).all():
-            raise ValueError(f"{argument} must be boolean or contain only 0 and 1")
+            raise ValueError(f"{argument}: expected a boolean mask or only 0 and 1, got other values")
         return mask != 0
     raise TypeError(f"{argument}: expected a boolean or 0/1 tensor, got dtype {mask.dtype}")
 
@@ -450,17 +454,21 @@ class FixedMaskProvider(MaskProvider):
 
     def compute_mask(self, images: Tensor, grid_size: GridSize) -> Tensor:
         if self.grid_size is not None and tuple(self.grid_size) != tuple(grid_size):
-            raise ValueError(f"the fixed mask has grid {self.grid_size}, but grid_size={tuple(grid_size)}")
+            raise ValueError(
+                f"grid_size: expected the fixed mask's grid {tuple(self.grid_size)}, got {tuple(grid_size)}"
+            )
         if self.mask.shape[1] != grid_size[0] * grid_size[1]:
             raise ValueError(
-                f"the fixed mask has {self.mask.shape[1]} patches, but grid_size={tuple(grid_size)} "
-                f"has {grid_size[0] * grid_size[1]}"
+                f"grid_size: expected a grid of the fixed mask's {self.mask.shape[1]} patches, got {tuple(grid_size)} "
+                f"({grid_size[0] * grid_size[1]} patches)"
             )
         batch = images.shape[0]
         if self.mask.shape[0] == 1:
             return self.mask.expand(batch, -1)
         if self.mask.shape[0] != batch:
-            raise ValueError(f"the fixed mask holds {self.mask.shape[0]} masks, but the batch has {batch} images")
+            raise ValueError(
+                f"images: expected a batch of {self.mask.shape[0]} images (one per fixed mask), got {batch} images"
+            )
         return self.mask
 
 
@@ -489,7 +497,7 @@ class CallableMaskProvider(MaskProvider):
         allowed = ((images.shape[0], grid_h, grid_w), (images.shape[0], grid_h * grid_w))
         if not isinstance(mask, Tensor) or tuple(mask.shape) not in allowed:
             raise ValueError(
-                f"the mask function must return a tensor of shape {allowed[0]} or {allowed[1]}, got "
+                f"mask function: expected to return a tensor of shape {allowed[0]} or {allowed[1]}, got "
                 f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}"
             )
         return _as_bool_mask(mask, "the mask function's output").flatten(1)
@@ -521,7 +529,7 @@ def as_mask_provider(obj: MaskProvider | MaskFn | Tensor) -> MaskProvider:
     if callable(obj):
         return CallableMaskProvider(obj)
     raise TypeError(
-        f"a mask provider must be a MaskProvider, a callable (images, grid_size) -> mask or a mask tensor, "
+        f"mask_provider: expected a MaskProvider, a callable (images, grid_size) -> mask or a mask tensor, "
         f"got {type(obj).__name__}"
     )
 
@@ -537,7 +545,7 @@ def _load_state_dict_file(path: str | os.PathLike) -> dict:
             checkpoint = checkpoint[key]
             break
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"checkpoint {path!s} does not hold a state dict")
+        raise ValueError(f"checkpoint: expected a state dict, got a {type(checkpoint).__name__} in {path!s}")
     state_dict = {}
     for name, value in checkpoint.items():
         for prefix in ("module.", "backbone."):
@@ -556,7 +564,7 @@ def _load_timm_dino(name: str, pretrained: bool, checkpoint: str | None) -> nn.M
         )
     except Exception as error:  # offline hub / missing file: say what to do
         raise RuntimeError(
-            f"could not download the pretrained weights of timm model {name!r} ({error}). "
+            f"pretrained: expected the weights of timm model {name!r} to be downloadable, got {error}. "
             f"Download them on a machine with network access (e.g. the 'timm/{name}' Hugging Face "
             f"repository, file model.safetensors or pytorch_model.bin, or the original DINO .pth) and "
             f"pass checkpoint='/path/to/file' instead of pretrained=True"
@@ -568,7 +576,9 @@ def _load_timm_dino(name: str, pretrained: bool, checkpoint: str | None) -> nn.M
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         if missing:
-            raise ValueError(f"checkpoint {checkpoint!s} lacks weights of {name!r}: {missing[:5]}...")
+            raise ValueError(
+                f"checkpoint: expected every weight of {name!r}, got {checkpoint!s} without {missing[:5]}..."
+            )
         if unexpected:
             warnings.warn(f"checkpoint {checkpoint!s}: ignored unexpected keys {unexpected[:5]}...", stacklevel=3)
     elif not pretrained:
@@ -602,7 +612,7 @@ def _load_hf_dino(name: str) -> tuple[nn.Module, tuple[float, ...], tuple[float,
         return load(local_files_only=False)
     except OSError as error:
         raise RuntimeError(
-            f"could not load the Hugging Face model {name!r} from the local cache or the hub ({error}). "
+            f"model: expected a Hugging Face model {name!r} in the local cache or on the hub, got {error}. "
             "Download it where the network is reachable (e.g. `huggingface-cli download "
             f"{name} --local-dir DIR`) and pass model='DIR'"
         ) from error
@@ -685,7 +695,7 @@ class DINOMaskProvider(MaskProvider):
             raise ValueError(f"resample: expected one of {_RESAMPLE_MODES}, got {resample!r}")
         for argument, value in (("input_mean", input_mean), ("input_std", input_std)):
             if len(value) != 3:
-                raise ValueError(f"{argument} must hold 3 values (RGB), got {value!r}")
+                raise ValueError(f"{argument}: expected 3 values (RGB), got {value!r}")
         if any(s <= 0 for s in input_std):
             raise ValueError(f"input_std: expected a positive value, got {input_std!r}")
 
@@ -693,21 +703,31 @@ class DINOMaskProvider(MaskProvider):
         self.model_name = model if isinstance(model, str) else type(model).__name__
         if isinstance(model, str):
             if checkpoint is not None and pretrained:
-                raise ValueError("pass either pretrained=True or checkpoint=PATH, not both")
+                raise ValueError(
+                    f"checkpoint: expected None with pretrained=True (one source of weights), got {checkpoint!r}"
+                )
             import timm
 
             if timm.is_model(model):
                 model = _load_timm_dino(model, pretrained, checkpoint)
             elif os.path.isdir(model) or "/" in model:
                 if pretrained or checkpoint is not None:
-                    raise ValueError("pretrained and checkpoint apply to timm model names only")
+                    raise ValueError(
+                        "pretrained: expected pretrained=False and checkpoint=None for a Hugging Face model (they "
+                        f"apply to timm model names), got pretrained={pretrained!r}, checkpoint={checkpoint!r}"
+                    )
                 model, dino_mean, dino_std = _load_hf_dino(model)
             else:
-                raise ValueError(f"model {model!r} is neither a timm model name, a Hugging Face id nor a local folder")
+                raise ValueError(
+                    f"model: expected a timm model name, a Hugging Face id or a local folder, got {model!r}"
+                )
         elif not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a model name or an nn.Module, got {type(model).__name__}")
         elif pretrained or checkpoint is not None:
-            raise ValueError("pretrained and checkpoint apply to model names, not to a built module")
+            raise ValueError(
+                "pretrained: expected pretrained=False and checkpoint=None for a built module (they apply to "
+                f"model names), got pretrained={pretrained!r}, checkpoint={checkpoint!r}"
+            )
 
         if _is_hf_model(model):
             if getattr(model.config, "_attn_implementation", None) != "eager":

@@ -97,7 +97,7 @@ class CLIPSimilarity(nn.Module):
         self.prompts: list | None = None
         if text_features is not None:
             if prompts is not None:
-                raise ValueError("prompts: give either prompts or text_features, not both")
+                raise ValueError(f"prompts: expected None with text_features (one source of prompts), got {prompts!r}")
             self.register_buffer("text_features", self._check_text_features(text_features))
         else:
             self.register_buffer("text_features", self.encode_prompts(self._check_prompts(prompts)))
@@ -118,7 +118,7 @@ class CLIPSimilarity(nn.Module):
                 )
             templates = list(templates)
             if not templates:
-                raise ValueError("templates: expected at least one template (or None)")
+                raise ValueError("templates: expected at least one template (or None), got an empty list")
             bad = [t for t in templates if not (isinstance(t, str) or callable(t))]
             if bad:
                 raise TypeError(f"templates: expected strings or callables, got {bad[0]!r}")
@@ -126,21 +126,27 @@ class CLIPSimilarity(nn.Module):
 
     def _check_prompts(self, prompts: Sequence[str] | None) -> list:
         if prompts is None:
-            raise ValueError("prompts: give a non-empty list of texts (or text_features)")
+            raise ValueError("prompts: expected a non-empty list of texts (or text_features), got None")
         if isinstance(prompts, str):
             raise TypeError("prompts: expected a list of strings, got a single string; wrap it in a list")
         prompts = list(prompts)
         if not prompts:
-            raise ValueError("prompts: the list of prompts is empty; give at least one text")
-        if not all(isinstance(p, str) for p in prompts):
-            raise TypeError("prompts: every prompt must be a string")
+            raise ValueError("prompts: expected at least one text, got an empty list")
+        bad = [p for p in prompts if not isinstance(p, str)]
+        if bad:
+            raise TypeError(f"prompts: expected every prompt to be a string, got {bad[0]!r}")
         if self.tokenizer is None:
-            raise ValueError("tokenizer: needed to embed prompts (or pass text_features instead)")
+            raise ValueError(
+                "tokenizer: expected a tokenizer to embed prompts (or pass text_features instead), got None"
+            )
         return prompts
 
     def _check_text_features(self, text_features: Tensor) -> Tensor:
         if not isinstance(text_features, Tensor) or text_features.dim() != 2 or text_features.shape[0] == 0:
-            raise ValueError("text_features: expected a non-empty (K, D) tensor")
+            raise ValueError(
+                "text_features: expected a non-empty (K, D) tensor, "
+                f"got {tuple(text_features.shape) if isinstance(text_features, Tensor) else type(text_features)}"
+            )
         dim = self.adapter.embed_dim
         if text_features.shape[1] != dim:
             raise ValueError(f"text_features: expected dimension {dim}, got {text_features.shape[1]}")

@@ -351,7 +351,7 @@ def test_target_and_postprocessing_follow_itsm(family, method):
 )
 def test_resnet_towers_get_a_clear_error(tiny_resnet, run):
     sim = CLIPSimilarity(tiny_resnet, text_features=torch.randn(2, 8))
-    with pytest.raises(TypeError, match=r"model: .* needs a ViT tower .*got a open_clip ModifiedResNet tower"):
+    with pytest.raises(TypeError, match=r"model: .* expected a ViT tower .*got a open_clip ModifiedResNet tower"):
         run(sim, make_images(1, 3, 64, 64))
 
 

@@ -56,7 +56,7 @@ def add_tokenizer(folder):
 
 
 def test_missing_tokenizers_get_the_offline_message(siglip_folder, monkeypatch):
-    with pytest.raises(WeightsUnavailableError, match="could not load the tokenizer of Hugging Face model") as err:
+    with pytest.raises(WeightsUnavailableError, match="hf_model: expected a tokenizer available offline") as err:
         load_clip(hf_model=str(siglip_folder))
     assert "CLIPSimilarity(model, text_features=...)" in str(err.value)
 

@@ -346,7 +346,8 @@ def test_itsm_raw_and_surgery(name, request):
     assert maps.shape == (2, 1, side, side) and maps.min() >= 0 and maps.max() <= 1
     if name == "convnext":
         with pytest.raises(
-            NotImplementedError, match=r"variant: surgery is not available for ConvNeXt \(convnext_atto\)"
+            NotImplementedError,
+            match=r"variant: expected a variant other than surgery for ConvNeXt \(convnext_atto\), got 'surgery'",
         ):
             itsm.attribute(images, variant="surgery")
         return
@@ -426,7 +427,7 @@ def test_block_loop_methods_name_the_model_and_the_reason(name, request):
     sim = CLIPSimilarity(model, text_features=torch.randn(2, get_adapter(model).embed_dim))
     images = make_images(1, 3, image_side(name), image_side(name), seed=13)
     if name == "convnext":  # no transformer blocks at all, as for a ResNet
-        error, message = TypeError, r"model: GEMAttribution needs a ViT tower .*got a open_clip timm ConvNeXt"
+        error, message = TypeError, r"model: GEMAttribution expected a ViT tower .*got a open_clip timm ConvNeXt"
     else:
         model_name = {"hf_siglip": "SiglipModel", "hf_siglip2": "Siglip2Model"}.get(name, r"(VisionTransformer|Eva) ")
         reason = "pool" if name in ("siglip", "hf_siglip", "hf_siglip2") else "block loop"

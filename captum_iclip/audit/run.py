@@ -302,12 +302,15 @@ def _check_options(
 
 def _check_prompts(prompts: Sequence[str], sim: CLIPSimilarity) -> list[str]:
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-        raise TypeError("prompts: expected a list of strings")
+        raise TypeError(f"prompts: expected a list of strings, got {prompts!r}")
     prompts = list(prompts)
     if len(prompts) != sim.num_prompts:
-        raise ValueError(f"prompts: sim scores {sim.num_prompts} prompts, got {len(prompts)} texts")
+        raise ValueError(f"prompts: expected the {sim.num_prompts} prompts sim scores, got {len(prompts)} texts")
     if sim.prompts is not None and sim.prompts != prompts:
-        raise ValueError("prompts: differ from sim.prompts; build sim with these prompts (or call sim.set_prompts)")
+        raise ValueError(
+            f"prompts: expected sim.prompts {sim.prompts!r} (build sim with these prompts or call "
+            f"sim.set_prompts), got {prompts!r}"
+        )
     return prompts
 
 
@@ -320,7 +323,7 @@ def _build_runners(methods: Any, sim: CLIPSimilarity, mask_provider: Any) -> dic
     """Method name -> fn(images, targets); the default drops iclip for models without its head."""
     if isinstance(methods, Mapping):
         if not methods or not all(callable(fn) for fn in methods.values()):
-            raise TypeError("methods: expected a non-empty mapping name -> fn(images, targets)")
+            raise TypeError(f"methods: expected a non-empty mapping name -> fn(images, targets), got {methods!r}")
         return {str(name): fn for name, fn in methods.items()}
     usable = available_methods(sim)
     if methods is None:
@@ -330,13 +333,16 @@ def _build_runners(methods: Any, sim: CLIPSimilarity, mask_provider: Any) -> dic
             raise TypeError("methods: expected a list of method names, got a single string")
         names = list(dict.fromkeys(methods))
         if not names:
-            raise ValueError(f"methods: expected at least one of {method_names()}")
+            raise ValueError(f"methods: expected at least one of {method_names()}, got none")
         unknown = [name for name in names if name not in method_names()]
         if unknown:
-            raise ValueError(f"methods: unknown {unknown}; expected names from {method_names()}")
+            raise ValueError(f"methods: expected names from {method_names()}, got the unknown {unknown}")
         unusable = [name for name in names if not usable[name]]
         if unusable:
-            raise ValueError("methods: " + "; ".join(f"{name!r} {requirement(name)}" for name in unusable))
+            raise ValueError(
+                "methods: expected methods that apply to this model, got "
+                + "; ".join(f"{name!r} (it needs {requirement(name)})" for name in unusable)
+            )
     return {name: build_method(name, sim, mask_provider=mask_provider) for name in names}
 
 

@@ -58,6 +58,7 @@ class BuildOptions:
     mask_provider: Any = None  # foreground masks of mmp (None: every patch)
     ig_steps: int = 16  # integration steps of ig
     baseline: Tensor | None = None  # (3,) or (1, 3, H, W) baseline of ig; default the normalised black image
+    ig_batch: int | None = None  # images per forward pass of ig (Captum's internal_batch_size); None: all steps at once
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,9 @@ class MethodInfo:
         needs_vit: applies only to ViT towers (the methods that hook the block loop).
         needs_surgery: applies only to towers CLIP Surgery is defined on (not the
             convolutional timm trunks, docs/methods.md §8).
+        every_prompt: the built method also takes ``target=None`` and then returns
+            every prompt's maps (N, K, H, W) from one pass (Captum's semantics of the
+            map methods); the others take one prompt per image only.
     """
 
     name: str
@@ -88,6 +92,7 @@ class MethodInfo:
     needs_interpretability: bool = False
     needs_vit: bool = False
     needs_surgery: bool = False
+    every_prompt: bool = False
 
     def applies_to(self, sim: CLIPSimilarity) -> bool:
         """Whether the method can explain ``sim``."""
@@ -99,12 +104,12 @@ class MethodInfo:
 
     @property
     def requirement(self) -> str:
-        """What the method needs of the model, for error messages."""
+        """What the method needs of the model, for error messages ("it needs …")."""
         if self.needs_interpretability:
-            return "needs a DualProjectionCLIP model (an interpretability projection)"
+            return "a DualProjectionCLIP model (an interpretability projection)"
         if self.needs_surgery:
-            return "needs a tower CLIP Surgery is defined on (a ViT, EVA or ResNet attention pool)"
-        return "needs a ViT tower" if self.needs_vit else "applies to every model"
+            return "a tower CLIP Surgery is defined on (a ViT, EVA or ResNet attention pool)"
+        return "a ViT tower" if self.needs_vit else "any model"
 
 
 REGISTRY: dict[str, MethodInfo] = {}
@@ -146,6 +151,7 @@ def build_method(
     mask_provider: Any = None,
     ig_steps: int = 16,
     baseline: Tensor | None = None,
+    ig_batch: int | None = None,
 ) -> Method:
     """Return ``fn(images, target) -> (N, 1, H, W)`` for method ``name`` (Captum's explanation-function form).
 
@@ -156,14 +162,18 @@ def build_method(
         ig_steps: integration steps of ``ig``.
         baseline: (3,) or (1, 3, H, W) baseline of ``ig`` in the model's input
             space; default the normalised black image.
+        ig_batch: images per forward pass of ``ig`` (Captum's ``internal_batch_size``);
+            ``None`` runs every step of every image at once.
 
     Raises:
         ValueError: an unknown name, or a method that does not apply to ``sim``.
     """
     info = method_info(name)
     if not info.applies_to(sim):
-        raise ValueError(f"method: expected a method that applies to this model, got {name!r} (it {info.requirement})")
-    method = info.build(sim, BuildOptions(mask_provider, ig_steps, baseline))
+        raise ValueError(
+            f"method: expected a method that applies to this model, got {name!r} (it needs {info.requirement})"
+        )
+    method = info.build(sim, BuildOptions(mask_provider, ig_steps, baseline, ig_batch))
 
     def run(images, target):
         # Captum's metrics (sensitivity_max) call explanation functions with 1-tuples and target=.
@@ -226,7 +236,8 @@ def _build_ig(sim: CLIPSimilarity, options: BuildOptions) -> Method:
     def run(x: Tensor, t: Tensor) -> Tensor:
         base = _black(sim) if options.baseline is None else options.baseline
         base = base.to(x).expand_as(x) if base.dim() == 4 else base.to(x).reshape(1, 3, 1, 1).expand_as(x)
-        return ig.attribute(x, baselines=base, target=t, n_steps=options.ig_steps).sum(dim=1, keepdim=True)
+        maps = ig.attribute(x, baselines=base, target=t, n_steps=options.ig_steps, internal_batch_size=options.ig_batch)
+        return maps.sum(dim=1, keepdim=True)
 
     return run
 
@@ -262,7 +273,13 @@ _PATH_TITLES = {
 
 for _info in (
     MethodInfo(
-        "raw", "raw ITSM", "tab:blue", "itsm", _itsm_builder("plain", "recognition"), itsm=("plain", "recognition")
+        "raw",
+        "raw ITSM",
+        "tab:blue",
+        "itsm",
+        _itsm_builder("plain", "recognition"),
+        itsm=("plain", "recognition"),
+        every_prompt=True,
     ),
     MethodInfo(
         "surgery",
@@ -272,6 +289,7 @@ for _info in (
         _itsm_builder("surgery", "recognition"),
         itsm=("surgery", "recognition"),
         needs_surgery=True,
+        every_prompt=True,
     ),
     MethodInfo(
         "iclip",
@@ -281,15 +299,19 @@ for _info in (
         _itsm_builder("plain", "interpretability"),
         itsm=("plain", "interpretability"),
         needs_interpretability=True,
+        every_prompt=True,
     ),
-    MethodInfo("mmp", "masked max pooling", "tab:red", "pooling", _build_mmp),
+    MethodInfo("mmp", "masked max pooling", "tab:red", "pooling", _build_mmp, every_prompt=True),
     MethodInfo("gradcam", "LayerGradCam", "tab:purple", "gradient", _build_gradcam),
     MethodInfo("ig", "IntegratedGradients", "tab:brown", "gradient", _build_ig),
     MethodInfo("occlusion", "Occlusion", "tab:gray", "perturbation", _build_occlusion),
-    MethodInfo("gem", "GEM", "tab:pink", "attention", _attribution_builder(GEMAttribution), needs_vit=True),
-    MethodInfo("legrad", "LeGrad", "tab:olive", "gradient", _attribution_builder(LeGradAttribution), needs_vit=True),
-    MethodInfo(
-        "chefer", "Chefer relevancy", "tab:cyan", "gradient", _attribution_builder(CheferRelevancy), needs_vit=True
+    *(
+        MethodInfo(name, title, colour, kind, _attribution_builder(cls), needs_vit=True, every_prompt=True)
+        for name, title, colour, kind, cls in (
+            ("gem", "GEM", "tab:pink", "attention", GEMAttribution),
+            ("legrad", "LeGrad", "tab:olive", "gradient", LeGradAttribution),
+            ("chefer", "Chefer relevancy", "tab:cyan", "gradient", CheferRelevancy),
+        )
     ),
     *(
         MethodInfo(
@@ -300,6 +322,7 @@ for _info in (
             _itsm_builder(variant, "recognition"),
             itsm=(variant, "recognition"),
             needs_vit=True,
+            every_prompt=True,
         )
         for variant in PATH_VARIANTS
     ),

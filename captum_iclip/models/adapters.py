@@ -101,7 +101,8 @@ def interpolate_pos_embed(
     native_grid = tuple(int(g) for g in native_grid)
     if native_grid[0] * native_grid[1] != n_patches:
         raise ValueError(
-            f"pos_embed: has {n_patches} patch positions, which does not fit the native grid {native_grid}"
+            f"pos_embed: expected {native_grid[0] * native_grid[1]} patch positions (native grid {native_grid}), "
+            f"got {n_patches}"
         )
     if tuple(grid) == native_grid:
         return pos_embed
@@ -161,9 +162,9 @@ class VisionAdapter:
         ph, pw = self.patch_size
         if height % ph or width % pw:
             raise ValueError(
-                f"inputs: image size {height}x{width} is not divisible by the {self.family} "
-                f"patch size {ph}x{pw}; resize to a multiple (e.g. {ph * max(1, round(height / ph))}x"
-                f"{pw * max(1, round(width / pw))})"
+                f"inputs: expected an image size divisible by the {self.family} patch size {ph}x{pw} (resize "
+                f"to a multiple, e.g. {ph * max(1, round(height / ph))}x{pw * max(1, round(width / pw))}), "
+                f"got {height}x{width}"
             )
         return height // ph, width // pw
 
@@ -201,17 +202,17 @@ class VisionAdapter:
         if images.shape[1] != 3:
             raise ValueError(f"{name}: expected 3 colour channels in dim 1, got shape {tuple(images.shape)}")
         if images.shape[0] == 0:
-            raise ValueError(f"{name}: the batch is empty")
+            raise ValueError(f"{name}: expected at least one image, got an empty batch")
         param = self.parameter
         if images.device != param.device:
             raise ValueError(
-                f"{name}: images are on {images.device} but the model is on {param.device}; move one of them"
+                f"{name}: expected images on the model's device {param.device} (move one of them), got {images.device}"
             )
         if not images.is_floating_point():
             raise TypeError(f"{name}: expected a floating-point tensor (a preprocessed image), got {images.dtype}")
         if images.dtype != param.dtype:
             raise TypeError(
-                f"{name}: images have dtype {images.dtype} but the model has {param.dtype}; cast one of them"
+                f"{name}: expected images of the model's dtype {param.dtype} (cast one of them), got {images.dtype}"
             )
         return self.grid_size(images.shape[-2], images.shape[-1])
 
@@ -245,7 +246,7 @@ class VisionAdapter:
             TypeError: naming ``method`` where the tower has no transformer blocks (ResNets).
         """
         raise TypeError(
-            f"model: {method} needs a ViT tower (it changes or reads the attention of the last "
+            f"model: {method} expected a ViT tower (it changes or reads the attention of the last "
             f"transformer blocks), got a {self.family} tower"
         )
 
@@ -321,7 +322,10 @@ class VisionAdapter:
         if projection not in ("recognition", "interpretability"):
             raise ValueError(f"projection: expected 'recognition' or 'interpretability', got {projection!r}")
         if projection == "interpretability" and self.interpretability_head is None:
-            raise ValueError("projection: 'interpretability' needs a DualProjectionCLIP model")
+            raise ValueError(
+                "projection: expected 'recognition' ('interpretability' is for a DualProjectionCLIP model), "
+                "got 'interpretability'"
+            )
         # ``path`` only when given: adapters of towers without transformer blocks need not know it.
         tokens = self.tokens(images, surgery_depth=surgery_depth, **({"path": path} if path is not None else {}))
         if projection == "recognition":
@@ -367,7 +371,9 @@ class ViTAdapter(VisionAdapter):
         self.check_surgery_depth(surgery_depth)
         if surgery_depth:
             if path is not None:
-                raise ValueError("path: give either surgery_depth or a path, not both")
+                raise ValueError(
+                    f"path: expected None with surgery_depth={surgery_depth} (one second path), got {path!r}"
+                )
             path = surgery_path(surgery_depth)
         if path is not None:
             check_depth(path.depth, self.num_blocks, "path.depth")
@@ -424,15 +430,16 @@ class OpenCLIPViTAdapter(ViTAdapter, OpenCLIPAdapter):
         visual = model.visual
         if getattr(visual, "attn_pool", None) is not None:
             raise TypeError(
-                "model: open_clip ViTs with an attentional pooler (CoCa) have no global token; not supported"
+                f"model: expected an open_clip ViT with a global token, got one with an attentional pooler (CoCa): "
+                f"{type(visual.attn_pool).__name__}"
             )
         if getattr(visual, "pool_type", "tok") != "tok" or getattr(visual, "final_ln_after_pool", False):
             raise TypeError(
-                f"model: open_clip ViT with pool_type={visual.pool_type!r} is not supported; "
-                "the dense path needs class-token pooling (pool_type='tok')"
+                f"model: expected an open_clip ViT with class-token pooling (pool_type='tok', the dense path's), got "
+                f"pool_type={visual.pool_type!r}"
             )
         if visual.proj is None:
-            raise TypeError("model: the open_clip ViT has no projection (proj is None)")
+            raise TypeError("model: expected an open_clip ViT with a projection, got proj=None")
 
     @property
     def patch_size(self) -> tuple[int, int]:
@@ -693,8 +700,8 @@ def get_adapter(model: nn.Module) -> VisionAdapter:
         if isinstance(visual, ModifiedResNet):
             return OpenCLIPResNetAdapter(model, head)
         raise TypeError(
-            f"model: unsupported vision tower {type(visual).__module__}.{type(visual).__name__}; "
-            f"supported: {', '.join(SUPPORTED_MODELS)}"
+            f"model: expected one of {', '.join(SUPPORTED_MODELS)}, got the vision tower "
+            f"{type(visual).__module__}.{type(visual).__name__}"
         )
     try:
         from transformers import CLIPModel
@@ -703,6 +710,6 @@ def get_adapter(model: nn.Module) -> VisionAdapter:
     if CLIPModel and isinstance(model, CLIPModel):
         return HFCLIPAdapter(model, head)
     raise TypeError(
-        f"model: unsupported model type {type(model).__module__}.{type(model).__name__}; "
-        f"supported: {', '.join(SUPPORTED_MODELS)}"
+        f"model: expected one of {', '.join(SUPPORTED_MODELS)}, got the model type "
+        f"{type(model).__module__}.{type(model).__name__}"
     )

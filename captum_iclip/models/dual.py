@@ -125,9 +125,11 @@ class DualProjectionCLIP(nn.Module):
         """Load a head saved by :meth:`save_interpretability` (checks family and shapes)."""
         payload = load_torch_file(path, "path")
         if not isinstance(payload, dict) or payload.get("format") != "captum-iclip/interpretability-head/1":
-            raise ValueError(f"path: {path} is not an interpretability head saved by captum-iclip")
+            raise ValueError(f"path: expected an interpretability head saved by captum-iclip, got {path}")
         if payload["family"] != self.adapter.family:
-            raise ValueError(f"path: head was trained for {payload['family']}, this model is {self.adapter.family}")
+            raise ValueError(
+                f"path: expected a head trained for {self.adapter.family}, got one trained for {payload['family']}"
+            )
         self.interpretability_head.load_state_dict(payload["state_dict"])
         return self
 
@@ -147,6 +149,6 @@ class DualProjectionCLIP(nn.Module):
         """Load weights saved by :meth:`save` into this (same-architecture) wrapper."""
         payload = load_torch_file(path, "path")
         if not isinstance(payload, dict) or payload.get("format") != "captum-iclip/dual-projection/1":
-            raise ValueError(f"path: {path} is not a dual-projection model saved by captum-iclip")
+            raise ValueError(f"path: expected a dual-projection model saved by captum-iclip, got {path}")
         self.load_state_dict(payload["state_dict"])
         return self

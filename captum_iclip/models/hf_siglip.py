@@ -56,7 +56,9 @@ class HFSiglipAdapter(VisionAdapter):
         super().__init__(model, interpretability_head)
         self.vision = model.vision_model
         if not getattr(self.vision, "use_head", True) or getattr(self.vision, "head", None) is None:
-            raise TypeError("model: the SiglipModel vision tower has no pooling head (vision_use_head=False)")
+            raise TypeError(
+                "model: expected a SiglipModel vision tower with its pooling head, got vision_use_head=False"
+            )
         pool = self.vision.head
         self.head = ProbeHead(pool.attention.out_proj, pool.layernorm, pool.mlp)
 

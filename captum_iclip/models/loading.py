@@ -58,14 +58,16 @@ def check_device(device: str | torch.device, argument: str = "device") -> torch.
     if target.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(
-                f"{argument}: {device!r} needs a CUDA GPU, and torch sees none on this machine; use --device cpu"
+                f"{argument}: expected a device this machine has (torch sees no CUDA GPU; use --device cpu), "
+                f"got {device!r}"
             )
         if target.index is not None and target.index >= torch.cuda.device_count():
             raise ValueError(
-                f"{argument}: {device!r} does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)"
+                f"{argument}: expected one of the {torch.cuda.device_count()} CUDA device(s) of this machine, "
+                f"got {device!r}"
             )
     elif target.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"{argument}: 'mps' is not available on this machine; use --device cpu")
+        raise ValueError(f"{argument}: expected a device this machine has (no MPS; use --device cpu), got {device!r}")
     elif target.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"{argument}: expected 'cpu', 'cuda' or 'mps', got {device!r}")
     return target
@@ -80,27 +82,28 @@ def check_model_options(
     would run, and the weights the user asked for would be ignored); a bundled model has its own
     weights; ``hf_model`` loads its own model and weights.
     """
-    given = next(
-        (name for name, value in (("pretrained", pretrained), ("checkpoint", checkpoint)) if value is not None), None
-    )
+    values = {"model_name": model_name, "pretrained": pretrained, "checkpoint": checkpoint}
+    given = next((name for name in ("pretrained", "checkpoint") if values[name] is not None), None)
     if hf_model is not None:
         extra = "model_name" if model_name is not None else given
         if extra is not None:
-            raise ValueError(f"{extra}: cannot be combined with hf_model (--hf-model loads its own weights)")
+            raise ValueError(
+                f"{extra}: expected None with hf_model (--hf-model loads its own weights), got {values[extra]!r}"
+            )
         return
     if given is None:
         return
     if model_name is None:
         raise ValueError(
-            f"{given}: needs model_name (--model NAME, the open_clip architecture the weights are "
-            "for); without --model the bundled model shapes-tiny is used"
+            f"{given}: expected it together with model_name (--model NAME, the open_clip architecture the "
+            f"weights are for; without --model the bundled model shapes-tiny is used), got {values[given]!r} alone"
         )
     from captum_iclip import zoo
 
     if model_name in zoo.available():
         raise ValueError(
-            f"{given}: the bundled model {model_name!r} has its own weights; give --model an "
-            "open_clip architecture to load other weights"
+            f"{given}: expected it together with an open_clip architecture as --model (the bundled model has "
+            f"its own weights), got the bundled model {model_name!r}"
         )
 
 
@@ -293,9 +296,9 @@ def _is_bundled(request: ModelSpec) -> bool:
 
     if request.name is None and BUNDLED_DEFAULT not in zoo.available():
         raise WeightsUnavailableError(
-            f"model: the bundled model {BUNDLED_DEFAULT} is not installed (no weights in {zoo.WEIGHTS_DIR}; "
-            "train it with python -m captum_iclip.zoo.train); choose a model with --model/--pretrained, "
-            "--checkpoint or --hf-model"
+            f"model: expected an installed model, got the bundled model {BUNDLED_DEFAULT}, which is not installed (no "
+            f"weights in {zoo.WEIGHTS_DIR}; train it with python -m captum_iclip.zoo.train); choose a model with "
+            "--model/--pretrained, --checkpoint or --hf-model"
         )
     return (request.name or BUNDLED_DEFAULT) in zoo.available()
 
@@ -321,11 +324,11 @@ def _load_open_clip(request: ModelSpec) -> LoadedCLIP:
             f"model {zoo.available()}, got {name!r}"
         )
     if pretrained is not None and checkpoint is not None:
-        raise ValueError("checkpoint: give either pretrained (a tag) or checkpoint (a file), not both")
+        raise ValueError(f"checkpoint: expected None with pretrained (one source of weights), got {checkpoint!r}")
     if pretrained is None and checkpoint is None and not (request.random_weights or request.from_scratch):
         raise ValueError(
-            f"model_name: {name!r} has no weights without pretrained (--pretrained TAG) or checkpoint "
-            "(--checkpoint FILE); pass random_weights=True (--random-weights; --from-scratch for "
+            f"model_name: expected with pretrained (--pretrained TAG) or checkpoint (--checkpoint FILE), got {name!r} "
+            "without weights; pass random_weights=True (--random-weights; --from-scratch for "
             "training) to use a randomly initialised model on purpose"
         )
     if checkpoint is not None and not Path(checkpoint).is_file():
@@ -338,7 +341,8 @@ def _load_open_clip(request: ModelSpec) -> LoadedCLIP:
     except (OSError, ImportError, ValueError) as error:
         repo = (open_clip.get_model_config(name) or {}).get("text_cfg", {}).get("hf_tokenizer_name") or name
         raise WeightsUnavailableError(
-            f"could not load the tokenizer of open_clip {name!r}: {error}\n{TOKENIZER_HINT.format(repo=repo)}"
+            f"model_name: expected a tokenizer available offline, got none for open_clip {name!r}: {error}\n"
+            f"{TOKENIZER_HINT.format(repo=repo)}"
         ) from error
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
@@ -348,13 +352,14 @@ def _load_open_clip(request: ModelSpec) -> LoadedCLIP:
         if checkpoint is not None:
             reason = " ".join(str(error).split()) or type(error).__name__
             raise ValueError(
-                f"checkpoint: cannot load {checkpoint} into open_clip {name!r} (corrupt, truncated or "
-                f"for another architecture): {type(error).__name__}: {reason[:300]}"
+                f"checkpoint: expected weights of open_clip {name!r}, got {checkpoint}, which cannot be loaded "
+                f"(corrupt, truncated or for another architecture): {type(error).__name__}: {reason[:300]}"
             ) from error
         if not isinstance(error, (OSError, RuntimeError, ValueError)):
             raise
         raise WeightsUnavailableError(
-            f"could not load open_clip {name!r} with pretrained={weights!r}: {error}\n{OFFLINE_HINT}"
+            f"pretrained: expected weights of open_clip {name!r} this machine can fetch, got {weights!r}: {error}\n"
+            f"{OFFLINE_HINT}"
         ) from error
     size = model.visual.image_size
     size = request.image_size or (size if isinstance(size, int) else size[0])
@@ -374,13 +379,13 @@ def _load_hf(request: ModelSpec) -> LoadedCLIP:
         processor = AutoImageProcessor.from_pretrained(model_id, local_files_only=local)
     except OSError as error:
         raise WeightsUnavailableError(
-            f"could not load Hugging Face model {model_id!r}: {error}\n{OFFLINE_HINT}"
+            f"hf_model: expected a Hugging Face model this machine can load, got {model_id!r}: {error}\n{OFFLINE_HINT}"
         ) from error
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=local)
     except (OSError, ImportError, ValueError) as error:
         raise WeightsUnavailableError(
-            f"could not load the tokenizer of Hugging Face model {model_id!r}: {error}\n"
+            f"hf_model: expected a tokenizer available offline, got none for Hugging Face model {model_id!r}: {error}\n"
             f"{TOKENIZER_HINT.format(repo=model_id)}"
         ) from error
     if model_type == "siglip2":

@@ -111,9 +111,9 @@ class TimmTowerAdapter(OpenCLIPAdapter):
         self.trunk = self.visual.trunk
         if "pool" in self.visual.head._modules:
             raise TypeError(
-                f"model: open_clip timm tower {self.model_name} with an attention pool in open_clip's head "
-                f"({type(self.visual.head.pool).__name__}) is not supported; supported poolings: "
-                "the trunk's token, average or latent-attention (MAP) pooling"
+                "model: expected an open_clip timm tower pooled by its trunk (token, average or latent-attention "
+                f"(MAP) pooling), got {self.model_name} with an attention pool in open_clip's head "
+                f"({type(self.visual.head.pool).__name__})"
             )
 
     @property
@@ -166,24 +166,29 @@ class TimmViTAdapter(TimmTowerAdapter):
         pool = getattr(trunk, "attn_pool", None)
         if pool is not None:
             if type(pool).__name__ != "AttentionPoolLatent":
-                raise TypeError(f"model: attention pool {type(pool).__name__} of {self.model_name} is not supported")
+                raise TypeError(
+                    f"model: expected timm's AttentionPoolLatent, got the attention pool {type(pool).__name__} "
+                    f"of {self.model_name}"
+                )
             if pool.latent_len != 1 or pool.pos_embed is not None:
                 raise TypeError(
-                    f"model: {self.model_name}'s latent attention pool has {pool.latent_len} latents"
-                    f"{' and a positional embedding' if pool.pos_embed is not None else ''}; "
-                    "the dense rule needs one latent query and no pool positional embedding"
+                    "model: expected a latent attention pool with one latent query and no positional embedding (the "
+                    f"dense rule's), got {pool.latent_len} latents"
+                    f"{' and a positional embedding' if pool.pos_embed is not None else ''} in {self.model_name}"
                 )
             self.pool_kind = "map"
             tail = pool
         elif trunk.global_pool in ("token", "avg"):
             if trunk.global_pool == "token" and getattr(trunk, "cls_token", None) is None:
-                raise TypeError(f"model: {self.model_name} pools its class token but has none")
+                raise TypeError(
+                    f"model: expected a class token to pool (global_pool='token'), got none in {self.model_name}"
+                )
             self.pool_kind = trunk.global_pool
             tail = None
         else:
             raise TypeError(
-                f"model: {self.model_name} with global_pool={trunk.global_pool!r} is not supported; "
-                "expected 'token', 'avg' or a latent attention pool ('map')"
+                "model: expected global_pool 'token', 'avg' or a latent attention pool ('map'), got "
+                f"global_pool={trunk.global_pool!r} in {self.model_name}"
             )
         self.family = f"open_clip timm {type(trunk).__name__} ({self.pool_kind} pooling)"
         trunk_head = nn.Sequential(trunk.fc_norm, trunk.head_drop, trunk.head)
@@ -285,8 +290,8 @@ class TimmViTAdapter(TimmTowerAdapter):
         attn = block.attn
         if not hasattr(block, "norm1") or getattr(attn, "gate", None) is not None:
             raise NotImplementedError(
-                f"variant: CLIP Surgery on {self.model_name} needs pre-norm blocks with ungated attention; "
-                f"block {type(block).__name__} with {type(attn).__name__} is not one"
+                f"variant: CLIP Surgery on {self.model_name} expected pre-norm blocks with ungated attention, "
+                f"got block {type(block).__name__} with {type(attn).__name__}"
             )
         h = block.norm1(x)
         qkv = getattr(attn, "qkv", None)
@@ -300,7 +305,8 @@ class TimmViTAdapter(TimmTowerAdapter):
             value = attn.v_proj(h)
         else:
             raise NotImplementedError(
-                f"variant: CLIP Surgery on {self.model_name}: attention {type(attn).__name__} has no value projection"
+                f"variant: CLIP Surgery on {self.model_name} expected attention with a value projection, "
+                f"got {type(attn).__name__}"
             )
         out = attn.proj(attn.norm(self_value_attention(value, attn.num_heads, attn.scale)))
         if self.is_eva:
@@ -382,10 +388,13 @@ class TimmConvAdapter(TimmTowerAdapter):
         elif hasattr(trunk, "global_pool") and hasattr(trunk, "fc"):
             self.pool, pool_head = trunk.global_pool, ConvPoolHead(trunk.global_pool, trunk.fc)
         else:
-            raise TypeError(f"model: timm trunk {self.model_name} has no pooling head this adapter knows")
+            raise TypeError(
+                "model: expected a timm trunk with a pooling head (head.global_pool, or global_pool and fc), "
+                f"got {self.model_name}"
+            )
         pool_type = getattr(self.pool, "pool_type", "avg")
         if pool_type not in ("avg", "max", "avgmax", "fast", "fastavg", "fastmax", "fastavgmax"):
-            raise TypeError(f"model: {self.model_name} pools with {pool_type!r}; supported: avg, max, avgmax")
+            raise TypeError(f"model: expected avg, max or avgmax pooling, got {pool_type!r} in {self.model_name}")
         self.family = f"open_clip timm {type(trunk).__name__} ({pool_type} pooling)"
         self.head = PositionwiseHead("conv", pool_head, self.visual.head)
 
@@ -402,7 +411,10 @@ class TimmConvAdapter(TimmTowerAdapter):
     def check_surgery_depth(self, surgery_depth: int) -> None:
         super().check_surgery_depth(surgery_depth)
         if surgery_depth:
-            raise NotImplementedError(f"variant: surgery is not available for {self.model_name}: {self.SURGERY_REASON}")
+            raise NotImplementedError(
+                f"variant: expected a variant other than surgery for {self.model_name}, got 'surgery': "
+                f"{self.SURGERY_REASON}"
+            )
 
     def tokens(self, images: Tensor, surgery_depth: int = 0) -> Tensor:
         self.check_surgery_depth(surgery_depth)
@@ -424,8 +436,8 @@ def timm_tower_adapter(model: nn.Module, interpretability_head: nn.Module | None
     if hasattr(trunk, "blocks") and hasattr(trunk, "patch_embed"):
         if type(trunk).__name__ not in ("VisionTransformer", "Eva"):
             raise TypeError(
-                f"model: timm transformer trunk {type(trunk).__name__} is not supported; "
-                "supported: VisionTransformer (SigLIP), Eva (EVA02) and convolutional trunks"
+                "model: expected a timm VisionTransformer (SigLIP), Eva (EVA02) or convolutional trunk, got the "
+                f"transformer trunk {type(trunk).__name__}"
             )
         return TimmViTAdapter(model, interpretability_head)
     return TimmConvAdapter(model, interpretability_head)
