@@ -391,7 +391,9 @@ def test_registry_runs_every_new_method_and_only_on_vits(family, tiny_resnet):
         torch.testing.assert_close(maps, expected)
     resnet = CLIPSimilarity(tiny_resnet, text_features=torch.randn(2, 8))
     assert not any(available_methods(resnet)[name] for name in VIT_METHODS)
-    with pytest.raises(ValueError, match=r"got 'legrad' \(it needs a ViT tower\)"):
+    with pytest.raises(
+        ValueError, match=r"got 'legrad' \(it needs a class-token ViT tower run by the shared block loop"
+    ):
         build_method("legrad", resnet)
 
 

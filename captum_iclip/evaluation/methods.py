@@ -18,7 +18,7 @@ here". They all explain the same :class:`~captum_iclip.CLIPSimilarity`:
 * ``maskclip``, ``clearclip``, ``sclip``, ``naclip``: ITSM with that variant (recognition projection).
 
 "raw" always means the first: ITSM without surgery (variant ``"plain"``), on the recognition projection.
-The methods of :data:`VIT_METHODS` need a ViT tower.
+The methods of :data:`VIT_METHODS` need a class-token ViT tower run by the shared block loop.
 
 Adding a method is one :func:`register_method` call (in this module, or in the
 module that defines the method).
@@ -38,7 +38,7 @@ from captum_iclip.attr.gem import GEMAttribution
 from captum_iclip.attr.itsm import ITSMAttribution
 from captum_iclip.attr.legrad import LeGradAttribution
 from captum_iclip.attr.mmp import MaskedMaxPoolingAttribution
-from captum_iclip.models.adapters import ViTAdapter
+from captum_iclip.models.adapters import BLOCK_LOOP_TOWERS, ViTAdapter
 from captum_iclip.models.attention import PATH_VARIANTS
 from captum_iclip.similarity import CLIPSimilarity
 
@@ -75,7 +75,8 @@ class MethodInfo:
             :class:`~captum_iclip.ITSMAttribution` that gives every prompt's map at once.
         needs_interpretability: applies only to models with an interpretability
             projection (a ``DualProjectionCLIP``).
-        needs_vit: applies only to ViT towers (the methods that hook the block loop).
+        needs_vit: applies only to the class-token ViT towers of the shared block loop (the methods
+            that hook it: not the SigLIP, timm and convolutional towers, docs/methods.md §8).
         needs_surgery: applies only to towers CLIP Surgery is defined on (not the
             convolutional timm trunks, docs/methods.md §8).
         every_prompt: the built method also takes ``target=None`` and then returns
@@ -109,7 +110,7 @@ class MethodInfo:
             return "a DualProjectionCLIP model (an interpretability projection)"
         if self.needs_surgery:
             return "a tower CLIP Surgery is defined on (a ViT, EVA or ResNet attention pool)"
-        return "a ViT tower" if self.needs_vit else "any model"
+        return BLOCK_LOOP_TOWERS if self.needs_vit else "any model"
 
 
 REGISTRY: dict[str, MethodInfo] = {}
