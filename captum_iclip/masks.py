@@ -618,6 +618,47 @@ def _load_hf_dino(name: str) -> tuple[nn.Module, tuple[float, ...], tuple[float,
         ) from error
 
 
+def _resolve_dino_model(
+    model: str | nn.Module, pretrained: bool, checkpoint: str | None
+) -> tuple[nn.Module, Sequence[float], Sequence[float]]:
+    """The DINO model of :class:`DINOMaskProvider` (built from a timm name, a Hugging Face id or folder, or
+    given), ready for its [CLS] attention, with the mean and std of its own input normalisation."""
+    dino_mean, dino_std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    if isinstance(model, str):
+        if checkpoint is not None and pretrained:
+            raise ValueError(
+                f"checkpoint: expected None with pretrained=True (one source of weights), got {checkpoint!r}"
+            )
+        import timm
+
+        if timm.is_model(model):
+            model = _load_timm_dino(model, pretrained, checkpoint)
+        elif os.path.isdir(model) or "/" in model:
+            if pretrained or checkpoint is not None:
+                raise ValueError(
+                    "pretrained: expected pretrained=False and checkpoint=None for a Hugging Face model (they "
+                    f"apply to timm model names), got pretrained={pretrained!r}, checkpoint={checkpoint!r}"
+                )
+            model, dino_mean, dino_std = _load_hf_dino(model)
+        else:
+            raise ValueError(f"model: expected a timm model name, a Hugging Face id or a local folder, got {model!r}")
+    elif not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a model name or an nn.Module, got {type(model).__name__}")
+    elif pretrained or checkpoint is not None:
+        raise ValueError(
+            "pretrained: expected pretrained=False and checkpoint=None for a built module (they apply to "
+            f"model names), got pretrained={pretrained!r}, checkpoint={checkpoint!r}"
+        )
+
+    if _is_hf_model(model):
+        if getattr(model.config, "_attn_implementation", None) != "eager":
+            model.set_attn_implementation("eager")
+    else:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        dino_mean, dino_std = cfg.get("mean", dino_mean), cfg.get("std", dino_std)
+    return model, dino_mean, dino_std
+
+
 class DINOMaskProvider(MaskProvider):
     """Foreground masks from the [CLS] attention of a self-supervised DINO ViT.
 
@@ -699,42 +740,8 @@ class DINOMaskProvider(MaskProvider):
         if any(s <= 0 for s in input_std):
             raise ValueError(f"input_std: expected a positive value, got {input_std!r}")
 
-        dino_mean, dino_std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
         self.model_name = model if isinstance(model, str) else type(model).__name__
-        if isinstance(model, str):
-            if checkpoint is not None and pretrained:
-                raise ValueError(
-                    f"checkpoint: expected None with pretrained=True (one source of weights), got {checkpoint!r}"
-                )
-            import timm
-
-            if timm.is_model(model):
-                model = _load_timm_dino(model, pretrained, checkpoint)
-            elif os.path.isdir(model) or "/" in model:
-                if pretrained or checkpoint is not None:
-                    raise ValueError(
-                        "pretrained: expected pretrained=False and checkpoint=None for a Hugging Face model (they "
-                        f"apply to timm model names), got pretrained={pretrained!r}, checkpoint={checkpoint!r}"
-                    )
-                model, dino_mean, dino_std = _load_hf_dino(model)
-            else:
-                raise ValueError(
-                    f"model: expected a timm model name, a Hugging Face id or a local folder, got {model!r}"
-                )
-        elif not isinstance(model, nn.Module):
-            raise TypeError(f"model: expected a model name or an nn.Module, got {type(model).__name__}")
-        elif pretrained or checkpoint is not None:
-            raise ValueError(
-                "pretrained: expected pretrained=False and checkpoint=None for a built module (they apply to "
-                f"model names), got pretrained={pretrained!r}, checkpoint={checkpoint!r}"
-            )
-
-        if _is_hf_model(model):
-            if getattr(model.config, "_attn_implementation", None) != "eager":
-                model.set_attn_implementation("eager")
-        else:
-            cfg = getattr(model, "pretrained_cfg", None) or {}
-            dino_mean, dino_std = cfg.get("mean", dino_mean), cfg.get("std", dino_std)
+        model, dino_mean, dino_std = _resolve_dino_model(model, pretrained, checkpoint)
 
         patch_h, patch_w = dino_patch_size(model)
         if image_size is None:
