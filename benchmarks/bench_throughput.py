@@ -1,18 +1,21 @@
-"""Throughput of ITSM maps (raw and surgery) against the image encoder alone.
+"""Throughput of the registry's map methods (default ``raw`` and ``surgery`` ITSM) against the image encoder.
 
 For every resolution, batch size and number of prompts K of the grid, times on
 one randomly initialised open_clip model:
 
 * ``encode_image``: the model's own image embedding (the cost of a zero-shot
   prediction), measured once per (resolution, batch size);
-* ``raw``: ``ITSMAttribution(sim).attribute(x)`` — the maps of all K prompts
-  (min–max normalised, upsampled to the input, the defaults);
-* ``surgery``: the same with ``variant="surgery"`` (value-value attention in
-  the last blocks and feature surgery; with K = 1 the empty prompt is embedded
-  on every call, as the attribution does).
+* each of ``--methods``, names of the method registry
+  (:mod:`captum_iclip.evaluation.methods`) built by ``build_method`` as ``demo``,
+  ``eval`` and ``audit`` build them: the maps of all K prompts (``target=None``) for
+  the methods that take every prompt at once (the registry's ``every_prompt``), one
+  prompt per image otherwise; default post-processing (for ITSM: min–max normalised,
+  upsampled to the input). ``raw`` is ITSM, ``surgery`` ITSM with CLIP Surgery
+  (value-value attention in the last blocks and feature surgery; with K = 1 the empty
+  prompt is embedded on every call, as the attribution does).
 
 Each figure is the median of ``--repeats`` timed calls after one warm-up,
-without gradients, the three calls timed in turn (round-robin) so that a
+without gradients, the calls timed in turn (round-robin) so that a
 shared machine's load affects them alike; the text embeddings are computed
 before timing. Printed: images/s of each, and the ratio of each method's time
 to ``encode_image``'s time on the same batch, measured in the same run. On a
@@ -23,11 +26,13 @@ Usage::
     python benchmarks/bench_throughput.py                       # ViT-B-16, the full grid
     python benchmarks/bench_throughput.py --quick               # reduced grid for a small CPU
     python benchmarks/bench_throughput.py --device cuda --batch-sizes 1,8,32 --resolutions 224,448
+    python benchmarks/bench_throughput.py --quick --methods raw,gem,naclip
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -35,7 +40,8 @@ from collections.abc import Callable
 import torch
 
 import captum_iclip
-from captum_iclip import CLIPSimilarity, ITSMAttribution
+from captum_iclip import CLIPSimilarity
+from captum_iclip.evaluation.methods import build_method, method_info, method_names
 
 
 def _ints(text: str) -> list[int]:
@@ -74,7 +80,7 @@ def run(
     resolutions: list[int],
     prompt_counts: list[int],
     repeats: int,
-    patch_grid: bool,
+    methods: list[str],
 ) -> list[dict[str, float]]:
     """Time the grid; returns one row per (resolution, batch size, K)."""
     torch.manual_seed(0)
@@ -89,34 +95,25 @@ def run(
         encode_image = model.encode_image if native else adapter.encode_image
         for batch_size in batch_sizes:
             images = torch.randn(batch_size, 3, resolution, resolution, device=device)
+            one_prompt = torch.zeros(batch_size, dtype=torch.long, device=device)
             for count in prompt_counts:
-                itsm = ITSMAttribution(
-                    CLIPSimilarity(model, tokenizer, [f"a photo of thing number {i}" for i in range(count)])
-                )
-                # Default arguments bind this iteration's values (the lambdas run before the next one anyway).
-                seconds = round_robin_medians(
-                    {
-                        "encode": lambda encode=encode_image, x=images: encode(x),
-                        "raw": lambda itsm=itsm, x=images: itsm.attribute(x, interpolate=not patch_grid),
-                        "surgery": lambda itsm=itsm, x=images: itsm.attribute(
-                            x, variant="surgery", interpolate=not patch_grid
-                        ),
-                    },
-                    repeats,
-                    device,
-                )
+                sim = CLIPSimilarity(model, tokenizer, [f"a photo of thing number {i}" for i in range(count)])
+                calls = {"encode": functools.partial(encode_image, images)}
+                for name in methods:
+                    target = None if method_info(name).every_prompt else one_prompt
+                    calls[name] = functools.partial(build_method(name, sim), images, target)
+                seconds = round_robin_medians(calls, repeats, device)
                 rows.append({"resolution": resolution, "batch": batch_size, "prompts": count, **seconds})
-                print(_format_row(rows[-1]), flush=True)
+                print(_format_row(rows[-1], methods), flush=True)
     return rows
 
 
-def _format_row(row: dict[str, float]) -> str:
+def _format_row(row: dict[str, float], methods: list[str]) -> str:
     n = row["batch"]
-    return (
-        f"| {row['resolution']} | {n} | {row['prompts']} | {n / row['encode']:.2f} "
-        f"| {n / row['raw']:.2f} | {row['raw'] / row['encode']:.2f} "
-        f"| {n / row['surgery']:.2f} | {row['surgery'] / row['encode']:.2f} |"
-    )
+    cells = [row["resolution"], n, row["prompts"], f"{n / row['encode']:.2f}"]
+    for name in methods:
+        cells += [f"{n / row[name]:.2f}", f"{row[name] / row['encode']:.2f}"]
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
 
 
 def main() -> None:
@@ -128,7 +125,11 @@ def main() -> None:
     parser.add_argument("--prompts", type=_ints, default=[1, 20, 100])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--patch-grid", action="store_true", help="time patch-grid maps (no upsampling)")
+    parser.add_argument(
+        "--methods",
+        default="raw,surgery",
+        help=f"comma-separated registry names (default raw,surgery); registered: {', '.join(method_names())}",
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -147,14 +148,17 @@ def main() -> None:
             if device.type == "cuda"
             else f" ({torch.get_num_threads()} threads)"
         )
-        + f"; median of {args.repeats}; maps "
-        + ("on the patch grid" if args.patch_grid else "upsampled to the input")
+        + f"; median of {args.repeats}; maps as the method registry builds them"
     )
-    print(
-        "| res | batch | prompts | encode_image img/s | raw img/s | raw / encode | surgery img/s | surgery / encode |"
-    )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    run(args.model, device, args.batch_sizes, args.resolutions, args.prompts, args.repeats, args.patch_grid)
+    methods = args.methods.split(",")
+    for name in methods:
+        method_info(name)  # a ValueError naming the registered methods for a wrong name
+    header = ["res", "batch", "prompts", "encode_image img/s"]
+    for name in methods:
+        header += [f"{name} img/s", f"{name} / encode"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---:|" * len(header))
+    run(args.model, device, args.batch_sizes, args.resolutions, args.prompts, args.repeats, methods)
 
 
 if __name__ == "__main__":

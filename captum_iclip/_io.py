@@ -24,7 +24,7 @@ def check_output_file(path: str, argument: str) -> None:
         raise ValueError(f"{argument}: expected a file name, got the folder {target}")
     for parent in target.parents:
         if parent.exists() and not parent.is_dir():
-            raise ValueError(f"{argument}: {parent} is a file, not a folder")
+            raise ValueError(f"{argument}: expected a path under folders, got {target} under the file {parent}")
 
 
 def check_output_folder(path: PathLike, argument: str) -> Path:
@@ -32,8 +32,8 @@ def check_output_folder(path: PathLike, argument: str) -> Path:
     target = Path(path)
     for candidate in (target, *target.parents):
         if candidate.exists() and not candidate.is_dir():
-            what = "expected a folder, got the file" if candidate == target else "lies under the file"
-            raise ValueError(f"{argument}: {what} {candidate}")
+            what = "the file" if candidate == target else f"{target}, under the file"
+            raise ValueError(f"{argument}: expected a folder, got {what} {candidate}")
     return target
 
 
@@ -99,14 +99,14 @@ def load_torch_file(path: PathLike, argument: str = "path") -> Any:
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{argument}: no file at {path}")
+        raise ValueError(f"{argument}: expected an existing file, got {path} (no file there)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError, zipfile errors, ...
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(
-            f"{argument}: cannot read {path} as a torch checkpoint (corrupt, truncated or holding "
-            f"objects other than tensors and plain containers): {reason}"
+            f"{argument}: expected a torch checkpoint of tensors and plain containers, got {path}, which "
+            f"cannot be read (corrupt, truncated or holding other objects): {reason}"
         ) from error
 
 
@@ -144,13 +144,14 @@ def read_image(source: PathLike | bytes | Image.Image, argument: str = "image") 
         return _to_rgb8(ImageOps.exif_transpose(source))
     name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
     if not isinstance(source, (bytes, bytearray)) and not Path(source).is_file():
+        # The lead's demo test matches this wording (tests/test_zoo_demo.py).
         raise FileNotFoundError(f"{argument}: no image file at {name}")
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as image:
             image.load()
             return _to_rgb8(ImageOps.exif_transpose(image))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise OSError(f"{argument}: cannot decode image {name}: {type(error).__name__}: {error}") from error
+        raise OSError(f"{argument}: expected a decodable image, got {name}: {type(error).__name__}: {error}") from error
 
 
 def _to_rgb8(image: Image.Image) -> Image.Image:

@@ -198,7 +198,7 @@ def explain(args: argparse.Namespace) -> int:
     prompts = split_prompts(args.prompts)
     check_output_file(args.out, "--out")
     loaded = load_model_from_args(args)
-    sim = CLIPSimilarity(loaded.model, loaded.tokenizer, prompts, output="logits")
+    sim = CLIPSimilarity(loaded.model, loaded.tokenizer, prompts, output="probs")
     adapter = sim.adapter
     if args.resolution is not None:
         ph, pw = adapter.patch_size
@@ -210,7 +210,7 @@ def explain(args: argparse.Namespace) -> int:
     pil_images = open_images(args.images)
     batch = torch.stack([transform(image) for image in pil_images]).to(args.device, adapter.parameter.dtype)
     with torch.no_grad():
-        probs = sim(batch).softmax(dim=-1).cpu()
+        probs = sim(batch).cpu()  # the model's own: softmax over prompts (CLIP), sigmoid (SigLIP)
     maps = ITSMAttribution(sim).attribute(batch, variant=args.variant).cpu()
 
     originals = denormalize(batch.float().cpu(), adapter.image_mean, adapter.image_std)

@@ -89,7 +89,7 @@ def top_mass_mask(attention: Tensor, tau: float) -> Tensor:
         )
     flat = attention.detach().flatten(1).to(torch.float64)
     if not torch.isfinite(flat).all() or (flat < 0).any():
-        raise ValueError("attention must be finite and non-negative")
+        raise ValueError("attention: expected finite, non-negative values, got NaN, inf or negative values")
     values, order = torch.sort(flat, dim=1, descending=True, stable=True)
     cumulative = values.cumsum(dim=1)
     # Use the cumulative sum's own total so that rounding cannot leave the last
@@ -145,47 +145,79 @@ def _patch_grid(model: nn.Module, images: Tensor) -> GridSize:
     patch_h, patch_w = dino_patch_size(model)
     if height % patch_h or width % patch_w:
         raise ValueError(
-            f"images must have H, W divisible by the DINO patch size {(patch_h, patch_w)}, got {(height, width)}"
+            f"images: expected H, W divisible by the DINO patch size {(patch_h, patch_w)}, got {(height, width)}"
         )
     return height // patch_h, width // patch_w
 
 
+def _eva_query_key(attn: nn.Module, x: Tensor, rope: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Queries and keys (N, heads, T, d) of a timm ``EvaAttention``, rotary embedding applied
+    to the patch tokens as the module applies it (DINOv3, EVA02)."""
+    from timm.layers import apply_rot_embed_cat
+
+    batch, num_tokens, _ = x.shape
+    if attn.qkv is not None:
+        bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        qkv = F.linear(x, attn.qkv.weight, bias).reshape(batch, num_tokens, 3, attn.num_heads, -1)
+        q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        q = attn.q_proj(x).reshape(batch, num_tokens, attn.num_heads, -1).transpose(1, 2)
+        k = attn.k_proj(x).reshape(batch, num_tokens, attn.num_heads, -1).transpose(1, 2)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if rope is not None:
+        prefix, half = attn.num_prefix_tokens, attn.rotate_half
+        q = torch.cat([q[:, :, :prefix], apply_rot_embed_cat(q[:, :, prefix:], rope, half=half)], dim=2)
+        k = torch.cat([k[:, :, :prefix], apply_rot_embed_cat(k[:, :, prefix:], rope, half=half)], dim=2)
+    return q, k
+
+
 def _timm_cls_attention(model: nn.Module, images: Tensor, blocks: Sequence[int] = (-1,)) -> Tensor:
     from timm.layers import Attention
+    from timm.models.eva import Eva, EvaAttention
     from timm.models.vision_transformer import VisionTransformer
 
-    if not isinstance(model, VisionTransformer):
+    is_eva = isinstance(model, Eva)
+    if not isinstance(model, VisionTransformer) and not is_eva:
         raise TypeError(
-            f"model must be a timm VisionTransformer or a Hugging Face ViT/DINOv2 model, got {type(model).__name__}"
+            "model: expected a timm VisionTransformer or a Hugging Face ViT/DINOv2/DINOv3 model "
+            f"(or a timm Eva, DINOv3), got {type(model).__name__}"
         )
     if model.cls_token is None:
-        raise ValueError("model has no [CLS] token (class_token=False); its [CLS] attention is undefined")
+        raise ValueError("model: expected a DINO model with a [CLS] token (its [CLS] attention), got class_token=False")
     grid_h, grid_w = _patch_grid(model, images)
     if not model.dynamic_img_size and tuple(images.shape[-2:]) != tuple(model.patch_embed.img_size):
         raise ValueError(
-            f"images of size {tuple(images.shape[-2:])} need a timm model built with dynamic_img_size=True "
-            f"(this one accepts only {tuple(model.patch_embed.img_size)})"
+            f"images: expected the size {tuple(model.patch_embed.img_size)} this timm model accepts (or a model "
+            f"built with dynamic_img_size=True), got {tuple(images.shape[-2:])}"
         )
     chosen = _block_indices(blocks, len(model.blocks))
+    attention_type = EvaAttention if is_eva else Attention
     for index in chosen:
         block = model.blocks[index]
-        if not isinstance(getattr(block, "attn", None), Attention) or not hasattr(block, "norm1"):
+        if not isinstance(getattr(block, "attn", None), attention_type) or not hasattr(block, "norm1"):
             raise TypeError(
-                f"blocks: block {index} must be a pre-norm timm Block with a timm Attention module "
-                f"(got {type(block).__name__} / {type(getattr(block, 'attn', None)).__name__})"
+                f"blocks: expected pre-norm timm blocks with a timm {attention_type.__name__} module, got block "
+                f"{index}: {type(block).__name__} / {type(getattr(block, 'attn', None)).__name__}"
             )
 
     tokens = model.patch_embed(images)
-    tokens = model._pos_embed(tokens)
-    tokens = model.patch_drop(tokens)
+    if is_eva:
+        if getattr(model, "rope_mixed", False):
+            raise TypeError(
+                "model: expected a timm Eva with one rotary embedding for all blocks, got per-block (mixed) ones"
+            )
+        # Eva applies its patch dropout inside _pos_embed (an identity in eval mode).
+        tokens, rope = model._pos_embed(tokens)
+    else:
+        tokens, rope = model.patch_drop(model._pos_embed(tokens)), None
     tokens = model.norm_pre(tokens)
     maps = []
     for index, block in enumerate(model.blocks):
         if index in chosen:
-            maps.append(_block_cls_attention(block, tokens, model.num_prefix_tokens))
+            maps.append(_block_cls_attention(block, tokens, model.num_prefix_tokens, rope))
         if index == chosen[-1]:
             break
-        tokens = block(tokens)
+        tokens = block(tokens, rope=rope) if is_eva else block(tokens)
     return torch.stack(maps).mean(0).reshape(images.shape[0], grid_h, grid_w)
 
 
@@ -209,18 +241,24 @@ def _block_indices(blocks: Sequence[int], depth: int) -> list[int]:
     return sorted({b % depth for b in blocks})
 
 
-def _block_cls_attention(block: nn.Module, tokens: Tensor, prefix: int) -> Tensor:
+def _block_cls_attention(block: nn.Module, tokens: Tensor, prefix: int, rope: Tensor | None = None) -> Tensor:
     """``(N, T - prefix)``: the block's [CLS] attention to the patches, averaged over heads.
 
-    Recomputed from the block's own ``norm1``, ``qkv`` and ``q_norm`` / ``k_norm``:
-    the fused (SDPA) kernel that timm uses never materialises the probabilities.
+    Recomputed from the block's own ``norm1``, ``qkv`` and ``q_norm`` / ``k_norm`` (and, for a
+    timm ``EvaAttention``, its rotary embedding ``rope``): the fused (SDPA) kernel that timm
+    uses never materialises the probabilities.
     """
+    from timm.models.eva import EvaAttention
+
     attn = block.attn
     x = block.norm1(tokens)
     batch, num_tokens, _ = x.shape
-    qkv = attn.qkv(x).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim)
-    q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    if isinstance(attn, EvaAttention):
+        q, k = _eva_query_key(attn, x, rope)
+    else:
+        qkv = attn.qkv(x).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim)
+        q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
     probs = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (N, heads, 1, T)
     return probs[:, :, 0, prefix:].mean(dim=1)
 
@@ -229,9 +267,9 @@ def _hf_cls_attention(model: nn.Module, images: Tensor, blocks: Sequence[int] = 
     implementation = getattr(model.config, "_attn_implementation", None)
     if implementation != "eager":
         raise ValueError(
-            f"the Hugging Face model uses attn_implementation={implementation!r}, which does not "
-            "return attention probabilities; load it with attn_implementation='eager' or call "
-            "model.set_attn_implementation('eager')"
+            "model: expected a Hugging Face model with attn_implementation='eager' (the only one that returns "
+            "attention probabilities; load it so or call model.set_attn_implementation('eager')), got "
+            f"{implementation!r}"
         )
     grid_h, grid_w = _patch_grid(model, images)
     kwargs = {"output_attentions": True}
@@ -243,7 +281,9 @@ def _hf_cls_attention(model: nn.Module, images: Tensor, blocks: Sequence[int] = 
     # [CLS] first, then any register tokens, then the patches.
     prefix = probs.shape[-1] - grid_h * grid_w
     if prefix < 1:
-        raise ValueError(f"expected a [CLS] token before the {grid_h * grid_w} patch tokens")
+        raise ValueError(
+            f"model: expected a [CLS] token before the {grid_h * grid_w} patch tokens, got {probs.shape[-1]} tokens"
+        )
     return probs[:, :, 0, prefix:].mean(dim=1).reshape(images.shape[0], grid_h, grid_w)
 
 
@@ -254,15 +294,16 @@ def cls_attention(model: nn.Module, images: Tensor, blocks: Sequence[int] = (-1,
     the maps of several blocks instead (docs/methods.md §3).
 
     For a timm ``VisionTransformer`` (DINO ``vit_small_patch16_224.dino``, DINOv2
-    ``vit_small_patch14_dinov2`` / ``..._reg4_dinov2``) the blocks before the last
-    are run as usual and the last block's attention is recomputed from its
-    ``norm1``, ``attn.qkv`` and ``attn.q_norm`` / ``attn.k_norm``; the
-    ``model.num_prefix_tokens`` prefix tokens ([CLS] and registers) are dropped
-    from the keys. Any H, W divisible by the patch size works when the model was
+    ``vit_small_patch14_dinov2`` / ``..._reg4_dinov2``) or ``Eva`` (DINOv3
+    ``vit_small_patch16_dinov3``, with rotary position embeddings) the blocks
+    before the last are run as usual and the last block's attention is recomputed
+    from its ``norm1``, query/key projections, ``q_norm`` / ``k_norm`` and (Eva) its
+    rotary embedding; the ``model.num_prefix_tokens`` prefix tokens ([CLS] and
+    registers) are dropped from the keys. Any H, W divisible by the patch size works when the model was
     built with ``dynamic_img_size=True`` (positional embeddings are interpolated).
 
-    For a Hugging Face ``ViTModel`` / ``Dinov2Model`` / ``Dinov2WithRegistersModel``
-    the attention comes from ``output_attentions=True``, which needs the eager
+    For a Hugging Face ``ViTModel`` / ``Dinov2Model`` / ``Dinov2WithRegistersModel`` /
+    ``DINOv3ViTModel`` the attention comes from ``output_attentions=True``, which needs the eager
     attention implementation (``attn_implementation="eager"``).
 
     Args:
@@ -362,7 +403,7 @@ class MaskProvider(nn.Module):
         expected = (images.shape[0], grid_h * grid_w)
         if not isinstance(mask, Tensor) or tuple(mask.shape) != expected:
             raise ValueError(
-                f"{type(self).__name__} must return a mask of shape {expected}, got "
+                f"{type(self).__name__}: expected to return a mask of shape {expected}, got "
                 f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}"
             )
         mask = mask.to(device=images.device, dtype=torch.bool)
@@ -379,7 +420,7 @@ def _as_bool_mask(mask: Tensor, argument: str) -> Tensor:
         return mask
     if mask.is_floating_point() or mask.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
         if not ((mask == 0) | (mask == 1)).all():
-            raise ValueError(f"{argument} must be boolean or contain only 0 and 1")
+            raise ValueError(f"{argument}: expected a boolean mask or only 0 and 1, got other values")
         return mask != 0
     raise TypeError(f"{argument}: expected a boolean or 0/1 tensor, got dtype {mask.dtype}")
 
@@ -413,17 +454,21 @@ class FixedMaskProvider(MaskProvider):
 
     def compute_mask(self, images: Tensor, grid_size: GridSize) -> Tensor:
         if self.grid_size is not None and tuple(self.grid_size) != tuple(grid_size):
-            raise ValueError(f"the fixed mask has grid {self.grid_size}, but grid_size={tuple(grid_size)}")
+            raise ValueError(
+                f"grid_size: expected the fixed mask's grid {tuple(self.grid_size)}, got {tuple(grid_size)}"
+            )
         if self.mask.shape[1] != grid_size[0] * grid_size[1]:
             raise ValueError(
-                f"the fixed mask has {self.mask.shape[1]} patches, but grid_size={tuple(grid_size)} "
-                f"has {grid_size[0] * grid_size[1]}"
+                f"grid_size: expected a grid of the fixed mask's {self.mask.shape[1]} patches, got {tuple(grid_size)} "
+                f"({grid_size[0] * grid_size[1]} patches)"
             )
         batch = images.shape[0]
         if self.mask.shape[0] == 1:
             return self.mask.expand(batch, -1)
         if self.mask.shape[0] != batch:
-            raise ValueError(f"the fixed mask holds {self.mask.shape[0]} masks, but the batch has {batch} images")
+            raise ValueError(
+                f"images: expected a batch of {self.mask.shape[0]} images (one per fixed mask), got {batch} images"
+            )
         return self.mask
 
 
@@ -452,7 +497,7 @@ class CallableMaskProvider(MaskProvider):
         allowed = ((images.shape[0], grid_h, grid_w), (images.shape[0], grid_h * grid_w))
         if not isinstance(mask, Tensor) or tuple(mask.shape) not in allowed:
             raise ValueError(
-                f"the mask function must return a tensor of shape {allowed[0]} or {allowed[1]}, got "
+                f"mask function: expected to return a tensor of shape {allowed[0]} or {allowed[1]}, got "
                 f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}"
             )
         return _as_bool_mask(mask, "the mask function's output").flatten(1)
@@ -484,7 +529,7 @@ def as_mask_provider(obj: MaskProvider | MaskFn | Tensor) -> MaskProvider:
     if callable(obj):
         return CallableMaskProvider(obj)
     raise TypeError(
-        f"a mask provider must be a MaskProvider, a callable (images, grid_size) -> mask or a mask tensor, "
+        f"mask_provider: expected a MaskProvider, a callable (images, grid_size) -> mask or a mask tensor, "
         f"got {type(obj).__name__}"
     )
 
@@ -500,7 +545,7 @@ def _load_state_dict_file(path: str | os.PathLike) -> dict:
             checkpoint = checkpoint[key]
             break
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"checkpoint {path!s} does not hold a state dict")
+        raise ValueError(f"checkpoint: expected a state dict, got a {type(checkpoint).__name__} in {path!s}")
     state_dict = {}
     for name, value in checkpoint.items():
         for prefix in ("module.", "backbone."):
@@ -511,7 +556,7 @@ def _load_state_dict_file(path: str | os.PathLike) -> dict:
 
 def _load_timm_dino(name: str, pretrained: bool, checkpoint: str | None) -> nn.Module:
     import timm
-    from timm.models.vision_transformer import checkpoint_filter_fn
+    from timm.models import eva, vision_transformer
 
     try:
         model = timm.create_model(
@@ -519,17 +564,21 @@ def _load_timm_dino(name: str, pretrained: bool, checkpoint: str | None) -> nn.M
         )
     except Exception as error:  # offline hub / missing file: say what to do
         raise RuntimeError(
-            f"could not download the pretrained weights of timm model {name!r} ({error}). "
+            f"pretrained: expected the weights of timm model {name!r} to be downloadable, got {error}. "
             f"Download them on a machine with network access (e.g. the 'timm/{name}' Hugging Face "
             f"repository, file model.safetensors or pytorch_model.bin, or the original DINO .pth) and "
             f"pass checkpoint='/path/to/file' instead of pretrained=True"
         ) from error
     if checkpoint is not None:
-        state_dict = checkpoint_filter_fn(_load_state_dict_file(checkpoint), model)
+        # Each timm family maps original (e.g. DINOv3) checkpoints to its own layout.
+        family = eva if isinstance(model, eva.Eva) else vision_transformer
+        state_dict = family.checkpoint_filter_fn(_load_state_dict_file(checkpoint), model)
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         if missing:
-            raise ValueError(f"checkpoint {checkpoint!s} lacks weights of {name!r}: {missing[:5]}...")
+            raise ValueError(
+                f"checkpoint: expected every weight of {name!r}, got {checkpoint!s} without {missing[:5]}..."
+            )
         if unexpected:
             warnings.warn(f"checkpoint {checkpoint!s}: ignored unexpected keys {unexpected[:5]}...", stacklevel=3)
     elif not pretrained:
@@ -563,10 +612,51 @@ def _load_hf_dino(name: str) -> tuple[nn.Module, tuple[float, ...], tuple[float,
         return load(local_files_only=False)
     except OSError as error:
         raise RuntimeError(
-            f"could not load the Hugging Face model {name!r} from the local cache or the hub ({error}). "
+            f"model: expected a Hugging Face model {name!r} in the local cache or on the hub, got {error}. "
             "Download it where the network is reachable (e.g. `huggingface-cli download "
             f"{name} --local-dir DIR`) and pass model='DIR'"
         ) from error
+
+
+def _resolve_dino_model(
+    model: str | nn.Module, pretrained: bool, checkpoint: str | None
+) -> tuple[nn.Module, Sequence[float], Sequence[float]]:
+    """The DINO model of :class:`DINOMaskProvider` (built from a timm name, a Hugging Face id or folder, or
+    given), ready for its [CLS] attention, with the mean and std of its own input normalisation."""
+    dino_mean, dino_std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    if isinstance(model, str):
+        if checkpoint is not None and pretrained:
+            raise ValueError(
+                f"checkpoint: expected None with pretrained=True (one source of weights), got {checkpoint!r}"
+            )
+        import timm
+
+        if timm.is_model(model):
+            model = _load_timm_dino(model, pretrained, checkpoint)
+        elif os.path.isdir(model) or "/" in model:
+            if pretrained or checkpoint is not None:
+                raise ValueError(
+                    "pretrained: expected pretrained=False and checkpoint=None for a Hugging Face model (they "
+                    f"apply to timm model names), got pretrained={pretrained!r}, checkpoint={checkpoint!r}"
+                )
+            model, dino_mean, dino_std = _load_hf_dino(model)
+        else:
+            raise ValueError(f"model: expected a timm model name, a Hugging Face id or a local folder, got {model!r}")
+    elif not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a model name or an nn.Module, got {type(model).__name__}")
+    elif pretrained or checkpoint is not None:
+        raise ValueError(
+            "pretrained: expected pretrained=False and checkpoint=None for a built module (they apply to "
+            f"model names), got pretrained={pretrained!r}, checkpoint={checkpoint!r}"
+        )
+
+    if _is_hf_model(model):
+        if getattr(model.config, "_attn_implementation", None) != "eager":
+            model.set_attn_implementation("eager")
+    else:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        dino_mean, dino_std = cfg.get("mean", dino_mean), cfg.get("std", dino_std)
+    return model, dino_mean, dino_std
 
 
 class DINOMaskProvider(MaskProvider):
@@ -580,7 +670,8 @@ class DINOMaskProvider(MaskProvider):
     2. resize (bilinear, antialiased) to ``image_size`` (square) or, when ``None``,
        to the model's native input size, which is a multiple of its patch size;
     3. :func:`cls_attention` gives ``A`` on the DINO patch grid (the last block's,
-       or the mean over ``blocks``);
+       or the mean over ``blocks``; register tokens, like the [CLS] token itself, are
+       excluded from the attended tokens);
     4. resample to the CLIP grid ``(h, w)``. ``resample="bilinear"`` (default)
        interpolates ``A`` bilinearly (``align_corners=False``, antialiased when
        shrinking) and applies :func:`top_mass_mask` with ``tau`` on the resampled
@@ -597,9 +688,12 @@ class DINOMaskProvider(MaskProvider):
     Args:
         model (str or nn.Module): a timm model name (e.g.
             ``"vit_small_patch16_224.dino"``, ``"vit_base_patch16_224.dino"``,
-            ``"vit_small_patch14_dinov2"``), a Hugging Face hub id or local folder
-            (``"facebook/dino-vits16"``, ``"facebook/dinov2-small"``), or a built
-            timm ``VisionTransformer`` / Hugging Face ``ViTModel`` / ``Dinov2Model``
+            ``"vit_small_patch14_dinov2"``, ``"vit_small_patch14_reg4_dinov2"``,
+            ``"vit_small_patch16_dinov3"``), a Hugging Face hub id or local folder
+            (``"facebook/dino-vits16"``, ``"facebook/dinov2-small"``,
+            ``"facebook/dinov2-with-registers-small"``), or a built timm
+            ``VisionTransformer`` / ``Eva`` or Hugging Face ``ViTModel`` / ``Dinov2Model`` /
+            ``Dinov2WithRegistersModel`` / ``DINOv3ViTModel``
             (e.g. from :func:`captum_iclip.training.dino.load_tiny_dino`). A Hugging
             Face module is switched to eager attention.
         pretrained (bool): Load a timm model's pretrained weights through timm
@@ -642,36 +736,12 @@ class DINOMaskProvider(MaskProvider):
             raise ValueError(f"resample: expected one of {_RESAMPLE_MODES}, got {resample!r}")
         for argument, value in (("input_mean", input_mean), ("input_std", input_std)):
             if len(value) != 3:
-                raise ValueError(f"{argument} must hold 3 values (RGB), got {value!r}")
+                raise ValueError(f"{argument}: expected 3 values (RGB), got {value!r}")
         if any(s <= 0 for s in input_std):
             raise ValueError(f"input_std: expected a positive value, got {input_std!r}")
 
-        dino_mean, dino_std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
         self.model_name = model if isinstance(model, str) else type(model).__name__
-        if isinstance(model, str):
-            if checkpoint is not None and pretrained:
-                raise ValueError("pass either pretrained=True or checkpoint=PATH, not both")
-            import timm
-
-            if timm.is_model(model):
-                model = _load_timm_dino(model, pretrained, checkpoint)
-            elif os.path.isdir(model) or "/" in model:
-                if pretrained or checkpoint is not None:
-                    raise ValueError("pretrained and checkpoint apply to timm model names only")
-                model, dino_mean, dino_std = _load_hf_dino(model)
-            else:
-                raise ValueError(f"model {model!r} is neither a timm model name, a Hugging Face id nor a local folder")
-        elif not isinstance(model, nn.Module):
-            raise TypeError(f"model: expected a model name or an nn.Module, got {type(model).__name__}")
-        elif pretrained or checkpoint is not None:
-            raise ValueError("pretrained and checkpoint apply to model names, not to a built module")
-
-        if _is_hf_model(model):
-            if getattr(model.config, "_attn_implementation", None) != "eager":
-                model.set_attn_implementation("eager")
-        else:
-            cfg = getattr(model, "pretrained_cfg", None) or {}
-            dino_mean, dino_std = cfg.get("mean", dino_mean), cfg.get("std", dino_std)
+        model, dino_mean, dino_std = _resolve_dino_model(model, pretrained, checkpoint)
 
         patch_h, patch_w = dino_patch_size(model)
         if image_size is None:

@@ -39,8 +39,9 @@ class CLIPSimilarity(nn.Module):
     module's own mode afterwards, so the caller's model is left as it was.
 
     Args:
-        model: an open_clip CLIP model (ViT or ModifiedResNet tower), a Hugging
-            Face ``transformers.CLIPModel``, or a ``DualProjectionCLIP``.
+        model: an open_clip CLIP model (ViT, ModifiedResNet or timm tower: SigLIP,
+            EVA02, ConvNeXt, ...), a Hugging Face ``CLIPModel`` or ``SiglipModel``, or
+            a ``DualProjectionCLIP``.
         tokenizer: the model's tokenizer (``open_clip.get_tokenizer(name)`` or a
             Hugging Face tokenizer). Needed with ``prompts``.
         prompts: the K texts to score against, e.g. ``["a cat", "a dog"]``.
@@ -51,8 +52,16 @@ class CLIPSimilarity(nn.Module):
             (or callables) for prompt ensembling; a single string is refused (it is
             not a list of templates). Assigning :attr:`templates` later re-validates
             them; call :meth:`set_prompts` to re-embed the prompts with them.
-        output: ``"cosine"`` (cosine similarity), ``"logits"`` (cosine times the
-            model's logit scale) or ``"probs"`` (softmax of the logits over prompts).
+        output: ``"cosine"`` (cosine similarity), ``"logits"`` or ``"probs"``, each
+            by the model's own scoring (see below).
+
+    Scores follow the model's training objective. CLIP (contrastive softmax loss):
+    ``logits = logit_scale.exp() * cos`` and ``probs`` a softmax of the logits over
+    the prompts. SigLIP (sigmoid loss; open_clip SigLIP towers and Hugging Face
+    ``SiglipModel``, which carry a ``logit_bias``):
+    ``logits = logit_scale.exp() * cos + logit_bias`` and ``probs = sigmoid(logits)``
+    per prompt: each prompt is an independent yes/no match, so the probabilities
+    do not sum to one over the prompts (docs/methods.md).
 
     Examples::
 
@@ -88,7 +97,7 @@ class CLIPSimilarity(nn.Module):
         self.prompts: list | None = None
         if text_features is not None:
             if prompts is not None:
-                raise ValueError("prompts: give either prompts or text_features, not both")
+                raise ValueError(f"prompts: expected None with text_features (one source of prompts), got {prompts!r}")
             self.register_buffer("text_features", self._check_text_features(text_features))
         else:
             self.register_buffer("text_features", self.encode_prompts(self._check_prompts(prompts)))
@@ -109,7 +118,7 @@ class CLIPSimilarity(nn.Module):
                 )
             templates = list(templates)
             if not templates:
-                raise ValueError("templates: expected at least one template (or None)")
+                raise ValueError("templates: expected at least one template (or None), got an empty list")
             bad = [t for t in templates if not (isinstance(t, str) or callable(t))]
             if bad:
                 raise TypeError(f"templates: expected strings or callables, got {bad[0]!r}")
@@ -117,21 +126,27 @@ class CLIPSimilarity(nn.Module):
 
     def _check_prompts(self, prompts: Sequence[str] | None) -> list:
         if prompts is None:
-            raise ValueError("prompts: give a non-empty list of texts (or text_features)")
+            raise ValueError("prompts: expected a non-empty list of texts (or text_features), got None")
         if isinstance(prompts, str):
             raise TypeError("prompts: expected a list of strings, got a single string; wrap it in a list")
         prompts = list(prompts)
         if not prompts:
-            raise ValueError("prompts: the list of prompts is empty; give at least one text")
-        if not all(isinstance(p, str) for p in prompts):
-            raise TypeError("prompts: every prompt must be a string")
+            raise ValueError("prompts: expected at least one text, got an empty list")
+        bad = [p for p in prompts if not isinstance(p, str)]
+        if bad:
+            raise TypeError(f"prompts: expected every prompt to be a string, got {bad[0]!r}")
         if self.tokenizer is None:
-            raise ValueError("tokenizer: needed to embed prompts (or pass text_features instead)")
+            raise ValueError(
+                "tokenizer: expected a tokenizer to embed prompts (or pass text_features instead), got None"
+            )
         return prompts
 
     def _check_text_features(self, text_features: Tensor) -> Tensor:
         if not isinstance(text_features, Tensor) or text_features.dim() != 2 or text_features.shape[0] == 0:
-            raise ValueError("text_features: expected a non-empty (K, D) tensor")
+            raise ValueError(
+                "text_features: expected a non-empty (K, D) tensor, "
+                f"got {tuple(text_features.shape) if isinstance(text_features, Tensor) else type(text_features)}"
+            )
         dim = self.adapter.embed_dim
         if text_features.shape[1] != dim:
             raise ValueError(f"text_features: expected dimension {dim}, got {text_features.shape[1]}")
@@ -181,6 +196,11 @@ class CLIPSimilarity(nn.Module):
     def logit_scale(self) -> Tensor:
         return self.adapter.logit_scale
 
+    @property
+    def logit_bias(self) -> Tensor | None:
+        """The model's logit bias (sigmoid-loss models such as SigLIP), ``None`` for CLIP."""
+        return getattr(self.adapter.model, "logit_bias", None)
+
     # --- image side -----------------------------------------------------------------
     @contextmanager
     def evaluating(self) -> Iterator[CLIPSimilarity]:
@@ -212,8 +232,23 @@ class CLIPSimilarity(nn.Module):
         cosine = F.normalize(image_features, dim=-1) @ self.text_features.t()
         if self.output == "cosine":
             return cosine
+        logits = self._logits(cosine)
+        return logits if self.output == "logits" else self._probabilities(logits)
+
+    def _logits(self, cosine: Tensor) -> Tensor:
         logits = self.logit_scale * cosine
-        return logits if self.output == "logits" else logits.softmax(dim=-1)
+        return logits if self.logit_bias is None else logits + self.logit_bias
+
+    def _probabilities(self, logits: Tensor) -> Tensor:
+        # Sigmoid-loss models (a logit bias) score each prompt on its own; CLIP ranks the prompts.
+        return logits.softmax(dim=-1) if self.logit_bias is None else logits.sigmoid()
+
+    def probabilities(self, scores: Tensor) -> Tensor:
+        """The model's own probabilities (N, K) from scores of kind :attr:`output`:
+        a softmax over the prompts for CLIP, a sigmoid per prompt for SigLIP."""
+        if self.output == "probs":
+            return scores
+        return self._probabilities(scores if self.output == "logits" else self._logits(scores))
 
     def forward(self, images: Tensor) -> Tensor:
         self.check_inputs(images)

@@ -125,7 +125,7 @@ def attribution_grid(
 
     n_rows = len(images)
     if n_rows == 0:
-        raise ValueError("images: expected at least one image")
+        raise ValueError("images: expected at least one image, got none")
     if len(maps) != n_rows:
         raise ValueError(f"maps: expected one row of maps per image ({n_rows}), got {len(maps)}")
     n_maps = max(len(row) for row in maps)

@@ -48,16 +48,20 @@ class NoForward:
         (
             make_images(1, 3, 224, 230),
             ValueError,
-            r"inputs: image size 224x230 is not divisible by .* patch size 32x32",
+            r"inputs: expected an image size divisible by .* patch size 32x32 .*, got 224x230",
         ),
-        (make_images(0, 3, 224, 224), ValueError, r"inputs: the batch is empty"),
+        (make_images(0, 3, 224, 224), ValueError, r"inputs: expected at least one image, got an empty batch"),
         (
             make_images(1, 3, 224, 224).double(),
             TypeError,
-            r"inputs: images have dtype torch.float64 but the model has torch.float32",
+            r"inputs: expected images of the model's dtype torch.float32 .*, got torch.float64",
         ),
         (torch.zeros(1, 3, 224, 224, dtype=torch.uint8), TypeError, r"inputs: expected a floating-point tensor"),
-        (torch.empty(1, 3, 224, 224, device="meta"), ValueError, r"inputs: images are on meta but the model is on cpu"),
+        (
+            torch.empty(1, 3, 224, 224, device="meta"),
+            ValueError,
+            r"inputs: expected images on the model's device cpu .*, got meta",
+        ),
         (make_images(1, 3, 224, 224).numpy(), TypeError, r"inputs: expected a torch.Tensor"),
     ],
     ids=["rank", "channels", "not divisible", "empty batch", "float64", "uint8", "device", "numpy"],
@@ -73,10 +77,10 @@ def test_bad_images(vit_b32, sim_b32, itsm, images, error, message):
 @pytest.mark.parametrize(
     "target, message",
     [
-        (3, r"target: prompt index 3 is out of range for 3 prompts"),
-        (-1, r"target: prompt index -1 is out of range"),
+        (3, r"target: expected prompt indices in 0..2 \(3 prompts\), got 3"),
+        (-1, r"target: expected prompt indices in 0..2 .*, got -1"),
         ([0, 1], r"target: expected one prompt index per example \(1\), got 2"),
-        ((0, 1), r"target: the output is \(N, K\)"),
+        ((0, 1), r"target: expected a prompt index \(the output is \(N, K\)\), got the tuple"),
     ],
     ids=["too large", "negative", "wrong length", "tuple"],
 )
@@ -128,7 +132,7 @@ def test_unknown_projection(vit_b32, itsm, image):
 
 
 def test_empty_prompt_list(vit_b32, tokenizer):
-    with pytest.raises(ValueError, match=r"prompts: the list of prompts is empty"):
+    with pytest.raises(ValueError, match=r"prompts: expected at least one text, got an empty list"):
         CLIPSimilarity(vit_b32, tokenizer, [])
 
 
@@ -138,12 +142,12 @@ def test_a_string_instead_of_a_list_of_prompts(vit_b32, tokenizer):
 
 
 def test_prompts_that_are_not_strings(vit_b32, tokenizer):
-    with pytest.raises(TypeError, match=r"prompts: every prompt must be a string"):
+    with pytest.raises(TypeError, match=r"prompts: expected every prompt to be a string"):
         CLIPSimilarity(vit_b32, tokenizer, ["a cat", 3])
 
 
 def test_prompts_without_a_tokenizer(vit_b32):
-    with pytest.raises(ValueError, match=r"tokenizer: needed to embed prompts"):
+    with pytest.raises(ValueError, match=r"tokenizer: expected a tokenizer to embed prompts .*, got None"):
         CLIPSimilarity(vit_b32, None, ["a cat"])
 
 
@@ -166,11 +170,16 @@ def test_unknown_output(vit_b32):
 
 
 def test_itsm_needs_a_clip_similarity(vit_b32):
-    with pytest.raises(TypeError, match=r"forward_func: ITSMAttribution needs a captum_iclip.CLIPSimilarity"):
+    with pytest.raises(
+        TypeError, match=r"forward_func: expected a captum_iclip.CLIPSimilarity \(ITSMAttribution reads"
+    ):
         ITSMAttribution(vit_b32)
 
 
 def test_single_prompt_surgery_without_a_tokenizer(vit_b32, image):
     sim = CLIPSimilarity(vit_b32, text_features=torch.randn(1, 512))
-    with NoForward(vit_b32), pytest.raises(ValueError, match=r"tokenizer: needed to embed prompts"):
+    with (
+        NoForward(vit_b32),
+        pytest.raises(ValueError, match=r"tokenizer: expected a tokenizer to embed prompts .*, got None"),
+    ):
         ITSMAttribution(sim).attribute(image, variant="surgery")

@@ -351,7 +351,7 @@ def test_target_and_postprocessing_follow_itsm(family, method):
 )
 def test_resnet_towers_get_a_clear_error(tiny_resnet, run):
     sim = CLIPSimilarity(tiny_resnet, text_features=torch.randn(2, 8))
-    with pytest.raises(TypeError, match=r"model: .* needs a ViT tower .*got a open_clip ModifiedResNet tower"):
+    with pytest.raises(TypeError, match=r"model: .* expected a ViT tower .*got a open_clip ModifiedResNet tower"):
         run(sim, make_images(1, 3, 64, 64))
 
 
@@ -391,7 +391,9 @@ def test_registry_runs_every_new_method_and_only_on_vits(family, tiny_resnet):
         torch.testing.assert_close(maps, expected)
     resnet = CLIPSimilarity(tiny_resnet, text_features=torch.randn(2, 8))
     assert not any(available_methods(resnet)[name] for name in VIT_METHODS)
-    with pytest.raises(ValueError, match=r"got 'legrad' \(it needs a ViT tower\)"):
+    with pytest.raises(
+        ValueError, match=r"got 'legrad' \(it needs a class-token ViT tower run by the shared block loop"
+    ):
         build_method("legrad", resnet)
 
 

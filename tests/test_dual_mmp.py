@@ -73,7 +73,7 @@ def test_head_save_and_load_round_trip(tiny_vit, tiny_resnet, tmp_path):
     with pytest.raises(ValueError, match="trained for"):
         DualProjectionCLIP(tiny_resnet).load_interpretability(tmp_path / "head.pt")
     torch.save({"something": 1}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not an interpretability head"):
+    with pytest.raises(ValueError, match="expected an interpretability head saved by captum-iclip"):
         restored.load_interpretability(tmp_path / "other.pt")
     dual.save(tmp_path / "whole.pt")
     whole = DualProjectionCLIP(tiny_vit).load(tmp_path / "whole.pt")

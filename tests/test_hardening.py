@@ -83,7 +83,9 @@ def test_crafted_training_checkpoint_runs_no_code_on_resume(tmp_path):
     crafted = tmp_path / "latest.pt"
     torch.save({"format": CHECKPOINT_FORMAT, "payload": _RunsCode(marker)}, crafted)
     config = TrainConfig(output_dir=str(tmp_path / "run"), batch_size=2, workers=0, resume=str(crafted), device="cpu")
-    with pytest.raises(ValueError, match=r"resume: cannot read .*latest\.pt"):
+    with pytest.raises(
+        ValueError, match=r"resume: expected a torch checkpoint .*, got .*latest\.pt, which cannot be read"
+    ):
         train(config, model=tiny_vit(), dataset=random_dataset(4, 32), tokenizer=tokenizer())
     assert not marker.exists()
 
@@ -105,7 +107,9 @@ def test_corrupt_checkpoints_name_the_file(tmp_path, damage):
     torch.save({"w": torch.randn(64, 64)}, path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a checkpoint at all")
-    with pytest.raises(ValueError, match=rf"path: cannot read {re.escape(str(path))}"):
+    with pytest.raises(
+        ValueError, match=rf"path: expected a torch checkpoint .*, got {re.escape(str(path))}, which cannot be read"
+    ):
         load_torch_file(path)
     clip = open_clip.model.CLIP(
         embed_dim=8,
@@ -195,7 +199,9 @@ def test_training_where_every_image_is_unreadable_fails(tmp_path, capsys):
         ]
     )
     assert status == 2
-    assert one_error_line(capsys, "captum-iclip train").startswith("train_data: no image could be read (4 skipped")
+    assert one_error_line(capsys, "captum-iclip train").startswith(
+        "train_data: expected readable images (check the paths and the image files), got none: 4 skipped"
+    )
     assert not (tmp_path / "run" / "final.pt").exists()
 
 
@@ -276,7 +282,7 @@ def test_audit_report_drops_deleted_and_replaced_images(tmp_path):
 def test_audit_missing_images_folder_and_out_file_are_errors(tmp_path, capsys):
     from captum_iclip.audit import audit
 
-    with pytest.raises(ValueError, match="images: no file or folder at"):
+    with pytest.raises(ValueError, match="images: expected an existing file or folder, got"):
         audit(tmp_path / "nope", **_audit_kwargs(tmp_path / "report"))
     assert (
         cli_main(
@@ -293,7 +299,7 @@ def test_audit_missing_images_folder_and_out_file_are_errors(tmp_path, capsys):
         )
         == 2
     )
-    assert "images: no file or folder at" in one_error_line(capsys, "captum-iclip audit")
+    assert "images: expected an existing file or folder, got" in one_error_line(capsys, "captum-iclip audit")
     (tmp_path / "file").write_text("x")
     assert cli_main(["audit", "--images", str(tmp_path), "--prompts", "a,b", "--out", str(tmp_path / "file")]) == 2
     assert one_error_line(capsys, "captum-iclip audit").startswith("--out: expected a folder, got the file")
@@ -404,7 +410,7 @@ def test_mmp_delta_is_that_of_the_returned_attributions(tiny_sim):
         (torch.tensor([[[1.0, float("nan")], [1.0, 0.0]]] * 2), "only 0 and 1"),
         (torch.ones(2, 3, 3, dtype=torch.bool), r"grid \(3, 3\)"),
         (torch.ones(2, 5, dtype=torch.bool), "5 patches"),
-        (torch.ones(3, 4, dtype=torch.bool), "3 masks"),
+        (torch.ones(3, 4, dtype=torch.bool), r"expected a batch of 3 images \(one per fixed mask\)"),
     ],
     ids=["fractional", "nan", "wrong grid", "wrong count", "wrong batch"],
 )
@@ -475,16 +481,21 @@ def test_a_model_in_train_mode_is_explained_in_eval_mode_and_left_as_given(tiny_
 def test_weights_options_are_never_ignored(tmp_path, capsys):
     from captum_iclip.models.loading import load_clip
 
-    with pytest.raises(ValueError, match="pretrained: needs model_name"):
+    with pytest.raises(ValueError, match="pretrained: expected it together with model_name"):
         load_clip(None, "openai")
-    with pytest.raises(ValueError, match="checkpoint: needs model_name"):
+    with pytest.raises(ValueError, match="checkpoint: expected it together with model_name"):
         load_clip(None, checkpoint=str(tmp_path / "missing.pt"))
-    with pytest.raises(ValueError, match="model_name: 'RN50' has no weights .* random_weights=True"):
+    with pytest.raises(
+        ValueError, match="model_name: expected with pretrained .* got 'RN50' without weights; pass random_weights=True"
+    ):
         load_clip("RN50")
     tiny = _tiny_open_clip_config(tmp_path).stem
     assert isinstance(load_clip(tiny, random_weights=True).model, open_clip.model.CLIP)  # the explicit opt-in
     if "shapes-tiny" in zoo.available():
-        with pytest.raises(ValueError, match="checkpoint: the bundled model 'shapes-tiny' has its own weights"):
+        with pytest.raises(
+            ValueError,
+            match=r"checkpoint: expected it together with an open_clip .* got the bundled model 'shapes-tiny'",
+        ):
             load_clip("shapes-tiny", checkpoint=str(tmp_path / "x.pt"))
     image = tmp_path / "x.png"
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(image)
@@ -503,7 +514,9 @@ def test_weights_options_are_never_ignored(tmp_path, capsys):
         )
         == 2
     )
-    assert one_error_line(capsys, "captum-iclip explain").startswith("--checkpoint: needs model_name")
+    assert one_error_line(capsys, "captum-iclip explain").startswith(
+        "--checkpoint: expected it together with model_name"
+    )
     assert cli_main(["explain", str(image), "--prompts", "a", "--model", "RN50", "--out", str(tmp_path / "o.png")]) == 2
     assert "--random-weights" in one_error_line(capsys, "captum-iclip explain")
 
@@ -599,7 +612,11 @@ def test_command_errors_are_one_line_naming_the_argument(tmp_path, capsys, case)
 
     cases = {  # case -> (argv, subcommand, what the message says)
         "unknown model": lambda: (explain + ["--model", "no-such-model"], "explain", "--model: expected an open_clip"),
-        "cuda without GPU": lambda: (explain + ["--device", "cuda"], "explain", "--device: 'cuda' needs a CUDA GPU"),
+        "cuda without GPU": lambda: (
+            explain + ["--device", "cuda"],
+            "explain",
+            "--device: expected a device this machine has (torch sees no CUDA GPU",
+        ),
         "explain out is a folder": lambda: (explain[:-1] + [str(tmp_path)], "explain", "--out: expected a file name"),
         "explain resolution": lambda: (
             explain + ["--resolution", "100"],
@@ -615,16 +632,20 @@ def test_command_errors_are_one_line_naming_the_argument(tmp_path, capsys, case)
         "corrupt open_clip checkpoint": lambda: (
             explain + ["--model", tiny_model(), "--checkpoint", str(bad)],
             "explain",
-            f"--checkpoint: cannot load {bad}",
+            "--checkpoint: expected weights of open_clip",
         ),
-        "eval corrupt image": lambda: (folder_eval("image"), "eval", "cannot decode image"),
-        "eval corrupt mask": lambda: (folder_eval("mask"), "eval", "cannot decode label file"),
+        "eval corrupt image": lambda: (folder_eval("image"), "eval", "expected a decodable image"),
+        "eval corrupt mask": lambda: (folder_eval("mask"), "eval", "label file: expected a decodable image"),
         "train corrupt resume": lambda: (
             train + ["--device", "cpu", "--resume", str(bad)],
             "train",
-            f"resume: cannot read {bad}",
+            f"resume: expected a torch checkpoint of tensors and plain containers, got {bad}",
         ),
-        "train cuda without GPU": lambda: (train + ["--device", "cuda"], "train", "device: 'cuda' needs a CUDA GPU"),
+        "train cuda without GPU": lambda: (
+            train + ["--device", "cuda"],
+            "train",
+            "device: expected a device this machine has (torch sees no CUDA GPU",
+        ),
         "world zero scenes": lambda: (
             ["world", "export-text", "--out", str(tmp_path / "w"), "-n", "0"],
             "world",
@@ -648,12 +669,12 @@ def test_command_errors_are_one_line_naming_the_argument(tmp_path, capsys, case)
                 "openai",
             ],
             "audit",
-            "--pretrained: needs model_name",
+            "--pretrained: expected it together with model_name",
         ),
         "eval checkpoint without model": lambda: (
             ["eval", "--dataset", "folder", "--root", str(tmp_path), "--checkpoint", str(bad)],
             "eval",
-            "--checkpoint: needs model_name",
+            "--checkpoint: expected it together with model_name",
         ),
     }
     argv, prog, expected = cases[case]()

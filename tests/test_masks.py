@@ -215,7 +215,7 @@ def test_dino_provider_rejects_bad_arguments(monkeypatch):
         DINOMaskProvider(tiny_vit(), resample="bicubic")
     with pytest.raises(ValueError, match="image_size"):
         DINOMaskProvider(tiny_vit(), image_size=30)
-    with pytest.raises(ValueError, match="neither a timm model name"):
+    with pytest.raises(ValueError, match="model: expected a timm model name, a Hugging Face id or a local folder"):
         DINOMaskProvider("not_a_model_name")
     with pytest.raises(TypeError, match="model"):
         DINOMaskProvider(3)
@@ -309,7 +309,7 @@ def test_as_mask_provider_rejects_bad_masks():
         as_mask_provider(torch.ones(2, 9))(torch.zeros(2, 3, 32, 32), (3, 4))
     with pytest.raises(ValueError, match="batch"):
         as_mask_provider(torch.ones(2, 3, 3))(torch.zeros(3, 3, 32, 32), (3, 3))
-    with pytest.raises(TypeError, match="mask provider"):
+    with pytest.raises(TypeError, match="mask_provider: expected a MaskProvider"):
         as_mask_provider("foreground")
 
 

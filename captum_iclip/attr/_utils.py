@@ -15,7 +15,7 @@ from captum_iclip.similarity import CLIPSimilarity
 def check_forward_func(forward_func: object, method: str) -> CLIPSimilarity:
     if not isinstance(forward_func, CLIPSimilarity):
         raise TypeError(
-            f"forward_func: {method} needs a captum_iclip.CLIPSimilarity (it reads the model's "
+            f"forward_func: expected a captum_iclip.CLIPSimilarity ({method} reads the model's "
             f"dense features and the prompt embeddings), got {type(forward_func).__name__}"
         )
     return forward_func
@@ -41,14 +41,14 @@ def target_indices(target: TargetType, num_examples: int, num_prompts: int) -> T
     if target is None:
         return None
     if isinstance(target, tuple):
-        raise ValueError("target: the output is (N, K); give a prompt index, not a tuple")
+        raise ValueError(f"target: expected a prompt index (the output is (N, K)), got the tuple {target!r}")
     if isinstance(target, bool) or (isinstance(target, Tensor) and target.dtype == torch.bool):
         raise TypeError(f"target: expected integer prompt indices, got a boolean {target!r}")
     if isinstance(target, numbers.Integral):
         index = torch.full((num_examples,), int(target), dtype=torch.long)
     else:
         if isinstance(target, list) and any(isinstance(t, tuple) for t in target):
-            raise ValueError("target: the output is (N, K); give prompt indices, not tuples")
+            raise ValueError(f"target: expected prompt indices (the output is (N, K)), got tuples in {target!r}")
         # As Captum does, refuse what is not an integer (a float 1.5 must not become prompt 1).
         if isinstance(target, list) and not all(
             isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in target
@@ -70,7 +70,9 @@ def target_indices(target: TargetType, num_examples: int, num_prompts: int) -> T
             raise ValueError(f"target: expected one prompt index per example ({num_examples}), got {index.numel()}")
     bad = (index < 0) | (index >= num_prompts)
     if bad.any():
-        raise ValueError(f"target: prompt index {int(index[bad][0])} is out of range for {num_prompts} prompts")
+        raise ValueError(
+            f"target: expected prompt indices in 0..{num_prompts - 1} ({num_prompts} prompts), got {int(index[bad][0])}"
+        )
     return index
 
 

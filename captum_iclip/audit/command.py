@@ -74,10 +74,14 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     try:
         lines = Path(args.prompts_file).read_text(encoding="utf-8-sig").splitlines()
     except OSError as error:
-        raise SystemExit(f"captum-iclip audit: cannot read --prompts-file {args.prompts_file}: {error}") from error
+        raise SystemExit(
+            f"captum-iclip audit: --prompts-file: expected a readable text file, got {args.prompts_file}: {error}"
+        ) from error
     prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
-        raise SystemExit(f"captum-iclip audit: --prompts-file {args.prompts_file} holds no prompt")
+        raise SystemExit(
+            f"captum-iclip audit: --prompts-file: expected at least one prompt line, got none in {args.prompts_file}"
+        )
     return prompts
 
 

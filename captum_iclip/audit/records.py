@@ -58,7 +58,7 @@ def find_images(specs: Sequence[str]) -> list[Path]:
     if isinstance(specs, (str, os.PathLike)):
         specs = [specs]
     if not specs:
-        raise ValueError("images: expected at least one folder, glob pattern or file")
+        raise ValueError(f"images: expected at least one folder, glob pattern or file, got {specs!r}")
     found = set()
     for spec in specs:
         spec = str(spec)
@@ -71,12 +71,14 @@ def find_images(specs: Sequence[str]) -> list[Path]:
         elif glob.has_magic(spec):
             matches = [Path(p) for p in glob.glob(spec, recursive=True) if os.path.isfile(p) or os.path.islink(p)]
             if not matches:
-                raise ValueError(f"images: the pattern {spec!r} matches no file")
+                raise ValueError(
+                    f"images: expected a glob pattern that matches files, got {spec!r}, which matches none"
+                )
             found.update(matches)
         elif os.path.lexists(spec):
             found.add(Path(spec))
         else:
-            raise ValueError(f"images: no file or folder at {spec}")
+            raise ValueError(f"images: expected an existing file or folder, got {spec} (nothing there)")
     return sorted(found)
 
 

@@ -218,8 +218,9 @@ def _prompt_section(audited: Sequence[dict[str, Any]], context: ReportContext) -
     )
     return (
         '<section id="prompts"><h2>Prompts</h2>'
-        f'<p class="note">Top-1: how many images score this prompt highest. Mean probability: the softmax '
-        f"probability over the {num_prompts} prompts, averaged over all {len(audited)} audited images. "
+        f'<p class="note">Top-1: how many images score this prompt highest. Mean probability: the model\'s '
+        f"probability (softmax over the {num_prompts} prompts for CLIP, sigmoid per prompt for SigLIP), "
+        f"averaged over all {len(audited)} audited images. "
         f"{mask_note}</p>"
         f'<table class="grid"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table></section>'
     )
@@ -369,7 +370,11 @@ def _run_section(context: ReportContext) -> str:
         ("methods", escape(", ".join(f"{method_title(m)} ({m})" for m in context.methods))),
         ("prompts", str(len(context.prompts))),
         ("top-k", str(context.top_k)),
-        ("probabilities", "softmax over the prompts of the model's logits (logit scale × cosine)"),
+        (
+            "probabilities",
+            "the model's own: softmax over the prompts of logit scale × cosine (CLIP); "
+            "sigmoid of logit scale × cosine + logit bias per prompt (SigLIP)",
+        ),
         (
             "foreground masks",
             "yes (the model's mask provider, e.g. DINO)"

@@ -1,9 +1,10 @@
 """The audit itself: score every image against the prompts, draw the maps of its
 top prompts with every method, store one record per image, rebuild the page.
 
-For each image the report shows its ``top_k`` prompts with their softmax
-probabilities and, for each of them, an overlay per method; a per-prompt
-summary; the run's metadata; and the flagged cases:
+For each image the report shows its ``top_k`` prompts with the model's own
+probabilities (softmax over the prompts for CLIP, sigmoid per prompt for SigLIP)
+and, for each of them, an overlay per method; a per-prompt summary; the run's
+metadata; and the flagged cases:
 
 * *looks at the background*: more than ``background_threshold`` of the
   top-1 prompt's (min-max normalised) map mass lies outside the foreground
@@ -301,12 +302,15 @@ def _check_options(
 
 def _check_prompts(prompts: Sequence[str], sim: CLIPSimilarity) -> list[str]:
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-        raise TypeError("prompts: expected a list of strings")
+        raise TypeError(f"prompts: expected a list of strings, got {prompts!r}")
     prompts = list(prompts)
     if len(prompts) != sim.num_prompts:
-        raise ValueError(f"prompts: sim scores {sim.num_prompts} prompts, got {len(prompts)} texts")
+        raise ValueError(f"prompts: expected the {sim.num_prompts} prompts sim scores, got {len(prompts)} texts")
     if sim.prompts is not None and sim.prompts != prompts:
-        raise ValueError("prompts: differ from sim.prompts; build sim with these prompts (or call sim.set_prompts)")
+        raise ValueError(
+            f"prompts: expected sim.prompts {sim.prompts!r} (build sim with these prompts or call "
+            f"sim.set_prompts), got {prompts!r}"
+        )
     return prompts
 
 
@@ -319,7 +323,7 @@ def _build_runners(methods: Any, sim: CLIPSimilarity, mask_provider: Any) -> dic
     """Method name -> fn(images, targets); the default drops iclip for models without its head."""
     if isinstance(methods, Mapping):
         if not methods or not all(callable(fn) for fn in methods.values()):
-            raise TypeError("methods: expected a non-empty mapping name -> fn(images, targets)")
+            raise TypeError(f"methods: expected a non-empty mapping name -> fn(images, targets), got {methods!r}")
         return {str(name): fn for name, fn in methods.items()}
     usable = available_methods(sim)
     if methods is None:
@@ -329,13 +333,16 @@ def _build_runners(methods: Any, sim: CLIPSimilarity, mask_provider: Any) -> dic
             raise TypeError("methods: expected a list of method names, got a single string")
         names = list(dict.fromkeys(methods))
         if not names:
-            raise ValueError(f"methods: expected at least one of {method_names()}")
+            raise ValueError(f"methods: expected at least one of {method_names()}, got none")
         unknown = [name for name in names if name not in method_names()]
         if unknown:
-            raise ValueError(f"methods: unknown {unknown}; expected names from {method_names()}")
+            raise ValueError(f"methods: expected names from {method_names()}, got the unknown {unknown}")
         unusable = [name for name in names if not usable[name]]
         if unusable:
-            raise ValueError("methods: " + "; ".join(f"{name!r} {requirement(name)}" for name in unusable))
+            raise ValueError(
+                "methods: expected methods that apply to this model, got "
+                + "; ".join(f"{name!r} (it needs {requirement(name)})" for name in unusable)
+            )
     return {name: build_method(name, sim, mask_provider=mask_provider) for name in names}
 
 
@@ -359,13 +366,9 @@ def _error_record(path: Path, key: str | None, settings: str, error: str) -> dic
 
 
 def probabilities(sim: CLIPSimilarity, images: Tensor) -> Tensor:
-    """Softmax probabilities over the prompts, (N, K), whatever ``sim.output`` is."""
-    scores = sim(images).float()
-    if sim.output == "probs":
-        return scores
-    if sim.output == "cosine":
-        scores = sim.logit_scale.float() * scores
-    return scores.softmax(dim=-1)
+    """The model's own probabilities (N, K), whatever ``sim.output`` is: a softmax over the
+    prompts for CLIP, a sigmoid per prompt for SigLIP (see :class:`CLIPSimilarity`)."""
+    return sim.probabilities(sim(images)).float()
 
 
 def _png(rgb: np.ndarray) -> bytes:

@@ -85,6 +85,6 @@ def build_dataset(
     reader, default_split = DATASETS[key]
     if default_split is None:
         if split is not None:
-            raise ValueError(f"the {key!r} format has no splits; got split={split!r}")
+            raise ValueError(f"split: expected None (the {key!r} format has no splits), got {split!r}")
         return reader(root, limit=limit)
     return reader(root, split=split or default_split, limit=limit)

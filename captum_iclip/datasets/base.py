@@ -90,7 +90,7 @@ def _read_text(path: Path, what: str) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
-        raise ValueError(f"{what} {path} is not UTF-8 text: {error}") from error
+        raise ValueError(f"{what}: expected UTF-8 text, got {path}: {error}") from error
 
 
 def read_class_names(path: Path) -> list[str]:
@@ -114,22 +114,22 @@ def read_class_names(path: Path) -> list[str]:
             ignore label).
     """
     if not path.is_file():
-        raise FileNotFoundError(f"class list file not found: {path}")
+        raise FileNotFoundError(f"class list file: expected an existing file, got {path} (no file there)")
     lines = [line.strip() for line in _read_text(path, "class list file").splitlines()]
     while lines and not lines[-1]:
         lines.pop()
     if not lines:
-        raise ValueError(f"class list file {path} is empty")
+        raise ValueError(f"class list file: expected one class name per line, got the empty file {path}")
     if "" in lines:
         raise ValueError(
-            f"class list file {path} has a blank line at line {lines.index('') + 1}; every line must name one class"
+            f"class list file: expected one class name per line, got a blank line {lines.index('') + 1} in {path}"
         )
     if len(set(lines)) != len(lines):
-        raise ValueError(f"class list file {path} has duplicate class names")
+        raise ValueError(f"class list file: expected distinct class names, got duplicates in {path}")
     if len(lines) > IGNORE_INDEX:
         raise ValueError(
-            f"class list file {path} lists {len(lines)} classes; at most "
-            f"{IGNORE_INDEX} fit in 8-bit labels with {IGNORE_INDEX} = ignore"
+            f"class list file: expected at most {IGNORE_INDEX} classes (8-bit labels with {IGNORE_INDEX} = ignore), "
+            f"got {len(lines)} in {path}"
         )
     return lines
 
@@ -148,11 +148,11 @@ def read_split_file(path: Path) -> list[str]:
         ValueError: If it lists no sample.
     """
     if not path.is_file():
-        raise FileNotFoundError(f"split file not found: {path}")
+        raise FileNotFoundError(f"split file: expected an existing file, got {path} (no file there)")
     ids = [line.strip() for line in _read_text(path, "split file").splitlines()]
     ids = [sample_id for sample_id in ids if sample_id]
     if not ids:
-        raise ValueError(f"split file {path} lists no sample")
+        raise ValueError(f"split file: expected at least one sample id, got none in {path}")
     return ids
 
 
@@ -172,7 +172,7 @@ def load_rgb_image(path: Path) -> Image.Image:
         OSError: If the file cannot be decoded (corrupt or not an image).
     """
     if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
+        raise FileNotFoundError(f"image file: expected an existing file, got {path} (no file there)")
     return read_image(path, "image file")
 
 
@@ -196,18 +196,18 @@ def load_index_png(path: Path) -> np.ndarray:
             values are not class indices.
     """
     if not path.is_file():
-        raise FileNotFoundError(f"label file not found: {path}")
+        raise FileNotFoundError(f"label file: expected an existing file, got {path} (no file there)")
     try:
         with Image.open(path) as label:
             label.load()
             mode = label.mode
             values = np.array(label)
     except (OSError, SyntaxError, ValueError) as error:
-        raise OSError(f"cannot decode label file {path}: {error}") from error
+        raise OSError(f"label file: expected a decodable image, got {path}: {error}") from error
     if mode not in ("P", "L", "I;16", "I"):
         raise ValueError(
-            f"label file {path} has PIL mode {mode!r}; expected a palette ('P') "
-            "or greyscale ('L', 'I;16') PNG whose values are class indices"
+            f"label file: expected a palette ('P') or greyscale ('L', 'I;16') PNG whose values are class "
+            f"indices, got PIL mode {mode!r} in {path}"
         )
     return values.astype(np.int64)
 
@@ -215,7 +215,7 @@ def load_index_png(path: Path) -> np.ndarray:
 def require_dir(path: Path, what: str) -> Path:
     """Return ``path`` if it is a directory, else raise naming it and its role."""
     if not path.is_dir():
-        raise FileNotFoundError(f"{what} not found: {path}")
+        raise FileNotFoundError(f"{what}: expected an existing folder, got {path} (no folder there)")
     return path
 
 
@@ -269,7 +269,7 @@ class SegmentationDataset(Dataset):
     def _set_samples(self, samples: list[tuple[Path, Any, str]], source: os.PathLike | str) -> None:
         """Store the split's samples, applying ``limit``; an empty split is an error."""
         if not samples:
-            raise ValueError(f"no sample found for this split under {source}")
+            raise ValueError(f"split: expected at least one sample, got none under {source}")
         self._samples = samples if self._limit is None else samples[: self._limit]
 
     def __len__(self) -> int:
@@ -282,18 +282,21 @@ class SegmentationDataset(Dataset):
         try:
             label = self._read_label(label_source)
         except (KeyError, TypeError, IndexError) as error:  # a malformed annotation, not a bug of ours
-            raise ValueError(f"label {where} cannot be decoded: {type(error).__name__}: {error}") from error
+            raise ValueError(
+                f"label: expected a well-formed annotation, got {where}: {type(error).__name__}: {error}"
+            ) from error
         if label.shape != (image.height, image.width):
             raise ValueError(
-                f"label {where} has shape {label.shape} but image {image_path} is {image.height}x{image.width}"
+                f"label: expected the shape {(image.height, image.width)} of image {image_path}, got {label.shape} "
+                f"for {where}"
             )
         invalid = ((label >= self.num_classes) & (label != self.ignore_index)) | (label < 0)
         if invalid.any():
             bad = np.unique(label[invalid])[:8].tolist()
             listed = f" (the classes listed in {self.class_list_file})" if self.class_list_file else ""
             raise ValueError(
-                f"label {where} holds values {bad} outside [0, {self.num_classes}){listed} "
-                f"and the ignore value {self.ignore_index}"
+                f"label: expected values in [0, {self.num_classes}){listed} or the ignore value "
+                f"{self.ignore_index}, got {bad} in {where}"
             )
         return image, label, name
 

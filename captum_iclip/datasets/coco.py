@@ -69,7 +69,9 @@ def _find_image_dir(root: Path, split: str) -> Path:
     for candidate in (root / split, root / "images" / split):
         if candidate.is_dir():
             return candidate
-    raise FileNotFoundError(f"COCO image folder not found: tried {root / split} and {root / 'images' / split}")
+    raise FileNotFoundError(
+        f"root: expected a COCO image folder at {root / split} or {root / 'images' / split}, got neither"
+    )
 
 
 class COCOInstances(SegmentationDataset):
@@ -118,7 +120,7 @@ class COCOInstances(SegmentationDataset):
         self.root = require_dir(Path(root), "dataset root")
         annotation_file = self.root / "annotations" / f"instances_{split}.json"
         if not annotation_file.is_file():
-            raise FileNotFoundError(f"COCO annotation file not found: {annotation_file}")
+            raise FileNotFoundError(f"root: expected the COCO annotation file {annotation_file}, got no file there")
         image_dir = _find_image_dir(self.root, split)
         # pycocotools reports its progress on stdout; keep library output quiet.
         try:
@@ -134,7 +136,7 @@ class COCOInstances(SegmentationDataset):
         # A malformed file: not UTF-8, not JSON, or entries without the fields COCO defines.
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
             raise ValueError(
-                f"cannot parse COCO annotation file {annotation_file}: {type(error).__name__}: {error}"
+                f"annotation file: expected COCO instances JSON, got {annotation_file}: {type(error).__name__}: {error}"
             ) from error
         self._class_of_category = class_of_category
         super().__init__(class_names, 0, limit)
@@ -210,7 +212,9 @@ class COCOStuff(SegmentationDataset):
         label_dir = next((d for d in label_candidates if d.is_dir()), None)
         if label_dir is None:
             raise FileNotFoundError(
-                "COCO-Stuff label folder not found: tried " + " and ".join(str(d) for d in label_candidates)
+                "root: expected a COCO-Stuff label folder at "
+                + " or ".join(str(d) for d in label_candidates)
+                + ", got neither"
             )
         label_files = sorted(p for p in label_dir.glob("*.png") if not p.stem.endswith("_labelTrainIds"))
         self._set_samples([(image_dir / f"{p.stem}.jpg", p, p.stem) for p in label_files], label_dir)

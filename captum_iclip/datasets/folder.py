@@ -55,12 +55,14 @@ class FolderDataset(SegmentationDataset):
             stem = image_path.stem
             if stem in seen_stems:
                 raise ValueError(
-                    f"images {seen_stems[stem]} and {image_path} share the stem {stem!r}; "
-                    "each image needs a unique stem to match its mask"
+                    f"images: expected a unique stem per image (it names its mask), got {stem!r} for both "
+                    f"{seen_stems[stem]} and {image_path}"
                 )
             seen_stems[stem] = image_path
             mask_path = mask_dir / f"{stem}.png"
             if not mask_path.is_file():
-                raise FileNotFoundError(f"mask for image {image_path} not found: {mask_path}")
+                raise FileNotFoundError(
+                    f"masks: expected the mask {mask_path} of image {image_path}, got no file there"
+                )
             samples.append((image_path, mask_path, stem))
         self._set_samples(samples, image_dir)

@@ -48,7 +48,7 @@ def _find_voc_root(root: Path, marker: str, year: str) -> Path:
     (``year`` such as ``"VOC2012"``), then any other ``VOC*`` folder there.
     """
     if not root.exists():
-        raise FileNotFoundError(f"dataset root not found: {root}")
+        raise FileNotFoundError(f"root: expected an existing dataset folder, got {root} (nothing there)")
     candidates = [root, root / "VOCdevkit" / year, root / year]
     for parent in (root / "VOCdevkit", root):
         if parent.is_dir():
@@ -57,8 +57,8 @@ def _find_voc_root(root: Path, marker: str, year: str) -> Path:
         if (candidate / "JPEGImages").is_dir() and (candidate / marker).is_dir():
             return candidate
     raise FileNotFoundError(
-        f"no VOC-style folder (JPEGImages/ and {marker}/) found at {root}, "
-        f"{root / 'VOCdevkit' / 'VOC*'} or {root / 'VOC*'}"
+        f"root: expected a VOC-style folder (JPEGImages/ and {marker}/) at {root}, "
+        f"{root / 'VOCdevkit' / 'VOC*'} or {root / 'VOC*'}, got none"
     )
 
 

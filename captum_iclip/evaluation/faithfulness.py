@@ -99,7 +99,7 @@ def patch_perturbation(patch_size: int, drop_prob: float = 0.25, fill: float = 0
 
     def perturb(inputs: Tensor) -> tuple[Tensor, Tensor]:
         if inputs.dim() != 4:
-            raise ValueError(f"inputs must have shape (N, C, H, W), got {tuple(inputs.shape)}")
+            raise ValueError(f"inputs: expected shape (N, C, H, W), got {tuple(inputs.shape)}")
         batch, _, height, width = inputs.shape
         grid = (-(-height // patch_size), -(-width // patch_size))
         dropped = torch.rand(batch, 1, *grid, device=inputs.device) < drop_prob
@@ -135,7 +135,7 @@ def expand_attributions(attributions: Tensor, inputs: Tensor) -> Tensor:
     ):
         return attributions.expand_as(inputs)
     raise ValueError(
-        f"attributions must have the inputs' shape {tuple(inputs.shape)} or "
+        f"attributions: expected the inputs' shape {tuple(inputs.shape)} or "
         f"(N, 1, H, W) with the same N, H, W, got {tuple(attributions.shape)}"
     )
 
@@ -187,7 +187,10 @@ def infidelity_score(
         True
     """
     if not isinstance(inputs, Tensor) or inputs.dim() != 4:
-        raise ValueError("inputs must be a tensor of shape (N, C, H, W)")
+        raise ValueError(
+            f"inputs: expected a tensor of shape (N, C, H, W), "
+            f"got {tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__}"
+        )
     attributions = expand_attributions(attributions, inputs)
     return infidelity(
         forward_func,
@@ -239,7 +242,10 @@ def sensitivity_score(
         [0.0, 0.0]
     """
     if not isinstance(inputs, Tensor) or inputs.dim() != 4:
-        raise ValueError("inputs must be a tensor of shape (N, C, H, W)")
+        raise ValueError(
+            f"inputs: expected a tensor of shape (N, C, H, W), "
+            f"got {tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__}"
+        )
     if not perturb_radius > 0:
         raise ValueError(f"perturb_radius: expected a positive value, got {perturb_radius!r}")
     return sensitivity_max(

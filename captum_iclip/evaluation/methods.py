@@ -18,7 +18,7 @@ here". They all explain the same :class:`~captum_iclip.CLIPSimilarity`:
 * ``maskclip``, ``clearclip``, ``sclip``, ``naclip``: ITSM with that variant (recognition projection).
 
 "raw" always means the first: ITSM without surgery (variant ``"plain"``), on the recognition projection.
-The methods of :data:`VIT_METHODS` need a ViT tower.
+The methods of :data:`VIT_METHODS` need a class-token ViT tower run by the shared block loop.
 
 Adding a method is one :func:`register_method` call (in this module, or in the
 module that defines the method).
@@ -38,7 +38,7 @@ from captum_iclip.attr.gem import GEMAttribution
 from captum_iclip.attr.itsm import ITSMAttribution
 from captum_iclip.attr.legrad import LeGradAttribution
 from captum_iclip.attr.mmp import MaskedMaxPoolingAttribution
-from captum_iclip.models.adapters import ViTAdapter
+from captum_iclip.models.adapters import BLOCK_LOOP_TOWERS, ViTAdapter
 from captum_iclip.models.attention import PATH_VARIANTS
 from captum_iclip.similarity import CLIPSimilarity
 
@@ -58,6 +58,7 @@ class BuildOptions:
     mask_provider: Any = None  # foreground masks of mmp (None: every patch)
     ig_steps: int = 16  # integration steps of ig
     baseline: Tensor | None = None  # (3,) or (1, 3, H, W) baseline of ig; default the normalised black image
+    ig_batch: int | None = None  # images per forward pass of ig (Captum's internal_batch_size); None: all steps at once
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,13 @@ class MethodInfo:
             :class:`~captum_iclip.ITSMAttribution` that gives every prompt's map at once.
         needs_interpretability: applies only to models with an interpretability
             projection (a ``DualProjectionCLIP``).
-        needs_vit: applies only to ViT towers (the methods that hook the block loop).
+        needs_vit: applies only to the class-token ViT towers of the shared block loop (the methods
+            that hook it: not the SigLIP, timm and convolutional towers, docs/methods.md §8).
+        needs_surgery: applies only to towers CLIP Surgery is defined on (not the
+            convolutional timm trunks, docs/methods.md §8).
+        every_prompt: the built method also takes ``target=None`` and then returns
+            every prompt's maps (N, K, H, W) from one pass (Captum's semantics of the
+            map methods); the others take one prompt per image only.
     """
 
     name: str
@@ -85,19 +92,25 @@ class MethodInfo:
     itsm: tuple[str, str] | None = None
     needs_interpretability: bool = False
     needs_vit: bool = False
+    needs_surgery: bool = False
+    every_prompt: bool = False
 
     def applies_to(self, sim: CLIPSimilarity) -> bool:
         """Whether the method can explain ``sim``."""
         if self.needs_vit and not isinstance(sim.adapter, ViTAdapter):
             return False
+        if self.needs_surgery and not sim.adapter.has_surgery:
+            return False
         return not self.needs_interpretability or sim.adapter.interpretability_head is not None
 
     @property
     def requirement(self) -> str:
-        """What the method needs of the model, for error messages."""
+        """What the method needs of the model, for error messages ("it needs …")."""
         if self.needs_interpretability:
-            return "needs a DualProjectionCLIP model (an interpretability projection)"
-        return "needs a ViT tower" if self.needs_vit else "applies to every model"
+            return "a DualProjectionCLIP model (an interpretability projection)"
+        if self.needs_surgery:
+            return "a tower CLIP Surgery is defined on (a ViT, EVA or ResNet attention pool)"
+        return BLOCK_LOOP_TOWERS if self.needs_vit else "any model"
 
 
 REGISTRY: dict[str, MethodInfo] = {}
@@ -139,6 +152,7 @@ def build_method(
     mask_provider: Any = None,
     ig_steps: int = 16,
     baseline: Tensor | None = None,
+    ig_batch: int | None = None,
 ) -> Method:
     """Return ``fn(images, target) -> (N, 1, H, W)`` for method ``name`` (Captum's explanation-function form).
 
@@ -149,14 +163,18 @@ def build_method(
         ig_steps: integration steps of ``ig``.
         baseline: (3,) or (1, 3, H, W) baseline of ``ig`` in the model's input
             space; default the normalised black image.
+        ig_batch: images per forward pass of ``ig`` (Captum's ``internal_batch_size``);
+            ``None`` runs every step of every image at once.
 
     Raises:
         ValueError: an unknown name, or a method that does not apply to ``sim``.
     """
     info = method_info(name)
     if not info.applies_to(sim):
-        raise ValueError(f"method: expected a method that applies to this model, got {name!r} (it {info.requirement})")
-    method = info.build(sim, BuildOptions(mask_provider, ig_steps, baseline))
+        raise ValueError(
+            f"method: expected a method that applies to this model, got {name!r} (it needs {info.requirement})"
+        )
+    method = info.build(sim, BuildOptions(mask_provider, ig_steps, baseline, ig_batch))
 
     def run(images, target):
         # Captum's metrics (sensitivity_max) call explanation functions with 1-tuples and target=.
@@ -219,7 +237,8 @@ def _build_ig(sim: CLIPSimilarity, options: BuildOptions) -> Method:
     def run(x: Tensor, t: Tensor) -> Tensor:
         base = _black(sim) if options.baseline is None else options.baseline
         base = base.to(x).expand_as(x) if base.dim() == 4 else base.to(x).reshape(1, 3, 1, 1).expand_as(x)
-        return ig.attribute(x, baselines=base, target=t, n_steps=options.ig_steps).sum(dim=1, keepdim=True)
+        maps = ig.attribute(x, baselines=base, target=t, n_steps=options.ig_steps, internal_batch_size=options.ig_batch)
+        return maps.sum(dim=1, keepdim=True)
 
     return run
 
@@ -255,7 +274,13 @@ _PATH_TITLES = {
 
 for _info in (
     MethodInfo(
-        "raw", "raw ITSM", "tab:blue", "itsm", _itsm_builder("plain", "recognition"), itsm=("plain", "recognition")
+        "raw",
+        "raw ITSM",
+        "tab:blue",
+        "itsm",
+        _itsm_builder("plain", "recognition"),
+        itsm=("plain", "recognition"),
+        every_prompt=True,
     ),
     MethodInfo(
         "surgery",
@@ -264,6 +289,8 @@ for _info in (
         "itsm",
         _itsm_builder("surgery", "recognition"),
         itsm=("surgery", "recognition"),
+        needs_surgery=True,
+        every_prompt=True,
     ),
     MethodInfo(
         "iclip",
@@ -273,15 +300,19 @@ for _info in (
         _itsm_builder("plain", "interpretability"),
         itsm=("plain", "interpretability"),
         needs_interpretability=True,
+        every_prompt=True,
     ),
-    MethodInfo("mmp", "masked max pooling", "tab:red", "pooling", _build_mmp),
+    MethodInfo("mmp", "masked max pooling", "tab:red", "pooling", _build_mmp, every_prompt=True),
     MethodInfo("gradcam", "LayerGradCam", "tab:purple", "gradient", _build_gradcam),
     MethodInfo("ig", "IntegratedGradients", "tab:brown", "gradient", _build_ig),
     MethodInfo("occlusion", "Occlusion", "tab:gray", "perturbation", _build_occlusion),
-    MethodInfo("gem", "GEM", "tab:pink", "attention", _attribution_builder(GEMAttribution), needs_vit=True),
-    MethodInfo("legrad", "LeGrad", "tab:olive", "gradient", _attribution_builder(LeGradAttribution), needs_vit=True),
-    MethodInfo(
-        "chefer", "Chefer relevancy", "tab:cyan", "gradient", _attribution_builder(CheferRelevancy), needs_vit=True
+    *(
+        MethodInfo(name, title, colour, kind, _attribution_builder(cls), needs_vit=True, every_prompt=True)
+        for name, title, colour, kind, cls in (
+            ("gem", "GEM", "tab:pink", "attention", GEMAttribution),
+            ("legrad", "LeGrad", "tab:olive", "gradient", LeGradAttribution),
+            ("chefer", "Chefer relevancy", "tab:cyan", "gradient", CheferRelevancy),
+        )
     ),
     *(
         MethodInfo(
@@ -292,6 +323,7 @@ for _info in (
             _itsm_builder(variant, "recognition"),
             itsm=(variant, "recognition"),
             needs_vit=True,
+            every_prompt=True,
         )
         for variant in PATH_VARIANTS
     ),

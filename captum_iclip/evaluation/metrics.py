@@ -40,7 +40,7 @@ def _as_label_tensor(value: Tensor | np.ndarray, name: str) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
     if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integer class ids, got dtype {value.dtype}")
+        raise TypeError(f"{name}: expected integer class ids, got dtype {value.dtype}")
     return value.long()
 
 
@@ -146,12 +146,12 @@ class _StreamingMetric:
             ValueError: If keys or shapes differ.
         """
         if set(state) != set(self._state_names):
-            raise ValueError(f"state must have keys {sorted(self._state_names)}, got {sorted(state)}")
+            raise ValueError(f"state: expected the keys {sorted(self._state_names)}, got {sorted(state)}")
         for name in self._state_names:
             current = getattr(self, name)
             value = torch.as_tensor(state[name])
             if value.shape != current.shape:
-                raise ValueError(f"state[{name!r}] must have shape {tuple(current.shape)}, got {tuple(value.shape)}")
+                raise ValueError(f"state[{name!r}]: expected shape {tuple(current.shape)}, got {tuple(value.shape)}")
             setattr(self, name, value.to(device="cpu", dtype=current.dtype).clone())
 
     def merge(self, other: _StreamingMetric) -> _StreamingMetric:
@@ -170,7 +170,7 @@ class _StreamingMetric:
         if type(other) is not type(self):
             raise TypeError(f"other: expected a {type(self).__name__}, got {type(other).__name__}")
         if other._config() != self._config():
-            raise ValueError(f"other has configuration {other._config()}, expected {self._config()}")
+            raise ValueError(f"other: expected the configuration {self._config()}, got {other._config()}")
         for name in self._state_names:
             getattr(self, name).add_(getattr(other, name))
         return self
@@ -271,7 +271,9 @@ class LocalizationMetrics(_StreamingMetric):
         if isinstance(pointing_tolerance, bool) or not isinstance(pointing_tolerance, int) or pointing_tolerance < 0:
             raise ValueError(f"pointing_tolerance: expected a non-negative int, got {pointing_tolerance!r}")
         if 0 <= ignore_index < num_classes:
-            raise ValueError(f"ignore_index must not be a class id in [0, {num_classes}), got {ignore_index}")
+            raise ValueError(
+                f"ignore_index: expected a value outside the class ids [0, {num_classes}), got {ignore_index}"
+            )
         self.num_classes = num_classes
         self.theta = float(theta)
         self.pointing_tolerance = pointing_tolerance
@@ -339,16 +341,19 @@ class LocalizationMetrics(_StreamingMetric):
                 NaN/inf.
         """
         if not isinstance(maps, Tensor) or not maps.is_floating_point():
-            raise TypeError("maps must be a floating-point torch.Tensor of shape (K, H, W)")
+            raise TypeError(
+                f"maps: expected a floating-point torch.Tensor of shape (K, H, W), "
+                f"got {tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__}"
+            )
         if maps.dim() != 3:
-            raise ValueError(f"maps must have shape (K, H, W), got {tuple(maps.shape)}")
+            raise ValueError(f"maps: expected shape (K, H, W), got {tuple(maps.shape)}")
         gt = _as_label_tensor(gt, "gt").to(maps.device)
         if gt.dim() != 2:
-            raise ValueError(f"gt must have shape (H, W), got {tuple(gt.shape)}")
+            raise ValueError(f"gt: expected shape (H, W), got {tuple(gt.shape)}")
         classes = torch.as_tensor(classes, dtype=torch.long).reshape(-1)
         if classes.numel() != maps.shape[0]:
             raise ValueError(
-                f"classes must name one class per map: got {classes.numel()} classes for {maps.shape[0]} maps"
+                f"classes: expected one class per map ({maps.shape[0]} maps), got {classes.numel()} classes"
             )
         if classes.numel() and (classes.min() < 0 or classes.max() >= self.num_classes):
             raise ValueError(f"classes: expected ids in [0, {self.num_classes}), got {classes.tolist()}")
@@ -358,8 +363,8 @@ class LocalizationMetrics(_StreamingMetric):
         bad = valid & ((gt < 0) | (gt >= self.num_classes))
         if bad.any():
             raise ValueError(
-                f"gt holds class ids {gt[bad].unique()[:8].tolist()} outside "
-                f"[0, {self.num_classes}) and ignore_index {self.ignore_index}"
+                f"gt: expected class ids in [0, {self.num_classes}) or ignore_index {self.ignore_index}, "
+                f"got {gt[bad].unique()[:8].tolist()}"
             )
 
         class_masks = gt[None] == classes.to(gt.device)[:, None, None]  # (K, H, W)
@@ -371,7 +376,7 @@ class LocalizationMetrics(_StreamingMetric):
         classes, class_masks = classes[keep], class_masks[keep.to(gt.device)]
         maps = maps[keep.to(maps.device)]
         if not torch.isfinite(maps).all():
-            raise ValueError("maps must be finite (found NaN or inf)")
+            raise ValueError("maps: expected finite values, got NaN or inf")
         if maps.shape[-2:] != gt.shape:
             maps = F.interpolate(maps[None], size=tuple(gt.shape), mode="bilinear", align_corners=False)[0]
         maps = self._normalise(maps.double(), valid)
@@ -494,7 +499,9 @@ class SegmentationMetrics(_StreamingMetric):
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
         if 0 <= ignore_index < num_classes:
-            raise ValueError(f"ignore_index must not be a class id in [0, {num_classes}), got {ignore_index}")
+            raise ValueError(
+                f"ignore_index: expected a value outside the class ids [0, {num_classes}), got {ignore_index}"
+            )
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.reset()
@@ -521,19 +528,18 @@ class SegmentationMetrics(_StreamingMetric):
         gt = _as_label_tensor(gt, "gt").to(pred.device)
         if pred.shape != gt.shape or pred.dim() not in (2, 3):
             raise ValueError(
-                "pred and gt must have the same shape (H, W) or (N, H, W), got "
-                f"{tuple(pred.shape)} and {tuple(gt.shape)}"
+                f"pred: expected the shape of gt, (H, W) or (N, H, W), got {tuple(pred.shape)} and gt {tuple(gt.shape)}"
             )
         valid = gt != self.ignore_index
         gt, pred = gt[valid], pred[valid]
         if gt.numel() and (gt.min() < 0 or gt.max() >= self.num_classes):
             raise ValueError(
-                f"gt must hold ids in [0, {self.num_classes}) or {self.ignore_index}, "
+                f"gt: expected ids in [0, {self.num_classes}) or {self.ignore_index}, "
                 f"got values {gt.unique()[:8].tolist()}"
             )
         if pred.numel() and (pred.min() < 0 or pred.max() >= self.num_classes):
             raise ValueError(
-                f"pred must hold ids in [0, {self.num_classes}) where gt is not ignored, "
+                f"pred: expected ids in [0, {self.num_classes}) where gt is not ignored, "
                 f"got values {pred.unique()[:8].tolist()}"
             )
         counts = torch.bincount(gt * self.num_classes + pred, minlength=self.num_classes**2)
@@ -606,20 +612,22 @@ def segment_from_maps(
         tensor([[0, 5]])
     """
     if not isinstance(maps, Tensor) or maps.dim() not in (3, 4):
-        raise ValueError("maps must be a tensor of shape (K, H, W) or (N, K, H, W)")
+        raise ValueError(
+            f"maps: expected a tensor of shape (K, H, W) or (N, K, H, W), "
+            f"got {tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__}"
+        )
     if (background_index is None) != (background_threshold is None):
         raise ValueError(
-            "background_index and background_threshold must be given together "
-            f"(got background_index={background_index!r}, "
-            f"background_threshold={background_threshold!r}); to use a background "
-            "prompt instead, include its map in maps"
+            "background_threshold: expected it together with background_index (to use a background prompt "
+            "instead, include its map in maps), got "
+            f"background_index={background_index!r}, background_threshold={background_threshold!r}"
         )
     best_score, best_map = maps.max(dim=-3)
     labels = best_map
     if classes is not None:
         classes = torch.as_tensor(classes, dtype=torch.long, device=maps.device).reshape(-1)
         if classes.numel() != maps.shape[-3]:
-            raise ValueError(f"classes must have one id per map ({maps.shape[-3]}), got {classes.numel()}")
+            raise ValueError(f"classes: expected one id per map ({maps.shape[-3]}), got {classes.numel()}")
         labels = classes[best_map]
     if background_threshold is not None:
         labels = torch.where(best_score < background_threshold, torch.full_like(labels, background_index), labels)
@@ -678,11 +686,14 @@ def sliding_window(
         torch.Size([1, 1, 10, 12])
     """
     if not isinstance(image, Tensor) or image.dim() != 4:
-        raise ValueError("image must be a tensor of shape (N, C, H, W)")
+        raise ValueError(
+            f"image: expected a tensor of shape (N, C, H, W), "
+            f"got {tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__}"
+        )
     window_h, window_w = _pair(window, "window")
     stride_h, stride_w = _pair(stride, "stride")
     if stride_h > window_h or stride_w > window_w:
-        raise ValueError(f"stride {stride!r} must not exceed window {window!r}")
+        raise ValueError(f"stride: expected at most the window {window!r}, got {stride!r}")
     batch, _, height, width = image.shape
     crop_h, crop_w = min(window_h, height), min(window_w, width)
     total: Tensor | None = None
@@ -692,7 +703,7 @@ def sliding_window(
             logits = fn(image[:, :, top : top + crop_h, left : left + crop_w])
             if not isinstance(logits, Tensor) or logits.dim() != 4 or logits.shape[0] != batch:
                 raise ValueError(
-                    f"fn must return a (N={batch}, K, h, w) tensor, got "
+                    f"fn: expected to return a (N={batch}, K, h, w) tensor, got "
                     f"{getattr(logits, 'shape', type(logits).__name__)}"
                 )
             if logits.shape[-2:] != (crop_h, crop_w):

@@ -302,7 +302,10 @@ def _context(config: EvalConfig, sim: CLIPSimilarity, dataset: SegmentationDatas
         raise ValueError(f"sim: expected one prompt per dataset class ({dataset.num_classes}), got {sim.num_prompts}")
     unavailable = [name for name in config.methods if not available_methods(sim)[name]]
     if unavailable:
-        raise ValueError("methods: " + "; ".join(f"{name!r} {requirement(name)}" for name in unavailable))
+        raise ValueError(
+            "methods: expected methods that apply to this model, got "
+            + "; ".join(f"{name!r} (it needs {requirement(name)})" for name in unavailable)
+        )
     adapter = sim.adapter
     patch = adapter.patch_size[0]
     config = replace(config, resolution=config.resolution or adapter.image_size[0])
@@ -314,7 +317,10 @@ def _context(config: EvalConfig, sim: CLIPSimilarity, dataset: SegmentationDatas
     if stride > window:
         raise ValueError(f"stride: expected at most the window {window}, got {stride}")
     if config.background_threshold is not None and dataset.background_index is None:
-        raise ValueError("background_threshold: the dataset has no background class; leave it unset")
+        raise ValueError(
+            "background_threshold: expected None (the dataset has no background class), "
+            f"got {config.background_threshold!r}"
+        )
     torch.manual_seed(config.seed)
     runners = {
         name: build_method(name, sim, mask_provider=mask_provider, ig_steps=config.ig_steps) for name in config.methods

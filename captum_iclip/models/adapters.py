@@ -20,7 +20,10 @@ block views, so CLIP Surgery and the attention variants of the other dense metho
 
 Supported families: open_clip ``VisionTransformer`` (any patch size, any input
 size divisible by it), open_clip ``ModifiedResNet`` (RN50, RN101, RN50x4, ...) and
-Hugging Face ``transformers.CLIPModel``.
+Hugging Face ``transformers.CLIPModel`` here; open_clip's timm towers (SigLIP, SigLIP 2,
+EVA02, ConvNeXt, FastViT) in :mod:`captum_iclip.models.timm_towers` and Hugging Face
+``SiglipModel`` / ``Siglip2Model`` in :mod:`captum_iclip.models.hf_siglip`
+(docs/methods.md §8).
 """
 
 from __future__ import annotations
@@ -42,7 +45,21 @@ SUPPORTED_MODELS = (
     "open_clip CLIP/CustomTextCLIP with a VisionTransformer tower",
     "open_clip CLIP/CustomTextCLIP with a ModifiedResNet tower",
     "transformers.CLIPModel",
+    "open_clip timm towers (SigLIP, SigLIP 2, EVA02, ConvNeXt, FastViT)",
+    "transformers.SiglipModel",
 )
+
+#: The one block loop (:func:`~captum_iclip.models.blocks.run_blocks`) reads the global token
+#: as token 0 of the original path; what the towers without one lack for the block-loop methods.
+BLOCK_LOOP_TOWERS = (
+    "a class-token ViT tower run by the shared block loop (open_clip VisionTransformer, transformers.CLIPModel)"
+)
+
+
+def block_loop_unavailable(method: str, model: str, reason: str) -> NotImplementedError:
+    """The error of a block-loop method (GEM, LeGrad, Chefer, the ITSM path variants) on a
+    transformer tower the block loop does not run, naming the method, the model and why."""
+    return NotImplementedError(f"model: {method} expected {BLOCK_LOOP_TOWERS}, got {model}; {reason}")
 
 
 class GridTap(nn.Identity):
@@ -84,7 +101,8 @@ def interpolate_pos_embed(
     native_grid = tuple(int(g) for g in native_grid)
     if native_grid[0] * native_grid[1] != n_patches:
         raise ValueError(
-            f"pos_embed: has {n_patches} patch positions, which does not fit the native grid {native_grid}"
+            f"pos_embed: expected {native_grid[0] * native_grid[1]} patch positions (native grid {native_grid}), "
+            f"got {n_patches}"
         )
     if tuple(grid) == native_grid:
         return pos_embed
@@ -144,9 +162,9 @@ class VisionAdapter:
         ph, pw = self.patch_size
         if height % ph or width % pw:
             raise ValueError(
-                f"inputs: image size {height}x{width} is not divisible by the {self.family} "
-                f"patch size {ph}x{pw}; resize to a multiple (e.g. {ph * max(1, round(height / ph))}x"
-                f"{pw * max(1, round(width / pw))})"
+                f"inputs: expected an image size divisible by the {self.family} patch size {ph}x{pw} (resize "
+                f"to a multiple, e.g. {ph * max(1, round(height / ph))}x{pw * max(1, round(width / pw))}), "
+                f"got {height}x{width}"
             )
         return height // ph, width // pw
 
@@ -166,6 +184,11 @@ class VisionAdapter:
         surgery is a single switch (the ResNet attention pool: any depth > 0 turns it on)."""
         return None
 
+    @property
+    def has_surgery(self) -> bool:
+        """Whether CLIP Surgery (docs/methods.md §2) is defined on this tower."""
+        return True
+
     def check_surgery_depth(self, surgery_depth: int) -> None:
         """Raise ``TypeError``/``ValueError`` naming ``surgery_depth`` if it does not fit the tower."""
         check_depth(surgery_depth, self.num_blocks)
@@ -179,17 +202,17 @@ class VisionAdapter:
         if images.shape[1] != 3:
             raise ValueError(f"{name}: expected 3 colour channels in dim 1, got shape {tuple(images.shape)}")
         if images.shape[0] == 0:
-            raise ValueError(f"{name}: the batch is empty")
+            raise ValueError(f"{name}: expected at least one image, got an empty batch")
         param = self.parameter
         if images.device != param.device:
             raise ValueError(
-                f"{name}: images are on {images.device} but the model is on {param.device}; move one of them"
+                f"{name}: expected images on the model's device {param.device} (move one of them), got {images.device}"
             )
         if not images.is_floating_point():
             raise TypeError(f"{name}: expected a floating-point tensor (a preprocessed image), got {images.dtype}")
         if images.dtype != param.dtype:
             raise TypeError(
-                f"{name}: images have dtype {images.dtype} but the model has {param.dtype}; cast one of them"
+                f"{name}: expected images of the model's dtype {param.dtype} (cast one of them), got {images.dtype}"
             )
         return self.grid_size(images.shape[-2], images.shape[-1])
 
@@ -223,7 +246,7 @@ class VisionAdapter:
             TypeError: naming ``method`` where the tower has no transformer blocks (ResNets).
         """
         raise TypeError(
-            f"model: {method} needs a ViT tower (it changes or reads the attention of the last "
+            f"model: {method} expected a ViT tower (it changes or reads the attention of the last "
             f"transformer blocks), got a {self.family} tower"
         )
 
@@ -247,6 +270,18 @@ class VisionAdapter:
     def encode_image(self, images: Tensor) -> Tensor:
         """The recognition image embedding, equal to the library's ``encode_image``."""
         return self.project_global(self.tokens(images))
+
+    def own_image_inputs(self, images: Tensor) -> dict[str, Tensor]:
+        """The keyword inputs of a Hugging Face model's ``get_image_features`` for (N, 3, H, W) images."""
+        return {"pixel_values": images}
+
+    def own_image_features(self, images: Tensor) -> Tensor:
+        """The model's own image embedding (N, D) by its own forward: open_clip's ``encode_image``,
+        or Hugging Face's ``get_image_features`` on :meth:`own_image_inputs`."""
+        if hasattr(self.model, "encode_image"):
+            return self.model.encode_image(images)
+        out = self.model.get_image_features(**self.own_image_inputs(images))
+        return out if isinstance(out, Tensor) else out.pooler_output
 
     def dense_features(
         self,
@@ -287,7 +322,10 @@ class VisionAdapter:
         if projection not in ("recognition", "interpretability"):
             raise ValueError(f"projection: expected 'recognition' or 'interpretability', got {projection!r}")
         if projection == "interpretability" and self.interpretability_head is None:
-            raise ValueError("projection: 'interpretability' needs a DualProjectionCLIP model")
+            raise ValueError(
+                "projection: expected 'recognition' ('interpretability' is for a DualProjectionCLIP model), "
+                "got 'interpretability'"
+            )
         # ``path`` only when given: adapters of towers without transformer blocks need not know it.
         tokens = self.tokens(images, surgery_depth=surgery_depth, **({"path": path} if path is not None else {}))
         if projection == "recognition":
@@ -333,7 +371,9 @@ class ViTAdapter(VisionAdapter):
         self.check_surgery_depth(surgery_depth)
         if surgery_depth:
             if path is not None:
-                raise ValueError("path: give either surgery_depth or a path, not both")
+                raise ValueError(
+                    f"path: expected None with surgery_depth={surgery_depth} (one second path), got {path!r}"
+                )
             path = surgery_path(surgery_depth)
         if path is not None:
             check_depth(path.depth, self.num_blocks, "path.depth")
@@ -390,15 +430,16 @@ class OpenCLIPViTAdapter(ViTAdapter, OpenCLIPAdapter):
         visual = model.visual
         if getattr(visual, "attn_pool", None) is not None:
             raise TypeError(
-                "model: open_clip ViTs with an attentional pooler (CoCa) have no global token; not supported"
+                f"model: expected an open_clip ViT with a global token, got one with an attentional pooler (CoCa): "
+                f"{type(visual.attn_pool).__name__}"
             )
         if getattr(visual, "pool_type", "tok") != "tok" or getattr(visual, "final_ln_after_pool", False):
             raise TypeError(
-                f"model: open_clip ViT with pool_type={visual.pool_type!r} is not supported; "
-                "the dense path needs class-token pooling (pool_type='tok')"
+                f"model: expected an open_clip ViT with class-token pooling (pool_type='tok', the dense path's), got "
+                f"pool_type={visual.pool_type!r}"
             )
         if visual.proj is None:
-            raise TypeError("model: the open_clip ViT has no projection (proj is None)")
+            raise TypeError("model: expected an open_clip ViT with a projection, got proj=None")
 
     @property
     def patch_size(self) -> tuple[int, int]:
@@ -626,8 +667,9 @@ def get_adapter(model: nn.Module) -> VisionAdapter:
     """Pick the dense adapter for ``model``.
 
     Args:
-        model: an open_clip CLIP model (ViT or ModifiedResNet tower), a Hugging Face
-            ``CLIPModel``, or a :class:`~captum_iclip.DualProjectionCLIP` wrapping one.
+        model: an open_clip CLIP model (ViT, ModifiedResNet or timm tower: SigLIP,
+            EVA02, ConvNeXt, ...), a Hugging Face ``CLIPModel`` or ``SiglipModel``, or
+            a :class:`~captum_iclip.DualProjectionCLIP` wrapping one.
 
     Returns:
         The adapter. A ``DualProjectionCLIP`` gives its inner model's adapter with
@@ -640,6 +682,14 @@ def get_adapter(model: nn.Module) -> VisionAdapter:
     inner = getattr(model, "interpretability_head", None)
     if inner is not None and hasattr(model, "clip"):
         model, head = model.clip, inner
+    # The families with their own modules: open_clip timm towers, Hugging Face SigLIP.
+    from captum_iclip.models.hf_siglip import hf_siglip_adapter
+    from captum_iclip.models.timm_towers import timm_tower_adapter
+
+    for find in (timm_tower_adapter, hf_siglip_adapter):
+        adapter = find(model, head)
+        if adapter is not None:
+            return adapter
     visual = getattr(model, "visual", None)
     if visual is not None:
         from open_clip.modified_resnet import ModifiedResNet
@@ -650,8 +700,8 @@ def get_adapter(model: nn.Module) -> VisionAdapter:
         if isinstance(visual, ModifiedResNet):
             return OpenCLIPResNetAdapter(model, head)
         raise TypeError(
-            f"model: unsupported vision tower {type(visual).__module__}.{type(visual).__name__}; "
-            f"supported: {', '.join(SUPPORTED_MODELS)}"
+            f"model: expected one of {', '.join(SUPPORTED_MODELS)}, got the vision tower "
+            f"{type(visual).__module__}.{type(visual).__name__}"
         )
     try:
         from transformers import CLIPModel
@@ -660,6 +710,6 @@ def get_adapter(model: nn.Module) -> VisionAdapter:
     if CLIPModel and isinstance(model, CLIPModel):
         return HFCLIPAdapter(model, head)
     raise TypeError(
-        f"model: unsupported model type {type(model).__module__}.{type(model).__name__}; "
-        f"supported: {', '.join(SUPPORTED_MODELS)}"
+        f"model: expected one of {', '.join(SUPPORTED_MODELS)}, got the model type "
+        f"{type(model).__module__}.{type(model).__name__}"
     )

@@ -94,8 +94,8 @@ class OpenCLIPBlockView(BlockView):
         attn = self.block.attn
         if getattr(attn, "logit_scale", None) is not None or getattr(attn, "head_scale", None) is not None:
             raise TypeError(
-                "model: blocks with scaled-cosine or head-scaled attention are not supported by the dense "
-                "attention methods (their attention is not softmax(q k^T / sqrt(d)))"
+                "model: expected blocks with softmax(q k^T / sqrt(d)) attention (the dense attention methods'), "
+                "got scaled-cosine or head-scaled attention"
             )
         q, k, v = F.linear(tokens, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
         q, k, v = (self.split_heads(t, self.num_heads) for t in (q, k, v))
@@ -262,7 +262,7 @@ def run_blocks(
     depth = path.depth if path is not None else 0
     n_plain = len(views) - depth
     if path is not None and trace is not None:
-        raise ValueError("trace: a second path and an attention trace cannot be combined")
+        raise ValueError("trace: expected None with a second path (they cannot be combined), got an AttentionTrace")
     for index, view in enumerate(views[:n_plain]):
         if index == n_plain - 1 and tap is not None:
             x = tap(x)

@@ -23,15 +23,18 @@ class DualProjectionCLIP(nn.Module):
       patch token: the interpretability features read by ``ITSMAttribution``
       and ``MaskedMaxPoolingAttribution``. For ViTs it is a copy of ``proj``
       (open_clip) or ``visual_projection`` (Hugging Face); for ResNets a copy of
-      the attention pool's value and output projections applied per position.
+      the attention pool's value and output projections applied per position;
+      for the timm and SigLIP towers a copy of their pooling head applied per
+      position (docs/methods.md §8).
 
     The text tower is shared. Wrap it in a :class:`~captum_iclip.CLIPSimilarity`
     to get scores from the recognition projection and maps from the
     interpretability one.
 
     Args:
-        model: an open_clip CLIP model (ViT or ModifiedResNet tower) or a Hugging
-            Face ``CLIPModel``.
+        model: any model :func:`~captum_iclip.get_adapter` supports: an open_clip CLIP
+            model (ViT, ModifiedResNet or timm tower) or a Hugging Face ``CLIPModel``,
+            ``SiglipModel`` or ``Siglip2Model``.
         interpretability_head: an existing head to use instead of a fresh copy.
 
     Examples::
@@ -80,8 +83,9 @@ class DualProjectionCLIP(nn.Module):
         """The recognition embedding: the wrapped model's own image encoder, unchanged."""
         if hasattr(self.clip, "encode_image"):
             return self.clip.encode_image(images, normalize=normalize)
-        out = self.clip.get_image_features(pixel_values=images)
-        out = out if isinstance(out, Tensor) else out.pooler_output
+        # Hugging Face: the model's own get_image_features on the inputs its processor would give
+        # (flattened patches, a patch mask and the grid for SigLIP 2's NaFlex tower).
+        out = self.adapter.own_image_features(images)
         return nn.functional.normalize(out, dim=-1) if normalize else out
 
     def encode_text(self, text: Any, normalize: bool = False) -> Tensor:
@@ -121,9 +125,11 @@ class DualProjectionCLIP(nn.Module):
         """Load a head saved by :meth:`save_interpretability` (checks family and shapes)."""
         payload = load_torch_file(path, "path")
         if not isinstance(payload, dict) or payload.get("format") != "captum-iclip/interpretability-head/1":
-            raise ValueError(f"path: {path} is not an interpretability head saved by captum-iclip")
+            raise ValueError(f"path: expected an interpretability head saved by captum-iclip, got {path}")
         if payload["family"] != self.adapter.family:
-            raise ValueError(f"path: head was trained for {payload['family']}, this model is {self.adapter.family}")
+            raise ValueError(
+                f"path: expected a head trained for {self.adapter.family}, got one trained for {payload['family']}"
+            )
         self.interpretability_head.load_state_dict(payload["state_dict"])
         return self
 
@@ -143,6 +149,6 @@ class DualProjectionCLIP(nn.Module):
         """Load weights saved by :meth:`save` into this (same-architecture) wrapper."""
         payload = load_torch_file(path, "path")
         if not isinstance(payload, dict) or payload.get("format") != "captum-iclip/dual-projection/1":
-            raise ValueError(f"path: {path} is not a dual-projection model saved by captum-iclip")
+            raise ValueError(f"path: expected a dual-projection model saved by captum-iclip, got {path}")
         self.load_state_dict(payload["state_dict"])
         return self

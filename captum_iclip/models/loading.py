@@ -30,6 +30,15 @@ OFFLINE_HINT = (
 BUNDLED_DEFAULT = "shapes-tiny"
 
 
+TOKENIZER_HINT = (
+    "This machine could not fetch the tokenizer. Some tokenizers (SigLIP, SigLIP 2) are not bundled with "
+    "open_clip but read from the Hugging Face hub: fetch it once where there is network access "
+    "(huggingface-cli download {repo}; it is then read from the Hugging Face cache), or use a Hugging Face "
+    "model folder that holds its tokenizer files with --hf-model DIR. In Python, "
+    "CLIPSimilarity(model, text_features=...) with precomputed text embeddings needs no tokenizer."
+)
+
+
 class WeightsUnavailableError(RuntimeError):
     """Pretrained weights could not be fetched or found."""
 
@@ -49,14 +58,16 @@ def check_device(device: str | torch.device, argument: str = "device") -> torch.
     if target.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(
-                f"{argument}: {device!r} needs a CUDA GPU, and torch sees none on this machine; use --device cpu"
+                f"{argument}: expected a device this machine has (torch sees no CUDA GPU; use --device cpu), "
+                f"got {device!r}"
             )
         if target.index is not None and target.index >= torch.cuda.device_count():
             raise ValueError(
-                f"{argument}: {device!r} does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)"
+                f"{argument}: expected one of the {torch.cuda.device_count()} CUDA device(s) of this machine, "
+                f"got {device!r}"
             )
     elif target.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"{argument}: 'mps' is not available on this machine; use --device cpu")
+        raise ValueError(f"{argument}: expected a device this machine has (no MPS; use --device cpu), got {device!r}")
     elif target.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"{argument}: expected 'cpu', 'cuda' or 'mps', got {device!r}")
     return target
@@ -71,27 +82,28 @@ def check_model_options(
     would run, and the weights the user asked for would be ignored); a bundled model has its own
     weights; ``hf_model`` loads its own model and weights.
     """
-    given = next(
-        (name for name, value in (("pretrained", pretrained), ("checkpoint", checkpoint)) if value is not None), None
-    )
+    values = {"model_name": model_name, "pretrained": pretrained, "checkpoint": checkpoint}
+    given = next((name for name in ("pretrained", "checkpoint") if values[name] is not None), None)
     if hf_model is not None:
         extra = "model_name" if model_name is not None else given
         if extra is not None:
-            raise ValueError(f"{extra}: cannot be combined with hf_model (--hf-model loads its own weights)")
+            raise ValueError(
+                f"{extra}: expected None with hf_model (--hf-model loads its own weights), got {values[extra]!r}"
+            )
         return
     if given is None:
         return
     if model_name is None:
         raise ValueError(
-            f"{given}: needs model_name (--model NAME, the open_clip architecture the weights are "
-            "for); without --model the bundled model shapes-tiny is used"
+            f"{given}: expected it together with model_name (--model NAME, the open_clip architecture the "
+            f"weights are for; without --model the bundled model shapes-tiny is used), got {values[given]!r} alone"
         )
     from captum_iclip import zoo
 
     if model_name in zoo.available():
         raise ValueError(
-            f"{given}: the bundled model {model_name!r} has its own weights; give --model an "
-            "open_clip architecture to load other weights"
+            f"{given}: expected it together with an open_clip architecture as --model (the bundled model has "
+            f"its own weights), got the bundled model {model_name!r}"
         )
 
 
@@ -150,12 +162,14 @@ def load(
 
     Args:
         spec: a bundled model name (``"shapes-tiny"``, the default when nothing is
-            given), an open_clip architecture name (``"ViT-B-16"``, ``"RN50"``), or
+            given), an open_clip architecture name (``"ViT-B-16"``, ``"RN50"``,
+            ``"ViT-B-16-SigLIP"``, ``"EVA02-B-16"``, ``"convnext_base"``, ...), or
             a Hugging Face id or local folder (same as ``hf_model``).
         pretrained: an open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b88k"``),
             fetched and cached as open_clip does.
         checkpoint: a local open_clip checkpoint file for ``spec``.
-        hf_model: a Hugging Face ``CLIPModel`` id or local folder.
+        hf_model: a Hugging Face id or local folder with a ``CLIPModel``, ``SiglipModel``
+            or ``Siglip2Model`` (chosen by the folder's ``config.json``).
         model_config: an open_clip model-config JSON to register first; its file
             stem is the architecture name (``spec`` may be omitted).
         device: where to put the model.
@@ -282,9 +296,9 @@ def _is_bundled(request: ModelSpec) -> bool:
 
     if request.name is None and BUNDLED_DEFAULT not in zoo.available():
         raise WeightsUnavailableError(
-            f"model: the bundled model {BUNDLED_DEFAULT} is not installed (no weights in {zoo.WEIGHTS_DIR}; "
-            "train it with python -m captum_iclip.zoo.train); choose a model with --model/--pretrained, "
-            "--checkpoint or --hf-model"
+            f"model: expected an installed model, got the bundled model {BUNDLED_DEFAULT}, which is not installed (no "
+            f"weights in {zoo.WEIGHTS_DIR}; train it with python -m captum_iclip.zoo.train); choose a model with "
+            "--model/--pretrained, --checkpoint or --hf-model"
         )
     return (request.name or BUNDLED_DEFAULT) in zoo.available()
 
@@ -310,17 +324,26 @@ def _load_open_clip(request: ModelSpec) -> LoadedCLIP:
             f"model {zoo.available()}, got {name!r}"
         )
     if pretrained is not None and checkpoint is not None:
-        raise ValueError("checkpoint: give either pretrained (a tag) or checkpoint (a file), not both")
+        raise ValueError(f"checkpoint: expected None with pretrained (one source of weights), got {checkpoint!r}")
     if pretrained is None and checkpoint is None and not (request.random_weights or request.from_scratch):
         raise ValueError(
-            f"model_name: {name!r} has no weights without pretrained (--pretrained TAG) or checkpoint "
-            "(--checkpoint FILE); pass random_weights=True (--random-weights; --from-scratch for "
+            f"model_name: expected with pretrained (--pretrained TAG) or checkpoint (--checkpoint FILE), got {name!r} "
+            "without weights; pass random_weights=True (--random-weights; --from-scratch for "
             "training) to use a randomly initialised model on purpose"
         )
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise WeightsUnavailableError(f"checkpoint: expected a file, got {checkpoint!r} (no file there)")
     weights = None if request.from_scratch else checkpoint or pretrained
     extra = {"force_image_size": request.image_size} if request.image_size else {}
+    # The tokenizer first: it is small, and a missing one should not cost a weights download.
+    try:
+        tokenizer = open_clip.get_tokenizer(name)
+    except (OSError, ImportError, ValueError) as error:
+        repo = (open_clip.get_model_config(name) or {}).get("text_cfg", {}).get("hf_tokenizer_name") or name
+        raise WeightsUnavailableError(
+            f"model_name: expected a tokenizer available offline, got none for open_clip {name!r}: {error}\n"
+            f"{TOKENIZER_HINT.format(repo=repo)}"
+        ) from error
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=weights, device=request.device, **extra
@@ -329,41 +352,78 @@ def _load_open_clip(request: ModelSpec) -> LoadedCLIP:
         if checkpoint is not None:
             reason = " ".join(str(error).split()) or type(error).__name__
             raise ValueError(
-                f"checkpoint: cannot load {checkpoint} into open_clip {name!r} (corrupt, truncated or "
-                f"for another architecture): {type(error).__name__}: {reason[:300]}"
+                f"checkpoint: expected weights of open_clip {name!r}, got {checkpoint}, which cannot be loaded "
+                f"(corrupt, truncated or for another architecture): {type(error).__name__}: {reason[:300]}"
             ) from error
         if not isinstance(error, (OSError, RuntimeError, ValueError)):
             raise
         raise WeightsUnavailableError(
-            f"could not load open_clip {name!r} with pretrained={weights!r}: {error}\n{OFFLINE_HINT}"
+            f"pretrained: expected weights of open_clip {name!r} this machine can fetch, got {weights!r}: {error}\n"
+            f"{OFFLINE_HINT}"
         ) from error
     size = model.visual.image_size
     size = request.image_size or (size if isinstance(size, int) else size[0])
-    return LoadedCLIP(model.eval(), preprocess, open_clip.get_tokenizer(name), f"{name}/{weights}", int(size))
+    return LoadedCLIP(model.eval(), preprocess, tokenizer, f"{name}/{weights}", int(size))
 
 
 def _load_hf(request: ModelSpec) -> LoadedCLIP:
-    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+    """A Hugging Face ``CLIPModel``, ``SiglipModel`` or ``Siglip2Model`` (by the config's ``model_type``)."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPModel, Siglip2Model, SiglipModel
 
     model_id = request.hf_model
     local = Path(model_id).is_dir()
     try:
-        model = CLIPModel.from_pretrained(model_id, local_files_only=local).to(request.device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=local)
-        processor = CLIPImageProcessor.from_pretrained(model_id, local_files_only=local)
+        model_type = AutoConfig.from_pretrained(model_id, local_files_only=local).model_type
+        model_class = {"siglip": SiglipModel, "siglip2": Siglip2Model}.get(model_type, CLIPModel)
+        model = model_class.from_pretrained(model_id, local_files_only=local).to(request.device).eval()
+        processor = AutoImageProcessor.from_pretrained(model_id, local_files_only=local)
     except OSError as error:
         raise WeightsUnavailableError(
-            f"could not load Hugging Face model {model_id!r}: {error}\n{OFFLINE_HINT}"
+            f"hf_model: expected a Hugging Face model this machine can load, got {model_id!r}: {error}\n{OFFLINE_HINT}"
         ) from error
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=local)
+    except (OSError, ImportError, ValueError) as error:
+        raise WeightsUnavailableError(
+            f"hf_model: expected a tokenizer available offline, got none for Hugging Face model {model_id!r}: {error}\n"
+            f"{TOKENIZER_HINT.format(repo=model_id)}"
+        ) from error
+    if model_type == "siglip2":
+        preprocess, size = _siglip2_preprocess(processor, model, request.image_size)
+        return LoadedCLIP(model, preprocess, tokenizer, model_id, size)
     size = request.image_size or model.config.vision_config.image_size
 
     def preprocess(image) -> torch.Tensor:
-        out = processor(
-            images=image, return_tensors="pt", size={"shortest_edge": size}, crop_size={"height": size, "width": size}
-        )
+        if model_type == "siglip":  # SigLIP resizes to a square without cropping
+            out = processor(images=image, return_tensors="pt", size={"height": size, "width": size})
+        else:
+            out = processor(
+                images=image,
+                return_tensors="pt",
+                size={"shortest_edge": size},
+                crop_size={"height": size, "width": size},
+            )
         return out["pixel_values"][0]
 
     return LoadedCLIP(model, preprocess, tokenizer, model_id, int(size))
+
+
+def _siglip2_preprocess(processor, model: nn.Module, image_size: int | None) -> tuple[Callable, int]:
+    """SigLIP 2 (NaFlex) images as (3, S, S) tensors, with ``S``: resized (the processor's resampling) to a
+    square whose patch grid is the model's position grid, rescaled and normalised as the processor does."""
+    from torchvision.transforms import functional as TF
+
+    from captum_iclip._io import read_image
+
+    vision = model.config.vision_config
+    size = image_size or int(round(vision.num_patches**0.5)) * vision.patch_size
+
+    def preprocess(image) -> torch.Tensor:
+        image = TF.resize(read_image(image), [size, size], interpolation=TF.InterpolationMode.BILINEAR)
+        pixels = TF.to_tensor(image) * (255 * processor.rescale_factor)
+        return TF.normalize(pixels, processor.image_mean, processor.image_std)
+
+    return preprocess, int(size)
 
 
 FAMILIES: list[tuple[str, Callable[[ModelSpec], bool], Callable[[ModelSpec], LoadedCLIP]]] = [
@@ -372,7 +432,9 @@ FAMILIES: list[tuple[str, Callable[[ModelSpec], bool], Callable[[ModelSpec], Loa
     ("open_clip", lambda request: True, _load_open_clip),
 ]
 """``(family, recognises(request), load(request))`` tried in order; the first that
-recognises the request loads it. New families go before ``open_clip`` (the fallback)."""
+recognises the request loads it. New families go before ``open_clip`` (the fallback).
+``huggingface`` covers ``CLIPModel``, ``SiglipModel`` and ``Siglip2Model`` folders; open_clip's
+timm towers (SigLIP, EVA02, ConvNeXt, FastViT) load through ``open_clip``."""
 
 load_clip = load
 """The former name of :func:`load` (same arguments: ``load_clip(model_name, pretrained, ...)``)."""

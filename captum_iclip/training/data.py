@@ -130,19 +130,19 @@ class CsvImageTextDataset(Dataset):
     ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
-            raise ValueError(f"train_data: no CSV file at {self.path}")
+            raise ValueError(f"train_data: expected a CSV file, got {self.path} (no file there)")
         with open(self.path, newline="", encoding="utf-8-sig") as stream:
             reader = csv.DictReader(stream, delimiter=separator)
             columns = reader.fieldnames or []
             for argument, key in (("csv_img_key", img_key), ("csv_caption_key", caption_key)):
                 if key not in columns:
                     raise ValueError(
-                        f"{argument}: column {key!r} not in {self.path} (columns: {columns}); "
-                        f"check --csv-separator (got {separator!r})"
+                        f"{argument}: expected a column of {self.path} (columns: {columns}; check --csv-separator, "
+                        f"got {separator!r}), got {key!r}"
                     )
             rows = [(row[img_key], row[caption_key]) for row in reader]
         if not rows:
-            raise ValueError(f"train_data: {self.path} has no rows")
+            raise ValueError(f"train_data: expected at least one row, got none in {self.path}")
         self.image_paths = [self.path.parent / image for image, _ in rows]  # absolute paths stay absolute
         self.captions = [caption for _, caption in rows]
         self.transform = transform
@@ -192,7 +192,7 @@ def expand_shards(urls: str) -> list[str]:
     """Shard list of an open_clip ``--train-data`` string (brace patterns, ``::``-joined lists)."""
     shards = _wds().shardlists.expand_urls(urls)
     if not shards:
-        raise ValueError(f"train_data: no shards in {urls!r}")
+        raise ValueError(f"train_data: expected at least one shard, got none in {urls!r}")
     return shards
 
 
@@ -205,7 +205,8 @@ def count_webdataset_samples(shards: Sequence[str]) -> int:
                 keys = {_wds().tariterators.base_plus_ext(m.name)[0] for m in archive if m.isfile()}
         except (OSError, tarfile.TarError) as error:
             raise ValueError(
-                f"train_data: cannot read shard {shard} to count its samples ({error}); pass --train-num-samples"
+                f"train_data: expected shards readable to count their samples (or pass --train-num-samples), "
+                f"got {shard}: {error}"
             ) from error
         total += len(keys - {None})
     return total
@@ -269,8 +270,8 @@ class WebDatasetBatches(IterableDataset):
         readers = world_size * max(1, num_workers)
         if len(self.shards) < readers:
             raise ValueError(
-                f"train_data: {len(self.shards)} shards cannot feed {world_size} ranks x "
-                f"{max(1, num_workers)} workers; use at least {readers} shards or fewer --workers"
+                f"train_data: expected at least {readers} shards to feed {world_size} ranks x "
+                f"{max(1, num_workers)} workers (or fewer --workers), got {len(self.shards)}"
             )
         self.transform = transform
         self.batch_size = batch_size
@@ -294,7 +295,9 @@ class WebDatasetBatches(IterableDataset):
                 produced += 1
                 yield sample
             if not produced:  # an endless stream of nothing would hang the run
-                raise RuntimeError(f"train_data: shards {[s['url'] for s in shards]} yielded no samples")
+                raise RuntimeError(
+                    f"train_data: expected shards that yield samples, got none from {[s['url'] for s in shards]}"
+                )
 
     def __iter__(self) -> Iterator[ImageTextBatch]:
         info = get_worker_info()

@@ -188,7 +188,7 @@ class DINOConfig:
             if value <= 0 or value % self.patch_size:
                 raise ValueError(f"{name}: expected a positive multiple of patch_size={self.patch_size}, got {value}")
         if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
+            raise ValueError(f"embed_dim: expected a multiple of num_heads={self.num_heads}, got {self.embed_dim}")
         for name in ("steps", "batch_size", "out_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected at least 1, got {getattr(self, name)}")
@@ -203,7 +203,10 @@ class DINOConfig:
         if self.num_local_crops < 0:
             raise ValueError(f"num_local_crops: expected a non-negative value, got {self.num_local_crops}")
         if not 0.0 <= self.momentum_start <= 1.0 or not 0.0 <= self.center_momentum <= 1.0:
-            raise ValueError("momentum_start and center_momentum must lie in [0, 1]")
+            raise ValueError(
+                "momentum_start: expected it and center_momentum in [0, 1], "
+                f"got {self.momentum_start!r} and {self.center_momentum!r}"
+            )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DINOConfig:
@@ -211,7 +214,7 @@ class DINOConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         if unknown:
-            raise ValueError(f"unknown DINOConfig fields: {sorted(unknown)}")
+            raise ValueError(f"values: expected DINOConfig fields, got the unknown {sorted(unknown)}")
         return cls(**values)
 
 
@@ -400,7 +403,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     teacher_params = list(teacher.parameters())
     student_params = [p.detach() for p in student.parameters()]
     if len(teacher_params) != len(student_params):
-        raise ValueError("teacher and student must have the same parameters")
+        raise ValueError(f"teacher: expected the student's {len(student_params)} parameters, got {len(teacher_params)}")
     torch._foreach_mul_(teacher_params, momentum)
     torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
 
@@ -471,7 +474,7 @@ def _to_uint8_chw(item: Any) -> Tensor:
     if item.dim() == 3 and item.shape[-1] == 3 and item.shape[0] != 3:
         item = item.permute(2, 0, 1)
     if item.dim() != 3 or item.shape[0] != 3:
-        raise ValueError(f"source images must be (H, W, 3) or (3, H, W), got {tuple(item.shape)}")
+        raise ValueError(f"source: expected images of shape (H, W, 3) or (3, H, W), got {tuple(item.shape)}")
     return item.contiguous()
 
 
@@ -493,14 +496,14 @@ class _AugmentedBatches(torch.utils.data.Dataset):
     def __init__(self, source: ImageSource, config: DINOConfig) -> None:
         if hasattr(source, "__getitem__") and hasattr(source, "__len__"):
             if len(source) == 0:
-                raise ValueError("source is empty")
+                raise ValueError("source: expected at least one image, got an empty source")
             self.fetch: Callable[[int], Any] = source.__getitem__
             self.length: int | None = len(source)
         elif callable(source):
             self.fetch, self.length = source, None
         else:
             raise TypeError(
-                "source must be a map-style dataset / sequence of uint8 images or a callable index -> image, "
+                "source: expected a map-style dataset / sequence of uint8 images or a callable index -> image, "
                 f"got {type(source).__name__}"
             )
         self.batch_size = config.batch_size
@@ -615,8 +618,8 @@ def _load_checkpoint(path: Path, config: DINOConfig) -> dict[str, Any]:
     if saved != current:
         differing = sorted(name for name in current if saved[name] != current[name])
         raise ValueError(
-            f"config differs from the one of the checkpoint {path} in {differing}; "
-            "resume with the same settings or train into a new out_dir"
+            f"config: expected the settings of the checkpoint {path} (resume with them or train into a new "
+            f"out_dir), got different {differing}"
         )
     return checkpoint
 
@@ -673,7 +676,7 @@ def train_dino(
     """
     config = config or DINOConfig()
     if resume and out_dir is None:
-        raise ValueError("resume=True needs out_dir (the folder holding checkpoint.pt)")
+        raise ValueError("out_dir: expected the folder holding checkpoint.pt with resume=True, got None")
     checkpoint_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
     previous_threads = torch.get_num_threads()
     if config.num_threads is not None:
@@ -781,7 +784,7 @@ class DINOTrainer:
         student_out = self.student(student_inputs)
         loss = self.criterion(student_out, teacher_out, 2 + config.num_local_crops, float(self.teacher_temps[step]))
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"DINO loss is {loss.item()} at step {step}")
+            raise FloatingPointError(f"loss: expected a finite DINO loss, got {loss.item()} at step {step}")
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -213,11 +213,13 @@ class TrainConfig:
             raise ValueError(f"train_num_samples: expected a positive integer, got {self.train_num_samples!r}")
         if self.mode == "projection" and self.objective == "clip":
             raise ValueError(
-                "objective: 'clip' trains no interpretability head, so mode='projection' would train "
-                "nothing; use mode='full' or 'last-k'"
+                "objective: expected 'iclip' with mode='projection' ('clip' trains no interpretability head, so "
+                "nothing would train; or use mode='full' or 'last-k'), got 'clip'"
             )
         if self.from_scratch and (self.pretrained or self.checkpoint or self.hf_model):
-            raise ValueError("from_scratch: cannot be combined with pretrained, checkpoint or hf_model")
+            raise ValueError(
+                "from_scratch: expected False with pretrained, checkpoint or hf_model (they give weights), got True"
+            )
         if self.dino is not None and self.dino.lower() == "none":
             self.dino = None
 
@@ -319,7 +321,7 @@ def build_model(config: TrainConfig, device: torch.device) -> tuple[DualProjecti
 
     if config.from_scratch and config.model_config is None and config.model not in open_clip.list_models():
         raise ValueError(
-            f"model: from_scratch needs an open_clip architecture name or --model-config, got {config.model!r}"
+            f"model: expected an open_clip architecture name or --model-config with from_scratch, got {config.model!r}"
         )
     loaded = load(
         config.model,
@@ -368,7 +370,9 @@ def _vision_stages(dual: DualProjectionCLIP) -> tuple[list[nn.Module], list[nn.M
     vision_model = getattr(clip, "vision_model", None)
     if vision_model is not None:
         return list(vision_model.encoder.layers), [vision_model.post_layernorm]
-    raise TypeError(f"model: mode='last-k' does not know the blocks of {type(clip).__name__}")
+    raise TypeError(
+        f"model: expected an open_clip or Hugging Face CLIP whose blocks mode='last-k' knows, got {type(clip).__name__}"
+    )
 
 
 def configure_trainable(dual: DualProjectionCLIP, config: TrainConfig) -> list[nn.Module]:
@@ -391,7 +395,8 @@ def configure_trainable(dual: DualProjectionCLIP, config: TrainConfig) -> list[n
             blocks, tail = _vision_stages(dual)
             if config.unlock_blocks > len(blocks):
                 raise ValueError(
-                    f"unlock_blocks: the vision tower has {len(blocks)} blocks, got {config.unlock_blocks}"
+                    f"unlock_blocks: expected at most the vision tower's {len(blocks)} blocks, "
+                    f"got {config.unlock_blocks}"
                 )
             trainable += blocks[-config.unlock_blocks :] + tail
     if config.objective == "iclip":
@@ -409,7 +414,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
-        raise ValueError("mode: no parameter is trainable")
+        raise ValueError("mode: expected a mode that trains at least one parameter, got none trainable")
     return [
         {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
         {"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": weight_decay},
@@ -489,7 +494,7 @@ class _BatchStream:
             self.dataset = dataset
         else:
             if config.train_data is None:
-                raise ValueError("train_data: give a CSV file or webdataset shards (or pass dataset=)")
+                raise ValueError("train_data: expected a CSV file or webdataset shards (or pass dataset=), got None")
             kind = config.dataset_type
             if kind == "auto":
                 kind = "webdataset" if ".tar" in config.train_data else "csv"
@@ -510,7 +515,7 @@ class _BatchStream:
             self.steps_per_epoch = self.sampler.num_samples // config.batch_size
         if self.steps_per_epoch < 1:
             raise ValueError(
-                f"batch_size: {config.batch_size} x {ctx.world_size} ranks is larger than an epoch of data"
+                f"batch_size: expected at most an epoch of data across {ctx.world_size} ranks, got {config.batch_size}"
             )
 
     def iterate(self, step: int) -> Iterator[tuple[int, ImageTextBatch]]:
@@ -572,7 +577,7 @@ def _resume_path(config: TrainConfig) -> Path | None:
         return latest if latest.is_file() else None
     path = Path(config.resume)
     if not path.is_file():
-        raise ValueError(f"resume: no checkpoint file at {path}")
+        raise ValueError(f"resume: expected a checkpoint file, got {path} (no file there)")
     return path
 
 
@@ -603,7 +608,9 @@ def _precision(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     """The autocast dtype (``None``: fp32)."""
     if device.type != "cuda":
         if config.precision not in ("auto", "fp32"):
-            raise ValueError(f"precision: {config.precision!r} needs a GPU; CPU training runs in fp32")
+            raise ValueError(
+                f"precision: expected 'auto' or 'fp32' on a CPU (it trains in fp32), got {config.precision!r}"
+            )
         return None
     if config.precision == "fp32":
         return None
@@ -860,13 +867,14 @@ class ICLIPTrainer:
                 raise ValueError(f"resume: expected a captum-iclip training checkpoint, got {resume_from}")
             if payload["world_size"] != ctx.world_size:
                 raise ValueError(
-                    f"resume: the checkpoint was written by {payload['world_size']} ranks, this run "
-                    f"has {ctx.world_size}; the data order and RNG states are per rank"
+                    f"resume: expected a checkpoint written by this run's {ctx.world_size} ranks (the data order "
+                    f"and RNG states are per rank), got one by {payload['world_size']}"
                 )
             changed = [k for k in RESUME_INVARIANTS if payload["config"].get(k) != getattr(config, k)]
             if changed:
                 raise ValueError(
-                    f"resume: options {changed} differ from the checkpoint's; they fix the data order and schedule"
+                    "resume: expected the checkpoint's options (they fix the data order and schedule), "
+                    f"got different {changed}"
                 )
             _load_trainable_state(self.dual, config.mode, payload["model"])
             self.parts.optimizer.load_state_dict(payload["optimizer"])
@@ -975,8 +983,8 @@ class ICLIPTrainer:
         if total["samples"] == 0:
             # No step saw an image: the loss is NaN and the weights are the initial ones; that is a failure.
             raise ValueError(
-                f"train_data: no image could be read ({total['skipped_images']} skipped as missing or "
-                "unreadable), so nothing was trained; check the paths and the image files"
+                "train_data: expected readable images (check the paths and the image files), got none: "
+                f"{total['skipped_images']} skipped as missing or unreadable, so nothing was trained"
             )
         wall_time = self.elapsed()
         stats = {

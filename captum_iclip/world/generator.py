@@ -450,7 +450,7 @@ def render_objects(
     """
     background = np.asarray(background, dtype=np.float32)
     if background.ndim != 3 or background.shape[2] != 3 or background.shape[0] != background.shape[1]:
-        raise ValueError(f"background must have shape (S, S, 3), got {background.shape}")
+        raise ValueError(f"background: expected shape (S, S, 3), got {background.shape}")
     size = background.shape[0]
     image = background.copy()
     # shares[i] is the visible area fraction of layer i in each pixel; layer 0
@@ -878,7 +878,7 @@ class WorldDataset(torch.utils.data.Dataset):
     def scene(self, index: int) -> Scene:
         """The full ``Scene`` (labels, objects, caption) behind item ``index``."""
         if not -self.length <= index < self.length:
-            raise IndexError(f"index {index} out of range for length {self.length}")
+            raise IndexError(f"index: expected -{self.length}..{self.length - 1}, got {index}")
         return generate_scene(self.start_seed + index % self.length, self.size)
 
     def __getitem__(self, index: int) -> tuple[object, str]:

@@ -1,0 +1,254 @@
+"""Dense features of Hugging Face ``SiglipModel`` (SigLIP, Zhai et al., 2023, arXiv 2303.15343)
+and ``Siglip2Model`` (SigLIP 2).
+
+The vision tower is a ViT without a class token whose embedding is pooled by a
+multihead attention with one learned probe (the MAP head). The dense rule is the
+one of docs/methods.md §8 ("Dense features of other towers"): each patch goes through
+the pooling head as if the probe attended only to it, ``y_i = out_proj(v_i)``, then
+the head's residual MLP ``y_i + mlp(layernorm(y_i))``. The adapter's tokens live in
+the value space of that attention: entry 0 is the probe's attention-weighted sum of
+values, entry ``i`` the value of patch ``i``, so one position-wise head makes entry 0
+the model's own ``get_image_features`` exactly.
+
+CLIP Surgery's value-value path (arXiv 2304.05653) is added to the last encoder
+layers as for Hugging Face CLIP.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from captum_iclip.models.adapters import VisionAdapter, block_loop_unavailable
+from captum_iclip.models.attention import self_value_attention
+from captum_iclip.models.blocks import BlockView
+
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+class ProbeHead(nn.Module):
+    """SigLIP's attention-pooling head applied to every position as if it were the pooled value.
+
+    ``forward`` maps (N, L, C) value vectors to (N, L, D): ``out_proj``, then the
+    head's residual MLP. The modules are the model's own in the adapter and deep
+    copies in the interpretability head of a :class:`~captum_iclip.DualProjectionCLIP`.
+    """
+
+    def __init__(self, out_proj: nn.Linear, layernorm: nn.LayerNorm, mlp: nn.Module) -> None:
+        super().__init__()
+        self.out_proj = out_proj
+        self.layernorm = layernorm
+        self.mlp = mlp
+
+    def forward(self, values: Tensor) -> Tensor:
+        y = self.out_proj(values)
+        return y + self.mlp(self.layernorm(y))
+
+
+class HFSiglipAdapter(VisionAdapter):
+    family = "transformers SiglipModel"
+
+    def __init__(self, model: nn.Module, interpretability_head: nn.Module | None = None) -> None:
+        super().__init__(model, interpretability_head)
+        self.vision = model.vision_model
+        if not getattr(self.vision, "use_head", True) or getattr(self.vision, "head", None) is None:
+            raise TypeError(
+                "model: expected a SiglipModel vision tower with its pooling head, got vision_use_head=False"
+            )
+        pool = self.vision.head
+        self.head = ProbeHead(pool.attention.out_proj, pool.layernorm, pool.mlp)
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        p = self.vision.embeddings.patch_size
+        return (p, p)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        s = self.vision.embeddings.image_size
+        return (s, s)
+
+    @property
+    def image_mean(self) -> tuple[float, float, float]:
+        return SIGLIP_MEAN
+
+    @property
+    def image_std(self) -> tuple[float, float, float]:
+        return SIGLIP_STD
+
+    @property
+    def embed_dim(self) -> int:
+        return self.vision.config.hidden_size
+
+    @property
+    def parameter(self) -> Tensor:
+        return self.vision.embeddings.patch_embedding.weight
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.vision.encoder.layers)
+
+    def block_views(self, method: str = "this method") -> list[BlockView]:
+        reason = (
+            "its embedding is an attention pool with a learned probe over every output token (no class "
+            "token), which a second path for the patch tokens or an attention record read at the class "
+            "token does not express"
+        )
+        raise block_loop_unavailable(method, self.family, reason)
+
+    def _embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Patch and position embeddings (N, h*w, C) of ``images`` and their patch grid."""
+        emb = self.vision.embeddings
+        x = emb.patch_embedding(images)
+        grid = tuple(x.shape[-2:])
+        x = x.flatten(2).transpose(1, 2)
+        if x.shape[1] == emb.num_positions:
+            return x + emb.position_embedding.weight, grid
+        # The model's own (bicubic) resampling, as with interpolate_pos_encoding=True.
+        return x + emb.interpolate_pos_encoding(x, images.shape[-2], images.shape[-1]), grid
+
+    def tokens(self, images: Tensor, surgery_depth: int = 0) -> Tensor:
+        self.check_surgery_depth(surgery_depth)
+        x, grid = self._embed(images)
+        layers = self.vision.encoder.layers
+        n_plain = len(layers) - surgery_depth
+        for i, layer in enumerate(layers[:n_plain]):
+            if i == n_plain - 1:
+                n, _, c = x.shape
+                x = self.grid_tap(x.transpose(1, 2).reshape(n, c, *grid)).flatten(2).transpose(1, 2)
+            x = layer(x, None)
+        surgery_path = None
+        if surgery_depth:
+            surgery_path = x
+            for layer in layers[n_plain:]:
+                attn = layer.self_attn
+                value = attn.v_proj(layer.layer_norm1(x))
+                surgery_path = surgery_path + attn.out_proj(self_value_attention(value, attn.num_heads, attn.scale))
+                x = layer(x, None)
+            surgery_path = self.vision.post_layernorm(surgery_path)
+        x = self.vision.post_layernorm(x)
+        pooled, values = self._probe_pool(x, x if surgery_path is None else surgery_path)
+        return torch.cat([pooled[:, None], values], dim=1)
+
+    def _probe_pool(self, x: Tensor, patches: Tensor) -> tuple[Tensor, Tensor]:
+        """The probe's attention-weighted value sum over ``x`` (before ``out_proj``) and the
+        value of every patch, from the head's ``nn.MultiheadAttention`` input projection."""
+        attention = self.vision.head.attention
+        n, length, channels = x.shape
+        heads = attention.num_heads
+        w_q, w_k, w_v = attention.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = attention.in_proj_bias.chunk(3)
+
+        def split(t: Tensor) -> Tensor:
+            return t.reshape(n, -1, heads, channels // heads).transpose(1, 2)
+
+        q = split(nn.functional.linear(self.vision.head.probe.expand(n, -1, -1), w_q, b_q))
+        k, v = split(nn.functional.linear(x, w_k, b_k)), split(nn.functional.linear(x, w_v, b_v))
+        pooled = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, channels)
+        values = (
+            v.transpose(1, 2).reshape(n, length, channels) if patches is x else nn.functional.linear(patches, w_v, b_v)
+        )
+        return pooled, values
+
+    def project(self, tokens: Tensor, surgery: bool = False) -> Tensor:
+        return self.head(tokens)
+
+    def project_global(self, tokens: Tensor) -> Tensor:
+        return self.head(tokens[:, :1])[:, 0]
+
+    def encode_text(self, prompts: Sequence[str], tokenizer: Callable) -> Tensor:
+        # SigLIP's text tower was trained on max-length padded sequences without an attention
+        # mask (its pooled token is the last one), so only the token ids are passed.
+        batch = tokenizer(list(prompts), padding="max_length", truncation=True, return_tensors="pt")
+        out = self.model.get_text_features(input_ids=batch["input_ids"].to(self.parameter.device))
+        return out if isinstance(out, Tensor) else out.pooler_output
+
+    def make_interpretability_head(self) -> nn.Module:
+        return copy.deepcopy(self.head)
+
+
+def patchify(images: Tensor, patch_size: int) -> Tensor:
+    """(N, C, H, W) images as SigLIP 2's processor flattens them: (N, h*w, p*p*C), patches
+    row-major, each patch row-major over its pixels with the channels last."""
+    n, c, height, width = images.shape
+    h, w = height // patch_size, width // patch_size
+    patches = images.reshape(n, c, h, patch_size, w, patch_size).permute(0, 2, 4, 3, 5, 1)
+    return patches.reshape(n, h * w, patch_size * patch_size * c)
+
+
+class HFSiglip2Adapter(HFSiglipAdapter):
+    """Hugging Face ``Siglip2Model`` (SigLIP 2, Tschannen et al., 2025, arXiv 2502.14786).
+
+    Its NaFlex vision tower embeds flattened patches with a linear layer and resizes its
+    square grid of position embeddings to each image's patch grid (bilinear, antialiased,
+    the model's own ``resize_positional_embeddings``). Images here are full (no padding
+    patches), so the model's own embedding is ``get_image_features(patchify(x),
+    pixel_attention_mask=ones, spatial_shapes=(h, w))``. Everything after the embedding
+    is SigLIP's, with the same dense rule.
+    """
+
+    family = "transformers Siglip2Model"
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        p = self.vision.config.patch_size
+        return (p, p)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """The square input whose patch grid is the position-embedding grid."""
+        side = self.vision.embeddings.position_embedding_size * self.vision.config.patch_size
+        return (side, side)
+
+    @property
+    def parameter(self) -> Tensor:
+        return self.vision.embeddings.patch_embedding.weight
+
+    def _embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        emb = self.vision.embeddings
+        grid = (images.shape[-2] // emb.patch_size, images.shape[-1] // emb.patch_size)
+        x = emb.patch_embedding(patchify(images, emb.patch_size))
+        size = emb.position_embedding_size
+        shapes = torch.tensor([grid] * images.shape[0], device=images.device)
+        positions = emb.resize_positional_embeddings(
+            emb.position_embedding.weight.reshape(size, size, -1), shapes, max_length=grid[0] * grid[1]
+        )
+        return x + positions, grid
+
+    def own_image_inputs(self, images: Tensor) -> dict[str, Tensor]:
+        """What SigLIP 2's image processor gives for full images: flattened patches, a mask
+        with every patch valid, and each image's patch grid."""
+        patch = self.patch_size[0]
+        n, _, height, width = images.shape
+        grid = (height // patch, width // patch)
+        return {
+            "pixel_values": patchify(images, patch),
+            "pixel_attention_mask": torch.ones(n, grid[0] * grid[1], dtype=torch.long, device=images.device),
+            "spatial_shapes": torch.tensor([grid] * n, device=images.device),
+        }
+
+    def encode_text(self, prompts: Sequence[str], tokenizer: Callable) -> Tensor:
+        # SigLIP 2 was trained on lowercased text padded to its full length (64 tokens; its model card).
+        length = self.model.config.text_config.max_position_embeddings
+        batch = tokenizer(
+            [p.lower() for p in prompts], padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+        )
+        out = self.model.get_text_features(input_ids=batch["input_ids"].to(self.parameter.device))
+        return out if isinstance(out, Tensor) else out.pooler_output
+
+
+def hf_siglip_adapter(model: nn.Module, interpretability_head: nn.Module | None = None) -> HFSiglipAdapter | None:
+    """The adapter of a Hugging Face ``SiglipModel`` or ``Siglip2Model``; ``None`` for any other model."""
+    try:
+        from transformers import Siglip2Model, SiglipModel
+    except ImportError:  # pragma: no cover - transformers is a core dependency
+        return None
+    if isinstance(model, Siglip2Model):
+        return HFSiglip2Adapter(model, interpretability_head)
+    if isinstance(model, SiglipModel):
+        return HFSiglipAdapter(model, interpretability_head)
+    return None
