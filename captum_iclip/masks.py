@@ -16,6 +16,8 @@ Public API:
 * :class:`DINOMaskProvider`: CLIP images → DINO attention → CLIP-grid mask.
 * :func:`as_mask_provider`: wraps a provider, a callable or a fixed mask tensor.
 * :class:`CachedMaskProvider`: on-disk per-image cache around any provider.
+* :class:`OracleMaskProvider`: ground-truth foreground masks of known images (an upper bound on any
+  mask source, for ablations).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ __all__ = [
     "DINOMaskProvider",
     "as_mask_provider",
     "CachedMaskProvider",
+    "OracleMaskProvider",
 ]
 
 GridSize = tuple[int, int]
@@ -926,4 +929,70 @@ class CachedMaskProvider(MaskProvider):
                 self._write(paths[index], mask)
                 masks[index] = mask
             self.misses += len(missing)
+        return torch.stack(masks).to(images.device)
+
+
+class OracleMaskProvider(MaskProvider):
+    """Ground-truth foreground masks of a fixed set of images: the best mask any source could give.
+
+    An image is recognised by its content: the preprocessed tensor is mapped back to
+    8-bit pixels (``round(255 * (x * std + mean))``, exact for images that were 8-bit
+    before normalisation, whatever the preprocessing code or device) and hashed. A
+    patch is foreground when the image's foreground covers at least half of it.
+
+    Args:
+        images: ``(N, H, W, 3)`` uint8 images, as they are before preprocessing.
+        foreground: ``(N, H, W)`` boolean (or 0/1) foreground of each image.
+        grid_size: The CLIP patch grid ``(h, w)`` the masks are made on.
+        input_mean, input_std: The normalisation of the CLIP inputs.
+
+    Raises:
+        ValueError: shapes that disagree, or (when called) an image it was not built from
+            or another grid.
+
+    Examples::
+
+        >>> oracle = OracleMaskProvider(images, labels > 0, (8, 8), OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
+        >>> oracle(preprocessed_images, (8, 8)).shape  # doctest: +SKIP
+        torch.Size([4, 64])
+    """
+
+    def __init__(
+        self,
+        images: Tensor | Sequence,
+        foreground: Tensor | Sequence,
+        grid_size: GridSize,
+        input_mean: Sequence[float],
+        input_std: Sequence[float],
+    ) -> None:
+        super().__init__()
+        images, foreground = torch.as_tensor(images), torch.as_tensor(foreground)
+        if images.dim() != 4 or images.shape[-1] != 3 or images.dtype != torch.uint8:
+            raise ValueError(f"images: expected uint8 (N, H, W, 3), got {images.dtype} {tuple(images.shape)}")
+        if tuple(foreground.shape) != tuple(images.shape[:3]):
+            raise ValueError(f"foreground: expected shape {tuple(images.shape[:3])}, got {tuple(foreground.shape)}")
+        self.grid_size = _check_grid_size(grid_size)
+        self.mean = torch.tensor(input_mean, dtype=torch.float32).reshape(1, 3, 1, 1)
+        self.std = torch.tensor(input_std, dtype=torch.float32).reshape(1, 3, 1, 1)
+        cover = F.adaptive_avg_pool2d(foreground.float()[:, None], self.grid_size)[:, 0].flatten(1) >= 0.5
+        self.masks = {self._digest(image): mask for image, mask in zip(images, cover)}
+
+    @staticmethod
+    def _digest(pixels: Tensor) -> bytes:
+        return hashlib.blake2b(pixels.contiguous().numpy().tobytes(), digest_size=16).digest()
+
+    def extra_repr(self) -> str:
+        return f"images={len(self.masks)}, grid_size={self.grid_size}"
+
+    def compute_mask(self, images: Tensor, grid_size: GridSize) -> Tensor:
+        if tuple(grid_size) != self.grid_size:
+            raise ValueError(f"grid_size: expected {self.grid_size} (the oracle's grid), got {tuple(grid_size)}")
+        x = images.detach().float().cpu() * self.std + self.mean
+        pixels = (x * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        masks = []
+        for image in pixels:
+            mask = self.masks.get(self._digest(image))
+            if mask is None:
+                raise ValueError("images: expected images the oracle was built from, got an unknown image")
+            masks.append(mask)
         return torch.stack(masks).to(images.device)

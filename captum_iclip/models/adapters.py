@@ -428,16 +428,7 @@ class OpenCLIPViTAdapter(ViTAdapter, OpenCLIPAdapter):
     def __init__(self, model: nn.Module, interpretability_head: nn.Module | None = None) -> None:
         super().__init__(model, interpretability_head)
         visual = model.visual
-        if getattr(visual, "attn_pool", None) is not None:
-            raise TypeError(
-                f"model: expected an open_clip ViT with a global token, got one with an attentional pooler (CoCa): "
-                f"{type(visual.attn_pool).__name__}"
-            )
-        if getattr(visual, "pool_type", "tok") != "tok" or getattr(visual, "final_ln_after_pool", False):
-            raise TypeError(
-                f"model: expected an open_clip ViT with class-token pooling (pool_type='tok', the dense path's), got "
-                f"pool_type={visual.pool_type!r}"
-            )
+        self.pooling = _open_clip_pooling(visual)
         if visual.proj is None:
             raise TypeError("model: expected an open_clip ViT with a projection, got proj=None")
 
@@ -473,16 +464,82 @@ class OpenCLIPViTAdapter(ViTAdapter, OpenCLIPAdapter):
         return [OpenCLIPBlockView(block, batch_first) for block in self.visual.transformer.resblocks]
 
     def final_norm(self, tokens: Tensor) -> Tensor:
-        return self.visual.ln_post(tokens)
+        # With an attention pool, ln_post normalises the pool's output, not the tokens.
+        return tokens if self.pooling == "attention" else self.visual.ln_post(tokens)
 
     def project(self, tokens: Tensor, surgery: bool = False) -> Tensor:
-        return tokens @ self.visual.proj
+        if self.pooling == "tok":
+            return tokens @ self.visual.proj
+        # Index 0 stays the pooled embedding (== encode_image); each patch is projected on its own.
+        if self.pooling == "avg":
+            patches = tokens[:, 1:] @ self.visual.proj
+        else:
+            patches = attention_pool_value_path(self.visual, tokens[:, 1:])
+        return torch.cat([self.project_global(tokens)[:, None], patches], dim=1)
 
     def project_global(self, tokens: Tensor) -> Tensor:
-        return tokens[:, 0] @ self.visual.proj
+        if self.pooling == "tok":
+            return tokens[:, 0] @ self.visual.proj
+        if tokens.shape[1] < 2:
+            raise ValueError(f"tokens: pool_type={self.pooling!r} pools the patch tokens, got none")
+        if self.pooling == "avg":
+            return tokens[:, 1:].mean(dim=1) @ self.visual.proj
+        return self.visual.ln_post(self.visual.attn_pool(tokens))[:, 0] @ self.visual.proj
 
     def make_interpretability_head(self) -> nn.Module:
+        if self.pooling == "attention":
+            return AttentionPoolValueProjection(self.visual)
         return TokenProjection(self.visual.proj)
+
+
+def _open_clip_pooling(visual: nn.Module) -> str:
+    """``"tok"`` (class token), ``"avg"`` (mean of the patch tokens) or ``"attention"`` (a learned-query
+    attention pool, open_clip's ``attentional_pool=True``, whose first query's output is the embedding)."""
+    if getattr(visual, "attn_pool", None) is not None:
+        if getattr(visual, "attn_pool_contrastive", None) is not None or visual.pool_type != "tok":
+            raise TypeError(
+                "model: expected an open_clip ViT whose attentional pool gives the embedding as its first "
+                f"query (attentional_pool=True), got attentional_pool={visual.attn_pool_type!r}, "
+                f"pool_type={visual.pool_type!r}"
+            )
+        return "attention"
+    if getattr(visual, "pool_type", "tok") not in ("tok", "avg") or getattr(visual, "final_ln_after_pool", False):
+        raise TypeError(
+            "model: expected an open_clip ViT with pool_type 'tok' or 'avg' and final_ln_after_pool=False, got "
+            f"pool_type={visual.pool_type!r}, final_ln_after_pool={getattr(visual, 'final_ln_after_pool', False)}"
+        )
+    return visual.pool_type
+
+
+def attention_pool_value_path(visual: nn.Module, tokens: Tensor) -> Tensor:
+    """Each token through an attention pool as if the query attended to it alone: the pool's key norm,
+    value and output projections, then ``ln_post`` and ``proj`` (the ViT analogue of the ResNet
+    attention pool's per-position projection, :class:`PositionwisePoolProjection`)."""
+    attention = visual.attn_pool.attn
+    dim = attention.embed_dim
+    if attention._qkv_same_embed_dim:
+        weight = attention.in_proj_weight[2 * dim :]
+    else:
+        weight = attention.v_proj_weight
+    bias = attention.in_proj_bias[2 * dim :] if attention.in_proj_bias is not None else None
+    values = attention.out_proj(F.linear(visual.attn_pool.ln_k(tokens), weight, bias))
+    return visual.ln_post(values) @ visual.proj
+
+
+class AttentionPoolValueProjection(nn.Module):
+    """Interpretability head of an attention-pooled open_clip ViT: a copy of the pool's value path
+    (:func:`attention_pool_value_path`), applied to every token."""
+
+    def __init__(self, visual: nn.Module) -> None:
+        super().__init__()
+        import copy
+
+        self.attn_pool = copy.deepcopy(visual.attn_pool)
+        self.ln_post = copy.deepcopy(visual.ln_post)
+        self.proj = nn.Parameter(visual.proj.detach().clone())
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return attention_pool_value_path(self, tokens)
 
 
 # ----------------------------------------------------------------------------------
