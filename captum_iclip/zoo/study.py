@@ -468,7 +468,9 @@ def mask_quality_figures(ctx: StudyContext) -> dict:
     path = ctx.work / "mask_quality.json"
     if not path.is_file():
         bundle = ctx.bundle
-        figures = mask_quality(bundle.mask_provider, ctx.scenes("study"), bundle.preprocess, ctx.grid)
+        # mask_quality compares with CPU ground truth: measure a CPU copy of the provider.
+        provider = copy.deepcopy(bundle.mask_provider).cpu()
+        figures = mask_quality(provider, ctx.scenes("study"), bundle.preprocess, ctx.grid)
         atomic_write_text(path, json.dumps(figures, indent=2) + "\n")
     return json.loads(path.read_text())
 
@@ -749,7 +751,7 @@ def draw_figure(document: dict, path: Path) -> None:
     labels = [row_label(r) for r in rows]
     colours = {"pooling": "tab:blue", "iclip": "tab:green", "training-free": "tab:gray"}
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.35 * len(rows) + 1.5), sharey=True)
-    for ax, key, title in zip(axes, ("msc", "miou"), ("ITSM mSC (x100)", "explanation mIoU (%)")):
+    for ax, key, title in zip(axes, ("msc", "miou"), ("mSC of the scored maps", "explanation mIoU (%)")):
         for y, row in enumerate(rows):
             mean, lo, hi = (math.nan if v is None else v for v in row[key])
             err = [[max(mean - lo, 0.0)], [max(hi - mean, 0.0)]] if not math.isnan(lo + hi) else None
@@ -782,8 +784,8 @@ def write_report(document: dict, settings: StudySettings) -> dict[str, Path]:
 
 # ---------------------------------------------------------------------------- command line
 QUICK = dict(
-    steps=3,
-    iclip_steps=3,
+    steps=10,
+    iclip_steps=10,
     seeds=(0,),
     scenes=50,
     selection_scenes=20,
