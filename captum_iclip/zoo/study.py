@@ -41,6 +41,7 @@ from captum_iclip._io import atomic_write_text
 POOLINGS = ("class-token", "attention", "average", "max", "masked-max-dino", "masked-max-oracle")
 MODES = ("projection", "last-1", "last-2", "full")
 MASK_SOURCES = ("oracle", "dino", "centre", "all")
+SOURCE_TITLES = {"oracle": "oracle masks", "dino": "DINO masks", "centre": "centre box", "all": "all patches"}
 TRAINING_FREE = ("raw", "surgery", "mmp", "gradcam", "ig")
 # The pick's candidates: mask sources a user has without labels, in the tie-break order.
 PICKABLE_SOURCES = ("dino", "centre", "all")
@@ -573,7 +574,7 @@ def row_label(row: dict) -> str:
         return method_title(row["method"]) + (" (DINO masks)" if row["method"] == "mmp" else "")
     if row["group"] == "pooling":
         return f"{row['pooling']} pooling"
-    return f"ICLIP {row['mode']} / {row['mask_source']} masks"
+    return f"ICLIP {row['mode']} / {SOURCE_TITLES[row['mask_source']]}"
 
 
 def _fmt(triple: Sequence[float | None] | None) -> str:
