@@ -183,11 +183,19 @@ def centre_box(grid: tuple[int, int]) -> Tensor:
     return box
 
 
-def model_config(pooling: str) -> dict:
-    """The open_clip model config of a pooling row: the bundle's architecture with that pooling."""
+def bundle_model_config() -> dict:
+    """The bundled CLIP's open_clip model config (``config.json``), else the recipe's :data:`MODEL_CONFIG`."""
     from captum_iclip.zoo.train import MODEL_CONFIG
 
-    config = copy.deepcopy(MODEL_CONFIG)
+    recorded = default_clip_path().parent / "config.json"
+    if recorded.is_file():
+        return json.loads(recorded.read_text())["model_config"]
+    return copy.deepcopy(MODEL_CONFIG)
+
+
+def model_config(pooling: str) -> dict:
+    """The open_clip model config of a pooling row: the bundle's architecture with that pooling."""
+    config = bundle_model_config()
     if pooling == "attention":
         config["vision_cfg"].update(attentional_pool=True, attn_pooler_queries=1, attn_pooler_heads=2)
     elif pooling == "average":
@@ -234,18 +242,19 @@ class StudyContext:
 
     @property
     def grid(self) -> tuple[int, int]:
-        from captum_iclip.zoo.train import IMAGE_SIZE, MODEL_CONFIG
+        """The CLIP patch grid of the bundle's input size."""
+        return tuple(self.bundle.clip.visual.grid_size)
 
-        side = IMAGE_SIZE // MODEL_CONFIG["vision_cfg"]["patch_size"]
-        return (side, side)
+    @property
+    def image_size(self) -> int:
+        return self.bundle.image_size
 
     def scenes(self, name: str) -> list:
         """The evaluation scenes of seed range ``"study"`` or ``"selection"``."""
         from captum_iclip.zoo.quality import scene_range
-        from captum_iclip.zoo.train import IMAGE_SIZE
 
         count = self.settings.scenes if name == "study" else self.settings.selection_scenes
-        return self._get(f"scenes/{name}", lambda: scene_range(name, count, IMAGE_SIZE))
+        return self._get(f"scenes/{name}", lambda: scene_range(name, count, self.image_size))
 
     def world(self, steps: int):
         """The recipe's training scenes for a run of ``steps`` steps, and its epochs."""
@@ -258,11 +267,25 @@ class StudyContext:
         size = min(RECIPE_SCENES, max(self.settings.steps, self.settings.iclip_steps) * self.settings.batch_size)
         world = self._get(
             "world",
-            lambda: RenderedWorld(TRAIN_SEED_START, size, progress=self.settings.progress, caption_colour_prob=0.3),
+            lambda: RenderedWorld(
+                TRAIN_SEED_START,
+                size,
+                size=self.image_size,
+                progress=self.settings.progress,
+                caption_colour_prob=0.3,
+                cache_dir=self.work / "world",  # a rerun reads the rendered scenes back
+            ),
         )
         if wanted <= len(world):
             return Subset(world, range(wanted)), 1
         return world, math.ceil(wanted / len(world))
+
+    @property
+    def tokenizer(self):
+        """The bundle's tokenizer, remembering the ids of the captions it has seen (training revisits them)."""
+        from captum_iclip.zoo.train import CachedTokenizer
+
+        return self._get("tokenizer", lambda: CachedTokenizer(self.bundle.tokenizer))
 
     def mask_provider(self, source: str | None):
         """The provider of a mask source (``None`` for ``"all"`` and no source: every patch)."""
@@ -282,12 +305,11 @@ class StudyContext:
         """Ground-truth masks of the training scenes in use and of the evaluation scenes."""
         from captum_iclip.masks import OracleMaskProvider
         from captum_iclip.world import TRAIN_SEED_START, generate_scene
-        from captum_iclip.zoo.train import IMAGE_SIZE
 
         count = min(RECIPE_SCENES, max(self.settings.steps, self.settings.iclip_steps) * self.settings.batch_size)
         images, foreground = [], []
         for seed in range(TRAIN_SEED_START, TRAIN_SEED_START + count):
-            scene = generate_scene(seed, size=IMAGE_SIZE)
+            scene = generate_scene(seed, size=self.image_size)
             images.append(scene.image)
             foreground.append(scene.label > 0)
         for scene in self.scenes("study") + self.scenes("selection"):
@@ -342,7 +364,7 @@ def train_run(spec: RunSpec, ctx: StudyContext, out_dir: Path) -> tuple[nn.Modul
         **options,
     )
     provider = ctx.mask_provider(spec.mask_source)
-    stats = train(config, model=dual, mask_provider=provider, dataset=dataset, tokenizer=ctx.bundle.tokenizer)
+    stats = train(config, model=dual, mask_provider=provider, dataset=dataset, tokenizer=ctx.tokenizer)
     return dual.eval(), stats
 
 
@@ -399,10 +421,9 @@ def localization(dual: nn.Module, spec: RunSpec, ctx: StudyContext, name: str, b
     from captum_iclip.evaluation.run import EvalConfig, class_prompts, run_evaluation
     from captum_iclip.similarity import CLIPSimilarity
     from captum_iclip.zoo.quality import SEED_RANGES
-    from captum_iclip.zoo.train import IMAGE_SIZE
 
     count = len(ctx.scenes(name))
-    dataset = WorldScenes(SEED_RANGES[name], limit=count, size=IMAGE_SIZE)
+    dataset = WorldScenes(SEED_RANGES[name], limit=count, size=ctx.image_size)
     sim = CLIPSimilarity(dual, ctx.bundle.tokenizer, class_prompts(dataset, ctx.bundle)).to(ctx.device)
     config = EvalConfig(
         "world",
@@ -410,7 +431,7 @@ def localization(dual: nn.Module, spec: RunSpec, ctx: StudyContext, name: str, b
         methods=(spec.method,),
         tasks=("localization",),
         batch_size=16,
-        pointing_tolerance=pointing_tolerance_for(IMAGE_SIZE),
+        pointing_tolerance=pointing_tolerance_for(ctx.image_size),
         examples=0,
         bootstrap=bootstrap,
         out=None,
