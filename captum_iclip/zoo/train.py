@@ -33,11 +33,11 @@ from captum_iclip.training.dino import DINOConfig
 from captum_iclip.zoo import WEIGHTS_DIR, build_clip, make_preprocess
 
 IMAGE_SIZE = 96
-TAU = 0.6
-DINO_BLOCKS = (-1,)
+TAU = 0.4
+DINO_BLOCKS = (1,)
 MODEL_CONFIG: dict = {
     "embed_dim": 128,
-    "vision_cfg": {"image_size": IMAGE_SIZE, "layers": 4, "width": 128, "head_width": 64, "patch_size": 12},
+    "vision_cfg": {"image_size": IMAGE_SIZE, "layers": 6, "width": 192, "head_width": 64, "patch_size": 12},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3},
 }
 
@@ -170,7 +170,14 @@ RECOGNITION_SCENES = 1000  # held-out scenes of the recorded recognition figures
 MASK_SCENES = 500  # held-out scenes of the recorded mask figures
 
 
-def bundle_figures(clip, tokenizer, mask_provider, prompts: list[str]) -> dict[str, dict]:
+def bundle_figures(
+    clip,
+    tokenizer,
+    mask_provider,
+    prompts: list[str],
+    recognition_scenes: int = RECOGNITION_SCENES,
+    mask_scenes: int = MASK_SCENES,
+) -> dict[str, dict]:
     """The bundle's recorded quality figures, on the ``report`` seed range (never used to choose a recipe):
     zero-shot recognition over the shape prompts and the DINO masks on the CLIP patch grid."""
     from captum_iclip import CLIPSimilarity
@@ -180,8 +187,8 @@ def bundle_figures(clip, tokenizer, mask_provider, prompts: list[str]) -> dict[s
     sim = CLIPSimilarity(clip, tokenizer, prompts).eval()
     side = IMAGE_SIZE // MODEL_CONFIG["vision_cfg"]["patch_size"]
     with torch.no_grad():
-        recognition = recognition_report(sim, scene_range("report", RECOGNITION_SCENES, IMAGE_SIZE), preprocess)
-        masks = mask_quality(mask_provider, scene_range("report", MASK_SCENES, IMAGE_SIZE), preprocess, (side, side))
+        recognition = recognition_report(sim, scene_range("report", recognition_scenes, IMAGE_SIZE), preprocess)
+        masks = mask_quality(mask_provider, scene_range("report", mask_scenes, IMAGE_SIZE), preprocess, (side, side))
     return {"recognition": recognition, "dino_masks": masks}
 
 
@@ -198,16 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(STAGES),
         help="stages to run now, in order (clip and dino are independent and may run in two processes)",
     )
-    parser.add_argument("--train-scenes", type=int, default=60000)
+    parser.add_argument("--train-scenes", type=int, default=100000)
+    parser.add_argument(
+        "--dino-scenes", type=int, default=60000, help="the DINO trains on the first this many training scenes"
+    )
     parser.add_argument(
         "--caption-colour-prob",
         type=float,
         default=0.3,
         help="probability that a training caption names an object's colour (the world's own captions: 0.9)",
     )
-    parser.add_argument("--clip-epochs", type=int, default=10)
-    parser.add_argument("--clip-batch-size", type=int, default=128)
-    parser.add_argument("--clip-lr", type=float, default=2e-3)
+    parser.add_argument("--clip-epochs", type=int, default=13)
+    parser.add_argument("--clip-batch-size", type=int, default=512)
+    parser.add_argument("--clip-lr", type=float, default=1e-3)
     parser.add_argument("--vision-layers", type=int, default=MODEL_CONFIG["vision_cfg"]["layers"])
     parser.add_argument("--vision-width", type=int, default=MODEL_CONFIG["vision_cfg"]["width"])
     parser.add_argument("--dino-steps", type=int, default=DINOConfig.steps)
@@ -219,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="DINO blocks whose [CLS] attention the masks average (comma-separated; -1: the last)",
     )
     parser.add_argument("--iclip-epochs", type=int, default=1)
+    parser.add_argument("--iclip-batch-size", type=int, default=128)
+    parser.add_argument("--recognition-scenes", type=int, default=RECOGNITION_SCENES, help="report scenes, recognition")
+    parser.add_argument("--mask-scenes", type=int, default=MASK_SCENES, help="report scenes, mask quality")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="where the stages train: cpu, cuda, cuda:1, ...")
     parser.add_argument("--render-workers", type=int, default=0, help="processes rendering the world (0: this one)")
@@ -329,7 +342,8 @@ def _train_dino(args: argparse.Namespace, dino_dir: Path, world: RenderedWorld) 
         data_workers=max(args.data_workers, 1),
         device=args.device,
     )
-    train_dino(world.images, config, out_dir=dino_dir, progress=not args.no_progress, resume=True)
+    images = world.images[: args.dino_scenes]
+    train_dino(images, config, out_dir=dino_dir, progress=not args.no_progress, resume=True)
 
 
 def _train_iclip(args: argparse.Namespace, work: Path, world: RenderedWorld, tokenizer) -> None:
@@ -344,7 +358,7 @@ def _train_iclip(args: argparse.Namespace, work: Path, world: RenderedWorld, tok
         TrainConfig(
             mode="projection",
             objective="iclip",
-            batch_size=args.clip_batch_size,
+            batch_size=args.iclip_batch_size,
             epochs=args.iclip_epochs,
             lr=1e-3,
             wd=0.0,
@@ -399,7 +413,14 @@ def _bundle(args: argparse.Namespace, work: Path, tokenizer) -> None:
             k: v for k, v in json.loads((dino_dir / CONFIG_NAME).read_text()).get("stats", {}).items() if k != "losses"
         },
         "iclip": json.loads((iclip_dir / "stats.json").read_text()),
-        **bundle_figures(dual.clip, tokenizer, _mask_provider(dino, args), [prompt_for(c) for c in CATEGORIES]),
+        **bundle_figures(
+            dual.clip,
+            tokenizer,
+            _mask_provider(dino, args),
+            [prompt_for(c) for c in CATEGORIES],
+            args.recognition_scenes,
+            args.mask_scenes,
+        ),
     }
     mask_settings = {"tau": args.tau, "dino_blocks": list(_dino_blocks(args))}
     prompts = [prompt_for(c) for c in CATEGORIES]
