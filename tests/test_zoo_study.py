@@ -139,7 +139,7 @@ def test_the_pooling_rows_build_the_models_they_claim():
     x = torch.randn(2, 3, 96, 96)
     built = {}
     for pooling in ("class-token", "attention", "average"):
-        clip = build_clip(study.model_config(pooling)).eval()
+        clip = build_clip(study.model_config(pooling, (2, 128))).eval()  # --pooling-tower 2x128
         dual = DualProjectionCLIP(clip)
         with torch.no_grad():
             reference = clip.encode_image(x)
@@ -148,6 +148,7 @@ def test_the_pooling_rows_build_the_models_they_claim():
         built[pooling] = (clip.visual, dual.adapter.pooling)
     visual, pooling = built["attention"]
     assert pooling == "attention" and visual.attn_pool.query.shape == (1, 128) and visual.pool_type == "tok"
+    assert len(visual.transformer.resblocks) == 2
     assert built["average"][0].pool_type == "avg" and built["average"][0].attn_pool is None
     assert built["class-token"][0].pool_type == "tok" and built["class-token"][0].attn_pool is None
     # The attention pool's per-patch projection is the pool itself when the query sees that patch alone.
@@ -212,6 +213,8 @@ def test_verdict_rules_as_pre_registered():
         (["--seeds", "1,1"], "--seeds: expected distinct non-negative integers"),
         (["--device", "toaster"], "--device: expected a torch device"),
         (["--clip", "no/such/clip.pt"], "--clip: expected a CLIP weights file"),
+        (["--pooling-tower", "4x100"], "--pooling-tower: expected LAYERSxWIDTH with WIDTH a multiple of 64"),
+        (["--pooling-tower", "wide"], "--pooling-tower: expected LAYERSxWIDTH"),
         (["--report-only", "--out", "no/such/folder"], "--report-only: expected no/such/folder/results.json"),
     ],
 )

@@ -135,6 +135,7 @@ class StudySettings:
     readme: str = "README.md"
     progress: bool = True
     quick: bool = False
+    pooling_tower: tuple[int, int] | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -193,9 +194,12 @@ def bundle_model_config() -> dict:
     return copy.deepcopy(MODEL_CONFIG)
 
 
-def model_config(pooling: str) -> dict:
-    """The open_clip model config of a pooling row: the bundle's architecture with that pooling."""
+def model_config(pooling: str, tower: tuple[int, int] | None = None) -> dict:
+    """The open_clip model config of a pooling row: the bundle's architecture with that pooling
+    (and, when ``tower`` is given, a vision tower of ``tower = (layers, width)`` instead of the bundle's)."""
     config = bundle_model_config()
+    if tower is not None:
+        config["vision_cfg"].update(layers=tower[0], width=tower[1])
     if pooling == "attention":
         config["vision_cfg"].update(attentional_pool=True, attn_pooler_queries=1, attn_pooler_heads=2)
     elif pooling == "average":
@@ -338,7 +342,7 @@ def train_run(spec: RunSpec, ctx: StudyContext, out_dir: Path) -> tuple[nn.Modul
     if spec.group == "pooling":
         steps, torch_seed = settings.steps, spec.seed
         torch.manual_seed(torch_seed)  # the random initialisation
-        dual = DualProjectionCLIP(build_clip(model_config(spec.pooling)))
+        dual = DualProjectionCLIP(build_clip(model_config(spec.pooling, ctx.settings.pooling_tower)))
         options = dict(mode="full", lr=2e-3, wd=0.1, warmup=min(100, steps // 4), grad_clip_norm=1.0)
         if spec.mask_source:  # the max rows: the masked-max-pooling term alone, on W_int
             options.update(objective="iclip", rec_weight=0.0)
@@ -833,6 +837,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--selection-scenes", type=int, help=f"selection scenes (default {SELECTION_SCENES})")
     parser.add_argument("--batch-size", type=int, help=f"training batch (default {BATCH_SIZE})")
     parser.add_argument("--bootstrap", type=int, help=f"bootstrap resamples (default {BOOTSTRAP})")
+    parser.add_argument(
+        "--pooling-tower",
+        help="vision tower of the from-scratch pooling rows as LAYERSxWIDTH, e.g. 4x128 (default: the bundle's)",
+    )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--clip", default="", help="CLIP weights for the ICLIP grid (default: the bundled clip.pt)")
     parser.add_argument("--work-dir", help="run folders (default runs/study)")
@@ -864,6 +872,13 @@ def settings_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace
     for name in ("work_dir", "out", "readme"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
+    if args.pooling_tower is not None:
+        layers, _, width = args.pooling_tower.partition("x")
+        if not (layers.isdigit() and width.isdigit() and int(layers) > 0 and int(width) > 0 and int(width) % 64 == 0):
+            parser.error(
+                f"--pooling-tower: expected LAYERSxWIDTH with WIDTH a multiple of 64, got {args.pooling_tower!r}"
+            )
+        settings.pooling_tower = (int(layers), int(width))
     if args.clip and not Path(args.clip).is_file():
         parser.error(f"--clip: expected a CLIP weights file, got {args.clip!r} (no such file)")
     settings.device, settings.clip, settings.progress = args.device, args.clip, not args.no_progress
