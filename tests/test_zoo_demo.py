@@ -163,7 +163,8 @@ def test_explain_reports_a_missing_image_and_empty_prompts(tmp_path, capsys):
         cli_main(["explain", str(tmp_path / "nope.png"), "--prompts", "a cat", "--out", str(tmp_path / "o.png")]) == 2
     )
     assert re.fullmatch(
-        r"captum-iclip explain: error: images: no image file at \S+nope.png .*\n", capsys.readouterr().err
+        r"captum-iclip explain: error: images: expected an image file, got \S+nope.png \(no such file\).*\n",
+        capsys.readouterr().err,
     )
     assert cli_main(["explain", str(tmp_path / "nope.png"), "--prompts", " , ", "--out", str(tmp_path / "o.png")]) == 2
     assert re.fullmatch(

@@ -112,7 +112,7 @@ def load(name: str = "shapes-tiny", device: str = "cpu") -> ZooBundle:
 
     check_device(device)
     if name not in available():
-        raise ValueError(f"name: no bundled model {name!r}; available: {available()}")
+        raise ValueError(f"name: expected a bundled model, one of {available()}, got {name!r}")
     folder = WEIGHTS_DIR / name
     config = json.loads((folder / "config.json").read_text())
     clip = build_clip(config["model_config"])
