@@ -150,3 +150,19 @@ def test_the_recipe_runs_every_stage_resumes_and_writes_a_loadable_bundle(tmp_pa
     figures = recipe.bundle_figures(bundle.clip, bundle.tokenizer, bundle.mask_provider, bundle.prompts, 20, 10)
     assert figures["recognition"]["confusion"] == config["training"]["recognition"]["confusion"]
     assert figures["dino_masks"]["dino_iou"] == pytest.approx(config["training"]["dino_masks"]["dino_iou"], abs=1e-6)
+
+
+def test_mask_quality_reuses_precomputed_attention_for_every_tau(tiny_dino):
+    from captum_iclip.models.adapters import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from captum_iclip.world import generate_scene
+    from captum_iclip.zoo.quality import mask_quality
+
+    scenes = [generate_scene(10_000_000 + i, size=32) for i in range(4)]
+    preprocess = zoo.make_preprocess(32, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    provider = DINOMaskProvider(tiny_dino, blocks=(1,))
+    attention = provider.attention(torch.stack([preprocess(s.image) for s in scenes]))
+    for tau in (0.3, 0.6):
+        provider.tau = tau
+        assert mask_quality(provider, scenes, preprocess, (4, 4), attention) == mask_quality(
+            provider, scenes, preprocess, (4, 4)
+        )

@@ -103,7 +103,13 @@ def foreground_truth(scenes: Sequence[Scene], grid: tuple[int, int]) -> torch.Te
 
 
 @torch.no_grad()
-def mask_quality(provider: nn.Module, scenes: Sequence[Scene], preprocess: Callable, grid: tuple[int, int]) -> dict:
+def mask_quality(
+    provider: nn.Module,
+    scenes: Sequence[Scene],
+    preprocess: Callable,
+    grid: tuple[int, int],
+    attention: torch.Tensor | None = None,
+) -> dict:
     """IoU (percent, pooled over all patches of all scenes) of a DINO mask source's
     foreground with the object patches, next to a centre box (half the side) and
     every patch; and the share of the [CLS] attention on object pixels against the
@@ -114,9 +120,11 @@ def mask_quality(provider: nn.Module, scenes: Sequence[Scene], preprocess: Calla
         scenes: Held-out scenes.
         preprocess: The CLIP preprocessing the provider expects its inputs in.
         grid: The CLIP patch grid ``(h, w)`` the masks are made on.
+        attention: ``provider.attention`` of the preprocessed scenes when already computed
+            (it depends on the provider's blocks, not on its ``tau``).
     """
-    images = torch.stack([preprocess(s.image) for s in scenes])
-    attention = provider.attention(images)  # one DINO pass for both figures
+    if attention is None:
+        attention = provider.attention(torch.stack([preprocess(s.image) for s in scenes]))  # one DINO pass
     masks = provider.mask_from_attention(attention, grid).reshape(-1, *grid)
     truth = foreground_truth(scenes, grid)
     foreground = torch.stack([torch.from_numpy((s.label > 0).astype(np.float32)) for s in scenes])[:, None]

@@ -77,15 +77,16 @@ def mask_candidates(folders: Sequence[Path], image_size: int, grid: tuple[int, i
 
     scenes = scene_range("selection", MASK_SCENES, image_size)
     preprocess = make_preprocess(image_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    images = torch.stack([preprocess(s.image) for s in scenes])
     rows = []
     for folder in folders:
         dino = load_tiny_dino(folder).float().eval()
         for blocks in block_sets(len(dino.blocks)):
+            provider = DINOMaskProvider(dino, input_mean=OPENAI_CLIP_MEAN, input_std=OPENAI_CLIP_STD, blocks=blocks)
+            attention = provider.attention(images)  # the same for every tau: one DINO pass per block set
             for tau in TAUS:
-                provider = DINOMaskProvider(
-                    dino, tau=tau, input_mean=OPENAI_CLIP_MEAN, input_std=OPENAI_CLIP_STD, blocks=blocks
-                )
-                quality = mask_quality(provider, scenes, preprocess, grid)
+                provider.tau = tau
+                quality = mask_quality(provider, scenes, preprocess, grid, attention)
                 rows.append({"dino": str(folder), "blocks": list(blocks), "tau": tau, **quality})
     return rows
 
