@@ -198,7 +198,7 @@ def explain(args: argparse.Namespace) -> int:
     prompts = split_prompts(args.prompts)
     check_output_file(args.out, "--out")
     loaded = load_model_from_args(args)
-    sim = CLIPSimilarity(loaded.model, loaded.tokenizer, prompts, output="probs")
+    sim = CLIPSimilarity(loaded.model, loaded.tokenizer, prompts, templates=loaded.templates, output="probs")
     adapter = sim.adapter
     if args.resolution is not None:
         ph, pw = adapter.patch_size

@@ -63,7 +63,8 @@ def run_demo(
     loaded = load(model, device=device)
     first_seed = SEED_RANGES["demo"]
     dataset = WorldScenes(first_seed, limit=num_images, size=loaded.image_size)
-    sim = CLIPSimilarity(loaded.model, loaded.tokenizer, class_prompts(dataset, loaded.bundle)).to(device)
+    prompts = class_prompts(dataset, loaded.bundle)
+    sim = CLIPSimilarity(loaded.model, loaded.tokenizer, prompts, templates=loaded.templates).to(device)
     config = EvalConfig(
         "world",
         str(first_seed),

@@ -56,7 +56,7 @@ def test_bundle_is_small():
 @pytest.fixture(scope="module")
 def recomputed(bundle):
     prompts = [prompt_for(c) for c in CATEGORIES]
-    return bundle_figures(bundle.clip, bundle.tokenizer, bundle.mask_provider, prompts)
+    return bundle_figures(bundle.clip, bundle.tokenizer, bundle.mask_provider, prompts, bundle.templates)
 
 
 def test_recognition_reproduces_the_recorded_figures_and_clears_its_floors(bundle, recomputed):

@@ -147,7 +147,9 @@ def test_the_recipe_runs_every_stage_resumes_and_writes_a_loadable_bundle(tmp_pa
     monkeypatch.setattr(zoo, "WEIGHTS_DIR", weights)
     bundle = zoo.load("tiny")
     assert bundle.mask_provider.tau == 0.5 and bundle.mask_provider.blocks == (0, 5)  # six DINO blocks
-    figures = recipe.bundle_figures(bundle.clip, bundle.tokenizer, bundle.mask_provider, bundle.prompts, 20, 10)
+    figures = recipe.bundle_figures(
+        bundle.clip, bundle.tokenizer, bundle.mask_provider, bundle.prompts, bundle.templates, 20, 10
+    )
     assert figures["recognition"]["confusion"] == config["training"]["recognition"]["confusion"]
     assert figures["dino_masks"]["dino_iou"] == pytest.approx(config["training"]["dino_masks"]["dino_iou"], abs=1e-6)
 

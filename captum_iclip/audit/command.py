@@ -95,7 +95,9 @@ def load_audit_model(args: argparse.Namespace, prompts: list[str]) -> AuditModel
     from captum_iclip.similarity import CLIPSimilarity
 
     loaded = load_model_from_args(args)
-    sim = CLIPSimilarity(loaded.model, loaded.tokenizer, prompts, output="logits").to(args.device)
+    sim = CLIPSimilarity(loaded.model, loaded.tokenizer, prompts, templates=loaded.templates, output="logits").to(
+        args.device
+    )
     return AuditModel(sim, loaded.preprocess, loaded.mask_provider, loaded.name)
 
 

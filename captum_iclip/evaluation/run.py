@@ -491,7 +491,7 @@ def _load_model(args: argparse.Namespace, dataset: SegmentationDataset) -> tuple
         raise ValueError(f"--tau: expected a value in (0, 1], got {args.tau}")
     loaded = load_model_from_args(args)
     prompts = class_prompts(dataset, loaded.bundle)
-    sim = CLIPSimilarity(loaded.model, loaded.tokenizer, prompts).to(args.device)
+    sim = CLIPSimilarity(loaded.model, loaded.tokenizer, prompts, templates=loaded.templates).to(args.device)
     mask_provider = loaded.mask_provider
     if mask_provider is not None and args.tau is not None:
         mask_provider.tau = args.tau

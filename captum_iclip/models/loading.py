@@ -121,6 +121,9 @@ class LoadedCLIP:
             model's DINO), or ``None`` (every patch).
         bundle: the :class:`~captum_iclip.zoo.ZooBundle` of a bundled model (its
             class names and training prompts), else ``None``.
+        templates: the prompt templates to ensemble over with this model
+            (``CLIPSimilarity(templates=...)``): a bundled model's, chosen with it;
+            ``None`` (the prompt alone) for the others.
     """
 
     model: nn.Module
@@ -130,6 +133,7 @@ class LoadedCLIP:
     image_size: int
     mask_provider: nn.Module | None = None
     bundle: Any = None
+    templates: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -308,7 +312,14 @@ def _load_bundled(request: ModelSpec) -> LoadedCLIP:
 
     bundle = zoo.load(request.name or BUNDLED_DEFAULT, device=request.device)
     return LoadedCLIP(
-        bundle.dual, bundle.preprocess, bundle.tokenizer, bundle.name, bundle.image_size, bundle.mask_provider, bundle
+        bundle.dual,
+        bundle.preprocess,
+        bundle.tokenizer,
+        bundle.name,
+        bundle.image_size,
+        bundle.mask_provider,
+        bundle,
+        bundle.templates,
     )
 
 

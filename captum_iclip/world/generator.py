@@ -702,6 +702,26 @@ def _caption(
     return _PLAIN_TEMPLATES[rng.integers(len(_PLAIN_TEMPLATES))].format(objects=listed)
 
 
+def caption_templates(*, backgrounds: bool = False) -> list[str]:
+    """Prompt templates in the style of the world's captions, for prompt ensembling.
+
+    Args:
+        backgrounds: Also ``"{} <phrase>"`` for every background phrase of the captions
+            (``"{} on grass"``, ...), so that an average over them holds no one background.
+
+    Returns:
+        Templates with one ``{}`` slot for a prompt such as ``"a circle"``.
+
+    Examples:
+        >>> caption_templates()[:2]
+        ['{}', 'a photo of {}']
+    """
+    templates = [t.replace("{objects}", "{}") for t in _PLAIN_TEMPLATES]
+    if backgrounds:
+        templates += ["{} " + phrase for phrases in _BACKGROUND_PHRASES.values() for phrase in phrases]
+    return templates
+
+
 def sample_caption(
     scene: Scene,
     rng: np.random.Generator,

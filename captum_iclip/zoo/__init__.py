@@ -9,7 +9,7 @@ Examples::
 
     >>> from captum_iclip import zoo, CLIPSimilarity, ITSMAttribution
     >>> bundle = zoo.load("shapes-tiny")
-    >>> sim = CLIPSimilarity(bundle.dual, bundle.tokenizer, bundle.prompts)
+    >>> sim = CLIPSimilarity(bundle.dual, bundle.tokenizer, bundle.prompts, templates=bundle.templates)
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class ZooBundle:
     class_names: list[str]
     prompts: list[str]  # one per class except the background
     image_size: int
+    templates: list[str] | None = None  # prompt templates to ensemble over (CLIPSimilarity(templates=...))
     info: dict = field(default_factory=dict)  # training figures
 
     @property
@@ -138,6 +139,7 @@ def load(name: str = "shapes-tiny", device: str = "cpu") -> ZooBundle:
         class_names=list(config["class_names"]),
         prompts=list(config["prompts"]),
         image_size=int(config["image_size"]),
+        templates=config.get("templates"),
         info=config.get("training", {}),
     )
 

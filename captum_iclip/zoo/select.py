@@ -5,6 +5,9 @@ The rules are fixed before any candidate is measured (docs/training-notes.md):
 * **CLIP**: among trained candidates (``--clip`` work folders of the ``clip`` stage),
   the highest single-object top-1 accuracy on :data:`SELECTION_SCENES` selection
   scenes, ties (within one point) going to the smaller vision tower;
+* **prompt templates** (``--templates``): among :func:`template_candidates`, the
+  highest top-1 (names an object of the scene) on :data:`SELECTION_SCENES`
+  selection scenes, candidates within half a point going to the fewest templates;
 * **mask source**: among DINO backbones (``--dino`` folders), block sets (each single
   block, the first half, the second half, all blocks) and ``tau`` values
   (:data:`TAUS`), the highest IoU with the object patches on :data:`MASK_SCENES`
@@ -91,6 +94,36 @@ def mask_candidates(folders: Sequence[Path], image_size: int, grid: tuple[int, i
     return rows
 
 
+def template_candidates() -> dict[str, list[str] | None]:
+    """The prompt-template sets the selection compares (docs/training-notes.md)."""
+    from captum_iclip.world import caption_templates
+
+    return {"T0": None, "T1": caption_templates(), "T2": caption_templates(backgrounds=True)}
+
+
+@torch.no_grad()
+def template_rows(bundle_name: str) -> list[dict]:
+    """Recognition of a bundle's CLIP with each template set, on selection scenes."""
+    from captum_iclip import CLIPSimilarity
+    from captum_iclip.zoo import load
+
+    bundle = load(bundle_name)
+    scenes = scene_range("selection", SELECTION_SCENES, bundle.image_size)
+    rows = []
+    for name, templates in template_candidates().items():
+        sim = CLIPSimilarity(bundle.dual.clip, bundle.tokenizer, bundle.prompts, templates=templates).eval()
+        report = recognition_report(sim, scenes, bundle.preprocess)
+        rows.append({"name": name, "templates": templates, **{k: v for k, v in report.items() if k != "confusion"}})
+    return rows
+
+
+def choose_templates(rows: list[dict]) -> dict:
+    """The rule of the module docstring: best top-1; within half a point, the fewest templates."""
+    best = max(r["top1_any"] for r in rows)
+    close = [r for r in rows if r["top1_any"] >= best - 0.5]
+    return min(close, key=lambda r: len(r["templates"] or ["{}"]))
+
+
 def choose_clip(rows: list[dict]) -> dict:
     """The rule of the module docstring: best single-object accuracy; within a point, the smaller tower."""
     best = max(r["single_object"] for r in rows)
@@ -104,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m captum_iclip.zoo.select", description=__doc__.split("\n\n")[0])
     parser.add_argument("--clip", nargs="*", default=[], help="clip-stage folders (final.pt, model_config.json)")
     parser.add_argument("--dino", nargs="*", default=[], help="tiny-DINO folders (tiny_dino.pt, tiny_dino.json)")
+    parser.add_argument("--templates", default=None, metavar="BUNDLE", help="compare prompt templates on this bundle")
     parser.add_argument("--out", default=None, help="write the table as JSON here")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
@@ -114,6 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.clip:
         result["clip"] = clip_candidates([Path(f) for f in args.clip], IMAGE_SIZE)
         result["chosen_clip"] = choose_clip(result["clip"])["clip"]
+    if args.templates:
+        result["templates"] = template_rows(args.templates)
+        result["chosen_templates"] = choose_templates(result["templates"])["name"]
     if args.dino:
         result["masks"] = mask_candidates([Path(f) for f in args.dino], IMAGE_SIZE, (side, side))
         chosen = max(result["masks"], key=lambda r: r["dino_iou"])

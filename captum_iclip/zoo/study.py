@@ -406,13 +406,10 @@ def zero_shot(dual: nn.Module, spec: RunSpec, ctx: StudyContext, scenes: list) -
     from captum_iclip.zoo.quality import recognition_report
 
     bundle = ctx.bundle
+    sim = CLIPSimilarity(dual, bundle.tokenizer, list(bundle.prompts), templates=bundle.templates).to(ctx.device)
     if spec.group == "pooling" and spec.mask_source:
-        with torch.no_grad():
-            tokens = bundle.tokenizer(list(bundle.prompts)).to(ctx.device)
-            text = F.normalize(dual.encode_text(tokens), dim=-1)
-        score = PooledScore(dual, text, ctx.mask_provider(spec.mask_source))
+        score = PooledScore(dual, sim.text_features, ctx.mask_provider(spec.mask_source))
     else:
-        sim = CLIPSimilarity(dual, bundle.tokenizer, list(bundle.prompts)).to(ctx.device)
         score = lambda images: sim(images.to(ctx.device))  # noqa: E731 - the recognition scores
     return float(recognition_report(score, scenes, bundle.preprocess)["top1_any"])
 
@@ -428,7 +425,8 @@ def localization(dual: nn.Module, spec: RunSpec, ctx: StudyContext, name: str, b
 
     count = len(ctx.scenes(name))
     dataset = WorldScenes(SEED_RANGES[name], limit=count, size=ctx.image_size)
-    sim = CLIPSimilarity(dual, ctx.bundle.tokenizer, class_prompts(dataset, ctx.bundle)).to(ctx.device)
+    prompts = class_prompts(dataset, ctx.bundle)
+    sim = CLIPSimilarity(dual, ctx.bundle.tokenizer, prompts, templates=ctx.bundle.templates).to(ctx.device)
     config = EvalConfig(
         "world",
         str(SEED_RANGES[name]),

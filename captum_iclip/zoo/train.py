@@ -170,21 +170,31 @@ RECOGNITION_SCENES = 1000  # held-out scenes of the recorded recognition figures
 MASK_SCENES = 500  # held-out scenes of the recorded mask figures
 
 
+def prompt_templates() -> list[str]:
+    """The bundle's prompt templates: the world's caption templates and one per background phrase,
+    chosen on the selection range (``python -m captum_iclip.zoo.select --templates``, docs/training-notes.md)."""
+    from captum_iclip.world import caption_templates
+
+    return caption_templates(backgrounds=True)
+
+
 def bundle_figures(
     clip,
     tokenizer,
     mask_provider,
     prompts: list[str],
+    templates: list[str] | None,
     recognition_scenes: int = RECOGNITION_SCENES,
     mask_scenes: int = MASK_SCENES,
 ) -> dict[str, dict]:
     """The bundle's recorded quality figures, on the ``report`` seed range (never used to choose a recipe):
-    zero-shot recognition over the shape prompts and the DINO masks on the CLIP patch grid."""
+    zero-shot recognition over the shape prompts (ensembled over ``templates``) and the DINO masks on the
+    CLIP patch grid."""
     from captum_iclip import CLIPSimilarity
     from captum_iclip.zoo.quality import mask_quality, recognition_report, scene_range
 
     preprocess = make_preprocess(IMAGE_SIZE, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-    sim = CLIPSimilarity(clip, tokenizer, prompts).eval()
+    sim = CLIPSimilarity(clip, tokenizer, prompts, templates=templates).eval()
     side = IMAGE_SIZE // MODEL_CONFIG["vision_cfg"]["patch_size"]
     with torch.no_grad():
         recognition = recognition_report(sim, scene_range("report", recognition_scenes, IMAGE_SIZE), preprocess)
@@ -418,13 +428,14 @@ def _bundle(args: argparse.Namespace, work: Path, tokenizer) -> None:
             tokenizer,
             _mask_provider(dino, args),
             [prompt_for(c) for c in CATEGORIES],
+            prompt_templates(),
             args.recognition_scenes,
             args.mask_scenes,
         ),
     }
-    mask_settings = {"tau": args.tau, "dino_blocks": list(_dino_blocks(args))}
+    settings = {"tau": args.tau, "dino_blocks": list(_dino_blocks(args)), "templates": prompt_templates()}
     prompts = [prompt_for(c) for c in CATEGORIES]
-    write_bundle(Path(args.out), dual, model_config, dino_dir, figures, prompts, class_names(), mask_settings)
+    write_bundle(Path(args.out), dual, model_config, dino_dir, figures, prompts, class_names(), settings)
     summary = {k: v for k, v in figures["recognition"].items() if k != "confusion"}
     print(json.dumps({"recognition": summary, "dino_masks": figures["dino_masks"]}, indent=2))
 
@@ -437,9 +448,10 @@ def write_bundle(
     figures: dict,
     prompts: list[str],
     names: list[str],
-    mask_settings: dict,
+    settings: dict,
 ) -> None:
-    """Write float16 weights and ``config.json`` (written last: its presence marks a complete bundle)."""
+    """Write float16 weights and ``config.json`` (written last: its presence marks a complete bundle);
+    ``settings`` (mask ``tau`` and ``dino_blocks``, prompt ``templates``) go into it as they are."""
     from captum_iclip.training.dino import CONFIG_NAME, WEIGHTS_NAME
 
     def half(state):
@@ -456,7 +468,7 @@ def write_bundle(
         "image_size": IMAGE_SIZE,
         "mean": list(OPENAI_CLIP_MEAN),
         "std": list(OPENAI_CLIP_STD),
-        **mask_settings,
+        **settings,
         "class_names": names,
         "prompts": prompts,
         "training": figures,
