@@ -321,3 +321,22 @@ def test_sample_caption_controls_colour_and_background_words():
     assert any(scene.overlaps for scene in scenes) and not any(s.overlaps for s in scenes if len(s.objects) != 2)
     with pytest.raises(ValueError, match="colour_prob: expected a probability"):
         sample_caption(scenes[0], np.random.default_rng(0), colour_prob=1.5)
+
+
+def test_caption_templates_rebuild_the_captions_of_single_objects():
+    from captum_iclip.world import caption_templates, sample_caption
+    from captum_iclip.world.generator import _BACKGROUND_PHRASES
+
+    plain, with_backgrounds = caption_templates(), caption_templates(backgrounds=True)
+    assert all(t.count("{}") == 1 for t in with_backgrounds)
+    assert with_backgrounds[: len(plain)] == plain
+    assert len(with_backgrounds) == len(plain) + sum(len(p) for p in _BACKGROUND_PHRASES.values())
+    singles = [s for s in (generate_scene(seed) for seed in range(60)) if len(s.objects) == 1]
+    assert len(singles) >= 5
+    for scene in singles:
+        (obj,) = scene.objects
+        phrases = {f"a {obj.category}", f"a {obj.size_word} {obj.category}"}
+        caption = sample_caption(scene, np.random.default_rng(scene.seed), colour_prob=0.0, background_prob=0.0)
+        assert caption in {t.format(p) for t in plain for p in phrases}, caption
+        for phrase in _BACKGROUND_PHRASES[scene.background]:
+            assert "{} " + phrase in with_backgrounds

@@ -48,6 +48,19 @@ def test_bundle_loads_offline(bundle, monkeypatch):
     assert maps.shape == (1, len(again.prompts), 96, 96)
 
 
+def test_bundle_ships_its_prompt_templates_to_every_loader(bundle):
+    from captum_iclip.models.loading import load
+    from captum_iclip.zoo.train import prompt_templates
+
+    assert bundle.templates == prompt_templates() and len(bundle.templates) > 1
+    assert load("shapes-tiny").templates == bundle.templates
+    # The ensembled class embedding is the normalised mean of the templated prompts' embeddings.
+    sim = CLIPSimilarity(bundle.dual, bundle.tokenizer, bundle.prompts[:2], templates=bundle.templates)
+    plain = CLIPSimilarity(bundle.dual, bundle.tokenizer, [t.format(bundle.prompts[1]) for t in bundle.templates])
+    expected = torch.nn.functional.normalize(plain.text_features.mean(dim=0), dim=-1)
+    torch.testing.assert_close(sim.text_features[1], expected, atol=1e-6, rtol=0)
+
+
 def test_bundle_is_small():
     size = sum(p.stat().st_size for p in (zoo.WEIGHTS_DIR / "shapes-tiny").rglob("*") if p.is_file())
     assert size <= 20 * 2**20

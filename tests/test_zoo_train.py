@@ -116,6 +116,13 @@ def test_selection_rules_on_constructed_candidates():
     small = {"clip": "small", "single_object": 89.2, "vision_params": 1}
     assert select.choose_clip([big, small])["clip"] == "small"  # within a point: the smaller tower
     assert select.choose_clip([big, dict(small, single_object=88.9)])["clip"] == "big"
+    none, five = {"templates": None, "top1_any": 89.8}, {"templates": ["{}"] * 5, "top1_any": 90.2}
+    many = {"templates": ["{}"] * 28, "top1_any": 90.4}
+    assert select.choose_templates([none, five, many]) is five  # within half a point: the fewest templates
+    assert select.choose_templates([none, dict(five, top1_any=89.8), many]) is many
+    assert select.choose_templates([dict(none, top1_any=90.0), many])["templates"] is None
+    assert list(select.template_candidates()) == ["T0", "T1", "T2"]
+    assert select.template_candidates()["T2"] == recipe.prompt_templates()  # the bundle's are the picked set
 
 
 TINY_RECIPE = [
