@@ -90,7 +90,7 @@ def run_demo(
     paths = write_results(results, out_dir, dataset=dataset, stem="metrics")
     paths["figure"] = Path(out_dir) / "figure.png"
     _draw_figure(examples, dataset.class_names, list(methods), paths["figure"])
-    for kind in ("figure", "json", "csv", "markdown"):
+    for kind in ("figure", "chart", "json", "csv", "markdown"):
         print(f"{kind}: {paths[kind]}")
     return paths
 

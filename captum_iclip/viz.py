@@ -156,10 +156,64 @@ def attribution_grid(
         ax.set_yticks([])
     fig.tight_layout()
     if path is not None:
-        buffer = io.BytesIO()
-        fig.savefig(buffer, dpi=dpi, format=str(path).rsplit(".", 1)[-1].lower())
-        atomic_write_bytes(path, buffer.getvalue())
+        _save(fig, path, dpi)
     return fig
+
+
+def metrics_chart(
+    rows: Sequence[dict],
+    *,
+    path: str | None = None,
+    dpi: int = 100,
+):
+    """Dot-and-interval chart of evaluation figures: one panel per figure, one line per method.
+
+    Args:
+        rows: one dict per method: ``title`` (its label), ``colour`` (a matplotlib colour or
+            ``None``) and ``figures``: ``{figure name: (mean, low, high)}``, the interval ends
+            ``None`` when there is no interval. Every row names the same figures.
+        path: if given, save the figure there (PNG/PDF by extension).
+
+    Returns:
+        The matplotlib ``Figure``.
+
+    Examples:
+        >>> rows = [{"title": "raw ITSM", "colour": "tab:blue", "figures": {"mSC": (9.4, 7.7, 11.1)}}]
+        >>> metrics_chart(rows).axes[0].get_title()
+        'mSC'
+    """
+    from matplotlib.figure import Figure
+
+    if not rows:
+        raise ValueError("rows: expected at least one method, got none")
+    names = list(rows[0]["figures"])
+    if any(list(row["figures"]) != names for row in rows):
+        raise ValueError(f"rows: expected every row to name the figures {names}")
+    fig = Figure(figsize=(3.2 * len(names), 0.45 * len(rows) + 1.2))
+    axes = fig.subplots(1, len(names), squeeze=False)[0]
+    y = np.arange(len(rows))[::-1]  # the first method on top
+    for ax, name in zip(axes, names):
+        for row, position in zip(rows, y):
+            mean, low, high = row["figures"][name]
+            if mean is None:  # undefined (nothing to average): no point
+                continue
+            error = None if low is None or high is None else [[mean - low], [high - mean]]
+            ax.errorbar(mean, position, xerr=error, fmt="o", color=row.get("colour"), capsize=3)
+        ax.set_title(name, fontsize=10)
+        ax.set_yticks(y)
+        ax.set_yticklabels([row["title"] for row in rows] if ax is axes[0] else [])
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    if path is not None:
+        _save(fig, path, dpi)
+    return fig
+
+
+def _save(fig, path: str, dpi: int) -> None:
+    """Write ``fig`` in the format of ``path``'s extension, atomically."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format=str(path).rsplit(".", 1)[-1].lower())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def label_colours(label: np.ndarray) -> np.ndarray:

@@ -177,6 +177,37 @@ def test_evaluate_writes_results_that_match_a_direct_computation(tmp_path, sim, 
     table = (tmp_path / "results.md").read_text().splitlines()
     assert len([line for line in table if line.startswith("| ")]) == 1 + 3
     assert len(list((tmp_path / "examples").glob("*.png"))) == 2
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the chart of the figures
+
+
+def test_metrics_chart_draws_each_methods_figures_and_intervals_in_its_colour():
+    from matplotlib.colors import to_rgba
+
+    from captum_iclip.evaluation.methods import REGISTRY, method_colour
+    from captum_iclip.viz import metrics_chart
+
+    rows = [
+        {
+            "title": "raw ITSM",
+            "colour": REGISTRY["raw"].colour,
+            "figures": {"mIoU": (8.6, 7.8, 9.4), "mSC": (9.4, 7.7, 11.1)},
+        },
+        {"title": "mine", "colour": None, "figures": {"mIoU": (5.0, None, None), "mSC": (None, None, None)}},
+    ]
+    fig = metrics_chart(rows)
+    miou, msc = fig.axes
+    assert [ax.get_title() for ax in fig.axes] == ["mIoU", "mSC"]
+    assert [label.get_text() for label in miou.get_yticklabels()] == ["raw ITSM", "mine"]
+    points = [line for line in miou.lines if line.get_marker() == "o"]
+    assert [(p.get_xdata()[0], p.get_ydata()[0]) for p in points] == [(8.6, 1), (5.0, 0)]  # first method on top
+    assert points[0].get_color() == REGISTRY["raw"].colour
+    caps = sorted(x for line in miou.lines if line.get_marker() == "|" for x in line.get_xdata())
+    assert caps == pytest.approx([7.8, 9.4])  # only the first method has an interval
+    assert len([line for line in msc.lines if line.get_marker() == "o"]) == 1  # an undefined mean is not drawn
+    assert "black" not in {info.colour for info in REGISTRY.values()} and method_colour("my_fn") == "black"
+    assert len({to_rgba(info.colour) for info in REGISTRY.values()}) == len(REGISTRY)  # one colour per method
+    with pytest.raises(ValueError, match="rows: expected every row to name the figures"):
+        metrics_chart([rows[0], {"title": "x", "colour": None, "figures": {"mIoU": (1.0, None, None)}}])
 
 
 def test_sliding_window_with_one_window_equals_the_whole_image(sim, dataset):

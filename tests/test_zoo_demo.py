@@ -111,7 +111,7 @@ def test_demo_methods_option_runs_the_chosen_registry_methods(tmp_path, capsys):
 def test_demo_writes_figure_and_tables(tmp_path):
     out = tmp_path / "demo"
     assert cli_main(["demo", "--out", str(out), "--num-images", "6", "--no-progress"]) == 0
-    for name in ("figure.png", "metrics.json", "metrics.csv", "metrics.md"):
+    for name in ("figure.png", "metrics.png", "metrics.json", "metrics.csv", "metrics.md"):
         assert (out / name).stat().st_size > 0
     summary = json.loads((out / "metrics.json").read_text())
     methods = list(summary["methods"])

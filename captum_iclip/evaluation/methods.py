@@ -145,6 +145,12 @@ def method_title(name: str) -> str:
     return REGISTRY[name].title if name in REGISTRY else name
 
 
+def method_colour(name: str) -> str:
+    """The plot colour of a registered method; black for a method given as a function (no registered
+    method is black)."""
+    return REGISTRY[name].colour if name in REGISTRY else "black"
+
+
 def build_method(
     name: str,
     sim: CLIPSimilarity,

@@ -1,4 +1,5 @@
-"""The result files of an evaluation: ``results.json``, ``results.csv``, ``results.md`` and example overlays.
+"""The result files of an evaluation: ``results.json``, ``results.csv``, ``results.md``, the chart
+``results.png`` and example overlays.
 
 One writer for ``captum-iclip eval`` and ``captum-iclip demo``.
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from captum_iclip._io import atomic_write_text
 from captum_iclip.datasets import SegmentationDataset
-from captum_iclip.evaluation.methods import method_title
+from captum_iclip.evaluation.methods import method_colour, method_title
 
 
 def _finite(value: float) -> float | None:
@@ -112,6 +113,19 @@ def results_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _chart_rows(results: dict) -> list[dict]:
+    """The localization figures of each method for :func:`~captum_iclip.viz.metrics_chart`."""
+    figures = (("mIoU", "miou"), ("mSC", "msc"), ("pointing", "pointing"))
+    return [
+        {
+            "title": method_title(row["method"]),
+            "colour": method_colour(row["method"]),
+            "figures": {label: (row[key], row[f"{key}_low"], row[f"{key}_high"]) for label, key in figures},
+        }
+        for row in _csv_rows(results)
+    ]
+
+
 def write_results(
     results: dict,
     out: str,
@@ -120,7 +134,8 @@ def write_results(
     *,
     stem: str = "results",
 ) -> dict[str, Path]:
-    """Write ``{stem}.{json,csv,md}`` and the example overlays into ``out``, atomically.
+    """Write ``{stem}.{json,csv,md}``, the chart ``{stem}.png`` of the localization figures with their
+    intervals (when localization ran), and the example overlays into ``out``, atomically.
 
     Args:
         results: As returned by :func:`~captum_iclip.evaluation.run.evaluate`.
@@ -130,9 +145,9 @@ def write_results(
         stem: The files' name (``"results"`` for ``eval``, ``"metrics"`` for ``demo``).
 
     Returns:
-        The written paths by kind (``json``, ``csv``, ``markdown``, ``example-<index>``).
+        The written paths by kind (``json``, ``csv``, ``markdown``, ``chart``, ``example-<index>``).
     """
-    from captum_iclip.viz import attribution_grid, label_colours
+    from captum_iclip.viz import attribution_grid, label_colours, metrics_chart
 
     folder = Path(out)
     paths = {"json": folder / f"{stem}.json", "csv": folder / f"{stem}.csv", "markdown": folder / f"{stem}.md"}
@@ -143,6 +158,9 @@ def write_results(
     writer.writerows(_csv_rows(results))
     atomic_write_text(paths["csv"], buffer.getvalue())
     atomic_write_text(paths["markdown"], results_markdown(results))
+    if "localization" in results["config"]["tasks"]:
+        paths["chart"] = folder / f"{stem}.png"
+        metrics_chart(_chart_rows(results), path=str(paths["chart"]))
     for example in examples:
         methods = list(example["maps"])
         class_name = dataset.class_names[example["class"]] if dataset is not None else str(example["class"])
