@@ -81,6 +81,7 @@ def run(
     prompt_counts: list[int],
     repeats: int,
     methods: list[str],
+    patch_grid: bool = False,
 ) -> list[dict[str, float]]:
     """Time the grid; returns one row per (resolution, batch size, K)."""
     torch.manual_seed(0)
@@ -101,7 +102,8 @@ def run(
                 calls = {"encode": functools.partial(encode_image, images)}
                 for name in methods:
                     target = None if method_info(name).every_prompt else one_prompt
-                    calls[name] = functools.partial(build_method(name, sim), images, target)
+                    method = build_method(name, sim, upsample=not patch_grid)
+                    calls[name] = functools.partial(method, images, target)
                 seconds = round_robin_medians(calls, repeats, device)
                 rows.append({"resolution": resolution, "batch": batch_size, "prompts": count, **seconds})
                 print(_format_row(rows[-1], methods), flush=True)
@@ -130,6 +132,7 @@ def main() -> None:
         default="raw,surgery",
         help=f"comma-separated registry names (default raw,surgery); registered: {', '.join(method_names())}",
     )
+    parser.add_argument("--patch-grid", action="store_true", help="time the maps on the patch grid, before upsampling")
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -148,17 +151,20 @@ def main() -> None:
             if device.type == "cuda"
             else f" ({torch.get_num_threads()} threads)"
         )
-        + f"; median of {args.repeats}; maps as the method registry builds them"
+        + f"; median of {args.repeats}; maps as the method registry builds them, "
+        + ("on the patch grid" if args.patch_grid else "upsampled to the input")
     )
     methods = args.methods.split(",")
     for name in methods:
-        method_info(name)  # a ValueError naming the registered methods for a wrong name
+        info = method_info(name)  # a ValueError naming the registered methods for a wrong name
+        if args.patch_grid and not info.patch_grid:
+            parser.error(f"--patch-grid: expected methods computed on the patch grid, got {name!r}")
     header = ["res", "batch", "prompts", "encode_image img/s"]
     for name in methods:
         header += [f"{name} img/s", f"{name} / encode"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---:|" * len(header))
-    run(args.model, device, args.batch_sizes, args.resolutions, args.prompts, args.repeats, methods)
+    run(args.model, device, args.batch_sizes, args.resolutions, args.prompts, args.repeats, methods, args.patch_grid)
 
 
 if __name__ == "__main__":

@@ -163,6 +163,23 @@ def test_registry_entries_build_maps_and_new_methods_are_one_call(bundled):
         del REGISTRY["test-negated-raw"]
 
 
+def test_patch_grid_methods_give_their_maps_before_upsampling(bundled):
+    sim = CLIPSimilarity(bundled.model, bundled.tokenizer, bundled.bundle.prompts)
+    images = torch.stack([bundled.preprocess(generate_scene(HELDOUT_SEED_START + i).pil()) for i in range(2)])
+    target = torch.tensor([0, 3])
+    for name, info in REGISTRY.items():
+        if not info.patch_grid:
+            with pytest.raises(ValueError, match=f"upsample: expected True for '{name}'"):
+                build_method(name, sim, upsample=False)
+            continue
+        grid = build_method(name, sim, mask_provider=bundled.mask_provider, upsample=False)(images, target)
+        assert grid.shape == (2, 1, 8, 8), name  # 96 px, patch 12
+    itsm = ITSMAttribution(sim)
+    expected = itsm.attribute(images, target=target, variant="plain", projection="recognition", interpolate=False)
+    assert torch.equal(build_method("raw", sim, upsample=False)(images, target), expected)
+    assert {n for n, i in REGISTRY.items() if not i.patch_grid} == {"ig", "occlusion"}
+
+
 def test_map_methods_share_one_base_and_differ_only_where_documented(bundled):
     sim = CLIPSimilarity(bundled.model, bundled.tokenizer, bundled.bundle.prompts)
     itsm, mmp = ITSMAttribution(sim), MaskedMaxPoolingAttribution(sim)

@@ -59,6 +59,7 @@ class BuildOptions:
     ig_steps: int = 16  # integration steps of ig
     baseline: Tensor | None = None  # (3,) or (1, 3, H, W) baseline of ig; default the normalised black image
     ig_batch: int | None = None  # images per forward pass of ig (Captum's internal_batch_size); None: all steps at once
+    upsample: bool = True  # False: patch-grid maps (MethodInfo.patch_grid methods only), not upsampled to the input
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,8 @@ class MethodInfo:
         every_prompt: the built method also takes ``target=None`` and then returns
             every prompt's maps (N, K, H, W) from one pass (Captum's semantics of the
             map methods); the others take one prompt per image only.
+        patch_grid: the method's maps are computed on the patch grid and upsampled, and its
+            builder honours ``BuildOptions.upsample=False`` (the maps before upsampling).
     """
 
     name: str
@@ -94,6 +97,7 @@ class MethodInfo:
     needs_vit: bool = False
     needs_surgery: bool = False
     every_prompt: bool = False
+    patch_grid: bool = False
 
     def applies_to(self, sim: CLIPSimilarity) -> bool:
         """Whether the method can explain ``sim``."""
@@ -159,6 +163,7 @@ def build_method(
     ig_steps: int = 16,
     baseline: Tensor | None = None,
     ig_batch: int | None = None,
+    upsample: bool = True,
 ) -> Method:
     """Return ``fn(images, target) -> (N, 1, H, W)`` for method ``name`` (Captum's explanation-function form).
 
@@ -171,16 +176,23 @@ def build_method(
             space; default the normalised black image.
         ig_batch: images per forward pass of ``ig`` (Captum's ``internal_batch_size``);
             ``None`` runs every step of every image at once.
+        upsample: ``False`` returns the maps on the patch grid, before upsampling (only
+            for methods with :attr:`MethodInfo.patch_grid`).
 
     Raises:
-        ValueError: an unknown name, or a method that does not apply to ``sim``.
+        ValueError: an unknown name, a method that does not apply to ``sim``, or
+            ``upsample=False`` for a method whose maps are not on the patch grid.
     """
     info = method_info(name)
     if not info.applies_to(sim):
         raise ValueError(
             f"method: expected a method that applies to this model, got {name!r} (it needs {info.requirement})"
         )
-    method = info.build(sim, BuildOptions(mask_provider, ig_steps, baseline, ig_batch))
+    if not upsample and not info.patch_grid:
+        raise ValueError(
+            f"upsample: expected True for {name!r} (its maps are not computed on the patch grid), got False"
+        )
+    method = info.build(sim, BuildOptions(mask_provider, ig_steps, baseline, ig_batch, upsample))
 
     def run(images, target):
         # Captum's metrics (sensitivity_max) call explanation functions with 1-tuples and target=.
@@ -205,7 +217,9 @@ def requirement(name: str) -> str:
 def _itsm_builder(variant: str, projection: str) -> Callable[[CLIPSimilarity, BuildOptions], Method]:
     def build(sim: CLIPSimilarity, options: BuildOptions) -> Method:
         itsm = ITSMAttribution(sim)
-        return lambda x, t: itsm.attribute(x, target=t, variant=variant, projection=projection)
+        return lambda x, t: itsm.attribute(
+            x, target=t, variant=variant, projection=projection, interpolate=options.upsample
+        )
 
     return build
 
@@ -213,14 +227,14 @@ def _itsm_builder(variant: str, projection: str) -> Callable[[CLIPSimilarity, Bu
 def _attribution_builder(cls: type) -> Callable[[CLIPSimilarity, BuildOptions], Method]:
     def build(sim: CLIPSimilarity, options: BuildOptions) -> Method:
         method = cls(sim)
-        return lambda x, t: method.attribute(x, target=t)
+        return lambda x, t: method.attribute(x, target=t, interpolate=options.upsample)
 
     return build
 
 
 def _build_mmp(sim: CLIPSimilarity, options: BuildOptions) -> Method:
     mmp = MaskedMaxPoolingAttribution(sim, mask_provider=options.mask_provider)
-    return lambda x, t: mmp.attribute(x, target=t)
+    return lambda x, t: mmp.attribute(x, target=t, interpolate=options.upsample)
 
 
 def _build_gradcam(sim: CLIPSimilarity, options: BuildOptions) -> Method:
@@ -230,6 +244,8 @@ def _build_gradcam(sim: CLIPSimilarity, options: BuildOptions) -> Method:
 
     def run(x: Tensor, t: Tensor) -> Tensor:
         maps = gradcam.attribute(x, target=t, relu_attributions=True)
+        if not options.upsample:
+            return maps
         return LayerAttribution.interpolate(maps, tuple(x.shape[-2:]), interpolate_mode="bilinear")
 
     return run
@@ -287,6 +303,7 @@ for _info in (
         _itsm_builder("plain", "recognition"),
         itsm=("plain", "recognition"),
         every_prompt=True,
+        patch_grid=True,
     ),
     MethodInfo(
         "surgery",
@@ -297,6 +314,7 @@ for _info in (
         itsm=("surgery", "recognition"),
         needs_surgery=True,
         every_prompt=True,
+        patch_grid=True,
     ),
     MethodInfo(
         "iclip",
@@ -307,13 +325,16 @@ for _info in (
         itsm=("plain", "interpretability"),
         needs_interpretability=True,
         every_prompt=True,
+        patch_grid=True,
     ),
-    MethodInfo("mmp", "masked max pooling", "tab:red", "pooling", _build_mmp, every_prompt=True),
-    MethodInfo("gradcam", "LayerGradCam", "tab:purple", "gradient", _build_gradcam),
+    MethodInfo("mmp", "masked max pooling", "tab:red", "pooling", _build_mmp, every_prompt=True, patch_grid=True),
+    MethodInfo("gradcam", "LayerGradCam", "tab:purple", "gradient", _build_gradcam, patch_grid=True),
     MethodInfo("ig", "IntegratedGradients", "tab:brown", "gradient", _build_ig),
     MethodInfo("occlusion", "Occlusion", "tab:gray", "perturbation", _build_occlusion),
     *(
-        MethodInfo(name, title, colour, kind, _attribution_builder(cls), needs_vit=True, every_prompt=True)
+        MethodInfo(
+            name, title, colour, kind, _attribution_builder(cls), needs_vit=True, every_prompt=True, patch_grid=True
+        )
         for name, title, colour, kind, cls in (
             ("gem", "GEM", "tab:pink", "attention", GEMAttribution),
             ("legrad", "LeGrad", "tab:olive", "gradient", LeGradAttribution),
@@ -330,6 +351,7 @@ for _info in (
             itsm=(variant, "recognition"),
             needs_vit=True,
             every_prompt=True,
+            patch_grid=True,
         )
         for variant in PATH_VARIANTS
     ),
