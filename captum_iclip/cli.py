@@ -130,6 +130,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="open_clip model-config JSON to register; its file stem becomes the --model name",
     )
+    group.add_argument(
+        "--iclip",
+        default=None,
+        metavar="FILE",
+        help="ICLIP training output for this model: final.pt (whole model) or interpretability_head.pt",
+    )
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -144,6 +150,7 @@ _OPTION_OF = {
     "device": "--device",
     "random_weights": "--random-weights",
     "model_config": "--model-config",
+    "iclip": "--iclip",
 }
 
 
@@ -187,6 +194,7 @@ def load_model_from_args(args: argparse.Namespace):
             model_config=getattr(args, "model_config", None),
             device=args.device,
             random_weights=getattr(args, "random_weights", False),
+            iclip=getattr(args, "iclip", None),
         )
     )
 

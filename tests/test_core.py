@@ -67,6 +67,45 @@ def test_load_open_clip_from_a_model_config_and_checkpoint(tmp_path):
         captum_iclip.load("tiny-core-vit", checkpoint=str(tmp_path / "missing.pt"))
 
 
+def test_load_takes_what_iclip_training_wrote(tmp_path, capsys):
+    config = tmp_path / "tiny-iclip-vit.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    open_clip.add_model_config(str(config))
+    torch.manual_seed(0)
+    base = open_clip.create_model("tiny-iclip-vit").eval()
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save(base.state_dict(), checkpoint)
+    # A last-k run changes CLIP weights and the head: final.pt holds both, the head file the head alone.
+    trained = DualProjectionCLIP(open_clip.create_model("tiny-iclip-vit")).eval()
+    trained.load_state_dict({k: v + 0.01 * torch.randn_like(v) for k, v in trained.state_dict().items()})
+    trained.save(tmp_path / "final.pt")
+    trained.save_interpretability(tmp_path / "interpretability_head.pt")
+    common = dict(model_config=str(config), checkpoint=str(checkpoint))
+
+    whole = captum_iclip.load(**common, iclip=str(tmp_path / "final.pt")).model
+    assert isinstance(whole, DualProjectionCLIP) and not whole.training
+    for (name, ours), theirs in zip(whole.state_dict().items(), trained.state_dict().values()):
+        assert torch.equal(ours, theirs), name
+    head_only = captum_iclip.load(**common, iclip=str(tmp_path / "interpretability_head.pt")).model
+    for (name, ours), theirs in zip(head_only.clip.state_dict().items(), base.state_dict().values()):
+        assert torch.equal(ours, theirs), name  # the checkpoint's CLIP, the trained head
+    for ours, theirs in zip(head_only.interpretability_head.parameters(), trained.interpretability_head.parameters()):
+        assert torch.equal(ours, theirs)
+
+    with pytest.raises(ValueError, match="iclip: expected a final.pt or interpretability_head.pt file"):
+        captum_iclip.load(**common, iclip=str(tmp_path / "missing.pt"))
+    with pytest.raises(ValueError, match="iclip: expected a file written by ICLIP training"):
+        captum_iclip.load(**common, iclip=str(checkpoint))
+    with pytest.raises(ValueError, match="iclip: expected weights trained for shapes-tiny"):
+        captum_iclip.load("shapes-tiny", iclip=str(tmp_path / "final.pt"))
+    # The commands take it as --iclip, and their errors name the option.
+    from captum_iclip.cli import main
+
+    argv = ["explain", "x.png", "--prompts", "a", "--out", str(tmp_path / "o.png")]
+    assert main([*argv, "--iclip", str(checkpoint)]) == 2
+    assert "--iclip: expected a file written by ICLIP training" in capsys.readouterr().err
+
+
 def test_load_reads_a_hugging_face_folder_given_as_the_spec(tmp_path, hf_tokenizer):
     config = CLIPConfig(
         vision_config=dict(

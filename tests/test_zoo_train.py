@@ -4,6 +4,7 @@ recipe-selection rules (``python -m captum_iclip.zoo.select``)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -110,6 +111,25 @@ def test_dino_device_is_a_runtime_setting():
     assert "device" not in _comparable(DINOConfig())
 
 
+def test_iclip_mode_names_and_the_bundled_pick():
+    from captum_iclip.training.iclip import parse_mode
+
+    assert [parse_mode(m) for m in ("projection", "last-1", "last-2", "full")] == [
+        ("projection", 1),
+        ("last-k", 1),
+        ("last-k", 2),
+        ("full", 1),
+    ]
+    for bad in ("last-0", "last-", "last-k", "head"):
+        with pytest.raises(ValueError, match="mode: expected 'projection', 'full' or 'last-<k>'"):
+            parse_mode(bad)
+    with pytest.raises(SystemExit):
+        recipe.main(["--iclip-mode", "last-x", "--stages", "bundle"])
+    # The bundle ships the configuration the study's pre-registered rule picked.
+    picked = json.loads((Path(__file__).parents[1] / "docs/study/results.json").read_text())["picked_iclip"]
+    assert (picked["mode"], picked["mask_source"]) == (recipe.ICLIP_MODE, recipe.ICLIP_MASKS)
+
+
 def test_selection_rules_on_constructed_candidates():
     assert select.block_sets(4) == [(0,), (1,), (2,), (3,), (0, 1), (2, 3), (0, 1, 2, 3)]
     big = {"clip": "big", "single_object": 90.0, "vision_params": 3}
@@ -140,6 +160,7 @@ def test_the_recipe_runs_every_stage_resumes_and_writes_a_loadable_bundle(tmp_pa
     config = json.loads((weights / "tiny" / "config.json").read_text())
     assert config["model_config"]["vision_cfg"]["layers"] == 1 and config["model_config"]["vision_cfg"]["width"] == 64
     assert config["tau"] == 0.5 and config["dino_blocks"] == [0, -1]
+    assert config["iclip_head"] == {"mode": recipe.ICLIP_MODE, "masks": recipe.ICLIP_MASKS}
     assert config["training"]["clip"]["steps"] == 4 and config["training"]["iclip"]["steps"] == 4
     assert config["training"]["dino"]["steps"] == 2
     assert config["training"]["recognition"]["scenes"] == 20

@@ -152,3 +152,17 @@ class DualProjectionCLIP(nn.Module):
             raise ValueError(f"path: expected a dual-projection model saved by captum-iclip, got {path}")
         self.load_state_dict(payload["state_dict"])
         return self
+
+    def load_training_output(self, path: PathLike) -> DualProjectionCLIP:
+        """Load either file ICLIP training writes: the whole model (``final.pt``, :meth:`save`;
+        needed when ``last-k`` or ``full`` mode trained CLIP weights too) or the head alone
+        (``interpretability_head.pt``, :meth:`save_interpretability`)."""
+        payload = load_torch_file(path, "path")
+        kind = payload.get("format") if isinstance(payload, dict) else None
+        if kind == "captum-iclip/dual-projection/1":
+            return self.load(path)
+        if kind == "captum-iclip/interpretability-head/1":
+            return self.load_interpretability(path)
+        raise ValueError(
+            f"path: expected a file written by ICLIP training (final.pt or interpretability_head.pt), got {path}"
+        )

@@ -161,6 +161,7 @@ def load(
     image_size: int | None = None,
     from_scratch: bool = False,
     random_weights: bool = False,
+    iclip: str | None = None,
 ) -> LoadedCLIP:
     """Load a CLIP model for attribution.
 
@@ -182,6 +183,10 @@ def load(
         random_weights: explain an open_clip architecture with its random
             initialisation when neither ``pretrained`` nor ``checkpoint`` is given. Off
             by default: a random model explains nothing, so asking for one must be explicit.
+        iclip: what ICLIP training (``captum-iclip train``, ``python -m captum_iclip.zoo.train``)
+            wrote for this model: ``final.pt`` (the whole model, as ``last-k`` and ``full``
+            modes need) or ``interpretability_head.pt`` (the head alone). The model is then a
+            :class:`~captum_iclip.DualProjectionCLIP` with those weights.
 
     Returns:
         A :class:`LoadedCLIP` with the model in eval mode.
@@ -209,8 +214,33 @@ def load(
     request = ModelSpec(name, pretrained, checkpoint, hf_model, device, image_size, from_scratch, random_weights)
     for _, recognises, loader in FAMILIES:
         if recognises(request):
-            return loader(request)
+            return _with_iclip(loader(request), iclip)
     raise ValueError(f"spec: expected a bundled name, an open_clip name or a Hugging Face id, got {name!r}")
+
+
+def _with_iclip(loaded: LoadedCLIP, path: str | None) -> LoadedCLIP:
+    """``loaded`` with the weights of an ICLIP training output (``None``: as it is)."""
+    if path is None:
+        return loaded
+    from captum_iclip.models.dual import DualProjectionCLIP
+
+    if not Path(path).is_file():
+        raise ValueError(f"iclip: expected a final.pt or interpretability_head.pt file, got {path!r} (no such file)")
+    dual = loaded.model if isinstance(loaded.model, DualProjectionCLIP) else DualProjectionCLIP(loaded.model)
+    parameter = next(loaded.model.parameters())
+    try:
+        dual.load_training_output(path)
+    except ValueError as error:  # the file's own checks, named after this argument
+        raise ValueError(
+            "iclip" + str(error)[len("path") :] if str(error).startswith("path:") else str(error)
+        ) from None
+    except RuntimeError as error:  # load_state_dict: missing keys or other shapes
+        raise ValueError(
+            f"iclip: expected weights trained for {loaded.name}, got {path!r}, which does not fit it: "
+            f"{str(error).splitlines()[0]}"
+        ) from None
+    loaded.model = dual.to(parameter.device).eval()
+    return loaded
 
 
 def mask_source(

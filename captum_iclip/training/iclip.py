@@ -93,6 +93,19 @@ from captum_iclip.training.data import (
 logger = logging.getLogger(__name__)
 
 MODES = ("projection", "last-k", "full")
+
+
+def parse_mode(name: str) -> tuple[str, int]:
+    """``(mode, unlock_blocks)`` of a mode name as the commands write it: ``"projection"``,
+    ``"full"`` or ``"last-k"`` with ``k`` written out (``"last-2"``)."""
+    if name in ("projection", "full"):
+        return name, 1
+    blocks = name[len("last-") :] if name.startswith("last-") else ""
+    if not blocks.isdigit() or int(blocks) < 1:
+        raise ValueError(f"mode: expected 'projection', 'full' or 'last-<k>' with k >= 1, got {name!r}")
+    return "last-k", int(blocks)
+
+
 OBJECTIVES = ("iclip", "clip")
 PRECISIONS = ("auto", "fp32", "amp_bf16", "amp_fp16")
 DATASET_TYPES = ("auto", "csv", "webdataset")

@@ -103,6 +103,13 @@ def foreground_truth(scenes: Sequence[Scene], grid: tuple[int, int]) -> torch.Te
 
 
 @torch.no_grad()
+def centre_box(grid: tuple[int, int]) -> torch.Tensor:
+    """The fixed centre box: the middle half of each side of the patch grid, (h, w) bool."""
+    box = torch.zeros(grid, dtype=torch.bool)
+    box[grid[0] // 4 : grid[0] - grid[0] // 4, grid[1] // 4 : grid[1] - grid[1] // 4] = True
+    return box
+
+
 def mask_quality(
     provider: nn.Module,
     scenes: Sequence[Scene],
@@ -129,8 +136,7 @@ def mask_quality(
     truth = foreground_truth(scenes, grid)
     foreground = torch.stack([torch.from_numpy((s.label > 0).astype(np.float32)) for s in scenes])[:, None]
     coverage = F.adaptive_avg_pool2d(foreground, attention.shape[-2:])[:, 0]
-    centre = torch.zeros(grid, dtype=torch.bool)
-    centre[grid[0] // 4 : grid[0] - grid[0] // 4, grid[1] // 4 : grid[1] - grid[1] // 4] = True
+    centre = centre_box(grid)
 
     def iou(pred: torch.Tensor) -> float:
         return 100.0 * float((pred & truth).sum()) / float((pred | truth).sum())

@@ -177,13 +177,6 @@ def pick_iclip(results: Sequence[dict], baseline_zero_shot: float | None) -> dic
 
 
 # ---------------------------------------------------------------------------- shared resources
-def centre_box(grid: tuple[int, int]) -> Tensor:
-    """The centre box of ``zoo.quality.mask_quality``: the middle half of each side of the grid, (h, w) bool."""
-    box = torch.zeros(grid, dtype=torch.bool)
-    box[grid[0] // 4 : grid[0] - grid[0] // 4, grid[1] // 4 : grid[1] - grid[1] // 4] = True
-    return box
-
-
 def bundle_model_config() -> dict:
     """The bundled CLIP's open_clip model config (``config.json``), else the recipe's :data:`MODEL_CONFIG`."""
     from captum_iclip.zoo.train import MODEL_CONFIG
@@ -294,6 +287,7 @@ class StudyContext:
     def mask_provider(self, source: str | None):
         """The provider of a mask source (``None`` for ``"all"`` and no source: every patch)."""
         from captum_iclip.masks import FixedMaskProvider
+        from captum_iclip.zoo.quality import centre_box
 
         if source in (None, "all"):
             return None
@@ -335,7 +329,7 @@ def default_clip_path() -> Path:
 def train_run(spec: RunSpec, ctx: StudyContext, out_dir: Path) -> tuple[nn.Module, dict]:
     """Train the run's model (resuming from its checkpoints); returns the dual model and the trainer's stats."""
     from captum_iclip.models.dual import DualProjectionCLIP
-    from captum_iclip.training.iclip import TrainConfig, train
+    from captum_iclip.training.iclip import TrainConfig, parse_mode, train
     from captum_iclip.zoo import build_clip
 
     settings = ctx.settings
@@ -351,7 +345,7 @@ def train_run(spec: RunSpec, ctx: StudyContext, out_dir: Path) -> tuple[nn.Modul
     else:
         steps = settings.iclip_steps
         dual = DualProjectionCLIP(copy.deepcopy(ctx.bundle.clip))
-        mode, unlock = (spec.mode, 1) if not spec.mode.startswith("last-") else ("last-k", int(spec.mode[5:]))
+        mode, unlock = parse_mode(spec.mode)
         options = dict(mode=mode, unlock_blocks=unlock, objective="iclip", lr=1e-3, wd=0.0, warmup=min(20, steps // 4))
     dataset, epochs = ctx.world(steps)
     config = TrainConfig(

@@ -1,13 +1,15 @@
 """Reproduce the bundled ``shapes-tiny`` models: ``python -m captum_iclip.zoo.train``.
 
-Three stages on the procedural world, with fixed seeds, on CPU:
+Three stages on the procedural world, with fixed seeds, on CPU or a GPU (``--device``):
 
 1. **clip**: a tiny CLIP (open_clip ``CLIP`` from :data:`MODEL_CONFIG`, the real
    open_clip tokenizer) trained from scratch with the plain CLIP loss;
 2. **dino**: a tiny ViT trained with DINO on the same images (the mask source);
-3. **iclip**: the ICLIP interpretability projection trained on top (``projection``
-   mode: the CLIP weights and its recognition outputs stay as they are), with
-   masked max pooling over the DINO foreground.
+3. **iclip**: the ICLIP interpretability projection trained on top, with masked
+   max pooling, in the configuration the study's pre-registered rule picks
+   (:data:`ICLIP_MODE`, :data:`ICLIP_MASKS`: the last vision block trains too, with
+   the recognition loss beside the ICLIP one, over a fixed centre box;
+   ``--iclip-mode projection`` keeps the CLIP's recognition outputs as they are).
 
 Each stage writes its result atomically and is skipped when rerun, and the two
 trainers resume from their own checkpoints, so a killed run continues where it
@@ -35,6 +37,8 @@ from captum_iclip.zoo import WEIGHTS_DIR, build_clip, make_preprocess
 IMAGE_SIZE = 96
 TAU = 0.4
 DINO_BLOCKS = (1,)
+# The bundled ICLIP configuration: the one the study's pre-registered rule picks (docs/study/README.md).
+ICLIP_MODE, ICLIP_MASKS = "last-1", "centre"
 MODEL_CONFIG: dict = {
     "embed_dim": 128,
     "vision_cfg": {"image_size": IMAGE_SIZE, "layers": 6, "width": 192, "head_width": 64, "patch_size": 12},
@@ -238,6 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(str(b) for b in DINO_BLOCKS),
         help="DINO blocks whose [CLS] attention the masks average (comma-separated; -1: the last)",
     )
+    parser.add_argument(
+        "--iclip-mode",
+        default=ICLIP_MODE,
+        help="what the ICLIP stage trains: projection, last-<k> or full (default: the study's pick)",
+    )
+    parser.add_argument(
+        "--iclip-masks",
+        choices=("dino", "centre", "all"),
+        default=ICLIP_MASKS,
+        help="foreground masks of the ICLIP stage's masked max pooling (default: the study's pick)",
+    )
     parser.add_argument("--iclip-epochs", type=int, default=1)
     parser.add_argument("--iclip-batch-size", type=int, default=128)
     parser.add_argument("--recognition-scenes", type=int, default=RECOGNITION_SCENES, help="report scenes, recognition")
@@ -258,6 +273,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         parser.error(f"--stages: unknown {unknown}; choose from {STAGES}")
+    from captum_iclip.training.iclip import parse_mode
+
+    try:
+        parse_mode(args.iclip_mode)
+    except ValueError as error:
+        parser.error(f"--iclip-mode: {error}")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -357,16 +378,27 @@ def _train_dino(args: argparse.Namespace, dino_dir: Path, world: RenderedWorld) 
 
 
 def _train_iclip(args: argparse.Namespace, work: Path, world: RenderedWorld, tokenizer) -> None:
-    """The interpretability projection over DINO foregrounds, CLIP frozen (projection mode)."""
+    """The interpretability projection (``--iclip-mode``: with the last blocks or every weight too) over
+    the ``--iclip-masks`` foregrounds, on the trained CLIP."""
+    from captum_iclip.masks import FixedMaskProvider
     from captum_iclip.models.dual import DualProjectionCLIP
     from captum_iclip.training.dino import load_tiny_dino
-    from captum_iclip.training.iclip import TrainConfig, train
+    from captum_iclip.training.iclip import TrainConfig, parse_mode, train
+    from captum_iclip.zoo.quality import centre_box
 
-    dual = DualProjectionCLIP(build_clip(clip_model_config(args, work))).load(work / "clip" / "final.pt")
-    masks = _mask_provider(load_tiny_dino(work / "dino"), args).to(args.device)
+    model_config = clip_model_config(args, work)
+    dual = DualProjectionCLIP(build_clip(model_config)).load(work / "clip" / "final.pt")
+    side = model_config["vision_cfg"]["image_size"] // model_config["vision_cfg"]["patch_size"]
+    masks = {
+        "dino": lambda: _mask_provider(load_tiny_dino(work / "dino"), args).to(args.device),
+        "centre": lambda: FixedMaskProvider(centre_box((side, side))[None]),
+        "all": lambda: None,
+    }[args.iclip_masks]()
+    mode, unlock_blocks = parse_mode(args.iclip_mode)
     train(
         TrainConfig(
-            mode="projection",
+            mode=mode,
+            unlock_blocks=unlock_blocks,
             objective="iclip",
             batch_size=args.iclip_batch_size,
             epochs=args.iclip_epochs,
@@ -379,7 +411,7 @@ def _train_iclip(args: argparse.Namespace, work: Path, world: RenderedWorld, tok
             save_every=25,
             resume="latest",
             workers=args.data_workers,
-            mask_cache=str(work / "mask-cache"),
+            mask_cache=str(work / "mask-cache") if args.iclip_masks == "dino" else None,
             progress=not args.no_progress,
         ),
         model=dual,
@@ -410,8 +442,8 @@ def _bundle(args: argparse.Namespace, work: Path, tokenizer) -> None:
 
     clip_dir, dino_dir, iclip_dir = work / "clip", work / "dino", work / "iclip"
     model_config = clip_model_config(args, work)
-    dual = DualProjectionCLIP(build_clip(model_config)).load(clip_dir / "final.pt")
-    dual.load_interpretability(iclip_dir / "interpretability_head.pt")
+    # The ICLIP stage's whole model: beyond projection mode it trained CLIP weights too.
+    dual = DualProjectionCLIP(build_clip(model_config)).load(iclip_dir / "final.pt")
     # The bundle ships float16 weights: measure the models exactly as they will be loaded.
     dual = dual.half().float().eval()
     dino = load_tiny_dino(dino_dir).half().float().eval()
@@ -433,7 +465,12 @@ def _bundle(args: argparse.Namespace, work: Path, tokenizer) -> None:
             args.mask_scenes,
         ),
     }
-    settings = {"tau": args.tau, "dino_blocks": list(_dino_blocks(args)), "templates": prompt_templates()}
+    settings = {
+        "tau": args.tau,
+        "dino_blocks": list(_dino_blocks(args)),
+        "templates": prompt_templates(),
+        "iclip_head": {"mode": args.iclip_mode, "masks": args.iclip_masks},
+    }
     prompts = [prompt_for(c) for c in CATEGORIES]
     write_bundle(Path(args.out), dual, model_config, dino_dir, figures, prompts, class_names(), settings)
     summary = {k: v for k, v in figures["recognition"].items() if k != "confusion"}
