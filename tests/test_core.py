@@ -39,6 +39,19 @@ def bundled():
     return captum_iclip.load()
 
 
+def registered_tiny_model(folder, name: str):
+    """A tiny open_clip ViT registered under ``name`` from a config file in ``folder``, its random weights
+    saved as a checkpoint: ``(config path, checkpoint path, the model)``."""
+    config = folder / f"{name}.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    open_clip.add_model_config(str(config))
+    torch.manual_seed(0)
+    model = open_clip.create_model(name).eval()
+    checkpoint = folder / f"{name}.pt"
+    torch.save(model.state_dict(), checkpoint)
+    return config, checkpoint, model
+
+
 # --------------------------------------------------------------------------- loader
 def test_load_defaults_to_the_bundled_model_with_its_mask_source(bundled):
     assert bundled.name == "shapes-tiny" and bundled.image_size == 96
@@ -49,13 +62,7 @@ def test_load_defaults_to_the_bundled_model_with_its_mask_source(bundled):
 
 
 def test_load_open_clip_from_a_model_config_and_checkpoint(tmp_path):
-    config = tmp_path / "tiny-core-vit.json"
-    config.write_text(json.dumps(TINY_CONFIG))
-    open_clip.add_model_config(str(config))
-    torch.manual_seed(0)
-    reference = open_clip.create_model("tiny-core-vit").eval()
-    checkpoint = tmp_path / "tiny.pt"
-    torch.save(reference.state_dict(), checkpoint)
+    config, checkpoint, reference = registered_tiny_model(tmp_path, "tiny-core-vit")
 
     loaded = captum_iclip.load(model_config=str(config), checkpoint=str(checkpoint))
     assert loaded.name == f"tiny-core-vit/{checkpoint}" and loaded.image_size == 32 and loaded.mask_provider is None
@@ -68,13 +75,7 @@ def test_load_open_clip_from_a_model_config_and_checkpoint(tmp_path):
 
 
 def test_load_takes_what_iclip_training_wrote(tmp_path, capsys):
-    config = tmp_path / "tiny-iclip-vit.json"
-    config.write_text(json.dumps(TINY_CONFIG))
-    open_clip.add_model_config(str(config))
-    torch.manual_seed(0)
-    base = open_clip.create_model("tiny-iclip-vit").eval()
-    checkpoint = tmp_path / "tiny.pt"
-    torch.save(base.state_dict(), checkpoint)
+    config, checkpoint, base = registered_tiny_model(tmp_path, "tiny-iclip-vit")
     # A last-k run changes CLIP weights and the head: final.pt holds both, the head file the head alone.
     trained = DualProjectionCLIP(open_clip.create_model("tiny-iclip-vit")).eval()
     trained.load_state_dict({k: v + 0.01 * torch.randn_like(v) for k, v in trained.state_dict().items()})
