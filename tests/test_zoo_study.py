@@ -71,6 +71,15 @@ def test_quick_run_writes_results_table_figure_and_claims_from_the_json(quick_ru
     assert (root / "out" / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_claims_section_replaces_only_marker_lines():
+    prose = f"# Pre-registration\n\nThe run fills `{study.CLAIMS_START}` to `{study.CLAIMS_END}` below.\n"
+    section = f"{study.CLAIMS_START}\nresults\n{study.CLAIMS_END}\n"
+    once = study.splice_section(prose, section)
+    assert once == prose + "\n" + section  # markers named in prose are not a section: appended
+    again = study.splice_section(once + "\nafter\n", section.replace("results", "new results"))
+    assert again == prose + "\n" + section.replace("results", "new results") + "\nafter\n"
+
+
 def test_report_only_rerenders_the_same_outputs_from_results_json(quick_run):
     root, args = quick_run
     table = root / "out" / "table.md"

@@ -750,11 +750,14 @@ def render_claims(document: dict) -> str:
 
 
 def splice_section(text: str, section: str) -> str:
-    """``text`` with the marked section replaced by ``section`` (appended when absent)."""
-    if CLAIMS_START in text and CLAIMS_END in text:
-        head, rest = text.split(CLAIMS_START, 1)
-        tail = rest.split(CLAIMS_END, 1)[1]
-        return head + section.rstrip("\n") + tail
+    """``text`` with the marked section replaced by ``section`` (appended when absent). A marker counts
+    only as a line of its own: prose that names the markers (as the pre-registration does) stays as it is."""
+    lines = text.splitlines(keepends=True)
+    bare = [line.strip() for line in lines]
+    if CLAIMS_START in bare and CLAIMS_END in bare[bare.index(CLAIMS_START) :]:
+        start = bare.index(CLAIMS_START)
+        end = bare.index(CLAIMS_END, start)
+        return "".join(lines[:start]) + section.rstrip("\n") + "\n" + "".join(lines[end + 1 :])
     return text.rstrip("\n") + "\n\n" + section
 
 
