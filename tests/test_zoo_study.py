@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -59,6 +60,13 @@ def test_quick_run_writes_results_table_figure_and_claims_from_the_json(quick_ru
     assert trained["training-free"] is None and trained["pooling"]["steps"] == 2 and trained["iclip"]["steps"] == 2
     # Projection mode leaves recognition bit-identical: the frozen CLIP's zero-shot is retained exactly.
     assert runs[2]["zero_shot"] == runs[0]["zero_shot"]
+    # The weights the figures are of, by content: the bundle can be rebuilt after a study.
+    bundled = study.default_clip_path()
+    assert document["study"]["weights_sha256"]["clip"] == hashlib.sha256(bundled.read_bytes()).hexdigest()
+    head = bundled.parent / "interpretability_head.pt"
+    assert document["study"]["weights_sha256"]["bundle_interpretability_head"] == (
+        hashlib.sha256(head.read_bytes()).hexdigest()
+    )
     # The only label-free cell is picked on the selection scenes.
     assert document["picked_iclip"]["mode"] == "projection" and document["picked_iclip"]["mask_source"] == "dino"
     table = (root / "out" / "table.md").read_text()

@@ -532,12 +532,22 @@ def study_record(settings: StudySettings) -> dict:
     from captum_iclip.zoo.quality import SEED_RANGES
 
     record = {k: v for k, v in asdict(settings).items() if k not in ("progress", "extra", "out", "readme")}
+    clip = Path(settings.clip or default_clip_path())
+    head = default_clip_path().parent / "interpretability_head.pt"  # the bundle's, scored by the mmp row
     record.update(
         study_first_seed=SEED_RANGES["study"],
         selection_first_seed=SEED_RANGES["selection"],
-        clip=settings.clip or str(default_clip_path()),
+        clip=str(clip),
+        # The bundle can be rebuilt after a study: the hashes say which weights these figures are of.
+        weights_sha256={"clip": _sha256(clip), "bundle_interpretability_head": _sha256(head)},
     )
     return record
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def pick_record(picked: dict, raw: dict | None) -> dict:
