@@ -163,6 +163,7 @@ def attribution_grid(
 def metrics_chart(
     rows: Sequence[dict],
     *,
+    title: str | None = None,
     path: str | None = None,
     dpi: int = 100,
 ):
@@ -172,6 +173,7 @@ def metrics_chart(
         rows: one dict per method: ``title`` (its label), ``colour`` (a matplotlib colour or
             ``None``) and ``figures``: ``{figure name: (mean, low, high)}``, the interval ends
             ``None`` when there is no interval. Every row names the same figures.
+        title: a title above the panels.
         path: if given, save the figure there (PNG/PDF by extension).
 
     Returns:
@@ -189,7 +191,8 @@ def metrics_chart(
     names = list(rows[0]["figures"])
     if any(list(row["figures"]) != names for row in rows):
         raise ValueError(f"rows: expected every row to name the figures {names}")
-    fig = Figure(figsize=(3.2 * len(names), 0.45 * len(rows) + 1.2))
+    label_width = 0.07 * max(len(row["title"]) for row in rows)  # inches the method names take
+    fig = Figure(figsize=(label_width + 4.0 * len(names), 0.4 * len(rows) + 1.2))
     axes = fig.subplots(1, len(names), squeeze=False)[0]
     y = np.arange(len(rows))[::-1]  # the first method on top
     for ax, name in zip(axes, names):
@@ -197,12 +200,15 @@ def metrics_chart(
             mean, low, high = row["figures"][name]
             if mean is None:  # undefined (nothing to average): no point
                 continue
-            error = None if low is None or high is None else [[mean - low], [high - mean]]
+            error = None if low is None or high is None else [[max(mean - low, 0.0)], [max(high - mean, 0.0)]]
             ax.errorbar(mean, position, xerr=error, fmt="o", color=row.get("colour"), capsize=3)
+        ax.axvline(0.0, color="black", linewidth=0.8)  # the sign of a contrast is part of the result
         ax.set_title(name, fontsize=10)
         ax.set_yticks(y)
         ax.set_yticklabels([row["title"] for row in rows] if ax is axes[0] else [])
         ax.grid(axis="x", alpha=0.3)
+    if title is not None:
+        fig.suptitle(title)
     fig.tight_layout()
     if path is not None:
         _save(fig, path, dpi)

@@ -95,7 +95,9 @@ def test_load_takes_what_iclip_training_wrote(tmp_path, capsys):
 
     with pytest.raises(ValueError, match="iclip: expected a final.pt or interpretability_head.pt file"):
         captum_iclip.load(**common, iclip=str(tmp_path / "missing.pt"))
-    with pytest.raises(ValueError, match="iclip: expected a file written by ICLIP training"):
+    with pytest.raises(
+        ValueError, match="iclip: expected a dual-projection model or an interpretability head saved by captum-iclip"
+    ):
         captum_iclip.load(**common, iclip=str(checkpoint))
     with pytest.raises(ValueError, match="iclip: expected weights trained for shapes-tiny"):
         captum_iclip.load("shapes-tiny", iclip=str(tmp_path / "final.pt"))
@@ -104,7 +106,7 @@ def test_load_takes_what_iclip_training_wrote(tmp_path, capsys):
 
     argv = ["explain", "x.png", "--prompts", "a", "--out", str(tmp_path / "o.png")]
     assert main([*argv, "--iclip", str(checkpoint)]) == 2
-    assert "--iclip: expected a file written by ICLIP training" in capsys.readouterr().err
+    assert "--iclip: expected a dual-projection model or an interpretability head" in capsys.readouterr().err
 
 
 def test_load_reads_a_hugging_face_folder_given_as_the_spec(tmp_path, hf_tokenizer):

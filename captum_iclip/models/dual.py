@@ -12,6 +12,10 @@ from torch import Tensor, nn
 from captum_iclip._io import PathLike, atomic_torch_save, load_torch_file
 from captum_iclip.models.adapters import VisionAdapter, get_adapter
 
+# The formats of the two files ICLIP training writes: the whole model and the interpretability head alone.
+MODEL_FORMAT = "captum-iclip/dual-projection/1"
+HEAD_FORMAT = "captum-iclip/interpretability-head/1"
+
 
 class DualProjectionCLIP(nn.Module):
     r"""A CLIP model whose vision tower ends in two projections.
@@ -113,7 +117,7 @@ class DualProjectionCLIP(nn.Module):
         """Save the added parameters alone (a small file), atomically."""
         atomic_torch_save(
             {
-                "format": "captum-iclip/interpretability-head/1",
+                "format": HEAD_FORMAT,
                 "family": self.adapter.family,
                 "state_dict": self.interpretability_state_dict(),
                 "metadata": metadata,
@@ -123,21 +127,13 @@ class DualProjectionCLIP(nn.Module):
 
     def load_interpretability(self, path: PathLike) -> DualProjectionCLIP:
         """Load a head saved by :meth:`save_interpretability` (checks family and shapes)."""
-        payload = load_torch_file(path, "path")
-        if not isinstance(payload, dict) or payload.get("format") != "captum-iclip/interpretability-head/1":
-            raise ValueError(f"path: expected an interpretability head saved by captum-iclip, got {path}")
-        if payload["family"] != self.adapter.family:
-            raise ValueError(
-                f"path: expected a head trained for {self.adapter.family}, got one trained for {payload['family']}"
-            )
-        self.interpretability_head.load_state_dict(payload["state_dict"])
-        return self
+        return self._load_payload(load_torch_file(path, "path"), path, "path", (HEAD_FORMAT,))
 
     def save(self, path: PathLike, **metadata: Any) -> None:
         """Save the whole wrapped model (CLIP weights and interpretability head), atomically."""
         atomic_torch_save(
             {
-                "format": "captum-iclip/dual-projection/1",
+                "format": MODEL_FORMAT,
                 "family": self.adapter.family,
                 "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
                 "metadata": metadata,
@@ -147,22 +143,30 @@ class DualProjectionCLIP(nn.Module):
 
     def load(self, path: PathLike) -> DualProjectionCLIP:
         """Load weights saved by :meth:`save` into this (same-architecture) wrapper."""
-        payload = load_torch_file(path, "path")
-        if not isinstance(payload, dict) or payload.get("format") != "captum-iclip/dual-projection/1":
-            raise ValueError(f"path: expected a dual-projection model saved by captum-iclip, got {path}")
-        self.load_state_dict(payload["state_dict"])
-        return self
+        return self._load_payload(load_torch_file(path, "path"), path, "path", (MODEL_FORMAT,))
 
-    def load_training_output(self, path: PathLike) -> DualProjectionCLIP:
+    def load_training_output(self, path: PathLike, argument: str = "path") -> DualProjectionCLIP:
         """Load either file ICLIP training writes: the whole model (``final.pt``, :meth:`save`;
         needed when ``last-k`` or ``full`` mode trained CLIP weights too) or the head alone
-        (``interpretability_head.pt``, :meth:`save_interpretability`)."""
-        payload = load_torch_file(path, "path")
+        (``interpretability_head.pt``, :meth:`save_interpretability`). Errors name ``argument``."""
+        return self._load_payload(load_torch_file(path, argument), path, argument, (MODEL_FORMAT, HEAD_FORMAT))
+
+    def _load_payload(
+        self, payload: Any, path: PathLike, argument: str, formats: tuple[str, ...]
+    ) -> DualProjectionCLIP:
+        """Load a file's payload of one of ``formats``: the whole model or the head (its family checked)."""
         kind = payload.get("format") if isinstance(payload, dict) else None
-        if kind == "captum-iclip/dual-projection/1":
-            return self.load(path)
-        if kind == "captum-iclip/interpretability-head/1":
-            return self.load_interpretability(path)
-        raise ValueError(
-            f"path: expected a file written by ICLIP training (final.pt or interpretability_head.pt), got {path}"
-        )
+        if kind not in formats:
+            expected = {MODEL_FORMAT: "a dual-projection model", HEAD_FORMAT: "an interpretability head"}
+            wanted = " or ".join(expected[f] for f in formats)
+            raise ValueError(f"{argument}: expected {wanted} saved by captum-iclip, got {path}")
+        if kind == MODEL_FORMAT:
+            self.load_state_dict(payload["state_dict"])
+            return self
+        if payload["family"] != self.adapter.family:
+            raise ValueError(
+                f"{argument}: expected a head trained for {self.adapter.family}, got one trained for "
+                f"{payload['family']}"
+            )
+        self.interpretability_head.load_state_dict(payload["state_dict"])
+        return self

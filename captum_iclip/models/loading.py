@@ -229,11 +229,7 @@ def _with_iclip(loaded: LoadedCLIP, path: str | None) -> LoadedCLIP:
     dual = loaded.model if isinstance(loaded.model, DualProjectionCLIP) else DualProjectionCLIP(loaded.model)
     parameter = next(loaded.model.parameters())
     try:
-        dual.load_training_output(path)
-    except ValueError as error:  # the file's own checks, named after this argument
-        raise ValueError(
-            "iclip" + str(error)[len("path") :] if str(error).startswith("path:") else str(error)
-        ) from None
+        dual.load_training_output(path, "iclip")
     except RuntimeError as error:  # load_state_dict: missing keys or other shapes
         raise ValueError(
             f"iclip: expected weights trained for {loaded.name}, got {path!r}, which does not fit it: "

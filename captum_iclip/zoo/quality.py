@@ -102,7 +102,6 @@ def foreground_truth(scenes: Sequence[Scene], grid: tuple[int, int]) -> torch.Te
     return F.adaptive_avg_pool2d(foreground, grid)[:, 0] >= 0.5
 
 
-@torch.no_grad()
 def centre_box(grid: tuple[int, int]) -> torch.Tensor:
     """The fixed centre box: the middle half of each side of the patch grid, (h, w) bool."""
     box = torch.zeros(grid, dtype=torch.bool)
@@ -110,6 +109,7 @@ def centre_box(grid: tuple[int, int]) -> torch.Tensor:
     return box
 
 
+@torch.no_grad()
 def mask_quality(
     provider: nn.Module,
     scenes: Sequence[Scene],

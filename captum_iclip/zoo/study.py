@@ -27,7 +27,7 @@ import copy
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -638,34 +638,37 @@ def _find(rows: Sequence[dict], **match) -> dict | None:
     return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
 
 
-def verdict_h1(rows: Sequence[dict]) -> tuple[str, str]:
-    """H1 on the class-token and attention pooling rows."""
-    targets = [_find(rows, group="pooling", pooling=p) for p in ("class-token", "attention")]
+def _pooling_verdict(
+    rows: Sequence[dict],
+    poolings: tuple[str, str],
+    holds: Callable[[float, float], bool],
+    fails: Callable[[float, float], bool],
+) -> tuple[str, str]:
+    """A verdict on pooling rows: *reproduced* when ``holds(lo, hi)`` for every row's mSC interval,
+    *not reproduced* when ``fails(lo, hi)`` for one, *inconclusive* otherwise."""
+    targets = [_find(rows, group="pooling", pooling=p) for p in poolings]
     if None in targets:
-        return "not run", "rows class-token and attention pooling were not run"
+        return "not run", f"rows {' and '.join(poolings)} were not both run"
     if any(t["msc"][1] is None or t["msc"][2] is None for t in targets):
         return "inconclusive", "an interval is undefined"
     text = "; ".join(f"{row_label(t)}: mSC {_fmt(t['msc'])}" for t in targets)
-    if all(t["msc"][2] < H1_LOW for t in targets):
+    if all(holds(*t["msc"][1:]) for t in targets):
         return "reproduced", text
-    if any(t["msc"][1] >= H1_LOW for t in targets):
+    if any(fails(*t["msc"][1:]) for t in targets):
         return "not reproduced", text
     return "inconclusive", text
+
+
+def verdict_h1(rows: Sequence[dict]) -> tuple[str, str]:
+    """H1 on the class-token and attention pooling rows: both below :data:`H1_LOW`."""
+    return _pooling_verdict(rows, ("class-token", "attention"), lambda lo, hi: hi < H1_LOW, lambda lo, hi: lo >= H1_LOW)
 
 
 def verdict_h2(rows: Sequence[dict]) -> tuple[str, str]:
-    """H2 on the masked-max rows trained from scratch."""
-    targets = [_find(rows, group="pooling", pooling=p) for p in ("masked-max-dino", "masked-max-oracle")]
-    if None in targets:
-        return "not run", "rows masked-max-dino and masked-max-oracle were not both run"
-    if any(t["msc"][1] is None or t["msc"][2] is None for t in targets):
-        return "inconclusive", "an interval is undefined"
-    text = "; ".join(f"{row_label(t)}: mSC {_fmt(t['msc'])}" for t in targets)
-    if all(t["msc"][1] > 0 for t in targets):
-        return "reproduced", text
-    if any(t["msc"][2] <= 0 for t in targets):
-        return "not reproduced", text
-    return "inconclusive", text
+    """H2 on the masked-max rows trained from scratch: both above 0."""
+    return _pooling_verdict(
+        rows, ("masked-max-dino", "masked-max-oracle"), lambda lo, hi: lo > 0, lambda lo, hi: hi <= 0
+    )
 
 
 def verdict_h3(rows: Sequence[dict], picked: dict | None) -> tuple[str, str]:
@@ -772,31 +775,17 @@ def splice_section(text: str, section: str) -> str:
 
 
 def draw_figure(document: dict, path: Path) -> None:
-    """``figure.png``: mSC and mIoU of every configuration with their intervals."""
-    import matplotlib
+    """``figure.png``: mSC and mIoU of every configuration with their intervals, coloured by group."""
+    from captum_iclip.viz import metrics_chart
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = aggregate(document["runs"])
-    labels = [row_label(r) for r in rows]
     colours = {"pooling": "tab:blue", "iclip": "tab:green", "training-free": "tab:gray"}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.35 * len(rows) + 1.5), sharey=True)
-    for ax, key, title in zip(axes, ("msc", "miou"), ("mSC of the scored maps", "explanation mIoU (%)")):
-        for y, row in enumerate(rows):
-            mean, lo, hi = (math.nan if v is None else v for v in row[key])
-            err = [[max(mean - lo, 0.0)], [max(hi - mean, 0.0)]] if not math.isnan(lo + hi) else None
-            ax.errorbar(mean, y, xerr=err, fmt="o", color=colours[row["group"]], capsize=3)
-        ax.axvline(0.0, color="black", linewidth=0.8)
-        ax.set_title(title)
-        ax.grid(axis="x", alpha=0.3)
-    axes[0].set_yticks(range(len(rows)), labels)
-    axes[0].invert_yaxis()
-    fig.suptitle(f"{document['study']['scenes']} study scenes, 95 % intervals over scenes and seeds")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    figures = (("mSC of the scored maps", "msc"), ("explanation mIoU (%)", "miou"))
+    rows = [
+        {"title": row_label(r), "colour": colours[r["group"]], "figures": {name: tuple(r[k]) for name, k in figures}}
+        for r in aggregate(document["runs"])
+    ]
+    title = f"{document['study']['scenes']} study scenes, 95 % intervals over scenes and seeds"
+    metrics_chart(rows, title=title, path=str(path), dpi=120)
 
 
 def write_report(document: dict, settings: StudySettings) -> dict[str, Path]:

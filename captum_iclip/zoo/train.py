@@ -447,6 +447,7 @@ def _bundle(args: argparse.Namespace, work: Path, tokenizer) -> None:
     # The bundle ships float16 weights: measure the models exactly as they will be loaded.
     dual = dual.half().float().eval()
     dino = load_tiny_dino(dino_dir).half().float().eval()
+    prompts, templates = [prompt_for(c) for c in CATEGORIES], prompt_templates()
     # Each stage's own statistics, also when an earlier (killed) run completed it.
     figures: dict = {
         "train_scenes": args.train_scenes,
@@ -459,8 +460,8 @@ def _bundle(args: argparse.Namespace, work: Path, tokenizer) -> None:
             dual.clip,
             tokenizer,
             _mask_provider(dino, args),
-            [prompt_for(c) for c in CATEGORIES],
-            prompt_templates(),
+            prompts,
+            templates,
             args.recognition_scenes,
             args.mask_scenes,
         ),
@@ -468,10 +469,9 @@ def _bundle(args: argparse.Namespace, work: Path, tokenizer) -> None:
     settings = {
         "tau": args.tau,
         "dino_blocks": list(_dino_blocks(args)),
-        "templates": prompt_templates(),
+        "templates": templates,
         "iclip_head": {"mode": args.iclip_mode, "masks": args.iclip_masks},
     }
-    prompts = [prompt_for(c) for c in CATEGORIES]
     write_bundle(Path(args.out), dual, model_config, dino_dir, figures, prompts, class_names(), settings)
     summary = {k: v for k, v in figures["recognition"].items() if k != "confusion"}
     print(json.dumps({"recognition": summary, "dino_masks": figures["dino_masks"]}, indent=2))
@@ -488,7 +488,8 @@ def write_bundle(
     settings: dict,
 ) -> None:
     """Write float16 weights and ``config.json`` (written last: its presence marks a complete bundle);
-    ``settings`` (mask ``tau`` and ``dino_blocks``, prompt ``templates``) go into it as they are."""
+    ``settings`` (mask ``tau`` and ``dino_blocks``, prompt ``templates``, the ``iclip_head`` configuration)
+    go into it as they are."""
     from captum_iclip.training.dino import CONFIG_NAME, WEIGHTS_NAME
 
     def half(state):
