@@ -199,7 +199,7 @@ def bundle_figures(
 
     preprocess = make_preprocess(IMAGE_SIZE, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
     sim = CLIPSimilarity(clip, tokenizer, prompts, templates=templates).eval()
-    side = IMAGE_SIZE // MODEL_CONFIG["vision_cfg"]["patch_size"]
+    side = IMAGE_SIZE // sim.adapter.patch_size[0]
     with torch.no_grad():
         recognition = recognition_report(sim, scene_range("report", recognition_scenes, IMAGE_SIZE), preprocess)
         masks = mask_quality(mask_provider, scene_range("report", mask_scenes, IMAGE_SIZE), preprocess, (side, side))
@@ -234,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clip-lr", type=float, default=1e-3)
     parser.add_argument("--vision-layers", type=int, default=MODEL_CONFIG["vision_cfg"]["layers"])
     parser.add_argument("--vision-width", type=int, default=MODEL_CONFIG["vision_cfg"]["width"])
+    parser.add_argument(
+        "--patch-size",
+        type=int,
+        default=MODEL_CONFIG["vision_cfg"]["patch_size"],
+        help="vision patch side in pixels; must divide the image side (default: %(default)s)",
+    )
     parser.add_argument("--dino-steps", type=int, default=DINOConfig.steps)
     parser.add_argument("--dino-batch-size", type=int, default=DINOConfig.batch_size)
     parser.add_argument("--tau", type=float, default=TAU, help="DINO attention mass kept by the masks")
@@ -321,12 +327,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def clip_model_config(args: argparse.Namespace, work: Path) -> dict:
     """The tiny CLIP's open_clip config: the one the clip stage recorded, else :data:`MODEL_CONFIG`
-    with the vision tower's depth and width from ``args``."""
+    with the vision tower's depth, width and patch size from ``args``."""
     recorded = work / "clip" / "model_config.json"
     if recorded.is_file():
         return json.loads(recorded.read_text())
     config = json.loads(json.dumps(MODEL_CONFIG))
-    config["vision_cfg"].update(layers=args.vision_layers, width=args.vision_width)
+    patch = getattr(args, "patch_size", config["vision_cfg"]["patch_size"])
+    if patch < 1 or IMAGE_SIZE % patch:
+        raise ValueError(f"--patch-size: expected a divisor of the image side {IMAGE_SIZE}, got {patch}")
+    config["vision_cfg"].update(layers=args.vision_layers, width=args.vision_width, patch_size=patch)
     return config
 
 
