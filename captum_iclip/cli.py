@@ -3,7 +3,8 @@
 Subcommands: ``explain`` (attribute images against prompts and draw the maps),
 ``demo`` (the main job on the bundled offline models), and the entry points of
 the other homes: ``train`` (ICLIP training), ``eval`` (benchmarks), ``world``
-(the procedural world's exports) and ``audit`` (HTML audit reports).
+(the procedural world's exports), ``audit`` (HTML audit reports) and ``diagnose``
+(why a model's maps prefer the background).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ DELEGATED = {
     "eval": "captum_iclip.eval",
     "world": "captum_iclip.world.__main__",
     "audit": "captum_iclip.audit",
+    "diagnose": "captum_iclip.diagnostics.command",
 }
 
 

@@ -227,3 +227,99 @@ def label_colours(label: np.ndarray) -> np.ndarray:
     from captum_iclip.world.export import voc_colormap
 
     return voc_colormap()[label].astype(np.float32) / 255.0
+
+
+def diagnostics_figure(
+    summary: dict,
+    *,
+    image: ArrayLike | None = None,
+    maps: dict[str, ArrayLike] | None = None,
+    title: str | None = None,
+    path: str | None = None,
+    dpi: int = 100,
+):
+    """The figure of :meth:`captum_iclip.diagnostics.Diagnostics.summary`.
+
+    Top row: the largest patch-token norm over the median per block (a high-norm token of
+    Darcet et al. is at 10 or more); the class token's attention share on the foreground per
+    head of the last blocks, beside the foreground's share of the area (what a uniform attention
+    gives); and, with labels, the mSC of every map with its interval. Bottom row, when ``image``
+    and ``maps`` are given: one image with its raw map and the map's last-block terms.
+
+    Args:
+        summary: a :meth:`~captum_iclip.diagnostics.Diagnostics.summary` dict.
+        image: (H, W, 3) image in [0, 1] for the example row.
+        maps: ``{name: (h, w) map}`` drawn over ``image`` (e.g. ``itsm``, ``residual``, ``attention``, ``mlp``).
+        title: a title above the panels.
+        path: if given, save the figure there (PNG/PDF by extension).
+
+    Returns:
+        The matplotlib ``Figure``.
+    """
+    from matplotlib.figure import Figure
+
+    example = image is not None and maps
+    columns = max(3, len(maps) + 1 if example else 0)
+    fig = Figure(figsize=(4.0 * columns, 3.6 * (2 if example else 1)))
+    axes = fig.subplots(2 if example else 1, columns, squeeze=False)
+
+    norms = summary["token_norms"]
+    ax = axes[0][0]
+    ax.plot([row["block"] for row in norms], [row["max_ratio"] for row in norms], "o-")
+    ax.axhline(10.0, color="tab:red", linestyle="--", linewidth=0.8, label="10x: high-norm token")
+    ax.set(title="token norms", xlabel="block", ylabel="largest patch norm / median")
+    ax.legend(fontsize=8)
+
+    ax = axes[0][1]
+    heads = summary["cls_attention"]["heads"]
+    shares = [row["foreground_share"] for row in heads]
+    labels = [f"b{row['block']}h{row['head']}" for row in heads]
+    if any(share is not None for share in shares):
+        ax.bar(range(len(heads)), [0.0 if s is None else s for s in shares], color="tab:blue")
+        area = summary["cls_attention"]["foreground_area"]
+        if area is not None:
+            ax.axhline(area, color="black", linestyle="--", linewidth=0.8, label="foreground area")
+            ax.legend(fontsize=8)
+        ax.set_xticks(range(len(heads)))
+        ax.set_xticklabels(labels, rotation=90, fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no ground truth", ha="center", va="center", transform=ax.transAxes)
+    ax.set(title="[CLS] attention on the foreground", ylabel="share of the patch mass", ylim=(0, 1))
+
+    ax = axes[0][2]
+    entries = [(name, entry) for name, entry in summary["maps"].items() if entry.get("msc") is not None]
+    if entries:
+        y = np.arange(len(entries))[::-1]
+        for (_, entry), position in zip(entries, y):
+            ci = entry.get("msc_ci")
+            error = None
+            if ci and None not in ci:
+                error = [[max(entry["msc"] - ci[0], 0.0)], [max(ci[1] - entry["msc"], 0.0)]]
+            ax.errorbar(entry["msc"], position, xerr=error, fmt="o", capsize=3)
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set_yticks(y)
+        ax.set_yticklabels([name for name, _ in entries], fontsize=8)
+        ax.set(title="mSC of each map (higher: prefers the object)", xlabel="mSC (-100..100)")
+    else:
+        ax.text(0.5, 0.5, "no ground truth", ha="center", va="center", transform=ax.transAxes)
+        ax.set(title="mSC of each map")
+    for ax in axes[0][3:]:
+        ax.axis("off")
+
+    if example:
+        image = _to_hwc(image)
+        axes[1][0].imshow(image)
+        axes[1][0].set_title("image")
+        for ax, (name, attribution) in zip(axes[1][1:], maps.items()):
+            drawn = ax.imshow(_to_map(attribution, image.shape[:2]), cmap="coolwarm")
+            ax.imshow(image, alpha=0.35)
+            ax.set_title(name)
+            fig.colorbar(drawn, ax=ax, fraction=0.046, pad=0.04)
+        for ax in axes[1]:
+            ax.axis("off")
+    if title is not None:
+        fig.suptitle(title)
+    fig.tight_layout()
+    if path is not None:
+        _save(fig, path, dpi)
+    return fig

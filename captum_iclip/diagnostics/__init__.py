@@ -214,7 +214,9 @@ def _final_projection(adapter: VisionAdapter, projection: str) -> _FinalProjecti
                 f"nn.Linear), got {type(head).__name__}"
             )
     if not isinstance(norm, nn.LayerNorm):
-        raise NotImplementedError(f"model: the decomposition expected a LayerNorm final norm, got {type(norm).__name__}")
+        raise NotImplementedError(
+            f"model: the decomposition expected a LayerNorm final norm, got {type(norm).__name__}"
+        )
     return _FinalProjection(norm, weight, bias)
 
 
@@ -560,12 +562,8 @@ class Diagnostics:
                 sums.attention_fg_share[block][head].add(on_foreground[block, has_both, head])
         cosine = measured["global_cosine"].double()
         fg_weight, bg_weight = fractions.double(), 1 - fractions.double()
-        sums.cosine_fg.add(
-            (cosine * fg_weight).sum(1)[has_both] / fg_weight.sum(1)[has_both].clamp_min(1e-12)
-        )
-        sums.cosine_bg.add(
-            (cosine * bg_weight).sum(1)[has_both] / bg_weight.sum(1)[has_both].clamp_min(1e-12)
-        )
+        sums.cosine_fg.add((cosine * fg_weight).sum(1)[has_both] / fg_weight.sum(1)[has_both].clamp_min(1e-12))
+        sums.cosine_bg.add((cosine * bg_weight).sum(1)[has_both] / bg_weight.sum(1)[has_both].clamp_min(1e-12))
         size = images.shape[-2:]
         for name, maps in measured["maps"].items():
             upsampled = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)

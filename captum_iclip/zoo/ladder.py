@@ -202,17 +202,25 @@ def _sha256(path: Path) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m captum_iclip.zoo.ladder", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work-dir", default="runs/ladder", help="training folders and ladder.json (default: %(default)s)")
+    parser.add_argument(
+        "--work-dir", default="runs/ladder", help="training folders and ladder.json (default: %(default)s)"
+    )
     parser.add_argument(
         "--only", default=None, help="comma-separated candidate names to run (default: every pilot, in order)"
     )
-    parser.add_argument("--scenes", type=int, default=SELECTION_SCENES, help="selection scenes per row (default: %(default)s)")
+    parser.add_argument(
+        "--scenes", type=int, default=SELECTION_SCENES, help="selection scenes per row (default: %(default)s)"
+    )
     parser.add_argument("--bootstrap", type=int, default=BOOTSTRAP, help="bootstrap resamples (default: %(default)s)")
     parser.add_argument(
-        "--replicate", action="store_true", help="also measure the rule's pick on the report range (run once, at the end)"
+        "--replicate",
+        action="store_true",
+        help="also measure the rule's pick on the report range (run once, at the end)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--device", default="cpu", help="where candidates train: cpu, cuda, cuda:1 (default: %(default)s)")
+    parser.add_argument(
+        "--device", default="cpu", help="where candidates train: cpu, cuda, cuda:1 (default: %(default)s)"
+    )
     parser.add_argument("--quick", action="store_true", help="one tiny candidate on a few scenes (the tests)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
