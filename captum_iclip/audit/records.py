@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captum_iclip._io import atomic_write_text
+from captum_iclip._io import atomic_write_text, json_text
 
 RECORD_SCHEMA = 2  # 2: records hold the content digest of their file ("content")
 RECORDS_DIR = "records"
@@ -120,7 +120,7 @@ def fingerprint_module(module: nn.Module) -> str:
 
 def settings_digest(settings: dict[str, Any]) -> str:
     """A short digest of the JSON-serialisable audit settings."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json_text(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def image_key(path: Path, content: str, settings: str) -> str:
@@ -144,10 +144,10 @@ def record_path(out_dir: Path, key: str) -> Path:
 
 def write_record(out_dir: Path, record: dict[str, Any]) -> Path:
     """Store ``record`` atomically as ``out_dir/records/<key>.json``."""
-    return atomic_write_text(record_path(out_dir, record["key"]), json.dumps(record, indent=1) + "\n")
+    return atomic_write_text(record_path(out_dir, record["key"]), json_text(record, indent=1) + "\n")
 
 
-def _files_of(record: dict[str, Any]) -> Iterable[str]:
+def _files_of(record: dict[str, Any]) -> Iterable[Any]:
     if record.get("thumbnail"):
         yield record["thumbnail"]
     for entry in record.get("top", []):

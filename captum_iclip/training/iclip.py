@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import logging
 import math
 import os
@@ -76,7 +75,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
-from captum_iclip._io import atomic_torch_save, atomic_write_text, load_torch_file
+from captum_iclip._io import atomic_torch_save, atomic_write_text, json_text, load_torch_file
 from captum_iclip.masks import CachedMaskProvider, MaskProvider, as_mask_provider
 from captum_iclip.models.dual import DualProjectionCLIP
 from captum_iclip.pooling import MaskedMaxPooling
@@ -1020,7 +1019,7 @@ class ICLIPTrainer:
             metadata = {"config": dataclasses.asdict(config), "stats": stats}
             dual.save(self.out_dir / "final.pt", **metadata)
             dual.save_interpretability(self.out_dir / "interpretability_head.pt", **metadata)
-            atomic_write_text(self.out_dir / "stats.json", json.dumps(stats, indent=2))
+            atomic_write_text(self.out_dir / "stats.json", json_text(stats, indent=2))
             logger.info("training done: %s", stats)
         return stats
 
@@ -1053,8 +1052,8 @@ class _TrainLog:
         self.window_start, self.window_samples = now, 0
         self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         if self.console:
-            tqdm.write(json.dumps(record))
-        self.file.write(json.dumps(record) + "\n")
+            tqdm.write(json_text(record))
+        self.file.write(json_text(record) + "\n")
         self.file.flush()
 
     def close(self) -> None:
@@ -1143,7 +1142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def run() -> int:
         stats = train(TrainConfig(**vars(args)))
         if int(os.environ.get("RANK", "0")) == 0:
-            print(json.dumps(stats, indent=2))
+            print(json_text(stats, indent=2))
         return 0
 
     return run_command("captum-iclip train", run, debug or None)
