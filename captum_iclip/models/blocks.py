@@ -60,6 +60,14 @@ class BlockView:
         """What the MLP adds to the residual stream: ls_2(MLP(ln_2(x)))."""
         raise NotImplementedError
 
+    def bypassed_modules(self) -> list[nn.Module]:
+        """The modules whose ``forward`` does not run when the block is computed from its parts (the block
+        and its attention; the parts call the others, norms, projections and MLP, through ``__call__``)."""
+        attention = getattr(self.block, "attn", None)
+        if attention is None:
+            attention = getattr(self.block, "self_attn", None)
+        return [self.block] if attention is None else [self.block, attention]
+
     @staticmethod
     def split_heads(x: Tensor, num_heads: int) -> Tensor:
         n, length, channels = x.shape
@@ -215,6 +223,45 @@ class AttentionTrace:
     outputs: list[Tensor] = field(default_factory=list)
 
 
+_HOOK_KINDS = {
+    "_forward_pre_hooks": "forward pre-hook",
+    "_forward_hooks": "forward hook",
+    "_backward_pre_hooks": "backward pre-hook",
+    "_backward_hooks": "backward hook",
+}
+
+
+def check_unhooked(views: Sequence[BlockView], indices: range, why: str) -> None:
+    """Refuse hooks on the blocks that a method computes from their parts (their hooks would not run).
+
+    The plain path runs every other block through its ``__call__``, so their hooks (ablations,
+    activation patching) act as they do in the model's own forward. A block computed from its
+    parts (a second path, an attention record) bypasses its own and its attention's hooks: the
+    map would explain another model than the one ``sim(x)`` scores, so that is refused.
+
+    Args:
+        views: the tower's blocks.
+        indices: the blocks computed from their parts.
+        why: what computes them, and the argument that moves it (for the message).
+
+    Raises:
+        ValueError: naming the first hooked block and the kind of hook.
+    """
+    for index in indices:
+        view = views[index]
+        for module in view.bypassed_modules():
+            kind = next((name for attr, name in _HOOK_KINDS.items() if getattr(module, attr, None)), None)
+            if kind is None:
+                continue
+            where = "" if module is view.block else f"'s attention ({type(module).__name__})"
+            raise ValueError(
+                f"model: expected no hooks on the blocks this method computes from their parts ({why}), got a "
+                f"{kind} on block {index} of {len(views)} ({type(view.block).__name__}{where}): the hook would not "
+                "run and the map would explain another model than the one sim(x) scores; remove the hook, or "
+                "choose a depth or start layer that leaves that block to the plain path"
+            )
+
+
 def _traced_block(view: BlockView, x: Tensor, trace: AttentionTrace) -> Tensor:
     if trace.detach or not trace.outputs:
         # A fresh leaf, so that the probabilities are in a graph even for a frozen model.
@@ -246,6 +293,9 @@ def run_blocks(
 ) -> Tensor:
     """The block loop shared by every ViT family.
 
+    The plain path runs the library's blocks through their ``__call__`` (their hooks run); the
+    blocks a ``path`` or a ``trace`` computes from their parts must have none (:func:`check_unhooked`).
+
     Args:
         views: the tower's blocks, first to last.
         x: (N, 1 + h*w, C) tokens entering the first block, class token first.
@@ -255,6 +305,9 @@ def run_blocks(
         tap: applied to the tokens entering the last block of the plain path (the
             Grad-CAM tap of the adapters).
 
+    Raises:
+        ValueError: a block computed from its parts has a hook.
+
     Returns:
         (N, 1 + h*w, C) tokens after the last block: the original path's class token,
         and the patch tokens of ``path`` (of the original path without one).
@@ -263,6 +316,12 @@ def run_blocks(
     n_plain = len(views) - depth
     if path is not None and trace is not None:
         raise ValueError("trace: expected None with a second path (they cannot be combined), got an AttentionTrace")
+    if trace is not None:
+        why = f"the attention record from block {trace.start} on: LeGrad's layer_index, Chefer's start_layer"
+        check_unhooked(views, range(trace.start, n_plain), why)
+    if path is not None:
+        why = f"a second path through the last {depth} blocks: GEM's depth, CLIP Surgery, the ITSM path variants"
+        check_unhooked(views, range(n_plain, len(views)), why)
     for index, view in enumerate(views[:n_plain]):
         if index == n_plain - 1 and tap is not None:
             x = tap(x)
