@@ -484,11 +484,20 @@ def test_block_loop_methods_honour_hooks_on_the_blocks_they_run_whole(family, me
 def test_hooks_on_a_replaced_blocks_attention_are_refused(family):
     sim, _ = family
     block = _blocks_of(sim.model)[2]
-    attention = block.self_attn if isinstance(sim.model, CLIPModel) else block.attn
-    handle = attention.register_forward_pre_hook(lambda module, args: None)
+    name = "self_attn" if isinstance(sim.model, CLIPModel) else "attn"
+    images = make_images(1, 3, 16, 16, seed=33)
+    handle = getattr(block, name).register_forward_pre_hook(lambda module, args: None)
     try:
-        with pytest.raises(ValueError, match=r"got a forward pre-hook on block 2 of 3 \(.*'s attention"):
-            GEMAttribution(sim).attribute(make_images(1, 3, 16, 16, seed=33), depth=1)
-        ITSMAttribution(sim).attribute(make_images(1, 3, 16, 16, seed=33))  # the plain path runs it whole
+        with pytest.raises(ValueError, match=rf"got a forward pre-hook on block 2 of 3 \(.*, on its {name} \("):
+            GEMAttribution(sim).attribute(images, depth=1)
+        ITSMAttribution(sim).attribute(images)  # the plain path runs it whole
     finally:
         handle.remove()
+    # A part that the block's parts call themselves keeps its hook: it runs.
+    calls = []
+    handle = getattr(block, name).out_proj.register_forward_hook(lambda module, args, output: calls.append(1))
+    try:
+        GEMAttribution(sim).attribute(images, depth=1)
+    finally:
+        handle.remove()
+    assert calls

@@ -60,13 +60,25 @@ class BlockView:
         """What the MLP adds to the residual stream: ls_2(MLP(ln_2(x)))."""
         raise NotImplementedError
 
-    def bypassed_modules(self) -> list[nn.Module]:
-        """The modules whose ``forward`` does not run when the block is computed from its parts (the block
-        and its attention; the parts call the others, norms, projections and MLP, through ``__call__``)."""
-        attention = getattr(self.block, "attn", None)
-        if attention is None:
-            attention = getattr(self.block, "self_attn", None)
-        return [self.block] if attention is None else [self.block, attention]
+    #: The attention's submodules that the parts call through ``__call__`` (the others do not run).
+    called_attention_parts = frozenset({"q_proj", "k_proj", "v_proj", "out_proj", "ln_q", "ln_k", "ln_inner"})
+
+    def bypassed_modules(self) -> list[tuple[str, nn.Module]]:
+        """``(name, module)`` of the modules whose ``forward`` does not run when the block is computed from its
+        parts: the block, its attention and the attention's submodules the parts do not call (e.g. its
+        dropout). The parts call the others (norms, projections, MLP, layer scales) through ``__call__``."""
+        for name in ("attn", "self_attn"):
+            attention = getattr(self.block, name, None)
+            if attention is not None:
+                break
+        else:
+            return [("", self.block)]
+        inner = [
+            (f"{name}.{child}" if child else name, module)
+            for child, module in attention.named_modules()
+            if child.split(".")[0] not in self.called_attention_parts
+        ]
+        return [("", self.block), *inner]
 
     @staticmethod
     def split_heads(x: Tensor, num_heads: int) -> Tensor:
@@ -249,11 +261,11 @@ def check_unhooked(views: Sequence[BlockView], indices: range, why: str) -> None
     """
     for index in indices:
         view = views[index]
-        for module in view.bypassed_modules():
-            kind = next((name for attr, name in _HOOK_KINDS.items() if getattr(module, attr, None)), None)
+        for name, module in view.bypassed_modules():
+            kind = next((label for attr, label in _HOOK_KINDS.items() if getattr(module, attr, None)), None)
             if kind is None:
                 continue
-            where = "" if module is view.block else f"'s attention ({type(module).__name__})"
+            where = f", on its {name} ({type(module).__name__})" if name else ""
             raise ValueError(
                 f"model: expected no hooks on the blocks this method computes from their parts ({why}), got a "
                 f"{kind} on block {index} of {len(views)} ({type(view.block).__name__}{where}): the hook would not "
