@@ -1,8 +1,10 @@
 """The package's file I/O in one place: atomic writes (a killed run never leaves a half-written
-file under the final name), safe checkpoint loading, and the one image reader of every command."""
+file under the final name), strict JSON, safe checkpoint loading, and the one image reader of every command."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -72,6 +74,36 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
 
 def atomic_write_text(path: PathLike, text: str) -> Path:
     return atomic_write(path, lambda handle: handle.write(text), mode="w")
+
+
+def json_text(value: Any, **options: Any) -> str:
+    """``value`` as strict JSON text, the one JSON writer of the package (files, log lines, printed stats).
+
+    A non-finite float (NaN, +-inf: a missing or undefined value such as the loss of a run that saw no
+    image) becomes ``null``; the text is then written with ``allow_nan=False``, so that it never holds
+    the bare ``NaN``/``Infinity`` tokens that strict JSON readers (JavaScript's ``JSON.parse``, ``jq``)
+    reject.
+
+    Args:
+        value: plain containers, strings, numbers, booleans and ``None``.
+        options: ``json.dumps`` options (``indent``, ``sort_keys``, ``default``, ...).
+
+    Examples::
+
+        >>> json_text({"loss": float("nan"), "steps": [1, float("inf")]})
+        '{"loss": null, "steps": [1, null]}'
+    """
+    return json.dumps(_finite_or_null(value), allow_nan=False, **options)
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 def atomic_torch_save(obj: Any, path: PathLike) -> Path:

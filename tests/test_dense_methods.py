@@ -413,3 +413,91 @@ def test_prompts_in_chunks_give_the_same_maps(family, monkeypatch):
     ]
     for a, b in zip(whole, chunked):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# --- hooks on the blocks (ablation, activation patching) -------------------------------------------
+def _blocks_of(model):
+    return list(
+        model.vision_model.encoder.layers if isinstance(model, CLIPModel) else model.visual.transformer.resblocks
+    )
+
+
+def _skip_block(module, inputs, output):
+    """A forward hook that ablates the block: its output is its input (no residual update)."""
+    return inputs[0] if isinstance(output, torch.Tensor) else (inputs[0], *output[1:])
+
+
+def _ablated_copy(model, index: int):
+    """``model`` with block ``index`` ablated by its weights (out-projections zeroed), without a hook."""
+    import copy
+
+    ablated = copy.deepcopy(model)
+    block = _blocks_of(ablated)[index]
+    hf = isinstance(ablated, CLIPModel)
+    for linear in (block.self_attn.out_proj, block.mlp.fc2) if hf else (block.attn.out_proj, block.mlp.c_proj):
+        linear.weight.data.zero_()
+        linear.bias.data.zero_()
+    return ablated
+
+
+# (method, what it computes from the blocks' parts, the first such block of the 3)
+REPLACING_CALLS = {
+    "gem": (lambda sim, x: GEMAttribution(sim).attribute(x, depth=2), 1),
+    "legrad": (lambda sim, x: LeGradAttribution(sim).attribute(x, layer_index=-2), 1),
+    "chefer": (lambda sim, x: CheferRelevancy(sim).attribute(x, start_layer=-1), 2),
+    "itsm-clearclip": (lambda sim, x: ITSMAttribution(sim).attribute(x, variant="clearclip"), 2),
+    "itsm-surgery": (lambda sim, x: ITSMAttribution(sim).attribute(x, variant="surgery", surgery_depth=2), 1),
+}
+
+
+@pytest.mark.parametrize("method", list(REPLACING_CALLS))
+def test_block_loop_methods_refuse_hooks_on_the_blocks_they_replace(family, method):
+    sim, _ = family
+    run, first = REPLACING_CALLS[method]
+    images = make_images(1, 3, 16, 16, seed=31)
+    handle = _blocks_of(sim.model)[first].register_forward_hook(_skip_block)
+    try:
+        with pytest.raises(ValueError, match=rf"model: expected no hooks .* got a forward hook on block {first} of 3"):
+            run(sim, images)
+    finally:
+        handle.remove()
+    run(sim, images)  # without the hook it runs
+
+
+@pytest.mark.parametrize("method", list(REPLACING_CALLS))
+def test_block_loop_methods_honour_hooks_on_the_blocks_they_run_whole(family, method):
+    # Block 0 is run by the plain path in every call above: its hook acts as the model's own forward does.
+    sim, _ = family
+    run, _ = REPLACING_CALLS[method]
+    images = make_images(1, 3, 16, 16, seed=32)
+    ablated = CLIPSimilarity(_ablated_copy(sim.model, 0), text_features=sim.text_features)
+    expected = run(ablated, images)
+    handle = _blocks_of(sim.model)[0].register_forward_hook(_skip_block)
+    try:
+        torch.testing.assert_close(sim(images), ablated(images))
+        torch.testing.assert_close(run(sim, images), expected)
+    finally:
+        handle.remove()
+    assert not torch.allclose(run(sim, images), expected)
+
+
+def test_hooks_on_a_replaced_blocks_attention_are_refused(family):
+    sim, _ = family
+    block = _blocks_of(sim.model)[2]
+    name = "self_attn" if isinstance(sim.model, CLIPModel) else "attn"
+    images = make_images(1, 3, 16, 16, seed=33)
+    handle = getattr(block, name).register_forward_pre_hook(lambda module, args: None)
+    try:
+        with pytest.raises(ValueError, match=rf"got a forward pre-hook on block 2 of 3 \(.*, on its {name} \("):
+            GEMAttribution(sim).attribute(images, depth=1)
+        ITSMAttribution(sim).attribute(images)  # the plain path runs it whole
+    finally:
+        handle.remove()
+    # A part that the block's parts call themselves keeps its hook: it runs.
+    calls = []
+    handle = getattr(block, name).out_proj.register_forward_hook(lambda module, args, output: calls.append(1))
+    try:
+        GEMAttribution(sim).attribute(images, depth=1)
+    finally:
+        handle.remove()
+    assert calls

@@ -77,6 +77,11 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         raise SystemExit(
             f"captum-iclip audit: --prompts-file: expected a readable text file, got {args.prompts_file}: {error}"
         ) from error
+    except UnicodeDecodeError as error:
+        raise SystemExit(
+            f"captum-iclip audit: --prompts-file: expected a UTF-8 text file, got {args.prompts_file}, whose byte "
+            f"{error.object[error.start : error.end].hex(' ')} at offset {error.start} is not UTF-8 (save it as UTF-8)"
+        ) from error
     prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise SystemExit(

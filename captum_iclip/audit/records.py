@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captum_iclip._io import atomic_write_text
+from captum_iclip._io import atomic_write_text, json_text
 
 RECORD_SCHEMA = 2  # 2: records hold the content digest of their file ("content")
 RECORDS_DIR = "records"
@@ -120,7 +120,7 @@ def fingerprint_module(module: nn.Module) -> str:
 
 def settings_digest(settings: dict[str, Any]) -> str:
     """A short digest of the JSON-serialisable audit settings."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json_text(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def image_key(path: Path, content: str, settings: str) -> str:
@@ -144,10 +144,10 @@ def record_path(out_dir: Path, key: str) -> Path:
 
 def write_record(out_dir: Path, record: dict[str, Any]) -> Path:
     """Store ``record`` atomically as ``out_dir/records/<key>.json``."""
-    return atomic_write_text(record_path(out_dir, record["key"]), json.dumps(record, indent=1) + "\n")
+    return atomic_write_text(record_path(out_dir, record["key"]), json_text(record, indent=1) + "\n")
 
 
-def _files_of(record: dict[str, Any]) -> Iterable[str]:
+def _files_of(record: dict[str, Any]) -> Iterable[Any]:
     if record.get("thumbnail"):
         yield record["thumbnail"]
     for entry in record.get("top", []):
@@ -155,15 +155,38 @@ def _files_of(record: dict[str, Any]) -> Iterable[str]:
             yield cell["overlay"]
 
 
-def load_record(out_dir: Path, key: str) -> dict[str, Any] | None:
-    """The stored record of ``key``, or ``None`` if absent, unreadable or missing one of its images."""
+def is_report_file(out_dir: Path, name: Any) -> bool:
+    """Whether ``name`` (read from a record) is the relative name of an existing file in ``out_dir/images``.
+
+    A record is data that may have been edited or copied from elsewhere: a name that is absolute, holds
+    ``..`` or a backslash, or leads (through links) out of the report folder is refused, so that the
+    report never links to (or reuses) a file outside it.
+    """
+    if not isinstance(name, str) or "\\" in name or not name.startswith(f"{IMAGES_DIR}/"):
+        return False
+    parts = Path(name).parts
+    if Path(name).is_absolute() or any(part in ("..", ".") for part in parts) or len(parts) < 2:
+        return False
+    target = out_dir / name
     try:
-        record = json.loads(record_path(out_dir, key).read_text())
+        return target.is_file() and is_inside(target.resolve(), (out_dir / IMAGES_DIR).resolve())
+    except (OSError, RuntimeError):
+        return False
+
+
+def load_record(out_dir: Path, key: str) -> dict[str, Any] | None:
+    """The stored record of ``key``, or ``None`` (recompute it) if absent, unreadable, malformed, or naming an
+    image that is missing or not a file of the report's ``images`` folder (:func:`is_report_file`)."""
+    try:
+        record = json.loads(record_path(out_dir, key).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or record.get("schema") != RECORD_SCHEMA or record.get("key") != key:
         return None
-    if not all((out_dir / name).is_file() for name in _files_of(record)):
+    try:
+        if not all(is_report_file(out_dir, name) for name in _files_of(record)):
+            return None
+    except (AttributeError, KeyError, TypeError):  # a "top" or "maps" entry of another shape
         return None
     return record
 

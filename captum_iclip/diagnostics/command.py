@@ -92,7 +92,7 @@ def _file_inputs(args: argparse.Namespace, loaded, prompts: list[str]):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from captum_iclip._io import atomic_write_text, check_output_folder
+    from captum_iclip._io import atomic_write_text, check_output_folder, json_text
     from captum_iclip.cli import check_model_arguments, load_model_from_args, split_prompts
     from captum_iclip.diagnostics import Diagnostics
     from captum_iclip.similarity import CLIPSimilarity
@@ -174,7 +174,7 @@ def _run(args: argparse.Namespace) -> int:
     bar.close()
 
     summary = {"model": loaded.name, "prompts": prompts, **diagnostics.summary()}
-    atomic_write_text(out / "diagnostics.json", json.dumps(summary, indent=1, allow_nan=False))
+    atomic_write_text(out / "diagnostics.json", json_text(summary, indent=1))
     image, maps, prompt = example
     diagnostics_figure(
         summary,

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from captum_iclip._io import atomic_write_text
+from captum_iclip._io import atomic_write_text, json_text
 from captum_iclip.datasets import SegmentationDataset
 from captum_iclip.evaluation.methods import method_colour, method_title
 
@@ -151,7 +150,7 @@ def write_results(
 
     folder = Path(out)
     paths = {"json": folder / f"{stem}.json", "csv": folder / f"{stem}.csv", "markdown": folder / f"{stem}.md"}
-    atomic_write_text(paths["json"], json.dumps(results, indent=2) + "\n")
+    atomic_write_text(paths["json"], json_text(results, indent=2) + "\n")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
     writer.writeheader()

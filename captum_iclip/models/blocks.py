@@ -60,6 +60,26 @@ class BlockView:
         """What the MLP adds to the residual stream: ls_2(MLP(ln_2(x)))."""
         raise NotImplementedError
 
+    #: The attention's submodules that the parts call through ``__call__`` (the others do not run).
+    called_attention_parts = frozenset({"q_proj", "k_proj", "v_proj", "out_proj", "ln_q", "ln_k", "ln_inner"})
+
+    def bypassed_modules(self) -> list[tuple[str, nn.Module]]:
+        """``(name, module)`` of the modules whose ``forward`` does not run when the block is computed from its
+        parts: the block, its attention and the attention's submodules the parts do not call (e.g. its
+        dropout). The parts call the others (norms, projections, MLP, layer scales) through ``__call__``."""
+        for name in ("attn", "self_attn"):
+            attention = getattr(self.block, name, None)
+            if attention is not None:
+                break
+        else:
+            return [("", self.block)]
+        inner = [
+            (f"{name}.{child}" if child else name, module)
+            for child, module in attention.named_modules()
+            if child.split(".")[0] not in self.called_attention_parts
+        ]
+        return [("", self.block), *inner]
+
     @staticmethod
     def split_heads(x: Tensor, num_heads: int) -> Tensor:
         n, length, channels = x.shape
@@ -215,6 +235,45 @@ class AttentionTrace:
     outputs: list[Tensor] = field(default_factory=list)
 
 
+_HOOK_KINDS = {
+    "_forward_pre_hooks": "forward pre-hook",
+    "_forward_hooks": "forward hook",
+    "_backward_pre_hooks": "backward pre-hook",
+    "_backward_hooks": "backward hook",
+}
+
+
+def check_unhooked(views: Sequence[BlockView], indices: range, why: str) -> None:
+    """Refuse hooks on the blocks that a method computes from their parts (their hooks would not run).
+
+    The plain path runs every other block through its ``__call__``, so their hooks (ablations,
+    activation patching) act as they do in the model's own forward. A block computed from its
+    parts (a second path, an attention record) bypasses its own and its attention's hooks: the
+    map would explain another model than the one ``sim(x)`` scores, so that is refused.
+
+    Args:
+        views: the tower's blocks.
+        indices: the blocks computed from their parts.
+        why: what computes them, and the argument that moves it (for the message).
+
+    Raises:
+        ValueError: naming the first hooked block and the kind of hook.
+    """
+    for index in indices:
+        view = views[index]
+        for name, module in view.bypassed_modules():
+            kind = next((label for attr, label in _HOOK_KINDS.items() if getattr(module, attr, None)), None)
+            if kind is None:
+                continue
+            where = f", on its {name} ({type(module).__name__})" if name else ""
+            raise ValueError(
+                f"model: expected no hooks on the blocks this method computes from their parts ({why}), got a "
+                f"{kind} on block {index} of {len(views)} ({type(view.block).__name__}{where}): the hook would not "
+                "run and the map would explain another model than the one sim(x) scores; remove the hook, or "
+                "choose a depth or start layer that leaves that block to the plain path"
+            )
+
+
 def _traced_block(view: BlockView, x: Tensor, trace: AttentionTrace) -> Tensor:
     if trace.detach or not trace.outputs:
         # A fresh leaf, so that the probabilities are in a graph even for a frozen model.
@@ -246,6 +305,9 @@ def run_blocks(
 ) -> Tensor:
     """The block loop shared by every ViT family.
 
+    The plain path runs the library's blocks through their ``__call__`` (their hooks run); the
+    blocks a ``path`` or a ``trace`` computes from their parts must have none (:func:`check_unhooked`).
+
     Args:
         views: the tower's blocks, first to last.
         x: (N, 1 + h*w, C) tokens entering the first block, class token first.
@@ -255,6 +317,9 @@ def run_blocks(
         tap: applied to the tokens entering the last block of the plain path (the
             Grad-CAM tap of the adapters).
 
+    Raises:
+        ValueError: a block computed from its parts has a hook.
+
     Returns:
         (N, 1 + h*w, C) tokens after the last block: the original path's class token,
         and the patch tokens of ``path`` (of the original path without one).
@@ -263,6 +328,12 @@ def run_blocks(
     n_plain = len(views) - depth
     if path is not None and trace is not None:
         raise ValueError("trace: expected None with a second path (they cannot be combined), got an AttentionTrace")
+    if trace is not None:
+        why = f"the attention record from block {trace.start} on: LeGrad's layer_index, Chefer's start_layer"
+        check_unhooked(views, range(trace.start, n_plain), why)
+    if path is not None:
+        why = f"a second path through the last {depth} blocks: GEM's depth, CLIP Surgery, the ITSM path variants"
+        check_unhooked(views, range(n_plain, len(views)), why)
     for index, view in enumerate(views[:n_plain]):
         if index == n_plain - 1 and tap is not None:
             x = tap(x)

@@ -12,6 +12,7 @@ the spec and a function that loads it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,8 +197,10 @@ def load(
             with a message saying what to download and how to pass it.
         ValueError: options that contradict each other or would be ignored (``pretrained`` or
             ``checkpoint`` without an open_clip name, or with a bundled model or ``hf_model``), an
-            open_clip name without weights and without ``random_weights``, an unknown name, a
-            device this machine does not have.
+            open_clip name without weights and without ``random_weights``, an unknown or empty name, an
+            ``image_size`` that is not a positive int, a device this machine does not have, a Hugging Face
+            folder without a ``config.json``, of a model type other than :data:`HF_MODEL_TYPES`, or whose
+            weights miss some of the model's.
 
     Examples::
 
@@ -207,6 +210,14 @@ def load(
         >>> loaded = captum_iclip.load("openai/clip-vit-base-patch16")   # doctest: +SKIP
     """
     check_device(device)
+    for argument, value in (("spec", spec), ("hf_model", hf_model)):
+        if value is not None and (not isinstance(value, (str, os.PathLike)) or not str(value).strip()):
+            raise ValueError(
+                f"{argument}: expected a bundled name, an open_clip name or a Hugging Face id or folder, got {value!r}"
+            )
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0):
+        raise ValueError(f"image_size: expected a positive int (pixels) or None (the model's own), got {image_size!r}")
+    spec, hf_model = (None if value is None else str(value) for value in (spec, hf_model))
     name = _register_model_config(model_config, spec)
     if hf_model is None and name is not None and _is_hf_spec(name):
         name, hf_model = None, name
@@ -314,7 +325,7 @@ def _register_model_config(model_config: str | None, spec: str | None) -> str | 
 
 def _is_hf_spec(name: str) -> bool:
     """A local folder or an ``owner/name`` hub id that is neither bundled nor an open_clip name."""
-    if name.startswith("hf-hub:"):  # open_clip's own hub syntax
+    if name.startswith(HF_HUB_PREFIX):  # open_clip's own hub syntax
         return False
     return Path(name).is_dir() or ("/" in name and not Path(name).exists())
 
@@ -355,7 +366,9 @@ def _load_open_clip(request: ModelSpec) -> LoadedCLIP:
     from captum_iclip import zoo
 
     name, pretrained, checkpoint = request.name, request.pretrained, request.checkpoint
-    if name is None or (name not in open_clip.list_models() and not name.startswith("hf-hub:")):
+    if name is not None and name.startswith(HF_HUB_PREFIX):
+        return _load_open_clip_hub(request)
+    if name is None or name not in open_clip.list_models():
         raise ValueError(
             f"model_name: expected an open_clip architecture (see open_clip.list_models()) or a bundled "
             f"model {zoo.available()}, got {name!r}"
@@ -403,21 +416,89 @@ def _load_open_clip(request: ModelSpec) -> LoadedCLIP:
     return LoadedCLIP(model.eval(), preprocess, tokenizer, f"{name}/{weights}", int(size))
 
 
+def _load_open_clip_hub(request: ModelSpec) -> LoadedCLIP:
+    """An open_clip model named ``hf-hub:OWNER/NAME``: its config and weights come from that hub repository."""
+    import open_clip
+
+    name = request.name
+    repo = name[len(HF_HUB_PREFIX) :].strip()
+    if not repo:
+        raise ValueError(f"model_name: expected {HF_HUB_PREFIX}OWNER/NAME (an open_clip hub repository), got {name!r}")
+    for argument in ("pretrained", "checkpoint"):
+        value = getattr(request, argument)
+        if value is not None:
+            raise ValueError(
+                f"{argument}: expected None with an {HF_HUB_PREFIX} model (the repository holds its weights), "
+                f"got {value!r}"
+            )
+    if request.from_scratch:
+        raise ValueError(
+            f"from_scratch: expected an open_clip architecture name (a random initialisation), got the hub model "
+            f"{name!r}, which names its weights"
+        )
+    extra = {"force_image_size": request.image_size} if request.image_size else {}
+    try:
+        tokenizer = open_clip.get_tokenizer(name)
+        model, _, preprocess = open_clip.create_model_and_transforms(name, device=request.device, **extra)
+    except Exception as error:  # huggingface_hub and open_clip raise OSError, RuntimeError, ValueError, ...
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise WeightsUnavailableError(
+            f"model_name: expected an open_clip hub model this machine can fetch, got {name!r}: "
+            f"{type(error).__name__}: {reason[:300]}\n{OFFLINE_HINT}"
+        ) from error
+    size = model.visual.image_size
+    size = request.image_size or (size if isinstance(size, int) else size[0])
+    return LoadedCLIP(model.eval(), preprocess, tokenizer, name, int(size))
+
+
 def _load_hf(request: ModelSpec) -> LoadedCLIP:
-    """A Hugging Face ``CLIPModel``, ``SiglipModel`` or ``Siglip2Model`` (by the config's ``model_type``)."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPModel, Siglip2Model, SiglipModel
+    """A Hugging Face ``CLIPModel``, ``SiglipModel`` or ``Siglip2Model`` (by the config's ``model_type``).
+
+    Any other ``model_type`` is refused, and so are weights that miss some of the model's (which
+    transformers would fill with a random initialisation, leaving only a log line).
+    """
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
     model_id = request.hf_model
     local = Path(model_id).is_dir()
+    if local and not (Path(model_id) / "config.json").is_file():
+        raise ValueError(
+            f"hf_model: expected a Hugging Face model folder (the files save_pretrained writes, config.json first), "
+            f"got {model_id!r}, which has no config.json"
+        )
     try:
         model_type = AutoConfig.from_pretrained(model_id, local_files_only=local).model_type
-        model_class = {"siglip": SiglipModel, "siglip2": Siglip2Model}.get(model_type, CLIPModel)
-        model = model_class.from_pretrained(model_id, local_files_only=local).to(request.device).eval()
+    except OSError as error:
+        raise WeightsUnavailableError(
+            f"hf_model: expected a Hugging Face model this machine can load, got {model_id!r}: {error}\n{OFFLINE_HINT}"
+        ) from error
+    except ValueError as error:  # a config.json without a model_type, or one this transformers does not know
+        raise ValueError(
+            f"hf_model: expected a Hugging Face model whose config.json names a model_type of "
+            f"{sorted(HF_MODEL_TYPES)}, got {model_id!r}: {' '.join(str(error).split())[:300]}"
+        ) from error
+    if model_type not in HF_MODEL_TYPES:
+        raise ValueError(
+            f"hf_model: expected a Hugging Face model of type {', '.join(HF_MODEL_TYPES)} "
+            f"({', '.join(HF_MODEL_TYPES.values())}), got {model_id!r} of model_type {model_type!r}"
+        )
+    model_class = getattr(transformers, HF_MODEL_TYPES[model_type])
+    try:
+        model, info = model_class.from_pretrained(model_id, local_files_only=local, output_loading_info=True)
         processor = AutoImageProcessor.from_pretrained(model_id, local_files_only=local)
     except OSError as error:
         raise WeightsUnavailableError(
             f"hf_model: expected a Hugging Face model this machine can load, got {model_id!r}: {error}\n{OFFLINE_HINT}"
         ) from error
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ValueError(
+            f"hf_model: expected the weights of every parameter of its {model_class.__name__}, got {model_id!r}, "
+            f"whose weights miss {len(missing)} ({shown}): they would be random"
+        )
+    model = model.to(request.device).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=local)
     except (OSError, ImportError, ValueError) as error:
@@ -462,6 +543,12 @@ def _siglip2_preprocess(processor, model: nn.Module, image_size: int | None) -> 
 
     return preprocess, int(size)
 
+
+HF_MODEL_TYPES = {"clip": "CLIPModel", "siglip": "SiglipModel", "siglip2": "Siglip2Model"}
+"""The ``model_type`` values of the ``huggingface`` family, each with the transformers class it loads."""
+
+HF_HUB_PREFIX = "hf-hub:"
+"""open_clip's prefix of a model named by its Hugging Face hub repository (``hf-hub:OWNER/NAME``)."""
 
 FAMILIES: list[tuple[str, Callable[[ModelSpec], bool], Callable[[ModelSpec], LoadedCLIP]]] = [
     ("huggingface", lambda request: request.hf_model is not None, _load_hf),

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from captum_iclip._io import atomic_torch_save, atomic_write_text, load_torch_file
+from captum_iclip._io import atomic_torch_save, atomic_write_text, json_text, load_torch_file
 
 __all__ = [
     "DINOConfig",
@@ -571,7 +571,7 @@ def save_tiny_dino(
     state = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
     atomic_torch_save(state, weights)
     meta = {"config": asdict(config), "stats": stats or {}}
-    atomic_write_text(out_dir / CONFIG_NAME, json.dumps(meta, indent=2))
+    atomic_write_text(out_dir / CONFIG_NAME, json_text(meta, indent=2))
     return weights
 
 

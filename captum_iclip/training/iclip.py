@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import logging
 import math
 import os
@@ -76,7 +75,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
-from captum_iclip._io import atomic_torch_save, atomic_write_text, load_torch_file
+from captum_iclip._io import atomic_torch_save, atomic_write_text, json_text, load_torch_file
 from captum_iclip.masks import CachedMaskProvider, MaskProvider, as_mask_provider
 from captum_iclip.models.dual import DualProjectionCLIP
 from captum_iclip.pooling import MaskedMaxPooling
@@ -609,6 +608,15 @@ def _load_trainable_state(dual: DualProjectionCLIP, mode: str, state: dict[str, 
 _COUNTERS = ("samples", "skipped_images", "equalisation_cut", "empty_mask_fallbacks")
 
 
+class NonFiniteTrainingError(RuntimeError):
+    """The loss or the weights of a run became NaN or infinite: the run stops, its last good checkpoint kept."""
+
+
+def _non_finite(state: dict[str, Tensor]) -> list[str]:
+    """The names of the floating-point tensors of ``state`` that hold a NaN or an infinity."""
+    return [name for name, value in state.items() if value.is_floating_point() and not bool(value.isfinite().all())]
+
+
 def _mask_fallbacks(provider: MaskProvider | None, pool: MaskedMaxPooling) -> int:
     """Empty masks replaced by all patches so far (each image counted once, where it was computed)."""
     count = int(pool.num_empty_masks)
@@ -795,6 +803,7 @@ class ICLIPTrainer:
         self.step_index, self.elapsed_before, self.last_loss = 0, 0.0, float("nan")
         self.counters = dict.fromkeys(_COUNTERS, 0)
         self.fallbacks_before = 0
+        self.saved_step: int | None = None  # the step of the last checkpoint this run wrote or resumed from
         self.started = time.monotonic()
 
     # --- setup --------------------------------------------------------------------
@@ -897,6 +906,7 @@ class ICLIPTrainer:
             self.last_loss = payload["last_loss"]
             self.counters = dict(payload["counters"][ctx.rank])
             _set_rng_state(payload["rng"][ctx.rank])
+            self.saved_step = self.step_index
             if ctx.is_main:
                 logger.info("resumed from %s at step %d", resume_from, self.step_index)
         self.fallbacks_before = self.counters["empty_mask_fallbacks"]
@@ -906,8 +916,21 @@ class ICLIPTrainer:
         return self.elapsed_before + time.monotonic() - self.started
 
     def save(self) -> None:
-        """Write the checkpoint of the current state (every rank takes part; the main rank writes)."""
+        """Write the checkpoint of the current state (every rank takes part; the main rank writes).
+
+        Raises:
+            NonFiniteTrainingError: the weights to checkpoint hold a NaN or an infinity; the checkpoint
+                on disk (the last good one) is left as it is.
+        """
         ctx, config = self.ctx, self.config
+        module = self.dual.interpretability_head if config.mode == "projection" else self.dual
+        bad = _non_finite(module.state_dict())
+        if bad:
+            names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise self._diverged(
+                f"model: expected finite weights to checkpoint at step {self.step_index}, got NaN or infinite "
+                f"values in {names}"
+            )
         epoch, step_in_epoch = divmod(self.step_index, self.stream.steps_per_epoch)  # the next batch's position
         self.counters["empty_mask_fallbacks"] = self.fallbacks_before + _mask_fallbacks(
             self.provider, self.step_module.pool
@@ -934,6 +957,25 @@ class ICLIPTrainer:
                 },
                 self.checkpoint_path,
             )
+        self.saved_step = self.step_index
+
+    def _diverged(self, what: str) -> NonFiniteTrainingError:
+        """The error of a run that diverged, saying which checkpoint is kept and how to go on from it."""
+        if self.saved_step is None:
+            kept = (
+                "No checkpoint was written before it (see --save-every): start again with a lower --lr or with "
+                "--grad-clip-norm"
+            )
+        else:
+            kept = (
+                f"The last good checkpoint, {self.checkpoint_path} (step {self.saved_step}), is kept: continue from "
+                "it with the same options and --resume (with --grad-clip-norm to steady the updates), or start "
+                "again with a lower --lr"
+            )
+        return NonFiniteTrainingError(
+            f"{what}; training stopped at step {self.step_index} of {self.total_steps} and nothing of that step "
+            f"was saved (lr {self.parts.optimizer.param_groups[0]['lr']:.3g}). {kept}"
+        )
 
     # --- training -----------------------------------------------------------------
     def step(self, batch: ImageTextBatch) -> int:
@@ -943,7 +985,11 @@ class ICLIPTrainer:
         self.counters["equalisation_cut"] += cut
         trained = 0
         if images is not None:
-            self.last_loss = train_step(self.parts, images, captions)
+            loss = train_step(self.parts, images, captions)
+            if not math.isfinite(loss):
+                self.step_index += 1
+                raise self._diverged(f"loss: expected a finite training loss, got {loss}")
+            self.last_loss = loss
             if self.dual.logit_scale.requires_grad:
                 with torch.no_grad():
                     self.dual.logit_scale.clamp_(0, math.log(100))  # as open_clip does
@@ -1020,7 +1066,7 @@ class ICLIPTrainer:
             metadata = {"config": dataclasses.asdict(config), "stats": stats}
             dual.save(self.out_dir / "final.pt", **metadata)
             dual.save_interpretability(self.out_dir / "interpretability_head.pt", **metadata)
-            atomic_write_text(self.out_dir / "stats.json", json.dumps(stats, indent=2))
+            atomic_write_text(self.out_dir / "stats.json", json_text(stats, indent=2))
             logger.info("training done: %s", stats)
         return stats
 
@@ -1053,8 +1099,8 @@ class _TrainLog:
         self.window_start, self.window_samples = now, 0
         self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         if self.console:
-            tqdm.write(json.dumps(record))
-        self.file.write(json.dumps(record) + "\n")
+            tqdm.write(json_text(record))
+        self.file.write(json_text(record) + "\n")
         self.file.flush()
 
     def close(self) -> None:
@@ -1143,7 +1189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def run() -> int:
         stats = train(TrainConfig(**vars(args)))
         if int(os.environ.get("RANK", "0")) == 0:
-            print(json.dumps(stats, indent=2))
+            print(json_text(stats, indent=2))
         return 0
 
     return run_command("captum-iclip train", run, debug or None)

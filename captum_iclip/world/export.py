@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -33,7 +32,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from captum_iclip._io import atomic_write, atomic_write_bytes, atomic_write_text
+from captum_iclip._io import atomic_write, atomic_write_bytes, atomic_write_text, json_text
 from captum_iclip.world.generator import HELDOUT_SEED_START, TRAIN_SEED_START, class_names, generate_scene
 
 __all__ = ["export_image_text", "export_voc", "sample_name", "voc_colormap"]
@@ -254,5 +253,5 @@ def export_voc(
 
     atomic_write_text(set_dir / f"{split}.txt", "".join(f"{name}\n" for name in names))
     atomic_write_text(root / "class_names.txt", "".join(f"{name}\n" for name in class_names()))
-    atomic_write_text(root / "captions.json", json.dumps(captions, indent=1, sort_keys=True))
+    atomic_write_text(root / "captions.json", json_text(captions, indent=1, sort_keys=True))
     return root

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from captum_iclip._io import atomic_write_text
+from captum_iclip._io import atomic_write_text, json_text
 
 SELECTION_SCENES = 500  # selection-range scenes of each candidate's row (recognition and maps)
 REPORT_SCENES = 500  # report-range scenes of the pick's replication
@@ -258,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "selection": measure(clip_dir, "selection", scenes, bootstrap, args.device),
         }
         results["rows"].append(row)
-        atomic_write_text(results_path, json.dumps(results, indent=1, allow_nan=False))
+        atomic_write_text(results_path, json_text(results, indent=1))
         print(markdown([row]), end="")
     if args.replicate:
         chosen = pick(results["rows"])
@@ -268,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             clip_dir = work / chosen["name"] / "clip"
             report = measure(clip_dir, "report", REPORT_SCENES if not args.quick else scenes, bootstrap, args.device)
             results["replication"] = {"pick": chosen["name"], "report": report}
-        atomic_write_text(results_path, json.dumps(results, indent=1, allow_nan=False))
+        atomic_write_text(results_path, json_text(results, indent=1))
     atomic_write_text(work / "ladder.md", markdown(results["rows"]))
     print(markdown(results["rows"]), end="")
     print(f"wrote {results_path}")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from captum_iclip._io import json_text
 from captum_iclip.models.adapters import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from captum_iclip.zoo import build_clip, make_preprocess
 from captum_iclip.zoo.quality import mask_quality, recognition_report, scene_range
@@ -155,13 +156,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         result["masks"] = mask_candidates([Path(f) for f in args.dino], IMAGE_SIZE, (side, side))
         chosen = max(result["masks"], key=lambda r: r["dino_iou"])
         result["chosen_masks"] = {k: chosen[k] for k in ("dino", "blocks", "tau", "dino_iou", "centre_box_iou")}
-    text = json.dumps(result, indent=2)
+    text = json_text(result, indent=2)
     if args.out:
         from captum_iclip._io import atomic_write_text
 
         atomic_write_text(args.out, text + "\n")
     summary = {k: v for k, v in result.items() if k.startswith("chosen")}
-    print(json.dumps(summary, indent=2))
+    print(json_text(summary, indent=2))
     return 0
 
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captum_iclip._io import atomic_write_text
+from captum_iclip._io import atomic_write_text, json_text
 
 POOLINGS = ("class-token", "attention", "average", "max", "masked-max-dino", "masked-max-oracle")
 MODES = ("projection", "last-1", "last-2", "full")
@@ -475,7 +475,7 @@ def run_one(spec: RunSpec, ctx: StudyContext) -> dict:
         None if stats is None else {k: stats[k] for k in ("steps", "samples", "wall_time_s", "final_loss")}
     )
     result["seconds"] = {"train": trained - began, "evaluate": time.monotonic() - trained}
-    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    atomic_write_text(path, json_text(result, indent=2) + "\n")
     return result
 
 
@@ -489,7 +489,7 @@ def mask_quality_figures(ctx: StudyContext) -> dict:
         # mask_quality compares with CPU ground truth: measure a CPU copy of the provider.
         provider = copy.deepcopy(bundle.mask_provider).cpu()
         figures = mask_quality(provider, ctx.scenes("study"), bundle.preprocess, ctx.grid)
-        atomic_write_text(path, json.dumps(figures, indent=2) + "\n")
+        atomic_write_text(path, json_text(figures, indent=2) + "\n")
     return json.loads(path.read_text())
 
 
@@ -522,7 +522,7 @@ def run_study(settings: StudySettings) -> dict:
         "runs": results,
     }
     out = Path(settings.out)
-    atomic_write_text(out / "results.json", json.dumps(document, indent=2) + "\n")
+    atomic_write_text(out / "results.json", json_text(document, indent=2) + "\n")
     write_report(document, settings)
     return document
 

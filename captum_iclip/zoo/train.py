@@ -20,6 +20,7 @@ with the training figures) into ``captum_iclip/zoo/weights/shapes-tiny``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +30,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from captum_iclip._io import atomic_torch_save, atomic_write, atomic_write_text
+from captum_iclip._io import atomic_torch_save, atomic_write, atomic_write_text, json_text
 from captum_iclip.models.adapters import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from captum_iclip.training.dino import DINOConfig
 from captum_iclip.zoo import WEIGHTS_DIR, build_clip, make_preprocess
@@ -94,7 +95,7 @@ class RenderedWorld(Dataset):
             self.images, self.captions = _render(recipe, workers, progress)
             if cached is not None:
                 atomic_write(cached / "images.npy", lambda handle: np.save(handle, self.images))
-                atomic_write_text(cached / "captions.json", json.dumps(self.captions))  # last: marks it complete
+                atomic_write_text(cached / "captions.json", json_text(self.captions))  # last: marks it complete
         self.preprocess = make_preprocess(size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
     def __len__(self) -> int:
@@ -331,7 +332,7 @@ def clip_model_config(args: argparse.Namespace, work: Path) -> dict:
     recorded = work / "clip" / "model_config.json"
     if recorded.is_file():
         return json.loads(recorded.read_text())
-    config = json.loads(json.dumps(MODEL_CONFIG))
+    config = copy.deepcopy(MODEL_CONFIG)
     patch = getattr(args, "patch_size", config["vision_cfg"]["patch_size"])
     if patch < 1 or IMAGE_SIZE % patch:
         raise ValueError(f"--patch-size: expected a divisor of the image side {IMAGE_SIZE}, got {patch}")
@@ -344,7 +345,7 @@ def _train_clip(args: argparse.Namespace, clip_dir: Path, world: RenderedWorld, 
     from captum_iclip.training.iclip import TrainConfig, train
 
     model_config = clip_model_config(args, clip_dir.parent)
-    atomic_write_text(clip_dir / "model_config.json", json.dumps(model_config, indent=2))
+    atomic_write_text(clip_dir / "model_config.json", json_text(model_config, indent=2))
     train(
         TrainConfig(
             mode="full",
@@ -483,7 +484,7 @@ def _bundle(args: argparse.Namespace, work: Path, tokenizer) -> None:
     }
     write_bundle(Path(args.out), dual, model_config, dino_dir, figures, prompts, class_names(), settings)
     summary = {k: v for k, v in figures["recognition"].items() if k != "confusion"}
-    print(json.dumps({"recognition": summary, "dino_masks": figures["dino_masks"]}, indent=2))
+    print(json_text({"recognition": summary, "dino_masks": figures["dino_masks"]}, indent=2))
 
 
 def write_bundle(
@@ -520,7 +521,7 @@ def write_bundle(
         "prompts": prompts,
         "training": figures,
     }
-    atomic_write_text(out / "config.json", json.dumps(config, indent=2, default=str) + "\n")
+    atomic_write_text(out / "config.json", json_text(config, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":
