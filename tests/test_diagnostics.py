@@ -137,6 +137,16 @@ def test_a_planted_high_norm_token_is_found(open_clip_vit):
     assert first["share_above_4"] == pytest.approx(1 / 16)
 
 
+def test_a_hook_on_a_block_read_from_its_parts_is_refused(open_clip_vit):
+    sim = CLIPSimilarity(open_clip_vit, text_features=_text())
+    handle = open_clip_vit.visual.transformer.resblocks[-1].register_forward_hook(lambda m, i, o: o * 2)
+    try:
+        with pytest.raises(ValueError, match="model: expected no hooks on the blocks .* block 2 of 3"):
+            Diagnostics(sim).measure(make_images(1, 3, 16, 16))
+    finally:
+        handle.remove()
+
+
 def test_token_norm_ratios_known_answer():
     tokens = torch.ones(1, 1 + 4, 3)
     tokens[0, 2] *= 12.0
@@ -272,22 +282,24 @@ def test_raw_map_score_contrast_equals_the_eval_figure(bundle):
 
 
 def test_shipped_bundle_mechanism_floors(bundle):
-    """What the diagnostics show in the shipped bundle, on 100 report-range scenes (measured on 500:
-    raw ITSM mSC +9.0, residual-stream term +20.0, attention term -18.7, largest norm ratio 1.6): the
-    last block's attention output alone prefers the background, the residual stream prefers the
-    object and wins, and there is no high-norm token."""
-    from captum_iclip.world import class_names, prompt_for
-    from captum_iclip.zoo.quality import scene_range
+    """What the diagnostics show in the shipped bundle, on the first 100 report-range scenes. Measured on
+    500 (``captum-iclip diagnose --dataset world --root 13000000 --limit 500``): raw ITSM mSC +10.6
+    [9.1, 12.1], residual-stream term +21.5, attention term -19.3, alpha = 5 -2.7, largest norm ratio
+    1.55. The last block's attention output alone prefers the background, the residual stream prefers
+    the object and wins, and there is no high-norm token."""
+    from captum_iclip.datasets import build_dataset
+    from captum_iclip.evaluation.run import class_prompts
 
-    scenes = scene_range("report", 100, 96)
-    sim = CLIPSimilarity(bundle.dual, bundle.tokenizer, [prompt_for(c) for c in class_names()])
-    diagnostics = Diagnostics(sim, num_classes=len(class_names()), bootstrap=200)
-    diagnostics.update(torch.stack([bundle.preprocess(s.image) for s in scenes]), [s.label for s in scenes])
+    dataset = build_dataset("world", "13000000", limit=100)
+    sim = CLIPSimilarity(bundle.dual, bundle.tokenizer, class_prompts(dataset, bundle), templates=bundle.templates)
+    diagnostics = Diagnostics(sim, num_classes=dataset.num_classes, bootstrap=200)
+    items = [dataset[i] for i in range(len(dataset))]
+    diagnostics.update(torch.stack([bundle.preprocess(image) for image, _, _ in items]), [lab for _, lab, _ in items])
     summary = diagnostics.summary()
     maps = summary["maps"]
     assert maps["attention"]["msc_ci"][1] < 0  # the attention term prefers the background
     assert maps["residual"]["msc_ci"][0] > 0  # the residual stream prefers the object
-    assert maps["residual"]["msc"] > maps["itsm"]["msc"] > maps["attention"]["msc"]
+    assert maps["residual"]["msc"] > maps["itsm"]["msc"] > 0 > maps["attention"]["msc"]
     assert maps["alpha=5"]["msc"] < maps["itsm"]["msc"] < maps["alpha=0.5"]["msc"]
     assert max(row["max_ratio"] for row in summary["token_norms"]) < 4  # no high-norm token
 

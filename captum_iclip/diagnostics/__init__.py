@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from captum_iclip.evaluation.metrics import LocalizationMetrics
 from captum_iclip.models.adapters import HFCLIPAdapter, OpenCLIPViTAdapter, TokenProjection, VisionAdapter
-from captum_iclip.models.blocks import BlockView
+from captum_iclip.models.blocks import BlockView, check_unhooked
 from captum_iclip.similarity import CLIPSimilarity
 
 __all__ = [
@@ -135,7 +135,8 @@ def run_tower(adapter: VisionAdapter, images: Tensor, attention_blocks: int = 2)
 
     Raises:
         NotImplementedError: for towers other than class-token ViTs.
-        ValueError: for ``attention_blocks`` outside 1..blocks.
+        ValueError: for ``attention_blocks`` outside 1..blocks, or a hook on a block read from its parts
+            (the last ``attention_blocks``), which those parts would bypass.
     """
     _vit_adapter(adapter, "run_tower")
     views = adapter.block_views("diagnostics")
@@ -145,9 +146,11 @@ def run_tower(adapter: VisionAdapter, images: Tensor, attention_blocks: int = 2)
         raise ValueError(
             f"attention_blocks: expected 1..{len(views)} (the tower has {len(views)} blocks), got {attention_blocks}"
         )
+    first_recorded = len(views) - attention_blocks
+    # The recorded blocks are read from their parts too: a hook there would not be in the figures.
+    check_unhooked(views, range(first_recorded, len(views)), "the diagnostics read their attention and parts")
     x, grid = adapter.embed(images)
     outputs, attention = [], []
-    first_recorded = len(views) - attention_blocks
     for index, view in enumerate(views):
         if index >= first_recorded:
             q, k, _ = view.qkv(view.ln_1(x))
