@@ -62,6 +62,7 @@ __all__ = [
     "Scene",
     "WorldDataset",
     "WorldObject",
+    "WorldVariant",
     "class_names",
     "generate_scene",
     "prompt_for",
@@ -219,6 +220,63 @@ class Scene:
     def pil(self) -> Image.Image:
         """The image as an RGB ``PIL.Image``."""
         return Image.fromarray(self.image)
+
+
+@dataclass(frozen=True)
+class WorldVariant:
+    """A change of the world's image statistics, for training recipes that test what a model learns from them.
+
+    The default is the world as documented above, bit for bit. A background variant draws every scene
+    from the same random streams, so a seed gives the same objects, layout and caption, only the
+    background rendered differently; a changed ``object_scale`` also changes where objects fit, so the
+    layout (and the background drawn after it) of a seed may differ.
+
+    Args:
+        backgrounds: ``"textured"`` (the procedural textures), ``"smooth"`` (each texture low-pass filtered
+            with a box of a quarter of the side, keeping its colours and slow variations) or ``"uniform"``
+            (each texture replaced by its mean colour): backgrounds with less information per patch.
+        object_scale: factor on every object's radius (``0.6``: smaller objects, more background); the
+            caption's "small" / "large" keep their absolute thresholds.
+
+    Examples:
+        >>> generate_scene(3, variant=WorldVariant(backgrounds="uniform")).image[0, 0].tolist() == (
+        ...     generate_scene(3, variant=WorldVariant(backgrounds="uniform")).image[-1, -1].tolist())
+        True
+    """
+
+    backgrounds: str = "textured"
+    object_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.backgrounds not in BACKGROUND_KINDS:
+            raise ValueError(f"backgrounds: expected one of {BACKGROUND_KINDS}, got {self.backgrounds!r}")
+        if not 0.2 <= float(self.object_scale) <= 1.5:
+            raise ValueError(f"object_scale: expected a factor in [0.2, 1.5], got {self.object_scale!r}")
+
+    @property
+    def is_default(self) -> bool:
+        return self == WorldVariant()
+
+    def name(self) -> str:
+        """A short name for file names and tables, e.g. ``"uniform-x0.6"``; ``"default"`` for the default."""
+        if self.is_default:
+            return "default"
+        return f"{self.backgrounds}-x{self.object_scale:g}"
+
+    def render_background(self, texture: np.ndarray) -> np.ndarray:
+        """The variant's background from the procedural ``texture`` (S, S, 3)."""
+        if self.backgrounds == "uniform":
+            return np.broadcast_to(texture.mean(axis=(0, 1), keepdims=True), texture.shape).astype(np.float32)
+        if self.backgrounds == "smooth":
+            box = max(1, texture.shape[0] // 4) | 1  # odd, so that the filter is centred
+            tensor = torch.from_numpy(np.ascontiguousarray(texture)).permute(2, 0, 1)[None]
+            padded = torch.nn.functional.pad(tensor, (box // 2,) * 4, mode="reflect")
+            smooth = torch.nn.functional.avg_pool2d(padded, box, stride=1)
+            return smooth[0].permute(1, 2, 0).numpy().astype(np.float32)
+        return texture
+
+
+BACKGROUND_KINDS = ("textured", "smooth", "uniform")
 
 
 def class_names() -> list[str]:
@@ -756,11 +814,11 @@ def sample_caption(
 
 
 # --------------------------------------------------------------------- scene
-def _sample_object(category: str, rng: np.random.Generator) -> WorldObject:
+def _sample_object(category: str, rng: np.random.Generator, object_scale: float = 1.0) -> WorldObject:
     colour = COLOURS[rng.integers(len(COLOURS))]
     hue = (_COLOUR_HUE[colour] + rng.uniform(-6, 6)) % 360 / 360
     rgb = colorsys.hsv_to_rgb(hue, rng.uniform(0.8, 1.0), rng.uniform(0.78, 1.0))
-    scale = float(rng.uniform(*_SCALE_RANGE))
+    scale = float(rng.uniform(*_SCALE_RANGE)) * object_scale
     size_word = "small" if scale < _SMALL_BELOW else "large" if scale > _LARGE_ABOVE else ""
     return WorldObject(
         category=category,
@@ -806,13 +864,14 @@ def _place(
     return None
 
 
-def generate_scene(seed: int, size: int = 96) -> Scene:
-    """Generate one scene, a pure function of ``seed`` (and ``size``).
+def generate_scene(seed: int, size: int = 96, variant: WorldVariant | None = None) -> Scene:
+    """Generate one scene, a pure function of ``seed`` (and ``size`` and ``variant``).
 
     Args:
         seed: Non-negative integer seed. Train seeds start at
             ``TRAIN_SEED_START``, held-out seeds at ``HELDOUT_SEED_START``.
         size: Image side in pixels, 16 to 1024.
+        variant: A :class:`WorldVariant` of the image statistics; ``None`` is the world as documented.
 
     Returns:
         The ``Scene``: image, exact label map, objects, background, caption.
@@ -826,6 +885,9 @@ def generate_scene(seed: int, size: int = 96) -> Scene:
         raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 16 <= size <= 1024:
         raise ValueError(f"size: expected an int in [16, 1024], got {size!r}")
+    variant = WorldVariant() if variant is None else variant
+    if not isinstance(variant, WorldVariant):
+        raise TypeError(f"variant: expected a WorldVariant or None, got {type(variant).__name__}")
     layout_rng, texture_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(2))
 
     count = int(layout_rng.choice([1, 2, 3], p=[0.3, 0.4, 0.3]))
@@ -834,7 +896,7 @@ def generate_scene(seed: int, size: int = 96) -> Scene:
     layout: list[np.ndarray] = []  # full layout coverage of each placed object
     visible: list[np.ndarray] = []
     for c in categories:
-        candidate = _sample_object(CATEGORIES[int(c)], layout_rng)
+        candidate = _sample_object(CATEGORIES[int(c)], layout_rng, variant.object_scale)
         alpha = _place(candidate, visible, [float(a.sum()) for a in layout], layout_rng)
         if alpha is not None:
             objects.append(candidate)
@@ -846,7 +908,7 @@ def generate_scene(seed: int, size: int = 96) -> Scene:
     background = preferred if layout_rng.random() < CONTEXT_BIAS else BACKGROUNDS[layout_rng.integers(len(BACKGROUNDS))]
     caption = _caption(objects, background, overlaps, layout_rng)
 
-    canvas = render_background(background, size, texture_rng)
+    canvas = variant.render_background(render_background(background, size, texture_rng))
     image, label, instance = render_objects(canvas, objects, texture_rng)
     return Scene(
         image=image,

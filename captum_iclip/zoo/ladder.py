@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from captum_iclip._io import atomic_write_text, json_text
+from captum_iclip.world import WorldVariant
 
 SELECTION_SCENES = 500  # selection-range scenes of each candidate's row (recognition and maps)
 REPORT_SCENES = 500  # report-range scenes of the pick's replication
@@ -48,6 +49,14 @@ class Candidate:
     train_scenes: int = 20_000
     epochs: int = 5
     batch_size: int = 256
+    backgrounds: str = "textured"
+    object_scale: float = 1.0
+    caption_background_prob: float | None = None
+
+    @property
+    def variant(self) -> WorldVariant:
+        """The world it trains on, and is measured on."""
+        return WorldVariant(self.backgrounds, self.object_scale)
 
     @property
     def samples(self) -> int:
@@ -62,8 +71,22 @@ PILOTS = (
     Candidate("P2-patch8", layers=4, width=128, patch_size=8),
     Candidate("P3-long", layers=4, width=128, epochs=10),
 )
-#: The tiny candidate of ``--quick`` (tests).
-QUICK = (Candidate("quick", layers=2, width=64, patch_size=24, train_scenes=64, epochs=1, batch_size=32),)
+#: The tiny candidates of ``--quick`` (tests): the recipe and a world variant.
+QUICK = (
+    Candidate("quick", layers=2, width=64, patch_size=24, train_scenes=64, epochs=1, batch_size=32),
+    Candidate(
+        "quick-uniform",
+        layers=2,
+        width=64,
+        patch_size=24,
+        train_scenes=64,
+        epochs=1,
+        batch_size=32,
+        backgrounds="uniform",
+        object_scale=0.6,
+        caption_background_prob=0.0,
+    ),
+)
 
 
 def train_candidate(candidate: Candidate, work: Path, threads: int | None, device: str, progress: bool) -> Path:
@@ -87,9 +110,15 @@ def train_candidate(candidate: Candidate, work: Path, threads: int | None, devic
         str(candidate.epochs),
         "--clip-batch-size",
         str(candidate.batch_size),
+        "--world-backgrounds",
+        candidate.backgrounds,
+        "--object-scale",
+        str(candidate.object_scale),
         "--device",
         device,
     ]
+    if candidate.caption_background_prob is not None:
+        argv += ["--caption-background-prob", str(candidate.caption_background_prob)]
     if threads:
         argv += ["--threads", str(threads)]
     if not progress:
@@ -99,8 +128,16 @@ def train_candidate(candidate: Candidate, work: Path, threads: int | None, devic
 
 
 @torch.no_grad()
-def measure(clip_dir: Path, seed_range: str, scenes: int, bootstrap: int, device: str = "cpu") -> dict:
-    """Recognition and the diagnostics of a trained ``clip`` folder on ``scenes`` scenes of ``seed_range``."""
+def measure(
+    clip_dir: Path,
+    seed_range: str,
+    scenes: int,
+    bootstrap: int,
+    device: str = "cpu",
+    variant: WorldVariant | None = None,
+) -> dict:
+    """Recognition and the diagnostics of a trained ``clip`` folder on ``scenes`` scenes of ``seed_range``,
+    rendered in ``variant`` (the world it was trained on)."""
     import open_clip
 
     from captum_iclip import CLIPSimilarity
@@ -116,7 +153,7 @@ def measure(clip_dir: Path, seed_range: str, scenes: int, bootstrap: int, device
     model = DualProjectionCLIP(build_clip(config)).load(clip_dir / "final.pt").clip.to(device).eval()
     tokenizer = open_clip.SimpleTokenizer(context_length=config["text_cfg"]["context_length"])
     preprocess = make_preprocess(size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-    world = scene_range(seed_range, scenes, size)
+    world = scene_range(seed_range, scenes, size, variant)
 
     shapes = CLIPSimilarity(model, tokenizer, [prompt_for(c) for c in CATEGORIES]).eval()
     recognition = recognition_report(lambda x: shapes(x.to(device)), world, preprocess)
@@ -255,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "device": args.device,
             "threads": torch.get_num_threads(),
             "command": f"python -m captum_iclip.zoo.ladder --only {candidate.name}",
-            "selection": measure(clip_dir, "selection", scenes, bootstrap, args.device),
+            "selection": measure(clip_dir, "selection", scenes, bootstrap, args.device, candidate.variant),
         }
         results["rows"].append(row)
         atomic_write_text(results_path, json_text(results, indent=1))
@@ -266,7 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["replication"] = {"pick": None, "reason": "no candidate meets the recognition targets"}
         else:
             clip_dir = work / chosen["name"] / "clip"
-            report = measure(clip_dir, "report", REPORT_SCENES if not args.quick else scenes, bootstrap, args.device)
+            variant = WorldVariant(chosen.get("backgrounds", "textured"), chosen.get("object_scale", 1.0))
+            count = REPORT_SCENES if not args.quick else scenes
+            report = measure(clip_dir, "report", count, bootstrap, args.device, variant)
             results["replication"] = {"pick": chosen["name"], "report": report}
         atomic_write_text(results_path, json_text(results, indent=1))
     atomic_write_text(work / "ladder.md", markdown(results["rows"]))

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from captum_iclip.world import CATEGORIES, HELDOUT_SEED_START, Scene, generate_scene
+from captum_iclip.world import CATEGORIES, HELDOUT_SEED_START, Scene, WorldVariant, generate_scene
 
 # First seed of each held-out use; each range holds fewer than a million scenes.
 SEED_RANGES: dict[str, int] = {
@@ -35,13 +35,14 @@ SEED_RANGES: dict[str, int] = {
 }
 
 
-def scene_range(name: str, count: int, size: int) -> list[Scene]:
-    """``count`` scenes of side ``size`` from the seed range ``name`` of :data:`SEED_RANGES`."""
+def scene_range(name: str, count: int, size: int, variant: WorldVariant | None = None) -> list[Scene]:
+    """``count`` scenes of side ``size`` from the seed range ``name`` of :data:`SEED_RANGES`, rendered in
+    ``variant`` (default: the world itself)."""
     if name not in SEED_RANGES:
         raise ValueError(f"name: expected one of {sorted(SEED_RANGES)}, got {name!r}")
     if not 0 < count < 1_000_000:
         raise ValueError(f"count: expected 1 to 999999 scenes, got {count}")
-    return [generate_scene(SEED_RANGES[name] + i, size) for i in range(count)]
+    return [generate_scene(SEED_RANGES[name] + i, size, variant) for i in range(count)]
 
 
 @torch.no_grad()

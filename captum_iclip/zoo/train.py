@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from captum_iclip._io import atomic_torch_save, atomic_write, atomic_write_text, json_text
 from captum_iclip.models.adapters import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from captum_iclip.training.dino import DINOConfig
+from captum_iclip.world import WorldVariant
 from captum_iclip.zoo import WEIGHTS_DIR, build_clip, make_preprocess
 
 IMAGE_SIZE = 96
@@ -68,6 +69,9 @@ class RenderedWorld(Dataset):
         cache_dir: Folder where the rendered world is kept (written atomically,
             read back memory-mapped), so that a resumed run or another stage skips
             the rendering; ``None`` renders every time.
+        variant: The :class:`~captum_iclip.world.WorldVariant` of the images (default: the world itself).
+        caption_background_prob: With ``caption_colour_prob``, the probability that a caption names
+            the background (``None``: the world's own, 0.35).
     """
 
     def __init__(
@@ -80,13 +84,18 @@ class RenderedWorld(Dataset):
         caption_seed: int = 0,
         workers: int = 0,
         cache_dir: str | Path | None = None,
+        variant: WorldVariant | None = None,
+        caption_background_prob: float | None = None,
     ) -> None:
         if length < 1:
             raise ValueError(f"length: expected at least 1 scene, got {length}")
         if workers < 0:
             raise ValueError(f"workers: expected a non-negative int (0: render in this process), got {workers}")
-        recipe = (start_seed, length, size, caption_colour_prob, caption_seed)
-        stem = "world-" + "-".join(str(v) for v in recipe)
+        variant = WorldVariant() if variant is None else variant
+        recipe = (start_seed, length, size, caption_colour_prob, caption_seed, variant, caption_background_prob)
+        # The default world keeps the cache names of earlier runs.
+        named = recipe[:5] + ((variant.name(), caption_background_prob) if recipe[5:] != (WorldVariant(), None) else ())
+        stem = "world-" + "-".join(str(v) for v in named)
         cached = Path(cache_dir) / stem if cache_dir is not None else None
         if cached is not None and (cached / "captions.json").is_file():
             self.images = np.load(cached / "images.npy", mmap_mode="r")
@@ -112,18 +121,19 @@ def _render_chunk(recipe: tuple, first: int) -> tuple[np.ndarray, list[str]]:
     """Scenes ``first`` to ``first + _CHUNK`` (clipped) of the world ``recipe``."""
     from captum_iclip.world import generate_scene, sample_caption
 
-    start_seed, length, size, colour_prob, caption_seed = recipe
+    start_seed, length, size, colour_prob, caption_seed, variant, background_prob = recipe
     indices = range(first, min(first + _CHUNK, length))
     images = np.empty((len(indices), size, size, 3), dtype=np.uint8)
     captions = []
     for row, i in enumerate(indices):
-        scene = generate_scene(start_seed + i, size=size)
+        scene = generate_scene(start_seed + i, size=size, variant=variant)
         images[row] = scene.image
         if colour_prob is None:
             captions.append(scene.caption)
         else:
             rng = np.random.default_rng((caption_seed, start_seed + i))
-            captions.append(sample_caption(scene, rng, colour_prob=colour_prob))
+            words = {} if background_prob is None else {"background_prob": background_prob}
+            captions.append(sample_caption(scene, rng, colour_prob=colour_prob, **words))
     return images, captions
 
 
@@ -230,6 +240,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.3,
         help="probability that a training caption names an object's colour (the world's own captions: 0.9)",
     )
+    parser.add_argument(
+        "--caption-background-prob",
+        type=float,
+        default=None,
+        help="probability that a training caption names the background (default: the world's own, 0.35)",
+    )
+    parser.add_argument(
+        "--world-backgrounds",
+        choices=("textured", "smooth", "uniform"),
+        default="textured",
+        help="backgrounds of the training world (default: %(default)s; see captum_iclip.world.WorldVariant)",
+    )
+    parser.add_argument(
+        "--object-scale", type=float, default=1.0, help="factor on the training world's object sizes (default: 1)"
+    )
     parser.add_argument("--clip-epochs", type=int, default=13)
     parser.add_argument("--clip-batch-size", type=int, default=512)
     parser.add_argument("--clip-lr", type=float, default=1e-3)
@@ -314,6 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             caption_seed=args.seed,
             workers=args.render_workers,
             cache_dir=work / "world",
+            variant=WorldVariant(args.world_backgrounds, args.object_scale),
+            caption_background_prob=args.caption_background_prob,
         )
     if "clip" in todo:
         _train_clip(args, work / "clip", world, tokenizer)
