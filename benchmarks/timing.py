@@ -41,14 +41,17 @@ def time_rounds(
     device: torch.device | str | None = None,
     *,
     progress: bool = True,
+    warm_up: bool = True,
 ) -> dict[str, Timing]:
-    """Median (wall, CPU) seconds of each method over ``repeats`` rounds, after one warm-up call each.
+    """Median (wall, CPU) seconds of each method over ``repeats`` rounds, after one warm-up call each
+    (``warm_up=False``: the caller has warmed them up).
 
     Every round times each method once, the order rotating between rounds, so that a slow spell
     of a shared machine does not land on one method and the ratios stay meaningful.
     """
-    for run in tqdm(methods.values(), desc="warm-up", leave=False, disable=not progress):
-        run()
+    for run in tqdm(methods.values(), desc="warm-up", leave=False, disable=not progress or not warm_up):
+        if warm_up:
+            run()
     synchronize(device)
     names = list(methods)
     times: dict[str, list[Timing]] = {name: [] for name in names}
