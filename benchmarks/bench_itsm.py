@@ -56,14 +56,12 @@ import json
 import logging
 import os
 import platform
-import statistics
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable
 
 import open_clip
 import torch
+from timing import Timing, medians, seconds, time_rounds
 from tqdm import tqdm
 
 import captum_iclip
@@ -125,32 +123,6 @@ def parse_args() -> argparse.Namespace:
         "--legrad-torch-worker", help=argparse.SUPPRESS
     )  # internal: weights file to time legrad-torch on
     return parser.parse_args()
-
-
-Timing = tuple[float, float]  # (wall seconds, CPU seconds of this process)
-
-
-def seconds(run: Callable[[], object]) -> Timing:
-    wall, cpu = time.perf_counter(), time.process_time()
-    run()
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def medians(timings: list[Timing]) -> Timing:
-    return statistics.median(t[0] for t in timings), statistics.median(t[1] for t in timings)
-
-
-def time_rounds(methods: dict[str, Callable[[], object]], repeats: int) -> dict[str, Timing]:
-    """Median (wall, CPU) seconds of each method over ``repeats`` rounds, after one warm-up call each."""
-    for run in tqdm(methods.values(), desc="warm-up", leave=False):
-        run()
-    names = list(methods)
-    times: dict[str, list[Timing]] = {name: [] for name in names}
-    for round_index in tqdm(range(repeats), desc="rounds", leave=False):
-        order = names[round_index % len(names) :] + names[: round_index % len(names)]
-        for name in order:
-            times[name].append(seconds(methods[name]))
-    return {name: medians(values) for name, values in times.items()}
 
 
 def time_legrad_torch(args: argparse.Namespace) -> None:

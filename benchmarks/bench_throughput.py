@@ -33,11 +33,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from timing import time_rounds
 
 import captum_iclip
 from captum_iclip import CLIPSimilarity
@@ -49,28 +48,9 @@ def _ints(text: str) -> list[int]:
 
 
 def round_robin_medians(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Median wall time of each function, timed in turn ``repeats`` times after one warm-up each.
-
-    Interleaving the functions makes a shared machine's changing load affect
-    them alike, which keeps their ratios meaningful.
-    """
-
-    def synchronize() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    """Median wall time of each function without gradients (:func:`timing.time_rounds`)."""
     with torch.no_grad():
-        for fn in fns.values():
-            fn()
-        synchronize()
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                began = time.perf_counter()
-                fn()
-                synchronize()
-                times[name].append(time.perf_counter() - began)
-    return {name: statistics.median(values) for name, values in times.items()}
+        return {name: wall for name, (wall, _) in time_rounds(fns, repeats, device, progress=False).items()}
 
 
 def run(

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from captum_iclip._precision import compute_dtype, full_precision, upcast
 from captum_iclip.models.adapters import VisionAdapter, get_adapter
 
 OUTPUTS = ("cosine", "logits", "probs")
@@ -155,9 +156,9 @@ class CLIPSimilarity(nn.Module):
         if not torch.isfinite(text_features).all():
             raise ValueError("text_features: expected finite values, got NaN or infinity")
         param = self.adapter.parameter
-        # Normalised in the given precision, then stored in the model's dtype (what the image features have).
-        features = F.normalize(text_features.detach().to(param.device), dim=-1)
-        return features.to(param.dtype)
+        # Normalised in the given precision, then stored in at least float32 (half-precision rules, _precision).
+        features = F.normalize(upcast(text_features.detach().to(param.device)), dim=-1)
+        return features.to(compute_dtype(param.dtype))
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
@@ -168,7 +169,7 @@ class CLIPSimilarity(nn.Module):
         with self.evaluating():
             features = F.normalize(self.adapter.encode_text(texts, self.tokenizer).float(), dim=-1)
         features = features.reshape(len(prompts), len(templates), -1).mean(dim=1)
-        return F.normalize(features, dim=-1).to(self.adapter.parameter.dtype)
+        return F.normalize(features, dim=-1).to(compute_dtype(self.adapter.parameter.dtype))
 
     def empty_prompt_feature(self) -> Tensor:
         """(1, D) embedding of the empty prompt ``""`` (with the templates), computed once.
@@ -228,16 +229,22 @@ class CLIPSimilarity(nn.Module):
         return grid
 
     def scores(self, image_features: Tensor) -> Tensor:
-        """Turn (N, D) recognition embeddings into (N, K) scores of kind :attr:`output`."""
-        cosine = F.normalize(image_features, dim=-1) @ self.text_features.t()
-        if self.output == "cosine":
-            return cosine
-        logits = self._logits(cosine)
-        return logits if self.output == "logits" else self._probabilities(logits)
+        """Turn (N, D) recognition embeddings into (N, K) scores of kind :attr:`output`.
+
+        The scores are computed in at least float32 (with autocast off), whatever the
+        model's dtype: a half-precision cosine has 3 significant digits, too few for the
+        differences that occlusion and the gradients read.
+        """
+        with full_precision(image_features.device):
+            cosine = F.normalize(upcast(image_features), dim=-1) @ upcast(self.text_features).t()
+            if self.output == "cosine":
+                return cosine
+            logits = self._logits(cosine)
+            return logits if self.output == "logits" else self._probabilities(logits)
 
     def _logits(self, cosine: Tensor) -> Tensor:
-        logits = self.logit_scale * cosine
-        return logits if self.logit_bias is None else logits + self.logit_bias
+        logits = self.logit_scale.to(cosine.dtype) * cosine
+        return logits if self.logit_bias is None else logits + self.logit_bias.to(cosine.dtype)
 
     def _probabilities(self, logits: Tensor) -> Tensor:
         # Sigmoid-loss models (a logit bias) score each prompt on its own; CLIP ranks the prompts.

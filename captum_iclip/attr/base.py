@@ -9,6 +9,7 @@ from captum._utils.typing import TargetType
 from captum.attr import Attribution
 from torch import Tensor
 
+from captum_iclip._precision import full_precision, upcast
 from captum_iclip.attr._utils import check_forward_func, minmax_normalize, target_indices, unpack_inputs
 from captum_iclip.similarity import CLIPSimilarity
 
@@ -74,17 +75,23 @@ class CLIPMapAttribution(Attribution):
     def finish(
         self, maps: Tensor, size: tuple[int, int], *, normalize: bool, interpolate: bool, upsample: str
     ) -> Tensor:
-        """Post-process (N, K, h, w) patch maps: min-max normalise, then upsample to ``size``."""
+        """Post-process (N, K, h, w) patch maps: min-max normalise, then upsample to ``size``.
+
+        Both run in at least float32 with autocast off (half-precision rules, docs/methods.md),
+        so the maps of a half-precision model come out in float32.
+        """
         if upsample not in UPSAMPLING:
             raise ValueError(f"upsample: expected one of {UPSAMPLING}, got {upsample!r}")
-        if normalize:
-            maps = minmax_normalize(maps)
-        if not interpolate:
-            return maps
-        if upsample == "bilinear":
-            return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
-        ph, pw = self.similarity.adapter.patch_size
-        return F.interpolate(maps, scale_factor=(ph, pw), mode="nearest") / (ph * pw)
+        with full_precision(maps.device):
+            maps = upcast(maps)
+            if normalize:
+                maps = minmax_normalize(maps)
+            if not interpolate:
+                return maps
+            if upsample == "bilinear":
+                return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+            ph, pw = self.similarity.adapter.patch_size
+            return F.interpolate(maps, scale_factor=(ph, pw), mode="nearest") / (ph * pw)
 
     def has_convergence_delta(self) -> bool:
         return False

@@ -8,6 +8,7 @@ from captum._utils.typing import TargetType
 from captum.log import log_usage
 from torch import Tensor
 
+from captum_iclip._precision import full_precision, upcast
 from captum_iclip.attr._prompt_grads import prompt_gradients
 from captum_iclip.attr.base import CLIPMapAttribution
 from captum_iclip.attr.legrad import resolve_layer
@@ -81,17 +82,22 @@ class CheferRelevancy(CLIPMapAttribution):
 
         trace = AttentionTrace(start)
         with torch.enable_grad(), sim.evaluating():
-            features = F.normalize(adapter.project_global(adapter.tokens(images, trace=trace)), dim=-1)
-            logits = sim.logit_scale.to(features.dtype) * features @ sim.text_features.to(features.dtype).t()
+            features = adapter.project_global(adapter.tokens(images, trace=trace))
+            with full_precision(features.device):  # the norm and the logits in >= float32
+                features = F.normalize(upcast(features), dim=-1)
+                text = upcast(sim.text_features).to(features.dtype)
+                logits = sim.logit_scale.to(features.dtype) * features @ text.t()
             probabilities = [p.detach() for p in trace.probabilities]
 
             def rollout(gradients: list[Tensor]) -> Tensor:
-                relevancy = torch.eye(probabilities[0].shape[-1], dtype=logits.dtype, device=logits.device)
-                for attention, grad in zip(probabilities, gradients):
-                    # (k, N, heads, L, L) -> (k, N, L, L)
-                    weighted = (grad * attention).clamp_min(0).mean(dim=2)
-                    relevancy = relevancy + weighted @ relevancy
-                return relevancy[:, :, 0, 1:]
+                # The rollout's products in >= float32 (half-precision rules, docs/methods.md).
+                with full_precision(logits.device):
+                    relevancy = torch.eye(probabilities[0].shape[-1], dtype=logits.dtype, device=logits.device)
+                    for attention, grad in zip(probabilities, gradients):
+                        # (k, N, heads, L, L) -> (k, N, L, L)
+                        weighted = (upcast(grad) * upcast(attention)).clamp_min(0).mean(dim=2)
+                        relevancy = relevancy + weighted @ relevancy
+                    return relevancy[:, :, 0, 1:]
 
             maps = prompt_gradients(logits, trace.probabilities, index, reduce=rollout)
         with torch.no_grad():

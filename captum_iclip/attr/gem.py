@@ -8,6 +8,7 @@ from captum._utils.typing import TargetType
 from captum.log import log_usage
 from torch import Tensor
 
+from captum_iclip._precision import full_precision, upcast
 from captum_iclip.attr._utils import select_targets
 from captum_iclip.attr.base import CLIPMapAttribution
 from captum_iclip.models.adapters import check_depth
@@ -92,8 +93,10 @@ class GEMAttribution(CLIPMapAttribution):
 
         with torch.no_grad(), sim.evaluating():
             path = gem_path(depth, iterations, temperature)
-            features = F.normalize(sim.adapter.dense_features(images, path=path), dim=-1)
-            maps = features[:, 1:] @ sim.text_features.to(features.dtype).t()
+            features = sim.adapter.dense_features(images, path=path)
+            with full_precision(features.device):  # half-precision rules: the similarities in >= float32
+                features = F.normalize(upcast(features), dim=-1)
+                maps = features[:, 1:] @ upcast(sim.text_features).to(features.dtype).t()
             maps = maps.transpose(1, 2).reshape(images.shape[0], -1, *grid)
             maps = self.finish(
                 select_targets(maps, index),

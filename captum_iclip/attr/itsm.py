@@ -9,6 +9,7 @@ from captum._utils.typing import TargetType
 from captum.log import log_usage
 from torch import Tensor
 
+from captum_iclip._precision import full_precision, upcast
 from captum_iclip.attr._utils import select_targets
 from captum_iclip.attr.base import CLIPMapAttribution
 from captum_iclip.models.attention import PATH_VARIANTS, dense_path
@@ -178,9 +179,11 @@ class ITSMAttribution(CLIPMapAttribution):
         depth = surgery_depth if variant == "surgery" else 0
         path = dense_path(variant) if variant in PATH_VARIANTS else None
         features = sim.adapter.dense_features(images, surgery_depth=depth, projection=projection, path=path)
-        features = F.normalize(features, dim=-1)
-        text = text.to(features.dtype)
-        global_feature, patches = features[:, 0], features[:, 1:]
-        if variant != "surgery" or single_prompt_surgery:
-            return patches @ text.t()
-        return feature_surgery(patches, global_feature, text)
+        # The tower ran in the model's dtype; the norms, products and softmax in at least float32.
+        with full_precision(features.device):
+            features = F.normalize(upcast(features), dim=-1)
+            text = upcast(text).to(features.dtype)
+            global_feature, patches = features[:, 0], features[:, 1:]
+            if variant != "surgery" or single_prompt_surgery:
+                return patches @ text.t()
+            return feature_surgery(patches, global_feature, text)

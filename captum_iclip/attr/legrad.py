@@ -8,6 +8,7 @@ from captum._utils.typing import TargetType
 from captum.log import log_usage
 from torch import Tensor
 
+from captum_iclip._precision import full_precision, upcast
 from captum_iclip.attr._prompt_grads import prompt_gradients
 from captum_iclip.attr.base import CLIPMapAttribution
 from captum_iclip.models.blocks import AttentionTrace
@@ -27,8 +28,8 @@ def resolve_layer(layer_index: int, num_blocks: int, name: str) -> int:
 def _positive_mean_over_layers(gradients: list[Tensor]) -> Tensor:
     """(k, N, heads, L, L) gradients per layer -> (k, N, h*w): clipped, averaged over heads and queries,
     summed over layers, patch keys."""
-    with torch.no_grad():
-        return sum(grad.clamp_min(0).mean(dim=(2, 3))[..., 1:] for grad in gradients)
+    with torch.no_grad():  # reduced in at least float32 (half-precision rules)
+        return sum(upcast(grad).clamp_min(0).mean(dim=(2, 3))[..., 1:] for grad in gradients)
 
 
 class LeGradAttribution(CLIPMapAttribution):
@@ -103,11 +104,12 @@ class LeGradAttribution(CLIPMapAttribution):
             text = sim.text_features
             # Each block's input is detached, so the gradient of the summed scores
             # reaches every block's attention from that block's own score only.
-            scores = sum(
-                F.normalize(adapter.project_global(adapter.final_norm(out.mean(dim=1, keepdim=True))), dim=-1)
-                @ text.to(out.dtype).t()
-                for out in trace.outputs
-            )
+            scores = 0
+            for out in trace.outputs:
+                feature = adapter.project_global(adapter.final_norm(out.mean(dim=1, keepdim=True)))
+                with full_precision(feature.device):  # the norm and the scores in >= float32
+                    feature = F.normalize(upcast(feature), dim=-1)
+                    scores = scores + feature @ upcast(text).to(feature.dtype).t()
             maps = prompt_gradients(scores, trace.probabilities, index, reduce=_positive_mean_over_layers)
         with torch.no_grad():
             maps = maps.transpose(0, 1).reshape(images.shape[0], -1, *grid)

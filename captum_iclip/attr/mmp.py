@@ -10,6 +10,7 @@ from captum._utils.typing import TargetType
 from captum.log import log_usage
 from torch import Tensor
 
+from captum_iclip._precision import full_precision, upcast
 from captum_iclip.attr.base import CLIPMapAttribution
 from captum_iclip.pooling import MaskedMaxPooling
 from captum_iclip.similarity import CLIPSimilarity
@@ -126,7 +127,10 @@ class MaskedMaxPoolingAttribution(CLIPMapAttribution):
         with torch.no_grad(), sim.evaluating():
             foreground = self.foreground(images, grid, mask)
             patches = sim.adapter.dense_features(images, projection=prepared.projection)[:, 1:]
-            text = sim.text_features.to(patches.dtype)
+        # The pooling, norm and shares in at least float32 (half-precision rules, docs/methods.md).
+        with torch.no_grad(), full_precision(images.device):
+            patches = upcast(patches)
+            text = upcast(sim.text_features).to(patches.dtype)
             attributions, scores = self.decompose(patches, foreground, text, prepared.index)
             attributions = self.finish(
                 attributions.reshape(*attributions.shape[:2], *grid),

@@ -7,7 +7,7 @@ from .faithfulness import (
     patch_perturbation,
     sensitivity_score,
 )
-from .metrics import LocalizationMetrics, SegmentationMetrics, segment_from_maps, sliding_window
+from .metrics import LocalizationMetrics, SegmentationMetrics, map_agreement, segment_from_maps, sliding_window
 
 __all__ = [
     "LocalizationMetrics",
@@ -15,6 +15,7 @@ __all__ = [
     "expand_attributions",
     "gaussian_perturbation",
     "infidelity_score",
+    "map_agreement",
     "patch_perturbation",
     "segment_from_maps",
     "sensitivity_score",

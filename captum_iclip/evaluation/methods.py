@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from captum_iclip._precision import full_precision, upcast
 from captum_iclip.attr.chefer import CheferRelevancy
 from captum_iclip.attr.gem import GEMAttribution
 from captum_iclip.attr.itsm import ITSMAttribution
@@ -244,9 +245,11 @@ def _build_gradcam(sim: CLIPSimilarity, options: BuildOptions) -> Method:
 
     def run(x: Tensor, t: Tensor) -> Tensor:
         maps = gradcam.attribute(x, target=t, relu_attributions=True)
-        if not options.upsample:
-            return maps
-        return LayerAttribution.interpolate(maps, tuple(x.shape[-2:]), interpolate_mode="bilinear")
+        with full_precision(x.device):  # upsampled in >= float32 (half-precision rules, docs/methods.md)
+            maps = upcast(maps)
+            if not options.upsample:
+                return maps
+            return LayerAttribution.interpolate(maps, tuple(x.shape[-2:]), interpolate_mode="bilinear")
 
     return run
 
@@ -260,7 +263,8 @@ def _build_ig(sim: CLIPSimilarity, options: BuildOptions) -> Method:
         base = _black(sim) if options.baseline is None else options.baseline
         base = base.to(x).expand_as(x) if base.dim() == 4 else base.to(x).reshape(1, 3, 1, 1).expand_as(x)
         maps = ig.attribute(x, baselines=base, target=t, n_steps=options.ig_steps, internal_batch_size=options.ig_batch)
-        return maps.sum(dim=1, keepdim=True)
+        with full_precision(x.device):
+            return upcast(maps).sum(dim=1, keepdim=True)
 
     return run
 
@@ -274,7 +278,8 @@ def _build_occlusion(sim: CLIPSimilarity, options: BuildOptions) -> Method:
     def run(x: Tensor, t: Tensor) -> Tensor:
         with torch.no_grad():
             maps = occlusion.attribute(x, target=t, sliding_window_shapes=(3, ph, pw), strides=(3, ph, pw))
-        return maps.sum(dim=1, keepdim=True)
+        with full_precision(x.device):
+            return upcast(maps).sum(dim=1, keepdim=True)
 
     return run
 

@@ -22,6 +22,7 @@ from torch import Tensor
 __all__ = [
     "LocalizationMetrics",
     "SegmentationMetrics",
+    "map_agreement",
     "segment_from_maps",
     "sliding_window",
 ]
@@ -714,3 +715,53 @@ def sliding_window(
             total[:, :, top : top + crop_h, left : left + crop_w] += logits
             coverage[top : top + crop_h, left : left + crop_w] += 1
     return total / coverage
+
+
+def _average_ranks(values: Tensor) -> Tensor:
+    """Ranks 0..n-1 of the 1-d ``values``, tied values sharing their average rank (as Spearman's needs)."""
+    order = values.argsort()
+    _, inverse, counts = torch.unique_consecutive(values[order], return_inverse=True, return_counts=True)
+    first = torch.cumsum(counts, 0) - counts
+    ranks = torch.empty(values.numel(), dtype=torch.float64, device=values.device)
+    ranks[order] = (first.double() + (counts.double() - 1) / 2)[inverse]
+    return ranks
+
+
+def map_agreement(reference: Tensor, other: Tensor) -> tuple[float, float]:
+    """How closely ``other`` maps agree with ``reference`` maps (e.g. half precision vs float32).
+
+    Each (image, prompt) map of the (N, K, H, W) tensors is min-max normalised to [0, 1]
+    (a constant map to 0), in float64.
+
+    Returns:
+        ``(max_abs_diff, rank_correlation)``: the largest absolute difference of the normalised
+        maps, and the smallest Spearman rank correlation of a map pair (ties take their average
+        rank; 1.0 for a pair of constant maps).
+
+    Examples::
+
+        >>> maps = torch.rand(2, 3, 8, 8)
+        >>> max_abs_diff, rank_correlation = map_agreement(maps, 2 * maps + 1)
+        >>> max_abs_diff < 1e-6, round(rank_correlation, 6)
+        (True, 1.0)
+    """
+    if reference.shape != other.shape or reference.dim() < 2:
+        raise ValueError(
+            f"other: expected maps of the reference's shape {tuple(reference.shape)}, got {tuple(other.shape)}"
+        )
+
+    def normalised(maps: Tensor) -> Tensor:
+        flat = maps.detach().to(device="cpu", dtype=torch.float64).flatten(2)
+        low = flat.min(dim=-1, keepdim=True).values
+        span = flat.max(dim=-1, keepdim=True).values - low
+        return ((flat - low) / span.clamp_min(torch.finfo(torch.float64).tiny)).flatten(0, 1)
+
+    a, b = normalised(reference), normalised(other)
+    max_abs_diff = float((a - b).abs().max())
+    correlations = []
+    for x, y in zip(a, b):
+        rx, ry = _average_ranks(x), _average_ranks(y)
+        rx, ry = rx - rx.mean(), ry - ry.mean()
+        scale = float(rx.norm() * ry.norm())
+        correlations.append(1.0 if scale == 0 else float(rx @ ry) / scale)
+    return max_abs_diff, min(correlations)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from captum_iclip._precision import project, upcast
 from captum_iclip.models.attention import self_value_attention, surgery_path
 from captum_iclip.models.blocks import AttentionTrace, BlockView, DensePath, HFBlockView, OpenCLIPBlockView, run_blocks
 
@@ -220,8 +221,13 @@ class VisionAdapter:
     def tap_patches(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
         """Route the patch tokens of (N, 1 + h*w, C) through :attr:`grid_tap` as an (N, C, h, w) map."""
         n, _, c = x.shape
-        patches = self.grid_tap(x[:, 1:].transpose(1, 2).reshape(n, c, *grid))
+        patches = self.tap_grid(x[:, 1:].transpose(1, 2).reshape(n, c, *grid))
         return torch.cat([x[:, :1], patches.flatten(2).transpose(1, 2)], dim=1)
+
+    def tap_grid(self, grid_map: Tensor) -> Tensor:
+        """An (N, C, h, w) map through :attr:`grid_tap`, tapped in at least float32 so that Grad-CAM's
+        channel sums are (half-precision rules, docs/methods.md); returned in its own dtype."""
+        return self.grid_tap(upcast(grid_map)).to(grid_map.dtype)
 
     def tokens(
         self,
@@ -395,7 +401,7 @@ class TokenProjection(nn.Module):
         self.weight = nn.Parameter(weight.detach().clone())
 
     def forward(self, tokens: Tensor) -> Tensor:
-        return tokens @ self.weight
+        return project(tokens, self.weight)
 
 
 class OpenCLIPAdapter(VisionAdapter):
@@ -469,22 +475,22 @@ class OpenCLIPViTAdapter(ViTAdapter, OpenCLIPAdapter):
 
     def project(self, tokens: Tensor, surgery: bool = False) -> Tensor:
         if self.pooling == "tok":
-            return tokens @ self.visual.proj
+            return project(tokens, self.visual.proj)
         # Index 0 stays the pooled embedding (== encode_image); each patch is projected on its own.
         if self.pooling == "avg":
-            patches = tokens[:, 1:] @ self.visual.proj
+            patches = project(tokens[:, 1:], self.visual.proj)
         else:
             patches = attention_pool_value_path(self.visual, tokens[:, 1:])
         return torch.cat([self.project_global(tokens)[:, None], patches], dim=1)
 
     def project_global(self, tokens: Tensor) -> Tensor:
         if self.pooling == "tok":
-            return tokens[:, 0] @ self.visual.proj
+            return project(tokens[:, 0], self.visual.proj)
         if tokens.shape[1] < 2:
             raise ValueError(f"tokens: pool_type={self.pooling!r} pools the patch tokens, got none")
         if self.pooling == "avg":
-            return tokens[:, 1:].mean(dim=1) @ self.visual.proj
-        return self.visual.ln_post(self.visual.attn_pool(tokens))[:, 0] @ self.visual.proj
+            return project(tokens[:, 1:].mean(dim=1), self.visual.proj)
+        return project(self.visual.ln_post(self.visual.attn_pool(tokens))[:, 0], self.visual.proj)
 
     def make_interpretability_head(self) -> nn.Module:
         if self.pooling == "attention":
@@ -523,7 +529,7 @@ def attention_pool_value_path(visual: nn.Module, tokens: Tensor) -> Tensor:
         weight = attention.v_proj_weight
     bias = attention.in_proj_bias[2 * dim :] if attention.in_proj_bias is not None else None
     values = attention.out_proj(F.linear(visual.attn_pool.ln_k(tokens), weight, bias))
-    return visual.ln_post(values) @ visual.proj
+    return project(visual.ln_post(values), visual.proj)
 
 
 class AttentionPoolValueProjection(nn.Module):
@@ -601,7 +607,7 @@ class OpenCLIPResNetAdapter(OpenCLIPAdapter):
         x = visual.layer2(x)
         x = visual.layer3(x)
         x = visual.layer4(x)
-        x = self.grid_tap(x)
+        x = self.tap_grid(x)
         grid = tuple(x.shape[-2:])
         x = x.flatten(2).transpose(1, 2)
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)
@@ -659,6 +665,14 @@ class LinearCopy(nn.Linear):
         super().__init__(source.in_features, source.out_features, bias=source.bias is not None)
         self.load_state_dict(source.state_dict())
 
+    def forward(self, tokens: Tensor) -> Tensor:
+        return _linear(tokens, self)
+
+
+def _linear(tokens: Tensor, linear: nn.Linear) -> Tensor:
+    """An ``nn.Linear`` projection of tokens in at least float32 (:func:`~captum_iclip._precision.project`)."""
+    return project(tokens, linear.weight.t(), linear.bias)
+
 
 class HFCLIPAdapter(ViTAdapter):
     family = "transformers CLIPModel"
@@ -705,10 +719,10 @@ class HFCLIPAdapter(ViTAdapter):
         return self.vision.post_layernorm(tokens)
 
     def project(self, tokens: Tensor, surgery: bool = False) -> Tensor:
-        return self.model.visual_projection(tokens)
+        return _linear(tokens, self.model.visual_projection)
 
     def project_global(self, tokens: Tensor) -> Tensor:
-        return self.model.visual_projection(tokens[:, 0])
+        return _linear(tokens[:, 0], self.model.visual_projection)
 
     def encode_text(self, prompts: Sequence[str], tokenizer: Callable) -> Tensor:
         batch = tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt")

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from captum_iclip._precision import full_precision, upcast
 from captum_iclip.models.blocks import AttentionInputs, DensePath, Grid
 
 #: ITSM variants that are a second path through the last block(s).
@@ -106,13 +107,17 @@ def self_self(iterations: int = 1, temperature: float | None = None):
 
     def attend(inputs: AttentionInputs) -> Tensor:
         if temperature is None:
-            inverse_temperature = inputs.tokens.norm(dim=-1).mean(dim=-1)[:, None, None, None] * inputs.scale
+            tokens = upcast(inputs.tokens)
+            inverse_temperature = tokens.norm(dim=-1).mean(dim=-1)[:, None, None, None] * inputs.scale
         else:
             inverse_temperature = temperature
 
         def similarity_softmax(x: Tensor) -> Tensor:
-            x = F.normalize(x, dim=-1)
-            return torch.softmax(x @ x.transpose(-1, -2) * inverse_temperature, dim=-1), x
+            # The norm, cosine and softmax in at least float32 (half-precision rules, docs/methods.md).
+            with full_precision(x.device):
+                wide = F.normalize(upcast(x), dim=-1)
+                weights = torch.softmax(wide @ wide.transpose(-1, -2) * inverse_temperature, dim=-1)
+            return weights.to(x.dtype), wide.to(x.dtype)
 
         out = 0
         for x in (inputs.v, inputs.k, inputs.q):

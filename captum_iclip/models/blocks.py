@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from captum_iclip._precision import full_precision, upcast
+
 Grid = tuple[int, int]
 
 
@@ -279,8 +281,11 @@ def _traced_block(view: BlockView, x: Tensor, trace: AttentionTrace) -> Tensor:
         # A fresh leaf, so that the probabilities are in a graph even for a frozen model.
         x = x.detach().requires_grad_(True)
     q, k, v = view.qkv(view.ln_1(x))
-    probabilities = torch.softmax((q * view.scale) @ k.transpose(-1, -2), dim=-1)
-    x = x + view.attention_branch(probabilities @ v)
+    # The recorded probabilities (and so their gradients) in at least float32: a half-precision
+    # attention logit of magnitude 8 is resolved to 0.03 only (half-precision rules, docs/methods.md).
+    with full_precision(x.device):
+        probabilities = torch.softmax((upcast(q) * view.scale) @ upcast(k).transpose(-1, -2), dim=-1)
+    x = x + view.attention_branch(probabilities.to(v.dtype) @ v)
     x = x + view.mlp_branch(x)
     trace.probabilities.append(probabilities)
     trace.outputs.append(x)

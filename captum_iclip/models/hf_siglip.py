@@ -119,7 +119,7 @@ class HFSiglipAdapter(VisionAdapter):
         for i, layer in enumerate(layers[:n_plain]):
             if i == n_plain - 1:
                 n, _, c = x.shape
-                x = self.grid_tap(x.transpose(1, 2).reshape(n, c, *grid)).flatten(2).transpose(1, 2)
+                x = self.tap_grid(x.transpose(1, 2).reshape(n, c, *grid)).flatten(2).transpose(1, 2)
             x = layer(x, None)
         surgery_path = None
         if surgery_depth:

@@ -272,7 +272,7 @@ class TimmViTAdapter(TimmTowerAdapter):
         """Route the patch tokens through :attr:`grid_tap` as an (N, C, h, w) map."""
         prefix = self.num_prefix_tokens
         n, _, c = x.shape
-        patches = self.grid_tap(x[:, prefix:].transpose(1, 2).reshape(n, c, *grid))
+        patches = self.tap_grid(x[:, prefix:].transpose(1, 2).reshape(n, c, *grid))
         return torch.cat([x[:, :prefix], patches.flatten(2).transpose(1, 2)], dim=1)
 
     # --- blocks ---------------------------------------------------------------------
@@ -418,7 +418,7 @@ class TimmConvAdapter(TimmTowerAdapter):
 
     def tokens(self, images: Tensor, surgery_depth: int = 0) -> Tensor:
         self.check_surgery_depth(surgery_depth)
-        features = self.grid_tap(self.trunk.forward_features(images))
+        features = self.tap_grid(self.trunk.forward_features(images))
         pooled = self.pool(features).flatten(1)
         return torch.cat([pooled[:, None], features.flatten(2).transpose(1, 2)], dim=1)
 
