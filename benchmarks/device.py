@@ -59,7 +59,7 @@ import torch  # noqa: E402
 from timing import time_rounds  # noqa: E402
 
 from captum_iclip import CLIPSimilarity, DualProjectionCLIP  # noqa: E402
-from captum_iclip._io import atomic_write_text  # noqa: E402
+from captum_iclip._io import atomic_write_text, json_text  # noqa: E402
 from captum_iclip.evaluation import map_agreement  # noqa: E402
 from captum_iclip.evaluation.methods import build_method, method_info, method_names  # noqa: E402
 from captum_iclip.models.loading import check_device  # noqa: E402
@@ -208,7 +208,7 @@ class Run:
 
     def write(self) -> None:
         self.results["elapsed_s"] = round(self.elapsed(), 1)
-        atomic_write_text(self.json_path, json.dumps(self.results, indent=1) + "\n")
+        atomic_write_text(self.json_path, json_text(self.results, indent=1) + "\n")
         atomic_write_text(self.md_path, markdown(self.results))
 
 

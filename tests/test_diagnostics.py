@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -346,3 +347,17 @@ def test_diagnose_command_errors(tmp_path, capsys):
     assert "--masks: expected a folder of mask images" in capsys.readouterr().err
     assert cli_main(["diagnose", str(image), "--out", str(tmp_path / "o")]) == 2
     assert "--prompts: expected the prompts" in capsys.readouterr().err
+
+
+def test_bfloat16_model_gives_the_float32_diagnostics(open_clip_vit):
+    from captum_iclip.evaluation import map_agreement
+
+    images = make_images(2, 3, 16, 16, seed=7)
+    text = _text()
+    full = Diagnostics(CLIPSimilarity(open_clip_vit, text_features=text)).measure(images)
+    half_model = copy.deepcopy(open_clip_vit).to(torch.bfloat16)
+    half = Diagnostics(CLIPSimilarity(half_model, text_features=text)).measure(images.to(torch.bfloat16))
+    for name in ("itsm", "residual", "attention", "alpha=5"):
+        assert half["maps"][name].dtype == torch.float32
+        difference, correlation = map_agreement(full["maps"][name], half["maps"][name])
+        assert difference <= 0.05 and correlation >= 0.97, name

@@ -237,8 +237,10 @@ def _resolve_projection(adapter: VisionAdapter, projection: str) -> str:
 
 
 def _project(final: _FinalProjection, tokens: Tensor) -> Tensor:
-    features = final.norm(tokens) @ final.weight.to(tokens.dtype)
-    return features if final.bias is None else features + final.bias.to(tokens.dtype)
+    """Final norm (in the model's dtype, as the tower runs it) and projection in float32 (as the adapters
+    project: docs/methods.md §10)."""
+    features = final.norm(tokens).float() @ final.weight.float()
+    return features if final.bias is None else features + final.bias.float()
 
 
 def itsm_decomposition(adapter: VisionAdapter, last: LastBlock, text: Tensor, projection: str = "recognition"):
@@ -270,25 +272,25 @@ def itsm_decomposition(adapter: VisionAdapter, last: LastBlock, text: Tensor, pr
     """
     final = _final_projection(adapter, projection)
     norm = final.norm
-    z = last.output[:, 1:].float()
+    # In float32 from the parts, so that the terms sum to the map in any model dtype (docs/methods.md §10).
+    parts = {name: part[:, 1:].float() for name, part in zip(TERMS, (last.residual, last.attention, last.mlp))}
+    z = sum(parts.values())
     sigma = (z.var(dim=-1, unbiased=False, keepdim=True) + norm.eps).sqrt()
     weight = final.weight.float()
-    gamma = norm.weight.float() if norm.weight is not None else torch.ones(z.shape[-1], device=z.device)
-    features = _project(final, last.output[:, 1:]).float()
+    ones = torch.ones(z.shape[-1], device=z.device)
+    gamma = norm.weight.float() if norm.weight is not None else ones
+    beta = norm.bias.float() if norm.bias is not None else 0 * ones
+    constant = beta @ weight + (final.bias.float() if final.bias is not None else 0.0)
+    features = (((z - z.mean(dim=-1, keepdim=True)) * gamma / sigma) @ weight) + constant
     scale = features.norm(dim=-1, keepdim=True)
     text = text.float()
     terms = {}
-    for name, part in (("residual", last.residual), ("attention", last.attention), ("mlp", last.mlp)):
-        part = part[:, 1:].float()
+    for name, part in parts.items():
         centred = (part - part.mean(dim=-1, keepdim=True)) * gamma / sigma
         terms[name] = (centred @ weight) @ text.t() / scale
-    constant = norm.bias.float() @ weight if norm.bias is not None else torch.zeros(weight.shape[1], device=z.device)
-    if final.bias is not None:
-        constant = constant + final.bias.float()
     terms["bias"] = (constant @ text.t()).expand_as(terms["residual"]) / scale
-    raw = F.normalize(features, dim=-1) @ text.t()
-    total = sum(terms.values())
-    error = (total - raw).abs().max().item()
+    raw = (features / scale) @ text.t()
+    error = (sum(terms.values()) - raw).abs().max().item()
     if error > 1e-4 * max(1.0, raw.abs().max().item()):
         raise RuntimeError(f"itsm_decomposition: the terms sum to the map within {error:.2e}, expected 1e-4")
     return raw, terms
