@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -70,7 +71,47 @@ PILOTS = (
     Candidate("P1-depth8", layers=8, width=128),
     Candidate("P2-patch8", layers=4, width=128, patch_size=8),
     Candidate("P3-long", layers=4, width=128, epochs=10),
+    # Amendment before any pilot was measured: the world's ingredients.
+    Candidate("P4-uniform", layers=4, width=128, backgrounds="uniform"),
+    Candidate("P5-small", layers=4, width=128, object_scale=0.6),
+    Candidate("P6-bg-always", layers=4, width=128, caption_background_prob=1.0),
+    Candidate("P7-bg-never", layers=4, width=128, caption_background_prob=0.0),
 )
+#: The full candidates, for a GPU (the bundle's 6 x 192 tower and 1.3M samples, one ingredient changed at a
+#: time). ``--gpu`` runs them in the order the pre-registered rule gives: their pilot's raw-mSC drop from
+#: P0 on the selection range, largest first (G0, the bundle recipe itself, always first).
+FULL = (
+    Candidate("G0-bundle", layers=6, width=192, train_scenes=100_000, epochs=13, batch_size=512),
+    Candidate("G1-depth12", layers=12, width=192, train_scenes=100_000, epochs=13, batch_size=512),
+    Candidate("G2-patch8", layers=6, width=192, patch_size=8, train_scenes=100_000, epochs=13, batch_size=512),
+    Candidate("G3-long", layers=6, width=192, train_scenes=100_000, epochs=26, batch_size=512),
+    Candidate(
+        "G4-uniform", layers=6, width=192, backgrounds="uniform", train_scenes=100_000, epochs=13, batch_size=512
+    ),
+    Candidate("G5-small", layers=6, width=192, object_scale=0.6, train_scenes=100_000, epochs=13, batch_size=512),
+    Candidate(
+        "G6-bg-always",
+        layers=6,
+        width=192,
+        caption_background_prob=1.0,
+        train_scenes=100_000,
+        epochs=13,
+        batch_size=512,
+    ),
+    Candidate(
+        "G7-bg-never", layers=6, width=192, caption_background_prob=0.0, train_scenes=100_000, epochs=13, batch_size=512
+    ),
+)
+#: Which pilot stands for each full candidate in the ordering rule.
+PILOT_OF = {
+    "G1-depth12": "P1-depth8",
+    "G2-patch8": "P2-patch8",
+    "G3-long": "P3-long",
+    "G4-uniform": "P4-uniform",
+    "G5-small": "P5-small",
+    "G6-bg-always": "P6-bg-always",
+    "G7-bg-never": "P7-bg-never",
+}
 #: The tiny candidates of ``--quick`` (tests): the recipe and a world variant.
 QUICK = (
     Candidate("quick", layers=2, width=64, patch_size=24, train_scenes=64, epochs=1, batch_size=32),
@@ -171,6 +212,20 @@ def measure(
     }
 
 
+def gpu_order(pilot_rows: Sequence[dict]) -> list[Candidate]:
+    """:data:`FULL` in the pre-registered order: G0 first, then by their pilot's raw-mSC drop from P0
+    (largest first); candidates whose pilot has no row come last, in their listed order."""
+    msc = {row["name"]: row["selection"]["diagnostics"]["maps"]["itsm"]["msc"] for row in pilot_rows}
+    base = msc.get("P0-base")
+
+    def drop(candidate: Candidate) -> float:
+        pilot = msc.get(PILOT_OF.get(candidate.name, ""))
+        return -math.inf if base is None or pilot is None else base - pilot
+
+    first, rest = FULL[0], list(FULL[1:])
+    return [first, *sorted(rest, key=drop, reverse=True)]  # sorted is stable: ties keep their order
+
+
 def meets_targets(row: dict) -> bool:
     """Whether a row's recognition meets :data:`RECOGNITION_TARGETS`."""
     return all(row["selection"]["recognition"][k] >= v for k, v in RECOGNITION_TARGETS.items())
@@ -258,7 +313,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--device", default="cpu", help="where candidates train: cpu, cuda, cuda:1 (default: %(default)s)"
     )
-    parser.add_argument("--quick", action="store_true", help="one tiny candidate on a few scenes (the tests)")
+    parser.add_argument("--quick", action="store_true", help="two tiny candidates on a few scenes (the tests)")
+    parser.add_argument(
+        "--gpu",
+        default=None,
+        metavar="PILOTS_JSON",
+        help="run the full candidates (FULL) in the order their pilots' rows in PILOTS_JSON give (a GPU's job)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds after which no further candidate starts (default: none); the rows done so far are kept",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -268,6 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     candidates = QUICK if args.quick else PILOTS
+    if args.gpu is not None:
+        candidates = tuple(gpu_order(json.loads(Path(args.gpu).read_text())["rows"]))
     if args.only:
         names = [n.strip() for n in args.only.split(",") if n.strip()]
         unknown = sorted(set(names) - {c.name for c in candidates})
@@ -279,9 +348,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     results_path = work / "ladder.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {"rows": [], "replication": None}
     done = {row["name"] for row in results["rows"]}
+    clock = time.perf_counter()
     for candidate in candidates:
         if candidate.name in done:
             continue
+        if args.budget is not None and time.perf_counter() - clock > args.budget:
+            print(f"budget: {args.budget:g} s spent; not started: {candidate.name} and the candidates after it")
+            break
         started = time.perf_counter()
         clip_dir = train_candidate(candidate, work, args.threads, args.device, not args.no_progress)
         seconds = time.perf_counter() - started
