@@ -340,3 +340,40 @@ def test_caption_templates_rebuild_the_captions_of_single_objects():
         assert caption in {t.format(p) for t in plain for p in phrases}, caption
         for phrase in _BACKGROUND_PHRASES[scene.background]:
             assert "{} " + phrase in with_backgrounds
+
+
+def test_world_variants_change_only_what_they_name():
+    from captum_iclip.world import WorldVariant
+
+    seed = 10_000_321
+    base = generate_scene(seed)
+    same = generate_scene(seed, variant=WorldVariant())
+    assert (same.image == base.image).all() and same.caption == base.caption  # the default is the world
+    for kind in ("smooth", "uniform"):
+        scene = generate_scene(seed, variant=WorldVariant(backgrounds=kind))
+        # Same objects, layout, labels and caption; only the background's pixels differ.
+        assert scene.caption == base.caption and (scene.label == base.label).all()
+        objects = base.label > 0
+        inside = objects.copy()  # away from the anti-aliased edges, where the background blends in
+        inside[1:-1, 1:-1] &= objects[:-2, 1:-1] & objects[2:, 1:-1] & objects[1:-1, :-2] & objects[1:-1, 2:]
+        assert (scene.image[inside] == base.image[inside]).all(-1).mean() > 0.99  # thin parts blend too
+        near = objects.copy()  # the objects and their anti-aliased rim
+        near[1:-1, 1:-1] |= objects[:-2, 1:-1] | objects[2:, 1:-1] | objects[1:-1, :-2] | objects[1:-1, 2:]
+        background = scene.image[~near].astype(float)
+        if kind == "uniform":
+            colours, counts = np.unique(background, axis=0, return_counts=True)
+            assert counts.max() / len(background) > 0.95  # one colour, but near the objects' soft rims
+        else:  # low-pass: far less pixel-to-pixel variation than the texture
+            step = np.abs(np.diff(scene.image.astype(float), axis=1))[~objects[:, 1:]].mean()
+            texture_step = np.abs(np.diff(base.image.astype(float), axis=1))[~objects[:, 1:]].mean()
+            assert step < 0.5 * texture_step
+    small = generate_scene(seed, variant=WorldVariant(object_scale=0.6))
+    assert [o.category for o in small.objects] == [o.category for o in base.objects]
+    assert (small.label > 0).mean() < 0.6 * (base.label > 0).mean()
+    assert WorldVariant("uniform", 0.6).name() == "uniform-x0.6" and WorldVariant().name() == "default"
+    with pytest.raises(ValueError, match="backgrounds: expected one of"):
+        WorldVariant(backgrounds="plain")
+    with pytest.raises(ValueError, match="object_scale: expected a factor"):
+        WorldVariant(object_scale=3.0)
+    with pytest.raises(TypeError, match="variant: expected a WorldVariant"):
+        generate_scene(seed, variant="uniform")
