@@ -269,7 +269,6 @@ def explain(args: argparse.Namespace) -> int:
     prompts = prompts_from_args(args)
     check_output_file(args.out, "--out")
     loaded = load_model_from_args(args)
-    domain_messages("captum-iclip explain", loaded, prompts)
     sim = CLIPSimilarity(loaded.model, loaded.tokenizer, prompts, templates=loaded.templates, output="probs")
     adapter = sim.adapter
     if args.resolution is not None:
@@ -280,6 +279,7 @@ def explain(args: argparse.Namespace) -> int:
             )
     transform = image_transform(args.resolution or adapter.image_size, adapter.image_mean, adapter.image_std)
     pil_images = open_images(args.images)
+    domain_messages("captum-iclip explain", loaded, prompts)
     side = args.resolution or adapter.image_size
     warn_upscaled("captum-iclip explain", args.images, pil_images, side)
     batch = torch.stack([transform(image) for image in pil_images]).to(args.device, adapter.parameter.dtype)

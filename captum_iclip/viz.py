@@ -126,9 +126,6 @@ def attribution_grid(
     Returns:
         The matplotlib ``Figure``.
     """
-    from matplotlib import colormaps
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
     n_rows = len(images)
@@ -158,11 +155,8 @@ def attribution_grid(
                 drawn = array if colour_cell else overlay(rgb, cell, cmap=cmap, alpha=alpha)
                 drew_map = drew_map or not colour_cell
                 ax.imshow(drawn)
-                target = None if target_masks is None else target_masks[i]
-                if colour_cell and target is not None:
-                    mask = target.detach().cpu().numpy() if isinstance(target, Tensor) else np.asarray(target)
-                    if mask.any():
-                        ax.contour(mask.astype(float), levels=[0.5], colors="white", linewidths=1.5)
+                if colour_cell and target_masks is not None:
+                    _outline(ax, target_masks[i])
             if i == 0 and column_titles is not None and j < len(column_titles):
                 ax.set_title(column_titles[j], fontsize=9)
         if row_titles is not None:
@@ -171,14 +165,31 @@ def attribution_grid(
         ax.set_xticks([])
         ax.set_yticks([])
     if colorbar and drew_map:
-        bar = fig.colorbar(
-            ScalarMappable(Normalize(0.0, 1.0), colormaps[cmap]), ax=list(axes.flat), shrink=min(0.9, 2.5 / n_rows)
-        )
-        bar.set_ticks([0.0, 0.5, 1.0], labels=["low", "", "high"])
-        bar.set_label("attribution, min-max normalised per map", fontsize=8)
+        _colour_bar(fig, axes, cmap)
     if path is not None:
         _save(fig, path, dpi)
     return fig
+
+
+def _outline(ax, target: ArrayLike | None) -> None:
+    """Outline the mask ``target`` (the object the maps explain) in white on ``ax``."""
+    if target is None:
+        return
+    mask = target.detach().cpu().numpy() if isinstance(target, Tensor) else np.asarray(target)
+    if mask.any():
+        ax.contour(mask.astype(float), levels=[0.5], colors="white", linewidths=1.5)
+
+
+def _colour_bar(fig, axes: np.ndarray, cmap: str) -> None:
+    """The colour bar of the maps beside the grid: min-max normalised per map, low to high."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    shrink = min(0.9, 2.5 / axes.shape[0])
+    bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), colormaps[cmap]), ax=list(axes.flat), shrink=shrink)
+    bar.set_ticks([0.0, 0.5, 1.0], labels=["low", "", "high"])
+    bar.set_label("attribution, min-max normalised per map", fontsize=8)
 
 
 def metrics_chart(

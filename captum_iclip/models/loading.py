@@ -563,7 +563,8 @@ def _offline_weights_error(name: str, tag: str, url: str, offline: str) -> Weigh
     return _unavailable(WeightsUnavailableError, render)
 
 
-def _load_open_clip(request: ModelSpec) -> LoadedCLIP:
+def _check_open_clip_request(request: ModelSpec) -> None:
+    """A known architecture (did you mean), one source of weights, a known tag, an existing checkpoint."""
     import open_clip
 
     from captum_iclip import zoo
@@ -601,6 +602,13 @@ def _load_open_clip(request: ModelSpec) -> LoadedCLIP:
         )
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise WeightsUnavailableError(f"checkpoint: expected a file, got {checkpoint!r} (no file there)")
+
+
+def _load_open_clip(request: ModelSpec) -> LoadedCLIP:
+    import open_clip
+
+    name, pretrained, checkpoint = request.name, request.pretrained, request.checkpoint
+    _check_open_clip_request(request)
     weights = None if request.from_scratch else checkpoint or pretrained
     extra = {"force_image_size": request.image_size} if request.image_size else {}
     hf_tokenizer = (open_clip.get_model_config(name) or {}).get("text_cfg", {}).get("hf_tokenizer_name")

@@ -1140,6 +1140,11 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument(
         "--device", default=defaults.device, help=DEVICE_HELP + ", or auto: each rank's GPU when there is one, else cpu"
     )
+    _add_output_arguments(parser, defaults)
+    return parser
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     output = parser.add_argument_group("output")
     output.add_argument("--output-dir", default=defaults.output_dir, help="folder of final.pt, checkpoints/, log.jsonl")
     output.add_argument("--log-every", type=int, default=defaults.log_every, help="log period (steps)")
@@ -1150,7 +1155,6 @@ def build_parser() -> argparse.ArgumentParser:
         const="latest",
         help="continue from output_dir/checkpoints/latest.pt (if any) or from PATH",
     )
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
