@@ -92,6 +92,8 @@ def run_demo(
     _draw_figure(examples, dataset.class_names, list(methods), paths["figure"])
     for kind in ("figure", "chart", "json", "csv", "markdown"):
         print(f"{kind}: {paths[kind]}")
+    print()
+    print(paths["markdown"].read_text(encoding="utf-8"), end="")  # the table itself, as the README shows it
     return paths
 
 
@@ -147,7 +149,8 @@ def _draw_figure(examples: list[dict], class_names: list[str], methods: list[str
     attribution_grid(
         [example["image"] for example in examples],
         [[label_colours(example["label"])] + [example["maps"][name] for name in methods] for example in examples],
-        column_titles=["ground truth"] + [method_title(name) for name in methods],
+        column_titles=["ground truth (target outlined)"] + [method_title(name) for name in methods],
         row_titles=[class_names[example["class"]] for example in examples],
+        target_masks=[example["label"] == example["class"] for example in examples],
         path=str(path),
     )

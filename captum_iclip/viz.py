@@ -105,8 +105,10 @@ def attribution_grid(
     cell_size: float = 2.2,
     path: str | None = None,
     dpi: int = 100,
+    target_masks: Sequence[ArrayLike | None] | None = None,
+    colorbar: bool = True,
 ):
-    """A grid figure: one row per image, one column per prompt or method.
+    """A grid figure: one row per image, one column per prompt or method, and a colour bar of the maps.
 
     Args:
         images: the N original images (see :func:`overlay` for accepted forms).
@@ -117,6 +119,9 @@ def attribution_grid(
         row_titles: a label per row (e.g. the scores).
         show_image: add the plain image as the first column.
         path: if given, save the figure there (PNG/PDF by extension).
+        target_masks: per row, an (H, W) mask of the object the maps explain (or ``None``); it is
+            outlined in white on that row's colour cells (the ground truth), so the target is visible.
+        colorbar: draw the colour bar of the maps (min-max normalised per map: low to high).
 
     Returns:
         The matplotlib ``Figure``.
@@ -130,8 +135,11 @@ def attribution_grid(
         raise ValueError(f"maps: expected one row of maps per image ({n_rows}), got {len(maps)}")
     n_maps = max(len(row) for row in maps)
     n_cols = n_maps + int(show_image)
-    fig = Figure(figsize=(cell_size * n_cols, cell_size * n_rows))
+    if target_masks is not None and len(target_masks) != n_rows:
+        raise ValueError(f"target_masks: expected one mask (or None) per image ({n_rows}), got {len(target_masks)}")
+    fig = Figure(figsize=(cell_size * n_cols + (0.9 if colorbar else 0.0), cell_size * n_rows), layout="constrained")
     axes = np.asarray(fig.subplots(n_rows, n_cols, squeeze=False))
+    drew_map = False
     for i, image in enumerate(images):
         rgb = _to_hwc(image)
         if show_image:
@@ -143,10 +151,12 @@ def attribution_grid(
             cell = maps[i][j] if j < len(maps[i]) else None
             if cell is not None:
                 array = cell.detach().cpu().numpy() if isinstance(cell, Tensor) else np.asarray(cell)
-                drawn = (
-                    array if array.ndim == 3 and array.shape[-1] == 3 else overlay(rgb, cell, cmap=cmap, alpha=alpha)
-                )
+                colour_cell = array.ndim == 3 and array.shape[-1] == 3
+                drawn = array if colour_cell else overlay(rgb, cell, cmap=cmap, alpha=alpha)
+                drew_map = drew_map or not colour_cell
                 ax.imshow(drawn)
+                if colour_cell and target_masks is not None:
+                    _outline(ax, target_masks[i])
             if i == 0 and column_titles is not None and j < len(column_titles):
                 ax.set_title(column_titles[j], fontsize=9)
         if row_titles is not None:
@@ -154,16 +164,39 @@ def attribution_grid(
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
+    if colorbar and drew_map:
+        _colour_bar(fig, axes, cmap)
     if path is not None:
         _save(fig, path, dpi)
     return fig
+
+
+def _outline(ax, target: ArrayLike | None) -> None:
+    """Outline the mask ``target`` (the object the maps explain) in white on ``ax``."""
+    if target is None:
+        return
+    mask = target.detach().cpu().numpy() if isinstance(target, Tensor) else np.asarray(target)
+    if mask.any():
+        ax.contour(mask.astype(float), levels=[0.5], colors="white", linewidths=1.5)
+
+
+def _colour_bar(fig, axes: np.ndarray, cmap: str) -> None:
+    """The colour bar of the maps beside the grid: min-max normalised per map, low to high."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    shrink = min(0.9, 2.5 / axes.shape[0])
+    bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), colormaps[cmap]), ax=list(axes.flat), shrink=shrink)
+    bar.set_ticks([0.0, 0.5, 1.0], labels=["low", "", "high"])
+    bar.set_label("attribution, min-max normalised per map", fontsize=8)
 
 
 def metrics_chart(
     rows: Sequence[dict],
     *,
     title: str | None = None,
+    units: dict[str, str] | None = None,
     path: str | None = None,
     dpi: int = 100,
 ):
@@ -174,6 +207,7 @@ def metrics_chart(
             ``None``) and ``figures``: ``{figure name: (mean, low, high)}``, the interval ends
             ``None`` when there is no interval. Every row names the same figures.
         title: a title above the panels.
+        units: per figure name, the label of its axis (its unit and which way is better).
         path: if given, save the figure there (PNG/PDF by extension).
 
     Returns:
@@ -192,7 +226,9 @@ def metrics_chart(
     if any(list(row["figures"]) != names for row in rows):
         raise ValueError(f"rows: expected every row to name the figures {names}")
     label_width = 0.07 * max(len(row["title"]) for row in rows)  # inches the method names take
-    fig = Figure(figsize=(label_width + 4.0 * len(names), 0.4 * len(rows) + 1.2))
+    fig = Figure(
+        figsize=(label_width + 4.0 * len(names), 0.4 * len(rows) + 1.2 + 0.4 * bool(units) + 0.3 * bool(title))
+    )
     axes = fig.subplots(1, len(names), squeeze=False)[0]
     y = np.arange(len(rows))[::-1]  # the first method on top
     for ax, name in zip(axes, names):
@@ -204,11 +240,13 @@ def metrics_chart(
             ax.errorbar(mean, position, xerr=error, fmt="o", color=row.get("colour"), capsize=3)
         ax.axvline(0.0, color="black", linewidth=0.8)  # the sign of a contrast is part of the result
         ax.set_title(name, fontsize=10)
+        if units and name in units:
+            ax.set_xlabel(units[name], fontsize=9)
         ax.set_yticks(y)
         ax.set_yticklabels([row["title"] for row in rows] if ax is axes[0] else [])
         ax.grid(axis="x", alpha=0.3)
     if title is not None:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     if path is not None:
         _save(fig, path, dpi)

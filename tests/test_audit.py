@@ -318,7 +318,7 @@ def test_prompts_file_skips_blank_lines_and_comments(tmp_path):
     args = command.build_parser().parse_args(["--images", "x", "--prompts-file", str(path), "--out", "o"])
     assert command.read_prompts(args) == ["a red circle, filled", "a blue square"]
     path.write_text("# nothing\n", encoding="utf-8")
-    with pytest.raises(SystemExit, match="--prompts-file: expected at least one prompt line"):
+    with pytest.raises(ValueError, match="--prompts-file: expected at least one prompt line"):
         command.read_prompts(args)
 
 

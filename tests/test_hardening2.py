@@ -241,5 +241,5 @@ def test_prompts_file_that_is_not_utf8_names_the_option_and_file(tmp_path, capsy
     )
     err = capsys.readouterr().err
     assert status == 2
-    assert f"--prompts-file: expected a UTF-8 text file, got {prompts}, whose byte e9 at offset 5" in err
+    assert f"--prompts-file: expected a UTF-8 text file, got {str(prompts)!r}, which is not UTF-8 (line 1)" in err
     assert "codec" not in err

@@ -68,7 +68,7 @@ def test_missing_tokenizers_get_the_offline_message(siglip_folder, monkeypatch):
 
     monkeypatch.setattr(open_clip, "get_tokenizer", offline)
     monkeypatch.setattr(open_clip, "create_model_and_transforms", no_weights)
-    with pytest.raises(WeightsUnavailableError, match=r"huggingface-cli download timm/ViT-B-16-SigLIP2"):
+    with pytest.raises(WeightsUnavailableError, match=r"hf download timm/ViT-B-16-SigLIP2"):
         load_clip("ViT-B-16-SigLIP2", "webli")
 
 

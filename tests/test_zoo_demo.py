@@ -181,7 +181,7 @@ def test_explain_reports_a_missing_image_and_empty_prompts(tmp_path, capsys):
     )
     assert cli_main(["explain", str(tmp_path / "nope.png"), "--prompts", " , ", "--out", str(tmp_path / "o.png")]) == 2
     assert re.fullmatch(
-        r"captum-iclip explain: error: --prompts: expected comma-separated texts.*\n", capsys.readouterr().err
+        r"captum-iclip explain: error: --prompts: expected comma-separated prompts.*\n", capsys.readouterr().err
     )
 
 
@@ -194,8 +194,8 @@ def test_explain_offline_pretrained_weights_give_a_clear_message(tmp_path, monke
         raise RuntimeError("Failed to download (network unreachable)")
 
     monkeypatch.setattr(open_clip, "create_model_and_transforms", unreachable)
-    with pytest.raises(loading.WeightsUnavailableError, match="--checkpoint"):
-        loading.load("ViT-B-16", "openai")
+    with pytest.raises(loading.WeightsUnavailableError, match='checkpoint="open_clip_pytorch_model.bin"'):
+        loading.load("ViT-B-16", "openai")  # Python advice for Python callers
     assert (
         cli_main(
             [
@@ -214,4 +214,4 @@ def test_explain_offline_pretrained_weights_give_a_clear_message(tmp_path, monke
         == 2
     )
     error = capsys.readouterr().err
-    assert "--hf-model" in error and error.count("\n") == 1
+    assert "--checkpoint" in error and 'checkpoint="' not in error and error.count("\n") == 1

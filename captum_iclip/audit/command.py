@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 from captum_iclip.audit.run import DEFAULT_METHODS, audit
@@ -20,14 +19,17 @@ class AuditModel:
     preprocess: Callable
     mask_provider: Any
     name: str
+    warnings: list[str] = field(default_factory=list)  # what a bundled model knows, prompts outside it
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from captum_iclip.cli import add_model_arguments
+    from captum_iclip.cli import HelpFormatter, add_model_arguments
+    from captum_iclip.prompts import add_prompt_arguments
 
     parser = argparse.ArgumentParser(
         prog="captum-iclip audit",
         description="Audit images against prompts and write a self-contained static HTML report (OUT/index.html).",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--images",
@@ -36,9 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR_OR_GLOB",
         help="image folders (searched recursively), glob patterns or files",
     )
-    prompts = parser.add_mutually_exclusive_group(required=True)
-    prompts.add_argument("--prompts", help='comma-separated prompts, e.g. "a cat,a dog"')
-    prompts.add_argument("--prompts-file", help="a text file with one prompt per line (# starts a comment)")
+    add_prompt_arguments(parser)
     add_model_arguments(parser)
     parser.add_argument(
         "--methods",
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--top-k", type=int, default=3, help="prompts explained per image (default 3)")
     parser.add_argument("--out", required=True, help="report folder")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     parser.add_argument(
         "--low-confidence",
         type=float,
@@ -66,28 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
-    """The prompts of ``--prompts`` or ``--prompts-file``."""
-    from captum_iclip.cli import split_prompts
+    """The prompts of ``--prompts`` or ``--prompts-file`` (:mod:`captum_iclip.prompts`, as every command)."""
+    from captum_iclip.prompts import prompts_from_args
 
-    if args.prompts is not None:
-        return split_prompts(args.prompts)
-    try:
-        lines = Path(args.prompts_file).read_text(encoding="utf-8-sig").splitlines()
-    except OSError as error:
-        raise SystemExit(
-            f"captum-iclip audit: --prompts-file: expected a readable text file, got {args.prompts_file}: {error}"
-        ) from error
-    except UnicodeDecodeError as error:
-        raise SystemExit(
-            f"captum-iclip audit: --prompts-file: expected a UTF-8 text file, got {args.prompts_file}, whose byte "
-            f"{error.object[error.start : error.end].hex(' ')} at offset {error.start} is not UTF-8 (save it as UTF-8)"
-        ) from error
-    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
-        raise SystemExit(
-            f"captum-iclip audit: --prompts-file: expected at least one prompt line, got none in {args.prompts_file}"
-        )
-    return prompts
+    return prompts_from_args(args)
 
 
 def load_audit_model(args: argparse.Namespace, prompts: list[str]) -> AuditModel:
@@ -96,14 +78,15 @@ def load_audit_model(args: argparse.Namespace, prompts: list[str]) -> AuditModel
     A bundled model (the default) comes with its DINO mask provider, which
     drives ``mmp`` and the background flag; other models have none.
     """
-    from captum_iclip.cli import load_model_from_args
+    from captum_iclip.cli import domain_messages, load_model_from_args
     from captum_iclip.similarity import CLIPSimilarity
 
     loaded = load_model_from_args(args)
+    warnings = domain_messages("captum-iclip audit", loaded, prompts)
     sim = CLIPSimilarity(loaded.model, loaded.tokenizer, prompts, templates=loaded.templates, output="logits").to(
         args.device
     )
-    return AuditModel(sim, loaded.preprocess, loaded.mask_provider, loaded.name)
+    return AuditModel(sim, loaded.preprocess, loaded.mask_provider, loaded.name, warnings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,12 +115,13 @@ def main(argv: list[str] | None = None) -> int:
             low_confidence=args.low_confidence,
             background_threshold=args.background_threshold,
             progress=not args.no_progress,
+            warnings=model.warnings,
         )
     except ValueError as error:  # bad input (argument named in the message), not a crash
         raise SystemExit(f"captum-iclip audit: {error}") from error
     print(
         f"audit: {summary.computed} images explained, {summary.reused} reused from records, "
-        f"{summary.unreadable} unreadable (listed in the report)"
+        f"{summary.unreadable} unreadable, {summary.skipped} skipped as not images (both listed in the report)"
     )
     print(f"report: {summary.index}")
     return 0

@@ -82,6 +82,17 @@ def find_images(specs: Sequence[str]) -> list[Path]:
     return sorted(found)
 
 
+def skipped_files(specs: Sequence[str]) -> list[Path]:
+    """The files of the folders in ``specs`` that :func:`find_images` leaves out (no image suffix), sorted."""
+    if isinstance(specs, (str, os.PathLike)):
+        specs = [specs]
+    skipped = set()
+    for spec in specs:
+        if os.path.isdir(str(spec)):
+            skipped.update(p for p in Path(spec).rglob("*") if p.suffix.lower() not in IMAGE_SUFFIXES and p.is_file())
+    return sorted(skipped)
+
+
 def is_inside(path: Path, folder: Path) -> bool:
     """Whether the file ``path`` lies in ``folder`` (an absolute, resolved path), following the links
     of its folders but not of the file itself (which may dangle or loop)."""

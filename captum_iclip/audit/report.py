@@ -38,6 +38,7 @@ nav { margin-top: 10px; display: flex; gap: 18px; flex-wrap: wrap; }
 .stat { background: var(--page); border: 1px solid var(--line); border-radius: 8px; padding: 8px 14px; min-width: 130px; }
 .stat b { display: block; font-size: 20px; } .stat span { color: var(--muted); font-size: 12px; }
 .stat.warn { background: var(--warn-bg); } .stat.bad { background: var(--bad-bg); }
+.warning { background: var(--warn-bg); color: var(--warn); border-radius: 6px; padding: 8px 12px; margin: 12px 0; max-width: 900px; }
 p.note { color: var(--muted); margin: 6px 0 12px; max-width: 900px; }
 table.grid { border-collapse: collapse; background: var(--card); border: 1px solid var(--line); }
 table.grid th, table.grid td { padding: 6px 12px; border-bottom: 1px solid var(--line); text-align: left; vertical-align: top; }
@@ -85,6 +86,8 @@ class ReportContext:
     generated: str
     versions: dict[str, str] = field(default_factory=dict)
     foreign_records: int = 0
+    warnings: list[str] = field(default_factory=list)  # what the command says about the model and prompts
+    skipped: list[str] = field(default_factory=list)  # files in the searched folders that are not images
 
 
 def method_title(name: str) -> str:
@@ -163,9 +166,10 @@ def render_report(records: Sequence[dict[str, Any]], context: ReportContext) -> 
         '<nav><a href="#prompts">Prompts</a><a href="#flagged">Flagged cases</a>'
         '<a href="#unreadable">Unreadable files</a><a href="#images">Images</a><a href="#run">About this run</a></nav>',
         '</div></header><main class="wrap">',
+        "".join(f'<p class="warning">{escape(message)}</p>' for message in context.warnings),
         _prompt_section(audited, context),
         _flag_section(audited, flags, context),
-        _broken_section(broken),
+        _broken_section(broken, context.skipped),
         _image_section(audited, flags, context),
         _run_section(context),
         "</main>",
@@ -271,16 +275,29 @@ def _flag_section(audited: Sequence[dict[str, Any]], flags: dict[str, dict[str, 
     return f'<section id="flagged"><h2>Flagged cases</h2><ul class="note">{"".join(rules)}</ul>{table}</section>'
 
 
-def _broken_section(broken: Sequence[dict[str, Any]]) -> str:
+def _broken_section(broken: Sequence[dict[str, Any]], skipped: Sequence[str] = ()) -> str:
+    skipped_note = ""
+    if skipped:
+        from captum_iclip.audit.records import IMAGE_SUFFIXES
+
+        items = "".join(f"<li>{escape(path)}</li>" for path in skipped)
+        skipped_note = (
+            f'<p class="note">{len(skipped)} file(s) in the searched folders were skipped: their names do not end '
+            f'in an image suffix ({escape(", ".join(IMAGE_SUFFIXES))}).</p><ul class="skipped">{items}</ul>'
+        )
     if not broken:
-        return '<section id="unreadable"><h2>Unreadable files</h2><p class="note">Every file was read.</p></section>'
+        return (
+            '<section id="unreadable"><h2>Unreadable files</h2><p class="note">Every image file was read.</p>'
+            f"{skipped_note}</section>"
+        )
     rows = "".join(
         f'<tr class="broken"><td>{escape(r["source"])}</td><td>{escape(r["error"])}</td></tr>' for r in broken
     )
     return (
         '<section id="unreadable"><h2>Unreadable files</h2>'
         '<p class="note">These files could not be read or decoded as images and were not audited.</p>'
-        f'<table class="grid"><thead><tr><th>file</th><th>error</th></tr></thead><tbody>{rows}</tbody></table></section>'
+        f'<table class="grid"><thead><tr><th>file</th><th>error</th></tr></thead><tbody>{rows}</tbody></table>'
+        f"{skipped_note}</section>"
     )
 
 

@@ -63,6 +63,7 @@ class AuditSummary:
     computed: int  # images explained in this run
     reused: int  # input files whose record was already there (skipped)
     unreadable: int  # input files that could not be read or decoded, now or in an earlier run (listed in the page)
+    skipped: int = 0  # files in the searched folders without an image suffix (listed in the page)
 
 
 def audit(
@@ -80,6 +81,7 @@ def audit(
     low_confidence: float = 0.5,
     background_threshold: float = 0.5,
     progress: bool = True,
+    warnings: Sequence[str] = (),
 ) -> AuditSummary:
     """Audit a set of images and write a self-contained static HTML report.
 
@@ -108,6 +110,7 @@ def audit(
         background_threshold: map mass fraction outside the foreground above
             which the top-1 map is flagged.
         progress: show a tqdm progress bar.
+        warnings: lines shown at the top of the page (e.g. what a bundled model knows).
 
     Returns:
         :class:`AuditSummary`: ``index`` (the path of ``index.html``) and the work
@@ -135,12 +138,25 @@ def audit(
     _explain(plan, preprocess, sim, runners, mask_provider, top_k, batch_size, out, digest, progress)
     name = model_name or type(sim.model).__name__
     context = _context(prompts, runners, top_k, name, mask_provider, low_confidence, background_threshold, out, digest)
+    context.warnings, context.skipped = [str(message) for message in warnings], _skipped(images, out)
     # Records of this run's files, and of files audited earlier into out_dir that are still there unchanged:
     # a deleted or replaced image leaves no stale row.
     shown = [r for r in rec.load_records(out, digest) if r["key"] in plan.contents or rec.source_unchanged(r)]
     index = atomic_write_text(out / "index.html", render_report(shown + plan.unreadable, context))
-    summary = AuditSummary(index, plan.computed, plan.reused, plan.failed + len(plan.unreadable))
-    logger.info("audit: %d explained, %d reused, %d unreadable -> %s", *dataclasses.astuple(summary)[1:], index)
+    return _summary(index, plan, context)
+
+
+def _skipped(images: Any, out: Path) -> list[str]:
+    """The files of the searched folders that are not images (listed on the page), outside ``out``."""
+    resolved_out = out.resolve()
+    return [str(p) for p in rec.skipped_files(images) if not rec.is_inside(p, resolved_out)]
+
+
+def _summary(index: Path, plan: _Plan, context: ReportContext) -> AuditSummary:
+    summary = AuditSummary(index, plan.computed, plan.reused, plan.failed + len(plan.unreadable), len(context.skipped))
+    logger.info(
+        "audit: %d explained, %d reused, %d unreadable, %d skipped -> %s", *dataclasses.astuple(summary)[1:], index
+    )
     return summary
 
 

@@ -25,16 +25,18 @@ from tqdm.auto import tqdm
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from captum_iclip.cli import add_model_arguments
+    from captum_iclip.cli import HelpFormatter, add_model_arguments
     from captum_iclip.datasets import DATASETS
+    from captum_iclip.prompts import add_prompt_arguments
 
     parser = argparse.ArgumentParser(
         prog="captum-iclip diagnose",
         description="Training-free diagnostics of why a model's similarity maps prefer the background "
         "(token norms, last-block decomposition, [CLS] attention, shared direction, attention scaling).",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("images", nargs="*", help="image files (or use --dataset)")
-    parser.add_argument("--prompts", default=None, help='comma-separated prompts, e.g. "a cat,a dog" (with images)')
+    add_prompt_arguments(parser, required=False)  # with image files; a dataset brings its class prompts
     parser.add_argument(
         "--masks",
         default=None,
@@ -92,8 +94,9 @@ def _file_inputs(args: argparse.Namespace, loaded, prompts: list[str]):
 
 def _run(args: argparse.Namespace) -> int:
     from captum_iclip._io import atomic_write_text, check_output_folder, json_text
-    from captum_iclip.cli import check_model_arguments, load_model_from_args, split_prompts
+    from captum_iclip.cli import check_model_arguments, load_model_from_args
     from captum_iclip.diagnostics import Diagnostics
+    from captum_iclip.prompts import prompts_from_args
     from captum_iclip.similarity import CLIPSimilarity
     from captum_iclip.viz import denormalize, diagnostics_figure
 
@@ -103,8 +106,10 @@ def _run(args: argparse.Namespace) -> int:
         )
     if args.dataset is not None and args.root is None:
         raise ValueError(f"--root: expected the folder of --dataset {args.dataset}, got none")
-    if args.images and args.prompts is None:
-        raise ValueError("--prompts: expected the prompts to diagnose the images against, got none")
+    if args.images and args.prompts is None and args.prompts_file is None:
+        raise ValueError("--prompts: expected the prompts (or --prompts-file) to diagnose the images against, got none")
+    if args.dataset is not None and (args.prompts is not None or args.prompts_file is not None):
+        raise ValueError("--prompts: expected none with --dataset (its class prompts are used), got some")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size: expected at least 1, got {args.batch_size}")
     out = check_output_folder(args.out, "--out")
@@ -125,7 +130,7 @@ def _run(args: argparse.Namespace) -> int:
         }
         count = len(dataset)
     else:
-        prompts = split_prompts(args.prompts)
+        prompts = prompts_from_args(args)
         images, masks = _file_inputs(args, loaded, prompts)
         options = {"num_classes": len(prompts) + 1, "classes": list(range(1, len(prompts) + 1))} if masks else {}
         count = len(images)

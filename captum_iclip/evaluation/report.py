@@ -108,8 +108,39 @@ def results_markdown(results: dict) -> str:
         f"{results['model'] or 'given in-process'} at {results['resolution']} px, θ = {config['theta']}, "
         f"pointing tolerance {config['pointing_tolerance']} px, {results['world_size']} process(es).",
     ]
+    if "localization" in config["tasks"] and timing_note(results):
+        lines.append(timing_note(results))
     lines += results.get("notes", [])
     return "\n".join(lines) + "\n"
+
+
+CHART_UNITS = {
+    "mIoU": "explanation mIoU, % (higher is better)",
+    "mSC": "mean score contrast, percentage points (higher is better)",
+    "pointing": "pointing game hits, % (higher is better)",
+}
+"""The axis labels of the chart: what each figure measures, its unit, which way is better."""
+
+
+def chart_title(results: dict) -> str:
+    """The chart's title: what was evaluated, and what the dots and bars are."""
+    data = results["dataset"]
+    return (
+        f"Localization on {data['num_images']} images of {data['name']}, model {results['model'] or 'in-process'}: "
+        "dot = mean, bar = 95 % bootstrap interval"
+    )
+
+
+def timing_note(results: dict) -> str | None:
+    """How the ``s / image`` column was measured (it depends on the machine and its load)."""
+    timing = results.get("timing_context")
+    if not timing:
+        return None
+    return (
+        f"s / image: wall time of each method's map calls (batches of {timing['batch_size']}) divided by the images, "
+        f"on {timing['device']} with {timing['torch_threads']} torch thread(s), {timing['cpus']} CPU(s) visible; "
+        "it grows with other load on the machine (the README's figures: 2 idle CPU cores)."
+    )
 
 
 def _chart_rows(results: dict) -> list[dict]:
@@ -159,7 +190,7 @@ def write_results(
     atomic_write_text(paths["markdown"], results_markdown(results))
     if "localization" in results["config"]["tasks"]:
         paths["chart"] = folder / f"{stem}.png"
-        metrics_chart(_chart_rows(results), path=str(paths["chart"]))
+        metrics_chart(_chart_rows(results), title=chart_title(results), units=CHART_UNITS, path=str(paths["chart"]))
     for example in examples:
         methods = list(example["maps"])
         class_name = dataset.class_names[example["class"]] if dataset is not None else str(example["class"])
@@ -167,8 +198,9 @@ def write_results(
         attribution_grid(
             [example["image"]],
             [[label_colours(example["label"])] + [example["maps"][name] for name in methods]],
-            column_titles=["ground truth"] + [method_title(name) for name in methods],
+            column_titles=["ground truth (target outlined)"] + [method_title(name) for name in methods],
             row_titles=[class_name],
+            target_masks=[example["label"] == example["class"]],
             path=str(path),
         )
         paths[f"example-{example['index']}"] = path

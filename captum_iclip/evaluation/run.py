@@ -66,6 +66,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -292,6 +293,12 @@ def run_evaluation(
         task.finish(ctx)
     results = _results(ctx, tasks, model_name)
     results["wall_seconds"] = time.perf_counter() - began_wall
+    results["timing_context"] = {
+        "device": str(ctx.device),
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "batch_size": config.batch_size,
+    }
     localization = next((task for task in tasks if task.name == "localization"), None)
     return results, (localization.examples if localization else []), dataset
 
@@ -407,10 +414,14 @@ def _comma_list(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``captum-iclip eval`` argument parser."""
-    from captum_iclip.cli import add_model_arguments
+    from captum_iclip.cli import HelpFormatter, add_model_arguments
 
-    parser = argparse.ArgumentParser(prog="captum-iclip eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+    parser = argparse.ArgumentParser(
+        prog="captum-iclip eval", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
+    parser.add_argument(
+        "--dataset", required=True, choices=sorted(DATASETS), help="dataset reader: %(choices)s (required)"
+    )
     parser.add_argument("--root", required=True, help="dataset folder")
     parser.add_argument("--split", default=None, help="split name (default: the reader's)")
     parser.add_argument(
@@ -484,7 +495,7 @@ def _load_model(args: argparse.Namespace, dataset: SegmentationDataset) -> tuple
     The model comes from :func:`captum_iclip.load`; the mask provider is ``--dino``'s
     (:func:`captum_iclip.mask_source`) or else the bundled model's own.
     """
-    from captum_iclip.cli import load_model_from_args
+    from captum_iclip.cli import load_model_from_args, with_option_names
     from captum_iclip.models.loading import mask_source
 
     if args.tau is not None and not 0.0 < args.tau <= 1.0:
@@ -496,13 +507,15 @@ def _load_model(args: argparse.Namespace, dataset: SegmentationDataset) -> tuple
     if mask_provider is not None and args.tau is not None:
         mask_provider.tau = args.tau
     if args.dino is not None:
-        mask_provider = mask_source(
-            args.dino,
-            checkpoint=args.dino_checkpoint,
-            tau=0.6 if args.tau is None else args.tau,
-            input_mean=sim.adapter.image_mean,
-            input_std=sim.adapter.image_std,
-            device=args.device,
+        mask_provider = with_option_names(
+            lambda: mask_source(
+                args.dino,
+                checkpoint=args.dino_checkpoint,
+                tau=0.6 if args.tau is None else args.tau,
+                input_mean=sim.adapter.image_mean,
+                input_std=sim.adapter.image_std,
+                device=args.device,
+            )
         )
     return sim, mask_provider, loaded.name
 

@@ -21,27 +21,151 @@ from typing import Any
 import torch
 from torch import nn
 
-OFFLINE_HINT = (
-    "This machine could not fetch the weights. Download them where there is network access and point "
-    "the command at the files: an open_clip checkpoint with --model NAME --checkpoint FILE.bin "
-    "(e.g. open_clip_pytorch_model.bin from the model's Hugging Face page), or a Hugging Face model folder "
-    "with --hf-model DIR (the folder written by CLIPModel.save_pretrained / huggingface-cli download). "
-    "Without any of these, the bundled offline model is used (--model shapes-tiny)."
-)
 BUNDLED_DEFAULT = "shapes-tiny"
+HUB_PROBE_TIMEOUT = 2.0
+"""Seconds a connection to the Hugging Face hub (or the configured proxy) may take before the loader calls
+this machine offline and fails at once, instead of waiting on the libraries' retries."""
+
+# What the advice of an error says, in the caller's terms: Python arguments for the API (str(error)),
+# command-line flags for the commands (error.cli_message, which captum_iclip.cli prints).
+_PY, _CLI = "python", "cli"
 
 
-TOKENIZER_HINT = (
-    "This machine could not fetch the tokenizer. Some tokenizers (SigLIP, SigLIP 2) are not bundled with "
-    "open_clip but read from the Hugging Face hub: fetch it once where there is network access "
-    "(huggingface-cli download {repo}; it is then read from the Hugging Face cache), or use a Hugging Face "
-    "model folder that holds its tokenizer files with --hf-model DIR. In Python, "
-    "CLIPSimilarity(model, text_features=...) with precomputed text embeddings needs no tokenizer."
-)
+def _say(terms: str, python: str, cli: str) -> str:
+    return python if terms == _PY else cli
+
+
+def _bundled_advice(terms: str) -> str:
+    return _say(
+        terms,
+        "or the bundled offline model: captum_iclip.load()",
+        "or the bundled offline model: leave out the model options (or --model shapes-tiny)",
+    )
+
+
+def _tokenizer_hint(terms: str, repo: str) -> str:
+    return (
+        "Some tokenizers (SigLIP, SigLIP 2) are not bundled with open_clip but read from the Hugging Face hub: fetch "
+        f"it once where there is network access (hf download {repo}; it is then read from the Hugging Face cache), "
+        + _say(
+            terms,
+            "or pass a Hugging Face model folder that holds its tokenizer files: captum_iclip.load(hf_model=DIR); "
+            "CLIPSimilarity(model, text_features=...) with precomputed text embeddings needs no tokenizer",
+            "or use a Hugging Face model folder that holds its tokenizer files: --hf-model DIR",
+        )
+    )
+
+
+def _offline_hint(terms: str) -> str:
+    """What to do when weights cannot be fetched and no file is known to name."""
+    return (
+        "Download the weights where there is network access and pass the files: "
+        + _say(
+            terms,
+            'an open_clip checkpoint with captum_iclip.load(NAME, checkpoint="open_clip_pytorch_model.bin"), or a '
+            'Hugging Face model folder with captum_iclip.load(hf_model="DIR")',
+            "an open_clip checkpoint with --model NAME --checkpoint open_clip_pytorch_model.bin, or a Hugging Face "
+            "model folder with --hf-model DIR",
+        )
+        + "; "
+        + _bundled_advice(terms)
+        + "."
+    )
+
+
+OFFLINE_HINT = _offline_hint(_CLI)  # the former constant, in the commands' terms
+TOKENIZER_HINT = _tokenizer_hint(_CLI, "{repo}")
 
 
 class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights could not be fetched or found."""
+    """Pretrained weights could not be fetched or found.
+
+    ``str(error)`` gives the advice in Python arguments (``checkpoint="FILE"``); ``error.cli_message`` the same
+    in command-line flags (``--checkpoint FILE``), which the commands print.
+    """
+
+    def __init__(self, message: str, cli_message: str | None = None):
+        super().__init__(message)
+        self.cli_message = cli_message or message
+
+
+def _unavailable(error_class: type, render: Callable[[str], str]) -> Exception:
+    """``error_class`` with the message ``render`` writes in Python terms and, as ``cli_message``, in flags."""
+    error = error_class(render(_PY))
+    error.cli_message = render(_CLI)
+    return error
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT) -> str | None:
+    """Why the Hugging Face hub cannot be reached from this machine, or ``None`` when it answers.
+
+    ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) set is an answer at once; otherwise one TCP
+    connection to the hub's endpoint (or to the configured HTTPS proxy) gets ``timeout`` seconds. The
+    libraries' own retries take a minute or two to give up offline.
+    """
+    import socket
+    import threading
+    import urllib.parse
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return "HF_HUB_OFFLINE is set"
+    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    proxy = urllib.request.getproxies().get(endpoint.scheme)
+    if proxy and not urllib.request.proxy_bypass(endpoint.hostname or ""):
+        endpoint = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    failure: list[BaseException] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except OSError as error:
+            failure.append(error)
+
+    thread = threading.Thread(target=probe, name="captum-iclip-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        return f"no answer from {host}:{port} within {timeout:g} s"
+    if failure:
+        return f"{host}:{port} cannot be reached: {type(failure[0]).__name__}: {failure[0]}"
+    return None
+
+
+class _HubOffline:
+    """Within it, huggingface_hub (and so transformers, timm, open_clip) reads only its local cache:
+    what is cached loads, what is not fails at once instead of after the retries."""
+
+    def __enter__(self):
+        import os
+
+        from huggingface_hub import constants
+
+        self._saved = constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
+        constants.HF_HUB_OFFLINE = True
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import os
+
+        from huggingface_hub import constants
+
+        constants.HF_HUB_OFFLINE, previous = self._saved
+        if previous is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = previous
+
+
+def _offline_context(offline: str | None):
+    import contextlib
+
+    return _HubOffline() if offline else contextlib.nullcontext()
 
 
 def check_device(device: str | torch.device, argument: str = "device") -> torch.device:
@@ -295,6 +419,8 @@ def mask_source(
             source = load_tiny_dino(path)
         elif timm.is_model(spec) and not path.exists():
             options = {"checkpoint": checkpoint} if checkpoint else {"pretrained": True}
+            if not checkpoint:
+                _check_timm_weights_reachable(spec)
     if checkpoint and not options:
         raise ValueError(f"dino_checkpoint: expected a timm model name in --dino, got {spec!r}")
     if input_mean is not None:
@@ -303,6 +429,37 @@ def mask_source(
         options["input_std"] = input_std
     provider = DINOMaskProvider(source, tau=tau, **options).to(device)
     return provider if cache is None else CachedMaskProvider(provider, cache)
+
+
+def _check_timm_weights_reachable(name: str) -> None:
+    """Offline, and timm's weights for ``name`` not cached: a :class:`WeightsUnavailableError` at once."""
+    import timm
+
+    try:
+        repo = timm.models.get_pretrained_cfg(name).hf_hub_id
+    except (AttributeError, RuntimeError, ValueError):
+        return
+    if not repo:
+        return
+    offline = hub_unreachable()
+    if not offline or _cached(repo, "model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        return
+    raise _unavailable(
+        WeightsUnavailableError,
+        lambda terms: (
+            f"{_say(terms, 'spec', 'dino')}: expected timm weights of {name!r} this machine can fetch, got "
+            f"none: this machine is offline ({offline}) and https://huggingface.co/{repo} is not in the local cache. "
+            "Download the original DINO weights where there is network access (e.g. "
+            "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth "
+            "for a ViT-S/16) and pass the file: "
+            + _say(
+                terms,
+                f'captum_iclip.mask_source("{name}", checkpoint="dino_deitsmall16_pretrain.pth")',
+                f"--dino {name} --dino-checkpoint dino_deitsmall16_pretrain.pth",
+            )
+            + "."
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- families
@@ -360,7 +517,65 @@ def _load_bundled(request: ModelSpec) -> LoadedCLIP:
     )
 
 
-def _load_open_clip(request: ModelSpec) -> LoadedCLIP:
+def _did_you_mean(value: str | None, choices) -> str:
+    """``"; did you mean 'X'?"`` for the closest of ``choices`` to ``value``, else nothing."""
+    import difflib
+
+    if not value:
+        return ""
+    by_lower = {str(choice).lower(): str(choice) for choice in choices}
+    close = difflib.get_close_matches(value.lower(), list(by_lower), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(by_lower[c]) for c in close)}?" if close else ""
+
+
+def _cached(repo: str, *filenames: str) -> bool:
+    """Whether one of ``filenames`` of the hub repository ``repo`` is in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(repo, filename), str) for filename in filenames)
+
+
+def _open_clip_weights_file(name: str, tag: str) -> tuple[str, bool]:
+    """The download address of open_clip's ``tag`` weights for ``name``, and whether they are cached here."""
+    import os
+
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(name, tag) or {}
+    if cfg.get("hf_hub"):
+        repo, filename = os.path.split(cfg["hf_hub"])  # "org/name/" -> ("org/name", ""): open_clip's default file
+        filename = filename or "open_clip_pytorch_model.bin"
+        names = (filename, filename.replace(".bin", ".safetensors"), "open_clip_model.safetensors")
+        return f"https://huggingface.co/{repo}/resolve/main/{filename}", _cached(repo, *names)
+    url = cfg.get("url", "")
+    return url, bool(url) and os.path.isfile(os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url)))
+
+
+def _offline_weights_error(name: str, tag: str, url: str, offline: str) -> WeightsUnavailableError:
+    file = url.rsplit("/", 1)[-1] or "open_clip_pytorch_model.bin"
+
+    def render(terms: str) -> str:
+        return (
+            f"pretrained: expected weights of open_clip {name!r} this machine can fetch, got {tag!r}: this machine "
+            f"is offline ({offline}) and they are not in the local cache. Download {url or 'the checkpoint'} where "
+            "there is network access and pass the file: "
+            + _say(
+                terms,
+                f'captum_iclip.load("{name}", checkpoint="{file}"); to try the code without weights, '
+                f'captum_iclip.load("{name}", random_weights=True)',
+                f"--model {name} --checkpoint {file}; to try the command without weights, --model {name} "
+                "--random-weights",
+            )
+            + "; "
+            + _bundled_advice(terms)
+            + "."
+        )
+
+    return _unavailable(WeightsUnavailableError, render)
+
+
+def _check_open_clip_request(request: ModelSpec) -> None:
+    """A known architecture (did you mean), one source of weights, a known tag, an existing checkpoint."""
     import open_clip
 
     from captum_iclip import zoo
@@ -371,33 +586,79 @@ def _load_open_clip(request: ModelSpec) -> LoadedCLIP:
     if name is None or name not in open_clip.list_models():
         raise ValueError(
             f"model_name: expected an open_clip architecture (see open_clip.list_models()) or a bundled "
-            f"model {zoo.available()}, got {name!r}"
+            f"model {zoo.available()}, got {name!r}" + _did_you_mean(name, [*zoo.available(), *open_clip.list_models()])
         )
     if pretrained is not None and checkpoint is not None:
         raise ValueError(f"checkpoint: expected None with pretrained (one source of weights), got {checkpoint!r}")
     if pretrained is None and checkpoint is None and not (request.random_weights or request.from_scratch):
+        raise _unavailable(
+            ValueError,
+            lambda terms: (
+                "model_name: expected "
+                + _say(terms, "with pretrained or checkpoint", "with --pretrained or --checkpoint")
+                + f", got {name!r} without weights; pass "
+                + _say(
+                    terms,
+                    'pretrained="TAG" (one of open_clip.list_pretrained_tags_by_model(NAME)) or checkpoint="FILE", '
+                    "or random_weights=True (from_scratch=True for training) to use a randomly initialised model "
+                    "on purpose",
+                    "--pretrained TAG or --checkpoint FILE, or --random-weights (--from-scratch for training) to use "
+                    "a randomly initialised model on purpose",
+                )
+            ),
+        )
+    tags = [] if name.startswith("hf-hub:") else open_clip.list_pretrained_tags_by_model(name)
+    if pretrained is not None and tags and pretrained not in tags and not Path(pretrained).is_file():
         raise ValueError(
-            f"model_name: expected with pretrained (--pretrained TAG) or checkpoint (--checkpoint FILE), got {name!r} "
-            "without weights; pass random_weights=True (--random-weights; --from-scratch for "
-            "training) to use a randomly initialised model on purpose"
+            f"pretrained: expected one of open_clip's tags for {name!r} ({', '.join(tags)}), got {pretrained!r}"
+            + _did_you_mean(pretrained, tags)
         )
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise WeightsUnavailableError(f"checkpoint: expected a file, got {checkpoint!r} (no file there)")
+
+
+def _load_open_clip(request: ModelSpec) -> LoadedCLIP:
+    import open_clip
+
+    name, pretrained, checkpoint = request.name, request.pretrained, request.checkpoint
+    _check_open_clip_request(request)
     weights = None if request.from_scratch else checkpoint or pretrained
     extra = {"force_image_size": request.image_size} if request.image_size else {}
+    hf_tokenizer = (open_clip.get_model_config(name) or {}).get("text_cfg", {}).get("hf_tokenizer_name")
+    downloads = weights is not None and weights == pretrained and not Path(pretrained).is_file()
+    # Offline, fail in seconds (a 2-s probe, then the local cache only) instead of after the hubs' retries.
+    offline = hub_unreachable() if downloads or hf_tokenizer or name.startswith("hf-hub:") else None
+    if offline and hf_tokenizer and not _cached(hf_tokenizer, "tokenizer_config.json", "tokenizer.json"):
+        raise _unavailable(
+            WeightsUnavailableError,
+            lambda terms: (
+                f"model_name: expected a tokenizer available offline, got none for open_clip {name!r}: "
+                f"this machine is offline ({offline}) and {hf_tokenizer} is not in the local cache.\n"
+                + _tokenizer_hint(terms, hf_tokenizer)
+            ),
+        )
+    if offline and downloads and not name.startswith("hf-hub:"):
+        url, cached = _open_clip_weights_file(name, pretrained)
+        if not cached:
+            raise _offline_weights_error(name, pretrained, url, offline)
     # The tokenizer first: it is small, and a missing one should not cost a weights download.
     try:
-        tokenizer = open_clip.get_tokenizer(name)
+        with _offline_context(offline):
+            tokenizer = open_clip.get_tokenizer(name)
     except (OSError, ImportError, ValueError) as error:
-        repo = (open_clip.get_model_config(name) or {}).get("text_cfg", {}).get("hf_tokenizer_name") or name
-        raise WeightsUnavailableError(
-            f"model_name: expected a tokenizer available offline, got none for open_clip {name!r}: {error}\n"
-            f"{TOKENIZER_HINT.format(repo=repo)}"
+        repo = hf_tokenizer or name
+        raise _unavailable(
+            WeightsUnavailableError,
+            lambda terms, error=error: (
+                f"model_name: expected a tokenizer available offline, got none for open_clip "
+                f"{name!r}: {error}\n{_tokenizer_hint(terms, repo)}"
+            ),
         ) from error
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=weights, device=request.device, **extra
-        )
+        with _offline_context(offline):
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=weights, device=request.device, **extra
+            )
     except Exception as error:  # open_clip raises RuntimeError, UnpicklingError, KeyError, ... for a bad file
         if checkpoint is not None:
             reason = " ".join(str(error).split()) or type(error).__name__
@@ -407,9 +668,12 @@ def _load_open_clip(request: ModelSpec) -> LoadedCLIP:
             ) from error
         if not isinstance(error, (OSError, RuntimeError, ValueError)):
             raise
-        raise WeightsUnavailableError(
-            f"pretrained: expected weights of open_clip {name!r} this machine can fetch, got {weights!r}: {error}\n"
-            f"{OFFLINE_HINT}"
+        raise _unavailable(
+            WeightsUnavailableError,
+            lambda terms, error=error: (
+                f"pretrained: expected weights of open_clip {name!r} this machine can "
+                f"fetch, got {weights!r}: {error}\n{_offline_hint(terms)}"
+            ),
         ) from error
     size = model.visual.image_size
     size = request.image_size or (size if isinstance(size, int) else size[0])
@@ -467,6 +731,22 @@ def _load_hf(request: ModelSpec) -> LoadedCLIP:
             f"hf_model: expected a Hugging Face model folder (the files save_pretrained writes, config.json first), "
             f"got {model_id!r}, which has no config.json"
         )
+    offline = None if local else hub_unreachable()
+    if offline and not _cached(model_id, "config.json"):
+        folder = model_id.rstrip("/").rsplit("/", 1)[-1]
+        raise _unavailable(
+            WeightsUnavailableError,
+            lambda terms: (
+                f"hf_model: expected a Hugging Face model this machine can load, got {model_id!r}: this "
+                f"machine is offline ({offline}) and the model is not in the local cache. Download its folder where "
+                f"there is network access (hf download {model_id} --local-dir {folder}) and pass it: "
+                + _say(terms, f'captum_iclip.load(hf_model="{folder}")', f"--hf-model {folder}")
+                + "; "
+                + _bundled_advice(terms)
+                + "."
+            ),
+        )
+    local = local or bool(offline)  # offline: the cache only
     try:
         model_type = AutoConfig.from_pretrained(model_id, local_files_only=local).model_type
     except OSError as error:
@@ -488,8 +768,12 @@ def _load_hf(request: ModelSpec) -> LoadedCLIP:
         model, info = model_class.from_pretrained(model_id, local_files_only=local, output_loading_info=True)
         processor = AutoImageProcessor.from_pretrained(model_id, local_files_only=local)
     except OSError as error:
-        raise WeightsUnavailableError(
-            f"hf_model: expected a Hugging Face model this machine can load, got {model_id!r}: {error}\n{OFFLINE_HINT}"
+        raise _unavailable(
+            WeightsUnavailableError,
+            lambda terms, error=error: (
+                f"hf_model: expected a Hugging Face model this machine can load, got "
+                f"{model_id!r}: {error}\n{_offline_hint(terms)}"
+            ),
         ) from error
     missing = sorted(info.get("missing_keys") or ())
     if missing:
@@ -502,9 +786,12 @@ def _load_hf(request: ModelSpec) -> LoadedCLIP:
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=local)
     except (OSError, ImportError, ValueError) as error:
-        raise WeightsUnavailableError(
-            f"hf_model: expected a tokenizer available offline, got none for Hugging Face model {model_id!r}: {error}\n"
-            f"{TOKENIZER_HINT.format(repo=model_id)}"
+        raise _unavailable(
+            WeightsUnavailableError,
+            lambda terms, error=error: (
+                f"hf_model: expected a tokenizer available offline, got none for Hugging "
+                f"Face model {model_id!r}: {error}\n{_tokenizer_hint(terms, model_id)}"
+            ),
         ) from error
     if model_type == "siglip2":
         preprocess, size = _siglip2_preprocess(processor, model, request.image_size)

@@ -17,17 +17,31 @@ from captum_iclip.world.generator import HELDOUT_SEED_START, TRAIN_SEED_START
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with the ``export-voc`` and ``export-text`` commands."""
-    parser = argparse.ArgumentParser(prog="captum-iclip world", description="Export scenes of the procedural world.")
+    from captum_iclip.cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(
+        prog="captum-iclip world", description="Export scenes of the procedural world.", formatter_class=HelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    voc = commands.add_parser("export-voc", help="write a VOC 2012-style segmentation split (held-out seeds)")
+    voc = commands.add_parser(
+        "export-voc",
+        help="write a VOC 2012-style segmentation split (held-out seeds)",
+        description="Write held-out scenes as a VOC 2012-style split (JPEGImages, SegmentationClass, ImageSets).",
+        formatter_class=HelpFormatter,
+    )
     voc.add_argument("--root", required=True, help="dataset root to create")
     voc.add_argument("-n", type=int, required=True, help="number of scenes")
     voc.add_argument("--seed", type=int, default=HELDOUT_SEED_START, help="first seed (default: %(default)s)")
     voc.add_argument("--size", type=int, default=96, help="image side in pixels (default: %(default)s)")
     voc.add_argument("--split", default="val", help="image-set name (default: %(default)s)")
 
-    text = commands.add_parser("export-text", help="write an open_clip image-text training set (train seeds)")
+    text = commands.add_parser(
+        "export-text",
+        help="write an open_clip image-text training set (train seeds)",
+        description="Write training scenes with captions as open_clip's CSV and/or webdataset shards.",
+        formatter_class=HelpFormatter,
+    )
     text.add_argument("--out", required=True, help="output folder")
     text.add_argument("-n", type=int, required=True, help="number of scenes")
     text.add_argument("--seed", type=int, default=TRAIN_SEED_START, help="first seed (default: %(default)s)")

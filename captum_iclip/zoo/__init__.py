@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,11 +48,47 @@ class ZooBundle:
     image_size: int
     templates: list[str] | None = None  # prompt templates to ensemble over (CLIPSimilarity(templates=...))
     info: dict = field(default_factory=dict)  # training figures
+    domain: str | None = None  # what the model was trained on (config.json "domain")
+    vocabulary: dict = field(default_factory=dict)  # the words it knows: "classes", "colours", "backgrounds"
 
     @property
     def model(self) -> nn.Module:
         """The model to explain: the dual-projection CLIP."""
         return self.dual
+
+    def prompts_outside(self, prompts) -> list[str]:
+        """The prompts that name none of the bundle's classes (its vocabulary's ``classes``, plural or not).
+
+        Examples::
+
+            >>> bundle = load("shapes-tiny")
+            >>> bundle.prompts_outside(["a red circle", "two stars", "a cat"])
+            ['a cat']
+        """
+        classes = {word.lower() for word in self.vocabulary.get("classes", [])}
+        if not classes:
+            return []
+
+        def names_a_class(prompt: str) -> bool:
+            words = re.findall(r"[a-z]+", prompt.lower())
+            return any(word in classes or (word.endswith("s") and word[:-1] in classes) for word in words)
+
+        return [prompt for prompt in prompts if not names_a_class(prompt)]
+
+    def domain_messages(self, prompts) -> list[str]:
+        """What a command says about these prompts with this bundle: one note on its domain, and a warning
+        naming the prompts outside its classes (empty when the bundle records no domain)."""
+        if not self.domain:
+            return []
+        messages = [f"note: {self.name} is {self.domain}."]
+        outside = self.prompts_outside(prompts)
+        if outside:
+            shown = ", ".join(repr(prompt) for prompt in outside[:5]) + (" ..." if len(outside) > 5 else "")
+            messages.append(
+                f"warning: {len(outside)} of {len(prompts)} prompts name none of {self.name}'s classes "
+                f"({', '.join(self.vocabulary['classes'])}): {shown}; its scores and maps for them mean nothing"
+            )
+        return messages
 
 
 def available() -> list[str]:
@@ -141,6 +178,8 @@ def load(name: str = "shapes-tiny", device: str = "cpu") -> ZooBundle:
         image_size=int(config["image_size"]),
         templates=config.get("templates"),
         info=config.get("training", {}),
+        domain=config.get("domain"),
+        vocabulary=config.get("vocabulary", {}),
     )
 
 

@@ -514,6 +514,23 @@ def _bundle(args: argparse.Namespace, work: Path, tokenizer) -> None:
     print(json_text({"recognition": summary, "dino_masks": figures["dino_masks"]}, indent=2))
 
 
+def world_domain() -> dict:
+    """The ``domain`` and ``vocabulary`` entries of a bundle trained on the procedural world (what it knows)."""
+    from captum_iclip.world.generator import BACKGROUNDS, CATEGORIES, COLOURS
+
+    return {
+        "domain": WORLD_DOMAIN,
+        "vocabulary": {"classes": list(CATEGORIES), "colours": list(COLOURS), "backgrounds": list(BACKGROUNDS)},
+    }
+
+
+WORLD_DOMAIN = (
+    "a miniature for the procedural world of captum_iclip.world: 96-px scenes of ten shapes in eight colours over "
+    "ten textured backgrounds, trained on nothing else; its scores on photographs or on prompts outside its "
+    "classes are not meaningful"
+)
+
+
 def write_bundle(
     out: Path,
     dual,
@@ -546,6 +563,7 @@ def write_bundle(
         **settings,
         "class_names": names,
         "prompts": prompts,
+        **world_domain(),
         "training": figures,
     }
     atomic_write_text(out / "config.json", json_text(config, indent=2, default=str) + "\n")
