@@ -355,13 +355,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.budget is not None and time.perf_counter() - clock > args.budget:
             print(f"budget: {args.budget:g} s spent; not started: {candidate.name} and the candidates after it")
             break
-        started = time.perf_counter()
         clip_dir = train_candidate(candidate, work, args.threads, args.device, not args.no_progress)
-        seconds = time.perf_counter() - started
+        stats = json.loads((clip_dir / "stats.json").read_text())  # the trainer's own wall time, resumes included
         row = {
             **asdict(candidate),
-            "samples": candidate.samples,
-            "train_seconds": seconds,
+            "samples": stats["samples"],
+            "train_seconds": stats["wall_time_s"],
             "device": args.device,
             "threads": torch.get_num_threads(),
             "command": f"python -m captum_iclip.zoo.ladder --only {candidate.name}",
