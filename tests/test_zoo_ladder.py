@@ -62,3 +62,12 @@ def test_quick_ladder_trains_measures_resumes_and_replicates(tmp_path, capsys):
 def test_unknown_candidate_names_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="--only: expected names from"):
         ladder.main(["--quick", "--work-dir", str(tmp_path), "--only", "nope"])
+
+
+def test_gpu_ladder_reads_the_pilots_and_respects_its_budget(tmp_path, capsys):
+    pilots = tmp_path / "pilots.json"
+    pilots.write_text(json.dumps({"rows": [_row("P0-base", 10.0), _row("P4-uniform", -5.0)]}))
+    work = tmp_path / "gpu"
+    assert ladder.main(["--gpu", str(pilots), "--budget", "0", "--work-dir", str(work), "--no-progress"]) == 0
+    assert "not started: G0-bundle and the candidates after it" in capsys.readouterr().out
+    assert not (work / "G0-bundle").exists()

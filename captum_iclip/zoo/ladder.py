@@ -130,7 +130,15 @@ QUICK = (
 )
 
 
-def train_candidate(candidate: Candidate, work: Path, threads: int | None, device: str, progress: bool) -> Path:
+def train_candidate(
+    candidate: Candidate,
+    work: Path,
+    threads: int | None,
+    device: str,
+    progress: bool,
+    render_workers: int = 0,
+    data_workers: int = 0,
+) -> Path:
     """Train (or resume) the candidate's ``clip`` stage; returns its ``clip`` folder."""
     from captum_iclip.zoo import train
 
@@ -157,6 +165,10 @@ def train_candidate(candidate: Candidate, work: Path, threads: int | None, devic
         str(candidate.object_scale),
         "--device",
         device,
+        "--render-workers",
+        str(render_workers),
+        "--data-workers",
+        str(data_workers),
     ]
     if candidate.caption_background_prob is not None:
         argv += ["--caption-background-prob", str(candidate.caption_background_prob)]
@@ -313,6 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--device", default="cpu", help="where candidates train: cpu, cuda, cuda:1 (default: %(default)s)"
     )
+    parser.add_argument(
+        "--render-workers", type=int, default=0, help="processes rendering each world (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--data-workers", type=int, default=0, help="data-loader processes of each training (default: %(default)s)"
+    )
     parser.add_argument("--quick", action="store_true", help="two tiny candidates on a few scenes (the tests)")
     parser.add_argument(
         "--gpu",
@@ -355,7 +373,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.budget is not None and time.perf_counter() - clock > args.budget:
             print(f"budget: {args.budget:g} s spent; not started: {candidate.name} and the candidates after it")
             break
-        clip_dir = train_candidate(candidate, work, args.threads, args.device, not args.no_progress)
+        clip_dir = train_candidate(
+            candidate, work, args.threads, args.device, not args.no_progress, args.render_workers, args.data_workers
+        )
         stats = json.loads((clip_dir / "stats.json").read_text())  # the trainer's own wall time, resumes included
         row = {
             **asdict(candidate),
