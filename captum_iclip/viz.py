@@ -301,46 +301,9 @@ def diagnostics_figure(
     fig = Figure(figsize=(4.0 * columns, 3.6 * (2 if example else 1)))
     axes = fig.subplots(2 if example else 1, columns, squeeze=False)
 
-    norms = summary["token_norms"]
-    ax = axes[0][0]
-    ax.plot([row["block"] for row in norms], [row["max_ratio"] for row in norms], "o-")
-    ax.axhline(10.0, color="tab:red", linestyle="--", linewidth=0.8, label="10x: high-norm token")
-    ax.set(title="token norms", xlabel="block", ylabel="largest patch norm / median")
-    ax.legend(fontsize=8)
-
-    ax = axes[0][1]
-    heads = summary["cls_attention"]["heads"]
-    shares = [row["foreground_share"] for row in heads]
-    labels = [f"b{row['block']}h{row['head']}" for row in heads]
-    if any(share is not None for share in shares):
-        ax.bar(range(len(heads)), [0.0 if s is None else s for s in shares], color="tab:blue")
-        area = summary["cls_attention"]["foreground_area"]
-        if area is not None:
-            ax.axhline(area, color="black", linestyle="--", linewidth=0.8, label="foreground area")
-            ax.legend(fontsize=8)
-        ax.set_xticks(range(len(heads)))
-        ax.set_xticklabels(labels, rotation=90, fontsize=7)
-    else:
-        ax.text(0.5, 0.5, "no ground truth", ha="center", va="center", transform=ax.transAxes)
-    ax.set(title="[CLS] attention on the foreground", ylabel="share of the patch mass", ylim=(0, 1))
-
-    ax = axes[0][2]
-    entries = [(name, entry) for name, entry in summary["maps"].items() if entry.get("msc") is not None]
-    if entries:
-        y = np.arange(len(entries))[::-1]
-        for (_, entry), position in zip(entries, y):
-            ci = entry.get("msc_ci")
-            error = None
-            if ci and None not in ci:
-                error = [[max(entry["msc"] - ci[0], 0.0)], [max(ci[1] - entry["msc"], 0.0)]]
-            ax.errorbar(entry["msc"], position, xerr=error, fmt="o", capsize=3)
-        ax.axvline(0.0, color="black", linewidth=0.8)
-        ax.set_yticks(y)
-        ax.set_yticklabels([name for name, _ in entries], fontsize=8)
-        ax.set(title="mSC of each map (higher: prefers the object)", xlabel="mSC (-100..100)")
-    else:
-        ax.text(0.5, 0.5, "no ground truth", ha="center", va="center", transform=ax.transAxes)
-        ax.set(title="mSC of each map")
+    _norms_panel(axes[0][0], summary["token_norms"])
+    _attention_panel(axes[0][1], summary["cls_attention"])
+    _msc_panel(axes[0][2], summary["maps"])
     for ax in axes[0][3:]:
         ax.axis("off")
 
@@ -361,3 +324,46 @@ def diagnostics_figure(
     if path is not None:
         _save(fig, path, dpi)
     return fig
+
+
+def _norms_panel(ax, norms: list[dict]) -> None:
+    ax.plot([row["block"] for row in norms], [row["max_ratio"] for row in norms], "o-")
+    ax.axhline(10.0, color="tab:red", linestyle="--", linewidth=0.8, label="10x: high-norm token")
+    ax.set(title="token norms", xlabel="block", ylabel="largest patch norm / median")
+    ax.legend(fontsize=8)
+
+
+def _attention_panel(ax, attention: dict) -> None:
+    heads = attention["heads"]
+    shares = [row["foreground_share"] for row in heads]
+    if any(share is not None for share in shares):
+        ax.bar(range(len(heads)), [0.0 if s is None else s for s in shares], color="tab:blue")
+        if attention["foreground_area"] is not None:
+            ax.axhline(
+                attention["foreground_area"], color="black", linestyle="--", linewidth=0.8, label="foreground area"
+            )
+            ax.legend(fontsize=8)
+        ax.set_xticks(range(len(heads)))
+        ax.set_xticklabels([f"b{row['block']}h{row['head']}" for row in heads], rotation=90, fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no ground truth", ha="center", va="center", transform=ax.transAxes)
+    ax.set(title="[CLS] attention on the foreground", ylabel="share of the patch mass", ylim=(0, 1))
+
+
+def _msc_panel(ax, maps: dict) -> None:
+    entries = [(name, entry) for name, entry in maps.items() if entry.get("msc") is not None]
+    if not entries:
+        ax.text(0.5, 0.5, "no ground truth", ha="center", va="center", transform=ax.transAxes)
+        ax.set(title="mSC of each map")
+        return
+    y = np.arange(len(entries))[::-1]
+    for (_, entry), position in zip(entries, y):
+        ci = entry.get("msc_ci")
+        error = None
+        if ci and None not in ci:
+            error = [[max(entry["msc"] - ci[0], 0.0)], [max(ci[1] - entry["msc"], 0.0)]]
+        ax.errorbar(entry["msc"], position, xerr=error, fmt="o", capsize=3)
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_yticks(y)
+    ax.set_yticklabels([name for name, _ in entries], fontsize=8)
+    ax.set(title="mSC of each map (higher: prefers the object)", xlabel="mSC (-100..100)")

@@ -347,6 +347,17 @@ def test_diagnose_command_errors(tmp_path, capsys):
     assert "--masks: expected a folder of mask images" in capsys.readouterr().err
     assert cli_main(["diagnose", str(image), "--out", str(tmp_path / "o")]) == 2
     assert "--prompts: expected the prompts" in capsys.readouterr().err
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    Image.new("L", (48, 48)).save(masks / "a.png")
+    argv = ["diagnose", str(image), "--prompts", "a star", "--masks", str(masks), "--out", str(tmp_path / "o")]
+    assert cli_main(argv) == 2
+    assert "a.png of its image's size 96x96, got 48x48" in capsys.readouterr().err
+    Image.new("RGB", (96, 64)).save(image)
+    Image.new("L", (96, 64)).save(masks / "a.png")
+    assert cli_main(argv) == 2
+    assert "--masks: expected square images" in capsys.readouterr().err
+
 
 
 def test_bfloat16_model_gives_the_float32_diagnostics(open_clip_vit):

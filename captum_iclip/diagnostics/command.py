@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
+
+from captum_iclip.diagnostics import TERMS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,11 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _file_inputs(args: argparse.Namespace, loaded, prompts: list[str]):
+def _read_files(args: argparse.Namespace, loaded):
     """Images (tensors at the model's size) and, with ``--masks``, their binary label maps."""
     from captum_iclip._io import read_image
 
-    images = [loaded.preprocess(read_image(path, "images")) for path in args.images]
+    originals = [read_image(path, "images") for path in args.images]
+    images = [loaded.preprocess(image) for image in originals]
     if args.masks is None:
         return images, None
     folder = Path(args.masks)
@@ -88,18 +93,23 @@ def _file_inputs(args: argparse.Namespace, loaded, prompts: list[str]):
         if not found:
             raise ValueError(f"--masks: expected a mask named {Path(path).stem}.* in {folder} for {path}, got none")
         mask = np.asarray(read_image(found[0], "--masks").convert("L")) > 0
+        size = originals[len(masks)].size
+        if mask.shape[::-1] != size:
+            raise ValueError(
+                f"--masks: expected {found[0]} of its image's size {size[0]}x{size[1]}, "
+                f"got {mask.shape[1]}x{mask.shape[0]}"
+            )
+        if size[0] != size[1]:
+            # A model's preprocessing may crop a non-square image, which the mask would not follow.
+            raise ValueError(
+                "--masks: expected square images (a crop would move them off their masks), "
+                f"got {path} of {size[0]}x{size[1]}"
+            )
         masks.append(mask)
     return images, masks
 
 
-def _run(args: argparse.Namespace) -> int:
-    from captum_iclip._io import atomic_write_text, check_output_folder, json_text
-    from captum_iclip.cli import check_model_arguments, load_model_from_args
-    from captum_iclip.diagnostics import Diagnostics
-    from captum_iclip.prompts import prompts_from_args
-    from captum_iclip.similarity import CLIPSimilarity
-    from captum_iclip.viz import denormalize, diagnostics_figure
-
+def _check_arguments(args: argparse.Namespace) -> None:
     if bool(args.images) == (args.dataset is not None):
         raise ValueError(
             "images: expected image files or --dataset (one of them), got " + ("both" if args.images else "neither")
@@ -110,86 +120,112 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError("--prompts: expected the prompts (or --prompts-file) to diagnose the images against, got none")
     if args.dataset is not None and (args.prompts is not None or args.prompts_file is not None):
         raise ValueError("--prompts: expected none with --dataset (its class prompts are used), got some")
+    if args.target is not None and (args.dataset is not None or args.masks is None):
+        raise ValueError("--target: expected only with image files and --masks")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size: expected at least 1, got {args.batch_size}")
+
+
+@dataclass
+class _Inputs:
+    """What the command diagnoses: prompts, the Diagnostics' label options, and a way to read batches."""
+
+    prompts: list[str]
+    options: dict
+    count: int
+    batch: Callable[[int, int], tuple[Tensor, list | None]]  # (start, stop) -> images, labels or None
+    masks: list[np.ndarray] | None = None  # file masks: the labels then depend on each image's target
+
+
+def _dataset_inputs(args: argparse.Namespace, loaded) -> _Inputs:
+    from captum_iclip.datasets import build_dataset
+    from captum_iclip.evaluation.run import class_prompts
+
+    dataset = build_dataset(args.dataset, args.root, args.split, args.limit)
+    background = dataset.background_index
+    options = {
+        "num_classes": dataset.num_classes,
+        "exclude": () if background is None else (background,),
+        "ignore_index": dataset.ignore_index,
+    }
+
+    def batch(start: int, stop: int):
+        items = [dataset[i] for i in range(start, stop)]
+        return torch.stack([loaded.preprocess(image) for image, _, _ in items]), [label for _, label, _ in items]
+
+    return _Inputs(class_prompts(dataset, loaded.bundle), options, len(dataset), batch)
+
+
+def _files_inputs(args: argparse.Namespace, loaded) -> _Inputs:
+    from captum_iclip.prompts import prompts_from_args
+
+    prompts = prompts_from_args(args)
+    if args.target is not None and args.target not in prompts:
+        raise ValueError(f"--target: expected one of the prompts {prompts}, got {args.target!r}")
+    images, masks = _read_files(args, loaded)
+    # With masks, prompt k explains class k + 1 of a binary label whose foreground is the image's target.
+    options = {"num_classes": len(prompts) + 1, "classes": list(range(1, len(prompts) + 1))} if masks else {}
+    return _Inputs(prompts, options, len(images), lambda start, stop: (torch.stack(images[start:stop]), None), masks)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from captum_iclip._io import check_output_folder
+    from captum_iclip.cli import check_model_arguments, load_model_from_args
+    from captum_iclip.diagnostics import Diagnostics
+    from captum_iclip.similarity import CLIPSimilarity
+
+    _check_arguments(args)
     out = check_output_folder(args.out, "--out")
     check_model_arguments(args)
     loaded = load_model_from_args(args)
-
-    if args.dataset is not None:
-        from captum_iclip.datasets import build_dataset
-        from captum_iclip.evaluation.run import class_prompts
-
-        dataset = build_dataset(args.dataset, args.root, args.split, args.limit)
-        prompts = class_prompts(dataset, loaded.bundle)
-        background = dataset.background_index
-        options = {
-            "num_classes": dataset.num_classes,
-            "exclude": () if background is None else (background,),
-            "ignore_index": dataset.ignore_index,
-        }
-        count = len(dataset)
-    else:
-        prompts = prompts_from_args(args)
-        images, masks = _file_inputs(args, loaded, prompts)
-        options = {"num_classes": len(prompts) + 1, "classes": list(range(1, len(prompts) + 1))} if masks else {}
-        count = len(images)
-    if args.target is not None and (args.dataset is not None or args.masks is None):
-        raise ValueError("--target: expected only with image files and --masks")
-    if args.target is not None and args.target not in prompts:
-        raise ValueError(f"--target: expected one of the prompts {prompts}, got {args.target!r}")
-    sim = CLIPSimilarity(loaded.model, loaded.tokenizer, prompts, templates=loaded.templates).to(args.device)
+    inputs = _dataset_inputs(args, loaded) if args.dataset is not None else _files_inputs(args, loaded)
+    sim = CLIPSimilarity(loaded.model, loaded.tokenizer, inputs.prompts, templates=loaded.templates).to(args.device)
     diagnostics = Diagnostics(
         sim,
         projection=args.projection,
         attention_blocks=args.attention_blocks,
-        bootstrap=args.bootstrap if options else 0,
-        **options,
+        bootstrap=args.bootstrap if inputs.options else 0,
+        **inputs.options,
     )
-    dtype, device = sim.adapter.parameter.dtype, sim.adapter.parameter.device
     example = None
-    bar = tqdm(total=count, desc="diagnose", disable=args.no_progress)
-    for start in range(0, count, args.batch_size):
-        stop = min(start + args.batch_size, count)
-        if args.dataset is not None:
-            items = [dataset[i] for i in range(start, stop)]
-            batch = torch.stack([loaded.preprocess(image) for image, _, _ in items])
-            labels = [label for _, label, _ in items]
-        else:
-            batch = torch.stack(images[start:stop])
-            labels = None
-        batch = batch.to(device, dtype)
-        if args.dataset is None and masks is not None:
+    bar = tqdm(total=inputs.count, desc="diagnose", disable=args.no_progress)
+    for start in range(0, inputs.count, args.batch_size):
+        stop = min(start + args.batch_size, inputs.count)
+        images, labels = inputs.batch(start, stop)
+        images = images.to(sim.adapter.parameter.device, sim.adapter.parameter.dtype)
+        if inputs.masks is not None or example is None:
             with torch.no_grad():
-                top = sim(batch).argmax(dim=1).tolist()
-            targets = [prompts.index(args.target)] * len(top) if args.target is not None else top
-            labels = [mask.astype(np.int64) * (1 + k) for mask, k in zip(masks[start:stop], targets)]
-        measured = diagnostics.update(batch, labels)
+                top = sim(images).argmax(dim=1).tolist()
+        if inputs.masks is not None:
+            targets = [inputs.prompts.index(args.target)] * len(top) if args.target is not None else top
+            labels = [mask.astype(np.int64) * (1 + k) for mask, k in zip(inputs.masks[start:stop], targets)]
+        measured = diagnostics.update(images, labels)
         if example is None:
-            first = denormalize(batch[:1].float().cpu(), sim.adapter.image_mean, sim.adapter.image_std)[0]
-            with torch.no_grad():
-                k = int(sim(batch[:1]).argmax())
-            example = (
-                first,
-                {name: measured["maps"][name][0, k].cpu() for name in ("itsm", "residual", "attention", "mlp")},
-                prompts[k],
-            )
+            example = _example(sim, images, measured, top[0], inputs.prompts)
         bar.update(stop - start)
     bar.close()
+    _write(out, {"model": loaded.name, "prompts": inputs.prompts, **diagnostics.summary()}, example, loaded.name)
+    return 0
 
-    summary = {"model": loaded.name, "prompts": prompts, **diagnostics.summary()}
+
+def _example(sim, images: Tensor, measured: dict, k: int, prompts: list[str]) -> tuple:
+    """The figure's example row: the first image, its top prompt's raw map and the map's terms."""
+    from captum_iclip.viz import denormalize
+
+    first = denormalize(images[:1].float().cpu(), sim.adapter.image_mean, sim.adapter.image_std)[0]
+    return first, {name: measured["maps"][name][0, k].cpu() for name in ("itsm", *TERMS[:3])}, prompts[k]
+
+
+def _write(out: Path, summary: dict, example: tuple, model_name: str) -> None:
+    from captum_iclip._io import atomic_write_text, json_text
+    from captum_iclip.viz import diagnostics_figure
+
     atomic_write_text(out / "diagnostics.json", json_text(summary, indent=1))
     image, maps, prompt = example
-    diagnostics_figure(
-        summary,
-        image=image,
-        maps=maps,
-        title=f"{loaded.name}: diagnostics (example prompt: {prompt})",
-        path=str(out / "diagnostics.png"),
-    )
+    title = f"{model_name}: diagnostics (example prompt: {prompt})"
+    diagnostics_figure(summary, image=image, maps=maps, title=title, path=str(out / "diagnostics.png"))
     print(summary_markdown(summary), end="")
     print(f"wrote {out / 'diagnostics.json'} and {out / 'diagnostics.png'}")
-    return 0
 
 
 def summary_markdown(summary: dict) -> str:

@@ -715,16 +715,9 @@ def _load_open_clip_hub(request: ModelSpec) -> LoadedCLIP:
     return LoadedCLIP(model.eval(), preprocess, tokenizer, name, int(size))
 
 
-def _load_hf(request: ModelSpec) -> LoadedCLIP:
-    """A Hugging Face ``CLIPModel``, ``SiglipModel`` or ``Siglip2Model`` (by the config's ``model_type``).
-
-    Any other ``model_type`` is refused, and so are weights that miss some of the model's (which
-    transformers would fill with a random initialisation, leaving only a log line).
-    """
-    import transformers
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
-
-    model_id = request.hf_model
+def _hf_local_only(model_id: str) -> bool:
+    """Whether to read ``model_id`` from disk only: a local folder (which must hold a config.json), or a hub
+    id while the hub is unreachable (the local cache then, failing at once if it lacks the model)."""
     local = Path(model_id).is_dir()
     if local and not (Path(model_id) / "config.json").is_file():
         raise ValueError(
@@ -746,7 +739,13 @@ def _load_hf(request: ModelSpec) -> LoadedCLIP:
                 + "."
             ),
         )
-    local = local or bool(offline)  # offline: the cache only
+    return local or bool(offline)
+
+
+def _hf_model_type(model_id: str, local: bool) -> str:
+    """The ``model_type`` of ``model_id``'s config, refused unless it is one of :data:`HF_MODEL_TYPES`."""
+    from transformers import AutoConfig
+
     try:
         model_type = AutoConfig.from_pretrained(model_id, local_files_only=local).model_type
     except OSError as error:
@@ -763,6 +762,21 @@ def _load_hf(request: ModelSpec) -> LoadedCLIP:
             f"hf_model: expected a Hugging Face model of type {', '.join(HF_MODEL_TYPES)} "
             f"({', '.join(HF_MODEL_TYPES.values())}), got {model_id!r} of model_type {model_type!r}"
         )
+    return model_type
+
+
+def _load_hf(request: ModelSpec) -> LoadedCLIP:
+    """A Hugging Face ``CLIPModel``, ``SiglipModel`` or ``Siglip2Model`` (by the config's ``model_type``).
+
+    Any other ``model_type`` is refused, and so are weights that miss some of the model's (which
+    transformers would fill with a random initialisation, leaving only a log line).
+    """
+    import transformers
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    model_id = request.hf_model
+    local = _hf_local_only(model_id)
+    model_type = _hf_model_type(model_id, local)
     model_class = getattr(transformers, HF_MODEL_TYPES[model_type])
     try:
         model, info = model_class.from_pretrained(model_id, local_files_only=local, output_loading_info=True)
