@@ -46,6 +46,7 @@ NOT_RUN = {
     "captum-iclip demo --out demo-out": "72 s on 2 cores; tests/test_zoo_demo.py runs the demo on fewer scenes",
     "...": "stands for elided arguments",
     "python -m captum_iclip.zoo.study": "reproduces the study (hours; --quick minutes); tests/test_zoo_study.py",
+    "python benchmarks/device.py": "the GPU measurements (minutes); tests/test_device_benchmark.py runs --quick",
 }
 
 
