@@ -13,22 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "captum_iclip"
 ENTRY_MODULES = {"captum_iclip.eval", "captum_iclip.train"}  # python -m entry points besides the __main__ modules
 
-# Upward imports and cycles that the layering work of issue 23 has still to remove; each fix deletes its entry
-# (an entry that no longer occurs fails the test, so that the list only shrinks).
-PENDING_UPWARD = {
-    ("audit", "cli"),
-    ("demo", "zoo"),
-    ("diagnostics", "cli"),
-    ("evaluation", "cli"),
-    ("models", "masks"),
-    ("models", "training"),
-    ("models", "zoo"),
-    ("training", "cli"),
-}
+# Cycles that the layering work of issue 23 has still to remove; each fix deletes its entry (an entry that no
+# longer occurs fails the test, so that the list only shrinks).
 PENDING_CYCLES = [
-    ["captum_iclip.cli", "captum_iclip.demo", "captum_iclip.evaluation.run"],
     ["captum_iclip.models.adapters", "captum_iclip.models.hf_siglip", "captum_iclip.models.timm_towers"],
-    ["captum_iclip.models.loading", "captum_iclip.zoo"],
 ]
 
 
@@ -96,18 +84,13 @@ def test_every_package_has_a_layer():
 
 def test_imports_point_down():
     layers = documented_layers()
-    upward, pending = [], set()
+    upward = []
     for module, targets in import_graph().items():
         for target, line in targets:
             source_unit, target_unit = unit(module), unit(target)
-            if source_unit == target_unit or layers[target_unit] > layers[source_unit]:
-                continue
-            if (source_unit, target_unit) in PENDING_UPWARD:
-                pending.add((source_unit, target_unit))
-            else:
+            if source_unit != target_unit and layers[target_unit] <= layers[source_unit]:
                 upward.append(f"{module}:{line} imports {target} ({source_unit} -> {target_unit})")
     assert sorted(upward) == [], "\n".join(sorted(upward))
-    assert pending == PENDING_UPWARD, "remove the fixed entries from PENDING_UPWARD"
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:

@@ -15,7 +15,6 @@ prints a short table.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,9 +22,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from captum_iclip.cli.common import (
+    HelpFormatter,
+    add_model_arguments,
+    check_model_arguments,
+    load_model_from_args,
+    run_command,
+    split_debug,
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from captum_iclip.cli import HelpFormatter, add_model_arguments
     from captum_iclip.datasets import DATASETS
     from captum_iclip.prompts import add_prompt_arguments
 
@@ -94,7 +101,6 @@ def _file_inputs(args: argparse.Namespace, loaded, prompts: list[str]):
 
 def _run(args: argparse.Namespace) -> int:
     from captum_iclip._io import atomic_write_text, check_output_folder, json_text
-    from captum_iclip.cli import check_model_arguments, load_model_from_args
     from captum_iclip.diagnostics import Diagnostics
     from captum_iclip.prompts import prompts_from_args
     from captum_iclip.similarity import CLIPSimilarity
@@ -219,12 +225,7 @@ def summary_markdown(summary: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``captum-iclip diagnose`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
-    from captum_iclip.cli import run_command, split_debug
 
     argv, debug = split_debug(argv)
     args = build_parser().parse_args(argv)
     return run_command("captum-iclip diagnose", lambda: _run(args), debug or None)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
