@@ -67,7 +67,7 @@ from tqdm import tqdm
 import captum_iclip
 from captum_iclip import CLIPSimilarity, get_adapter
 from captum_iclip.evaluation.methods import build_method, method_info, method_names
-from captum_iclip.models.loading import WeightsUnavailableError
+from captum_iclip.loading.loader import WeightsUnavailableError
 
 PROMPTS = [
     f"a photo of a {name}."

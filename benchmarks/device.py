@@ -60,9 +60,9 @@ from timing import time_rounds  # noqa: E402
 
 from captum_iclip import CLIPSimilarity, DualProjectionCLIP  # noqa: E402
 from captum_iclip._io import atomic_write_text, json_text  # noqa: E402
+from captum_iclip.devices import check_device  # noqa: E402
 from captum_iclip.evaluation import map_agreement  # noqa: E402
 from captum_iclip.evaluation.methods import build_method, method_info, method_names  # noqa: E402
-from captum_iclip.models.loading import check_device  # noqa: E402
 
 LONG = ("ig", "occlusion")  # timed at the first resolution only
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -384,7 +384,7 @@ def copies(run: Run) -> None:
 
 # --------------------------------------------------------------------------- 4. eval throughput
 def eval_throughput(run: Run) -> None:
-    from captum_iclip.evaluation.run import main as eval_main
+    from captum_iclip.cli.eval import main as eval_main
 
     args = run.args
     with tempfile.TemporaryDirectory() as out:

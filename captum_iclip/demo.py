@@ -54,9 +54,9 @@ def run_demo(
     from captum_iclip.datasets import WorldScenes
     from captum_iclip.evaluation.report import write_results
     from captum_iclip.evaluation.run import EvalConfig, class_prompts, run_evaluation
-    from captum_iclip.models.loading import load
+    from captum_iclip.loading.loader import load
     from captum_iclip.similarity import CLIPSimilarity
-    from captum_iclip.zoo.quality import SEED_RANGES
+    from captum_iclip.world import SEED_RANGES
 
     if num_images < 1:
         raise ValueError(f"num_images: expected at least 1, got {num_images}")

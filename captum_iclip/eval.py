@@ -5,14 +5,14 @@ Examples::
     python -m captum_iclip.eval --dataset world --root heldout --limit 48 --method raw,surgery,mmp
     torchrun --nproc-per-node 4 -m captum_iclip.eval --dataset voc --root VOCdevkit --method raw,mmp
 
-The same as ``python -m captum_iclip.evaluation.run``: see :mod:`captum_iclip.evaluation.run`.
+The command line is :mod:`captum_iclip.cli.eval`; what it measures, :mod:`captum_iclip.evaluation.run`.
 """
 
 from __future__ import annotations
 
 import sys
 
-from captum_iclip.evaluation.run import main
+from captum_iclip.cli.eval import main
 
 __all__ = ["main"]
 

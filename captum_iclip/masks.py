@@ -697,7 +697,7 @@ class DINOMaskProvider(MaskProvider):
             ``"facebook/dinov2-with-registers-small"``), or a built timm
             ``VisionTransformer`` / ``Eva`` or Hugging Face ``ViTModel`` / ``Dinov2Model`` /
             ``Dinov2WithRegistersModel`` / ``DINOv3ViTModel``
-            (e.g. from :func:`captum_iclip.training.dino.load_tiny_dino`). A Hugging
+            (e.g. from :func:`captum_iclip.models.tiny_dino.load_tiny_dino`). A Hugging
             Face module is switched to eager attention.
         pretrained (bool): Load a timm model's pretrained weights through timm
             (needs the network or a warm cache).
@@ -714,7 +714,7 @@ class DINOMaskProvider(MaskProvider):
 
     Examples::
 
-        >>> from captum_iclip.training.dino import load_tiny_dino
+        >>> from captum_iclip.models.tiny_dino import load_tiny_dino
         >>> provider = DINOMaskProvider(load_tiny_dino("runs/tiny_dino"), tau=0.6)
         >>> mask = provider(clip_images, grid_size=(14, 14))  # (N, 196) bool
     """

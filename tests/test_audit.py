@@ -22,11 +22,12 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from PIL import Image
 
 from captum_iclip import CLIPSimilarity
-from captum_iclip.audit import audit, background_fraction, command
-from captum_iclip.audit.command import AuditModel
+from captum_iclip.audit import audit, background_fraction
+from captum_iclip.cli import audit as command
 from captum_iclip.cli import main as cli_main
+from captum_iclip.cli.audit import AuditModel
+from captum_iclip.loading.loader import WeightsUnavailableError
 from captum_iclip.models.dual import DualProjectionCLIP
-from captum_iclip.models.loading import WeightsUnavailableError
 from captum_iclip.zoo import make_preprocess
 
 logging.getLogger("open_clip").setLevel(logging.ERROR)
@@ -347,12 +348,13 @@ def test_background_fraction_known_answers():
 
 def test_default_model_is_the_bundled_one(monkeypatch):
     from captum_iclip import zoo
+    from captum_iclip.loading import bundled
 
     args = command.build_parser().parse_args(["--images", "x", "--prompts", "a,b", "--out", "o", "--device", "cpu"])
     if "shapes-tiny" in zoo.available():
         loaded = command.load_audit_model(args, ["a", "b"])
         assert isinstance(loaded.sim.model, DualProjectionCLIP) and loaded.mask_provider is not None
         assert loaded.sim.prompts == ["a", "b"] and loaded.name == "shapes-tiny"
-    monkeypatch.setattr(zoo, "available", lambda: [])
+    monkeypatch.setattr(bundled, "available", lambda: [])
     with pytest.raises(WeightsUnavailableError, match="bundled model shapes-tiny, which is not installed"):
         command.load_audit_model(args, ["a", "b"])

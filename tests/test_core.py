@@ -70,7 +70,7 @@ def test_load_open_clip_from_a_model_config_and_checkpoint(tmp_path):
         assert torch.equal(ours, theirs), name
     with pytest.raises(ValueError, match=r"model: expected the name registered by model_config \('tiny-core-vit'"):
         captum_iclip.load("ViT-B-16", model_config=str(config))
-    with pytest.raises(captum_iclip.models.loading.WeightsUnavailableError, match="checkpoint: expected a file"):
+    with pytest.raises(captum_iclip.loading.loader.WeightsUnavailableError, match="checkpoint: expected a file"):
         captum_iclip.load("tiny-core-vit", checkpoint=str(tmp_path / "missing.pt"))
 
 

@@ -9,18 +9,20 @@ import pytest
 import torch
 
 from captum_iclip.masks import DINOMaskProvider
-from captum_iclip.training.dino import (
+from captum_iclip.models.tiny_dino import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     DINOConfig,
+    build_backbone,
+    load_tiny_dino,
+    save_tiny_dino,
+)
+from captum_iclip.training.dino import (
     DINOHead,
     DINOLoss,
-    build_backbone,
     cosine_schedule,
     ema_update,
-    load_tiny_dino,
     multi_crop_transform,
-    save_tiny_dino,
     train_dino,
 )
 

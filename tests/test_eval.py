@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from captum_iclip import CLIPSimilarity, ITSMAttribution
+from captum_iclip.cli.eval import main
 from captum_iclip.datasets import build_dataset
 from captum_iclip.evaluation.methods import build_method
 from captum_iclip.evaluation.metrics import LocalizationMetrics, SegmentationMetrics
@@ -29,7 +30,6 @@ from captum_iclip.evaluation.run import (
     _segmentation_labels,
     class_prompts,
     evaluate,
-    main,
     shard_indices,
 )
 from captum_iclip.world import export_voc

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from captum_iclip import cli
-from captum_iclip.models.loading import WeightsUnavailableError, hub_unreachable, load, mask_source
+from captum_iclip.loading.loader import WeightsUnavailableError, hub_unreachable, load, mask_source
 from captum_iclip.prompts import parse_prompts, read_prompts_file
 
 OFFLINE_S = 5.0
@@ -233,7 +233,7 @@ def test_prompts_file_utf8_comments_and_errors(tmp_path):
 
 
 def test_every_command_reads_prompts_the_same_way(tmp_path, capsys):
-    from captum_iclip.audit import command
+    from captum_iclip.cli import audit as command
     from captum_iclip.prompts import prompts_from_args
 
     path = tmp_path / "p.txt"
@@ -254,11 +254,10 @@ def test_every_command_reads_prompts_the_same_way(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- 5. the smaller points
 def _parsers() -> dict[str, argparse.ArgumentParser]:
-    from captum_iclip.audit import command
-    from captum_iclip.diagnostics import command as diagnose
-    from captum_iclip.evaluation import run as evaluation
-    from captum_iclip.training import iclip
-    from captum_iclip.world import __main__ as world
+    from captum_iclip.cli import audit as command
+    from captum_iclip.cli import diagnose, world
+    from captum_iclip.cli import eval as evaluation
+    from captum_iclip.cli import train as iclip
 
     return {
         "captum-iclip": cli.build_parser(),

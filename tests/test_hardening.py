@@ -349,7 +349,7 @@ def test_sixteen_bit_float_and_rotated_images_are_read_correctly(tmp_path):
 
 def test_every_command_reads_images_through_the_one_reader(tmp_path):
     """No module but the reader opens images (labels excepted), and each path gives its result."""
-    from captum_iclip.cli import open_images
+    from captum_iclip.cli.common import open_images
     from captum_iclip.datasets.base import load_rgb_image
     from captum_iclip.training.data import load_image
     from captum_iclip.zoo import make_preprocess
@@ -479,7 +479,7 @@ def test_a_model_in_train_mode_is_explained_in_eval_mode_and_left_as_given(tiny_
 
 
 def test_weights_options_are_never_ignored(tmp_path, capsys):
-    from captum_iclip.models.loading import load_clip
+    from captum_iclip.loading.loader import load_clip
 
     with pytest.raises(ValueError, match="pretrained: expected it together with model_name"):
         load_clip(None, "openai")

@@ -18,7 +18,7 @@ from transformers import BertConfig, BertModel, CLIPConfig, CLIPImageProcessor, 
 
 import captum_iclip
 from captum_iclip._io import load_torch_file
-from captum_iclip.models.loading import WeightsUnavailableError
+from captum_iclip.loading.loader import WeightsUnavailableError
 
 PACKAGE = Path(captum_iclip.__file__).parent
 
@@ -158,6 +158,7 @@ def test_training_stops_at_a_nan_loss_and_keeps_the_last_good_checkpoint(tmp_pat
 
 
 def test_training_checks_the_weights_before_each_save(tmp_path, monkeypatch):
+    from captum_iclip.cli import train as train_command
     from captum_iclip.training import iclip
 
     real_step = iclip.train_step
@@ -172,7 +173,7 @@ def test_training_checks_the_weights_before_each_save(tmp_path, monkeypatch):
         return loss
 
     monkeypatch.setattr(iclip, "train_step", step_that_breaks_a_weight)
-    options = iclip.build_parser().parse_args(_nan_run_options(tmp_path, "1e-3"))
+    options = train_command.build_parser().parse_args(_nan_run_options(tmp_path, "1e-3"))
     with pytest.raises(iclip.NonFiniteTrainingError, match=r"model: expected finite weights to checkpoint at step 2"):
         iclip.train(iclip.TrainConfig(**vars(options)))
     assert load_torch_file(tmp_path / "run" / "checkpoints" / "latest.pt")["step"] == 1

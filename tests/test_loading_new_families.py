@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast, SiglipConfig, SiglipImageProce
 
 from captum_iclip import CLIPSimilarity
 from captum_iclip.cli import main
-from captum_iclip.models.loading import WeightsUnavailableError, load_clip
+from captum_iclip.loading.loader import WeightsUnavailableError, load_clip
 
 WORDS = ["<pad>", "<unk>", "a", "photo", "of", "cat", "dog", "red", "car"]
 

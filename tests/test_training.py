@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from PIL import Image
 
+from captum_iclip.cli.train import main
 from captum_iclip.models.dual import DualProjectionCLIP
 from captum_iclip.pooling import MaskedMaxPooling
-from captum_iclip.training.iclip import TrainConfig, main, train
+from captum_iclip.training.iclip import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT_CFG = dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1)

@@ -13,6 +13,7 @@ import webdataset as wds
 from PIL import Image, ImageFilter
 
 from captum_iclip._io import atomic_write
+from captum_iclip.cli.world import main
 from captum_iclip.world import (
     BACKGROUNDS,
     CATEGORIES,
@@ -30,7 +31,6 @@ from captum_iclip.world import (
     voc_colormap,
 )
 from captum_iclip.world import export as world_export
-from captum_iclip.world.__main__ import main
 from captum_iclip.world.generator import _COLOUR_HUE
 
 GREY = np.full((96, 96, 3), 0.5, np.float32)

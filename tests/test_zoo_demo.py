@@ -49,7 +49,7 @@ def test_bundle_loads_offline(bundle, monkeypatch):
 
 
 def test_bundle_ships_its_prompt_templates_to_every_loader(bundle):
-    from captum_iclip.models.loading import load
+    from captum_iclip.loading.loader import load
     from captum_iclip.zoo.train import prompt_templates
 
     assert bundle.templates == prompt_templates() and len(bundle.templates) > 1
@@ -188,7 +188,7 @@ def test_explain_reports_a_missing_image_and_empty_prompts(tmp_path, capsys):
 def test_explain_offline_pretrained_weights_give_a_clear_message(tmp_path, monkeypatch, capsys):
     import open_clip
 
-    from captum_iclip.models import loading
+    from captum_iclip.loading import loader as loading
 
     def unreachable(*args, **kwargs):
         raise RuntimeError("Failed to download (network unreachable)")

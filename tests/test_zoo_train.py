@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from captum_iclip import zoo
+from captum_iclip.loading import bundled
 from captum_iclip.masks import DINOMaskProvider, cls_attention
 from captum_iclip.training.dino import DINOConfig, _comparable, build_backbone
 from captum_iclip.world import TRAIN_SEED_START
@@ -172,7 +173,7 @@ def test_the_recipe_runs_every_stage_resumes_and_writes_a_loadable_bundle(tmp_pa
     assert stamps == {p: p.stat().st_mtime_ns for p in work.rglob("*.pt")}
 
     # The bundle loads like the shipped one and reproduces its recorded figures.
-    monkeypatch.setattr(zoo, "WEIGHTS_DIR", weights)
+    monkeypatch.setattr(bundled, "WEIGHTS_DIR", weights)
     bundle = zoo.load("tiny")
     assert bundle.mask_provider.tau == 0.5 and bundle.mask_provider.blocks == (0, 5)  # six DINO blocks
     figures = recipe.bundle_figures(

@@ -10,12 +10,11 @@ reviewer opens without Python. Runs are resumable (one JSON record per image).
 
 Modules: :mod:`~captum_iclip.audit.run` (the computation),
 :mod:`~captum_iclip.audit.records` (keys, records, the background measure),
-:mod:`~captum_iclip.audit.report` (the page), :mod:`~captum_iclip.audit.command`
-(the command line).
+:mod:`~captum_iclip.audit.report` (the page); the command line is
+:mod:`captum_iclip.cli.audit`.
 """
 
-from captum_iclip.audit.command import main
 from captum_iclip.audit.records import background_fraction, find_images
 from captum_iclip.audit.run import DEFAULT_METHODS, AuditSummary, audit
 
-__all__ = ["DEFAULT_METHODS", "AuditSummary", "audit", "background_fraction", "find_images", "main"]
+__all__ = ["DEFAULT_METHODS", "AuditSummary", "audit", "background_fraction", "find_images"]

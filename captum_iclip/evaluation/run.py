@@ -1,4 +1,4 @@
-"""``captum-iclip eval``: benchmarks of the explanation methods on segmentation datasets (docs/methods.md §5).
+"""Benchmarks of the explanation methods on segmentation datasets (docs/methods.md §5).
 
 Three tasks, each run for every requested method of
 :mod:`captum_iclip.evaluation.methods`:
@@ -59,23 +59,19 @@ Examples::
 
     captum-iclip eval --dataset voc --root data/VOCdevkit --method raw,surgery,mmp \\
         --model ViT-B-16 --pretrained openai --resolution 448 --task localization,segmentation
-    torchrun --nproc-per-node 2 -m captum_iclip.evaluation.run --dataset voc --root data/world_voc \\
+    torchrun --nproc-per-node 2 -m captum_iclip.eval --dataset voc --root data/world_voc \\
         --method raw,iclip,mmp --pointing-tolerance 3 --out runs/eval
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -84,7 +80,6 @@ from captum_iclip.datasets import DATASETS, SegmentationDataset, build_dataset
 from captum_iclip.evaluation.data import (
     _Clock,
     _collate,
-    _init_distributed,
     _rank_and_world,
     _ShardImages,
     _sum_over_ranks,
@@ -98,10 +93,8 @@ from captum_iclip.similarity import CLIPSimilarity
 __all__ = [
     "EvalConfig",
     "TASKS",
-    "build_parser",
     "class_prompts",
     "evaluate",
-    "main",
     "results_markdown",
     "run_evaluation",
     "shard_indices",
@@ -405,184 +398,3 @@ def _results(ctx: EvalContext, tasks: list[Any], model_name: str) -> dict:
         "prompts": list(ctx.sim.prompts or []),
         "methods": methods,
     }
-
-
-# --------------------------------------------------------------------------- command line
-def _comma_list(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``captum-iclip eval`` argument parser."""
-    from captum_iclip.cli import HelpFormatter, add_model_arguments
-
-    parser = argparse.ArgumentParser(
-        prog="captum-iclip eval", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
-    )
-    parser.add_argument(
-        "--dataset", required=True, choices=sorted(DATASETS), help="dataset reader: %(choices)s (required)"
-    )
-    parser.add_argument("--root", required=True, help="dataset folder")
-    parser.add_argument("--split", default=None, help="split name (default: the reader's)")
-    parser.add_argument(
-        "--method",
-        type=_comma_list,
-        default=["raw"],
-        help=f"comma-separated methods of {','.join(method_names())} (default: raw)",
-    )
-    parser.add_argument(
-        "--task",
-        type=_comma_list,
-        default=["localization"],
-        help=f"comma-separated tasks of {','.join(TASKS)} (default: localization)",
-    )
-    add_model_arguments(parser)
-    parser.add_argument(
-        "--dino",
-        default=None,
-        help="mask source of mmp: timm DINO name, Hugging Face id or folder "
-        "(default: the bundled model's DINO, else all patches)",
-    )
-    parser.add_argument("--dino-checkpoint", default=None, help="state-dict file for a timm --dino name")
-    parser.add_argument("--tau", type=float, default=None, help="DINO attention mass kept (default 0.6)")
-    parser.add_argument("--resolution", type=int, default=None, help="model input side (default: the model's)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per batch (default: %(default)s)")
-    parser.add_argument(
-        "--theta", type=float, default=0.5, help="binarisation threshold of the explanation IoU (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--pointing-tolerance",
-        type=int,
-        default=15,
-        help="pointing-game tolerance, label pixels (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--background-threshold",
-        type=float,
-        default=None,
-        help="segmentation: score below which a pixel is background (default: background prompt)",
-    )
-    parser.add_argument(
-        "--slide", action="store_true", help="segmentation: short side to --resolution, sliding windows of --window"
-    )
-    parser.add_argument("--window", type=int, default=None, help="sliding-window side (default: the model's input)")
-    parser.add_argument("--stride", type=int, default=None, help="sliding-window step (default: window / 2)")
-    parser.add_argument(
-        "--faithfulness-samples", type=int, default=8, help="images in the faithfulness sample (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--faithfulness-perturbations",
-        type=int,
-        default=8,
-        help="perturbations per image for infidelity and sensitivity (default: %(default)s)",
-    )
-    parser.add_argument("--ig-steps", type=int, default=16, help="integration steps of ig (default: %(default)s)")
-    parser.add_argument("--examples", type=int, default=4, help="example overlays to draw (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=0, help="data-loading processes (default: %(default)s)")
-    parser.add_argument(
-        "--bootstrap", type=int, default=0, help="resamples of 95%% bootstrap intervals over images (default: none)"
-    )
-    parser.add_argument("--out", default="captum-iclip-eval", help="output folder (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the faithfulness perturbations")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return parser
-
-
-def _load_model(args: argparse.Namespace, dataset: SegmentationDataset) -> tuple[CLIPSimilarity, Any, str]:
-    """The forward function, the mask provider of ``mmp`` and the model's name, from the options.
-
-    The model comes from :func:`captum_iclip.load`; the mask provider is ``--dino``'s
-    (:func:`captum_iclip.mask_source`) or else the bundled model's own.
-    """
-    from captum_iclip.cli import load_model_from_args, with_option_names
-    from captum_iclip.models.loading import mask_source
-
-    if args.tau is not None and not 0.0 < args.tau <= 1.0:
-        raise ValueError(f"--tau: expected a value in (0, 1], got {args.tau}")
-    loaded = load_model_from_args(args)
-    prompts = class_prompts(dataset, loaded.bundle)
-    sim = CLIPSimilarity(loaded.model, loaded.tokenizer, prompts, templates=loaded.templates).to(args.device)
-    mask_provider = loaded.mask_provider
-    if mask_provider is not None and args.tau is not None:
-        mask_provider.tau = args.tau
-    if args.dino is not None:
-        mask_provider = with_option_names(
-            lambda: mask_source(
-                args.dino,
-                checkpoint=args.dino_checkpoint,
-                tau=0.6 if args.tau is None else args.tau,
-                input_mean=sim.adapter.image_mean,
-                input_std=sim.adapter.image_std,
-                device=args.device,
-            )
-        )
-    return sim, mask_provider, loaded.name
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``captum-iclip eval``: parse ``argv``, evaluate, write the results; returns the exit status.
-
-    Args:
-        argv: Arguments without the program name; ``None`` reads ``sys.argv``.
-
-    Returns:
-        0 on success, 2 on bad input.
-
-    Examples:
-        >>> main(["--dataset", "voc", "--root", "data/world_voc", "--method", "raw,surgery"])  # doctest: +SKIP
-        0
-    """
-    from captum_iclip.cli import run_command, split_debug
-
-    argv, debug = split_debug(argv)
-    args = build_parser().parse_args(argv)
-    return run_command("captum-iclip eval", lambda: _run(args), debug or None)
-
-
-def _run(args: argparse.Namespace) -> int:
-    from captum_iclip.cli import check_model_arguments
-
-    check_model_arguments(args)
-    args.device = _init_distributed(args.device)
-    rank = _rank_and_world()[0]
-    try:
-        config = EvalConfig(
-            dataset=args.dataset,
-            root=args.root,
-            split=args.split,
-            methods=args.method,
-            tasks=args.task,
-            resolution=args.resolution,
-            limit=args.limit,
-            batch_size=args.batch_size,
-            theta=args.theta,
-            pointing_tolerance=args.pointing_tolerance,
-            background_threshold=args.background_threshold,
-            slide=args.slide,
-            window=args.window,
-            stride=args.stride,
-            faithfulness_samples=args.faithfulness_samples,
-            faithfulness_perturbations=args.faithfulness_perturbations,
-            ig_steps=args.ig_steps,
-            seed=args.seed,
-            examples=args.examples,
-            bootstrap=args.bootstrap,
-            workers=args.workers,
-            out=args.out,
-            progress=not args.no_progress,
-        )
-        dataset = build_dataset(config.dataset, config.root, config.split, config.limit)
-        sim, mask_provider, name = _load_model(args, dataset)
-        results = evaluate(config, sim, dataset=dataset, mask_provider=mask_provider, model_name=name)
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    if rank == 0:
-        print(results_markdown(results), end="")
-        print(f"wrote {Path(config.out) / 'results.json'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,7 +11,7 @@ Two questions decide whether the miniature can test the paper's claims at all:
   cover at least half, next to two trivial masks (a centre box, every patch).
 
 Both read scenes from a seed range chosen by the caller. The ranges are fixed
-in :data:`SEED_RANGES` so that recipe selection, the reported figures, the demo
+in :data:`captum_iclip.world.SEED_RANGES` so that recipe selection, the reported figures, the demo
 and the ablation study never share a scene.
 """
 
@@ -24,15 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from captum_iclip.world import CATEGORIES, HELDOUT_SEED_START, Scene, WorldVariant, generate_scene
-
-# First seed of each held-out use; each range holds fewer than a million scenes.
-SEED_RANGES: dict[str, int] = {
-    "demo": HELDOUT_SEED_START + 500_000,  # the demo's explanation table
-    "selection": HELDOUT_SEED_START + 2_000_000,  # choosing training recipes
-    "report": HELDOUT_SEED_START + 3_000_000,  # the bundle's recorded recognition and mask figures
-    "study": HELDOUT_SEED_START + 4_000_000,  # the ablation study
-}
+from captum_iclip.world import CATEGORIES, SEED_RANGES, Scene, WorldVariant, generate_scene
 
 
 def scene_range(name: str, count: int, size: int, variant: WorldVariant | None = None) -> list[Scene]:

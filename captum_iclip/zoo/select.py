@@ -77,7 +77,7 @@ def clip_candidates(folders: Sequence[Path], image_size: int) -> list[dict]:
 def mask_candidates(folders: Sequence[Path], image_size: int, grid: tuple[int, int]) -> list[dict]:
     """Mask IoU of every (DINO, block set, tau) on selection scenes."""
     from captum_iclip.masks import DINOMaskProvider
-    from captum_iclip.training.dino import load_tiny_dino
+    from captum_iclip.models.tiny_dino import load_tiny_dino
 
     scenes = scene_range("selection", MASK_SCENES, image_size)
     preprocess = make_preprocess(image_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)

@@ -210,7 +210,7 @@ class StudyContext:
     """
 
     def __init__(self, settings: StudySettings) -> None:
-        from captum_iclip.models.loading import check_device
+        from captum_iclip.devices import check_device
 
         self.settings = settings
         self.device = check_device(settings.device, "device")
@@ -415,7 +415,7 @@ def localization(dual: nn.Module, spec: RunSpec, ctx: StudyContext, name: str, b
     from captum_iclip.demo import pointing_tolerance_for
     from captum_iclip.evaluation.run import EvalConfig, class_prompts, run_evaluation
     from captum_iclip.similarity import CLIPSimilarity
-    from captum_iclip.zoo.quality import SEED_RANGES
+    from captum_iclip.world import SEED_RANGES
 
     count = len(ctx.scenes(name))
     dataset = WorldScenes(SEED_RANGES[name], limit=count, size=ctx.image_size)
@@ -529,7 +529,7 @@ def run_study(settings: StudySettings) -> dict:
 
 def study_record(settings: StudySettings) -> dict:
     """The options a results file was produced with."""
-    from captum_iclip.zoo.quality import SEED_RANGES
+    from captum_iclip.world import SEED_RANGES
 
     record = {k: v for k, v in asdict(settings).items() if k not in ("progress", "extra", "out", "readme")}
     clip = Path(settings.clip or default_clip_path())

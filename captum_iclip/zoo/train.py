@@ -419,7 +419,7 @@ def _train_iclip(args: argparse.Namespace, work: Path, world: RenderedWorld, tok
     the ``--iclip-masks`` foregrounds, on the trained CLIP."""
     from captum_iclip.masks import FixedMaskProvider
     from captum_iclip.models.dual import DualProjectionCLIP
-    from captum_iclip.training.dino import load_tiny_dino
+    from captum_iclip.models.tiny_dino import load_tiny_dino
     from captum_iclip.training.iclip import TrainConfig, parse_mode, train
     from captum_iclip.zoo.quality import centre_box
 
@@ -474,7 +474,7 @@ def _mask_provider(dino, args: argparse.Namespace):
 def _bundle(args: argparse.Namespace, work: Path, tokenizer) -> None:
     """Measure the trained models as they will ship and write the bundle."""
     from captum_iclip.models.dual import DualProjectionCLIP
-    from captum_iclip.training.dino import CONFIG_NAME, load_tiny_dino
+    from captum_iclip.models.tiny_dino import CONFIG_NAME, load_tiny_dino
     from captum_iclip.world import CATEGORIES, class_names, prompt_for
 
     clip_dir, dino_dir, iclip_dir = work / "clip", work / "dino", work / "iclip"
@@ -544,7 +544,7 @@ def write_bundle(
     """Write float16 weights and ``config.json`` (written last: its presence marks a complete bundle);
     ``settings`` (mask ``tau`` and ``dino_blocks``, prompt ``templates``, the ``iclip_head`` configuration)
     go into it as they are."""
-    from captum_iclip.training.dino import CONFIG_NAME, WEIGHTS_NAME
+    from captum_iclip.models.tiny_dino import CONFIG_NAME, WEIGHTS_NAME
 
     def half(state):
         return {k: v.detach().cpu().half() if v.is_floating_point() else v.cpu() for k, v in state.items()}

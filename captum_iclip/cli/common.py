@@ -1,23 +1,13 @@
-"""The ``captum-iclip`` command.
-
-Subcommands: ``explain`` (attribute images against prompts and draw the maps),
-``demo`` (the main job on the bundled offline models), and the entry points of
-the other homes: ``train`` (ICLIP training), ``eval`` (benchmarks), ``world``
-(the procedural world's exports), ``audit`` (HTML audit reports) and ``diagnose``
-(why a model's maps prefer the background).
-"""
+"""What every ``captum-iclip`` command shares: the help format, ``--debug`` and one-line errors
+(:func:`run_command`), the model options and their loading, the messages about a model's domain."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
-
-from captum_iclip._io import check_output_file, check_output_folder
-from captum_iclip.prompts import add_prompt_arguments, prompts_from_args
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -41,30 +31,6 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 DEVICE_HELP = "torch device to run on: cpu, cuda, cuda:1, mps"
-
-# Subcommands whose argument parsing lives with their code: name -> module with main(argv).
-DELEGATED = {
-    "train": "captum_iclip.training.iclip",
-    "eval": "captum_iclip.eval",
-    "world": "captum_iclip.world.__main__",
-    "audit": "captum_iclip.audit",
-    "diagnose": "captum_iclip.diagnostics.command",
-}
-
-
-def image_transform(resolution, mean: Sequence[float], std: Sequence[float]):
-    """PIL image -> normalised tensor: resize the short side, centre-crop to ``resolution``."""
-    from torchvision import transforms
-
-    size = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
-    return transforms.Compose(
-        [
-            transforms.Resize(min(size), interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.CenterCrop(size),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ]
-    )
 
 
 def open_images(paths: Sequence[str]):
@@ -106,7 +72,7 @@ def run_command(prog: str, command: Callable[[], int | None], debug: bool | None
     ``SystemExit`` with a message (``"name: expected ..."``) is reported the same way;
     argparse's own exits pass through.
     """
-    from captum_iclip.models.loading import WeightsUnavailableError
+    from captum_iclip.loading.loader import WeightsUnavailableError
 
     debug = DEBUG if debug is None else debug
     try:
@@ -181,7 +147,7 @@ _OPTION_OF = {
 
 def _with_options(call: Callable):
     """Run ``call``; its errors name the command-line options instead of the loader's arguments."""
-    from captum_iclip.models.loading import WeightsUnavailableError
+    from captum_iclip.loading.loader import WeightsUnavailableError
 
     try:
         return call()
@@ -202,7 +168,8 @@ def with_option_names(call: Callable):
 def check_model_arguments(args: argparse.Namespace) -> None:
     """The model options' checks of :func:`load_model_from_args`, for commands that load a bundled
     model themselves: no weights option is ignored, the device exists."""
-    from captum_iclip.models.loading import check_device, check_model_options
+    from captum_iclip.devices import check_device
+    from captum_iclip.loading.loader import check_model_options
 
     _with_options(
         lambda: (
@@ -214,7 +181,7 @@ def check_model_arguments(args: argparse.Namespace) -> None:
 
 def load_model_from_args(args: argparse.Namespace):
     """:func:`captum_iclip.load` on the options of :func:`add_model_arguments`; errors name the options."""
-    from captum_iclip.models.loading import load
+    from captum_iclip.loading.loader import load
 
     return _with_options(
         lambda: load(
@@ -255,144 +222,3 @@ def warn_upscaled(prog: str, paths: Sequence[str], images, side) -> list[str]:
     for message in messages:
         print(f"{prog}: {message}", file=sys.stderr)
     return messages
-
-
-def explain(args: argparse.Namespace) -> int:
-    from captum_iclip import CLIPSimilarity, ITSMAttribution
-    from captum_iclip.viz import attribution_grid, denormalize
-
-    prompts = prompts_from_args(args)
-    check_output_file(args.out, "--out")
-    loaded = load_model_from_args(args)
-    sim = CLIPSimilarity(loaded.model, loaded.tokenizer, prompts, templates=loaded.templates, output="probs")
-    adapter = sim.adapter
-    if args.resolution is not None:
-        ph, pw = adapter.patch_size
-        if args.resolution < 1 or args.resolution % ph or args.resolution % pw:
-            raise ValueError(
-                f"--resolution: expected a positive multiple of the model's patch size {ph}x{pw}, got {args.resolution}"
-            )
-    transform = image_transform(args.resolution or adapter.image_size, adapter.image_mean, adapter.image_std)
-    pil_images = open_images(args.images)
-    domain_messages("captum-iclip explain", loaded, prompts)
-    side = args.resolution or adapter.image_size
-    warn_upscaled("captum-iclip explain", args.images, pil_images, side)
-    batch = torch.stack([transform(image) for image in pil_images]).to(args.device, adapter.parameter.dtype)
-    with torch.no_grad():
-        probs = sim(batch).cpu()  # the model's own: softmax over prompts (CLIP), sigmoid (SigLIP)
-    maps = ITSMAttribution(sim).attribute(batch, variant=args.variant).cpu()
-
-    originals = denormalize(batch.float().cpu(), adapter.image_mean, adapter.image_std)
-    rows = []
-    for i, path in enumerate(args.images):
-        ranked = sorted(zip(prompts, probs[i].tolist()), key=lambda pair: -pair[1])
-        print(f"{path}: " + ", ".join(f"{p} {s:.3f}" for p, s in ranked))
-        rows.append(f"{Path(path).name}\n{ranked[0][0]} ({ranked[0][1]:.2f})")
-    titles = [f"{p} ({args.variant})" for p in prompts]
-    attribution_grid(
-        list(originals),
-        [[m[None] for m in image_maps] for image_maps in maps],
-        column_titles=titles,
-        row_titles=rows,
-        path=args.out,
-    )
-    print(f"wrote {args.out}")
-    return 0
-
-
-def demo(args: argparse.Namespace) -> int:
-    from captum_iclip.demo import DEMO_METHODS, run_demo
-    from captum_iclip.evaluation.methods import method_names
-    from captum_iclip.models.loading import check_device
-
-    if args.num_images < 1:
-        raise ValueError(f"--num-images: expected at least 1, got {args.num_images}")
-    check_output_folder(args.out, "--out")
-    check_device(args.device, "--device")
-    methods = DEMO_METHODS if args.methods is None else tuple(name.strip() for name in args.methods.split(","))
-    known = method_names()
-    unknown = [name for name in methods if name not in known]
-    if unknown or not methods:
-        raise ValueError(f"--methods: expected comma-separated names from {known}, got {args.methods!r}")
-
-    run_demo(
-        out_dir=args.out,
-        num_images=args.num_images,
-        methods=methods,
-        device=args.device,
-        progress=not args.no_progress,
-    )
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="captum-iclip",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=HelpFormatter,
-        epilog="Errors are one line with exit status 2; --debug (anywhere on the command line) shows their traceback.",
-    )
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser(
-        "explain",
-        help="attribute images against prompts and write an overlay grid",
-        description="Score images against prompts, print the scores and write a grid of ITSM maps (one row per "
-        "image, one column per prompt).",
-        formatter_class=HelpFormatter,
-    )
-    p.add_argument("images", nargs="+", help="image files")
-    add_prompt_arguments(p)
-    add_model_arguments(p)
-    p.add_argument(
-        "--variant", choices=("plain", "surgery"), default="plain", help="plain ITSM or CLIP Surgery (default: plain)"
-    )
-    p.add_argument("--resolution", type=int, default=None, help="input size (default: the model's own)")
-    p.add_argument("--out", required=True, help="output figure (PNG or PDF, by extension)")
-    p.set_defaults(func=explain)
-
-    p = sub.add_parser(
-        "demo",
-        help="the main job on the bundled offline models: figure grid and metric table",
-        description="The paper's experiment in miniature, offline: the bundled shapes-tiny models explain held-out "
-        "scenes of the procedural world, and every method's maps are scored against the exact ground truth "
-        "(explanation mIoU, mean score contrast, pointing game, 95 % bootstrap intervals). Writes figure.png, "
-        "metrics.{json,csv,md} and the chart metrics.png into --out and prints the table.",
-        formatter_class=HelpFormatter,
-    )
-    p.add_argument("--out", default="captum-iclip-demo", help="output folder")
-    p.add_argument("-n", "--num-images", type=int, default=200, help="held-out scenes to evaluate")
-    p.add_argument(
-        "--methods",
-        default=None,
-        help="comma-separated registry methods (default raw,surgery,iclip,mmp,gradcam,ig; "
-        "also gem,legrad,chefer,maskclip,clearclip,sclip,naclip, occlusion)",
-    )
-    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=demo)
-
-    for name in DELEGATED:
-        sub.add_parser(name, help=f"see captum-iclip {name} --help", add_help=False)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    global DEBUG
-    argv, debug = split_debug(argv)
-    previous, DEBUG = DEBUG, debug or DEBUG
-    try:
-        if argv and argv[0] in DELEGATED:
-            import importlib
-
-            module = importlib.import_module(DELEGATED[argv[0]])
-            return run_command(f"captum-iclip {argv[0]}", lambda: module.main(argv[1:]))
-        args = build_parser().parse_args(argv)
-        return run_command(f"captum-iclip {args.command}", lambda: args.func(args))
-    finally:
-        DEBUG = previous
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""The one loader of the package: CLIP models and mask sources by the names users know.
+"""The one loader of the package (:mod:`captum_iclip.loading`): CLIP models and mask sources by the names users know.
 
 :func:`load` takes a bundled model name (``"shapes-tiny"``), an open_clip
 architecture with a pretrained tag or a checkpoint file, or a Hugging Face id or
@@ -20,6 +20,9 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from captum_iclip.devices import check_device
+from captum_iclip.loading import bundled
 
 BUNDLED_DEFAULT = "shapes-tiny"
 HUB_PROBE_TIMEOUT = 2.0
@@ -168,36 +171,6 @@ def _offline_context(offline: str | None):
     return _HubOffline() if offline else contextlib.nullcontext()
 
 
-def check_device(device: str | torch.device, argument: str = "device") -> torch.device:
-    """``device`` as a ``torch.device`` that this machine has, else a ``ValueError`` naming ``argument``.
-
-    Examples::
-
-        >>> check_device("cpu")
-        device(type='cpu')
-    """
-    try:
-        target = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"{argument}: expected a torch device such as 'cpu' or 'cuda:0', got {device!r}") from error
-    if target.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(
-                f"{argument}: expected a device this machine has (torch sees no CUDA GPU; use --device cpu), "
-                f"got {device!r}"
-            )
-        if target.index is not None and target.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"{argument}: expected one of the {torch.cuda.device_count()} CUDA device(s) of this machine, "
-                f"got {device!r}"
-            )
-    elif target.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"{argument}: expected a device this machine has (no MPS; use --device cpu), got {device!r}")
-    elif target.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"{argument}: expected 'cpu', 'cuda' or 'mps', got {device!r}")
-    return target
-
-
 def check_model_options(
     model_name: str | None, pretrained: str | None, checkpoint: str | None, hf_model: str | None
 ) -> None:
@@ -223,9 +196,7 @@ def check_model_options(
             f"{given}: expected it together with model_name (--model NAME, the open_clip architecture the "
             f"weights are for; without --model the bundled model shapes-tiny is used), got {values[given]!r} alone"
         )
-    from captum_iclip import zoo
-
-    if model_name in zoo.available():
+    if model_name in bundled.available():
         raise ValueError(
             f"{given}: expected it together with an open_clip architecture as --model (the bundled model has "
             f"its own weights), got the bundled model {model_name!r}"
@@ -244,7 +215,7 @@ class LoadedCLIP:
         image_size: the side ``S`` that ``preprocess`` produces.
         mask_provider: the default mask source of masked max pooling (the bundled
             model's DINO), or ``None`` (every patch).
-        bundle: the :class:`~captum_iclip.zoo.ZooBundle` of a bundled model (its
+        bundle: the :class:`~captum_iclip.loading.bundled.ZooBundle` of a bundled model (its
             class names and training prompts), else ``None``.
         templates: the prompt templates to ensemble over with this model
             (``CLIPSimilarity(templates=...)``): a bundled model's, chosen with it;
@@ -390,7 +361,7 @@ def mask_source(
         spec: a timm DINO name (``"vit_small_patch16_224.dino"``, pretrained weights
             through timm unless ``checkpoint`` is given), a Hugging Face id or folder
             (``"facebook/dino-vits16"``), a tiny DINO saved by
-            :func:`captum_iclip.training.dino.save_tiny_dino` (file or folder), a built
+            :func:`captum_iclip.models.tiny_dino.save_tiny_dino` (file or folder), a built
             DINO module, or ``None`` (no provider: every patch is foreground).
         checkpoint: a state-dict file for a timm name.
         tau: the attention mass kept (see :class:`~captum_iclip.masks.DINOMaskProvider`).
@@ -409,7 +380,7 @@ def mask_source(
     import timm
 
     from captum_iclip.masks import CachedMaskProvider, DINOMaskProvider
-    from captum_iclip.training.dino import CONFIG_NAME, load_tiny_dino
+    from captum_iclip.models.tiny_dino import CONFIG_NAME, load_tiny_dino
 
     options: dict[str, Any] = {}
     source: str | nn.Module = spec
@@ -490,21 +461,17 @@ def _is_hf_spec(name: str) -> bool:
 def _is_bundled(request: ModelSpec) -> bool:
     if request.hf_model is not None or request.from_scratch:
         return False
-    from captum_iclip import zoo
-
-    if request.name is None and BUNDLED_DEFAULT not in zoo.available():
+    if request.name is None and BUNDLED_DEFAULT not in bundled.available():
         raise WeightsUnavailableError(
             f"model: expected an installed model, got the bundled model {BUNDLED_DEFAULT}, which is not installed (no "
-            f"weights in {zoo.WEIGHTS_DIR}; train it with python -m captum_iclip.zoo.train); choose a model with "
+            f"weights in {bundled.WEIGHTS_DIR}; train it with python -m captum_iclip.zoo.train); choose a model with "
             "--model/--pretrained, --checkpoint or --hf-model"
         )
-    return (request.name or BUNDLED_DEFAULT) in zoo.available()
+    return (request.name or BUNDLED_DEFAULT) in bundled.available()
 
 
 def _load_bundled(request: ModelSpec) -> LoadedCLIP:
-    from captum_iclip import zoo
-
-    bundle = zoo.load(request.name or BUNDLED_DEFAULT, device=request.device)
+    bundle = bundled.load(request.name or BUNDLED_DEFAULT, device=request.device)
     return LoadedCLIP(
         bundle.dual,
         bundle.preprocess,
@@ -578,15 +545,14 @@ def _check_open_clip_request(request: ModelSpec) -> None:
     """A known architecture (did you mean), one source of weights, a known tag, an existing checkpoint."""
     import open_clip
 
-    from captum_iclip import zoo
-
     name, pretrained, checkpoint = request.name, request.pretrained, request.checkpoint
     if name is not None and name.startswith(HF_HUB_PREFIX):
         return _load_open_clip_hub(request)
     if name is None or name not in open_clip.list_models():
         raise ValueError(
             f"model_name: expected an open_clip architecture (see open_clip.list_models()) or a bundled "
-            f"model {zoo.available()}, got {name!r}" + _did_you_mean(name, [*zoo.available(), *open_clip.list_models()])
+            f"model {bundled.available()}, got {name!r}"
+            + _did_you_mean(name, [*bundled.available(), *open_clip.list_models()])
         )
     if pretrained is not None and checkpoint is not None:
         raise ValueError(f"checkpoint: expected None with pretrained (one source of weights), got {checkpoint!r}")

@@ -15,7 +15,6 @@ prints a short table.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +24,18 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from captum_iclip.cli.common import (
+    HelpFormatter,
+    add_model_arguments,
+    check_model_arguments,
+    load_model_from_args,
+    run_command,
+    split_debug,
+)
 from captum_iclip.diagnostics import TERMS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from captum_iclip.cli import HelpFormatter, add_model_arguments
     from captum_iclip.datasets import DATASETS
     from captum_iclip.prompts import add_prompt_arguments
 
@@ -170,7 +176,6 @@ def _files_inputs(args: argparse.Namespace, loaded) -> _Inputs:
 
 def _run(args: argparse.Namespace) -> int:
     from captum_iclip._io import check_output_folder
-    from captum_iclip.cli import check_model_arguments, load_model_from_args
     from captum_iclip.diagnostics import Diagnostics
     from captum_iclip.similarity import CLIPSimilarity
 
@@ -255,12 +260,7 @@ def summary_markdown(summary: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``captum-iclip diagnose`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
-    from captum_iclip.cli import run_command, split_debug
 
     argv, debug = split_debug(argv)
     args = build_parser().parse_args(argv)
     return run_command("captum-iclip diagnose", lambda: _run(args), debug or None)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

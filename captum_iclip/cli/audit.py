@@ -9,6 +9,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from captum_iclip.audit.run import DEFAULT_METHODS, audit
+from captum_iclip.cli.common import (
+    HelpFormatter,
+    add_model_arguments,
+    check_model_arguments,
+    domain_messages,
+    load_model_from_args,
+)
 
 
 @dataclass
@@ -23,7 +30,6 @@ class AuditModel:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from captum_iclip.cli import HelpFormatter, add_model_arguments
     from captum_iclip.prompts import add_prompt_arguments
 
     parser = argparse.ArgumentParser(
@@ -78,7 +84,6 @@ def load_audit_model(args: argparse.Namespace, prompts: list[str]) -> AuditModel
     A bundled model (the default) comes with its DINO mask provider, which
     drives ``mmp`` and the background flag; other models have none.
     """
-    from captum_iclip.cli import domain_messages, load_model_from_args
     from captum_iclip.similarity import CLIPSimilarity
 
     loaded = load_model_from_args(args)
@@ -92,7 +97,6 @@ def load_audit_model(args: argparse.Namespace, prompts: list[str]) -> AuditModel
 def main(argv: list[str] | None = None) -> int:
     """Run ``captum-iclip audit`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     from captum_iclip._io import check_output_folder
-    from captum_iclip.cli import check_model_arguments
 
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     check_output_folder(args.out, "--out")
