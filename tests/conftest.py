@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import string
 from collections.abc import Callable
 
@@ -53,6 +54,21 @@ def make_images(*shape: int, seed: int = 0) -> torch.Tensor:
     """Seeded standard-normal images, shaped like preprocessed CLIP inputs."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=generator)
+
+
+@pytest.fixture
+def network_cut(monkeypatch, tmp_path):
+    """No network (every connection and name lookup fails) and an empty Hugging Face cache."""
+    from huggingface_hub import constants
+
+    def cut(*args, **kwargs):
+        raise OSError("network unreachable (cut by the test)")
+
+    monkeypatch.setattr(socket.socket, "connect", cut)
+    monkeypatch.setattr(socket, "getaddrinfo", cut)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -170,6 +186,31 @@ def tiny_hf() -> CLIPModel:
         projection_dim=8,
     )
     return _seeded(lambda: CLIPModel(config), seed=6, jitter=0.1)
+
+
+@pytest.fixture(scope="session")
+def small_vit() -> CLIP:
+    """open_clip ViT: 3 blocks, width 16, 2 heads, 4-px patches on 16x16 images (4x4 grid)."""
+    vision = CLIPVisionCfg(layers=3, width=16, head_width=8, patch_size=4, image_size=16)
+    return _seeded(lambda: CLIP(embed_dim=8, vision_cfg=vision, text_cfg=TINY_TEXT), seed=11, jitter=0.1)
+
+
+@pytest.fixture(scope="session")
+def small_hf() -> CLIPModel:
+    """transformers CLIPModel: 3 layers, width 16, 2 heads, 4-px patches on 16x16 images."""
+    config = CLIPConfig(
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            patch_size=4,
+            image_size=16,
+        ),
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+        projection_dim=8,
+    )
+    return _seeded(lambda: CLIPModel(config), seed=12, jitter=0.1)
 
 
 # --- forward functions -----------------------------------------------------------------

@@ -13,44 +13,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import _seeded, make_images
-from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-from transformers import CLIPConfig, CLIPModel
+from conftest import make_images
+from transformers import CLIPModel
 
 from captum_iclip import CheferRelevancy, CLIPSimilarity, GEMAttribution, ITSMAttribution, LeGradAttribution
 
-TEXT = CLIPTextCfg(context_length=16, vocab_size=49408, width=16, heads=2, layers=1)
-
-
-@pytest.fixture(scope="module")
-def open_clip_vit() -> CLIP:
-    """open_clip ViT: 3 blocks, width 16, 2 heads, 4-px patches on 16x16 images (4x4 grid)."""
-    vision = CLIPVisionCfg(layers=3, width=16, head_width=8, patch_size=4, image_size=16)
-    return _seeded(lambda: CLIP(embed_dim=8, vision_cfg=vision, text_cfg=TEXT), seed=11, jitter=0.1)
-
-
-@pytest.fixture(scope="module")
-def hf_vit() -> CLIPModel:
-    """transformers CLIPModel: 3 layers, width 16, 2 heads, 4-px patches on 16x16 images."""
-    config = CLIPConfig(
-        vision_config=dict(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            patch_size=4,
-            image_size=16,
-        ),
-        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
-        projection_dim=8,
-    )
-    return _seeded(lambda: CLIPModel(config), seed=12, jitter=0.1)
-
 
 @pytest.fixture(scope="module", params=["open_clip", "hf"])
-def family(request, open_clip_vit, hf_vit):
+def family(request, small_vit, small_hf):
     """(similarity with 3 random prompts, reference parts) for each ViT family."""
-    model = open_clip_vit if request.param == "open_clip" else hf_vit
+    model = small_vit if request.param == "open_clip" else small_hf
     text = torch.randn(3, 8, generator=torch.Generator().manual_seed(13))
     return CLIPSimilarity(model, text_features=text), Reference(model)
 
@@ -355,8 +327,8 @@ def test_resnet_towers_get_a_clear_error(tiny_resnet, run):
         run(sim, make_images(1, 3, 64, 64))
 
 
-def test_bad_layer_arguments_name_the_argument(open_clip_vit):
-    sim = CLIPSimilarity(open_clip_vit, text_features=torch.randn(2, 8))
+def test_bad_layer_arguments_name_the_argument(small_vit):
+    sim = CLIPSimilarity(small_vit, text_features=torch.randn(2, 8))
     images = make_images(1, 3, 16, 16)
     with pytest.raises(ValueError, match=r"layer_index: expected -3..2 \(the tower has 3 blocks\), got 3"):
         LeGradAttribution(sim).attribute(images, layer_index=3)

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import _seeded, make_images
-from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+from conftest import TINY_TEXT, _seeded, make_images
+from open_clip.model import CLIP, CLIPVisionCfg
 from PIL import Image
-from transformers import CLIPConfig, CLIPModel
+from transformers import CLIPModel
 
 from captum_iclip import CLIPSimilarity, DualProjectionCLIP, ITSMAttribution, zoo
 from captum_iclip.cli import main as cli_main
@@ -26,32 +26,15 @@ from captum_iclip.diagnostics import (
 )
 from captum_iclip.evaluation.metrics import LocalizationMetrics
 
-TEXT = CLIPTextCfg(context_length=16, vocab_size=49408, width=16, heads=2, layers=1)
 GRID = 4  # 16x16 images, 4-px patches
 
 
 @pytest.fixture(scope="module")
-def open_clip_vit() -> CLIP:
-    vision = CLIPVisionCfg(layers=3, width=16, head_width=8, patch_size=4, image_size=16)
-    return _seeded(lambda: CLIP(embed_dim=8, vision_cfg=vision, text_cfg=TEXT), seed=21, jitter=0.1)
-
-
-@pytest.fixture(scope="module")
-def hf_vit() -> CLIPModel:
-    config = CLIPConfig(
-        vision_config=dict(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            patch_size=4,
-            image_size=16,
-        ),
-        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
-        projection_dim=8,
-    )
-    model = _seeded(lambda: CLIPModel(config), seed=22, jitter=0.1)
-    with torch.no_grad():  # a projection bias, so that the decomposition's constant term is not only the norm's
+def hf_vit(small_hf) -> CLIPModel:
+    """The small Hugging Face CLIP with a projection bias, so that the decomposition's constant term is not
+    only the norm's."""
+    model = copy.deepcopy(small_hf)
+    with torch.no_grad():
         model.visual_projection.bias = torch.nn.Parameter(0.1 * torch.randn(8))
     return model
 
@@ -61,10 +44,10 @@ def _text(k: int = 3, seed: int = 23) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module", params=["open_clip", "hf", "dual"])
-def sim(request, open_clip_vit, hf_vit):
-    model = {"open_clip": open_clip_vit, "hf": hf_vit}.get(request.param)
+def sim(request, small_vit, hf_vit):
+    model = {"open_clip": small_vit, "hf": hf_vit}.get(request.param)
     if request.param == "dual":
-        model = DualProjectionCLIP(open_clip_vit)
+        model = DualProjectionCLIP(small_vit)
         with torch.no_grad():
             model.interpretability_head.weight.add_(0.2 * torch.randn_like(model.interpretability_head.weight))
     return CLIPSimilarity(model, text_features=_text())
@@ -115,8 +98,8 @@ def test_attention_scaling_at_one_is_the_model_and_at_zero_drops_the_attention(s
     torch.testing.assert_close(measured["maps"]["alpha=0"], expected, atol=1e-5, rtol=0)
 
 
-def test_a_planted_high_norm_token_is_found(open_clip_vit):
-    sim = CLIPSimilarity(open_clip_vit, text_features=_text())
+def test_a_planted_high_norm_token_is_found(small_vit):
+    sim = CLIPSimilarity(small_vit, text_features=_text())
     planted = 5  # patch index (token 6)
 
     def plant(module, inputs, output):
@@ -124,7 +107,7 @@ def test_a_planted_high_norm_token_is_found(open_clip_vit):
         output[:, 1 + planted] *= 40.0
         return output
 
-    handle = open_clip_vit.visual.transformer.resblocks[0].register_forward_hook(plant)
+    handle = small_vit.visual.transformer.resblocks[0].register_forward_hook(plant)
     try:
         diagnostics = Diagnostics(sim)
         measured = diagnostics.update(make_images(3, 3, 16, 16, seed=3))
@@ -138,9 +121,9 @@ def test_a_planted_high_norm_token_is_found(open_clip_vit):
     assert first["share_above_4"] == pytest.approx(1 / 16)
 
 
-def test_a_hook_on_a_block_read_from_its_parts_is_refused(open_clip_vit):
-    sim = CLIPSimilarity(open_clip_vit, text_features=_text())
-    handle = open_clip_vit.visual.transformer.resblocks[-1].register_forward_hook(lambda m, i, o: o * 2)
+def test_a_hook_on_a_block_read_from_its_parts_is_refused(small_vit):
+    sim = CLIPSimilarity(small_vit, text_features=_text())
+    handle = small_vit.visual.transformer.resblocks[-1].register_forward_hook(lambda m, i, o: o * 2)
     try:
         with pytest.raises(ValueError, match="model: expected no hooks on the blocks .* block 2 of 3"):
             Diagnostics(sim).measure(make_images(1, 3, 16, 16))
@@ -159,7 +142,7 @@ def test_uniform_attention_puts_the_foreground_area_on_the_foreground():
     # q = k = 0 in the last block: every query attends uniformly over the 17 tokens, so the class
     # token's patch mass is 16/17 and its foreground share is exactly the foreground's area.
     vision = CLIPVisionCfg(layers=2, width=16, head_width=8, patch_size=4, image_size=16)
-    model = _seeded(lambda: CLIP(embed_dim=8, vision_cfg=vision, text_cfg=TEXT), seed=24, jitter=0.1)
+    model = _seeded(lambda: CLIP(embed_dim=8, vision_cfg=vision, text_cfg=TINY_TEXT), seed=24, jitter=0.1)
     attn = model.visual.transformer.resblocks[-1].attn
     with torch.no_grad():
         attn.in_proj_weight[:32] = 0
@@ -181,7 +164,7 @@ def test_a_head_that_attends_to_the_border_has_no_foreground_share():
     # The last block's class query sees only keys that a border flag in the position embedding
     # raises: all its attention lands on the 12 border patches of the 4x4 grid.
     vision = CLIPVisionCfg(layers=1, width=16, head_width=16, patch_size=4, image_size=16)
-    model = _seeded(lambda: CLIP(embed_dim=8, vision_cfg=vision, text_cfg=TEXT), seed=25)
+    model = _seeded(lambda: CLIP(embed_dim=8, vision_cfg=vision, text_cfg=TINY_TEXT), seed=25)
     visual = model.visual
     border = torch.ones(GRID, GRID, dtype=torch.bool)
     border[1:-1, 1:-1] = False
@@ -240,8 +223,8 @@ def test_global_cosine_is_the_cosine_of_each_patch_feature_to_the_embedding(sim)
     torch.testing.assert_close(measured["global_cosine"], expected, atol=1e-6, rtol=0)
 
 
-def test_bad_input_gets_errors_that_name_the_argument(open_clip_vit, tiny_resnet):
-    sim = CLIPSimilarity(open_clip_vit, text_features=_text())
+def test_bad_input_gets_errors_that_name_the_argument(small_vit, tiny_resnet):
+    sim = CLIPSimilarity(small_vit, text_features=_text())
     with pytest.raises(NotImplementedError, match="model: Diagnostics expected a class-token ViT.*ModifiedResNet"):
         Diagnostics(CLIPSimilarity(tiny_resnet, text_features=torch.randn(2, 8)))
     with pytest.raises(ValueError, match=r"attention_blocks: expected 1..3"):
@@ -359,14 +342,13 @@ def test_diagnose_command_errors(tmp_path, capsys):
     assert "--masks: expected square images" in capsys.readouterr().err
 
 
-
-def test_bfloat16_model_gives_the_float32_diagnostics(open_clip_vit):
+def test_bfloat16_model_gives_the_float32_diagnostics(small_vit):
     from captum_iclip.evaluation import map_agreement
 
     images = make_images(2, 3, 16, 16, seed=7)
     text = _text()
-    full = Diagnostics(CLIPSimilarity(open_clip_vit, text_features=text)).measure(images)
-    half_model = copy.deepcopy(open_clip_vit).to(torch.bfloat16)
+    full = Diagnostics(CLIPSimilarity(small_vit, text_features=text)).measure(images)
+    half_model = copy.deepcopy(small_vit).to(torch.bfloat16)
     half = Diagnostics(CLIPSimilarity(half_model, text_features=text)).measure(images.to(torch.bfloat16))
     for name in ("itsm", "residual", "attention", "alpha=5"):
         assert half["maps"][name].dtype == torch.float32

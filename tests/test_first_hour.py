@@ -21,21 +21,6 @@ from captum_iclip.prompts import parse_prompts, read_prompts_file
 OFFLINE_S = 5.0
 
 
-@pytest.fixture
-def network_cut(monkeypatch, tmp_path):
-    """No network (every connection and name lookup fails) and an empty Hugging Face cache."""
-    from huggingface_hub import constants
-
-    def cut(*args, **kwargs):
-        raise OSError("network unreachable (cut by the test)")
-
-    monkeypatch.setattr(socket.socket, "connect", cut)
-    monkeypatch.setattr(socket, "getaddrinfo", cut)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-
-
 def _timed(call):
     began = time.perf_counter()
     try:

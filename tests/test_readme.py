@@ -22,15 +22,12 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import textwrap
 import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -172,20 +169,6 @@ def _command_main(words: list[str]):
         module = importlib.import_module(words[2])
         return module.main, words[3:]
     return None, words
-
-
-@pytest.fixture
-def network_cut(monkeypatch, tmp_path):
-    from huggingface_hub import constants
-
-    def cut(*args, **kwargs):
-        raise OSError("network unreachable (cut by the test)")
-
-    monkeypatch.setattr(socket.socket, "connect", cut)
-    monkeypatch.setattr(socket, "getaddrinfo", cut)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
 
 
 def test_shell_lines_run_or_fail_in_our_words(tmp_path, monkeypatch, network_cut):
