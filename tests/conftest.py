@@ -170,22 +170,25 @@ def tiny_resnet() -> CLIP:
     return _seeded(lambda: CLIP(embed_dim=8, vision_cfg=vision, text_cfg=TINY_TEXT), seed=5, jitter=0.1)
 
 
+def _hf_clip(layers: int, image_size: int, seed: int) -> CLIPModel:
+    """A random transformers CLIPModel of width 16, 2 heads and 4-px patches (jittered, eval mode)."""
+    vision = dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        patch_size=4,
+        image_size=image_size,
+    )
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    config = CLIPConfig(vision_config=vision, text_config=text, projection_dim=8)
+    return _seeded(lambda: CLIPModel(config), seed=seed, jitter=0.1)
+
+
 @pytest.fixture(scope="session")
 def tiny_hf() -> CLIPModel:
-    """transformers CLIPModel: 2 layers, width 16, 2 heads, 4-px patches on 8x8 images."""
-    config = CLIPConfig(
-        vision_config=dict(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            patch_size=4,
-            image_size=8,
-        ),
-        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
-        projection_dim=8,
-    )
-    return _seeded(lambda: CLIPModel(config), seed=6, jitter=0.1)
+    """transformers CLIPModel: 2 layers, 8x8 images."""
+    return _hf_clip(layers=2, image_size=8, seed=6)
 
 
 @pytest.fixture(scope="session")
@@ -197,20 +200,8 @@ def small_vit() -> CLIP:
 
 @pytest.fixture(scope="session")
 def small_hf() -> CLIPModel:
-    """transformers CLIPModel: 3 layers, width 16, 2 heads, 4-px patches on 16x16 images."""
-    config = CLIPConfig(
-        vision_config=dict(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            patch_size=4,
-            image_size=16,
-        ),
-        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
-        projection_dim=8,
-    )
-    return _seeded(lambda: CLIPModel(config), seed=12, jitter=0.1)
+    """transformers CLIPModel: 3 layers, 16x16 images (4x4 grid)."""
+    return _hf_clip(layers=3, image_size=16, seed=12)
 
 
 # --- forward functions -----------------------------------------------------------------

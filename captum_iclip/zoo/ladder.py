@@ -25,7 +25,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -66,41 +66,31 @@ class Candidate:
 
 #: The CPU pilots, pre-registered in docs/training-notes.md: one ingredient changed at a time
 #: from P0 (4 blocks of width 128, patch 12 at 96 px, 100k samples).
+_PILOT_RECIPE = Candidate("P0-base", layers=4, width=128)
 PILOTS = (
-    Candidate("P0-base", layers=4, width=128),
-    Candidate("P1-depth8", layers=8, width=128),
-    Candidate("P2-patch8", layers=4, width=128, patch_size=8),
-    Candidate("P3-long", layers=4, width=128, epochs=10),
+    _PILOT_RECIPE,
+    replace(_PILOT_RECIPE, name="P1-depth8", layers=8),
+    replace(_PILOT_RECIPE, name="P2-patch8", patch_size=8),
+    replace(_PILOT_RECIPE, name="P3-long", epochs=10),
     # Amendment before any pilot was measured: the world's ingredients.
-    Candidate("P4-uniform", layers=4, width=128, backgrounds="uniform"),
-    Candidate("P5-small", layers=4, width=128, object_scale=0.6),
-    Candidate("P6-bg-always", layers=4, width=128, caption_background_prob=1.0),
-    Candidate("P7-bg-never", layers=4, width=128, caption_background_prob=0.0),
+    replace(_PILOT_RECIPE, name="P4-uniform", backgrounds="uniform"),
+    replace(_PILOT_RECIPE, name="P5-small", object_scale=0.6),
+    replace(_PILOT_RECIPE, name="P6-bg-always", caption_background_prob=1.0),
+    replace(_PILOT_RECIPE, name="P7-bg-never", caption_background_prob=0.0),
 )
 #: The full candidates, for a GPU (the bundle's 6 x 192 tower and 1.3M samples, one ingredient changed at a
 #: time). ``--gpu`` runs them in the order the pre-registered rule gives: their pilot's raw-mSC drop from
 #: P0 on the selection range, largest first (G0, the bundle recipe itself, always first).
+_BUNDLE_RECIPE = Candidate("G0-bundle", layers=6, width=192, train_scenes=100_000, epochs=13, batch_size=512)
 FULL = (
-    Candidate("G0-bundle", layers=6, width=192, train_scenes=100_000, epochs=13, batch_size=512),
-    Candidate("G1-depth12", layers=12, width=192, train_scenes=100_000, epochs=13, batch_size=512),
-    Candidate("G2-patch8", layers=6, width=192, patch_size=8, train_scenes=100_000, epochs=13, batch_size=512),
-    Candidate("G3-long", layers=6, width=192, train_scenes=100_000, epochs=26, batch_size=512),
-    Candidate(
-        "G4-uniform", layers=6, width=192, backgrounds="uniform", train_scenes=100_000, epochs=13, batch_size=512
-    ),
-    Candidate("G5-small", layers=6, width=192, object_scale=0.6, train_scenes=100_000, epochs=13, batch_size=512),
-    Candidate(
-        "G6-bg-always",
-        layers=6,
-        width=192,
-        caption_background_prob=1.0,
-        train_scenes=100_000,
-        epochs=13,
-        batch_size=512,
-    ),
-    Candidate(
-        "G7-bg-never", layers=6, width=192, caption_background_prob=0.0, train_scenes=100_000, epochs=13, batch_size=512
-    ),
+    _BUNDLE_RECIPE,
+    replace(_BUNDLE_RECIPE, name="G1-depth12", layers=12),
+    replace(_BUNDLE_RECIPE, name="G2-patch8", patch_size=8),
+    replace(_BUNDLE_RECIPE, name="G3-long", epochs=26),
+    replace(_BUNDLE_RECIPE, name="G4-uniform", backgrounds="uniform"),
+    replace(_BUNDLE_RECIPE, name="G5-small", object_scale=0.6),
+    replace(_BUNDLE_RECIPE, name="G6-bg-always", caption_background_prob=1.0),
+    replace(_BUNDLE_RECIPE, name="G7-bg-never", caption_background_prob=0.0),
 )
 #: Which pilot stands for each full candidate in the ordering rule.
 PILOT_OF = {
@@ -113,20 +103,10 @@ PILOT_OF = {
     "G7-bg-never": "P7-bg-never",
 }
 #: The tiny candidates of ``--quick`` (tests): the recipe and a world variant.
+_QUICK_RECIPE = Candidate("quick", layers=2, width=64, patch_size=24, train_scenes=64, epochs=1, batch_size=32)
 QUICK = (
-    Candidate("quick", layers=2, width=64, patch_size=24, train_scenes=64, epochs=1, batch_size=32),
-    Candidate(
-        "quick-uniform",
-        layers=2,
-        width=64,
-        patch_size=24,
-        train_scenes=64,
-        epochs=1,
-        batch_size=32,
-        backgrounds="uniform",
-        object_scale=0.6,
-        caption_background_prob=0.0,
-    ),
+    _QUICK_RECIPE,
+    replace(_QUICK_RECIPE, name="quick-uniform", backgrounds="uniform", object_scale=0.6, caption_background_prob=0.0),
 )
 
 
