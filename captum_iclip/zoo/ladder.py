@@ -77,13 +77,19 @@ PILOTS = (
     replace(_PILOT_RECIPE, name="P5-small", object_scale=0.6),
     replace(_PILOT_RECIPE, name="P6-bg-always", caption_background_prob=1.0),
     replace(_PILOT_RECIPE, name="P7-bg-never", caption_background_prob=0.0),
+    # Amendment 2, after P0 and P1 were measured: does depth's opposite map survive longer training?
+    replace(_PILOT_RECIPE, name="P8-depth8-long", layers=8, epochs=15),
 )
+#: The order the pilots run in (amendment 2: P8 right after P1).
+PILOT_ORDER = ("P0-base", "P1-depth8", "P8-depth8-long", "P2-patch8", "P3-long", "P4-uniform", "P5-small")
+PILOT_ORDER += ("P6-bg-always", "P7-bg-never")
 #: The full candidates, for a GPU (the bundle's 6 x 192 tower and 1.3M samples, one ingredient changed at a
 #: time). ``--gpu`` runs them in the order the pre-registered rule gives: their pilot's raw-mSC drop from
 #: P0 on the selection range, largest first (G0, the bundle recipe itself, always first).
 _BUNDLE_RECIPE = Candidate("G0-bundle", layers=6, width=192, train_scenes=100_000, epochs=13, batch_size=512)
 FULL = (
     _BUNDLE_RECIPE,
+    replace(_BUNDLE_RECIPE, name="G8-depth8", layers=8),  # amendment 2
     replace(_BUNDLE_RECIPE, name="G1-depth12", layers=12),
     replace(_BUNDLE_RECIPE, name="G2-patch8", patch_size=8),
     replace(_BUNDLE_RECIPE, name="G3-long", epochs=26),
@@ -94,6 +100,7 @@ FULL = (
 )
 #: Which pilot stands for each full candidate in the ordering rule.
 PILOT_OF = {
+    "G8-depth8": "P1-depth8",
     "G1-depth12": "P1-depth8",
     "G2-patch8": "P2-patch8",
     "G3-long": "P3-long",
@@ -332,7 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    candidates = QUICK if args.quick else PILOTS
+    by_name = {c.name: c for c in PILOTS}
+    candidates = QUICK if args.quick else tuple(by_name[name] for name in PILOT_ORDER)
     if args.gpu is not None:
         candidates = tuple(gpu_order(json.loads(Path(args.gpu).read_text())["rows"]))
     if args.only:
