@@ -35,7 +35,7 @@ def test_pick_is_the_lowest_raw_msc_among_candidates_that_recognise():
 def test_gpu_order_follows_the_pilots_effects():
     rows = [_row("P0-base", 10.0), _row("P4-uniform", -5.0), _row("P1-depth8", 12.0), _row("P2-patch8", 3.0)]
     order = [c.name for c in ladder.gpu_order(rows)]
-    assert order[:4] == ["G0-bundle", "G4-uniform", "G2-patch8", "G1-depth12"]
+    assert order[:5] == ["G0-bundle", "G4-uniform", "G2-patch8", "G8-depth8", "G1-depth12"]
     assert sorted(order) == sorted(c.name for c in ladder.FULL)
     assert [c.name for c in ladder.gpu_order([])] == [c.name for c in ladder.FULL]
 
