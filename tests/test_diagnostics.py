@@ -359,7 +359,6 @@ def test_diagnose_command_errors(tmp_path, capsys):
     assert "--masks: expected square images" in capsys.readouterr().err
 
 
-
 def test_bfloat16_model_gives_the_float32_diagnostics(open_clip_vit):
     from captum_iclip.evaluation import map_agreement
 
