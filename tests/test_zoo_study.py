@@ -148,8 +148,8 @@ def test_oracle_masks_of_a_constructed_scene():
 
 
 def test_the_pooling_rows_build_the_models_they_claim():
-    from captum_iclip.models.adapters import attention_pool_value_path
     from captum_iclip.models.dual import DualProjectionCLIP
+    from captum_iclip.models.open_clip_towers import attention_pool_value_path
     from captum_iclip.zoo import build_clip
 
     torch.manual_seed(0)

@@ -11,8 +11,8 @@ from torch import Tensor
 from captum_iclip._precision import full_precision, upcast
 from captum_iclip.attr._utils import select_targets
 from captum_iclip.attr.base import CLIPMapAttribution
-from captum_iclip.models.adapters import check_depth
 from captum_iclip.models.attention import gem_path
+from captum_iclip.models.base import check_depth
 
 
 class GEMAttribution(CLIPMapAttribution):

@@ -1,4 +1,4 @@
-"""Dense image-token features of CLIP vision towers (docs/methods.md §1, §2).
+"""The interface every dense adapter of a CLIP vision tower has (docs/methods.md §1, §2), and what the families share.
 
 One adapter per model family turns a CLIP model into the same small interface:
 
@@ -13,17 +13,15 @@ An optional *interpretability head* (the second projection of ICLIP, docs/method
 be attached; ``dense_features(..., projection="interpretability")`` then projects
 the patch tokens with it while the global token keeps the recognition projection.
 
-The ViT families (open_clip and Hugging Face) share one block loop
+The ViT families (open_clip and Hugging Face CLIP) share one block loop
 (:class:`ViTAdapter`, :func:`~captum_iclip.models.blocks.run_blocks`) over per-family
 block views, so CLIP Surgery and the attention variants of the other dense methods
-(:mod:`captum_iclip.models.attention`) are written once for both.
+(:mod:`captum_iclip.models.attention`) are written once for both. The towers that loop does not
+run (timm trunks, Hugging Face SigLIP) share :func:`run_with_surgery_path`.
 
-Supported families: open_clip ``VisionTransformer`` (any patch size, any input
-size divisible by it), open_clip ``ModifiedResNet`` (RN50, RN101, RN50x4, ...) and
-Hugging Face ``transformers.CLIPModel`` here; open_clip's timm towers (SigLIP, SigLIP 2,
-EVA02, ConvNeXt, FastViT) in :mod:`captum_iclip.models.timm_towers` and Hugging Face
-``SiglipModel`` / ``Siglip2Model`` in :mod:`captum_iclip.models.hf_siglip`
-(docs/methods.md §8).
+The families live in their own modules (:mod:`~captum_iclip.models.open_clip_towers`,
+:mod:`~captum_iclip.models.hf_clip`, :mod:`~captum_iclip.models.hf_siglip`,
+:mod:`~captum_iclip.models.timm_towers`); :mod:`~captum_iclip.models.registry` picks one by the model's type.
 """
 
 from __future__ import annotations
@@ -35,20 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captum_iclip._precision import project, upcast
-from captum_iclip.models.attention import self_value_attention, surgery_path
-from captum_iclip.models.blocks import AttentionTrace, BlockView, DensePath, HFBlockView, OpenCLIPBlockView, run_blocks
+from captum_iclip._precision import upcast
+from captum_iclip.models.attention import surgery_path
+from captum_iclip.models.blocks import AttentionTrace, BlockView, DensePath, run_blocks
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-SUPPORTED_MODELS = (
-    "open_clip CLIP/CustomTextCLIP with a VisionTransformer tower",
-    "open_clip CLIP/CustomTextCLIP with a ModifiedResNet tower",
-    "transformers.CLIPModel",
-    "open_clip timm towers (SigLIP, SigLIP 2, EVA02, ConvNeXt, FastViT)",
-    "transformers.SiglipModel",
-)
 
 #: The one block loop (:func:`~captum_iclip.models.blocks.run_blocks`) reads the global token
 #: as token 0 of the original path; what the towers without one lack for the block-loop methods.
@@ -123,6 +113,39 @@ def check_depth(depth: int, num_blocks: int | None, name: str = "surgery_depth")
             raise ValueError(f"{name}: expected a non-negative int, got {depth}")
     elif not 0 <= depth <= num_blocks:
         raise ValueError(f"{name}: expected 0..{num_blocks} (the tower has {num_blocks} blocks), got {depth}")
+
+
+def run_with_surgery_path(
+    run: Callable[[int, Tensor], Tensor],
+    surgery_residual: Callable[[int, Tensor], Tensor],
+    x: Tensor,
+    num_blocks: int,
+    surgery_depth: int,
+    tap: Callable[[Tensor], Tensor],
+) -> tuple[Tensor, Tensor | None]:
+    """The blocks of a tower that the shared loop (:func:`~captum_iclip.models.blocks.run_blocks`) does not run.
+
+    ``run(i, x)`` is the library's own block ``i``; ``tap`` is applied to the tokens entering the last plain
+    block (the Grad-CAM tap, as in the shared loop). CLIP Surgery's path (docs/methods.md §2) runs through the
+    last ``surgery_depth`` blocks as the shared loop's :func:`~captum_iclip.models.attention.surgery_path`:
+    residual, no MLP, each block adding ``surgery_residual(i, x)`` (its value-value attention of the original
+    path's ``x``).
+
+    Returns:
+        The original path's tokens after the last block, and the surgery path's (``None`` without surgery).
+    """
+    n_plain = num_blocks - surgery_depth
+    for i in range(n_plain):
+        if i == n_plain - 1:
+            x = tap(x)
+        x = run(i, x)
+    if not surgery_depth:
+        return x, None
+    path = x
+    for i in range(n_plain, num_blocks):
+        path = path + surgery_residual(i, x)
+        x = run(i, x)
+    return x, path
 
 
 class VisionAdapter:
@@ -218,11 +241,12 @@ class VisionAdapter:
         return self.grid_size(images.shape[-2], images.shape[-1])
 
     # --- image side -----------------------------------------------------------------
-    def tap_patches(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
-        """Route the patch tokens of (N, 1 + h*w, C) through :attr:`grid_tap` as an (N, C, h, w) map."""
+    def tap_patches(self, x: Tensor, grid: tuple[int, int], prefix: int = 1) -> Tensor:
+        """Route the patch tokens of (N, prefix + h*w, C) through :attr:`grid_tap` as an (N, C, h, w) map;
+        the ``prefix`` tokens before them (class and register tokens) pass unchanged."""
         n, _, c = x.shape
-        patches = self.tap_grid(x[:, 1:].transpose(1, 2).reshape(n, c, *grid))
-        return torch.cat([x[:, :1], patches.flatten(2).transpose(1, 2)], dim=1)
+        patches = self.tap_grid(x[:, prefix:].transpose(1, 2).reshape(n, c, *grid))
+        return torch.cat([x[:, :prefix], patches.flatten(2).transpose(1, 2)], dim=1)
 
     def tap_grid(self, grid_map: Tensor) -> Tensor:
         """An (N, C, h, w) map through :attr:`grid_tap`, tapped in at least float32 so that Grad-CAM's
@@ -388,399 +412,3 @@ class ViTAdapter(VisionAdapter):
         x, grid = self.embed(images)
         x = run_blocks(self.block_views(), x, grid, path=path, trace=trace, tap=lambda t: self.tap_patches(t, grid))
         return self.final_norm(x)
-
-
-# ----------------------------------------------------------------------------------
-# open_clip VisionTransformer
-# ----------------------------------------------------------------------------------
-class TokenProjection(nn.Module):
-    """``x @ weight`` on every token: the ViT projection as a module (open_clip's ``proj``)."""
-
-    def __init__(self, weight: Tensor) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(weight.detach().clone())
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        return project(tokens, self.weight)
-
-
-class OpenCLIPAdapter(VisionAdapter):
-    """What the open_clip towers share: preprocessing statistics, the text tower, the stem."""
-
-    def __init__(self, model: nn.Module, interpretability_head: nn.Module | None = None) -> None:
-        super().__init__(model, interpretability_head)
-        self.visual = model.visual
-
-    @property
-    def image_mean(self):
-        return tuple(getattr(self.visual, "image_mean", None) or OPENAI_CLIP_MEAN)
-
-    @property
-    def image_std(self):
-        return tuple(getattr(self.visual, "image_std", None) or OPENAI_CLIP_STD)
-
-    @property
-    def parameter(self) -> Tensor:
-        return self.visual.conv1.weight
-
-    def encode_text(self, prompts: Sequence[str], tokenizer: Callable) -> Tensor:
-        text = tokenizer(list(prompts)).to(self.parameter.device)
-        return self.model.encode_text(text)
-
-
-class OpenCLIPViTAdapter(ViTAdapter, OpenCLIPAdapter):
-    family = "open_clip VisionTransformer"
-
-    def __init__(self, model: nn.Module, interpretability_head: nn.Module | None = None) -> None:
-        super().__init__(model, interpretability_head)
-        visual = model.visual
-        self.pooling = _open_clip_pooling(visual)
-        if visual.proj is None:
-            raise TypeError("model: expected an open_clip ViT with a projection, got proj=None")
-
-    @property
-    def patch_size(self) -> tuple[int, int]:
-        return tuple(self.visual.patch_size)
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return tuple(self.visual.image_size)
-
-    @property
-    def embed_dim(self) -> int:
-        return self.visual.proj.shape[1]
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.visual.transformer.resblocks)
-
-    def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        visual = self.visual
-        x = visual.conv1(images)
-        grid = tuple(x.shape[-2:])
-        x = x.flatten(2).transpose(1, 2)
-        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1)
-        x = x + interpolate_pos_embed(visual.positional_embedding, grid, visual.grid_size).to(x.dtype)
-        # Patch dropout is skipped on purpose: a dense map needs every patch.
-        return visual.ln_pre(x), grid
-
-    def block_views(self, method: str = "this method") -> list[BlockView]:
-        batch_first = getattr(self.visual.transformer, "batch_first", True)
-        return [OpenCLIPBlockView(block, batch_first) for block in self.visual.transformer.resblocks]
-
-    def final_norm(self, tokens: Tensor) -> Tensor:
-        # With an attention pool, ln_post normalises the pool's output, not the tokens.
-        return tokens if self.pooling == "attention" else self.visual.ln_post(tokens)
-
-    def project(self, tokens: Tensor, surgery: bool = False) -> Tensor:
-        if self.pooling == "tok":
-            return project(tokens, self.visual.proj)
-        # Index 0 stays the pooled embedding (== encode_image); each patch is projected on its own.
-        if self.pooling == "avg":
-            patches = project(tokens[:, 1:], self.visual.proj)
-        else:
-            patches = attention_pool_value_path(self.visual, tokens[:, 1:])
-        return torch.cat([self.project_global(tokens)[:, None], patches], dim=1)
-
-    def project_global(self, tokens: Tensor) -> Tensor:
-        if self.pooling == "tok":
-            return project(tokens[:, 0], self.visual.proj)
-        if tokens.shape[1] < 2:
-            raise ValueError(f"tokens: pool_type={self.pooling!r} pools the patch tokens, got none")
-        if self.pooling == "avg":
-            return project(tokens[:, 1:].mean(dim=1), self.visual.proj)
-        return project(self.visual.ln_post(self.visual.attn_pool(tokens))[:, 0], self.visual.proj)
-
-    def make_interpretability_head(self) -> nn.Module:
-        if self.pooling == "attention":
-            return AttentionPoolValueProjection(self.visual)
-        return TokenProjection(self.visual.proj)
-
-
-def _open_clip_pooling(visual: nn.Module) -> str:
-    """``"tok"`` (class token), ``"avg"`` (mean of the patch tokens) or ``"attention"`` (a learned-query
-    attention pool, open_clip's ``attentional_pool=True``, whose first query's output is the embedding)."""
-    if getattr(visual, "attn_pool", None) is not None:
-        if getattr(visual, "attn_pool_contrastive", None) is not None or visual.pool_type != "tok":
-            raise TypeError(
-                "model: expected an open_clip ViT whose attentional pool gives the embedding as its first "
-                f"query (attentional_pool=True), got attentional_pool={visual.attn_pool_type!r}, "
-                f"pool_type={visual.pool_type!r}"
-            )
-        return "attention"
-    if getattr(visual, "pool_type", "tok") not in ("tok", "avg") or getattr(visual, "final_ln_after_pool", False):
-        raise TypeError(
-            "model: expected an open_clip ViT with pool_type 'tok' or 'avg' and final_ln_after_pool=False, got "
-            f"pool_type={visual.pool_type!r}, final_ln_after_pool={getattr(visual, 'final_ln_after_pool', False)}"
-        )
-    return visual.pool_type
-
-
-def attention_pool_value_path(visual: nn.Module, tokens: Tensor) -> Tensor:
-    """Each token through an attention pool as if the query attended to it alone: the pool's key norm,
-    value and output projections, then ``ln_post`` and ``proj`` (the ViT analogue of the ResNet
-    attention pool's per-position projection, :class:`PositionwisePoolProjection`)."""
-    attention = visual.attn_pool.attn
-    dim = attention.embed_dim
-    if attention._qkv_same_embed_dim:
-        weight = attention.in_proj_weight[2 * dim :]
-    else:
-        weight = attention.v_proj_weight
-    bias = attention.in_proj_bias[2 * dim :] if attention.in_proj_bias is not None else None
-    values = attention.out_proj(F.linear(visual.attn_pool.ln_k(tokens), weight, bias))
-    return project(visual.ln_post(values), visual.proj)
-
-
-class AttentionPoolValueProjection(nn.Module):
-    """Interpretability head of an attention-pooled open_clip ViT: a copy of the pool's value path
-    (:func:`attention_pool_value_path`), applied to every token."""
-
-    def __init__(self, visual: nn.Module) -> None:
-        super().__init__()
-        import copy
-
-        self.attn_pool = copy.deepcopy(visual.attn_pool)
-        self.ln_post = copy.deepcopy(visual.ln_post)
-        self.proj = nn.Parameter(visual.proj.detach().clone())
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        return attention_pool_value_path(self, tokens)
-
-
-# ----------------------------------------------------------------------------------
-# open_clip ModifiedResNet
-# ----------------------------------------------------------------------------------
-class PositionwisePoolProjection(nn.Module):
-    """The attention pool's value and output projections applied to each position alone.
-
-    This is the ResNet interpretability head (docs/methods.md §4): a copy of ``v_proj`` and
-    ``c_proj`` so that every position is projected as if it attended only to itself.
-    """
-
-    def __init__(self, v_proj: nn.Linear, c_proj: nn.Linear) -> None:
-        super().__init__()
-        self.v_proj = nn.Linear(v_proj.in_features, v_proj.out_features)
-        self.c_proj = nn.Linear(c_proj.in_features, c_proj.out_features)
-        self.v_proj.load_state_dict(v_proj.state_dict())
-        self.c_proj.load_state_dict(c_proj.state_dict())
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        return self.c_proj(self.v_proj(tokens))
-
-
-class OpenCLIPResNetAdapter(OpenCLIPAdapter):
-    family = "open_clip ModifiedResNet"
-
-    def __init__(self, model: nn.Module, interpretability_head: nn.Module | None = None) -> None:
-        super().__init__(model, interpretability_head)
-        self.pool = model.visual.attnpool
-
-    @property
-    def patch_size(self) -> tuple[int, int]:
-        return (32, 32)
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        size = self.visual.image_size
-        return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-
-    @property
-    def embed_dim(self) -> int:
-        return self.pool.c_proj.out_features
-
-    def tokens(
-        self,
-        images: Tensor,
-        surgery_depth: int = 0,
-        *,
-        path: DensePath | None = None,
-        trace: AttentionTrace | None = None,
-    ) -> Tensor:
-        if path is not None or trace is not None:
-            self.block_views("path" if path is not None else "trace")  # raises: no transformer blocks
-        # A ResNet's surgery lives in its attention pool (see ``project``), not here.
-        self.check_surgery_depth(surgery_depth)
-        visual = self.visual
-        x = visual.stem(images)
-        x = visual.layer1(x)
-        x = visual.layer2(x)
-        x = visual.layer3(x)
-        x = visual.layer4(x)
-        x = self.tap_grid(x)
-        grid = tuple(x.shape[-2:])
-        x = x.flatten(2).transpose(1, 2)
-        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)
-        return x + interpolate_pos_embed(self.pool.positional_embedding, grid).to(x.dtype)
-
-    def _heads(self) -> tuple[int, int]:
-        num_heads = self.pool.num_heads
-        return num_heads, self.pool.v_proj.out_features // num_heads
-
-    def project(self, tokens: Tensor, surgery: bool = False) -> Tensor:
-        """The attention pool with every position as a query (docs/methods.md §1).
-
-        With ``surgery`` the patch positions use CLIP Surgery's pool instead:
-        q = k = v = the per-head L2-normalised values, scale ``8 / sqrt(head_dim)``;
-        the global token keeps the original pooling (docs/methods.md §2).
-        """
-        pool = self.pool
-        num_heads, head_dim = self._heads()
-        if surgery:
-            # Only the global token needs the original pool here: one query, not 1 + h*w.
-            global_feature = self.project_global(tokens)
-            # Every token, the mean token included, is a key of the value-value attention.
-            value_attention = self_value_attention(pool.v_proj(tokens), num_heads, 8 * head_dim**-0.5, True)
-            return torch.cat([global_feature[:, None], pool.c_proj(value_attention[:, 1:])], dim=1)
-        n, length, _ = tokens.shape
-
-        def split(t: Tensor) -> Tensor:
-            return t.reshape(n, length, num_heads, head_dim).transpose(1, 2)
-
-        q, k, v = split(pool.q_proj(tokens)), split(pool.k_proj(tokens)), split(pool.v_proj(tokens))
-        out = F.scaled_dot_product_attention(q, k, v, scale=head_dim**-0.5)
-        return pool.c_proj(out.transpose(1, 2).reshape(n, length, -1))
-
-    def project_global(self, tokens: Tensor) -> Tensor:
-        pool = self.pool
-        num_heads, head_dim = self._heads()
-        n, length, _ = tokens.shape
-        q = pool.q_proj(tokens[:, :1]).reshape(n, 1, num_heads, head_dim).transpose(1, 2)
-        k = pool.k_proj(tokens).reshape(n, length, num_heads, head_dim).transpose(1, 2)
-        v = pool.v_proj(tokens).reshape(n, length, num_heads, head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, scale=head_dim**-0.5)
-        return pool.c_proj(out.transpose(1, 2).reshape(n, -1))
-
-    def make_interpretability_head(self) -> nn.Module:
-        return PositionwisePoolProjection(self.pool.v_proj, self.pool.c_proj)
-
-
-# ----------------------------------------------------------------------------------
-# Hugging Face CLIPModel
-# ----------------------------------------------------------------------------------
-class LinearCopy(nn.Linear):
-    """A copy of an ``nn.Linear`` (the HF ``visual_projection``) as the interpretability head."""
-
-    def __init__(self, source: nn.Linear) -> None:
-        super().__init__(source.in_features, source.out_features, bias=source.bias is not None)
-        self.load_state_dict(source.state_dict())
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        return _linear(tokens, self)
-
-
-def _linear(tokens: Tensor, linear: nn.Linear) -> Tensor:
-    """An ``nn.Linear`` projection of tokens in at least float32 (:func:`~captum_iclip._precision.project`)."""
-    return project(tokens, linear.weight.t(), linear.bias)
-
-
-class HFCLIPAdapter(ViTAdapter):
-    family = "transformers CLIPModel"
-
-    def __init__(self, model: nn.Module, interpretability_head: nn.Module | None = None) -> None:
-        super().__init__(model, interpretability_head)
-        self.vision = model.vision_model
-
-    @property
-    def patch_size(self) -> tuple[int, int]:
-        p = self.vision.embeddings.patch_size
-        return (p, p)
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        s = self.vision.embeddings.image_size
-        return (s, s)
-
-    @property
-    def embed_dim(self) -> int:
-        return self.model.visual_projection.out_features
-
-    @property
-    def parameter(self) -> Tensor:
-        return self.vision.embeddings.patch_embedding.weight
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.vision.encoder.layers)
-
-    def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        emb = self.vision.embeddings
-        x = emb.patch_embedding(images)
-        grid = tuple(x.shape[-2:])
-        x = x.flatten(2).transpose(1, 2)
-        x = torch.cat([emb.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
-        x = x + interpolate_pos_embed(emb.position_embedding.weight, grid).to(x.dtype)
-        return self.vision.pre_layrnorm(x), grid
-
-    def block_views(self, method: str = "this method") -> list[BlockView]:
-        return [HFBlockView(layer) for layer in self.vision.encoder.layers]
-
-    def final_norm(self, tokens: Tensor) -> Tensor:
-        return self.vision.post_layernorm(tokens)
-
-    def project(self, tokens: Tensor, surgery: bool = False) -> Tensor:
-        return _linear(tokens, self.model.visual_projection)
-
-    def project_global(self, tokens: Tensor) -> Tensor:
-        return _linear(tokens[:, 0], self.model.visual_projection)
-
-    def encode_text(self, prompts: Sequence[str], tokenizer: Callable) -> Tensor:
-        batch = tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt")
-        batch = {k: v.to(self.parameter.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-        out = self.model.get_text_features(**batch)
-        return out if isinstance(out, Tensor) else out.pooler_output
-
-    def make_interpretability_head(self) -> nn.Module:
-        return LinearCopy(self.model.visual_projection)
-
-
-def get_adapter(model: nn.Module) -> VisionAdapter:
-    """Pick the dense adapter for ``model``.
-
-    Args:
-        model: an open_clip CLIP model (ViT, ModifiedResNet or timm tower: SigLIP,
-            EVA02, ConvNeXt, ...), a Hugging Face ``CLIPModel`` or ``SiglipModel``, or
-            a :class:`~captum_iclip.DualProjectionCLIP` wrapping one.
-
-    Returns:
-        The adapter. A ``DualProjectionCLIP`` gives its inner model's adapter with
-        its interpretability head attached.
-
-    Raises:
-        TypeError: for any other kind of model, naming its type and the supported ones.
-    """
-    head = None
-    inner = getattr(model, "interpretability_head", None)
-    if inner is not None and hasattr(model, "clip"):
-        model, head = model.clip, inner
-    # The families with their own modules: open_clip timm towers, Hugging Face SigLIP.
-    from captum_iclip.models.hf_siglip import hf_siglip_adapter
-    from captum_iclip.models.timm_towers import timm_tower_adapter
-
-    for find in (timm_tower_adapter, hf_siglip_adapter):
-        adapter = find(model, head)
-        if adapter is not None:
-            return adapter
-    visual = getattr(model, "visual", None)
-    if visual is not None:
-        from open_clip.modified_resnet import ModifiedResNet
-        from open_clip.transformer import VisionTransformer
-
-        if isinstance(visual, VisionTransformer):
-            return OpenCLIPViTAdapter(model, head)
-        if isinstance(visual, ModifiedResNet):
-            return OpenCLIPResNetAdapter(model, head)
-        raise TypeError(
-            f"model: expected one of {', '.join(SUPPORTED_MODELS)}, got the vision tower "
-            f"{type(visual).__module__}.{type(visual).__name__}"
-        )
-    try:
-        from transformers import CLIPModel
-    except ImportError:  # pragma: no cover - transformers is a core dependency
-        CLIPModel = ()
-    if CLIPModel and isinstance(model, CLIPModel):
-        return HFCLIPAdapter(model, head)
-    raise TypeError(
-        f"model: expected one of {', '.join(SUPPORTED_MODELS)}, got the model type "
-        f"{type(model).__module__}.{type(model).__name__}"
-    )
