@@ -6,7 +6,7 @@ from captum_iclip.attr.itsm import ITSMAttribution
 from captum_iclip.attr.legrad import LeGradAttribution
 from captum_iclip.attr.mmp import MaskedMaxPoolingAttribution
 from captum_iclip.loading.loader import LoadedCLIP, load, mask_source
-from captum_iclip.models.adapters import get_adapter
+from captum_iclip.models import get_adapter
 from captum_iclip.models.dual import DualProjectionCLIP
 from captum_iclip.pooling import MaskedMaxPooling
 from captum_iclip.similarity import CLIPSimilarity

@@ -122,7 +122,7 @@ def zero_shot_names_an_object(sim, dataset, batch_size: int) -> dict[str, float]
     The background prompt is left out: the question is whether the model recognises
     one of the scene's objects. Chance: the share of foreground classes present.
     """
-    from captum_iclip.evaluation.data import _to_input
+    from captum_iclip.preprocess import to_model_input
 
     adapter = sim.adapter
     mean = torch.tensor(adapter.image_mean).reshape(3, 1, 1)
@@ -132,7 +132,7 @@ def zero_shot_names_an_object(sim, dataset, batch_size: int) -> dict[str, float]
     for start in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         size = (dataset.size, dataset.size)
-        images = torch.stack([_to_input(image, size, mean, std) for image, _, _ in items])
+        images = torch.stack([to_model_input(image, size, mean, std) for image, _, _ in items])
         with torch.no_grad():
             scores = sim(images.to(adapter.parameter.device, adapter.parameter.dtype))[:, foreground]
         for best, (_, label, _) in zip(scores.argmax(dim=-1).tolist(), items):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captum_iclip._precision import compute_dtype, full_precision, upcast
-from captum_iclip.models.adapters import VisionAdapter, get_adapter
+from captum_iclip.models import VisionAdapter, get_adapter
 
 OUTPUTS = ("cosine", "logits", "probs")
 

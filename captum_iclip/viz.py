@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from captum_iclip._io import atomic_write_bytes
-from captum_iclip.models.adapters import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from captum_iclip.models.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 ArrayLike = Tensor | np.ndarray
 

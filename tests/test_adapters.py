@@ -19,13 +19,10 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from torch import nn
 
 from captum_iclip import CLIPSimilarity
-from captum_iclip.models.adapters import (
-    HFCLIPAdapter,
-    OpenCLIPResNetAdapter,
-    OpenCLIPViTAdapter,
-    get_adapter,
-    interpolate_pos_embed,
-)
+from captum_iclip.models import get_adapter
+from captum_iclip.models.base import interpolate_pos_embed
+from captum_iclip.models.hf_clip import HFCLIPAdapter
+from captum_iclip.models.open_clip_towers import OpenCLIPResNetAdapter, OpenCLIPViTAdapter
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -13,7 +13,7 @@ from captum_iclip import (
     MaskedMaxPooling,
     MaskedMaxPoolingAttribution,
 )
-from captum_iclip.models.adapters import get_adapter
+from captum_iclip.models import get_adapter
 
 
 # --- DualProjectionCLIP ----------------------------------------------------------------

@@ -116,8 +116,8 @@ def test_a_rerun_skips_finished_runs_and_redoes_only_a_missing_one(quick_run, mo
 
 
 def test_oracle_masks_of_a_constructed_scene():
-    from captum_iclip.evaluation.data import _to_input
     from captum_iclip.masks import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, OracleMaskProvider
+    from captum_iclip.preprocess import to_model_input
     from captum_iclip.zoo import make_preprocess
 
     rng = np.random.default_rng(0)
@@ -137,7 +137,7 @@ def test_oracle_masks_of_a_constructed_scene():
 
     # Recognised whatever preprocessing made the tensor (the zoo's and the evaluation's).
     for x in (make_preprocess(96, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)(image),
-              _to_input(Image.fromarray(image), (96, 96), mean, std)):  # fmt: skip
+              to_model_input(Image.fromarray(image), (96, 96), mean, std)):  # fmt: skip
         masks = oracle(torch.stack([x, x]), (8, 8))
         assert torch.equal(masks[0].reshape(8, 8), expected) and torch.equal(masks[1], masks[0])
     unknown = make_preprocess(96, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)(255 - image)
@@ -148,8 +148,8 @@ def test_oracle_masks_of_a_constructed_scene():
 
 
 def test_the_pooling_rows_build_the_models_they_claim():
-    from captum_iclip.models.adapters import attention_pool_value_path
     from captum_iclip.models.dual import DualProjectionCLIP
+    from captum_iclip.models.open_clip_towers import attention_pool_value_path
     from captum_iclip.zoo import build_clip
 
     torch.manual_seed(0)

@@ -184,7 +184,7 @@ def test_the_recipe_runs_every_stage_resumes_and_writes_a_loadable_bundle(tmp_pa
 
 
 def test_mask_quality_reuses_precomputed_attention_for_every_tau(tiny_dino):
-    from captum_iclip.models.adapters import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from captum_iclip.models.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     from captum_iclip.world import generate_scene
     from captum_iclip.zoo.quality import mask_quality
 

@@ -1,15 +1,20 @@
-"""Shared plumbing of the attribution classes: forward-function checks, Captum
-target semantics, and the map post-processing of docs/methods.md §1."""
+"""Shared plumbing of the attribution classes: forward-function checks, Captum target semantics, the block
+and depth arguments, and the output tail (the map post-processing of docs/methods.md §1)."""
 
 from __future__ import annotations
 
 import numbers
 
 import torch
+import torch.nn.functional as F
 from captum._utils.typing import TargetType
 from torch import Tensor
 
+from captum_iclip._precision import full_precision, upcast
+from captum_iclip.models.base import check_depth
 from captum_iclip.similarity import CLIPSimilarity
+
+UPSAMPLING = ("bilinear", "spread")
 
 
 def check_forward_func(forward_func: object, method: str) -> CLIPSimilarity:
@@ -90,3 +95,58 @@ def minmax_normalize(maps: Tensor) -> Tensor:
     span = flat.max(dim=-1, keepdim=True).values - low
     flat = (flat - low) / span.clamp_min(torch.finfo(flat.dtype).tiny)
     return flat.reshape(maps.shape)
+
+
+def resolve_layer(layer_index: int, num_blocks: int, name: str) -> int:
+    """A block index from a Python-style (possibly negative) ``layer_index``."""
+    if isinstance(layer_index, bool) or not isinstance(layer_index, int):
+        raise TypeError(f"{name}: expected an int, got {type(layer_index).__name__}")
+    if not -num_blocks <= layer_index < num_blocks:
+        raise ValueError(
+            f"{name}: expected -{num_blocks}..{num_blocks - 1} (the tower has {num_blocks} blocks), got {layer_index}"
+        )
+    return layer_index % num_blocks
+
+
+def check_path_depth(depth: int, num_blocks: int, path: str, name: str = "depth") -> None:
+    """The depth of a second ``path`` through the last blocks: an int in 1..num_blocks (through no block,
+    the path would be the plain tower)."""
+    check_depth(depth, num_blocks, name)
+    if depth == 0:
+        raise ValueError(f"{name}: expected at least 1 block for {path}, got 0")
+
+
+def finish_maps(
+    scores: Tensor,
+    grid: tuple[int, int],
+    size: tuple[int, int],
+    patch_size: tuple[int, int],
+    *,
+    normalize: bool,
+    interpolate: bool,
+    upsample: str,
+) -> Tensor:
+    """(N, K, h*w) patch scores as the maps ``attribute`` returns: min-max normalised, then upsampled to ``size``.
+
+    ``"bilinear"`` gives smooth maps; ``"spread"`` divides each patch's value evenly over its ``patch_size``
+    pixels, which keeps the sum of the map. Both run in at least float32 with autocast off (half-precision
+    rules, docs/methods.md), so the maps of a half-precision model come out in float32.
+    """
+    if upsample not in UPSAMPLING:
+        raise ValueError(f"upsample: expected one of {UPSAMPLING}, got {upsample!r}")
+    maps = scores.reshape(*scores.shape[:2], *grid)
+    with full_precision(maps.device):
+        maps = upcast(maps)
+        if normalize:
+            maps = minmax_normalize(maps)
+        if not interpolate:
+            return maps
+        if upsample == "bilinear":
+            return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+        ph, pw = patch_size
+        return F.interpolate(maps, scale_factor=(ph, pw), mode="nearest") / (ph * pw)
+
+
+def as_inputs_came(maps: Tensor, is_tuple: bool) -> Tensor | tuple[Tensor]:
+    """The maps as a 1-tuple when the inputs came as Captum's 1-tuple, else the tensor."""
+    return (maps,) if is_tuple else maps

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch.nn.functional as F
 from captum._utils.typing import TargetType
 from captum.attr import Attribution
 from torch import Tensor
 
-from captum_iclip._precision import full_precision, upcast
-from captum_iclip.attr._utils import check_forward_func, minmax_normalize, target_indices, unpack_inputs
+from captum_iclip.attr._utils import as_inputs_came, check_forward_func, finish_maps, target_indices, unpack_inputs
 from captum_iclip.similarity import CLIPSimilarity
 
 PROJECTIONS = ("auto", "recognition", "interpretability")
-UPSAMPLING = ("bilinear", "spread")
 
 
 class PreparedInputs(NamedTuple):
@@ -73,25 +70,20 @@ class CLIPMapAttribution(Attribution):
         return "interpretability" if has_head else "recognition"
 
     def finish(
-        self, maps: Tensor, size: tuple[int, int], *, normalize: bool, interpolate: bool, upsample: str
+        self, scores: Tensor, prepared: PreparedInputs, *, normalize: bool, interpolate: bool, upsample: str
     ) -> Tensor:
-        """Post-process (N, K, h, w) patch maps: min-max normalise, then upsample to ``size``.
+        """(N, K, h*w) patch scores as (N, K, H, W) maps (:func:`~captum_iclip.attr._utils.finish_maps`)."""
+        size, patch_size = prepared.images.shape[-2:], self.similarity.adapter.patch_size
+        return finish_maps(
+            scores, prepared.grid, size, patch_size, normalize=normalize, interpolate=interpolate, upsample=upsample
+        )
 
-        Both run in at least float32 with autocast off (half-precision rules, docs/methods.md),
-        so the maps of a half-precision model come out in float32.
-        """
-        if upsample not in UPSAMPLING:
-            raise ValueError(f"upsample: expected one of {UPSAMPLING}, got {upsample!r}")
-        with full_precision(maps.device):
-            maps = upcast(maps)
-            if normalize:
-                maps = minmax_normalize(maps)
-            if not interpolate:
-                return maps
-            if upsample == "bilinear":
-                return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
-            ph, pw = self.similarity.adapter.patch_size
-            return F.interpolate(maps, scale_factor=(ph, pw), mode="nearest") / (ph * pw)
+    def output(
+        self, scores: Tensor, prepared: PreparedInputs, *, normalize: bool, interpolate: bool, upsample: str
+    ) -> Tensor | tuple[Tensor]:
+        """What ``attribute`` returns: the finished maps of (N, K, h*w) patch scores, a 1-tuple if the inputs were."""
+        maps = self.finish(scores, prepared, normalize=normalize, interpolate=interpolate, upsample=upsample)
+        return as_inputs_came(maps, prepared.is_tuple)
 
     def has_convergence_delta(self) -> bool:
         return False

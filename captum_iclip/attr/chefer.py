@@ -10,8 +10,8 @@ from torch import Tensor
 
 from captum_iclip._precision import full_precision, upcast
 from captum_iclip.attr._prompt_grads import prompt_gradients
+from captum_iclip.attr._utils import resolve_layer
 from captum_iclip.attr.base import CLIPMapAttribution
-from captum_iclip.attr.legrad import resolve_layer
 from captum_iclip.models.blocks import AttentionTrace
 
 
@@ -75,7 +75,7 @@ class CheferRelevancy(CLIPMapAttribution):
             (N, K, H, W) for ``target=None``; a tuple if ``inputs`` was a tuple.
         """
         prepared = self.prepare(inputs, target, "recognition")
-        images, grid, index, sim = prepared.images, prepared.grid, prepared.index, self.similarity
+        images, index, sim = prepared.images, prepared.index, self.similarity
         adapter = sim.adapter
         num_blocks = len(adapter.block_views("CheferRelevancy"))
         start = resolve_layer(start_layer, num_blocks, "start_layer")
@@ -101,8 +101,5 @@ class CheferRelevancy(CLIPMapAttribution):
 
             maps = prompt_gradients(logits, trace.probabilities, index, reduce=rollout)
         with torch.no_grad():
-            maps = maps.transpose(0, 1).reshape(images.shape[0], -1, *grid)
-            maps = self.finish(
-                maps, images.shape[-2:], normalize=normalize, interpolate=interpolate, upsample="bilinear"
-            )
-        return (maps,) if prepared.is_tuple else maps
+            scores = maps.transpose(0, 1)
+            return self.output(scores, prepared, normalize=normalize, interpolate=interpolate, upsample="bilinear")

@@ -9,9 +9,8 @@ from captum.log import log_usage
 from torch import Tensor
 
 from captum_iclip._precision import full_precision, upcast
-from captum_iclip.attr._utils import select_targets
+from captum_iclip.attr._utils import check_path_depth, select_targets
 from captum_iclip.attr.base import CLIPMapAttribution
-from captum_iclip.models.adapters import check_depth
 from captum_iclip.models.attention import gem_path
 
 
@@ -80,12 +79,10 @@ class GEMAttribution(CLIPMapAttribution):
             (N, K, H, W) for ``target=None``; a tuple if ``inputs`` was a tuple.
         """
         prepared = self.prepare(inputs, target, "recognition")
-        images, grid, index, sim = prepared.images, prepared.grid, prepared.index, self.similarity
+        images, sim = prepared.images, self.similarity
         num_blocks = len(sim.adapter.block_views("GEMAttribution"))
         depth = min(6, num_blocks) if depth is None else depth
-        check_depth(depth, num_blocks, "depth")
-        if depth == 0:
-            raise ValueError("depth: expected at least 1 block for the self-self path, got 0")
+        check_path_depth(depth, num_blocks, "the self-self path")
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
             raise ValueError(f"iterations: expected a non-negative int, got {iterations!r}")
         if temperature is not None and not (isinstance(temperature, (int, float)) and temperature > 0):
@@ -96,13 +93,6 @@ class GEMAttribution(CLIPMapAttribution):
             features = sim.adapter.dense_features(images, path=path)
             with full_precision(features.device):  # half-precision rules: the similarities in >= float32
                 features = F.normalize(upcast(features), dim=-1)
-                maps = features[:, 1:] @ upcast(sim.text_features).to(features.dtype).t()
-            maps = maps.transpose(1, 2).reshape(images.shape[0], -1, *grid)
-            maps = self.finish(
-                select_targets(maps, index),
-                images.shape[-2:],
-                normalize=normalize,
-                interpolate=interpolate,
-                upsample="bilinear",
-            )
-        return (maps,) if prepared.is_tuple else maps
+                scores = features[:, 1:] @ upcast(sim.text_features).to(features.dtype).t()
+            scores = select_targets(scores.transpose(1, 2), prepared.index)
+            return self.output(scores, prepared, normalize=normalize, interpolate=interpolate, upsample="bilinear")

@@ -154,18 +154,11 @@ class ITSMAttribution(CLIPMapAttribution):
             sim.adapter.block_views(f"variant={variant!r}")  # a clear error for towers without blocks
 
         with torch.no_grad(), sim.evaluating():
-            maps = self.similarity_maps(
+            scores = self.similarity_maps(
                 images, variant=variant, surgery_depth=surgery_depth, projection=prepared.projection
-            )
-            maps = maps.transpose(1, 2).reshape(images.shape[0], -1, *prepared.grid)
-            maps = self.finish(
-                select_targets(maps, prepared.index),
-                images.shape[-2:],
-                normalize=normalize,
-                interpolate=interpolate,
-                upsample="bilinear",
-            )
-        return (maps,) if prepared.is_tuple else maps
+            ).transpose(1, 2)
+            scores = select_targets(scores, prepared.index)
+            return self.output(scores, prepared, normalize=normalize, interpolate=interpolate, upsample="bilinear")
 
     def similarity_maps(self, images: Tensor, *, variant: str, surgery_depth: int, projection: str) -> Tensor:
         """Unnormalised (N, h*w, K) patch-prompt scores of ``variant``."""

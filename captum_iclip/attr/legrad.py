@@ -10,19 +10,9 @@ from torch import Tensor
 
 from captum_iclip._precision import full_precision, upcast
 from captum_iclip.attr._prompt_grads import prompt_gradients
+from captum_iclip.attr._utils import resolve_layer
 from captum_iclip.attr.base import CLIPMapAttribution
 from captum_iclip.models.blocks import AttentionTrace
-
-
-def resolve_layer(layer_index: int, num_blocks: int, name: str) -> int:
-    """A block index from a Python-style (possibly negative) ``layer_index``."""
-    if isinstance(layer_index, bool) or not isinstance(layer_index, int):
-        raise TypeError(f"{name}: expected an int, got {type(layer_index).__name__}")
-    if not -num_blocks <= layer_index < num_blocks:
-        raise ValueError(
-            f"{name}: expected -{num_blocks}..{num_blocks - 1} (the tower has {num_blocks} blocks), got {layer_index}"
-        )
-    return layer_index % num_blocks
 
 
 def _positive_mean_over_layers(gradients: list[Tensor]) -> Tensor:
@@ -93,7 +83,7 @@ class LeGradAttribution(CLIPMapAttribution):
             (N, K, H, W) for ``target=None``; a tuple if ``inputs`` was a tuple.
         """
         prepared = self.prepare(inputs, target, "recognition")
-        images, grid, index, sim = prepared.images, prepared.grid, prepared.index, self.similarity
+        images, index, sim = prepared.images, prepared.index, self.similarity
         adapter = sim.adapter
         num_blocks = len(adapter.block_views("LeGradAttribution"))
         start = resolve_layer(layer_index, num_blocks, "layer_index")
@@ -112,8 +102,5 @@ class LeGradAttribution(CLIPMapAttribution):
                     scores = scores + feature @ upcast(text).to(feature.dtype).t()
             maps = prompt_gradients(scores, trace.probabilities, index, reduce=_positive_mean_over_layers)
         with torch.no_grad():
-            maps = maps.transpose(0, 1).reshape(images.shape[0], -1, *grid)
-            maps = self.finish(
-                maps, images.shape[-2:], normalize=normalize, interpolate=interpolate, upsample="bilinear"
-            )
-        return (maps,) if prepared.is_tuple else maps
+            scores = maps.transpose(0, 1)
+            return self.output(scores, prepared, normalize=normalize, interpolate=interpolate, upsample="bilinear")

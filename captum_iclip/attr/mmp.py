@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +11,7 @@ from captum.log import log_usage
 from torch import Tensor
 
 from captum_iclip._precision import full_precision, upcast
+from captum_iclip.attr._utils import as_inputs_came
 from captum_iclip.attr.base import CLIPMapAttribution
 from captum_iclip.pooling import MaskedMaxPooling
 from captum_iclip.similarity import CLIPSimilarity
@@ -82,6 +83,33 @@ class MaskedMaxPoolingAttribution(CLIPMapAttribution):
             return torch.ones(images.shape[0], grid[0] * grid[1], dtype=torch.bool, device=images.device)
         return self.mask_provider(images, grid)
 
+    # The attributions alone, or with their convergence deltas: what a type checker sees of each call.
+    @overload
+    def attribute(
+        self,
+        inputs: Tensor | tuple[Tensor],
+        target: TargetType = None,
+        *,
+        mask: Tensor | None = None,
+        normalize: bool = False,
+        interpolate: bool = True,
+        projection: str = "auto",
+        return_convergence_delta: Literal[False] = False,
+    ) -> Tensor | tuple[Tensor]: ...
+
+    @overload
+    def attribute(
+        self,
+        inputs: Tensor | tuple[Tensor],
+        target: TargetType = None,
+        *,
+        mask: Tensor | None = None,
+        normalize: bool = False,
+        interpolate: bool = True,
+        projection: str = "auto",
+        return_convergence_delta: Literal[True],
+    ) -> tuple[Tensor | tuple[Tensor], Tensor]: ...
+
     @log_usage()
     def attribute(
         self,
@@ -93,7 +121,7 @@ class MaskedMaxPoolingAttribution(CLIPMapAttribution):
         interpolate: bool = True,
         projection: str = "auto",
         return_convergence_delta: bool = False,
-    ) -> Tensor | tuple[Tensor, ...] | tuple[Tensor | tuple[Tensor], Tensor]:
+    ) -> Tensor | tuple[Tensor] | tuple[Tensor | tuple[Tensor], Tensor]:
         r"""
         Args:
             inputs: preprocessed images (N, 3, H, W), or a 1-tuple of them.
@@ -133,17 +161,13 @@ class MaskedMaxPoolingAttribution(CLIPMapAttribution):
             text = upcast(sim.text_features).to(patches.dtype)
             attributions, scores = self.decompose(patches, foreground, text, prepared.index)
             attributions = self.finish(
-                attributions.reshape(*attributions.shape[:2], *grid),
-                images.shape[-2:],
-                normalize=normalize,
-                interpolate=interpolate,
-                upsample="spread",
+                attributions, prepared, normalize=normalize, interpolate=interpolate, upsample="spread"
             )
             # Captum's convergence delta relates the attributions *returned* to the score they explain.
             delta = scores - attributions.flatten(2).sum(-1)
         if prepared.index is not None:
             delta = delta[:, 0]
-        out = (attributions,) if prepared.is_tuple else attributions
+        out = as_inputs_came(attributions, prepared.is_tuple)
         return (out, delta) if return_convergence_delta else out
 
     def decompose(

@@ -21,7 +21,8 @@ from captum_iclip.cli.common import (
     with_option_names,
 )
 from captum_iclip.datasets import DATASETS, SegmentationDataset, build_dataset
-from captum_iclip.evaluation.data import _init_distributed, _rank_and_world
+from captum_iclip.distributed import rank_and_world
+from captum_iclip.evaluation.data import _init_distributed
 from captum_iclip.evaluation.methods import method_names
 from captum_iclip.evaluation.report import results_markdown
 from captum_iclip.evaluation.run import TASKS, EvalConfig, class_prompts, evaluate
@@ -198,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     check_model_arguments(args)
     args.device = _init_distributed(args.device)
-    rank = _rank_and_world()[0]
+    rank = rank_and_world()[0]
     try:
         config = EvalConfig(**{field.name: getattr(args, field.name) for field in fields(EvalConfig)})
         dataset = build_dataset(config.dataset, config.root, config.split, config.limit)

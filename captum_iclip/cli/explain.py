@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from captum_iclip.cli.common import (
     open_images,
     warn_upscaled,
 )
+from captum_iclip.preprocess import center_crop_transform
 from captum_iclip.prompts import add_prompt_arguments, prompts_from_args
 
 
@@ -40,21 +40,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=explain)
 
 
-def image_transform(resolution, mean: Sequence[float], std: Sequence[float]):
-    """PIL image -> normalised tensor: resize the short side, centre-crop to ``resolution``."""
-    from torchvision import transforms
-
-    size = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
-    return transforms.Compose(
-        [
-            transforms.Resize(min(size), interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.CenterCrop(size),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ]
-    )
-
-
 def explain(args: argparse.Namespace) -> int:
     """Run ``captum-iclip explain`` on parsed options; returns the exit status."""
     from captum_iclip.attr.itsm import ITSMAttribution
@@ -72,7 +57,7 @@ def explain(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"--resolution: expected a positive multiple of the model's patch size {ph}x{pw}, got {args.resolution}"
             )
-    transform = image_transform(args.resolution or adapter.image_size, adapter.image_mean, adapter.image_std)
+    transform = center_crop_transform(args.resolution or adapter.image_size, adapter.image_mean, adapter.image_std)
     pil_images = open_images(args.images)
     domain_messages("captum-iclip explain", loaded, prompts)
     side = args.resolution or adapter.image_size

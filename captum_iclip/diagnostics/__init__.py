@@ -35,8 +35,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captum_iclip.evaluation.metrics import LocalizationMetrics
-from captum_iclip.models.adapters import HFCLIPAdapter, OpenCLIPViTAdapter, TokenProjection, VisionAdapter
+from captum_iclip.models.base import VisionAdapter
 from captum_iclip.models.blocks import BlockView, check_unhooked
+from captum_iclip.models.hf_clip import HFCLIPAdapter
+from captum_iclip.models.open_clip_towers import OpenCLIPViTAdapter, TokenProjection
 from captum_iclip.similarity import CLIPSimilarity
 
 __all__ = [

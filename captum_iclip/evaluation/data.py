@@ -5,7 +5,6 @@ Geometry and sharding are described in :mod:`captum_iclip.evaluation.run`.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 
@@ -17,16 +16,15 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from captum_iclip.datasets import SegmentationDataset
+from captum_iclip.distributed import (
+    gather_objects,
+    in_process_group,
+    join_process_group,
+    launched_world_size,
+    local_rank,
+)
 from captum_iclip.evaluation.metrics import LocalizationMetrics
-
-
-def _to_input(image: Image.Image, size: tuple[int, int], mean: Tensor, std: Tensor) -> Tensor:
-    """An RGB image resized (bicubic) to ``size`` = (height, width), as a normalised (3, H, W) tensor."""
-    height, width = size
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.BICUBIC)
-    array = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()) / 255.0
-    return (array.permute(2, 0, 1) - mean) / std
+from captum_iclip.preprocess import to_model_input
 
 
 def _short_side_size(image: Image.Image, short_side: int, multiple: int) -> tuple[int, int]:
@@ -57,7 +55,7 @@ class _ShardImages(Dataset):
         index = self.indices[position]
         image, label, _ = self.dataset[index]
         square = (self.resolution, self.resolution)
-        return index, _to_input(image, square, self.mean, self.std), label, image
+        return index, to_model_input(image, square, self.mean, self.std), label, image
 
 
 def shard_indices(size: int, batch_size: int, rank: int, world_size: int) -> list[int]:
@@ -102,28 +100,21 @@ def _largest_class(label: np.ndarray, classes: Sequence[int]) -> int:
     return classes[int(np.argmax(counts))]
 
 
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _init_distributed(device: str) -> str:
     """Join the torchrun process group when ``WORLD_SIZE`` > 1; returns this rank's device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    if launched_world_size() <= 1 or dist.is_initialized():
         return device
     if device.startswith("cuda"):
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl")
-        return f"cuda:{local_rank}"
-    dist.init_process_group("gloo")
+        torch.cuda.set_device(local_rank())
+        join_process_group(cuda=True)
+        return f"cuda:{local_rank()}"
+    join_process_group(cuda=False)
     return device
 
 
 def _sum_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Add per-rank floats (timings) over the process group."""
-    if not (dist.is_available() and dist.is_initialized()) or not values:
+    if not in_process_group() or not values:
         return dict(values)
     if dist.get_backend() != "nccl":
         device = torch.device("cpu")
@@ -134,10 +125,7 @@ def _sum_over_ranks(values: dict[str, float], device: torch.device) -> dict[str,
 
 def _gather_records(records: list[dict]) -> list[dict]:
     """Every rank's records, merged and sorted by dataset index."""
-    if dist.is_available() and dist.is_initialized():
-        gathered: list[list[dict]] = [None] * dist.get_world_size()  # type: ignore[list-item]
-        dist.all_gather_object(gathered, records)
-        records = [record for part in gathered for record in part]
+    records = [record for part in gather_objects(records) for record in part]
     return sorted(records, key=lambda record: record["index"])
 
 

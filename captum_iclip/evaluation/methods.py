@@ -39,8 +39,8 @@ from captum_iclip.attr.gem import GEMAttribution
 from captum_iclip.attr.itsm import ITSMAttribution
 from captum_iclip.attr.legrad import LeGradAttribution
 from captum_iclip.attr.mmp import MaskedMaxPoolingAttribution
-from captum_iclip.models.adapters import BLOCK_LOOP_TOWERS, ViTAdapter
 from captum_iclip.models.attention import PATH_VARIANTS
+from captum_iclip.models.base import BLOCK_LOOP_TOWERS, ViTAdapter
 from captum_iclip.similarity import CLIPSimilarity
 
 Method = Callable[[Tensor, Tensor], Tensor]

@@ -77,10 +77,10 @@ from tqdm.auto import tqdm
 
 from captum_iclip._io import check_output_folder
 from captum_iclip.datasets import DATASETS, SegmentationDataset, build_dataset
+from captum_iclip.distributed import rank_and_world
 from captum_iclip.evaluation.data import (
     _Clock,
     _collate,
-    _rank_and_world,
     _ShardImages,
     _sum_over_ranks,
     shard_indices,
@@ -262,7 +262,7 @@ def evaluate(
     results, examples, dataset = run_evaluation(
         config, sim, dataset=dataset, mask_provider=mask_provider, model_name=model_name
     )
-    if _rank_and_world()[0] == 0 and config.out is not None:
+    if rank_and_world()[0] == 0 and config.out is not None:
         write_results(results, config.out, examples, dataset)
     return results
 
@@ -325,7 +325,7 @@ def _context(config: EvalConfig, sim: CLIPSimilarity, dataset: SegmentationDatas
     runners = {
         name: build_method(name, sim, mask_provider=mask_provider, ig_steps=config.ig_steps) for name in config.methods
     }
-    show = config.progress and _rank_and_world()[0] == 0
+    show = config.progress and rank_and_world()[0] == 0
     return EvalContext(config, sim, dataset, runners, window, stride, show, _Clock(adapter.parameter.device))
 
 
@@ -334,7 +334,7 @@ def _run_batches(ctx: EvalContext, tasks: list[Any]) -> None:
     if not tasks:
         return
     config, adapter = ctx.config, ctx.sim.adapter
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     shard = shard_indices(len(ctx.dataset), config.batch_size, rank, world)
     loader = DataLoader(
         _ShardImages(ctx.dataset, shard, config.resolution, adapter.image_mean, adapter.image_std),
@@ -394,7 +394,7 @@ def _results(ctx: EvalContext, tasks: list[Any], model_name: str) -> dict:
         "model": model_name,
         "resolution": config.resolution,
         "segmentation_window": {"window": ctx.window, "stride": ctx.stride} if config.slide else None,
-        "world_size": _rank_and_world()[1],
+        "world_size": rank_and_world()[1],
         "prompts": list(ctx.sim.prompts or []),
         "methods": methods,
     }

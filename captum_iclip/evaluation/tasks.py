@@ -22,14 +22,13 @@ from tqdm.auto import tqdm
 
 from captum_iclip.attr.itsm import ITSMAttribution
 from captum_iclip.datasets import SegmentationDataset
+from captum_iclip.distributed import rank_and_world
 from captum_iclip.evaluation.data import (
     _Clock,
     _gather_records,
     _largest_class,
-    _rank_and_world,
     _scored_classes,
     _short_side_size,
-    _to_input,
 )
 from captum_iclip.evaluation.faithfulness import infidelity_score, patch_perturbation, sensitivity_score
 from captum_iclip.evaluation.methods import method_info
@@ -39,6 +38,7 @@ from captum_iclip.evaluation.metrics import (
     segment_from_maps,
     sliding_window,
 )
+from captum_iclip.preprocess import to_model_input
 from captum_iclip.similarity import CLIPSimilarity
 
 
@@ -95,7 +95,7 @@ class LocalizationTask:
             for name in config.methods
         }
         self.examples: list[dict] = []  # rank 0's first images with a scored class, for the overlays
-        self.rank, world = _rank_and_world()
+        self.rank, world = rank_and_world()
         if config.bootstrap:
             if world > 1:
                 raise ValueError(f"bootstrap: expected one process (intervals need every image's figures), got {world}")
@@ -284,7 +284,7 @@ def _segment_image(
     if not config.slide:
         return dense(square_input[None].to(device, dtype), interpolate=True)[0]
     size = _short_side_size(image, config.resolution, patch)
-    x = _to_input(
+    x = to_model_input(
         image,
         size,
         torch.tensor(itsm.similarity.adapter.image_mean).reshape(3, 1, 1),
@@ -336,7 +336,7 @@ def _faithfulness_records(
     show: bool,
 ) -> list[dict]:
     """This rank's share (positions ``rank, rank + K, ...``) of the per-image faithfulness scores."""
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     adapter = sim.adapter
     mean = torch.tensor(adapter.image_mean, dtype=torch.float32).reshape(3, 1, 1)
     std = torch.tensor(adapter.image_std, dtype=torch.float32).reshape(3, 1, 1)
@@ -347,7 +347,7 @@ def _faithfulness_records(
     bar = tqdm(total=len(mine) * len(runners), desc="faithfulness", unit="map", disable=not show)
     for index, target_class in mine:
         image, _, name = dataset[index]
-        x = _to_input(image, (resolution, resolution), mean, std)[None].to(device, adapter.parameter.dtype)
+        x = to_model_input(image, (resolution, resolution), mean, std)[None].to(device, adapter.parameter.dtype)
         # An int, not a 1-element tensor: Captum repeats only multi-element targets for perturbed copies.
         target = target_class
         for method, run in runners.items():

@@ -21,20 +21,15 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
 from torch import Tensor, nn
 
-from captum_iclip._io import load_torch_file, read_image
+from captum_iclip._io import load_torch_file
 from captum_iclip.devices import check_device
 from captum_iclip.masks import DINOMaskProvider
 from captum_iclip.models.dual import DualProjectionCLIP
 from captum_iclip.models.tiny_dino import load_tiny_dino
-
-if TYPE_CHECKING:
-    from PIL import Image
+from captum_iclip.preprocess import make_preprocess
 
 # CAPTUM_ICLIP_ZOO_DIR points at another folder of bundles (e.g. one trained with zoo.train --out).
 WEIGHTS_DIR = Path(os.environ.get("CAPTUM_ICLIP_ZOO_DIR") or Path(__file__).parents[1] / "zoo" / "weights")
@@ -114,25 +109,6 @@ def build_clip(model_config: dict) -> nn.Module:
         vision_cfg=CLIPVisionCfg(**model_config["vision_cfg"]),
         text_cfg=CLIPTextCfg(**model_config["text_cfg"]),
     )
-
-
-def make_preprocess(image_size: int, mean, std) -> Callable[[Image.Image | np.ndarray], Tensor]:
-    """PIL image or uint8 (H, W, 3) array -> normalised (3, S, S) float tensor (bicubic resize)."""
-    from PIL import Image
-
-    mean_t = torch.tensor(mean).reshape(3, 1, 1)
-    std_t = torch.tensor(std).reshape(3, 1, 1)
-
-    def preprocess(image) -> Tensor:
-        if isinstance(image, np.ndarray):
-            image = Image.fromarray(image)
-        image = read_image(image)
-        if image.size != (image_size, image_size):
-            image = image.resize((image_size, image_size), Image.BICUBIC)
-        array = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()) / 255.0
-        return (array.permute(2, 0, 1) - mean_t) / std_t
-
-    return preprocess
 
 
 def load(name: str = "shapes-tiny", device: str = "cpu") -> ZooBundle:

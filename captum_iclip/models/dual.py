@@ -10,7 +10,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from captum_iclip._io import PathLike, atomic_torch_save, load_torch_file
-from captum_iclip.models.adapters import VisionAdapter, get_adapter
+from captum_iclip.models.base import VisionAdapter
+from captum_iclip.models.registry import family_adapter
 
 # The formats of the two files ICLIP training writes: the whole model and the interpretability head alone.
 MODEL_FORMAT = "captum-iclip/dual-projection/1"
@@ -56,7 +57,7 @@ class DualProjectionCLIP(nn.Module):
 
     def __init__(self, model: nn.Module, interpretability_head: nn.Module | None = None) -> None:
         super().__init__()
-        base = get_adapter(model)
+        base = family_adapter(model)
         self.clip = model
         self.interpretability_head = interpretability_head or base.make_interpretability_head()
         self.interpretability_head.to(device=base.parameter.device, dtype=base.parameter.dtype)
@@ -74,7 +75,7 @@ class DualProjectionCLIP(nn.Module):
             or cached.interpretability_head is not self.interpretability_head
             or cached.model is not self.clip
         ):
-            cached = get_adapter(self)
+            cached = family_adapter(self.clip, self.interpretability_head)
             # Stored outside nn.Module's registries: the adapter is a view, not a submodule or state.
             self.__dict__["_adapter"] = cached
         return cached

@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from captum_iclip.models.adapters import VisionAdapter, block_loop_unavailable
 from captum_iclip.models.attention import self_value_attention
+from captum_iclip.models.base import VisionAdapter, block_loop_unavailable, run_with_surgery_path
 from captum_iclip.models.blocks import BlockView
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
@@ -115,24 +115,23 @@ class HFSiglipAdapter(VisionAdapter):
         self.check_surgery_depth(surgery_depth)
         x, grid = self._embed(images)
         layers = self.vision.encoder.layers
-        n_plain = len(layers) - surgery_depth
-        for i, layer in enumerate(layers[:n_plain]):
-            if i == n_plain - 1:
-                n, _, c = x.shape
-                x = self.tap_grid(x.transpose(1, 2).reshape(n, c, *grid)).flatten(2).transpose(1, 2)
-            x = layer(x, None)
-        surgery_path = None
-        if surgery_depth:
-            surgery_path = x
-            for layer in layers[n_plain:]:
-                attn = layer.self_attn
-                value = attn.v_proj(layer.layer_norm1(x))
-                surgery_path = surgery_path + attn.out_proj(self_value_attention(value, attn.num_heads, attn.scale))
-                x = layer(x, None)
-            surgery_path = self.vision.post_layernorm(surgery_path)
+        x, surgery = run_with_surgery_path(
+            lambda i, t: layers[i](t, None),
+            lambda i, t: self._surgery_residual(layers[i], t),
+            x,
+            len(layers),
+            surgery_depth,
+            lambda t: self.tap_patches(t, grid, prefix=0),
+        )
         x = self.vision.post_layernorm(x)
-        pooled, values = self._probe_pool(x, x if surgery_path is None else surgery_path)
+        pooled, values = self._probe_pool(x, x if surgery is None else self.vision.post_layernorm(surgery))
         return torch.cat([pooled[:, None], values], dim=1)
+
+    @staticmethod
+    def _surgery_residual(layer: nn.Module, x: Tensor) -> Tensor:
+        """CLIP Surgery's residual of one encoder layer: its value-value attention of ``layer_norm1(x)``."""
+        attn = layer.self_attn
+        return attn.out_proj(self_value_attention(attn.v_proj(layer.layer_norm1(x)), attn.num_heads, attn.scale))
 
     def _probe_pool(self, x: Tensor, patches: Tensor) -> tuple[Tensor, Tensor]:
         """The probe's attention-weighted value sum over ``x`` (before ``out_proj``) and the
@@ -239,16 +238,3 @@ class HFSiglip2Adapter(HFSiglipAdapter):
         )
         out = self.model.get_text_features(input_ids=batch["input_ids"].to(self.parameter.device))
         return out if isinstance(out, Tensor) else out.pooler_output
-
-
-def hf_siglip_adapter(model: nn.Module, interpretability_head: nn.Module | None = None) -> HFSiglipAdapter | None:
-    """The adapter of a Hugging Face ``SiglipModel`` or ``Siglip2Model``; ``None`` for any other model."""
-    try:
-        from transformers import Siglip2Model, SiglipModel
-    except ImportError:  # pragma: no cover - transformers is a core dependency
-        return None
-    if isinstance(model, Siglip2Model):
-        return HFSiglip2Adapter(model, interpretability_head)
-    if isinstance(model, SiglipModel):
-        return HFSiglipAdapter(model, interpretability_head)
-    return None

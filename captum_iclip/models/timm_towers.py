@@ -35,9 +35,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from captum_iclip.models.adapters import OpenCLIPAdapter, block_loop_unavailable
 from captum_iclip.models.attention import self_value_attention
+from captum_iclip.models.base import block_loop_unavailable, run_with_surgery_path
 from captum_iclip.models.blocks import BlockView
+from captum_iclip.models.open_clip_towers import OpenCLIPAdapter
 
 
 def _pair(value) -> tuple[int, int]:
@@ -268,13 +269,6 @@ class TimmViTAdapter(TimmTowerAdapter):
         x = trunk.pos_drop(x)
         return trunk.norm_pre(x), grid, self._rope(grid) if self.is_eva else None
 
-    def _tap(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
-        """Route the patch tokens through :attr:`grid_tap` as an (N, C, h, w) map."""
-        prefix = self.num_prefix_tokens
-        n, _, c = x.shape
-        patches = self.tap_grid(x[:, prefix:].transpose(1, 2).reshape(n, c, *grid))
-        return torch.cat([x[:, :prefix], patches.flatten(2).transpose(1, 2)], dim=1)
-
     # --- blocks ---------------------------------------------------------------------
     def _block_runner(self, rope) -> Callable[[int, Tensor], Tensor]:
         blocks = self.trunk.blocks
@@ -316,22 +310,17 @@ class TimmViTAdapter(TimmTowerAdapter):
     def tokens(self, images: Tensor, surgery_depth: int = 0) -> Tensor:
         self.check_surgery_depth(surgery_depth)
         x, grid, rope = self._embed(images)
-        run = self._block_runner(rope)
-        n_plain = self.num_blocks - surgery_depth
-        for i in range(n_plain):
-            if i == n_plain - 1:
-                x = self._tap(x, grid)
-            x = run(i, x)
-        surgery_path = None
-        if surgery_depth:
-            surgery_path = x
-            for i in range(n_plain, self.num_blocks):
-                surgery_path = surgery_path + self._surgery_residual(self.trunk.blocks[i], x)
-                x = run(i, x)
-            surgery_path = self.trunk.norm(surgery_path)
-        x = self.trunk.norm(x)
         prefix = self.num_prefix_tokens
-        patches = (x if surgery_path is None else surgery_path)[:, prefix:]
+        x, surgery = run_with_surgery_path(
+            self._block_runner(rope),
+            lambda i, t: self._surgery_residual(self.trunk.blocks[i], t),
+            x,
+            self.num_blocks,
+            surgery_depth,
+            lambda t: self.tap_patches(t, grid, prefix),
+        )
+        x = self.trunk.norm(x)
+        patches = (x if surgery is None else self.trunk.norm(surgery))[:, prefix:]
         if self.pool_kind == "map":
             pooled, patches = self._latent_pool(x, patches)
         elif self.pool_kind == "token":
@@ -423,16 +412,10 @@ class TimmConvAdapter(TimmTowerAdapter):
         return torch.cat([pooled[:, None], features.flatten(2).transpose(1, 2)], dim=1)
 
 
-def timm_tower_adapter(model: nn.Module, interpretability_head: nn.Module | None = None) -> TimmTowerAdapter | None:
-    """The adapter of an open_clip model whose vision tower is a ``TimmModel``; ``None`` otherwise."""
-    visual = getattr(model, "visual", None)
-    try:
-        from open_clip.timm_model import TimmModel
-    except ImportError:  # pragma: no cover - open_clip is a core dependency
-        return None
-    if not isinstance(visual, TimmModel):
-        return None
-    trunk = visual.trunk
+def timm_tower_adapter(model: nn.Module, interpretability_head: nn.Module | None = None) -> TimmTowerAdapter:
+    """The adapter of an open_clip model whose vision tower is a ``TimmModel``: by its trunk, a ViT/EVA or a
+    convolutional one."""
+    trunk = model.visual.trunk
     if hasattr(trunk, "blocks") and hasattr(trunk, "patch_embed"):
         if type(trunk).__name__ not in ("VisionTransformer", "Eva"):
             raise TypeError(

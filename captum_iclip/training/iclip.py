@@ -75,6 +75,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from captum_iclip._io import atomic_torch_save, atomic_write_text, json_text, load_torch_file
+from captum_iclip.distributed import gather_objects, join_process_group, launched_world_size, local_rank, rank_and_world
 from captum_iclip.masks import CachedMaskProvider, MaskProvider, as_mask_provider
 from captum_iclip.models.dual import DualProjectionCLIP
 from captum_iclip.pooling import MaskedMaxPooling
@@ -260,25 +261,22 @@ class _Distributed:
 
 def _setup_distributed(device: str) -> _Distributed:
     """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK and join the process group (nccl on GPU, gloo on CPU)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    gpu = local_rank()
     if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        device = f"cuda:{gpu}" if torch.cuda.is_available() else "cpu"
     from captum_iclip.devices import check_device
 
     target = check_device(device)
     if target.type == "cuda":
         if target.index is None:  # plain "cuda": this process's GPU under torchrun, else the first
-            target = torch.device("cuda", local_rank)
+            target = torch.device("cuda", gpu)
         torch.cuda.set_device(target)
-    owns_group = False
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if target.type == "cuda" else "gloo")
-        owns_group = True
+    owns_group = join_process_group(cuda=target.type == "cuda")
     if dist.is_initialized():
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-    return _Distributed(rank, world_size, local_rank, target, owns_group)
+        rank, world_size = rank_and_world()
+    return _Distributed(rank, world_size, gpu, target, owns_group)
 
 
 def _seed_everything(seed: int) -> None:
@@ -309,14 +307,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _gather_objects(obj: Any, world_size: int) -> list[Any]:
-    if world_size == 1:
-        return [obj]
-    gathered: list[Any] = [None] * world_size
-    dist.all_gather_object(gathered, obj)
-    return gathered
 
 
 # ----------------------------------------------------------------------------------
@@ -934,8 +924,8 @@ class ICLIPTrainer:
         self.counters["empty_mask_fallbacks"] = self.fallbacks_before + _mask_fallbacks(
             self.provider, self.step_module.pool
         )
-        rng_states = _gather_objects(_rng_state(), ctx.world_size)
-        all_counters = _gather_objects(dict(self.counters), ctx.world_size)
+        rng_states = gather_objects(_rng_state())
+        all_counters = gather_objects(dict(self.counters))
         if ctx.is_main:
             scaler = self.parts.scaler
             atomic_torch_save(

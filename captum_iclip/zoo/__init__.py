@@ -12,6 +12,7 @@ Examples::
     >>> sim = CLIPSimilarity(bundle.dual, bundle.tokenizer, bundle.prompts, templates=bundle.templates)
 """
 
-from captum_iclip.loading.bundled import WEIGHTS_DIR, ZooBundle, available, build_clip, load, make_preprocess
+from captum_iclip.loading.bundled import WEIGHTS_DIR, ZooBundle, available, build_clip, load
+from captum_iclip.preprocess import make_preprocess
 
 __all__ = ["WEIGHTS_DIR", "ZooBundle", "available", "build_clip", "load", "make_preprocess"]

@@ -182,7 +182,7 @@ def measure(
 
     from captum_iclip import CLIPSimilarity
     from captum_iclip.diagnostics import Diagnostics
-    from captum_iclip.models.adapters import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from captum_iclip.models.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     from captum_iclip.models.dual import DualProjectionCLIP
     from captum_iclip.world import CATEGORIES, class_names, prompt_for
     from captum_iclip.zoo import build_clip, make_preprocess

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from captum_iclip._io import json_text
-from captum_iclip.models.adapters import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from captum_iclip.models.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from captum_iclip.zoo import build_clip, make_preprocess
 from captum_iclip.zoo.quality import mask_quality, recognition_report, scene_range
 

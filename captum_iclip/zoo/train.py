@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from captum_iclip._io import atomic_torch_save, atomic_write, atomic_write_text, json_text
-from captum_iclip.models.adapters import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from captum_iclip.models.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from captum_iclip.training.dino import DINOConfig
 from captum_iclip.world import WorldVariant
 from captum_iclip.zoo import WEIGHTS_DIR, build_clip, make_preprocess

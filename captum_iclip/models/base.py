@@ -1,0 +1,414 @@
+"""The interface every dense adapter of a CLIP vision tower has (docs/methods.md §1, §2), and what the families share.
+
+One adapter per model family turns a CLIP model into the same small interface:
+
+* ``tokens(images, surgery_depth)`` runs the tower up to its final projection and
+  returns one feature per position: the global token first, then every patch
+  (row-major over the patch grid);
+* ``project(tokens)`` applies the recognition projection to every token, so that
+  ``project(tokens(x))[:, 0]`` equals the library's own ``encode_image(x)``;
+* ``encode_text(prompts, tokenizer)`` and ``logit_scale`` give the text side.
+
+An optional *interpretability head* (the second projection of ICLIP, docs/methods.md §4) can
+be attached; ``dense_features(..., projection="interpretability")`` then projects
+the patch tokens with it while the global token keeps the recognition projection.
+
+The ViT families (open_clip and Hugging Face CLIP) share one block loop
+(:class:`ViTAdapter`, :func:`~captum_iclip.models.blocks.run_blocks`) over per-family
+block views, so CLIP Surgery and the attention variants of the other dense methods
+(:mod:`captum_iclip.models.attention`) are written once for both. The towers that loop does not
+run (timm trunks, Hugging Face SigLIP) share :func:`run_with_surgery_path`.
+
+The families live in their own modules (:mod:`~captum_iclip.models.open_clip_towers`,
+:mod:`~captum_iclip.models.hf_clip`, :mod:`~captum_iclip.models.hf_siglip`,
+:mod:`~captum_iclip.models.timm_towers`); :mod:`~captum_iclip.models.registry` picks one by the model's type.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from captum_iclip._precision import upcast
+from captum_iclip.models.attention import surgery_path
+from captum_iclip.models.blocks import AttentionTrace, BlockView, DensePath, run_blocks
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+#: The one block loop (:func:`~captum_iclip.models.blocks.run_blocks`) reads the global token
+#: as token 0 of the original path; what the towers without one lack for the block-loop methods.
+BLOCK_LOOP_TOWERS = (
+    "a class-token ViT tower run by the shared block loop (open_clip VisionTransformer, transformers.CLIPModel)"
+)
+
+
+def block_loop_unavailable(method: str, model: str, reason: str) -> NotImplementedError:
+    """The error of a block-loop method (GEM, LeGrad, Chefer, the ITSM path variants) on a
+    transformer tower the block loop does not run, naming the method, the model and why."""
+    return NotImplementedError(f"model: {method} expected {BLOCK_LOOP_TOWERS}, got {model}; {reason}")
+
+
+class GridTap(nn.Identity):
+    """Identity on the patch-token grid (N, C, h, w) entering the last block.
+
+    It exists so that Captum's ``LayerGradCam`` (which hooks a module and expects a
+    spatial (N, C, h, w) output) can be applied to ViT towers exactly as to ResNets.
+    """
+
+
+def interpolate_pos_embed(
+    pos_embed: Tensor, grid: tuple[int, int], native_grid: tuple[int, int] | None = None
+) -> Tensor:
+    """Resize a (1 + h0*w0, C) positional embedding to ``grid`` (docs/methods.md §1).
+
+    The class position is kept; patch positions are resampled bilinearly
+    (``align_corners=False``). At the native grid the embedding is returned as is,
+    so the library's own forward pass is reproduced exactly.
+
+    Args:
+        pos_embed: (1 + h0*w0, C) embedding, class position first, patches row-major.
+        grid: the target patch grid (h, w).
+        native_grid: the grid (h0, w0) the embedding was trained for; ``None``
+            means square (h0 = w0 = sqrt of the number of patch positions).
+
+    Returns:
+        The (1 + h*w, C) embedding for ``grid``.
+
+    Examples::
+
+        >>> pos = torch.randn(1 + 14 * 14, 768)
+        >>> interpolate_pos_embed(pos, (14, 20)).shape
+        torch.Size([281, 768])
+    """
+    n_patches = pos_embed.shape[0] - 1
+    if native_grid is None:
+        side = int(round(math.sqrt(n_patches)))
+        native_grid = (side, side)
+    native_grid = tuple(int(g) for g in native_grid)
+    if native_grid[0] * native_grid[1] != n_patches:
+        raise ValueError(
+            f"pos_embed: expected {native_grid[0] * native_grid[1]} patch positions (native grid {native_grid}), "
+            f"got {n_patches}"
+        )
+    if tuple(grid) == native_grid:
+        return pos_embed
+    cls_pos, patch_pos = pos_embed[:1], pos_embed[1:]
+    patch_pos = patch_pos.reshape(1, *native_grid, -1).permute(0, 3, 1, 2)
+    patch_pos = F.interpolate(patch_pos.float(), size=grid, mode="bilinear", align_corners=False)
+    patch_pos = patch_pos.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)
+    return torch.cat([cls_pos, patch_pos], dim=0)
+
+
+def check_depth(depth: int, num_blocks: int | None, name: str = "surgery_depth") -> None:
+    """``depth`` must be an int in 0..num_blocks (any int >= 0 when ``num_blocks`` is None)."""
+    if isinstance(depth, bool) or not isinstance(depth, int):
+        raise TypeError(f"{name}: expected an int, got {type(depth).__name__}")
+    if num_blocks is None:
+        if depth < 0:
+            raise ValueError(f"{name}: expected a non-negative int, got {depth}")
+    elif not 0 <= depth <= num_blocks:
+        raise ValueError(f"{name}: expected 0..{num_blocks} (the tower has {num_blocks} blocks), got {depth}")
+
+
+def run_with_surgery_path(
+    run: Callable[[int, Tensor], Tensor],
+    surgery_residual: Callable[[int, Tensor], Tensor],
+    x: Tensor,
+    num_blocks: int,
+    surgery_depth: int,
+    tap: Callable[[Tensor], Tensor],
+) -> tuple[Tensor, Tensor | None]:
+    """The blocks of a tower that the shared loop (:func:`~captum_iclip.models.blocks.run_blocks`) does not run.
+
+    ``run(i, x)`` is the library's own block ``i``; ``tap`` is applied to the tokens entering the last plain
+    block (the Grad-CAM tap, as in the shared loop). CLIP Surgery's path (docs/methods.md §2) runs through the
+    last ``surgery_depth`` blocks as the shared loop's :func:`~captum_iclip.models.attention.surgery_path`:
+    residual, no MLP, each block adding ``surgery_residual(i, x)`` (its value-value attention of the original
+    path's ``x``).
+
+    Returns:
+        The original path's tokens after the last block, and the surgery path's (``None`` without surgery).
+    """
+    n_plain = num_blocks - surgery_depth
+    for i in range(n_plain):
+        if i == n_plain - 1:
+            x = tap(x)
+        x = run(i, x)
+    if not surgery_depth:
+        return x, None
+    path = x
+    for i in range(n_plain, num_blocks):
+        path = path + surgery_residual(i, x)
+        x = run(i, x)
+    return x, path
+
+
+class VisionAdapter:
+    """Common interface of the dense CLIP vision adapters.
+
+    Args:
+        model: the CLIP model (image and text towers).
+        interpretability_head: optional module applied to the patch tokens
+            instead of the recognition projection (ICLIP, docs/methods.md §4).
+    """
+
+    family: str = ""
+
+    def __init__(self, model: nn.Module, interpretability_head: nn.Module | None = None) -> None:
+        self.model = model
+        self.interpretability_head = interpretability_head
+        self.grid_tap = GridTap()
+
+    # --- geometry -------------------------------------------------------------------
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """The resolution the tower was built for."""
+        raise NotImplementedError
+
+    @property
+    def image_mean(self) -> tuple[float, float, float]:
+        return OPENAI_CLIP_MEAN
+
+    @property
+    def image_std(self) -> tuple[float, float, float]:
+        return OPENAI_CLIP_STD
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        ph, pw = self.patch_size
+        if height % ph or width % pw:
+            raise ValueError(
+                f"inputs: expected an image size divisible by the {self.family} patch size {ph}x{pw} (resize "
+                f"to a multiple, e.g. {ph * max(1, round(height / ph))}x{pw * max(1, round(width / pw))}), "
+                f"got {height}x{width}"
+            )
+        return height // ph, width // pw
+
+    @property
+    def embed_dim(self) -> int:
+        """Dimension D of the joint image-text embedding."""
+        raise NotImplementedError
+
+    @property
+    def parameter(self) -> Tensor:
+        """A parameter of the vision tower, to read its device and dtype."""
+        raise NotImplementedError
+
+    @property
+    def num_blocks(self) -> int | None:
+        """Transformer blocks that architecture surgery can reach; ``None`` where the
+        surgery is a single switch (the ResNet attention pool: any depth > 0 turns it on)."""
+        return None
+
+    @property
+    def has_surgery(self) -> bool:
+        """Whether CLIP Surgery (docs/methods.md §2) is defined on this tower."""
+        return True
+
+    def check_surgery_depth(self, surgery_depth: int) -> None:
+        """Raise ``TypeError``/``ValueError`` naming ``surgery_depth`` if it does not fit the tower."""
+        check_depth(surgery_depth, self.num_blocks)
+
+    def check_images(self, images: Tensor, name: str = "inputs") -> tuple[int, int]:
+        """Validate a batch of images and return its patch grid size."""
+        if not isinstance(images, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor of shape (N, 3, H, W), got {type(images).__name__}")
+        if images.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-D tensor (N, 3, H, W), got shape {tuple(images.shape)}")
+        if images.shape[1] != 3:
+            raise ValueError(f"{name}: expected 3 colour channels in dim 1, got shape {tuple(images.shape)}")
+        if images.shape[0] == 0:
+            raise ValueError(f"{name}: expected at least one image, got an empty batch")
+        param = self.parameter
+        if images.device != param.device:
+            raise ValueError(
+                f"{name}: expected images on the model's device {param.device} (move one of them), got {images.device}"
+            )
+        if not images.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor (a preprocessed image), got {images.dtype}")
+        if images.dtype != param.dtype:
+            raise TypeError(
+                f"{name}: expected images of the model's dtype {param.dtype} (cast one of them), got {images.dtype}"
+            )
+        return self.grid_size(images.shape[-2], images.shape[-1])
+
+    # --- image side -----------------------------------------------------------------
+    def tap_patches(self, x: Tensor, grid: tuple[int, int], prefix: int = 1) -> Tensor:
+        """Route the patch tokens of (N, prefix + h*w, C) through :attr:`grid_tap` as an (N, C, h, w) map;
+        the ``prefix`` tokens before them (class and register tokens) pass unchanged."""
+        n, _, c = x.shape
+        patches = self.tap_grid(x[:, prefix:].transpose(1, 2).reshape(n, c, *grid))
+        return torch.cat([x[:, :prefix], patches.flatten(2).transpose(1, 2)], dim=1)
+
+    def tap_grid(self, grid_map: Tensor) -> Tensor:
+        """An (N, C, h, w) map through :attr:`grid_tap`, tapped in at least float32 so that Grad-CAM's
+        channel sums are (half-precision rules, docs/methods.md); returned in its own dtype."""
+        return self.grid_tap(upcast(grid_map)).to(grid_map.dtype)
+
+    def tokens(
+        self,
+        images: Tensor,
+        surgery_depth: int = 0,
+        *,
+        path: DensePath | None = None,
+        trace: AttentionTrace | None = None,
+    ) -> Tensor:
+        """Pre-projection tokens (N, 1 + h*w, C): global token first, then patches.
+
+        ``path`` (a second path through the last blocks, e.g. ClearCLIP's) and
+        ``trace`` (a record of the last blocks' attention) need a transformer
+        tower; see :class:`ViTAdapter`.
+        """
+        raise NotImplementedError
+
+    def block_views(self, method: str = "this method") -> list[BlockView]:
+        """The tower's transformer blocks as block views (:class:`~captum_iclip.models.blocks.BlockView`).
+
+        Raises:
+            TypeError: naming ``method`` where the tower has no transformer blocks (ResNets).
+        """
+        raise TypeError(
+            f"model: {method} expected a ViT tower (it changes or reads the attention of the last "
+            f"transformer blocks), got a {self.family} tower"
+        )
+
+    def final_norm(self, tokens: Tensor) -> Tensor:
+        """The tower's last normalisation (ln_post / post_layernorm) on every token."""
+        raise NotImplementedError
+
+    def project(self, tokens: Tensor, surgery: bool = False) -> Tensor:
+        """Recognition projection of every token: (N, L, C) -> (N, L, D).
+
+        ``surgery`` selects CLIP Surgery's projection where a family has one of
+        its own (the ResNet attention pool); transformers do their surgery in
+        :meth:`tokens`.
+        """
+        raise NotImplementedError
+
+    def project_global(self, tokens: Tensor) -> Tensor:
+        """Recognition projection of the global token alone: (N, L, C) -> (N, D)."""
+        return self.project(tokens)[:, 0]
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        """The recognition image embedding, equal to the library's ``encode_image``."""
+        return self.project_global(self.tokens(images))
+
+    def own_image_inputs(self, images: Tensor) -> dict[str, Tensor]:
+        """The keyword inputs of a Hugging Face model's ``get_image_features`` for (N, 3, H, W) images."""
+        return {"pixel_values": images}
+
+    def own_image_features(self, images: Tensor) -> Tensor:
+        """The model's own image embedding (N, D) by its own forward: open_clip's ``encode_image``,
+        or Hugging Face's ``get_image_features`` on :meth:`own_image_inputs`."""
+        if hasattr(self.model, "encode_image"):
+            return self.model.encode_image(images)
+        out = self.model.get_image_features(**self.own_image_inputs(images))
+        return out if isinstance(out, Tensor) else out.pooler_output
+
+    def dense_features(
+        self,
+        images: Tensor,
+        *,
+        surgery_depth: int = 0,
+        projection: str = "recognition",
+        path: DensePath | None = None,
+    ) -> Tensor:
+        """Projected features of every token (N, 1 + h*w, D), unnormalised.
+
+        Args:
+            images: (N, 3, H, W) preprocessed images.
+            surgery_depth: number of final blocks run with CLIP Surgery's dual
+                paths (docs/methods.md §2); 0 runs the plain tower.
+            projection: ``"recognition"`` projects every token with the model's
+                own projection; ``"interpretability"`` projects the patch tokens
+                with the attached interpretability head (the global token keeps
+                the recognition projection).
+            path: a second path through the last blocks for the patch tokens
+                (MaskCLIP, SCLIP, ClearCLIP, NACLIP, GEM: see
+                :mod:`captum_iclip.models.attention`); ViT towers only.
+
+        Returns:
+            (N, 1 + h*w, D) features; index 0 is the global token and equals
+            the library's ``encode_image(images)``.
+
+        Raises:
+            ValueError: for an unknown ``projection`` or an out-of-range ``surgery_depth``.
+
+        Examples::
+
+            >>> adapter = get_adapter(open_clip.create_model("ViT-B-16"))
+            >>> adapter.dense_features(torch.randn(1, 3, 224, 320)).shape
+            torch.Size([1, 281, 512])
+        """
+        # Checked before the (expensive) tower runs.
+        if projection not in ("recognition", "interpretability"):
+            raise ValueError(f"projection: expected 'recognition' or 'interpretability', got {projection!r}")
+        if projection == "interpretability" and self.interpretability_head is None:
+            raise ValueError(
+                "projection: expected 'recognition' ('interpretability' is for a DualProjectionCLIP model), "
+                "got 'interpretability'"
+            )
+        # ``path`` only when given: adapters of towers without transformer blocks need not know it.
+        tokens = self.tokens(images, surgery_depth=surgery_depth, **({"path": path} if path is not None else {}))
+        if projection == "recognition":
+            return self.project(tokens, surgery=surgery_depth > 0)
+        global_feature = self.project_global(tokens)
+        patches = self.interpretability_head(tokens)[:, 1:]
+        return torch.cat([global_feature[:, None], patches], dim=1)
+
+    # --- text side ------------------------------------------------------------------
+    def encode_text(self, prompts: Sequence[str], tokenizer: Callable) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def logit_scale(self) -> Tensor:
+        return self.model.logit_scale.exp()
+
+    def make_interpretability_head(self) -> nn.Module:
+        """A new projection for the patch tokens, initialised as a copy of the recognition one."""
+        raise NotImplementedError
+
+
+class ViTAdapter(VisionAdapter):
+    """What the ViT families share: one block loop over their block views (:class:`BlockView`).
+
+    A family gives :meth:`embed` (patch, class and position embeddings, pre-norm),
+    :meth:`block_views` and :meth:`final_norm`; :meth:`tokens` is then the same for
+    all of them, so CLIP Surgery and every attention variant is written once
+    (:func:`~captum_iclip.models.blocks.run_blocks`).
+    """
+
+    def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Tokens (N, 1 + h*w, C) entering the first block, and the patch grid (h, w)."""
+        raise NotImplementedError
+
+    def tokens(
+        self,
+        images: Tensor,
+        surgery_depth: int = 0,
+        *,
+        path: DensePath | None = None,
+        trace: AttentionTrace | None = None,
+    ) -> Tensor:
+        self.check_surgery_depth(surgery_depth)
+        if surgery_depth:
+            if path is not None:
+                raise ValueError(
+                    f"path: expected None with surgery_depth={surgery_depth} (one second path), got {path!r}"
+                )
+            path = surgery_path(surgery_depth)
+        if path is not None:
+            check_depth(path.depth, self.num_blocks, "path.depth")
+        if trace is not None:
+            check_depth(trace.start, self.num_blocks - 1, "trace.start")
+        x, grid = self.embed(images)
+        x = run_blocks(self.block_views(), x, grid, path=path, trace=trace, tap=lambda t: self.tap_patches(t, grid))
+        return self.final_norm(x)
