@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from captum_iclip._precision import project
 from captum_iclip.evaluation.metrics import LocalizationMetrics
 from captum_iclip.models.base import VisionAdapter
 from captum_iclip.models.blocks import BlockView, check_unhooked
@@ -239,10 +240,9 @@ def _resolve_projection(adapter: VisionAdapter, projection: str) -> str:
 
 
 def _project(final: _FinalProjection, tokens: Tensor) -> Tensor:
-    """Final norm (in the model's dtype, as the tower runs it) and projection in float32 (as the adapters
-    project: docs/methods.md §10)."""
-    features = final.norm(tokens).float() @ final.weight.float()
-    return features if final.bias is None else features + final.bias.float()
+    """Final norm (in the model's dtype, as the tower runs it), then the projection in float32 as the
+    adapters project (docs/methods.md §10)."""
+    return project(final.norm(tokens), final.weight, final.bias).float()
 
 
 def itsm_decomposition(adapter: VisionAdapter, last: LastBlock, text: Tensor, projection: str = "recognition"):
