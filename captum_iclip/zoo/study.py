@@ -413,7 +413,8 @@ def localization(dual: nn.Module, spec: RunSpec, ctx: StudyContext, name: str, b
     (:func:`~captum_iclip.evaluation.run.run_evaluation`, bootstrap intervals when ``bootstrap``)."""
     from captum_iclip.datasets import WorldScenes
     from captum_iclip.demo import pointing_tolerance_for
-    from captum_iclip.evaluation.run import EvalConfig, class_prompts, run_evaluation
+    from captum_iclip.evaluation.config import EvalConfig
+    from captum_iclip.evaluation.run import class_prompts, run_evaluation
     from captum_iclip.similarity import CLIPSimilarity
     from captum_iclip.world import SEED_RANGES
 
