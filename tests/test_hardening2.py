@@ -2,7 +2,7 @@
 report that links out of its folder, no bare codec message.
 
 (The block-loop methods and model hooks are tested with the other dense methods, in
-tests/test_dense_methods.py.)
+tests/attr/test_dense_methods.py.)
 """
 
 from __future__ import annotations

@@ -257,7 +257,7 @@ def test_shards_partition_the_dataset_in_whole_batches(size, batch_size, world_s
 
 def test_two_gloo_processes_equal_one_process(tmp_path, files):
     assert main(_cli_args(files, tmp_path / "one")) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     command = [
         sys.executable,
         "-m",

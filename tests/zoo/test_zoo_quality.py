@@ -23,7 +23,7 @@ from captum_iclip.zoo.quality import (
     scene_range,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _identity_preprocess(image: np.ndarray) -> torch.Tensor:
