@@ -176,7 +176,7 @@ def read_image(source: PathLike | bytes | Image.Image, argument: str = "image") 
         return _to_rgb8(ImageOps.exif_transpose(source))
     name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
     if not isinstance(source, (bytes, bytearray)) and not Path(source).is_file():
-        # The lead's demo test matches this wording (tests/test_zoo_demo.py).
+        # The lead's demo test matches this wording (tests/zoo/test_zoo_demo.py).
         raise FileNotFoundError(f"{argument}: expected an image file, got {name} (no such file)")
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as image:

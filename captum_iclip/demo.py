@@ -52,8 +52,9 @@ def run_demo(
         The written paths by kind.
     """
     from captum_iclip.datasets import WorldScenes
+    from captum_iclip.evaluation.config import EvalConfig
     from captum_iclip.evaluation.report import write_results
-    from captum_iclip.evaluation.run import EvalConfig, class_prompts, run_evaluation
+    from captum_iclip.evaluation.run import class_prompts, run_evaluation
     from captum_iclip.loading.loader import load
     from captum_iclip.similarity import CLIPSimilarity
     from captum_iclip.world import SEED_RANGES

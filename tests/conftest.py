@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import string
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import open_clip
 import pytest
 import torch
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+from PIL import Image
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from captum_iclip import CLIPSimilarity
@@ -208,3 +214,65 @@ def small_hf() -> CLIPModel:
 @pytest.fixture(scope="session")
 def sim_b32(vit_b32, tokenizer) -> CLIPSimilarity:
     return CLIPSimilarity(vit_b32, tokenizer, PROMPTS)
+
+
+# --- helpers of the tests of several folders (hardening, fuzzing) ------------------------------
+def one_error_line(capsys, prog: str) -> str:
+    """The error a command printed: no traceback, and its last stderr line is ``<prog>: error: ...``
+    (progress bars and log lines may come before); returns the message."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.endswith("\n"), err
+    match = re.fullmatch(rf"{re.escape(prog)}: error: (.+)", err.splitlines()[-1].split("\r")[-1])
+    assert match, err
+    return match.group(1)
+
+
+def _write_training_csv(folder: Path, images: int, corrupt: bool = False) -> Path:
+    """A tab-separated training CSV of ``images`` random 40-px PNGs (or, with ``corrupt``, files that are none)."""
+    rng = np.random.default_rng(0)
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for index in range(images):
+        name = f"images/{index}.png"
+        if corrupt:
+            (folder / name).write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+        else:
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / name)
+        rows.append(f"{name}\ta shape number {index}")
+    path = folder / "train.csv"
+    path.write_text("filepath\ttitle\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def _tiny_open_clip_config(folder: Path) -> Path:
+    """A tiny open_clip architecture written to ``folder`` and registered with open_clip under its file's stem."""
+    path = folder / "tiny-hardening.json"
+    path.write_text(
+        json.dumps(
+            {
+                "embed_dim": 8,
+                "vision_cfg": {"image_size": 16, "layers": 1, "width": 16, "head_width": 8, "patch_size": 8},
+                "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
+            }
+        )
+    )
+    open_clip.add_model_config(path)
+    return path
+
+
+def strict_json(text: str):
+    """``json.loads`` as a strict reader (JavaScript's JSON.parse, jq) parses: no NaN / Infinity."""
+
+    def refuse(token: str):
+        raise ValueError(f"not strict JSON: {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@dataclass
+class Part:
+    """One argument of a fuzz case: its value, whether it is valid, and what it means when it is."""
+
+    value: Any
+    valid: bool
+    meaning: Any = None

@@ -40,10 +40,10 @@ NOT_RUN = {
     "pip install": "installs the package (the suite runs on the installed package)",
     "install-browser.sh": "installs Chromium with apt",
     "ruff check": "the lint and test run itself",
-    "captum-iclip demo --out demo-out": "72 s on 2 cores; tests/test_zoo_demo.py runs the demo on fewer scenes",
+    "captum-iclip demo --out demo-out": "72 s on 2 cores; tests/zoo/test_zoo_demo.py runs the demo on fewer scenes",
     "...": "stands for elided arguments",
-    "python -m captum_iclip.zoo.study": "reproduces the study (hours; --quick minutes); tests/test_zoo_study.py",
-    "python benchmarks/device.py": "the GPU measurements (minutes); tests/test_device_benchmark.py runs --quick",
+    "python -m captum_iclip.zoo.study": "reproduces the study (hours; --quick minutes); tests/zoo/test_zoo_study.py",
+    "python benchmarks/device.py": "GPU measurements (minutes); tests/benchmarks/test_device_benchmark.py runs --quick",
 }
 
 

@@ -31,7 +31,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,44 @@ class AuditSummary:
     reused: int  # input files whose record was already there (skipped)
     unreadable: int  # input files that could not be read or decoded, now or in an earlier run (listed in the page)
     skipped: int = 0  # files in the searched folders without an image suffix (listed in the page)
+
+
+@dataclass(frozen=True)
+class AuditOptions:
+    """How :func:`audit` explains and flags, checked when made (the arguments of the same names)."""
+
+    top_k: int = 3
+    batch_size: int = 16
+    model_name: str | None = None
+    low_confidence: float = 0.5
+    background_threshold: float = 0.5
+    progress: bool = True
+    warnings: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_fraction(self.low_confidence, "low_confidence")
+        _check_fraction(self.background_threshold, "background_threshold")
+        for value, name in ((self.top_k, "top_k"), (self.batch_size, "batch_size")):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        object.__setattr__(self, "warnings", tuple(str(message) for message in self.warnings))
+
+
+@dataclass
+class _AuditRun:
+    """What the steps of one audit share: the model, the methods, the options and where records go."""
+
+    sim: CLIPSimilarity
+    prompts: list[str]
+    preprocess: Callable[[Any], Tensor]
+    runners: dict[str, Method]
+    mask_provider: Any
+    options: AuditOptions  # top_k at most the number of prompts
+    out: Path
+    digest: str = field(init=False)  # of the settings that shape a record (_settings)
+
+    def __post_init__(self) -> None:
+        self.digest = rec.settings_digest(_settings(self))
 
 
 def audit(
@@ -126,22 +164,23 @@ def audit(
         PosixPath('audit/index.html')
     """
     prompts = _check_prompts(prompts, sim)
-    _check_options(low_confidence, background_threshold, top_k, batch_size, preprocess)
+    options = AuditOptions(top_k, batch_size, model_name, low_confidence, background_threshold, progress, warnings)
+    if not callable(preprocess):
+        raise TypeError(f"preprocess: expected a callable PIL image -> tensor, got {type(preprocess).__name__}")
     out = check_output_folder(out_dir, "out_dir")
     paths = _find_images(images, out)
     mask_provider = None if mask_provider is None else _as_mask_provider(mask_provider)
     runners = _build_runners(methods, sim, mask_provider)
-    top_k = min(top_k, len(prompts))
-    digest = rec.settings_digest(_settings(sim, prompts, runners, top_k, mask_provider, preprocess))
+    options = dataclasses.replace(options, top_k=min(top_k, len(prompts)))
+    run = _AuditRun(sim, prompts, preprocess, runners, mask_provider, options, out)
 
-    plan = _plan(paths, out, digest)
-    _explain(plan, preprocess, sim, runners, mask_provider, top_k, batch_size, out, digest, progress)
-    name = model_name or type(sim.model).__name__
-    context = _context(prompts, runners, top_k, name, mask_provider, low_confidence, background_threshold, out, digest)
-    context.warnings, context.skipped = [str(message) for message in warnings], _skipped(images, out)
+    plan = _plan(paths, out, run.digest)
+    _explain(plan, run)
+    context = _context(run)
+    context.skipped = _skipped(images, out)
     # Records of this run's files, and of files audited earlier into out_dir that are still there unchanged:
     # a deleted or replaced image leaves no stale row.
-    shown = [r for r in rec.load_records(out, digest) if r["key"] in plan.contents or rec.source_unchanged(r)]
+    shown = [r for r in rec.load_records(out, run.digest) if r["key"] in plan.contents or rec.source_unchanged(r)]
     index = atomic_write_text(out / "index.html", render_report(shown + plan.unreadable, context))
     return _summary(index, plan, context)
 
@@ -160,75 +199,51 @@ def _summary(index: Path, plan: _Plan, context: ReportContext) -> AuditSummary:
     return summary
 
 
-def _context(
-    prompts: list[str],
-    runners: Mapping[str, Method],
-    top_k: int,
-    model_name: str,
-    mask_provider: Any,
-    low_confidence: float,
-    background_threshold: float,
-    out: Path,
-    digest: str,
-) -> ReportContext:
-    """What the page says about the run besides the records."""
+def _context(run: _AuditRun) -> ReportContext:
+    """What the page says about the run besides the records (the skipped files are added by the caller)."""
+    options = run.options
     return ReportContext(
-        prompts=prompts,
-        methods=list(runners),
-        top_k=top_k,
-        model_name=model_name,
-        has_masks=mask_provider is not None,
-        low_confidence=low_confidence,
-        background_threshold=background_threshold,
-        settings=digest,
+        prompts=run.prompts,
+        methods=list(run.runners),
+        top_k=options.top_k,
+        model_name=options.model_name or type(run.sim.model).__name__,
+        has_masks=run.mask_provider is not None,
+        low_confidence=options.low_confidence,
+        background_threshold=options.background_threshold,
+        settings=run.digest,
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         versions=library_versions(),
-        foreign_records=rec.count_foreign_records(out, digest),
+        foreign_records=rec.count_foreign_records(run.out, run.digest),
+        warnings=list(options.warnings),
     )
 
 
-def _explain(
-    plan: _Plan,
-    preprocess: Callable,
-    sim: CLIPSimilarity,
-    runners: Mapping[str, Method],
-    mask_provider: Any,
-    top_k: int,
-    batch_size: int,
-    out: Path,
-    digest: str,
-    progress: bool,
-) -> None:
+def _explain(plan: _Plan, run: _AuditRun) -> None:
     """Explain the pending files batch by batch, writing one record per file."""
-    bar = tqdm(total=len(plan.pending), desc="audit", unit="image", disable=not progress)
+    batch_size = run.options.batch_size
+    bar = tqdm(total=len(plan.pending), desc="audit", unit="image", disable=not run.options.progress)
     for start in range(0, len(plan.pending), batch_size):
         chunk = plan.pending[start : start + batch_size]
-        decoded = _decode(chunk, preprocess, out, digest, plan)
+        decoded = _decode(chunk, run.preprocess, run.out, run.digest, plan)
         if decoded:
-            for record in _audit_batch(decoded, sim, runners, mask_provider, top_k, out, digest):
-                rec.write_record(out, {**record, "content": plan.contents[record["key"]]})
+            for record in _audit_batch(decoded, run):
+                rec.write_record(run.out, {**record, "content": plan.contents[record["key"]]})
             plan.computed += len(decoded)
         bar.update(len(chunk))
     bar.close()
 
 
-def _settings(
-    sim: CLIPSimilarity,
-    prompts: list[str],
-    runners: Mapping[str, Method],
-    top_k: int,
-    mask_provider: Any,
-    preprocess: Callable,
-) -> dict[str, Any]:
+def _settings(run: _AuditRun) -> dict[str, Any]:
     """Everything that shapes a record: records made under other settings are not reused."""
+    mask_provider = run.mask_provider
     return {
         "schema": rec.RECORD_SCHEMA,
-        "model": rec.fingerprint_module(sim),  # weights and prompt embeddings
-        "prompts": prompts,
-        "methods": {name: _describe(run) for name, run in runners.items()},
-        "top_k": top_k,
+        "model": rec.fingerprint_module(run.sim),  # weights and prompt embeddings
+        "prompts": run.prompts,
+        "methods": {name: _describe(method) for name, method in run.runners.items()},
+        "top_k": run.options.top_k,
         "mask_provider": mask_provider.cache_fingerprint() if mask_provider is not None else None,
-        "preprocess": _describe(preprocess),
+        "preprocess": _describe(run.preprocess),
     }
 
 
@@ -302,18 +317,6 @@ def _find_images(images: Any, out: Path) -> list[Path]:
             f"images: expected image files ({', '.join(rec.IMAGE_SUFFIXES)}) outside out_dir, got none in {images!r}"
         )
     return paths
-
-
-def _check_options(
-    low_confidence: float, background_threshold: float, top_k: int, batch_size: int, preprocess: Callable
-) -> None:
-    _check_fraction(low_confidence, "low_confidence")
-    _check_fraction(background_threshold, "background_threshold")
-    for value, name in ((top_k, "top_k"), (batch_size, "batch_size")):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    if not callable(preprocess):
-        raise TypeError(f"preprocess: expected a callable PIL image -> tensor, got {type(preprocess).__name__}")
 
 
 def _check_prompts(prompts: Sequence[str], sim: CLIPSimilarity) -> list[str]:
@@ -395,18 +398,11 @@ def _png(rgb: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _audit_batch(
-    decoded: Sequence[tuple[str, Path, Tensor]],
-    sim: CLIPSimilarity,
-    runners: Mapping[str, Method],
-    mask_provider: Any,
-    top_k: int,
-    out: Path,
-    settings: str,
-) -> list[dict[str, Any]]:
+def _audit_batch(decoded: Sequence[tuple[str, Path, Tensor]], run: _AuditRun) -> list[dict[str, Any]]:
     """Explain one batch: write its thumbnails and overlays, return its records."""
     from captum_iclip.viz import denormalize, overlay
 
+    sim, mask_provider, top_k, out = run.sim, run.mask_provider, run.options.top_k, run.out
     began = time.perf_counter()
     adapter = sim.adapter
     param = adapter.parameter
@@ -429,7 +425,7 @@ def _audit_batch(
             {
                 "schema": rec.RECORD_SCHEMA,
                 "key": key,
-                "settings": settings,
+                "settings": run.digest,
                 "source": str(path),
                 "name": path.name,
                 "status": "ok",
@@ -445,8 +441,8 @@ def _audit_batch(
         )
     for rank in range(top_k):
         targets = top.indices[:, rank].to(param.device)
-        for name, run in runners.items():
-            maps = run(images, targets).detach().float().cpu()
+        for name, method in run.runners.items():
+            maps = method(images, targets).detach().float().cpu()
             outside = rec.background_fraction(maps, foreground) if foreground is not None else None
             for i, record in enumerate(records):
                 file_name = f"{rec.IMAGES_DIR}/{record['key']}-{rank + 1}-{rec.slug(name)}.png"

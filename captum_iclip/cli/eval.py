@@ -22,10 +22,11 @@ from captum_iclip.cli.common import (
 )
 from captum_iclip.datasets import DATASETS, SegmentationDataset, build_dataset
 from captum_iclip.distributed import rank_and_world
+from captum_iclip.evaluation.config import TASKS, EvalConfig
 from captum_iclip.evaluation.data import _init_distributed
 from captum_iclip.evaluation.methods import method_names
 from captum_iclip.evaluation.report import results_markdown
-from captum_iclip.evaluation.run import TASKS, EvalConfig, class_prompts, evaluate
+from captum_iclip.evaluation.run import class_prompts, evaluate
 from captum_iclip.similarity import CLIPSimilarity
 
 # The first line of ``captum-iclip eval --help``.

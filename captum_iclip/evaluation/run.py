@@ -67,17 +67,16 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from captum_iclip._io import check_output_folder
-from captum_iclip.datasets import DATASETS, SegmentationDataset, build_dataset
+from captum_iclip.datasets import SegmentationDataset, build_dataset
 from captum_iclip.distributed import rank_and_world
+from captum_iclip.evaluation.config import TASKS, EvalConfig
 from captum_iclip.evaluation.data import (
     _Clock,
     _collate,
@@ -85,7 +84,7 @@ from captum_iclip.evaluation.data import (
     _sum_over_ranks,
     shard_indices,
 )
-from captum_iclip.evaluation.methods import available_methods, build_method, method_names, requirement
+from captum_iclip.evaluation.methods import available_methods, build_method, requirement
 from captum_iclip.evaluation.report import results_markdown, write_results
 from captum_iclip.evaluation.tasks import TASK_TYPES, EvalBatch, EvalContext, _segmentation_labels
 from captum_iclip.similarity import CLIPSimilarity
@@ -101,98 +100,6 @@ __all__ = [
     "write_results",
     "_segmentation_labels",
 ]
-
-TASKS = tuple(TASK_TYPES)
-
-
-@dataclass
-class EvalConfig:
-    """What to evaluate and how (the model is passed to :func:`evaluate` separately).
-
-    Args:
-        dataset: A name of :data:`captum_iclip.datasets.DATASETS` (``"voc"``, ...).
-        root: The dataset folder.
-        split: Split name; ``None`` is the reader's default.
-        methods: Method names of the registry (:mod:`captum_iclip.evaluation.methods`).
-        tasks: Names of :data:`TASKS`.
-        resolution: Model input side; ``None`` is the model's own input size.
-        limit: Evaluate only the first ``limit`` images.
-        batch_size: Images per batch.
-        theta: Binarisation threshold of the explanation IoU.
-        pointing_tolerance: Pointing-game tolerance, label pixels.
-        background_threshold: Segmentation score under which a pixel is background
-            (needs a dataset with a background class); ``None``: background prompt.
-        slide: Segment with sliding windows on aspect-preserving resizes.
-        window: Sliding-window side; ``None`` is the model's own input size.
-        stride: Sliding-window step; ``None`` is ``window // 2``.
-        faithfulness_samples: Images in the faithfulness sample.
-        faithfulness_perturbations: Perturbations per image for infidelity and sensitivity.
-        ig_steps: Integration steps of ``ig``.
-        seed: Seed of every random draw (faithfulness perturbations).
-        examples: Example overlays of the localization maps to draw (rank 0's
-            first images with a scored class; needs the localization task).
-        workers: DataLoader worker processes.
-        bootstrap: Resamples of the 95 % percentile bootstrap intervals of the
-            localization figures over images (``0``: none; one process only).
-        out: Output folder; ``None`` writes nothing.
-        progress: Show progress bars (rank 0).
-
-    Raises:
-        ValueError: On an unknown dataset, method or task, or a value out of range.
-    """
-
-    dataset: str
-    root: str
-    split: str | None = None
-    methods: Sequence[str] = ("raw",)
-    tasks: Sequence[str] = ("localization",)
-    resolution: int | None = None
-    limit: int | None = None
-    batch_size: int = 8
-    theta: float = 0.5
-    pointing_tolerance: int = 15
-    background_threshold: float | None = None
-    slide: bool = False
-    window: int | None = None
-    stride: int | None = None
-    faithfulness_samples: int = 8
-    faithfulness_perturbations: int = 8
-    ig_steps: int = 16
-    seed: int = 0
-    examples: int = 4
-    workers: int = 0
-    bootstrap: int = 0
-    out: str | None = "captum-iclip-eval"
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        self.methods = tuple(self.methods)
-        self.tasks = tuple(self.tasks)
-        if self.dataset.lower() not in DATASETS:
-            raise ValueError(f"dataset: expected one of {sorted(DATASETS)}, got {self.dataset!r}")
-        if not self.methods or len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"methods: expected distinct names of {method_names()}, got {list(self.methods)}")
-        for name in self.methods:
-            if name not in method_names():
-                raise ValueError(f"methods: expected names of {method_names()}, got {name!r}")
-        if not self.tasks or any(task not in TASKS for task in self.tasks):
-            raise ValueError(f"tasks: expected names of {TASKS}, got {list(self.tasks)}")
-        for name in ("resolution", "window", "stride", "limit"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}: expected a positive int or None, got {value!r}")
-        for name in ("batch_size", "faithfulness_perturbations", "ig_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        for name in ("faithfulness_samples", "examples", "workers", "pointing_tolerance", "bootstrap"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
-        if not 0.0 <= self.theta <= 1.0:
-            raise ValueError(f"theta: expected a value in [0, 1], got {self.theta!r}")
-        if self.out is not None:
-            check_output_folder(self.out, "out")
 
 
 def class_prompts(dataset: SegmentationDataset, bundle: Any = None) -> list[str]:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from captum_iclip.attr.itsm import ITSMAttribution
 from captum_iclip.datasets import SegmentationDataset
 from captum_iclip.distributed import rank_and_world
+from captum_iclip.evaluation.config import EvalConfig
 from captum_iclip.evaluation.data import (
     _Clock,
     _gather_records,
@@ -46,7 +47,7 @@ from captum_iclip.similarity import CLIPSimilarity
 class EvalContext:
     """What the tasks of one evaluation share."""
 
-    config: Any  # EvalConfig, with the resolution resolved
+    config: EvalConfig  # with the resolution resolved
     sim: CLIPSimilarity
     dataset: SegmentationDataset
     runners: dict[str, Any]  # method name -> fn(images, targets)
@@ -152,25 +153,12 @@ class SegmentationTask:
         self.itsm = ITSMAttribution(ctx.sim)
 
     def update(self, ctx: EvalContext, batch: EvalBatch) -> None:
-        config, patch = ctx.config, ctx.sim.adapter.patch_size[0]
         for name in self.methods:
             variant, projection = method_info(name).itsm
             started = ctx.clock()
             for image, square_input, label in zip(batch.originals, batch.inputs, batch.labels):
-                scores = _segment_image(
-                    self.itsm,
-                    image,
-                    square_input,
-                    config,
-                    variant,
-                    projection,
-                    patch,
-                    ctx.window,
-                    ctx.stride,
-                    ctx.dtype,
-                    ctx.device,
-                )
-                predicted = _segmentation_labels(scores, label.shape, ctx.dataset, config.background_threshold)
+                scores = _segment_image(ctx, self.itsm, variant, projection, image, square_input)
+                predicted = _segmentation_labels(scores, label.shape, ctx.dataset, ctx.config.background_threshold)
                 self.metrics[name].update(predicted.cpu(), label)
             key = f"{name}/segmentation"
             ctx.seconds[key] = ctx.seconds.get(key, 0.0) + ctx.clock() - started
@@ -222,9 +210,7 @@ class FaithfulnessTask:
             ctx.dataset, theta=config.theta, pointing_tolerance=config.pointing_tolerance
         )
         sample = _faithfulness_sample(ctx.dataset, config.faithfulness_samples, metric)
-        records = _faithfulness_records(
-            ctx.sim, ctx.runners, ctx.dataset, sample, config, config.resolution, ctx.device, ctx.show
-        )
+        records = _faithfulness_records(ctx, sample)
         self.records = _gather_records(records)
 
     def entry(self, name: str, ctx: EvalContext) -> dict[str, Any]:
@@ -245,7 +231,7 @@ class FaithfulnessTask:
 
 
 TASK_TYPES = {task.name: task for task in (LocalizationTask, SegmentationTask, FaithfulnessTask)}
-"""Task name -> task class, in the order they run."""
+"""Task name -> task class, in the order they run (:data:`~captum_iclip.evaluation.config.TASKS`)."""
 
 
 # --------------------------------------------------------------------------- the tasks' computations
@@ -258,22 +244,13 @@ SENSITIVITY_RADIUS = 0.02
 
 
 def _segment_image(
-    itsm: ITSMAttribution,
-    image: Image.Image,
-    square_input: Tensor,
-    config: Any,
-    variant: str,
-    projection: str,
-    patch: int,
-    window: int,
-    stride: int,
-    dtype: torch.dtype,
-    device: torch.device,
+    ctx: EvalContext, itsm: ITSMAttribution, variant: str, projection: str, image: Image.Image, square_input: Tensor
 ) -> Tensor:
-    """(K, H', W') unnormalised similarities of every prompt on one image, at the model input's size.
+    """(K, H', W') unnormalised similarities of every prompt on one image, at the model input's size, by
+    ``itsm``'s ``variant`` and ``projection``; ``square_input`` is the image as the other tasks see it.
 
     Like the localization maps, the patch grid is first upsampled to the input
-    (for each window, by :func:`sliding_window`), then resized to the label.
+    (for each window of ``ctx``'s, by :func:`sliding_window`), then resized to the label.
     """
 
     def dense(crop: Tensor, interpolate: bool = False) -> Tensor:
@@ -281,16 +258,17 @@ def _segment_image(
             crop, target=None, variant=variant, projection=projection, normalize=False, interpolate=interpolate
         )
 
-    if not config.slide:
-        return dense(square_input[None].to(device, dtype), interpolate=True)[0]
-    size = _short_side_size(image, config.resolution, patch)
+    if not ctx.config.slide:
+        return dense(square_input[None].to(ctx.device, ctx.dtype), interpolate=True)[0]
+    adapter = ctx.sim.adapter
+    size = _short_side_size(image, ctx.config.resolution, adapter.patch_size[0])
     x = to_model_input(
         image,
         size,
-        torch.tensor(itsm.similarity.adapter.image_mean).reshape(3, 1, 1),
-        torch.tensor(itsm.similarity.adapter.image_std).reshape(3, 1, 1),
+        torch.tensor(adapter.image_mean).reshape(3, 1, 1),
+        torch.tensor(adapter.image_std).reshape(3, 1, 1),
     )
-    return sliding_window(dense, x[None].to(device, dtype), window, stride)[0]
+    return sliding_window(dense, x[None].to(ctx.device, ctx.dtype), ctx.window, ctx.stride)[0]
 
 
 def _segmentation_labels(
@@ -325,17 +303,10 @@ def _faithfulness_sample(
     return sample
 
 
-def _faithfulness_records(
-    sim: CLIPSimilarity,
-    runners: dict[str, Any],
-    dataset: SegmentationDataset,
-    sample: list[tuple[int, int]],
-    config: Any,
-    resolution: int,
-    device: torch.device,
-    show: bool,
-) -> list[dict]:
-    """This rank's share (positions ``rank, rank + K, ...``) of the per-image faithfulness scores."""
+def _faithfulness_records(ctx: EvalContext, sample: list[tuple[int, int]]) -> list[dict]:
+    """This rank's share (positions ``rank, rank + K, ...``) of the per-image faithfulness scores of ``sample``."""
+    sim, runners, dataset, config, device = ctx.sim, ctx.runners, ctx.dataset, ctx.config, ctx.device
+    resolution = config.resolution
     rank, world = rank_and_world()
     adapter = sim.adapter
     mean = torch.tensor(adapter.image_mean, dtype=torch.float32).reshape(3, 1, 1)
@@ -344,7 +315,7 @@ def _faithfulness_records(
     mine = sample[rank::world]
     records = []
     clock = _Clock(device)
-    bar = tqdm(total=len(mine) * len(runners), desc="faithfulness", unit="map", disable=not show)
+    bar = tqdm(total=len(mine) * len(runners), desc="faithfulness", unit="map", disable=not ctx.show)
     for index, target_class in mine:
         image, _, name = dataset[index]
         x = to_model_input(image, (resolution, resolution), mean, std)[None].to(device, adapter.parameter.dtype)

@@ -7,7 +7,8 @@ One adapter per model family turns a CLIP model into the same small interface:
   (row-major over the patch grid);
 * ``project(tokens)`` applies the recognition projection to every token, so that
   ``project(tokens(x))[:, 0]`` equals the library's own ``encode_image(x)``;
-* ``encode_text(prompts, tokenizer)`` and ``logit_scale`` give the text side.
+* ``text_inputs(prompts, tokenizer)`` (the family's tokenization, for explaining and training alike),
+  ``text_features(inputs)``, ``encode_text(prompts, tokenizer)`` and ``logit_scale`` give the text side.
 
 An optional *interpretability head* (the second projection of ICLIP, docs/methods.md §4) can
 be attached; ``dense_features(..., projection="interpretability")`` then projects
@@ -365,8 +366,20 @@ class VisionAdapter:
         return torch.cat([global_feature[:, None], patches], dim=1)
 
     # --- text side ------------------------------------------------------------------
-    def encode_text(self, prompts: Sequence[str], tokenizer: Callable) -> Tensor:
+    def text_inputs(self, prompts: Sequence[str], tokenizer: Callable) -> Tensor | dict[str, Tensor]:
+        """The text tower's inputs for ``prompts``, on the model's device: the family's one tokenization rule.
+
+        Explaining (:meth:`encode_text`) and ICLIP training (``training.iclip.train_step``) both
+        tokenize here, so that a trained model is explained with the text it was trained on.
+        """
         raise NotImplementedError
+
+    def text_features(self, inputs: Tensor | dict[str, Tensor]) -> Tensor:
+        """The text tower's (K, D) embeddings, not normalised, of what :meth:`text_inputs` gives."""
+        raise NotImplementedError
+
+    def encode_text(self, prompts: Sequence[str], tokenizer: Callable) -> Tensor:
+        return self.text_features(self.text_inputs(prompts, tokenizer))
 
     @property
     def logit_scale(self) -> Tensor:
@@ -375,6 +388,12 @@ class VisionAdapter:
     def make_interpretability_head(self) -> nn.Module:
         """A new projection for the patch tokens, initialised as a copy of the recognition one."""
         raise NotImplementedError
+
+
+def hf_text_features(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+    """A Hugging Face model's ``get_text_features`` (a tensor, or an output whose ``pooler_output`` it is)."""
+    out = model.get_text_features(**inputs)
+    return out if isinstance(out, Tensor) else out.pooler_output
 
 
 class ViTAdapter(VisionAdapter):

@@ -94,11 +94,9 @@ class DualProjectionCLIP(nn.Module):
         return nn.functional.normalize(out, dim=-1) if normalize else out
 
     def encode_text(self, text: Any, normalize: bool = False) -> Tensor:
-        """The shared text tower (open_clip token ids; HF: a tokenizer's batch as a dict)."""
-        if hasattr(self.clip, "encode_text"):
-            return self.clip.encode_text(text, normalize=normalize)
-        out = self.clip.get_text_features(**text)
-        out = out if isinstance(out, Tensor) else out.pooler_output
+        """The shared text tower on ``text``, the inputs of ``adapter.text_inputs(prompts, tokenizer)``
+        (open_clip: token ids; Hugging Face: a dict of them)."""
+        out = self.adapter.text_features(text)
         return nn.functional.normalize(out, dim=-1) if normalize else out
 
     def encode_dense(self, images: Tensor, projection: str = "interpretability", surgery_depth: int = 0) -> Tensor:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_iclip._precision import project
-from captum_iclip.models.base import ViTAdapter, interpolate_pos_embed
+from captum_iclip.models.base import ViTAdapter, hf_text_features, interpolate_pos_embed
 from captum_iclip.models.blocks import BlockView, HFBlockView
 
 
@@ -82,11 +82,13 @@ class HFCLIPAdapter(ViTAdapter):
     def project_global(self, tokens: Tensor) -> Tensor:
         return _linear(tokens[:, 0], self.model.visual_projection)
 
-    def encode_text(self, prompts: Sequence[str], tokenizer: Callable) -> Tensor:
+    def text_inputs(self, prompts: Sequence[str], tokenizer: Callable) -> dict[str, Tensor]:
+        # CLIP's text tower pools at its end-of-text token, so padding to the longest prompt with a mask suffices.
         batch = tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt")
-        batch = {k: v.to(self.parameter.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-        out = self.model.get_text_features(**batch)
-        return out if isinstance(out, Tensor) else out.pooler_output
+        return {k: v.to(self.parameter.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+    def text_features(self, inputs: dict[str, Tensor]) -> Tensor:
+        return hf_text_features(self.model, inputs)
 
     def make_interpretability_head(self) -> nn.Module:
         return LinearCopy(self.model.visual_projection)

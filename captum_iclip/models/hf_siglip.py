@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_iclip.models.attention import self_value_attention
-from captum_iclip.models.base import VisionAdapter, block_loop_unavailable, run_with_surgery_path
+from captum_iclip.models.base import VisionAdapter, block_loop_unavailable, hf_text_features, run_with_surgery_path
 from captum_iclip.models.blocks import BlockView
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
@@ -159,12 +159,14 @@ class HFSiglipAdapter(VisionAdapter):
     def project_global(self, tokens: Tensor) -> Tensor:
         return self.head(tokens[:, :1])[:, 0]
 
-    def encode_text(self, prompts: Sequence[str], tokenizer: Callable) -> Tensor:
+    def text_inputs(self, prompts: Sequence[str], tokenizer: Callable) -> dict[str, Tensor]:
         # SigLIP's text tower was trained on max-length padded sequences without an attention
         # mask (its pooled token is the last one), so only the token ids are passed.
         batch = tokenizer(list(prompts), padding="max_length", truncation=True, return_tensors="pt")
-        out = self.model.get_text_features(input_ids=batch["input_ids"].to(self.parameter.device))
-        return out if isinstance(out, Tensor) else out.pooler_output
+        return {"input_ids": batch["input_ids"].to(self.parameter.device)}
+
+    def text_features(self, inputs: dict[str, Tensor]) -> Tensor:
+        return hf_text_features(self.model, inputs)
 
     def make_interpretability_head(self) -> nn.Module:
         return copy.deepcopy(self.head)
@@ -230,11 +232,10 @@ class HFSiglip2Adapter(HFSiglipAdapter):
             "spatial_shapes": torch.tensor([grid] * n, device=images.device),
         }
 
-    def encode_text(self, prompts: Sequence[str], tokenizer: Callable) -> Tensor:
+    def text_inputs(self, prompts: Sequence[str], tokenizer: Callable) -> dict[str, Tensor]:
         # SigLIP 2 was trained on lowercased text padded to its full length (64 tokens; its model card).
         length = self.model.config.text_config.max_position_embeddings
         batch = tokenizer(
             [p.lower() for p in prompts], padding="max_length", max_length=length, truncation=True, return_tensors="pt"
         )
-        out = self.model.get_text_features(input_ids=batch["input_ids"].to(self.parameter.device))
-        return out if isinstance(out, Tensor) else out.pooler_output
+        return {"input_ids": batch["input_ids"].to(self.parameter.device)}

@@ -59,9 +59,12 @@ class OpenCLIPAdapter(VisionAdapter):
     def parameter(self) -> Tensor:
         return self.visual.conv1.weight
 
-    def encode_text(self, prompts: Sequence[str], tokenizer: Callable) -> Tensor:
-        text = tokenizer(list(prompts)).to(self.parameter.device)
-        return self.model.encode_text(text)
+    def text_inputs(self, prompts: Sequence[str], tokenizer: Callable) -> Tensor:
+        # open_clip's tokenizers (its BPE one and its wrapper of Hugging Face ones) pad to the context length.
+        return tokenizer(list(prompts)).to(self.parameter.device)
+
+    def text_features(self, inputs: Tensor) -> Tensor:
+        return self.model.encode_text(inputs)
 
 
 class OpenCLIPViTAdapter(ViTAdapter, OpenCLIPAdapter):

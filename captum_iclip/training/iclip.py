@@ -422,14 +422,6 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     ]
 
 
-def tokenize(tokenizer: Callable, captions: list[str], device: torch.device) -> Tensor | dict[str, Tensor]:
-    """open_clip tokenizers give a tensor of ids; Hugging Face tokenizers a padded batch (a dict)."""
-    if hasattr(tokenizer, "model_max_length"):  # a transformers tokenizer
-        batch = tokenizer(captions, padding=True, truncation=True, return_tensors="pt")
-        return {k: v.to(device) for k, v in batch.items()}
-    return tokenizer(captions).to(device)
-
-
 class ICLIPForward(nn.Module):
     """The features of one training step, as one module so that DDP can wrap it.
 
@@ -694,7 +686,7 @@ class TrainStep:
         trainable: the parameters whose gradient norm is clipped.
         provider: mask source on the CLIP patch grid (``None``: every patch).
         dual: the model (for the patch grid).
-        tokenizer: captions -> tokens.
+        tokenizer: the model's tokenizer (applied by :meth:`text_inputs`).
         config: ``objective``, ``grad_clip_norm``.
         lambda_rec: weight of the recognition term.
         autocast_dtype: ``None`` for fp32.
@@ -714,6 +706,11 @@ class TrainStep:
     autocast_dtype: torch.dtype | None
     device: torch.device
 
+    def text_inputs(self, captions: list[str]) -> Tensor | dict[str, Tensor]:
+        """The captions as the text tower's inputs, by the family's tokenization rule: the one
+        ``CLIPSimilarity`` explains the trained model with (``VisionAdapter.text_inputs``)."""
+        return self.dual.adapter.text_inputs(captions, self.tokenizer)
+
 
 def train_step(parts: TrainStep, images: Tensor, captions: list[str]) -> float:
     """One optimisation step of the objective (also what ``benchmarks/bench_train_step.py`` times).
@@ -727,7 +724,7 @@ def train_step(parts: TrainStep, images: Tensor, captions: list[str]) -> float:
     """
     device, config = parts.device, parts.config
     images = images.to(device, non_blocking=True)
-    text = tokenize(parts.tokenizer, captions, device)
+    text = parts.text_inputs(captions)
     mask = None
     if parts.provider is not None:
         with torch.no_grad():

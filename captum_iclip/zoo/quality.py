@@ -26,6 +26,16 @@ from torch import nn
 
 from captum_iclip.world import CATEGORIES, SEED_RANGES, Scene, WorldVariant, generate_scene
 
+# How many scenes of a seed range (SEED_RANGES) each use reads, in one place. The bundle's recorded figures
+# (its config.json) and docs/study/results.json were measured on these counts.
+SELECTION_SCENES = 1000  # "selection": recognition of the recipe and template candidates (zoo.select)
+REPORT_SCENES = 1000  # "report": the bundle's recorded recognition figures (zoo.train)
+MASK_SCENES = 500  # "selection" and "report": mask quality of the mask-source candidates and of the bundle
+STUDY_SCENES = 500  # "study": every figure of the ablation study (zoo.study)
+# The study picks its ICLIP configuration on fewer selection scenes than the recipe selection reads:
+# docs/study/README.md pre-registered the first 200, and results.json records the pick made on them.
+STUDY_SELECTION_SCENES = 200
+
 
 def scene_range(name: str, count: int, size: int, variant: WorldVariant | None = None) -> list[Scene]:
     """``count`` scenes of side ``size`` from the seed range ``name`` of :data:`SEED_RANGES`, rendered in

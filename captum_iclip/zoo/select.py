@@ -29,10 +29,8 @@ import torch
 from captum_iclip._io import json_text
 from captum_iclip.models.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from captum_iclip.zoo import build_clip, make_preprocess
-from captum_iclip.zoo.quality import mask_quality, recognition_report, scene_range
+from captum_iclip.zoo.quality import MASK_SCENES, SELECTION_SCENES, mask_quality, recognition_report, scene_range
 
-SELECTION_SCENES = 1000
-MASK_SCENES = 500
 TAUS = (0.3, 0.4, 0.5, 0.6)
 
 

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captum_iclip._io import atomic_write_text, json_text
+from captum_iclip.zoo.quality import STUDY_SCENES, STUDY_SELECTION_SCENES
 
 POOLINGS = ("class-token", "attention", "average", "max", "masked-max-dino", "masked-max-oracle")
 MODES = ("projection", "last-1", "last-2", "full")
@@ -48,7 +49,6 @@ PICKABLE_SOURCES = ("dino", "centre", "all")
 RECIPE_SCENES = 60000  # the training set of python -m captum_iclip.zoo.train
 BATCH_SIZE = 128
 FULL_STEPS = 468  # one epoch of the recipe's scenes at batch 128
-SELECTION_SCENES = 200
 BOOTSTRAP = 1000
 ZERO_SHOT_TOLERANCE = 1.0  # points of zero-shot accuracy that count as "unchanged" (H3, the pick)
 H1_LOW = 5.0  # mSC points below which a map counts as "low" (H1)
@@ -121,8 +121,8 @@ class StudySettings:
     steps: int = FULL_STEPS
     iclip_steps: int = FULL_STEPS
     seeds: tuple[int, ...] = (0, 1, 2)
-    scenes: int = 500
-    selection_scenes: int = SELECTION_SCENES
+    scenes: int = STUDY_SCENES
+    selection_scenes: int = STUDY_SELECTION_SCENES
     batch_size: int = BATCH_SIZE
     bootstrap: int = BOOTSTRAP
     poolings: tuple[str, ...] = POOLINGS
@@ -413,7 +413,8 @@ def localization(dual: nn.Module, spec: RunSpec, ctx: StudyContext, name: str, b
     (:func:`~captum_iclip.evaluation.run.run_evaluation`, bootstrap intervals when ``bootstrap``)."""
     from captum_iclip.datasets import WorldScenes
     from captum_iclip.demo import pointing_tolerance_for
-    from captum_iclip.evaluation.run import EvalConfig, class_prompts, run_evaluation
+    from captum_iclip.evaluation.config import EvalConfig
+    from captum_iclip.evaluation.run import class_prompts, run_evaluation
     from captum_iclip.similarity import CLIPSimilarity
     from captum_iclip.world import SEED_RANGES
 
@@ -827,8 +828,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help=f"steps of each from-scratch run (default {FULL_STEPS})")
     parser.add_argument("--iclip-steps", type=int, help=f"steps of each ICLIP run (default {FULL_STEPS})")
     parser.add_argument("--seeds", help="comma-separated seeds (default 0,1,2; the first is the ICLIP grid's)")
-    parser.add_argument("--scenes", type=int, help="study scenes (default 500)")
-    parser.add_argument("--selection-scenes", type=int, help=f"selection scenes (default {SELECTION_SCENES})")
+    parser.add_argument("--scenes", type=int, help=f"study scenes (default {STUDY_SCENES})")
+    parser.add_argument("--selection-scenes", type=int, help=f"selection scenes (default {STUDY_SELECTION_SCENES})")
     parser.add_argument("--batch-size", type=int, help=f"training batch (default {BATCH_SIZE})")
     parser.add_argument("--bootstrap", type=int, help=f"bootstrap resamples (default {BOOTSTRAP})")
     parser.add_argument(

@@ -35,6 +35,7 @@ from captum_iclip.models.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from captum_iclip.training.dino import DINOConfig
 from captum_iclip.world import WorldVariant
 from captum_iclip.zoo import WEIGHTS_DIR, build_clip, make_preprocess
+from captum_iclip.zoo.quality import MASK_SCENES, REPORT_SCENES
 
 IMAGE_SIZE = 96
 TAU = 0.4
@@ -181,10 +182,6 @@ class CachedTokenizer:
         return torch.stack([self.rows[t] for t in texts])
 
 
-RECOGNITION_SCENES = 1000  # held-out scenes of the recorded recognition figures
-MASK_SCENES = 500  # held-out scenes of the recorded mask figures
-
-
 def prompt_templates() -> list[str]:
     """The bundle's prompt templates: the world's caption templates and one per background phrase,
     chosen on the selection range (``python -m captum_iclip.zoo.select --templates``, docs/training-notes.md)."""
@@ -199,7 +196,7 @@ def bundle_figures(
     mask_provider,
     prompts: list[str],
     templates: list[str] | None,
-    recognition_scenes: int = RECOGNITION_SCENES,
+    recognition_scenes: int = REPORT_SCENES,
     mask_scenes: int = MASK_SCENES,
 ) -> dict[str, dict]:
     """The bundle's recorded quality figures, on the ``report`` seed range (never used to choose a recipe):
@@ -287,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--iclip-epochs", type=int, default=1)
     parser.add_argument("--iclip-batch-size", type=int, default=128)
-    parser.add_argument("--recognition-scenes", type=int, default=RECOGNITION_SCENES, help="report scenes, recognition")
+    parser.add_argument("--recognition-scenes", type=int, default=REPORT_SCENES, help="report scenes, recognition")
     parser.add_argument("--mask-scenes", type=int, default=MASK_SCENES, help="report scenes, mask quality")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="where the stages train: cpu, cuda, cuda:1, ...")

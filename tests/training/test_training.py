@@ -25,7 +25,7 @@ from captum_iclip.models.dual import DualProjectionCLIP
 from captum_iclip.pooling import MaskedMaxPooling
 from captum_iclip.training.iclip import TrainConfig, train
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TEXT_CFG = dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1)
 VIT_CFG = dict(image_size=32, layers=2, width=32, head_width=16, patch_size=8)
 # A child process gets the repository on its path, no GPU and one thread, like the tests here.

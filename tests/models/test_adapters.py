@@ -62,7 +62,7 @@ def test_get_adapter_rejects_a_plain_module():
 
 
 def test_get_adapter_rejects_an_attention_pool_in_open_clips_timm_head():
-    """timm towers are supported (tests/test_timm_towers.py); open_clip's own attention pool on a
+    """timm towers are supported (tests/models/test_timm_towers.py); open_clip's own attention pool on a
     timm CNN ('abs_attn') has no dense rule here and is refused by name."""
     timm_clip = CLIP(
         embed_dim=8,

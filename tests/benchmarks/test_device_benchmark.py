@@ -12,7 +12,7 @@ import pytest
 
 from captum_iclip.evaluation.methods import method_names
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def _results(folder: Path) -> dict:

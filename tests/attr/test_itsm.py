@@ -1,7 +1,7 @@
 """ITSMAttribution (docs/methods.md §1) and its training-free correction (docs/methods.md §2).
 
 Run on a random-weight open_clip ViT-B-32 (a 7x7 patch grid keeps the CPU cost
-low); test_adapters.py checks the dense features of every supported family.
+low); tests/models/test_adapters.py checks the dense features of every supported family.
 """
 
 from __future__ import annotations

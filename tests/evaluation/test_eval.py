@@ -23,6 +23,7 @@ import torch
 from captum_iclip import CLIPSimilarity, ITSMAttribution
 from captum_iclip.cli.eval import main
 from captum_iclip.datasets import build_dataset
+from captum_iclip.evaluation.config import TASKS
 from captum_iclip.evaluation.methods import build_method
 from captum_iclip.evaluation.metrics import LocalizationMetrics, SegmentationMetrics
 from captum_iclip.evaluation.run import (
@@ -32,6 +33,7 @@ from captum_iclip.evaluation.run import (
     evaluate,
     shard_indices,
 )
+from captum_iclip.evaluation.tasks import TASK_TYPES
 from captum_iclip.world import export_voc
 from captum_iclip.zoo import make_preprocess
 
@@ -255,7 +257,7 @@ def test_shards_partition_the_dataset_in_whole_batches(size, batch_size, world_s
 
 def test_two_gloo_processes_equal_one_process(tmp_path, files):
     assert main(_cli_args(files, tmp_path / "one")) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     command = [
         sys.executable,
         "-m",
@@ -284,6 +286,11 @@ def test_bad_input_is_reported(tmp_path, files, sim, dataset, capsys):
         evaluate(EvalConfig("voc", "unused", resolution=36, out=None), sim, dataset=dataset)
     assert main(_cli_args(files, tmp_path, methods="raw,bogus")) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def test_the_configuration_names_every_task_in_the_order_they_run():
+    """EvalConfig checks task names below the tasks (evaluation/config.py); the task classes carry the same."""
+    assert tuple(TASK_TYPES) == TASKS
 
 
 def test_methods_follow_captums_explanation_function_contract(sim):

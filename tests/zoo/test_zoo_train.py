@@ -127,7 +127,7 @@ def test_iclip_mode_names_and_the_bundled_pick():
     with pytest.raises(SystemExit):
         recipe.main(["--iclip-mode", "last-x", "--stages", "bundle"])
     # The bundle ships the configuration the study's pre-registered rule picked.
-    picked = json.loads((Path(__file__).parents[1] / "docs/study/results.json").read_text())["picked_iclip"]
+    picked = json.loads((Path(__file__).parents[2] / "docs/study/results.json").read_text())["picked_iclip"]
     assert (picked["mode"], picked["mask_source"]) == (recipe.ICLIP_MODE, recipe.ICLIP_MASKS)
 
 

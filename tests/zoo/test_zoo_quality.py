@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from captum_iclip.world import CATEGORIES
-from captum_iclip.zoo.quality import SEED_RANGES, foreground_truth, mask_quality, recognition_report, scene_range
+from captum_iclip.zoo.quality import (
+    MASK_SCENES,
+    REPORT_SCENES,
+    SEED_RANGES,
+    STUDY_SCENES,
+    STUDY_SELECTION_SCENES,
+    foreground_truth,
+    mask_quality,
+    recognition_report,
+    scene_range,
+)
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _identity_preprocess(image: np.ndarray) -> torch.Tensor:
@@ -84,3 +99,12 @@ def test_seed_ranges_are_disjoint_and_checked():
         scene_range("demo-2", 3, 48)
     with pytest.raises(ValueError, match="count: expected"):
         scene_range("report", 0, 48)
+
+
+def test_scene_counts_are_those_of_the_committed_figures():
+    """The one constant per use matches what the bundle's recorded figures and the study's results read."""
+    recorded = json.loads((REPO / "captum_iclip/zoo/weights/shapes-tiny/config.json").read_text())["training"]
+    assert recorded["recognition"]["scenes"] == REPORT_SCENES
+    assert recorded["dino_masks"]["scenes"] == MASK_SCENES
+    study = json.loads((REPO / "docs" / "study" / "results.json").read_text())["study"]
+    assert (study["scenes"], study["selection_scenes"]) == (STUDY_SCENES, STUDY_SELECTION_SCENES)
