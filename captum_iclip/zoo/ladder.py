@@ -32,9 +32,8 @@ import torch
 
 from captum_iclip._io import atomic_write_text, json_text
 from captum_iclip.world import WorldVariant
+from captum_iclip.zoo.quality import LADDER_SCENES
 
-SELECTION_SCENES = 500  # selection-range scenes of each candidate's row (recognition and maps)
-REPORT_SCENES = 500  # report-range scenes of the pick's replication
 BOOTSTRAP = 1000
 RECOGNITION_TARGETS = {"top1_any": 90.0, "single_object": 95.0, "min_class_recall": 80.0}
 
@@ -300,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--only", default=None, help="comma-separated candidate names to run (default: every pilot, in order)"
     )
     parser.add_argument(
-        "--scenes", type=int, default=SELECTION_SCENES, help="selection scenes per row (default: %(default)s)"
+        "--scenes", type=int, default=LADDER_SCENES, help="selection scenes per row (default: %(default)s)"
     )
     parser.add_argument("--bootstrap", type=int, default=BOOTSTRAP, help="bootstrap resamples (default: %(default)s)")
     parser.add_argument(
@@ -384,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             clip_dir = work / chosen["name"] / "clip"
             variant = WorldVariant(chosen.get("backgrounds", "textured"), chosen.get("object_scale", 1.0))
-            count = REPORT_SCENES if not args.quick else scenes
+            count = LADDER_SCENES if not args.quick else scenes
             report = measure(clip_dir, "report", count, bootstrap, args.device, variant)
             results["replication"] = {"pick": chosen["name"], "report": report}
         atomic_write_text(results_path, json_text(results, indent=1))

@@ -32,6 +32,7 @@ SELECTION_SCENES = 1000  # "selection": recognition of the recipe and template c
 REPORT_SCENES = 1000  # "report": the bundle's recorded recognition figures (zoo.train)
 MASK_SCENES = 500  # "selection" and "report": mask quality of the mask-source candidates and of the bundle
 STUDY_SCENES = 500  # "study": every figure of the ablation study (zoo.study)
+LADDER_SCENES = 500  # "selection", and "report" for the pick's replication: each row of the miniature ladder
 # The study picks its ICLIP configuration on fewer selection scenes than the recipe selection reads:
 # docs/study/README.md pre-registered the first 200, and results.json records the pick made on them.
 STUDY_SELECTION_SCENES = 200
