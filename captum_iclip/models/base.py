@@ -390,6 +390,20 @@ class VisionAdapter:
         raise NotImplementedError
 
 
+class HFVisionGeometry:
+    """Patch and input size of a Hugging Face vision tower (``self.vision.embeddings``), for its adapters."""
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        p = self.vision.embeddings.patch_size
+        return (p, p)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        s = self.vision.embeddings.image_size
+        return (s, s)
+
+
 def hf_text_features(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
     """A Hugging Face model's ``get_text_features`` (a tensor, or an output whose ``pooler_output`` it is)."""
     out = model.get_text_features(**inputs)

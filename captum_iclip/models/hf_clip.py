@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_iclip._precision import project
-from captum_iclip.models.base import ViTAdapter, hf_text_features, interpolate_pos_embed
+from captum_iclip.models.base import HFVisionGeometry, ViTAdapter, hf_text_features, interpolate_pos_embed
 from captum_iclip.models.blocks import BlockView, HFBlockView
 
 
@@ -32,22 +32,12 @@ def _linear(tokens: Tensor, linear: nn.Linear) -> Tensor:
     return project(tokens, linear.weight.t(), linear.bias)
 
 
-class HFCLIPAdapter(ViTAdapter):
+class HFCLIPAdapter(HFVisionGeometry, ViTAdapter):
     family = "transformers CLIPModel"
 
     def __init__(self, model: nn.Module, interpretability_head: nn.Module | None = None) -> None:
         super().__init__(model, interpretability_head)
         self.vision = model.vision_model
-
-    @property
-    def patch_size(self) -> tuple[int, int]:
-        p = self.vision.embeddings.patch_size
-        return (p, p)
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        s = self.vision.embeddings.image_size
-        return (s, s)
 
     @property
     def embed_dim(self) -> int:

@@ -23,7 +23,13 @@ import torch
 from torch import Tensor, nn
 
 from captum_iclip.models.attention import self_value_attention
-from captum_iclip.models.base import VisionAdapter, block_loop_unavailable, hf_text_features, run_with_surgery_path
+from captum_iclip.models.base import (
+    HFVisionGeometry,
+    VisionAdapter,
+    block_loop_unavailable,
+    hf_text_features,
+    run_with_surgery_path,
+)
 from captum_iclip.models.blocks import BlockView
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
@@ -49,7 +55,7 @@ class ProbeHead(nn.Module):
         return y + self.mlp(self.layernorm(y))
 
 
-class HFSiglipAdapter(VisionAdapter):
+class HFSiglipAdapter(HFVisionGeometry, VisionAdapter):
     family = "transformers SiglipModel"
 
     def __init__(self, model: nn.Module, interpretability_head: nn.Module | None = None) -> None:
@@ -61,16 +67,6 @@ class HFSiglipAdapter(VisionAdapter):
             )
         pool = self.vision.head
         self.head = ProbeHead(pool.attention.out_proj, pool.layernorm, pool.mlp)
-
-    @property
-    def patch_size(self) -> tuple[int, int]:
-        p = self.vision.embeddings.patch_size
-        return (p, p)
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        s = self.vision.embeddings.image_size
-        return (s, s)
 
     @property
     def image_mean(self) -> tuple[float, float, float]:
