@@ -93,16 +93,18 @@ def json_text(value: Any, **options: Any) -> str:
         >>> json_text({"loss": float("nan"), "steps": [1, float("inf")]})
         '{"loss": null, "steps": [1, null]}'
     """
-    return json.dumps(_finite_or_null(value), allow_nan=False, **options)
+    return json.dumps(finite_or_null(value), allow_nan=False, **options)
 
 
-def _finite_or_null(value: Any) -> Any:
+def finite_or_null(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, +-inf: an undefined mean) as ``None``, in nested dicts,
+    lists and tuples too (tuples become lists), as strict JSON holds it."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {key: _finite_or_null(item) for key, item in value.items()}
+        return {key: finite_or_null(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite_or_null(item) for item in value]
+        return [finite_or_null(item) for item in value]
     return value
 
 

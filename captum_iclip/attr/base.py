@@ -11,8 +11,6 @@ from torch import Tensor
 from captum_iclip.attr._utils import as_inputs_came, check_forward_func, finish_maps, target_indices, unpack_inputs
 from captum_iclip.similarity import CLIPSimilarity
 
-PROJECTIONS = ("auto", "recognition", "interpretability")
-
 
 class PreparedInputs(NamedTuple):
     """Checked inputs of one ``attribute`` call."""
@@ -61,13 +59,9 @@ class CLIPMapAttribution(Attribution):
         return PreparedInputs(images, is_tuple, grid, index, self.resolve_projection(projection))
 
     def resolve_projection(self, projection: str) -> str:
-        """``"auto"`` -> the interpretability projection when the model has one, else the recognition one."""
-        if projection not in PROJECTIONS:
-            raise ValueError(f"projection: expected one of {PROJECTIONS}, got {projection!r}")
-        if projection != "auto":
-            return projection
-        has_head = self.similarity.adapter.interpretability_head is not None
-        return "interpretability" if has_head else "recognition"
+        """``"auto"`` -> the interpretability projection when the model has one, else the recognition one
+        (:meth:`~captum_iclip.models.base.VisionAdapter.resolve_projection`)."""
+        return self.similarity.adapter.resolve_projection(projection)
 
     def finish(
         self, scores: Tensor, prepared: PreparedInputs, *, normalize: bool, interpolate: bool, upsample: str

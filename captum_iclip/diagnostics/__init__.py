@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from captum_iclip._io import finite_or_null
 from captum_iclip._precision import project
 from captum_iclip.evaluation.metrics import LocalizationMetrics
 from captum_iclip.models.base import VisionAdapter
@@ -143,12 +144,7 @@ def run_tower(adapter: VisionAdapter, images: Tensor, attention_blocks: int = 2)
     """
     _vit_adapter(adapter, "run_tower")
     views = adapter.block_views("diagnostics")
-    if isinstance(attention_blocks, bool) or not isinstance(attention_blocks, int):
-        raise TypeError(f"attention_blocks: expected an int, got {type(attention_blocks).__name__}")
-    if not 1 <= attention_blocks <= len(views):
-        raise ValueError(
-            f"attention_blocks: expected 1..{len(views)} (the tower has {len(views)} blocks), got {attention_blocks}"
-        )
+    _check_attention_blocks(attention_blocks, len(views))
     first_recorded = len(views) - attention_blocks
     # The recorded blocks are read from their parts too: a hook there would not be in the figures.
     check_unhooked(views, range(first_recorded, len(views)), "the diagnostics read their attention and parts")
@@ -164,6 +160,15 @@ def run_tower(adapter: VisionAdapter, images: Tensor, attention_blocks: int = 2)
         x = view.forward(x)
         outputs.append(x)
     return TowerPass(outputs, attention, last, grid)
+
+
+def _check_attention_blocks(attention_blocks: int, num_blocks: int) -> None:
+    if isinstance(attention_blocks, bool) or not isinstance(attention_blocks, int):
+        raise TypeError(f"attention_blocks: expected an int, got {type(attention_blocks).__name__}")
+    if not 1 <= attention_blocks <= num_blocks:
+        raise ValueError(
+            f"attention_blocks: expected 1..{num_blocks} (the tower has {num_blocks} blocks), got {attention_blocks}"
+        )
 
 
 def _split_block(view: BlockView, x: Tensor) -> LastBlock:
@@ -224,19 +229,6 @@ def _final_projection(adapter: VisionAdapter, projection: str) -> _FinalProjecti
             f"model: the decomposition expected a LayerNorm final norm, got {type(norm).__name__}"
         )
     return _FinalProjection(norm, weight, bias)
-
-
-def _resolve_projection(adapter: VisionAdapter, projection: str) -> str:
-    if projection not in ("recognition", "interpretability", "auto"):
-        raise ValueError(f"projection: expected 'recognition', 'interpretability' or 'auto', got {projection!r}")
-    if projection == "auto":
-        return "interpretability" if adapter.interpretability_head is not None else "recognition"
-    if projection == "interpretability" and adapter.interpretability_head is None:
-        raise ValueError(
-            "projection: expected 'recognition' ('interpretability' is for a DualProjectionCLIP model), "
-            "got 'interpretability'"
-        )
-    return projection
 
 
 def _project(final: _FinalProjection, tokens: Tensor) -> Tensor:
@@ -460,12 +452,8 @@ class Diagnostics:
             raise TypeError(f"forward_func: expected a CLIPSimilarity, got {type(forward_func).__name__}")
         self.sim = forward_func
         adapter = _vit_adapter(forward_func.adapter, "Diagnostics")
-        self.projection = _resolve_projection(adapter, projection)
-        num_blocks = adapter.num_blocks
-        if isinstance(attention_blocks, bool) or not isinstance(attention_blocks, int):
-            raise TypeError(f"attention_blocks: expected an int, got {type(attention_blocks).__name__}")
-        if not 1 <= attention_blocks <= num_blocks:
-            raise ValueError(f"attention_blocks: expected 1..{num_blocks}, got {attention_blocks}")
+        self.projection = adapter.resolve_projection(projection)
+        _check_attention_blocks(attention_blocks, adapter.num_blocks)
         alphas = tuple(float(a) for a in alphas)
         if not alphas or any(not math.isfinite(a) for a in alphas):
             raise ValueError(f"alphas: expected one finite scale or more, got {alphas}")
@@ -630,20 +618,13 @@ class Diagnostics:
         }
         for name, metric in self.metrics.items():
             scores = metric.compute()
-            entry = {key: _finite(scores.get(key)) for key in ("msc", "miou", "pointing")}
+            entry = {key: finite_or_null(scores[key]) for key in ("msc", "miou", "pointing")}
             if self.bootstrap:
                 interval = metric.bootstrap(("msc",), resamples=self.bootstrap)
-                entry["msc_ci"] = [_finite(v) for v in interval["msc"]]
+                entry["msc_ci"] = finite_or_null(interval["msc"])
             summary["maps"][name] = entry
         return summary
 
 
 def _alpha_name(alpha: float) -> str:
     return f"alpha={alpha:g}"
-
-
-def _finite(value) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None

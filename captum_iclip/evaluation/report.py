@@ -8,19 +8,12 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
 from captum_iclip._io import atomic_write_text, json_text
 from captum_iclip.datasets import SegmentationDataset
 from captum_iclip.evaluation.methods import method_colour, method_title
-
-
-def _finite(value: float) -> float | None:
-    """JSON has no NaN: undefined means (nothing to average) become ``None``."""
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
-
 
 CSV_COLUMNS = (
     "method",

@@ -20,6 +20,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from captum_iclip._io import finite_or_null
 from captum_iclip.attr.itsm import ITSMAttribution
 from captum_iclip.datasets import SegmentationDataset
 from captum_iclip.distributed import rank_and_world
@@ -77,9 +78,9 @@ class EvalBatch:
     originals: Sequence[Image.Image]
 
 
-def _finite(value: float) -> float | None:
-    """JSON has no NaN: undefined means (nothing to average) become ``None``."""
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+def _mean(values: list[float]) -> float:
+    """The mean, NaN for no values (``null`` in the results)."""
+    return float(np.mean(values)) if values else math.nan
 
 
 class LocalizationTask:
@@ -123,11 +124,11 @@ class LocalizationTask:
         if ctx.config.bootstrap:
             keys = ("miou", "msc", "pointing")
             found = metric.bootstrap(keys, resamples=ctx.config.bootstrap, seed=ctx.config.seed)
-            intervals = {f"{key}_ci": [_finite(bound) for bound in found[key]] for key in keys}
+            intervals = {f"{key}_ci": [finite_or_null(bound) for bound in found[key]] for key in keys}
         return {
-            "miou": _finite(scores["miou"]),
-            "msc": _finite(scores["msc"]),
-            "pointing": _finite(scores["pointing"]),
+            "miou": finite_or_null(scores["miou"]),
+            "msc": finite_or_null(scores["msc"]),
+            "pointing": finite_or_null(scores["pointing"]),
             **intervals,
             "pairs": scores["pairs"],
             "per_class": {
@@ -180,9 +181,9 @@ class SegmentationTask:
         )
         return {
             "segmentation": {
-                "miou": _finite(scores["miou"]),
-                "pixel_accuracy": _finite(scores["pixel_accuracy"]),
-                "mean_accuracy": _finite(scores["mean_accuracy"]),
+                "miou": finite_or_null(scores["miou"]),
+                "pixel_accuracy": finite_or_null(scores["pixel_accuracy"]),
+                "mean_accuracy": finite_or_null(scores["mean_accuracy"]),
                 "per_class_iou": {names[c]: iou for c, iou in scores["per_class_iou"].items()},
                 "pixels": scores["pixels"],
                 "background": background,
@@ -217,8 +218,8 @@ class FaithfulnessTask:
         records = [r for r in self.records if r["method"] == name]
         return {
             "faithfulness": {
-                "infidelity": _finite(float(np.mean([r["infidelity"] for r in records])) if records else math.nan),
-                "sensitivity": _finite(float(np.mean([r["sensitivity"] for r in records])) if records else math.nan),
+                "infidelity": finite_or_null(_mean([r["infidelity"] for r in records])),
+                "sensitivity": finite_or_null(_mean([r["sensitivity"] for r in records])),
                 "samples": len(records),
                 "per_image": [
                     {key: r[key] for key in ("index", "name", "target", "infidelity", "sensitivity")} for r in records

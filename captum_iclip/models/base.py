@@ -38,6 +38,9 @@ from captum_iclip._precision import upcast
 from captum_iclip.models.attention import surgery_path
 from captum_iclip.models.blocks import AttentionTrace, BlockView, DensePath, run_blocks
 
+#: The projections of the patch tokens a map can be drawn from (see :meth:`VisionAdapter.resolve_projection`).
+PROJECTIONS = ("auto", "recognition", "interpretability")
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -314,6 +317,24 @@ class VisionAdapter:
         out = self.model.get_image_features(**self.own_image_inputs(images))
         return out if isinstance(out, Tensor) else out.pooler_output
 
+    def resolve_projection(self, projection: str) -> str:
+        """``projection`` as ``"recognition"`` or ``"interpretability"``: ``"auto"`` is the interpretability
+        projection when the model has one (a DualProjectionCLIP), else the recognition one.
+
+        Raises:
+            ValueError: for a name outside :data:`PROJECTIONS`, or ``"interpretability"`` without a head.
+        """
+        if projection not in PROJECTIONS:
+            raise ValueError(f"projection: expected one of {PROJECTIONS}, got {projection!r}")
+        if projection == "auto":
+            return "interpretability" if self.interpretability_head is not None else "recognition"
+        if projection == "interpretability" and self.interpretability_head is None:
+            raise ValueError(
+                "projection: expected 'recognition' ('interpretability' is for a DualProjectionCLIP model), "
+                "got 'interpretability'"
+            )
+        return projection
+
     def dense_features(
         self,
         images: Tensor,
@@ -331,7 +352,7 @@ class VisionAdapter:
             projection: ``"recognition"`` projects every token with the model's
                 own projection; ``"interpretability"`` projects the patch tokens
                 with the attached interpretability head (the global token keeps
-                the recognition projection).
+                the recognition projection); ``"auto"`` is the second when the model has a head.
             path: a second path through the last blocks for the patch tokens
                 (MaskCLIP, SCLIP, ClearCLIP, NACLIP, GEM: see
                 :mod:`captum_iclip.models.attention`); ViT towers only.
@@ -350,13 +371,7 @@ class VisionAdapter:
             torch.Size([1, 281, 512])
         """
         # Checked before the (expensive) tower runs.
-        if projection not in ("recognition", "interpretability"):
-            raise ValueError(f"projection: expected 'recognition' or 'interpretability', got {projection!r}")
-        if projection == "interpretability" and self.interpretability_head is None:
-            raise ValueError(
-                "projection: expected 'recognition' ('interpretability' is for a DualProjectionCLIP model), "
-                "got 'interpretability'"
-            )
+        projection = self.resolve_projection(projection)
         # ``path`` only when given: adapters of towers without transformer blocks need not know it.
         tokens = self.tokens(images, surgery_depth=surgery_depth, **({"path": path} if path is not None else {}))
         if projection == "recognition":

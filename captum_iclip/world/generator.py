@@ -231,6 +231,10 @@ class Scene:
         return Image.fromarray(self.image)
 
 
+#: The background renderings of :class:`WorldVariant`.
+BACKGROUND_KINDS = ("textured", "smooth", "uniform")
+
+
 @dataclass(frozen=True)
 class WorldVariant:
     """A change of the world's image statistics, for training recipes that test what a model learns from them.
@@ -283,9 +287,6 @@ class WorldVariant:
             smooth = torch.nn.functional.avg_pool2d(padded, box, stride=1)
             return smooth[0].permute(1, 2, 0).numpy().astype(np.float32)
         return texture
-
-
-BACKGROUND_KINDS = ("textured", "smooth", "uniform")
 
 
 def class_names() -> list[str]:

@@ -65,10 +65,9 @@ def test_last_block_parts_sum_to_the_block_and_the_stream_matches_the_tower(sim)
     assert len(tower.cls_attention) == 2 and tower.cls_attention[0].shape == (2, 2, GRID * GRID)
 
 
-@pytest.mark.parametrize("projection", ["recognition", "interpretability"])
-def test_decomposition_terms_sum_to_the_itsm_map(sim, projection):
-    if projection == "interpretability" and sim.adapter.interpretability_head is None:
-        pytest.skip("only the dual model has an interpretability projection")
+def test_decomposition_terms_sum_to_the_itsm_map(sim):
+    # "auto": the interpretability projection of the dual model, the recognition one of the others.
+    projection = sim.adapter.resolve_projection("auto")
     images = make_images(2, 3, 16, 16, seed=1)
     with torch.no_grad():
         tower = run_tower(sim.adapter, images)
