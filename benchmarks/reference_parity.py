@@ -12,10 +12,12 @@ script runs in both and compares through files:
    its text embedding replaced by ours) and ``legrad.LeWrapper.compute_legrad``
    (one image at a time, as its API takes);
 3. ``ours`` (this project's environment): :class:`GEMAttribution` and
-   :class:`LeGradAttribution` on the same inputs, upsampled like the references
-   (``normalize=False``, bilinear to the image size) and min-max normalised per
-   (image, prompt) over pixels, as both packages do;
-4. ``compare``: max |difference| of the normalised maps.
+   :class:`LeGradAttribution` on the same inputs, three ways: upsampled like the
+   references (``normalize=False``, bilinear to the image size) and min-max
+   normalised per (image, prompt) over pixels here, as both packages do;
+   ``normalize="reference"`` (the same order, inside the classes); and the default
+   ``normalize=True`` (min-max on the patch grid, then upsampled);
+4. ``compare``: max |difference| of each of the three from the packages' maps.
 
 Usage (``all`` runs the four steps)::
 
@@ -100,20 +102,26 @@ def ours(work: Path) -> None:
     model.requires_grad_(False)
     sim = CLIPSimilarity(model, text_features=data["text"])
     images = data["images"]
-    gem = GEMAttribution(sim).attribute(images, normalize=False)
-    legrad = LeGradAttribution(sim).attribute(images, normalize=False)
-    torch.save({"gem": minmax(gem), "legrad": minmax(legrad)}, work / "ours.pt")
+    maps = {}
+    for name, method in (("gem", GEMAttribution(sim)), ("legrad", LeGradAttribution(sim))):
+        maps[name] = {
+            "normalize=False, then min-max": minmax(method.attribute(images, normalize=False)),
+            'normalize="reference"': method.attribute(images, normalize="reference"),
+            "normalize=True (default)": method.attribute(images),
+        }
+    torch.save(maps, work / "ours.pt")
 
 
 def compare(work: Path) -> None:
     theirs, mine = torch.load(work / "reference.pt"), torch.load(work / "ours.pt")
     for name in ("gem", "legrad"):
-        assert theirs[name].shape == mine[name].shape, (name, theirs[name].shape, mine[name].shape)
-        difference = (theirs[name] - mine[name]).abs()
-        print(
-            f"{name}: maps {tuple(mine[name].shape)}, max |difference| of min-max normalised maps "
-            f"{difference.max().item():.2e} (mean {difference.mean().item():.2e})"
-        )
+        for way, maps in mine[name].items():
+            assert theirs[name].shape == maps.shape, (name, theirs[name].shape, maps.shape)
+            difference = (theirs[name] - maps).abs()
+            print(
+                f"{name}, {way}: maps {tuple(maps.shape)}, max |difference| from the package "
+                f"{difference.max().item():.2e} (mean {difference.mean().item():.2e})"
+            )
 
 
 def main() -> None:

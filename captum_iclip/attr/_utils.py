@@ -4,6 +4,7 @@ and depth arguments, and the output tail (the map post-processing of docs/method
 from __future__ import annotations
 
 import numbers
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,10 @@ from captum_iclip.models.base import check_depth
 from captum_iclip.similarity import CLIPSimilarity
 
 UPSAMPLING = ("bilinear", "spread")
+Normalize = bool | Literal["reference"]
+"""The ``normalize`` argument of the map methods: ``True`` (min-max on the patch grid, then upsample),
+``False`` (no normalisation) or ``"reference"`` (upsample, then min-max over the pixels, as the reference
+code of GEM, LeGrad and Chefer et al. does)."""
 
 
 def check_forward_func(forward_func: object, method: str) -> CLIPSimilarity:
@@ -116,17 +121,32 @@ def check_path_depth(depth: int, num_blocks: int, path: str, name: str = "depth"
         raise ValueError(f"{name}: expected at least 1 block for {path}, got 0")
 
 
+def check_normalize(normalize: object) -> Normalize:
+    """``normalize`` as :data:`Normalize` allows it: ``True``, ``False`` or ``"reference"``."""
+    if isinstance(normalize, bool) or (isinstance(normalize, str) and normalize == "reference"):
+        return normalize
+    raise ValueError(f"normalize: expected True, False or 'reference', got {normalize!r}")
+
+
 def finish_maps(
     scores: Tensor,
     grid: tuple[int, int],
     size: tuple[int, int],
     patch_size: tuple[int, int],
     *,
-    normalize: bool,
+    normalize: Normalize,
     interpolate: bool,
     upsample: str,
 ) -> Tensor:
-    """(N, K, h*w) patch scores as the maps ``attribute`` returns: min-max normalised, then upsampled to ``size``.
+    """(N, K, h*w) patch scores as the maps ``attribute`` returns, upsampled to ``size`` (docs/methods.md §1).
+
+    ``normalize=True`` min-max normalises each (image, prompt) map on the patch grid, then upsamples;
+    ``"reference"`` upsamples first and min-max normalises over the pixels, the order of the reference code
+    of GEM, LeGrad and Chefer et al. Both give maps in [0, 1] (a bilinear pixel is a convex combination of
+    patch values), but only ``"reference"`` reaches 0 and 1 at pixels: bilinear upsampling lowers an
+    interior peak, so the two differ by a few hundredths. With ``"spread"``, ``True`` gives the normalised
+    patch values divided over the pixels (at most ``1 / (ph * pw)``) and ``"reference"`` the same map scaled to
+    [0, 1]. Without upsampling both orders give the same maps.
 
     ``"bilinear"`` gives smooth maps; ``"spread"`` divides each patch's value evenly over its ``patch_size``
     pixels, which keeps the sum of the map. Both run in at least float32 with autocast off (half-precision
@@ -134,17 +154,21 @@ def finish_maps(
     """
     if upsample not in UPSAMPLING:
         raise ValueError(f"upsample: expected one of {UPSAMPLING}, got {upsample!r}")
+    normalize = check_normalize(normalize)
     maps = scores.reshape(*scores.shape[:2], *grid)
     with full_precision(maps.device):
         maps = upcast(maps)
-        if normalize:
+        if normalize is True:
             maps = minmax_normalize(maps)
-        if not interpolate:
-            return maps
-        if upsample == "bilinear":
-            return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
-        ph, pw = patch_size
-        return F.interpolate(maps, scale_factor=(ph, pw), mode="nearest") / (ph * pw)
+        if interpolate:
+            if upsample == "bilinear":
+                maps = F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+            else:
+                ph, pw = patch_size
+                maps = F.interpolate(maps, scale_factor=(ph, pw), mode="nearest") / (ph * pw)
+        if normalize == "reference":
+            maps = minmax_normalize(maps)
+        return maps
 
 
 def as_inputs_came(maps: Tensor, is_tuple: bool) -> Tensor | tuple[Tensor]:

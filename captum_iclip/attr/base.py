@@ -8,7 +8,14 @@ from captum._utils.typing import TargetType
 from captum.attr import Attribution
 from torch import Tensor
 
-from captum_iclip.attr._utils import as_inputs_came, check_forward_func, finish_maps, target_indices, unpack_inputs
+from captum_iclip.attr._utils import (
+    Normalize,
+    as_inputs_came,
+    check_forward_func,
+    finish_maps,
+    target_indices,
+    unpack_inputs,
+)
 from captum_iclip.similarity import CLIPSimilarity
 
 
@@ -35,7 +42,9 @@ class CLIPMapAttribution(Attribution):
       projection of a :class:`~captum_iclip.DualProjectionCLIP` (ICLIP), else the
       recognition projection; ``"recognition"`` and ``"interpretability"`` force one;
     * the post-processing of (N, K, h, w) patch maps: optional per-map min-max
-      normalisation to [0, 1], then upsampling to the input size, either
+      normalisation to [0, 1] (``normalize=True`` on the patch grid before
+      upsampling; ``"reference"`` over the pixels after it, as the reference code
+      of GEM, LeGrad and Chefer et al. does), and upsampling to the input size, either
       ``"bilinear"`` (smooth maps for display and localization metrics) or
       ``"spread"`` (each patch's value divided evenly over its pixels, which keeps
       the sum of the map, hence completeness).
@@ -64,7 +73,7 @@ class CLIPMapAttribution(Attribution):
         return self.similarity.adapter.resolve_projection(projection)
 
     def finish(
-        self, scores: Tensor, prepared: PreparedInputs, *, normalize: bool, interpolate: bool, upsample: str
+        self, scores: Tensor, prepared: PreparedInputs, *, normalize: Normalize, interpolate: bool, upsample: str
     ) -> Tensor:
         """(N, K, h*w) patch scores as (N, K, H, W) maps (:func:`~captum_iclip.attr._utils.finish_maps`)."""
         size, patch_size = prepared.images.shape[-2:], self.similarity.adapter.patch_size
@@ -73,7 +82,7 @@ class CLIPMapAttribution(Attribution):
         )
 
     def output(
-        self, scores: Tensor, prepared: PreparedInputs, *, normalize: bool, interpolate: bool, upsample: str
+        self, scores: Tensor, prepared: PreparedInputs, *, normalize: Normalize, interpolate: bool, upsample: str
     ) -> Tensor | tuple[Tensor]:
         """What ``attribute`` returns: the finished maps of (N, K, h*w) patch scores, a 1-tuple if the inputs were."""
         maps = self.finish(scores, prepared, normalize=normalize, interpolate=interpolate, upsample=upsample)

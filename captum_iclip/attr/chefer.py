@@ -10,7 +10,7 @@ from torch import Tensor
 
 from captum_iclip._precision import full_precision, upcast
 from captum_iclip.attr._prompt_grads import prompt_gradients
-from captum_iclip.attr._utils import resolve_layer
+from captum_iclip.attr._utils import Normalize, resolve_layer
 from captum_iclip.attr.base import CLIPMapAttribution
 from captum_iclip.models.blocks import AttentionTrace
 
@@ -55,7 +55,7 @@ class CheferRelevancy(CLIPMapAttribution):
         target: TargetType = None,
         *,
         start_layer: int = -1,
-        normalize: bool = True,
+        normalize: Normalize = True,
         interpolate: bool = True,
     ) -> Tensor | tuple[Tensor]:
         r"""
@@ -66,7 +66,9 @@ class CheferRelevancy(CLIPMapAttribution):
                 list or 1-d tensor of N ints, or ``None`` for every prompt.
             start_layer: the first block of the rollout (Python indexing; the
                 reference's default -1 is the last block alone).
-            normalize: min-max normalise each (image, prompt) map to [0, 1];
+            normalize: ``True`` min-max normalises each (image, prompt) map to [0, 1] on
+                the patch grid, then upsamples; ``"reference"`` upsamples first and
+                normalises over the pixels, as Chefer et al.'s code does (docs/methods.md §1);
                 ``False`` keeps the relevancy.
             interpolate: upsample bilinearly to (H, W); ``False`` returns the patch grid.
 

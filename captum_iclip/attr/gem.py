@@ -9,7 +9,7 @@ from captum.log import log_usage
 from torch import Tensor
 
 from captum_iclip._precision import full_precision, upcast
-from captum_iclip.attr._utils import check_path_depth, select_targets
+from captum_iclip.attr._utils import Normalize, check_path_depth, select_targets
 from captum_iclip.attr.base import CLIPMapAttribution
 from captum_iclip.models.attention import gem_path
 
@@ -54,7 +54,7 @@ class GEMAttribution(CLIPMapAttribution):
         depth: int | None = None,
         iterations: int = 1,
         temperature: float | None = None,
-        normalize: bool = True,
+        normalize: Normalize = True,
         interpolate: bool = True,
     ) -> Tensor | tuple[Tensor]:
         r"""
@@ -70,7 +70,9 @@ class GEMAttribution(CLIPMapAttribution):
             temperature: the inverse temperature :math:`\tau`; ``None`` (GEM's
                 default) uses each block's ``head_dim ** -0.5`` times the mean token
                 norm of its ln_1 output, per image.
-            normalize: min-max normalise each (image, prompt) map to [0, 1];
+            normalize: ``True`` min-max normalises each (image, prompt) map to [0, 1] on
+                the patch grid, then upsamples; ``"reference"`` upsamples first and
+                normalises over the pixels, as GEM's code does (docs/methods.md §1);
                 ``False`` keeps the cosine similarities.
             interpolate: upsample bilinearly to (H, W); ``False`` returns the patch grid.
 

@@ -10,7 +10,7 @@ from captum.log import log_usage
 from torch import Tensor
 
 from captum_iclip._precision import full_precision, upcast
-from captum_iclip.attr._utils import select_targets
+from captum_iclip.attr._utils import Normalize, select_targets
 from captum_iclip.attr.base import CLIPMapAttribution
 from captum_iclip.models.attention import PATH_VARIANTS, dense_path
 
@@ -106,7 +106,7 @@ class ITSMAttribution(CLIPMapAttribution):
         target: TargetType = None,
         *,
         variant: str = "plain",
-        normalize: bool = True,
+        normalize: Normalize = True,
         interpolate: bool = True,
         surgery_depth: int | None = None,
         projection: str = "auto",
@@ -122,8 +122,11 @@ class ITSMAttribution(CLIPMapAttribution):
                 ``"surgery"`` (CLIP Surgery, docs/methods.md §2), or ``"maskclip"``,
                 ``"sclip"``, ``"clearclip"``, ``"naclip"`` (ViT towers only; see above
                 and docs/methods.md).
-            normalize: min-max normalise each (image, prompt) map to [0, 1].
-                ``False`` keeps the cosine similarities (or surgery scores).
+            normalize: ``True`` min-max normalises each (image, prompt) map to [0, 1] on
+                the patch grid, then upsamples; ``"reference"`` upsamples first and
+                normalises over the pixels (the order of GEM's, LeGrad's and Chefer et
+                al.'s code, docs/methods.md §1). ``False`` keeps the cosine similarities
+                (or surgery scores).
             interpolate: upsample bilinearly to (H, W); ``False`` returns the
                 patch grid (h, w).
             surgery_depth: number of final transformer blocks given the

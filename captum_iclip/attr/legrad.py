@@ -10,7 +10,7 @@ from torch import Tensor
 
 from captum_iclip._precision import full_precision, upcast
 from captum_iclip.attr._prompt_grads import prompt_gradients
-from captum_iclip.attr._utils import resolve_layer
+from captum_iclip.attr._utils import Normalize, resolve_layer
 from captum_iclip.attr.base import CLIPMapAttribution
 from captum_iclip.models.blocks import AttentionTrace
 
@@ -63,7 +63,7 @@ class LeGradAttribution(CLIPMapAttribution):
         target: TargetType = None,
         *,
         layer_index: int = -2,
-        normalize: bool = True,
+        normalize: Normalize = True,
         interpolate: bool = True,
     ) -> Tensor | tuple[Tensor]:
         r"""
@@ -74,7 +74,9 @@ class LeGradAttribution(CLIPMapAttribution):
                 list or 1-d tensor of N ints, or ``None`` for every prompt.
             layer_index: the first block whose attention is used (Python indexing;
                 the default -2, LeGrad's, uses the last two blocks).
-            normalize: min-max normalise each (image, prompt) map to [0, 1];
+            normalize: ``True`` min-max normalises each (image, prompt) map to [0, 1] on
+                the patch grid, then upsamples; ``"reference"`` upsamples first and
+                normalises over the pixels, as LeGrad's code does (docs/methods.md §1);
                 ``False`` keeps the summed gradients.
             interpolate: upsample bilinearly to (H, W); ``False`` returns the patch grid.
 

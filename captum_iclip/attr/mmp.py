@@ -11,7 +11,7 @@ from captum.log import log_usage
 from torch import Tensor
 
 from captum_iclip._precision import full_precision, upcast
-from captum_iclip.attr._utils import as_inputs_came
+from captum_iclip.attr._utils import Normalize, as_inputs_came
 from captum_iclip.attr.base import CLIPMapAttribution
 from captum_iclip.pooling import MaskedMaxPooling
 from captum_iclip.similarity import CLIPSimilarity
@@ -91,7 +91,7 @@ class MaskedMaxPoolingAttribution(CLIPMapAttribution):
         target: TargetType = None,
         *,
         mask: Tensor | None = None,
-        normalize: bool = False,
+        normalize: Normalize = False,
         interpolate: bool = True,
         projection: str = "auto",
         return_convergence_delta: Literal[False] = False,
@@ -104,7 +104,7 @@ class MaskedMaxPoolingAttribution(CLIPMapAttribution):
         target: TargetType = None,
         *,
         mask: Tensor | None = None,
-        normalize: bool = False,
+        normalize: Normalize = False,
         interpolate: bool = True,
         projection: str = "auto",
         return_convergence_delta: Literal[True],
@@ -117,7 +117,7 @@ class MaskedMaxPoolingAttribution(CLIPMapAttribution):
         target: TargetType = None,
         *,
         mask: Tensor | None = None,
-        normalize: bool = False,
+        normalize: Normalize = False,
         interpolate: bool = True,
         projection: str = "auto",
         return_convergence_delta: bool = False,
@@ -132,7 +132,9 @@ class MaskedMaxPoolingAttribution(CLIPMapAttribution):
                 overriding the provider for this call, with the provider's checks:
                 an empty mask means every patch.
             normalize: min-max normalise each map to [0, 1] (this breaks
-                completeness; off by default). The convergence delta is always
+                completeness; off by default): ``True`` normalises the patch
+                grid, then spreads (pixels at most ``1 / p²``); ``"reference"``
+                normalises the spread map over the pixels (to [0, 1]). The convergence delta is always
                 that of the attributions returned, so with ``normalize=True`` it
                 shows how far the normalised map is from summing to the score.
             interpolate: spread each patch's value over its pixels, giving
