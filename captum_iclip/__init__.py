@@ -5,6 +5,7 @@ from captum_iclip.attr.gem import GEMAttribution
 from captum_iclip.attr.itsm import ITSMAttribution
 from captum_iclip.attr.legrad import LeGradAttribution
 from captum_iclip.attr.mmp import MaskedMaxPoolingAttribution
+from captum_iclip.attr.segments import ImageSegments, SegmentAttribution
 from captum_iclip.loading.loader import LoadedCLIP, load, mask_source
 from captum_iclip.models import get_adapter
 from captum_iclip.models.dual import DualProjectionCLIP
@@ -19,10 +20,12 @@ __all__ = [
     "DualProjectionCLIP",
     "GEMAttribution",
     "ITSMAttribution",
+    "ImageSegments",
     "LeGradAttribution",
     "LoadedCLIP",
     "MaskedMaxPooling",
     "MaskedMaxPoolingAttribution",
+    "SegmentAttribution",
     "get_adapter",
     "load",
     "mask_source",

@@ -19,6 +19,8 @@ here". They all explain the same :class:`~captum_iclip.CLIPSimilarity`:
 
 "raw" always means the first: ITSM without surgery (variant ``"plain"``), on the recognition projection.
 The methods of :data:`VIT_METHODS` need a class-token ViT tower run by the shared block loop.
+Captum's perturbation methods on segments (:class:`~captum_iclip.SegmentAttribution`) are not registered:
+on the patch grid they are ``occlusion``, elsewhere they need segments per image (docs/methods.md §11).
 
 Adding a method is one :func:`register_method` call (in this module, or in the
 module that defines the method).
