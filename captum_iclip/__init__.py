@@ -4,7 +4,9 @@ from captum_iclip.attr.chefer import CheferRelevancy
 from captum_iclip.attr.gem import GEMAttribution
 from captum_iclip.attr.itsm import ITSMAttribution
 from captum_iclip.attr.legrad import LeGradAttribution
+from captum_iclip.attr.m2ib import M2IBAttribution
 from captum_iclip.attr.mmp import MaskedMaxPoolingAttribution
+from captum_iclip.attr.proxyclip import ProxyCLIPAttribution
 from captum_iclip.loading.loader import LoadedCLIP, load, mask_source
 from captum_iclip.models import get_adapter
 from captum_iclip.models.dual import DualProjectionCLIP
@@ -21,8 +23,10 @@ __all__ = [
     "ITSMAttribution",
     "LeGradAttribution",
     "LoadedCLIP",
+    "M2IBAttribution",
     "MaskedMaxPooling",
     "MaskedMaxPoolingAttribution",
+    "ProxyCLIPAttribution",
     "get_adapter",
     "load",
     "mask_source",

@@ -4,13 +4,17 @@ from captum_iclip.attr.chefer import CheferRelevancy
 from captum_iclip.attr.gem import GEMAttribution
 from captum_iclip.attr.itsm import ITSMAttribution, feature_surgery
 from captum_iclip.attr.legrad import LeGradAttribution
+from captum_iclip.attr.m2ib import M2IBAttribution
 from captum_iclip.attr.mmp import MaskedMaxPoolingAttribution
+from captum_iclip.attr.proxyclip import ProxyCLIPAttribution
 
 __all__ = [
     "CheferRelevancy",
     "GEMAttribution",
     "ITSMAttribution",
     "LeGradAttribution",
+    "M2IBAttribution",
     "MaskedMaxPoolingAttribution",
+    "ProxyCLIPAttribution",
     "feature_surgery",
 ]
