@@ -16,12 +16,15 @@ by default every registered method that applies to the model except ``occlusion`
 left out with the registry's reason. Each runs on the whole batch:
 
 * ``encode_image``: the model's own image embedding, the unit of the ratios;
+* ``proxy forward``: the forward pass of ProxyCLIP's proxy, ``--proxy`` (a timm DINO with random weights,
+  default ``vit_small_patch16_224.dino``; ``none`` leaves ``proxyclip`` out) on the batch in its own
+  normalisation; ``proxyclip`` is timed against ``encode_image`` plus it, the two forward passes it needs;
 * methods that take every prompt at once (the registry's ``every_prompt``: the ITSM
   methods ``raw``, ``surgery``, ``maskclip``, ``clearclip``, ``sclip``, ``naclip``, and
-  ``mmp``, ``gem``, ``legrad``, ``chefer``): maps for *every* prompt (``target=None``)
+  ``mmp``, ``gem``, ``legrad``, ``chefer``, ``proxyclip``): maps for *every* prompt (``target=None``)
   with their default post-processing (the prompt embeddings are computed once,
   outside ``attribute``);
-* the others (``gradcam``, ``ig``, ``occlusion``): one prompt per image (``target=0``);
+* the others (``gradcam``, ``ig``, ``occlusion``, ``m2ib``): one prompt per image (``target=0``);
   ``ig`` with ``--ig-steps`` steps in chunks of ``--ig-batch`` images;
 * ``legrad-torch`` (with ``--legrad-torch-python``): the authors' package on the same
   work as ``legrad`` (every image, every prompt; it takes one image at a time), timed in
@@ -38,7 +41,7 @@ embedding's largest entry).
 Timing: each method runs once to warm up, then ``--repeats`` rounds time every
 method once per round (the order rotates between rounds, so a slow spell on a
 shared machine does not land on one method); the median is reported. The long
-methods (``ig``, ``occlusion``) are timed ``--ig-repeats`` times (default 1), ``ig``
+methods (``ig``, ``occlusion``, ``m2ib``) are timed ``--ig-repeats`` times (default 1), ``ig``
 after a short warm-up at the same chunk size.
 
 Usage::
@@ -97,9 +100,10 @@ PROMPTS = [
 
 TARGETS = {"raw": 1.15, "surgery": 1.5, "gem": 1.3, "maskclip": 1.2, "clearclip": 1.2, "sclip": 1.2, "naclip": 1.2}
 """Registry methods with a target ratio to ``encode_image`` (at most)."""
-LONG = ("ig", "occlusion")  # timed --ig-repeats times, outside the rounds
+LONG = ("ig", "occlusion", "m2ib")  # timed --ig-repeats times, outside the rounds
 DEFAULT_LEFT_OUT = ("occlusion",)  # one forward pass per patch: only when named
 LEGRAD_TORCH_TARGET = 0.5  # our LeGrad at most half the time of legrad-torch
+PROXYCLIP_TARGET = 1.3  # ProxyCLIP at most 1.3 x (encode_image + the proxy's forward pass)
 
 
 def parse_args() -> argparse.Namespace:
@@ -119,6 +123,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ig-batch", type=int, default=16, help="Integrated Gradients internal_batch_size")
     parser.add_argument("--ig-repeats", type=int, default=1, help="timed Integrated Gradients runs")
     parser.add_argument("--legrad-torch-python", help="python of an environment with legrad-torch (open_clip <= 2.23)")
+    parser.add_argument(
+        "--proxy", default="vit_small_patch16_224.dino", help="timm DINO of proxyclip, random weights ('none': none)"
+    )
     parser.add_argument(
         "--legrad-torch-worker", help=argparse.SUPPRESS
     )  # internal: weights file to time legrad-torch on
@@ -182,9 +189,21 @@ def build_model(name: str):
     return loaded.model.requires_grad_(False), loaded.tokenizer
 
 
-def registry_methods(args: argparse.Namespace, sim: CLIPSimilarity, images: torch.Tensor):
-    """The timed calls of the ``--methods`` that apply to ``sim``, built through the registry:
-    ``{name: call}`` for the rounds, ``{name: (call, warm_up)}`` for the long ones, and
+def build_proxy(args: argparse.Namespace, sim: CLIPSimilarity):
+    """ProxyCLIP's proxy: a ``DINOMaskProvider`` around ``--proxy`` with random weights, or ``None``."""
+    if args.proxy == "none":
+        return None
+    import timm
+
+    from captum_iclip.masks import DINOMaskProvider
+
+    dino = timm.create_model(args.proxy, pretrained=False, num_classes=0, dynamic_img_size=True)
+    return DINOMaskProvider(dino.eval(), input_mean=sim.adapter.image_mean, input_std=sim.adapter.image_std)
+
+
+def registry_methods(args: argparse.Namespace, sim: CLIPSimilarity, images: torch.Tensor, proxy=None):
+    """The timed calls of the ``--methods`` that apply to ``sim`` (``proxyclip`` with ``proxy``), built through
+    the registry: ``{name: call}`` for the rounds, ``{name: (call, warm_up)}`` for the long ones, and
     ``{name: reason}`` for those left out."""
     names = args.methods.split(",") if args.methods else [n for n in method_names() if n not in DEFAULT_LEFT_OUT]
     if not args.ig_steps and not args.methods:
@@ -193,11 +212,11 @@ def registry_methods(args: argparse.Namespace, sim: CLIPSimilarity, images: torc
     rounds, long, skipped = {}, {}, {}
     for name in names:
         info = method_info(name)  # a ValueError naming the registered methods for a wrong name
-        if not info.applies_to(sim):
+        if not info.applies_to(sim, proxy):
             skipped[name] = f"it needs {info.requirement}"
             continue
         target = None if info.every_prompt else one_prompt
-        method = build_method(name, sim, ig_steps=args.ig_steps, ig_batch=args.ig_batch)
+        method = build_method(name, sim, ig_steps=args.ig_steps, ig_batch=args.ig_batch, proxy=proxy)
         call = functools.partial(method, images, target)
         if name in LONG:
             warm = build_method(name, sim, ig_steps=max(1, args.ig_batch // args.batch), ig_batch=args.ig_batch)
@@ -232,7 +251,9 @@ def main() -> None:
         sim = CLIPSimilarity(model, text_features=torch.randn(len(prompts), get_adapter(model).embed_dim))
     size = sim.adapter.image_size
     images = torch.randn(args.batch, 3, *size)
-    rounds, long, skipped = registry_methods(args, sim, images)
+    proxy = build_proxy(args, sim)
+    rounds, long, skipped = registry_methods(args, sim, images, proxy)
+    units = {"encode_image": None}  # filled below: the forward passes the ratios are to
 
     # Hugging Face towers: the inputs their processor gives (flattened patches for SigLIP 2), made outside the timing.
     own_inputs = None if hasattr(model, "encode_image") else sim.adapter.own_image_inputs(images)
@@ -247,6 +268,16 @@ def main() -> None:
                 return model.encode_image(images)
             return model.get_image_features(**own_inputs)
 
+    units["encode_image"] = encode_image
+    if proxy is not None and "proxyclip" in rounds:
+        proxy_input = images * proxy.scale + proxy.shift  # the proxy's own normalisation, outside the timing
+
+        def proxy_forward():
+            with torch.no_grad():
+                return proxy.model.forward_features(proxy_input)
+
+        units["proxy forward"] = proxy_forward
+
     one_prompt = CLIPSimilarity(model, text_features=sim.text_features[:1])
     many_prompts = CLIPSimilarity(model, text_features=torch.randn(args.many_prompts, sim.adapter.embed_dim))
     first = torch.zeros(args.batch, dtype=torch.long)
@@ -258,7 +289,7 @@ def main() -> None:
     results = {}
     if args.legrad_torch_python:
         results["legrad-torch"] = legrad_torch(args, model, images, sim.text_features)
-    results.update(time_rounds({"encode_image": encode_image, **rounds}, args.repeats))
+    results.update(time_rounds({**units, **rounds}, args.repeats))
     results.update(time_rounds(prompt_rows, args.repeats))
     for name, (call, warm_up) in long.items():
         if warm_up is not None:
@@ -283,7 +314,13 @@ def main() -> None:
     )
     for name, reason in skipped.items():
         print(f"left out {name}: {reason}")
-    report(args, results, ["encode_image", *rounds, *(["legrad-torch"] if "legrad-torch" in results else []), *long])
+    if "proxy forward" in results:
+        print(f"proxy of proxyclip: {args.proxy} (timm, random weights)")
+        results["encode_image + proxy forward"] = tuple(
+            results["encode_image"][clock] + results["proxy forward"][clock] for clock in (0, 1)
+        )
+    rows = ["encode_image", *units, *rounds, *(["legrad-torch"] if "legrad-torch" in results else []), *long]
+    report(args, results, list(dict.fromkeys(rows)))
     report_prompts(args, results, list(prompt_rows))
 
 
@@ -306,6 +343,9 @@ def report(args: argparse.Namespace, results: dict[str, Timing], rows: list[str]
         checks.append(
             (f"legrad <= {LEGRAD_TORCH_TARGET} x legrad-torch", "legrad", "legrad-torch", LEGRAD_TORCH_TARGET, True)
         )
+    if "proxyclip" in results and "encode_image + proxy forward" in results:
+        unit = "encode_image + proxy forward"
+        checks.append((f"proxyclip <= {PROXYCLIP_TARGET} x ({unit})", "proxyclip", unit, PROXYCLIP_TARGET, True))
     print_checks(results, checks)
 
 

@@ -12,7 +12,8 @@ Prepared so that a session with a few minutes of GPU time runs it unattended (de
    images/s and ratio to ``encode_image`` of every method (median of ``--repeats`` rounds after a
    warm-up, CUDA synchronised; :mod:`timing`), peak ``torch.cuda.max_memory_allocated`` above the
    model of each; every prompt's maps (``target=None``) up to ``--every-prompt-max`` prompts, one
-   prompt per image beyond; ``ig`` and ``occlusion`` at the first resolution only;
+   prompt per image beyond; ``ig``, ``occlusion`` and ``m2ib`` at the first resolution only; ``proxyclip``
+   with a random timm DINO ViT-S/16 as its proxy (:data:`PROXY`);
 3. host-device copies: CUDA memcpy events of one call of each method at batch 1 and at batch 4
    (``torch.profiler``); a count that grows with the batch is a copy inside a per-image loop;
 4. eval throughput: ``captum-iclip eval --dataset world`` (the bundled model, ``raw``) on
@@ -64,7 +65,8 @@ from captum_iclip.devices import check_device  # noqa: E402
 from captum_iclip.evaluation import map_agreement  # noqa: E402
 from captum_iclip.evaluation.methods import build_method, method_info, method_names  # noqa: E402
 
-LONG = ("ig", "occlusion")  # timed at the first resolution only
+LONG = ("ig", "occlusion", "m2ib")  # timed at the first resolution only
+PROXY = "vit_small_patch16_224.dino"  # ProxyCLIP's proxy: a timm DINO ViT-S/16, random weights (seeded)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -131,6 +133,19 @@ def similarity(model: torch.nn.Module, tokenizer, count: int, seed: int = 0) -> 
     dim = model.adapter.embed_dim
     generator = torch.Generator().manual_seed(seed)
     return CLIPSimilarity(model, text_features=torch.randn(count, dim, generator=generator))
+
+
+def proxy_for(sim: CLIPSimilarity):
+    """ProxyCLIP's proxy for ``sim``'s model: :data:`PROXY` in float32 on its device, seeded."""
+    import timm
+
+    from captum_iclip.masks import DINOMaskProvider
+
+    torch.manual_seed(0)
+    dino = timm.create_model(PROXY, pretrained=False, num_classes=0, dynamic_img_size=True).eval()
+    adapter = sim.adapter
+    provider = DINOMaskProvider(dino, input_mean=adapter.image_mean, input_std=adapter.image_std)
+    return provider.to(adapter.parameter.device)
 
 
 def images_for(model: torch.nn.Module, batch: int, size: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -230,7 +245,8 @@ def agreement(run: Run, tower: str) -> None:
     sim32 = similarity(model, tokenizer, 3)
     images = images_for(model, 2, size, torch.float32, seed=1)
     target = torch.tensor([0, 2], device=device)
-    names = [n for n in args.methods if method_info(n).applies_to(sim32)]
+    proxy = proxy_for(sim32)
+    names = [n for n in args.methods if method_info(n).applies_to(sim32, proxy)]
     for name in set(args.methods) - set(names):
         run.skip(f"agreement {tower} {name}", f"it needs {method_info(name).requirement}")
     variants: dict[str, Callable] = {}
@@ -241,13 +257,13 @@ def agreement(run: Run, tower: str) -> None:
             continue
         dtype = DTYPES[label]
         half = CLIPSimilarity(copy.deepcopy(model).to(dtype), text_features=sim32.text_features)
-        variants[label] = lambda name, half=half, dtype=dtype: build_method(name, half, ig_steps=args.ig_steps)(
-            images.to(dtype), target
-        )
+        variants[label] = lambda name, half=half, dtype=dtype: build_method(
+            name, half, ig_steps=args.ig_steps, proxy=proxy
+        )(images.to(dtype), target)
 
     def autocast(name: str) -> torch.Tensor:
         with torch.autocast(device.type, dtype=autocast_dtype):
-            return build_method(name, sim32, ig_steps=args.ig_steps)(images, target)
+            return build_method(name, sim32, ig_steps=args.ig_steps, proxy=proxy)(images, target)
 
     variants[f"autocast-{'bf16' if autocast_dtype == torch.bfloat16 else 'fp16'}"] = autocast
     for name in names:
@@ -255,7 +271,7 @@ def agreement(run: Run, tower: str) -> None:
             return
         reference = run.attempt(
             f"agreement {tower} {name} fp32",
-            lambda name=name: build_method(name, sim32, ig_steps=args.ig_steps)(images, target),
+            lambda name=name: build_method(name, sim32, ig_steps=args.ig_steps, proxy=proxy)(images, target),
         )
         if reference is None:
             continue
@@ -281,13 +297,15 @@ def timing_cell(run: Run, model, tokenizer, size: int, count: int, dtype_label: 
     one_prompt = torch.zeros(batch, dtype=torch.long, device=device)
     calls: dict[str, Callable[[], object]] = {"encode_image": functools.partial(model.adapter.encode_image, images)}
     first = size == args.resolutions[0]
+    proxy = proxy_for(sim)
+    options = {"ig_steps": args.ig_steps, "ig_batch": batch, "proxy": proxy}
     for name in args.methods:
         info = method_info(name)
-        if not info.applies_to(sim) or (name in LONG and (not first or key == "cpu")):
+        if not info.applies_to(sim, proxy) or (name in LONG and (not first or key == "cpu")):
             continue
         target = None if every and info.every_prompt else one_prompt
         what = f"{key} {dtype_label} {size}px {count} prompts {name}"
-        method = run.attempt(what, lambda name=name: build_method(name, sim, ig_steps=args.ig_steps, ig_batch=batch))
+        method = run.attempt(what, lambda name=name: build_method(name, sim, **options))
         if method is not None:
             calls[name] = functools.partial(method, images, target)
     every_prompt = {name for name in calls if name != "encode_image" and method_info(name).every_prompt}
@@ -357,10 +375,11 @@ def copies(run: Run) -> None:
     model, tokenizer = build_tower("small-vit" if args.quick else "ViT-B-16", device)
     model = model.to(DTYPES[args.dtype or "fp16"])
     sim, size = similarity(model, tokenizer, 20), args.resolutions[0]
+    proxy = proxy_for(sim)
     for name in args.methods:
-        if name in LONG or not method_info(name).applies_to(sim) or not run.has_time(f"copies {name}"):
+        if name in LONG or not method_info(name).applies_to(sim, proxy) or not run.has_time(f"copies {name}"):
             continue
-        method = build_method(name, sim)
+        method = build_method(name, sim, proxy=proxy)
         counts = {}
         for batch in (1, 4):
             images = images_for(model, batch, size, model.adapter.parameter.dtype)

@@ -4,7 +4,9 @@ from captum_iclip.attr.chefer import CheferRelevancy
 from captum_iclip.attr.gem import GEMAttribution
 from captum_iclip.attr.itsm import ITSMAttribution
 from captum_iclip.attr.legrad import LeGradAttribution
+from captum_iclip.attr.m2ib import M2IBAttribution
 from captum_iclip.attr.mmp import MaskedMaxPoolingAttribution
+from captum_iclip.attr.proxyclip import ProxyCLIPAttribution
 from captum_iclip.attr.segments import ImageSegments, SegmentAttribution
 from captum_iclip.loading.loader import LoadedCLIP, load, mask_source
 from captum_iclip.models import get_adapter
@@ -23,8 +25,10 @@ __all__ = [
     "ImageSegments",
     "LeGradAttribution",
     "LoadedCLIP",
+    "M2IBAttribution",
     "MaskedMaxPooling",
     "MaskedMaxPoolingAttribution",
+    "ProxyCLIPAttribution",
     "SegmentAttribution",
     "get_adapter",
     "load",

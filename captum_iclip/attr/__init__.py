@@ -4,7 +4,9 @@ from captum_iclip.attr.chefer import CheferRelevancy
 from captum_iclip.attr.gem import GEMAttribution
 from captum_iclip.attr.itsm import ITSMAttribution, feature_surgery
 from captum_iclip.attr.legrad import LeGradAttribution
+from captum_iclip.attr.m2ib import M2IBAttribution
 from captum_iclip.attr.mmp import MaskedMaxPoolingAttribution
+from captum_iclip.attr.proxyclip import ProxyCLIPAttribution
 from captum_iclip.attr.segments import ImageSegments, SegmentAttribution
 
 __all__ = [
@@ -13,7 +15,9 @@ __all__ = [
     "ITSMAttribution",
     "ImageSegments",
     "LeGradAttribution",
+    "M2IBAttribution",
     "MaskedMaxPoolingAttribution",
+    "ProxyCLIPAttribution",
     "SegmentAttribution",
     "feature_surgery",
 ]

@@ -344,7 +344,7 @@ def _build_runners(methods: Any, sim: CLIPSimilarity, mask_provider: Any) -> dic
         if not methods or not all(callable(fn) for fn in methods.values()):
             raise TypeError(f"methods: expected a non-empty mapping name -> fn(images, targets), got {methods!r}")
         return {str(name): fn for name, fn in methods.items()}
-    usable = available_methods(sim)
+    usable = available_methods(sim, mask_provider=mask_provider)
     if methods is None:
         names = [name for name in DEFAULT_METHODS if usable[name]]
     else:

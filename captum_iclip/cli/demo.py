@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--methods",
         default=None,
         help="comma-separated registry methods (default raw,surgery,iclip,mmp,gradcam,ig; "
-        "also gem,legrad,chefer,maskclip,clearclip,sclip,naclip, occlusion)",
+        "also gem,legrad,chefer,maskclip,clearclip,sclip,naclip,proxyclip,m2ib, occlusion)",
     )
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dino",
         default=None,
-        help="mask source of mmp: timm DINO name, Hugging Face id or folder "
-        "(default: the bundled model's DINO, else all patches)",
+        help="mask source of mmp, and the proxy of proxyclip: timm DINO name, Hugging Face id or folder "
+        "(default: the bundled model's DINO, else all patches and no proxyclip)",
     )
     parser.add_argument("--dino-checkpoint", default=None, help="state-dict file for a timm --dino name")
     parser.add_argument("--tau", type=float, default=None, help="DINO attention mass kept (default 0.6)")

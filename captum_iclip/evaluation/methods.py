@@ -15,7 +15,12 @@ here". They all explain the same :class:`~captum_iclip.CLIPSimilarity`:
 * ``occlusion``: Captum ``Occlusion`` with patch-sized windows, summed over channels;
 * ``gem``, ``legrad``, ``chefer``: :class:`~captum_iclip.GEMAttribution`,
   :class:`~captum_iclip.LeGradAttribution`, :class:`~captum_iclip.CheferRelevancy`;
-* ``maskclip``, ``clearclip``, ``sclip``, ``naclip``: ITSM with that variant (recognition projection).
+* ``maskclip``, ``clearclip``, ``sclip``, ``naclip``: ITSM with that variant (recognition projection);
+* ``proxyclip``: :class:`~captum_iclip.ProxyCLIPAttribution` with the DINO model of the mask source as its
+  proxy (the bundled model's, or ``--dino``'s); it applies only where there is one;
+* ``m2ib``: :class:`~captum_iclip.M2IBAttribution` at the reference's defaults (10 Adam steps of 10 noisy
+  copies per image, through the blocks after the bottleneck: about 100 forward and backward passes of
+  those blocks per image, against 16 of the whole tower for ``ig``).
 
 "raw" always means the first: ITSM without surgery (variant ``"plain"``), on the recognition projection.
 The methods of :data:`VIT_METHODS` need a class-token ViT tower run by the shared block loop.
@@ -40,7 +45,9 @@ from captum_iclip.attr.chefer import CheferRelevancy
 from captum_iclip.attr.gem import GEMAttribution
 from captum_iclip.attr.itsm import ITSMAttribution
 from captum_iclip.attr.legrad import LeGradAttribution
+from captum_iclip.attr.m2ib import M2IBAttribution
 from captum_iclip.attr.mmp import MaskedMaxPoolingAttribution
+from captum_iclip.attr.proxyclip import ProxyCLIPAttribution
 from captum_iclip.models.attention import PATH_VARIANTS
 from captum_iclip.models.base import BLOCK_LOOP_TOWERS, ViTAdapter
 from captum_iclip.similarity import CLIPSimilarity
@@ -63,6 +70,7 @@ class BuildOptions:
     baseline: Tensor | None = None  # (3,) or (1, 3, H, W) baseline of ig; default the normalised black image
     ig_batch: int | None = None  # images per forward pass of ig (Captum's internal_batch_size); None: all steps at once
     upsample: bool = True  # False: patch-grid maps (MethodInfo.patch_grid methods only), not upsampled to the input
+    proxy: Any = None  # the proxy vision model of proxyclip (a DINO mask provider or backbone; None: none)
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,8 @@ class MethodInfo:
             map methods); the others take one prompt per image only.
         patch_grid: the method's maps are computed on the patch grid and upsampled, and its
             builder honours ``BuildOptions.upsample=False`` (the maps before upsampling).
+        needs_proxy: applies only with a proxy vision model (``BuildOptions.proxy``: by default the
+            DINO model of the mask source).
     """
 
     name: str
@@ -101,10 +111,13 @@ class MethodInfo:
     needs_surgery: bool = False
     every_prompt: bool = False
     patch_grid: bool = False
+    needs_proxy: bool = False
 
-    def applies_to(self, sim: CLIPSimilarity) -> bool:
-        """Whether the method can explain ``sim``."""
+    def applies_to(self, sim: CLIPSimilarity, proxy: Any = None) -> bool:
+        """Whether the method can explain ``sim`` (with ``proxy`` as its proxy vision model, if it needs one)."""
         if self.needs_vit and not isinstance(sim.adapter, ViTAdapter):
+            return False
+        if self.needs_proxy and proxy is None:
             return False
         if self.needs_surgery and not sim.adapter.has_surgery:
             return False
@@ -117,6 +130,8 @@ class MethodInfo:
             return "a DualProjectionCLIP model (an interpretability projection)"
         if self.needs_surgery:
             return "a tower CLIP Surgery is defined on (a ViT, EVA or ResNet attention pool)"
+        if self.needs_proxy:
+            return f"a proxy vision model (a DINO mask source: the bundled model's, or --dino) and {BLOCK_LOOP_TOWERS}"
         return BLOCK_LOOP_TOWERS if self.needs_vit else "any model"
 
 
@@ -167,6 +182,7 @@ def build_method(
     baseline: Tensor | None = None,
     ig_batch: int | None = None,
     upsample: bool = True,
+    proxy: Any = None,
 ) -> Method:
     """Return ``fn(images, target) -> (N, 1, H, W)`` for method ``name`` (Captum's explanation-function form).
 
@@ -181,13 +197,16 @@ def build_method(
             ``None`` runs every step of every image at once.
         upsample: ``False`` returns the maps on the patch grid, before upsampling (only
             for methods with :attr:`MethodInfo.patch_grid`).
+        proxy: the proxy vision model of ``proxyclip``; ``None``: the DINO model of ``mask_provider``
+            (:func:`method_proxy`).
 
     Raises:
         ValueError: an unknown name, a method that does not apply to ``sim``, or
             ``upsample=False`` for a method whose maps are not on the patch grid.
     """
     info = method_info(name)
-    if not info.applies_to(sim):
+    proxy = method_proxy(mask_provider, proxy)
+    if not info.applies_to(sim, proxy):
         raise ValueError(
             f"method: expected a method that applies to this model, got {name!r} (it needs {info.requirement})"
         )
@@ -195,7 +214,7 @@ def build_method(
         raise ValueError(
             f"upsample: expected True for {name!r} (its maps are not computed on the patch grid), got False"
         )
-    method = info.build(sim, BuildOptions(mask_provider, ig_steps, baseline, ig_batch, upsample))
+    method = info.build(sim, BuildOptions(mask_provider, ig_steps, baseline, ig_batch, upsample, proxy))
 
     def run(images, target):
         # Captum's metrics (sensitivity_max) call explanation functions with 1-tuples and target=.
@@ -206,9 +225,21 @@ def build_method(
     return run
 
 
-def available_methods(sim: CLIPSimilarity) -> dict[str, bool]:
-    """Which registered methods apply to ``sim`` (``iclip`` needs a dual-projection model)."""
-    return {name: info.applies_to(sim) for name, info in REGISTRY.items()}
+def available_methods(sim: CLIPSimilarity, *, mask_provider: Any = None, proxy: Any = None) -> dict[str, bool]:
+    """Which registered methods apply to ``sim`` (``iclip`` needs a dual-projection model, ``proxyclip`` a proxy:
+    ``proxy``, or the DINO model of ``mask_provider``)."""
+    proxy = method_proxy(mask_provider, proxy)
+    return {name: info.applies_to(sim, proxy) for name, info in REGISTRY.items()}
+
+
+def method_proxy(mask_provider: Any = None, proxy: Any = None) -> Any:
+    """The proxy vision model of ``proxyclip``: ``proxy`` when given, else the DINO provider behind
+    ``mask_provider`` (:func:`~captum_iclip.masks.dino_provider`), else ``None``."""
+    if proxy is not None or mask_provider is None:
+        return proxy
+    from captum_iclip.masks import dino_provider  # imports timm: only when there is a mask source
+
+    return dino_provider(mask_provider)
 
 
 def requirement(name: str) -> str:
@@ -238,6 +269,11 @@ def _attribution_builder(cls: type) -> Callable[[CLIPSimilarity, BuildOptions], 
 def _build_mmp(sim: CLIPSimilarity, options: BuildOptions) -> Method:
     mmp = MaskedMaxPoolingAttribution(sim, mask_provider=options.mask_provider)
     return lambda x, t: mmp.attribute(x, target=t, interpolate=options.upsample)
+
+
+def _build_proxyclip(sim: CLIPSimilarity, options: BuildOptions) -> Method:
+    proxyclip = ProxyCLIPAttribution(sim, options.proxy)
+    return lambda x, t: proxyclip.attribute(x, target=t, interpolate=options.upsample)
 
 
 def _build_gradcam(sim: CLIPSimilarity, options: BuildOptions) -> Method:
@@ -361,6 +397,19 @@ for _info in (
             patch_grid=True,
         )
         for variant in PATH_VARIANTS
+    ),
+    MethodInfo(
+        "proxyclip",
+        "ProxyCLIP",
+        "limegreen",
+        "attention",
+        _build_proxyclip,
+        needs_vit=True,
+        needs_proxy=True,
+        every_prompt=True,
+    ),
+    MethodInfo(
+        "m2ib", "M2IB", "sienna", "gradient", _attribution_builder(M2IBAttribution), needs_vit=True, patch_grid=True
     ),
 ):
     register_method(_info)

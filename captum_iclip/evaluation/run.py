@@ -207,7 +207,8 @@ def _context(config: EvalConfig, sim: CLIPSimilarity, dataset: SegmentationDatas
     """Check the model against the configuration and the dataset; build the methods."""
     if sim.num_prompts != dataset.num_classes:
         raise ValueError(f"sim: expected one prompt per dataset class ({dataset.num_classes}), got {sim.num_prompts}")
-    unavailable = [name for name in config.methods if not available_methods(sim)[name]]
+    usable = available_methods(sim, mask_provider=mask_provider)
+    unavailable = [name for name in config.methods if not usable[name]]
     if unavailable:
         raise ValueError(
             "methods: expected methods that apply to this model, got "

@@ -1,5 +1,6 @@
 """DINO as a mask source: loading a DINO backbone (timm, Hugging Face, a checkpoint) and
-:class:`DINOMaskProvider`, CLIP images -> DINO [CLS] attention -> a mask on the CLIP grid."""
+:class:`DINOMaskProvider`, CLIP images -> DINO [CLS] attention -> a mask on the CLIP grid (and the DINO
+patch features, ProxyCLIP's proxy: :meth:`DINOMaskProvider.patch_features`, :func:`dino_provider`)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from captum_iclip.masks.attention import (
     dino_patch_size,
     top_mass_mask,
 )
+from captum_iclip.masks.cache import CachedMaskProvider
+from captum_iclip.masks.features import PatchFeatures, patch_features
 from captum_iclip.masks.providers import MaskProvider, _check_images
 
 _RESAMPLE_MODES = ("bilinear", "nearest")
@@ -288,6 +291,29 @@ class DINOMaskProvider(MaskProvider):
             x = F.interpolate(x, size=self.dino_size, mode="bilinear", align_corners=False, antialias=True)
         return cls_attention(self.model, x, self.blocks).float()
 
+    @torch.no_grad()
+    def patch_features(self, images: Tensor, size: GridSize | None = None) -> PatchFeatures:
+        """The DINO model's L2-normalised patch features of CLIP-preprocessed images (ProxyCLIP's proxy,
+        docs/methods.md §7; :func:`~captum_iclip.masks.features.patch_features`).
+
+        The images are converted to the DINO normalisation as for :meth:`attention`, but keep their own size
+        (ProxyCLIP's reference feeds its proxies the CLIP input as it is) unless ``size`` is given.
+
+        Args:
+            images (Tensor): CLIP-preprocessed images ``(N, 3, H, W)``.
+            size (tuple[int, int], optional): ``(H', W')`` to resize to first (bilinear, antialiased when
+                shrinking), each a multiple of the DINO patch size; ``None`` keeps ``(H, W)``.
+
+        Returns:
+            PatchFeatures: ``(N, h_d * w_d, C)`` unit features and the DINO grid ``(h_d, w_d)``.
+        """
+        _check_images(images)
+        x = images.float() * self.scale + self.shift
+        if size is not None and tuple(size) != tuple(x.shape[-2:]):
+            shrinking = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+            x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=shrinking)
+        return patch_features(self.model, x)
+
     def compute_mask(self, images: Tensor, grid_size: GridSize) -> Tensor:
         return self.mask_from_attention(self.attention(images), grid_size)
 
@@ -306,3 +332,12 @@ class DINOMaskProvider(MaskProvider):
             return top_mass_mask(attention, self.tau)
         mask = top_mass_mask(attention, self.tau).view_as(attention)
         return F.interpolate(mask[:, None].float(), size=grid_size, mode="nearest")[:, 0].flatten(1) > 0.5
+
+
+def dino_provider(source: object) -> DINOMaskProvider | None:
+    """The :class:`DINOMaskProvider` behind a mask source: the provider itself, or the one a
+    :class:`~captum_iclip.masks.CachedMaskProvider` wraps; ``None`` for any other source (fixed masks,
+    callables, the oracle), which has no DINO model to give ProxyCLIP its proxy."""
+    while isinstance(source, CachedMaskProvider):
+        source = source.provider
+    return source if isinstance(source, DINOMaskProvider) else None

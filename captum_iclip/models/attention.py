@@ -21,6 +21,9 @@ from captum_iclip.models.blocks import AttentionInputs, DensePath, Grid
 PATH_VARIANTS = ("maskclip", "clearclip", "sclip", "naclip")
 #: NACLIP's default neighbourhood: a Gaussian of 5 patches' standard deviation.
 NACLIP_STD = 5.0
+#: ProxyCLIP's defaults: the affinity threshold beta (times the mean affinity) and the sharpness gamma.
+PROXY_BETA = 1.2
+PROXY_GAMMA = 3.0
 
 
 def self_value_attention(value: Tensor, num_heads: int, scale: float, l2_normalize: bool = False) -> Tensor:
@@ -128,6 +131,58 @@ def self_self(iterations: int = 1, temperature: float | None = None):
         return out / 3
 
     return attend
+
+
+def proxy_affinity(features: Tensor, beta: float = PROXY_BETA, gamma: float = PROXY_GAMMA) -> tuple[Tensor, Tensor]:
+    r"""ProxyCLIP's proxy attention (Lan et al., ECCV 2024): (N, M, M) weights from a proxy's (N, M, C)
+    L2-normalised patch features.
+
+    With :math:`c_{ij} = f_i \cdot f_j` and :math:`\bar c` its mean over all (i, j) of the image, the
+    threshold is :math:`\tau = \beta \bar c` and :math:`A_i = \mathrm{softmax}_j\, \gamma (c_{ij} - \tau)` over
+    the j with :math:`c_{ij} \ge \tau` (the others get no weight; docs/methods.md §7). Where :math:`\tau`
+    exceeds the patches' affinity to themselves (1: an image whose patches are all alike, or a large
+    ``beta``), the reference's weights are NaN; here :math:`\tau` is lowered to the smallest self-affinity of
+    the image, so that each patch attends to itself (and to its exact duplicates). Computed in at least float32.
+
+    Returns:
+        The (N, M, M) weights, and (N,) which images had their threshold lowered.
+    """
+    with full_precision(features.device):
+        affinity = upcast(features) @ upcast(features).transpose(1, 2)
+        threshold = beta * affinity.mean(dim=(1, 2))
+        own = affinity.diagonal(dim1=1, dim2=2).amin(dim=-1)
+        lowered = threshold > own
+        threshold = torch.minimum(threshold, own)[:, None, None]
+        logits = (gamma * (affinity - threshold)).masked_fill(affinity < threshold, float("-inf"))
+        return torch.softmax(logits, dim=-1), lowered
+
+
+def proxy_attention(weights: Tensor, proxy_grid: Grid):
+    """ProxyCLIP's attend: the block's values resampled to the proxy's grid, mixed by the proxy's ``weights``
+    (:func:`proxy_affinity`), the same for every head.
+
+    The patch values are resized from CLIP's grid to ``proxy_grid`` (bilinear, ``align_corners=False``, as
+    the reference does), so the path gives ``1 + h' * w'`` tokens: a placeholder where the class token was
+    (the block loop replaces it by the plain path's), then the proxy grid's patches.
+    """
+
+    def attend(inputs: AttentionInputs) -> Tensor:
+        v = inputs.v
+        n, heads, _, head_dim = v.shape
+        h, w = inputs.grid
+        with full_precision(v.device):  # resampled and mixed in at least float32 (half-precision rules)
+            patches = upcast(v[:, :, 1:]).reshape(n * heads, h, w, head_dim).permute(0, 3, 1, 2)
+            patches = F.interpolate(patches, size=tuple(proxy_grid), mode="bilinear", align_corners=False)
+            patches = patches.flatten(2).transpose(1, 2).reshape(n, heads, -1, head_dim)
+            mixed = weights[:, None].to(patches.dtype) @ patches
+        return torch.cat([v[:, :, :1], mixed.to(v.dtype)], dim=2)
+
+    return attend
+
+
+def proxy_path(weights: Tensor, proxy_grid: Grid) -> DensePath:
+    """ProxyCLIP's last-block path: its proxy attention, no residual, no MLP (the reference's defaults)."""
+    return DensePath(1, proxy_attention(weights, proxy_grid), residual=False, mlp=False)
 
 
 def gem_path(depth: int = 6, iterations: int = 1, temperature: float | None = None) -> DensePath:

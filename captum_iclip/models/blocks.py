@@ -203,7 +203,9 @@ class DensePath:
     projection. With ``residual`` the path adds that to its own stream (which starts
     as the input of its first block), otherwise the stream restarts from it; with
     ``mlp`` the block's MLP follows, with its residual. The global token always
-    comes from the original path, so it stays the model's image embedding.
+    comes from the original path, so it stays the model's image embedding. Without ``residual`` the
+    attend may give another number of tokens than it is given (ProxyCLIP's, on its proxy's patch grid);
+    the patch tokens of the path are then those.
 
     Examples: CLIP Surgery is ``DensePath(6, value-value attention, residual=True,
     mlp=False)``; ClearCLIP is ``DensePath(1, query-query attention, residual=False,
@@ -327,7 +329,8 @@ def run_blocks(
 
     Returns:
         (N, 1 + h*w, C) tokens after the last block: the original path's class token,
-        and the patch tokens of ``path`` (of the original path without one).
+        and the patch tokens of ``path`` (of the original path without one; as many as
+        the path gives, see :class:`DensePath`).
     """
     depth = path.depth if path is not None else 0
     n_plain = len(views) - depth

@@ -16,7 +16,14 @@ import torch.nn.functional as F
 from conftest import make_images
 from transformers import CLIPModel
 
-from captum_iclip import CheferRelevancy, CLIPSimilarity, GEMAttribution, ITSMAttribution, LeGradAttribution
+from captum_iclip import (
+    CheferRelevancy,
+    CLIPSimilarity,
+    GEMAttribution,
+    ITSMAttribution,
+    LeGradAttribution,
+    M2IBAttribution,
+)
 
 
 @pytest.fixture(scope="module", params=["open_clip", "hf"])
@@ -344,7 +351,7 @@ def test_bad_layer_arguments_name_the_argument(small_vit):
 
 # --- the method registry of demo, eval and audit ------------------------------------------
 def test_registry_runs_every_new_method_and_only_on_vits(family, tiny_resnet):
-    from captum_iclip.evaluation.methods import VIT_METHODS, available_methods, build_method
+    from captum_iclip.evaluation.methods import VIT_METHODS, available_methods, build_method, method_info
 
     sim, _ = family
     images = make_images(2, 3, 16, 16, seed=26)
@@ -353,9 +360,13 @@ def test_registry_runs_every_new_method_and_only_on_vits(family, tiny_resnet):
         "gem": lambda: GEMAttribution(sim).attribute(images, target=target),
         "legrad": lambda: LeGradAttribution(sim).attribute(images, target=target),
         "chefer": lambda: CheferRelevancy(sim).attribute(images, target=target),
+        "m2ib": lambda: M2IBAttribution(sim).attribute(images, target=target),
     }
-    assert all(available_methods(sim)[name] for name in VIT_METHODS)
-    for name in VIT_METHODS:
+    # ProxyCLIP needs a proxy model besides the tower (tests/attr/test_proxyclip.py builds it with one).
+    without_proxy = [name for name in VIT_METHODS if not method_info(name).needs_proxy]
+    assert set(VIT_METHODS) - set(without_proxy) == {"proxyclip"}
+    assert all(available_methods(sim)[name] for name in without_proxy)
+    for name in without_proxy:
         maps = build_method(name, sim)(images, target)
         expected = (
             direct[name]() if name in direct else ITSMAttribution(sim).attribute(images, target=target, variant=name)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import VisionTransformer
 
@@ -13,6 +14,8 @@ from captum_iclip.masks import (
     MaskProvider,
     as_mask_provider,
     cls_attention,
+    dino_provider,
+    patch_features,
     top_mass_mask,
 )
 
@@ -271,6 +274,36 @@ def test_hf_dinov2_provider_agrees_with_output_attentions(hf_dinov2):
     assert mask.shape == (2, 49) and mask.dtype == torch.bool
     # any size divisible by the patch size, positional embeddings interpolated
     assert cls_attention(hf_dinov2, torch.randn(1, 3, 40, 64)).shape == (1, 5, 8)
+
+
+# --------------------------------------------------------------------------- patch features (ProxyCLIP's proxy)
+def test_patch_features_are_the_last_normed_patch_tokens_as_dinov2_reads_them(hf_dinov2, tmp_path):
+    model = tiny_vit(reg_tokens=2, qk_norm=True)
+    images = torch.randn(2, 3, 40, 24)
+    with torch.no_grad():
+        found = patch_features(model, images)
+        # DINOv2's get_intermediate_layers(x, reshape=True) (ProxyCLIP's call): the prefix tokens dropped.
+        expected = model.get_intermediate_layers(images, n=1, norm=True)[0]
+        assert found.grid == (5, 3) and expected.shape == (2, 15, 32)
+        torch.testing.assert_close(found.features, F.normalize(expected, dim=-1), rtol=0, atol=1e-6)
+        torch.testing.assert_close(found.features.norm(dim=-1), torch.ones(2, 15))
+        hf = patch_features(hf_dinov2, images[..., :32, :])
+        outputs = hf_dinov2(pixel_values=images[..., :32, :], output_hidden_states=True)
+        tokens = hf_dinov2.layernorm(outputs.hidden_states[-1])[:, 1:]
+        assert hf.grid == (4, 3)
+        torch.testing.assert_close(hf.features, F.normalize(tokens, dim=-1), rtol=0, atol=1e-6)
+        # The provider converts CLIP inputs to the DINO normalisation, keeping their size unless told.
+        provider = DINOMaskProvider(model)
+        converted = patch_features(model, clip_to_dino(images))
+        torch.testing.assert_close(provider.patch_features(images).features, converted.features)
+        assert provider.patch_features(images, (16, 32)).grid == (2, 4)
+    with pytest.raises(TypeError, match="model: expected a timm VisionTransformer"):
+        patch_features(torch.nn.Conv2d(3, 3, 8), images)
+    with pytest.raises(ValueError, match="divisible"):
+        patch_features(model, torch.randn(1, 3, 36, 32))
+    cached = CachedMaskProvider(provider, tmp_path)
+    assert dino_provider(cached) is provider and dino_provider(provider) is provider
+    assert dino_provider(as_mask_provider(torch.ones(1, 4, dtype=torch.bool))) is None
 
 
 def test_hf_cls_attention_needs_eager_attention():
