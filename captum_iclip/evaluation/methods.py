@@ -18,7 +18,8 @@ here". They all explain the same :class:`~captum_iclip.CLIPSimilarity`:
 * ``maskclip``, ``clearclip``, ``sclip``, ``naclip``: ITSM with that variant (recognition projection).
 
 "raw" always means the first: ITSM without surgery (variant ``"plain"``), on the recognition projection.
-The methods of :data:`VIT_METHODS` need a class-token ViT tower run by the shared block loop.
+The methods of :data:`VIT_METHODS` need a ViT tower (any of them: the shared block loop runs every one; not the
+ResNets or the convolutional timm trunks).
 
 Adding a method is one :func:`register_method` call (in this module, or in the
 module that defines the method).
@@ -77,8 +78,9 @@ class MethodInfo:
             :class:`~captum_iclip.ITSMAttribution` that gives every prompt's map at once.
         needs_interpretability: applies only to models with an interpretability
             projection (a ``DualProjectionCLIP``).
-        needs_vit: applies only to the class-token ViT towers of the shared block loop (the methods
-            that hook it: not the SigLIP, timm and convolutional towers, docs/methods.md §8).
+        needs_vit: applies only to the ViT towers, whose blocks the shared block loop computes from
+            their parts (the methods that change or read their attention: not the ResNets or the
+            convolutional timm trunks, docs/methods.md §8).
         needs_surgery: applies only to towers CLIP Surgery is defined on (not the
             convolutional timm trunks, docs/methods.md §8).
         every_prompt: the built method also takes ``target=None`` and then returns
@@ -102,7 +104,7 @@ class MethodInfo:
 
     def applies_to(self, sim: CLIPSimilarity) -> bool:
         """Whether the method can explain ``sim``."""
-        if self.needs_vit and not isinstance(sim.adapter, ViTAdapter):
+        if self.needs_vit and not (isinstance(sim.adapter, ViTAdapter) and sim.adapter.blocks_in_parts):
             return False
         if self.needs_surgery and not sim.adapter.has_surgery:
             return False
