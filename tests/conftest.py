@@ -210,6 +210,155 @@ def small_hf() -> CLIPModel:
     return _hf_clip(layers=3, image_size=16, seed=12)
 
 
+# --- the other families, small: open_clip timm towers, Hugging Face SigLIP ---------------------
+#: Input side of the small SigLIP, EVA and Hugging Face SigLIP towers: a 4x4 grid of 8-px patches.
+TOWER_SIDE = 32
+TOWER_TEXT = CLIPTextCfg(
+    context_length=8, vocab_size=64, width=16, heads=2, layers=1, no_causal_mask=True, pool_type="last", proj_bias=True
+)
+
+
+def timm_clip(trunk_builder, embed_dim: int, pool: str, proj, image_size: int, logit_bias=None, shell=None):
+    """An open_clip ``CustomTextCLIP`` whose ``TimmModel`` tower runs ``trunk_builder()``.
+
+    open_clip's ``TimmModel`` takes a timm model *name*; a small trunk of the same class
+    and pooling is swapped in after construction (``shell`` is the cheap registered
+    name open_clip builds first; ``None`` builds the trunk by name directly).
+    """
+
+    def build():
+        vision = CLIPVisionCfg(
+            timm_model_name=shell or trunk_builder, timm_pool=pool, timm_proj=proj, image_size=image_size
+        )
+        model = open_clip.CustomTextCLIP(embed_dim, vision, TOWER_TEXT, init_logit_bias=logit_bias)
+        if shell is not None:
+            model.visual.trunk = trunk_builder()
+        return model
+
+    return _seeded(build, seed=7, jitter=0.05)
+
+
+@pytest.fixture(scope="session")
+def siglip():
+    """ViT-B-16-SigLIP's tower (timm VisionTransformer, no class token, MAP head), small."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return timm_clip(
+        lambda: VisionTransformer(
+            img_size=TOWER_SIDE,
+            patch_size=8,
+            embed_dim=32,
+            depth=2,
+            num_heads=2,
+            class_token=False,
+            global_pool="map",
+            num_classes=0,
+        ),
+        32,
+        pool="map",
+        proj="none",
+        image_size=TOWER_SIDE,
+        logit_bias=-10.0,
+        shell="vit_tiny_patch16_224",
+    )
+
+
+@pytest.fixture(scope="session")
+def vit_avg():
+    """A timm ViT with a class token, 2 registers and average pooling (fc_norm after the pool)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return timm_clip(
+        lambda: VisionTransformer(
+            img_size=TOWER_SIDE,
+            patch_size=8,
+            embed_dim=32,
+            depth=2,
+            num_heads=2,
+            reg_tokens=2,
+            global_pool="avg",
+            num_classes=16,
+        ),
+        16,
+        pool="avg",
+        proj=None,
+        image_size=TOWER_SIDE,
+        shell="vit_tiny_patch16_224",
+    )
+
+
+@pytest.fixture(scope="session")
+def eva02():
+    """EVA02-B-16's tower (timm Eva: rotary embedding, SwiGLU, inner attention norm, token pool), small."""
+    from timm.models.eva import Eva
+
+    return timm_clip(
+        lambda: Eva(
+            img_size=TOWER_SIDE,
+            patch_size=8,
+            embed_dim=32,
+            depth=2,
+            num_heads=2,
+            qkv_fused=False,
+            mlp_ratio=4 * 2 / 3,
+            swiglu_mlp=True,
+            scale_mlp=True,
+            scale_attn_inner=True,
+            use_rot_pos_emb=True,
+            ref_feat_shape=(4, 4),
+            global_pool="token",
+            num_classes=16,
+        ),
+        16,
+        pool="token",
+        proj=None,
+        image_size=TOWER_SIDE,
+        shell="vit_tiny_patch16_224",
+    )
+
+
+def _siglip_text() -> dict:
+    return dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=64,
+        max_position_embeddings=8,
+    )
+
+
+@pytest.fixture(scope="session")
+def hf_siglip():
+    """transformers SiglipModel: 2 layers of width 32, 8-px patches on 32x32 images."""
+    from transformers import SiglipConfig, SiglipModel
+
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        patch_size=8,
+        image_size=TOWER_SIDE,
+    )
+    return _seeded(
+        lambda: SiglipModel(SiglipConfig(vision_config=vision, text_config=_siglip_text())), seed=8, jitter=0.05
+    )
+
+
+@pytest.fixture(scope="session")
+def hf_siglip2():
+    """Siglip2Model (NaFlex: linear patch embedding, resized position grid), 4x4 position grid of 8-px patches."""
+    from transformers import Siglip2Config, Siglip2Model
+
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=8, num_patches=16
+    )
+    return _seeded(
+        lambda: Siglip2Model(Siglip2Config(vision_config=vision, text_config=_siglip_text())), seed=9, jitter=0.05
+    )
+
+
 # --- forward functions -----------------------------------------------------------------
 @pytest.fixture(scope="session")
 def sim_b32(vit_b32, tokenizer) -> CLIPSimilarity:

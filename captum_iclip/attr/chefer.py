@@ -29,7 +29,11 @@ class CheferRelevancy(CLIPMapAttribution):
               R \leftarrow R + \bar A^l R \quad (R = I \text{ initially}),
 
     and the map is the class token's row :math:`R_{0, 1:}` over the patches
-    (docs/methods.md). The reference default uses the last block only. ViT towers only.
+    (docs/methods.md). Where the embedding is not the class token's, the row is the
+    pool's read-out :math:`\rho R`: the mean of the averaged tokens' rows, or for an
+    attention pool (SigLIP) its gradient-weighted attention
+    :math:`\rho = \mathrm{mean}_h [\nabla a \odot a]^+` (docs/methods.md §7). The
+    reference default uses the last block only. ViT towers only.
 
     Built on :class:`~captum_iclip.attr.base.CLIPMapAttribution` (Captum's target
     semantics, min-max normalisation, bilinear upsampling); it always reads the
@@ -84,12 +88,17 @@ class CheferRelevancy(CLIPMapAttribution):
 
         trace = AttentionTrace(start)
         with torch.enable_grad(), sim.evaluating():
-            features = adapter.project_global(adapter.tokens(images, trace=trace))
+            adapter.tokens(images, trace=trace)
+            # The global embedding of the last block's tokens, and how it reads them (the read-out row).
+            pooled = adapter.pool(trace.outputs[-1])
+            features = pooled.embedding
             with full_precision(features.device):  # the norm and the logits in >= float32
                 features = F.normalize(upcast(features), dim=-1)
                 text = upcast(sim.text_features).to(features.dtype)
                 logits = sim.logit_scale.to(features.dtype) * features @ text.t()
             probabilities = [p.detach() for p in trace.probabilities]
+            pool_weights = pooled.weights.detach()
+            patches = prepared.grid[0] * prepared.grid[1]
 
             def rollout(gradients: list[Tensor]) -> Tensor:
                 # The rollout's products in >= float32 (half-precision rules, docs/methods.md).
@@ -99,9 +108,16 @@ class CheferRelevancy(CLIPMapAttribution):
                         # (k, N, heads, L, L) -> (k, N, L, L)
                         weighted = (upcast(grad) * upcast(attention)).clamp_min(0).mean(dim=2)
                         relevancy = relevancy + weighted @ relevancy
-                    return relevancy[:, :, 0, 1:]
+                    if not pooled.learned:  # a class token's row, or the mean of the pooled tokens' rows
+                        readout = upcast(pool_weights).mean(dim=1)
+                    else:  # an attention pool: its gradient-weighted attention, as every attention above
+                        readout = (upcast(gradients[-1]) * upcast(pool_weights)).clamp_min(0).mean(dim=2)
+                    # The pool may read the patches only: its row starts after the prefix tokens.
+                    readout = F.pad(readout, (relevancy.shape[-1] - readout.shape[-1], 0))
+                    return (readout @ relevancy)[..., 0, -patches:]
 
-            maps = prompt_gradients(logits, trace.probabilities, index, reduce=rollout)
+            inputs = [*trace.probabilities, *([pooled.weights] if pooled.learned else [])]
+            maps = prompt_gradients(logits, inputs, index, reduce=rollout)
         with torch.no_grad():
             scores = maps.transpose(0, 1)
             return self.output(scores, prepared, normalize=normalize, interpolate=interpolate, upsample="bilinear")

@@ -15,11 +15,11 @@ from captum_iclip.attr.base import CLIPMapAttribution
 from captum_iclip.models.blocks import AttentionTrace
 
 
-def _positive_mean_over_layers(gradients: list[Tensor]) -> Tensor:
-    """(k, N, heads, L, L) gradients per layer -> (k, N, h*w): clipped, averaged over heads and queries,
-    summed over layers, patch keys."""
+def _positive_mean_over_layers(gradients: list[Tensor], patches: int) -> Tensor:
+    """(k, N, heads, Q, L) gradients per layer -> (k, N, h*w): clipped, averaged over heads and queries,
+    summed over layers, the last ``patches`` keys (the patches: prefix tokens come first)."""
     with torch.no_grad():  # reduced in at least float32 (half-precision rules)
-        return sum(upcast(grad).clamp_min(0).mean(dim=(2, 3))[..., 1:] for grad in gradients)
+        return sum(upcast(grad).clamp_min(0).mean(dim=(2, 3))[..., -patches:] for grad in gradients)
 
 
 class LeGradAttribution(CLIPMapAttribution):
@@ -35,9 +35,11 @@ class LeGradAttribution(CLIPMapAttribution):
 
     .. math:: m = \sum_{l} \mathrm{mean}_{h,i}\,\big[\partial s^l / \partial A^l_{h,i,\cdot}\big]^+ ,
 
-    restricted to the patch keys (docs/methods.md). One forward pass serves every
-    prompt and image; the prompts share one batched backward pass through the
-    last blocks only. ViT towers only.
+    restricted to the patch keys (docs/methods.md). On a tower pooled by an attention
+    (SigLIP's MAP head), :math:`s^l` reads block l's tokens through that pool and the
+    gradient is taken with respect to the pool's attention, as LeGrad's code does for
+    SigLIP (docs/methods.md §7). One forward pass serves every prompt and image; the
+    prompts share one batched backward pass through the last blocks only. ViT towers only.
 
     Built on :class:`~captum_iclip.attr.base.CLIPMapAttribution` (Captum's target
     semantics, min-max normalisation, bilinear upsampling); it always reads the
@@ -96,13 +98,18 @@ class LeGradAttribution(CLIPMapAttribution):
             text = sim.text_features
             # Each block's input is detached, so the gradient of the summed scores
             # reaches every block's attention from that block's own score only.
-            scores = 0
-            for out in trace.outputs:
-                feature = adapter.project_global(adapter.final_norm(out.mean(dim=1, keepdim=True)))
-                with full_precision(feature.device):  # the norm and the scores in >= float32
-                    feature = F.normalize(upcast(feature), dim=-1)
+            scores, attention = 0, []
+            for out, probabilities in zip(trace.outputs, trace.probabilities):
+                # An attention-pooled tower (SigLIP) is read through its pool's attention, as LeGrad's code does.
+                pooled = adapter.layer_pool(out)
+                attention.append(pooled.weights if pooled.learned else probabilities)
+                with full_precision(pooled.embedding.device):  # the norm and the scores in >= float32
+                    feature = F.normalize(upcast(pooled.embedding), dim=-1)
                     scores = scores + feature @ upcast(text).to(feature.dtype).t()
-            maps = prompt_gradients(scores, trace.probabilities, index, reduce=_positive_mean_over_layers)
+            patches = prepared.grid[0] * prepared.grid[1]
+            maps = prompt_gradients(
+                scores, attention, index, reduce=lambda gradients: _positive_mean_over_layers(gradients, patches)
+            )
         with torch.no_grad():
             scores = maps.transpose(0, 1)
             return self.output(scores, prepared, normalize=normalize, interpolate=interpolate, upsample="bilinear")

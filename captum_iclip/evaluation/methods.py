@@ -23,7 +23,8 @@ here". They all explain the same :class:`~captum_iclip.CLIPSimilarity`:
   those blocks per image, against 16 of the whole tower for ``ig``).
 
 "raw" always means the first: ITSM without surgery (variant ``"plain"``), on the recognition projection.
-The methods of :data:`VIT_METHODS` need a class-token ViT tower run by the shared block loop.
+The methods of :data:`VIT_METHODS` need a ViT tower (any of them: the shared block loop runs every one; not the
+ResNets or the convolutional timm trunks).
 Captum's perturbation methods on segments (:class:`~captum_iclip.SegmentAttribution`) are not registered:
 on the patch grid they are ``occlusion``, elsewhere they need segments per image (docs/methods.md §11).
 
@@ -87,8 +88,9 @@ class MethodInfo:
             :class:`~captum_iclip.ITSMAttribution` that gives every prompt's map at once.
         needs_interpretability: applies only to models with an interpretability
             projection (a ``DualProjectionCLIP``).
-        needs_vit: applies only to the class-token ViT towers of the shared block loop (the methods
-            that hook it: not the SigLIP, timm and convolutional towers, docs/methods.md §8).
+        needs_vit: applies only to the ViT towers, whose blocks the shared block loop computes from
+            their parts (the methods that change or read their attention: not the ResNets or the
+            convolutional timm trunks, docs/methods.md §8).
         needs_surgery: applies only to towers CLIP Surgery is defined on (not the
             convolutional timm trunks, docs/methods.md §8).
         every_prompt: the built method also takes ``target=None`` and then returns
@@ -115,7 +117,7 @@ class MethodInfo:
 
     def applies_to(self, sim: CLIPSimilarity, proxy: Any = None) -> bool:
         """Whether the method can explain ``sim`` (with ``proxy`` as its proxy vision model, if it needs one)."""
-        if self.needs_vit and not isinstance(sim.adapter, ViTAdapter):
+        if self.needs_vit and not (isinstance(sim.adapter, ViTAdapter) and sim.adapter.blocks_in_parts):
             return False
         if self.needs_proxy and proxy is None:
             return False

@@ -7,8 +7,9 @@ import inspect
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from captum_iclip.models.blocks import TimmBlockView
 
 GridSize = tuple[int, int]
 
@@ -109,27 +110,6 @@ def _patch_grid(model: nn.Module, images: Tensor) -> GridSize:
     return height // patch_h, width // patch_w
 
 
-def _eva_query_key(attn: nn.Module, x: Tensor, rope: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Queries and keys (N, heads, T, d) of a timm ``EvaAttention``, rotary embedding applied
-    to the patch tokens as the module applies it (DINOv3, EVA02)."""
-    from timm.layers import apply_rot_embed_cat
-
-    batch, num_tokens, _ = x.shape
-    if attn.qkv is not None:
-        bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
-        qkv = F.linear(x, attn.qkv.weight, bias).reshape(batch, num_tokens, 3, attn.num_heads, -1)
-        q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    else:
-        q = attn.q_proj(x).reshape(batch, num_tokens, attn.num_heads, -1).transpose(1, 2)
-        k = attn.k_proj(x).reshape(batch, num_tokens, attn.num_heads, -1).transpose(1, 2)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    if rope is not None:
-        prefix, half = attn.num_prefix_tokens, attn.rotate_half
-        q = torch.cat([q[:, :, :prefix], apply_rot_embed_cat(q[:, :, prefix:], rope, half=half)], dim=2)
-        k = torch.cat([k[:, :, :prefix], apply_rot_embed_cat(k[:, :, prefix:], rope, half=half)], dim=2)
-    return q, k
-
-
 def _timm_cls_attention(model: nn.Module, images: Tensor, blocks: Sequence[int] = (-1,)) -> Tensor:
     from timm.layers import Attention
     from timm.models.eva import Eva, EvaAttention
@@ -204,21 +184,13 @@ def _block_cls_attention(block: nn.Module, tokens: Tensor, prefix: int, rope: Te
     """``(N, T - prefix)``: the block's [CLS] attention to the patches, averaged over heads.
 
     Recomputed from the block's own ``norm1``, ``qkv`` and ``q_norm`` / ``k_norm`` (and, for a
-    timm ``EvaAttention``, its rotary embedding ``rope``): the fused (SDPA) kernel that timm
+    timm ``EvaAttention``, its rotary embedding ``rope``), as the block loop reads them
+    (:class:`~captum_iclip.models.blocks.TimmBlockView`): the fused (SDPA) kernel that timm
     uses never materialises the probabilities.
     """
-    from timm.models.eva import EvaAttention
-
-    attn = block.attn
-    x = block.norm1(tokens)
-    batch, num_tokens, _ = x.shape
-    if isinstance(attn, EvaAttention):
-        q, k = _eva_query_key(attn, x, rope)
-    else:
-        qkv = attn.qkv(x).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim)
-        q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    probs = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (N, heads, 1, T)
+    view = TimmBlockView(block, rope)
+    q, k, _ = view.qkv(view.ln_1(tokens))
+    probs = ((q[:, :, :1] * view.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (N, heads, 1, T)
     return probs[:, :, 0, prefix:].mean(dim=1)
 
 

@@ -70,17 +70,18 @@ def correlative(inputs: AttentionInputs) -> Tensor:
 
 
 @functools.lru_cache(maxsize=16)
-def gaussian_neighbourhood(grid: Grid, std: float) -> Tensor:
-    r"""NACLIP's additive neighbourhood term :math:`\omega` for ``grid``: (1 + h*w, 1 + h*w).
+def gaussian_neighbourhood(grid: Grid, std: float, prefix: int = 1) -> Tensor:
+    r"""NACLIP's additive neighbourhood term :math:`\omega` for ``grid``: (prefix + h*w, prefix + h*w).
 
     :math:`\omega_{ij} = \exp(-\lVert p_i - p_j \rVert^2 / (2\sigma^2))` for patches i, j
-    at grid positions :math:`p_i, p_j`; 0 in the class token's row and column.
+    at grid positions :math:`p_i, p_j`; 0 in the rows and columns of the ``prefix`` tokens
+    before the patches (the class token, registers).
     """
     rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
     positions = torch.stack([rows.flatten(), cols.flatten()], dim=-1).double()
     squared = torch.cdist(positions, positions).pow(2)
-    omega = torch.zeros(1 + squared.shape[0], 1 + squared.shape[0], dtype=torch.float64)
-    omega[1:, 1:] = torch.exp(-squared / (2 * std**2))
+    omega = torch.zeros(prefix + squared.shape[0], prefix + squared.shape[0], dtype=torch.float64)
+    omega[prefix:, prefix:] = torch.exp(-squared / (2 * std**2))
     return omega
 
 
@@ -90,7 +91,7 @@ def neighbourhood_key_key(std: float):
 
     def attend(inputs: AttentionInputs) -> Tensor:
         k = inputs.k
-        omega = gaussian_neighbourhood(tuple(inputs.grid), float(std)).to(device=k.device, dtype=k.dtype)
+        omega = gaussian_neighbourhood(tuple(inputs.grid), float(std), inputs.prefix).to(device=k.device, dtype=k.dtype)
         return F.scaled_dot_product_attention(k, k, inputs.v, attn_mask=omega, scale=inputs.scale)
 
     return attend

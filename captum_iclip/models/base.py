@@ -14,11 +14,11 @@ An optional *interpretability head* (the second projection of ICLIP, docs/method
 be attached; ``dense_features(..., projection="interpretability")`` then projects
 the patch tokens with it while the global token keeps the recognition projection.
 
-The ViT families (open_clip and Hugging Face CLIP) share one block loop
-(:class:`ViTAdapter`, :func:`~captum_iclip.models.blocks.run_blocks`) over per-family
-block views, so CLIP Surgery and the attention variants of the other dense methods
-(:mod:`captum_iclip.models.attention`) are written once for both. The towers that loop does not
-run (timm trunks, Hugging Face SigLIP) share :func:`run_with_surgery_path`.
+Every ViT family (open_clip, Hugging Face CLIP and SigLIP, open_clip's timm ViT and EVA trunks) runs
+through one block loop (:class:`ViTAdapter`, :func:`~captum_iclip.models.blocks.run_blocks`) over
+per-family block views, so CLIP Surgery, the attention variants of the other dense methods
+(:mod:`captum_iclip.models.attention`), the attention records of LeGrad and Chefer et al. and the
+Grad-CAM tap are written once for all of them.
 
 The families live in their own modules (:mod:`~captum_iclip.models.open_clip_towers`,
 :mod:`~captum_iclip.models.hf_clip`, :mod:`~captum_iclip.models.hf_siglip`,
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 
 from captum_iclip._precision import upcast
 from captum_iclip.models.attention import surgery_path
-from captum_iclip.models.blocks import AttentionTrace, BlockView, DensePath, run_blocks
+from captum_iclip.models.blocks import AttentionTrace, BlockView, DensePath, explicit_attention, run_blocks
 
 #: The projections of the patch tokens a map can be drawn from (see :meth:`VisionAdapter.resolve_projection`).
 PROJECTIONS = ("auto", "recognition", "interpretability")
@@ -44,17 +45,12 @@ PROJECTIONS = ("auto", "recognition", "interpretability")
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-#: The one block loop (:func:`~captum_iclip.models.blocks.run_blocks`) reads the global token
-#: as token 0 of the original path; what the towers without one lack for the block-loop methods.
+#: The towers of the block-loop methods (GEM, LeGrad, Chefer et al., the ITSM path variants): every ViT
+#: tower runs through the one block loop (:func:`~captum_iclip.models.blocks.run_blocks`).
 BLOCK_LOOP_TOWERS = (
-    "a class-token ViT tower run by the shared block loop (open_clip VisionTransformer, transformers.CLIPModel)"
+    "a ViT tower (open_clip VisionTransformer or timm ViT/EVA trunk, transformers CLIPModel, SiglipModel or "
+    "Siglip2Model)"
 )
-
-
-def block_loop_unavailable(method: str, model: str, reason: str) -> NotImplementedError:
-    """The error of a block-loop method (GEM, LeGrad, Chefer, the ITSM path variants) on a
-    transformer tower the block loop does not run, naming the method, the model and why."""
-    return NotImplementedError(f"model: {method} expected {BLOCK_LOOP_TOWERS}, got {model}; {reason}")
 
 
 class GridTap(nn.Identity):
@@ -117,39 +113,6 @@ def check_depth(depth: int, num_blocks: int | None, name: str = "surgery_depth")
             raise ValueError(f"{name}: expected a non-negative int, got {depth}")
     elif not 0 <= depth <= num_blocks:
         raise ValueError(f"{name}: expected 0..{num_blocks} (the tower has {num_blocks} blocks), got {depth}")
-
-
-def run_with_surgery_path(
-    run: Callable[[int, Tensor], Tensor],
-    surgery_residual: Callable[[int, Tensor], Tensor],
-    x: Tensor,
-    num_blocks: int,
-    surgery_depth: int,
-    tap: Callable[[Tensor], Tensor],
-) -> tuple[Tensor, Tensor | None]:
-    """The blocks of a tower that the shared loop (:func:`~captum_iclip.models.blocks.run_blocks`) does not run.
-
-    ``run(i, x)`` is the library's own block ``i``; ``tap`` is applied to the tokens entering the last plain
-    block (the Grad-CAM tap, as in the shared loop). CLIP Surgery's path (docs/methods.md §2) runs through the
-    last ``surgery_depth`` blocks as the shared loop's :func:`~captum_iclip.models.attention.surgery_path`:
-    residual, no MLP, each block adding ``surgery_residual(i, x)`` (its value-value attention of the original
-    path's ``x``).
-
-    Returns:
-        The original path's tokens after the last block, and the surgery path's (``None`` without surgery).
-    """
-    n_plain = num_blocks - surgery_depth
-    for i in range(n_plain):
-        if i == n_plain - 1:
-            x = tap(x)
-        x = run(i, x)
-    if not surgery_depth:
-        return x, None
-    path = x
-    for i in range(n_plain, num_blocks):
-        path = path + surgery_residual(i, x)
-        x = run(i, x)
-    return x, path
 
 
 class VisionAdapter:
@@ -273,8 +236,9 @@ class VisionAdapter:
         """
         raise NotImplementedError
 
-    def block_views(self, method: str = "this method") -> list[BlockView]:
-        """The tower's transformer blocks as block views (:class:`~captum_iclip.models.blocks.BlockView`).
+    def block_views(self, method: str = "this method", grid: tuple[int, int] | None = None) -> list[BlockView]:
+        """The tower's transformer blocks as block views (:class:`~captum_iclip.models.blocks.BlockView`), for the
+        patch grid ``grid`` (the tower's own by default; it matters to rotary embeddings only).
 
         Raises:
             TypeError: naming ``method`` where the tower has no transformer blocks (ResNets).
@@ -285,7 +249,7 @@ class VisionAdapter:
         )
 
     def final_norm(self, tokens: Tensor) -> Tensor:
-        """The tower's last normalisation (ln_post / post_layernorm) on every token."""
+        """The tower's last normalisation (ln_post / post_layernorm / timm's norm) on every token."""
         raise NotImplementedError
 
     def project(self, tokens: Tensor, surgery: bool = False) -> Tensor:
@@ -425,18 +389,129 @@ def hf_text_features(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
     return out if isinstance(out, Tensor) else out.pooler_output
 
 
+def multihead_projections(attention: nn.MultiheadAttention) -> list[tuple[Tensor, Tensor | None]]:
+    """The (weight, bias) of the query, key and value projections of an ``nn.MultiheadAttention``."""
+    if attention._qkv_same_embed_dim:
+        weights = attention.in_proj_weight.chunk(3)
+    else:
+        weights = (attention.q_proj_weight, attention.k_proj_weight, attention.v_proj_weight)
+    biases = (None,) * 3 if attention.in_proj_bias is None else attention.in_proj_bias.chunk(3)
+    return list(zip(weights, biases))
+
+
+def multihead_attention(
+    attention: nn.MultiheadAttention, query: Tensor, keys: Tensor, *, explicit: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """An ``nn.MultiheadAttention`` of ``query`` (N, Q, C) over ``keys`` (N, L, C'), batch-first, up to its
+    ``out_proj``: the fused kernel, or with ``explicit`` the probabilities computed explicitly
+    (:func:`~captum_iclip.models.blocks.explicit_attention`).
+
+    Returns:
+        The attention-weighted sum of the values (N, Q, C), heads merged, before ``out_proj``; and the
+        probabilities (N, heads, Q, L) with ``explicit``, else ``None``.
+    """
+    (w_q, b_q), (w_k, b_k), (w_v, b_v) = multihead_projections(attention)
+    heads = attention.num_heads
+    q = BlockView.split_heads(F.linear(query, w_q, b_q), heads)
+    k, v = (BlockView.split_heads(F.linear(keys, w, b), heads) for w, b in ((w_k, b_k), (w_v, b_v)))
+    if explicit:
+        out, probabilities = explicit_attention(q, k, v, q.shape[-1] ** -0.5)
+    else:
+        out, probabilities = F.scaled_dot_product_attention(q, k, v), None
+    return BlockView.merge_heads(out), probabilities
+
+
+class Pooled(NamedTuple):
+    """How a tower's global embedding reads the tokens leaving a block (LeGrad's layer scores and
+    Chefer et al.'s read-out row, docs/methods.md §7, §8).
+
+    Attributes:
+        embedding: (N, D) the global embedding of those tokens: the tower's final norm, pool and projection.
+        weights: (N, heads, 1, L') how much each of the last L' tokens weighs in the pooled vector: an
+            attention pool's probabilities (per head, computed explicitly, so in the autograd graph), or the
+            fixed weights of a class-token pool (one-hot at token 0, L' = L) or of a mean pool (uniform over
+            the averaged tokens).
+        learned: whether ``weights`` are an attention pool's probabilities.
+    """
+
+    embedding: Tensor
+    weights: Tensor
+    learned: bool
+
+
+def fixed_pool_weights(tokens: Tensor, first: int | None) -> Tensor:
+    """The (N, 1, 1, L) weights of a pool that is no attention: one-hot at token 0 (``first=None``, a class
+    token), else uniform over the tokens from ``first`` on (a mean), zero before."""
+    n, length, _ = tokens.shape
+    weights = tokens.new_zeros(n, 1, 1, length)
+    if first is None:
+        weights[..., 0] = 1
+    else:
+        weights[..., first:] = 1 / (length - first)
+    return weights
+
+
 class ViTAdapter(VisionAdapter):
     """What the ViT families share: one block loop over their block views (:class:`BlockView`).
 
-    A family gives :meth:`embed` (patch, class and position embeddings, pre-norm),
-    :meth:`block_views` and :meth:`final_norm`; :meth:`tokens` is then the same for
-    all of them, so CLIP Surgery and every attention variant is written once
+    A family gives :meth:`embed` (patch, prefix and position embeddings, pre-norm),
+    :meth:`block_views`, :attr:`num_prefix_tokens`, :meth:`final_tokens` (the final norm and the
+    pool's token layout) and :meth:`pool`; :meth:`tokens` is then the same for all of them, so CLIP
+    Surgery and every attention variant is written once
     (:func:`~captum_iclip.models.blocks.run_blocks`).
     """
 
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches entering the blocks (the class token; registers; none in SigLIP)."""
+        return 1
+
+    @property
+    def blocks_in_parts(self) -> bool:
+        """Whether the block loop can compute every block from its parts (:attr:`BlockView.unsupported`), as the
+        second paths (CLIP Surgery, GEM, the ITSM path variants) and attention records (LeGrad, Chefer) do."""
+        return not any(view.unsupported for view in self.block_views())
+
+    @property
+    def has_surgery(self) -> bool:
+        return self.blocks_in_parts
+
+    @property
+    def global_tokens(self) -> int | None:
+        """How many leading tokens of the original path :meth:`final_tokens` reads after the last block when a
+        second path gives the patches (:func:`~captum_iclip.models.blocks.run_blocks`): the class token (1), or
+        ``None`` for every token (SigLIP's attention pool, timm's average)."""
+        return 1
+
     def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """Tokens (N, 1 + h*w, C) entering the first block, and the patch grid (h, w)."""
+        """Tokens (N, prefix + h*w, C) entering the first block, and the patch grid (h, w)."""
         raise NotImplementedError
+
+    def final_tokens(self, x: Tensor, patches: Tensor | None) -> Tensor:
+        """The adapter's tokens (N, 1 + h*w, C) from the original path's tokens ``x`` after the last block
+        and the patch tokens (N, h*w, C) of a second path (``None`` without one): the global token, then
+        the patches. By default the final norm of the class token and the patches."""
+        if patches is not None:
+            x = torch.cat([x[:, :1], patches], dim=1)
+        return self.final_norm(x)
+
+    def pool(self, tokens: Tensor) -> Pooled:
+        """The global embedding of the tokens (N, L, C) leaving a block and how it reads them (:class:`Pooled`).
+
+        At the last block's output its embedding is the tower's own; by default the class token's.
+        """
+        return Pooled(self.project_global(self.final_norm(tokens)), fixed_pool_weights(tokens, None), False)
+
+    @property
+    def pools_class_token(self) -> bool:
+        """Whether the global embedding reads the class token (token 0) alone, not a mean or attention pool."""
+        return True
+
+    def layer_pool(self, tokens: Tensor) -> Pooled:
+        """LeGrad's global embedding of the tokens (N, L, C) leaving an intermediate block: the tower's
+        :meth:`pool`, applied to their mean when it reads a class token (an intermediate class token has
+        not gathered the image yet; LeGrad's rule for CLIP, docs/methods.md §7)."""
+        return self.pool(tokens.mean(dim=1, keepdim=True) if self.pools_class_token else tokens)
 
     def tokens(
         self,
@@ -458,5 +533,15 @@ class ViTAdapter(VisionAdapter):
         if trace is not None:
             check_depth(trace.start, self.num_blocks - 1, "trace.start")
         x, grid = self.embed(images)
-        x = run_blocks(self.block_views(), x, grid, path=path, trace=trace, tap=lambda t: self.tap_patches(t, grid))
-        return self.final_norm(x)
+        prefix = self.num_prefix_tokens
+        x, patches = run_blocks(
+            self.block_views(grid=grid),
+            x,
+            grid,
+            prefix=prefix,
+            global_tokens=self.global_tokens,
+            path=path,
+            trace=trace,
+            tap=lambda t: self.tap_patches(t, grid, prefix),
+        )
+        return self.final_tokens(x, patches)

@@ -10,10 +10,12 @@ of the last blocks. They all need the same parts of a pre-norm block:
 
 A :class:`BlockView` exposes those parts for one block of one model family (open_clip
 ``ResidualAttentionBlock`` / ``CustomResidualAttentionBlock``, Hugging Face
-``CLIPEncoderLayer``), and :func:`run_blocks` is the one block loop: the plain path
-(the library's own blocks), an optional second path through the last blocks
-(:class:`DensePath`, docs/methods.md), and an optional record of the attention
-probabilities (:class:`AttentionTrace`).
+``CLIPEncoderLayer`` / ``SiglipEncoderLayer``, timm ``Block`` / ``EvaBlock``), and
+:func:`run_blocks` is the one block loop of every ViT tower: the plain path (the library's
+own blocks), an optional second path through the last blocks (:class:`DensePath`,
+docs/methods.md), and an optional record of the attention probabilities
+(:class:`AttentionTrace`). The tokens are the ``prefix`` tokens (class and register
+tokens; none in SigLIP) followed by the patches, row-major over the patch grid.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ class BlockView:
 
     num_heads: int
     scale: float
+    #: What the block is, when the view does not know its parts (``""`` when it does). Its ``forward``
+    #: still runs (the plain path); the second paths and attention records refuse it (:func:`check_parts`).
+    unsupported: str = ""
 
     def __init__(self, block: nn.Module) -> None:
         self.block = block
@@ -144,7 +149,7 @@ class OpenCLIPBlockView(BlockView):
 
 
 class HFBlockView(BlockView):
-    """A Hugging Face ``CLIPEncoderLayer``."""
+    """A Hugging Face ``CLIPEncoderLayer``, ``SiglipEncoderLayer`` or ``Siglip2EncoderLayer`` (the same parts)."""
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__(layer)
@@ -169,6 +174,86 @@ class HFBlockView(BlockView):
         return self.block.mlp(self.block.layer_norm2(x))
 
 
+class TimmBlockView(BlockView):
+    """A timm ``Block`` with ``Attention`` (VisionTransformer: SigLIP, SigLIP 2) or ``EvaBlock`` with
+    ``EvaAttention`` (Eva: EVA02).
+
+    ``rope`` is an ``EvaBlock``'s rotary embedding for the patch grid: it turns the queries and keys of
+    the tokens after the attention's ``num_prefix_tokens``, as ``EvaAttention`` does. Other kinds of
+    block (post-norm, parallel, gated or differential attention, timm's ``AttentionRope``) run whole
+    on the plain path only (:attr:`BlockView.unsupported`).
+    """
+
+    #: The norms and projections are called through ``__call__``, the dropouts are not. (EVA's fused qkv
+    #: with biases is applied by ``F.linear`` on its weight, here as in timm's own forward.)
+    called_attention_parts = frozenset({"qkv", "q_proj", "k_proj", "v_proj", "q_norm", "k_norm", "norm", "proj"})
+
+    def __init__(self, block: nn.Module, rope: Tensor | None = None) -> None:
+        super().__init__(block)
+        from timm.layers import Attention
+        from timm.models.eva import EvaAttention, EvaBlock
+        from timm.models.vision_transformer import Block
+
+        attn = block.attn
+        self.eva = type(block) is EvaBlock
+        expected = EvaAttention if self.eva else Attention
+        if type(block) not in (Block, EvaBlock) or type(attn) is not expected or attn.gate is not None:
+            gated = " (gated)" if getattr(attn, "gate", None) is not None else ""
+            self.unsupported = (
+                f"a {type(block).__name__} with {type(attn).__name__}{gated}; the view knows the parts of the "
+                "pre-norm, ungated timm Block with Attention and EvaBlock with EvaAttention"
+            )
+        self.num_heads = attn.num_heads
+        self.scale = attn.scale
+        self.rope = rope
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block(x, rope=self.rope) if self.eva else self.block(x)
+
+    def ln_1(self, x: Tensor) -> Tensor:
+        return self.block.norm1(x)
+
+    def qkv(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        attn = self.block.attn
+        n, length, _ = tokens.shape
+        if attn.qkv is None:  # an EvaAttention with separate projections
+            projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+            q, k, v = (self.split_heads(proj(tokens), self.num_heads) for proj in projections)
+        else:
+            bias = getattr(attn, "q_bias", None)
+            if bias is None:
+                qkv = attn.qkv(tokens)
+            else:  # EVA's fused qkv without a key bias
+                bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+                qkv = attn.qkv(tokens) + bias if attn.qkv_bias_separate else F.linear(tokens, attn.qkv.weight, bias)
+            q, k, v = qkv.reshape(n, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        if self.rope is not None:
+            from timm.layers import apply_rot_embed_cat
+
+            prefix, half = attn.num_prefix_tokens, attn.rotate_half
+            q, k = (
+                torch.cat([t[:, :, :prefix], apply_rot_embed_cat(t[:, :, prefix:], self.rope, half=half)], dim=2)
+                for t in (q, k)
+            )
+            q, k = q.type_as(v), k.type_as(v)
+        return q, k, v
+
+    def attention_branch(self, heads: Tensor) -> Tensor:
+        block, attn = self.block, self.block.attn
+        out = attn.proj(attn.norm(self.merge_heads(heads)))
+        if self.eva:
+            return block.drop_path1(out if block.gamma_1 is None else block.gamma_1 * out)
+        return block.drop_path1(block.ls1(out))
+
+    def mlp_branch(self, x: Tensor) -> Tensor:
+        block = self.block
+        out = block.mlp(block.norm2(x))
+        if self.eva:
+            return block.drop_path2(out if block.gamma_2 is None else block.gamma_2 * out)
+        return block.drop_path2(block.ls2(out))
+
+
 # ----------------------------------------------------------------------------------
 # Second paths and attention records
 # ----------------------------------------------------------------------------------
@@ -180,7 +265,8 @@ class AttentionInputs:
         q, k, v: the block's query, key and value heads of ``tokens``, (N, heads, L, head_dim).
         tokens: the block's ln_1 output on the original path, (N, L, C).
         scale: the block's softmax scale (``head_dim ** -0.5`` for CLIP).
-        grid: the patch grid (h, w); token 0 is the class token.
+        grid: the patch grid (h, w).
+        prefix: the tokens before the patches (class and register tokens; 0 for SigLIP), L = prefix + h*w.
     """
 
     q: Tensor
@@ -189,6 +275,7 @@ class AttentionInputs:
     tokens: Tensor
     scale: float
     grid: Grid
+    prefix: int
 
 
 Attend = Callable[[AttentionInputs], Tensor]
@@ -202,10 +289,11 @@ class DensePath:
     *original* path's ln_1 output and passes the result through the block's output
     projection. With ``residual`` the path adds that to its own stream (which starts
     as the input of its first block), otherwise the stream restarts from it; with
-    ``mlp`` the block's MLP follows, with its residual. The global token always
-    comes from the original path, so it stays the model's image embedding. Without ``residual`` the
-    attend may give another number of tokens than it is given (ProxyCLIP's, on its proxy's patch grid);
-    the patch tokens of the path are then those.
+    ``mlp`` the block's MLP follows, with its residual. The global embedding always
+    comes from the original path (its class token, or every token it pools), so it
+    stays the model's image embedding. Without ``residual`` the attend may give another
+    number of tokens than it is given (ProxyCLIP's, on its proxy's patch grid); the patch
+    tokens of the path are then those.
 
     Examples: CLIP Surgery is ``DensePath(6, value-value attention, residual=True,
     mlp=False)``; ClearCLIP is ``DensePath(1, query-query attention, residual=False,
@@ -247,6 +335,22 @@ _HOOK_KINDS = {
 }
 
 
+def check_parts(views: Sequence[BlockView], indices: range, why: str) -> None:
+    """Refuse the blocks that a method would compute from their parts when their view cannot
+    (:attr:`BlockView.unsupported`), with :func:`check_unhooked`'s arguments.
+
+    Raises:
+        NotImplementedError: naming the first such block and what was expected.
+    """
+    for index in indices:
+        reason = views[index].unsupported
+        if reason:
+            raise NotImplementedError(
+                f"model: expected blocks that the block loop can compute from their parts ({why}), got block "
+                f"{index} of {len(views)}: {reason}"
+            )
+
+
 def check_unhooked(views: Sequence[BlockView], indices: range, why: str) -> None:
     """Refuse hooks on the blocks that a method computes from their parts (their hooks would not run).
 
@@ -278,16 +382,25 @@ def check_unhooked(views: Sequence[BlockView], indices: range, why: str) -> None
             )
 
 
+def explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """``softmax(q k^T * scale) v`` of heads (N, heads, Q or L, head_dim), with the probabilities
+    (N, heads, Q, L) it computes explicitly, so that a gradient can be taken with respect to them.
+
+    The probabilities (and so their gradients) are in at least float32: a half-precision attention
+    logit of magnitude 8 is resolved to 0.03 only (half-precision rules, docs/methods.md).
+    """
+    with full_precision(q.device):
+        probabilities = torch.softmax((upcast(q) * scale) @ upcast(k).transpose(-1, -2), dim=-1)
+    return probabilities.to(v.dtype) @ v, probabilities
+
+
 def _traced_block(view: BlockView, x: Tensor, trace: AttentionTrace) -> Tensor:
     if trace.detach or not trace.outputs:
         # A fresh leaf, so that the probabilities are in a graph even for a frozen model.
         x = x.detach().requires_grad_(True)
     q, k, v = view.qkv(view.ln_1(x))
-    # The recorded probabilities (and so their gradients) in at least float32: a half-precision
-    # attention logit of magnitude 8 is resolved to 0.03 only (half-precision rules, docs/methods.md).
-    with full_precision(x.device):
-        probabilities = torch.softmax((upcast(q) * view.scale) @ upcast(k).transpose(-1, -2), dim=-1)
-    x = x + view.attention_branch(probabilities.to(v.dtype) @ v)
+    heads, probabilities = explicit_attention(q, k, v, view.scale)
+    x = x + view.attention_branch(heads)
     x = x + view.mlp_branch(x)
     trace.probabilities.append(probabilities)
     trace.outputs.append(x)
@@ -306,19 +419,26 @@ def run_blocks(
     x: Tensor,
     grid: Grid,
     *,
+    prefix: int,
+    global_tokens: int | None,
     path: DensePath | None = None,
     trace: AttentionTrace | None = None,
     tap: Callable[[Tensor], Tensor] | None = None,
-) -> Tensor:
+) -> tuple[Tensor, Tensor | None]:
     """The block loop shared by every ViT family.
 
     The plain path runs the library's blocks through their ``__call__`` (their hooks run); the
-    blocks a ``path`` or a ``trace`` computes from their parts must have none (:func:`check_unhooked`).
+    blocks a ``path`` or a ``trace`` computes from their parts must have none (:func:`check_unhooked`)
+    and be known to their view (:func:`check_parts`).
 
     Args:
         views: the tower's blocks, first to last.
-        x: (N, 1 + h*w, C) tokens entering the first block, class token first.
+        x: (N, prefix + h*w, C) tokens entering the first block: the prefix tokens, then the patches.
         grid: the patch grid (h, w).
+        prefix: the tokens before the patches (class and register tokens; 0 for SigLIP).
+        global_tokens: with a ``path``, how many leading tokens of the original path the global embedding
+            reads after the last block: 1 for a class-token pool (the original path's last block then
+            runs for that query alone), ``None`` for every token (a mean or attention pool).
         path: a second path through the last ``path.depth`` blocks for the patch tokens.
         trace: record the attention of the blocks from ``trace.start`` on.
         tap: applied to the tokens entering the last block of the plain path (the
@@ -326,11 +446,12 @@ def run_blocks(
 
     Raises:
         ValueError: a block computed from its parts has a hook.
+        NotImplementedError: a block computed from its parts is of a kind its view does not know.
 
     Returns:
-        (N, 1 + h*w, C) tokens after the last block: the original path's class token,
-        and the patch tokens of ``path`` (of the original path without one; as many as
-        the path gives, see :class:`DensePath`).
+        The original path's tokens after the last block, (N, prefix + h*w, C) (only the first
+        ``global_tokens`` with a ``path``), and the patch tokens of ``path`` (N, h*w, C), or as many
+        as the path gives (see :class:`DensePath`); ``None`` without one.
     """
     depth = path.depth if path is not None else 0
     n_plain = len(views) - depth
@@ -338,9 +459,11 @@ def run_blocks(
         raise ValueError("trace: expected None with a second path (they cannot be combined), got an AttentionTrace")
     if trace is not None:
         why = f"the attention record from block {trace.start} on: LeGrad's layer_index, Chefer's start_layer"
+        check_parts(views, range(trace.start, n_plain), why)
         check_unhooked(views, range(trace.start, n_plain), why)
     if path is not None:
         why = f"a second path through the last {depth} blocks: GEM's depth, CLIP Surgery, the ITSM path variants"
+        check_parts(views, range(n_plain, len(views)), why)
         check_unhooked(views, range(n_plain, len(views)), why)
     for index, view in enumerate(views[:n_plain]):
         if index == n_plain - 1 and tap is not None:
@@ -353,19 +476,19 @@ def run_blocks(
         else:
             x = view.forward(x)
     if path is None:
-        return x
+        return x, None
 
     stream = x
     for index, view in enumerate(views[n_plain:]):
         tokens = view.ln_1(x)
         q, k, v = view.qkv(tokens)
-        branch = view.attention_branch(path.attend(AttentionInputs(q, k, v, tokens, view.scale, grid)))
+        branch = view.attention_branch(path.attend(AttentionInputs(q, k, v, tokens, view.scale, grid, prefix)))
         stream = stream + branch if path.residual else branch
         if path.mlp:
             stream = stream + view.mlp_branch(stream)
-        if index < depth - 1:
+        if index < depth - 1 or global_tokens is None:
             x = _block_from_qkv(view, x, q, k, v)
         else:
-            # After the last block only the class token of the original path is used.
-            x = _block_from_qkv(view, x[:, :1], q[:, :, :1], k, v)
-    return torch.cat([x[:, :1], stream[:, 1:]], dim=1)
+            # After the last block the global embedding reads the first tokens of the original path only.
+            x = _block_from_qkv(view, x[:, :global_tokens], q[:, :, :global_tokens], k, v)
+    return x, stream[:, prefix:]

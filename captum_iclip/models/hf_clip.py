@@ -60,7 +60,7 @@ class HFCLIPAdapter(HFVisionGeometry, ViTAdapter):
         x = x + interpolate_pos_embed(emb.position_embedding.weight, grid).to(x.dtype)
         return self.vision.pre_layrnorm(x), grid
 
-    def block_views(self, method: str = "this method") -> list[BlockView]:
+    def block_views(self, method: str = "this method", grid: tuple[int, int] | None = None) -> list[BlockView]:
         return [HFBlockView(layer) for layer in self.vision.encoder.layers]
 
     def final_norm(self, tokens: Tensor) -> Tensor:

@@ -10,8 +10,10 @@ the value space of that attention: entry 0 is the probe's attention-weighted sum
 values, entry ``i`` the value of patch ``i``, so one position-wise head makes entry 0
 the model's own ``get_image_features`` exactly.
 
-CLIP Surgery's value-value path (arXiv 2304.05653) is added to the last encoder
-layers as for Hugging Face CLIP.
+The encoder layers run through the shared block loop (:func:`~captum_iclip.models.blocks.run_blocks`;
+their parts are CLIP's, :class:`~captum_iclip.models.blocks.HFBlockView`) with no prefix token, so CLIP
+Surgery (arXiv 2304.05653), GEM, LeGrad, Chefer et al.'s relevancy and the ITSM path variants work on
+them; the probe's attention reads every token of the original path.
 """
 
 from __future__ import annotations
@@ -22,15 +24,15 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from captum_iclip.models.attention import self_value_attention
 from captum_iclip.models.base import (
     HFVisionGeometry,
-    VisionAdapter,
-    block_loop_unavailable,
+    Pooled,
+    ViTAdapter,
     hf_text_features,
-    run_with_surgery_path,
+    multihead_attention,
+    multihead_projections,
 )
-from captum_iclip.models.blocks import BlockView
+from captum_iclip.models.blocks import BlockView, HFBlockView
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
@@ -55,7 +57,7 @@ class ProbeHead(nn.Module):
         return y + self.mlp(self.layernorm(y))
 
 
-class HFSiglipAdapter(HFVisionGeometry, VisionAdapter):
+class HFSiglipAdapter(HFVisionGeometry, ViTAdapter):
     family = "transformers SiglipModel"
 
     def __init__(self, model: nn.Module, interpretability_head: nn.Module | None = None) -> None:
@@ -88,15 +90,22 @@ class HFSiglipAdapter(HFVisionGeometry, VisionAdapter):
     def num_blocks(self) -> int:
         return len(self.vision.encoder.layers)
 
-    def block_views(self, method: str = "this method") -> list[BlockView]:
-        reason = (
-            "its embedding is an attention pool with a learned probe over every output token (no class "
-            "token), which a second path for the patch tokens or an attention record read at the class "
-            "token does not express"
-        )
-        raise block_loop_unavailable(method, self.family, reason)
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 0
 
-    def _embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    @property
+    def pools_class_token(self) -> bool:
+        return False
+
+    @property
+    def global_tokens(self) -> int | None:
+        return None
+
+    def block_views(self, method: str = "this method", grid: tuple[int, int] | None = None) -> list[BlockView]:
+        return [HFBlockView(layer) for layer in self.vision.encoder.layers]
+
+    def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Patch and position embeddings (N, h*w, C) of ``images`` and their patch grid."""
         emb = self.vision.embeddings
         x = emb.patch_embedding(images)
@@ -107,47 +116,26 @@ class HFSiglipAdapter(HFVisionGeometry, VisionAdapter):
         # The model's own (bicubic) resampling, as with interpolate_pos_encoding=True.
         return x + emb.interpolate_pos_encoding(x, images.shape[-2], images.shape[-1]), grid
 
-    def tokens(self, images: Tensor, surgery_depth: int = 0) -> Tensor:
-        self.check_surgery_depth(surgery_depth)
-        x, grid = self._embed(images)
-        layers = self.vision.encoder.layers
-        x, surgery = run_with_surgery_path(
-            lambda i, t: layers[i](t, None),
-            lambda i, t: self._surgery_residual(layers[i], t),
-            x,
-            len(layers),
-            surgery_depth,
-            lambda t: self.tap_patches(t, grid, prefix=0),
-        )
-        x = self.vision.post_layernorm(x)
-        pooled, values = self._probe_pool(x, x if surgery is None else self.vision.post_layernorm(surgery))
-        return torch.cat([pooled[:, None], values], dim=1)
+    def final_norm(self, tokens: Tensor) -> Tensor:
+        return self.vision.post_layernorm(tokens)
 
-    @staticmethod
-    def _surgery_residual(layer: nn.Module, x: Tensor) -> Tensor:
-        """CLIP Surgery's residual of one encoder layer: its value-value attention of ``layer_norm1(x)``."""
-        attn = layer.self_attn
-        return attn.out_proj(self_value_attention(attn.v_proj(layer.layer_norm1(x)), attn.num_heads, attn.scale))
-
-    def _probe_pool(self, x: Tensor, patches: Tensor) -> tuple[Tensor, Tensor]:
-        """The probe's attention-weighted value sum over ``x`` (before ``out_proj``) and the
-        value of every patch, from the head's ``nn.MultiheadAttention`` input projection."""
+    def final_tokens(self, x: Tensor, patches: Tensor | None) -> Tensor:
+        # The probe reads every token of the original path; the patches' values come from the second path's.
+        x = self.final_norm(x)
         attention = self.vision.head.attention
-        n, length, channels = x.shape
-        heads = attention.num_heads
-        w_q, w_k, w_v = attention.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = attention.in_proj_bias.chunk(3)
+        pooled, _ = multihead_attention(attention, self._probe(x), x)
+        _, _, (w_v, b_v) = multihead_projections(attention)
+        values = nn.functional.linear(x if patches is None else self.final_norm(patches), w_v, b_v)
+        return torch.cat([pooled, values], dim=1)
 
-        def split(t: Tensor) -> Tensor:
-            return t.reshape(n, -1, heads, channels // heads).transpose(1, 2)
+    def pool(self, tokens: Tensor) -> Pooled:
+        x = self.final_norm(tokens)
+        pooled, probabilities = multihead_attention(self.vision.head.attention, self._probe(x), x, explicit=True)
+        return Pooled(self.project_global(pooled), probabilities, True)
 
-        q = split(nn.functional.linear(self.vision.head.probe.expand(n, -1, -1), w_q, b_q))
-        k, v = split(nn.functional.linear(x, w_k, b_k)), split(nn.functional.linear(x, w_v, b_v))
-        pooled = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, channels)
-        values = (
-            v.transpose(1, 2).reshape(n, length, channels) if patches is x else nn.functional.linear(patches, w_v, b_v)
-        )
-        return pooled, values
+    def _probe(self, x: Tensor) -> Tensor:
+        """The head's learned probe (N, 1, C), the query of its attention pool."""
+        return self.vision.head.probe.expand(x.shape[0], -1, -1)
 
     def project(self, tokens: Tensor, surgery: bool = False) -> Tensor:
         return self.head(tokens)
@@ -205,7 +193,7 @@ class HFSiglip2Adapter(HFSiglipAdapter):
     def parameter(self) -> Tensor:
         return self.vision.embeddings.patch_embedding.weight
 
-    def _embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
         emb = self.vision.embeddings
         grid = (images.shape[-2] // emb.patch_size, images.shape[-1] // emb.patch_size)
         x = emb.patch_embedding(patchify(images, emb.patch_size))

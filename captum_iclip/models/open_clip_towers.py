@@ -19,9 +19,13 @@ from captum_iclip.models.attention import self_value_attention
 from captum_iclip.models.base import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
+    Pooled,
     VisionAdapter,
     ViTAdapter,
+    fixed_pool_weights,
     interpolate_pos_embed,
+    multihead_attention,
+    multihead_projections,
 )
 from captum_iclip.models.blocks import AttentionTrace, BlockView, DensePath, OpenCLIPBlockView
 
@@ -104,13 +108,17 @@ class OpenCLIPViTAdapter(ViTAdapter, OpenCLIPAdapter):
         # Patch dropout is skipped on purpose: a dense map needs every patch.
         return visual.ln_pre(x), grid
 
-    def block_views(self, method: str = "this method") -> list[BlockView]:
+    def block_views(self, method: str = "this method", grid: tuple[int, int] | None = None) -> list[BlockView]:
         batch_first = getattr(self.visual.transformer, "batch_first", True)
         return [OpenCLIPBlockView(block, batch_first) for block in self.visual.transformer.resblocks]
 
     def final_norm(self, tokens: Tensor) -> Tensor:
         # With an attention pool, ln_post normalises the pool's output, not the tokens.
         return tokens if self.pooling == "attention" else self.visual.ln_post(tokens)
+
+    @property
+    def pools_class_token(self) -> bool:
+        return self.pooling == "tok"
 
     def project(self, tokens: Tensor, surgery: bool = False) -> Tensor:
         if self.pooling == "tok":
@@ -130,6 +138,18 @@ class OpenCLIPViTAdapter(ViTAdapter, OpenCLIPAdapter):
         if self.pooling == "avg":
             return project(tokens[:, 1:].mean(dim=1), self.visual.proj)
         return project(self.visual.ln_post(self.visual.attn_pool(tokens))[:, 0], self.visual.proj)
+
+    def pool(self, tokens: Tensor) -> Pooled:
+        if self.pooling != "attention":
+            weights = fixed_pool_weights(tokens, None if self.pooling == "tok" else 1)
+            return Pooled(self.project_global(self.final_norm(tokens)), weights, False)
+        # The embedding is the pool's first query's output: its attention over the tokens, explicitly.
+        pooler = self.visual.attn_pool
+        keys = pooler.ln_k(tokens)
+        query = pooler.ln_q(pooler.query[:1]).expand(tokens.shape[0], 1, -1)
+        pooled, probabilities = multihead_attention(pooler.attn, query, keys, explicit=True)
+        embedding = project(self.visual.ln_post(pooler.attn.out_proj(pooled))[:, 0], self.visual.proj)
+        return Pooled(embedding, probabilities, True)
 
     def make_interpretability_head(self) -> nn.Module:
         if self.pooling == "attention":
@@ -161,12 +181,7 @@ def attention_pool_value_path(visual: nn.Module, tokens: Tensor) -> Tensor:
     value and output projections, then ``ln_post`` and ``proj`` (the ViT analogue of the ResNet
     attention pool's per-position projection, :class:`PositionwisePoolProjection`)."""
     attention = visual.attn_pool.attn
-    dim = attention.embed_dim
-    if attention._qkv_same_embed_dim:
-        weight = attention.in_proj_weight[2 * dim :]
-    else:
-        weight = attention.v_proj_weight
-    bias = attention.in_proj_bias[2 * dim :] if attention.in_proj_bias is not None else None
+    _, _, (weight, bias) = multihead_projections(attention)
     values = attention.out_proj(F.linear(visual.attn_pool.ln_k(tokens), weight, bias))
     return project(visual.ln_post(values), visual.proj)
 

@@ -22,22 +22,23 @@ attention: entry 0 is the attention-weighted sum of the values (what the latent
 query pools), entry ``i`` the value of patch ``i``; one position-wise head then
 maps all of them, which makes entry 0 the model's embedding exactly.
 
-CLIP Surgery (Li et al., 2023, arXiv 2304.05653) carries over to the ViT and EVA
-trunks: their last blocks gain the value-value attention path. Convolutional trunks
-have no attention to change and raise ``NotImplementedError``.
+The ViT and EVA trunks run through the shared block loop
+(:func:`~captum_iclip.models.blocks.run_blocks`, one :class:`~captum_iclip.models.blocks.TimmBlockView`
+per block, EVA's rotary embedding applied to the queries and keys of the patches): CLIP Surgery (Li et
+al., 2023, arXiv 2304.05653), GEM, LeGrad, Chefer et al.'s relevancy and the ITSM path variants work on
+them as on open_clip's ViT. Convolutional trunks have no attention to change and raise
+``NotImplementedError`` (surgery) or ``TypeError`` (the block-loop methods).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from captum_iclip.models.attention import self_value_attention
-from captum_iclip.models.base import block_loop_unavailable, run_with_surgery_path
-from captum_iclip.models.blocks import BlockView
+from captum_iclip.models.base import Pooled, ViTAdapter, fixed_pool_weights
+from captum_iclip.models.blocks import BlockView, TimmBlockView, explicit_attention
 from captum_iclip.models.open_clip_towers import OpenCLIPAdapter
 
 
@@ -152,7 +153,7 @@ class TimmTowerAdapter(OpenCLIPAdapter):
 # ----------------------------------------------------------------------------------
 # ViT and EVA trunks (timm VisionTransformer, Eva)
 # ----------------------------------------------------------------------------------
-class TimmViTAdapter(TimmTowerAdapter):
+class TimmViTAdapter(ViTAdapter, TimmTowerAdapter):
     """timm ``VisionTransformer`` (SigLIP, SigLIP 2) or ``Eva`` (EVA02) trunk.
 
     Pooling: the trunk's ``global_pool`` (``"token"`` or ``"avg"``) or its latent
@@ -208,21 +209,25 @@ class TimmViTAdapter(TimmTowerAdapter):
     def num_prefix_tokens(self) -> int:
         return self.trunk.num_prefix_tokens
 
-    def block_views(self, method: str = "this method") -> list[BlockView]:
-        if self.pool_kind == "map":
-            reason = (
-                "its embedding is a latent-query attention pool over every output token (no class token), "
-                "which a second path for the patch tokens or an attention record read at the class token "
-                "does not express"
-            )
-        else:
-            reason = (
-                "timm's blocks (rotary embeddings, prefix and register tokens) are not wired into the "
-                "shared block loop; ITSM plain and surgery work on this tower"
-            )
-        raise block_loop_unavailable(method, self.model_name, reason)
+    @property
+    def pools_class_token(self) -> bool:
+        return self.pool_kind == "token"
 
-    # --- embedding ------------------------------------------------------------------
+    @property
+    def global_tokens(self) -> int | None:
+        return 1 if self.pool_kind == "token" else None
+
+    @property
+    def _pool_first(self) -> int:
+        """The first token the mean or attention pool reads: timm's Eva pools every token into its latent
+        and averages the patches only; a VisionTransformer drops its prefix tokens from both unless told not to."""
+        if self.pool_kind == "map":
+            include_prefix = self.is_eva or self.trunk.pool_include_prefix
+        else:
+            include_prefix = not self.is_eva and self.trunk.pool_include_prefix
+        return 0 if include_prefix else self.num_prefix_tokens
+
+    # --- embedding and blocks -------------------------------------------------------
     def _rope(self, grid: tuple[int, int]):
         """The EVA rotary embedding for ``grid`` (the trunk's own at its native grid)."""
         rope = self.trunk.rope
@@ -242,7 +247,7 @@ class TimmViTAdapter(TimmTowerAdapter):
             self._ropes = {grid: resized}
         return self._ropes[grid].get_embed()
 
-    def _embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int], object]:
+    def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Patch embedding, prefix tokens and positional embedding at any grid, as timm's
         ``_pos_embed`` with ``dynamic_img_size`` (bicubic resampling), without its size check."""
         trunk = self.trunk
@@ -267,88 +272,58 @@ class TimmViTAdapter(TimmTowerAdapter):
         if pos is not None and not trunk.no_embed_class:
             x = x + pos
         x = trunk.pos_drop(x)
-        return trunk.norm_pre(x), grid, self._rope(grid) if self.is_eva else None
+        return trunk.norm_pre(x), grid
 
-    # --- blocks ---------------------------------------------------------------------
-    def _block_runner(self, rope) -> Callable[[int, Tensor], Tensor]:
+    def block_views(self, method: str = "this method", grid: tuple[int, int] | None = None) -> list[BlockView]:
         blocks = self.trunk.blocks
-        if not self.is_eva:
-            return lambda i, x: blocks[i](x)
-        if getattr(self.trunk, "rope_mixed", False) and rope is not None:
-            return lambda i, x: blocks[i](x, rope=rope[i])
-        return lambda i, x: blocks[i](x, rope=rope)
+        rope = self._rope(tuple(grid or self.trunk.patch_embed.grid_size)) if self.is_eva else None
+        if rope is not None and getattr(self.trunk, "rope_mixed", False):
+            # Mixed-mode rotary embeddings differ per block, as timm's forward passes them.
+            return [TimmBlockView(block, rope[i]) for i, block in enumerate(blocks)]
+        return [TimmBlockView(block, rope) for block in blocks]
 
-    def _surgery_residual(self, block: nn.Module, x: Tensor) -> Tensor:
-        """The new path's residual of one block: its attention with q = k = v = the value
-        projection of ``norm1(x)``, then its output projection and layer scale (CLIP Surgery)."""
-        attn = block.attn
-        if not hasattr(block, "norm1") or getattr(attn, "gate", None) is not None:
-            raise NotImplementedError(
-                f"variant: CLIP Surgery on {self.model_name} expected pre-norm blocks with ungated attention, "
-                f"got block {type(block).__name__} with {type(attn).__name__}"
-            )
-        h = block.norm1(x)
-        qkv = getattr(attn, "qkv", None)
-        if qkv is not None:
-            width = attn.num_heads * attn.head_dim
-            bias = (
-                getattr(attn, "v_bias", None) if self.is_eva else (None if qkv.bias is None else qkv.bias[2 * width :])
-            )
-            value = nn.functional.linear(h, qkv.weight[2 * width :], bias)
-        elif getattr(attn, "v_proj", None) is not None:
-            value = attn.v_proj(h)
-        else:
-            raise NotImplementedError(
-                f"variant: CLIP Surgery on {self.model_name} expected attention with a value projection, "
-                f"got {type(attn).__name__}"
-            )
-        out = attn.proj(attn.norm(self_value_attention(value, attn.num_heads, attn.scale)))
-        if self.is_eva:
-            return out if block.gamma_1 is None else block.gamma_1 * out
-        return block.ls1(out)
+    def final_norm(self, tokens: Tensor) -> Tensor:
+        return self.trunk.norm(tokens)
 
-    def tokens(self, images: Tensor, surgery_depth: int = 0) -> Tensor:
-        self.check_surgery_depth(surgery_depth)
-        x, grid, rope = self._embed(images)
-        prefix = self.num_prefix_tokens
-        x, surgery = run_with_surgery_path(
-            self._block_runner(rope),
-            lambda i, t: self._surgery_residual(self.trunk.blocks[i], t),
-            x,
-            self.num_blocks,
-            surgery_depth,
-            lambda t: self.tap_patches(t, grid, prefix),
-        )
-        x = self.trunk.norm(x)
-        patches = (x if surgery is None else self.trunk.norm(surgery))[:, prefix:]
+    # --- pooling --------------------------------------------------------------------
+    def final_tokens(self, x: Tensor, patches: Tensor | None) -> Tensor:
+        x = self.final_norm(x)
+        patches = x[:, self.num_prefix_tokens :] if patches is None else self.final_norm(patches)
         if self.pool_kind == "map":
-            pooled, patches = self._latent_pool(x, patches)
+            pooled = nn.functional.scaled_dot_product_attention(*self._latent_qkv(x), scale=self.trunk.attn_pool.scale)
+            pooled, patches = BlockView.merge_heads(pooled)[:, 0], self._latent_values(patches)
         elif self.pool_kind == "token":
             pooled = x[:, 0]
         else:
-            # timm's Eva averages the patches only; a VisionTransformer may include its prefix tokens.
-            include_prefix = not self.is_eva and self.trunk.pool_include_prefix
-            pooled = (x if include_prefix else x[:, prefix:]).mean(dim=1)
+            pooled = x[:, self._pool_first :].mean(dim=1)
         return torch.cat([pooled[:, None], patches], dim=1)
 
-    def _latent_pool(self, x: Tensor, patches: Tensor) -> tuple[Tensor, Tensor]:
-        """The latent query's attention-weighted value sum over ``x`` (the pooled vector before
-        ``proj``), and the value vector of every patch."""
+    def pool(self, tokens: Tensor) -> Pooled:
+        if self.pool_kind == "token":
+            return super().pool(tokens)
+        if self.pool_kind == "avg":
+            embedding = self.project_global(self.final_tokens(tokens, None))
+            return Pooled(embedding, fixed_pool_weights(tokens, self._pool_first), False)
+        q, k, v = self._latent_qkv(self.final_norm(tokens))
+        pooled, probabilities = explicit_attention(q, k, v, self.trunk.attn_pool.scale)
+        return Pooled(self.project_global(BlockView.merge_heads(pooled)), probabilities, True)
+
+    def _latent_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The latent query (N, heads, 1, d) and the keys and values (N, heads, L', d) of the normed
+        tokens ``x`` it reads (every token, or the patches: :attr:`_pool_first`), as timm's pool computes them."""
         pool = self.trunk.attn_pool
-        # timm's Eva pools every token; a VisionTransformer drops its prefix tokens unless told not to.
-        include_prefix = self.is_eva or self.trunk.pool_include_prefix
-        keys = x if include_prefix else x[:, self.num_prefix_tokens :]
-        n, length, channels = keys.shape
+        keys = x[:, self._pool_first :]
+        n, length, _ = keys.shape
         heads, head_dim = pool.num_heads, pool.head_dim
         q = pool.q(pool.latent.expand(n, -1, -1)).reshape(n, 1, heads, head_dim).transpose(1, 2)
         k, v = pool.kv(keys).reshape(n, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = pool.q_norm(q), pool.k_norm(k)
-        pooled = nn.functional.scaled_dot_product_attention(q, k, v, scale=pool.scale)
-        pooled = pooled.transpose(1, 2).reshape(n, channels)
-        values = nn.functional.linear(
-            patches, pool.kv.weight[channels:], None if pool.kv.bias is None else pool.kv.bias[channels:]
-        )
-        return pooled, values
+        return pool.q_norm(q), pool.k_norm(k), v
+
+    def _latent_values(self, patches: Tensor) -> Tensor:
+        """The latent pool's value vector of every (normed) patch token."""
+        kv = self.trunk.attn_pool.kv
+        channels = patches.shape[-1]
+        return nn.functional.linear(patches, kv.weight[channels:], None if kv.bias is None else kv.bias[channels:])
 
 
 # ----------------------------------------------------------------------------------

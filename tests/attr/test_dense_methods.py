@@ -101,14 +101,15 @@ def softmax_product(a, b, scale):
     return torch.softmax(a @ b.T * scale, dim=-1)
 
 
-def naclip_omega(h: int, w: int, std: float = 5.0) -> torch.Tensor:
-    """NACLIP's addition: a (2h-1)x(2w-1) Gaussian window convolved with one-hot patch maps."""
+def naclip_omega(h: int, w: int, std: float = 5.0, prefix: int = 1) -> torch.Tensor:
+    """NACLIP's addition: a (2h-1)x(2w-1) Gaussian window convolved with one-hot patch maps (0 for the
+    ``prefix`` tokens before the patches)."""
     axes = [torch.linspace(-(n - 1) / 2, (n - 1) / 2, n) / (std * math.sqrt(2)) for n in (2 * h - 1, 2 * w - 1)]
     window = torch.exp(-(torch.stack(torch.meshgrid(*axes, indexing="ij")) ** 2).sum(0))
     one_hot = torch.eye(h * w).reshape(h * w, 1, h, w)
     spread = F.conv2d(one_hot, window[None, None], padding="same").reshape(h * w, h * w)
-    omega = torch.zeros(1 + h * w, 1 + h * w)
-    omega[1:, 1:] = spread
+    omega = torch.zeros(prefix + h * w, prefix + h * w)
+    omega[prefix:, prefix:] = spread
     return omega
 
 
@@ -374,9 +375,7 @@ def test_registry_runs_every_new_method_and_only_on_vits(family, tiny_resnet):
         torch.testing.assert_close(maps, expected)
     resnet = CLIPSimilarity(tiny_resnet, text_features=torch.randn(2, 8))
     assert not any(available_methods(resnet)[name] for name in VIT_METHODS)
-    with pytest.raises(
-        ValueError, match=r"got 'legrad' \(it needs a class-token ViT tower run by the shared block loop"
-    ):
+    with pytest.raises(ValueError, match=r"got 'legrad' \(it needs a ViT tower \(open_clip VisionTransformer or timm"):
         build_method("legrad", resnet)
 
 

@@ -12,21 +12,18 @@ jittered weights, built once per module:
 * ITSM raw / surgery shapes, surgery's NotImplementedError on a convolutional trunk;
 * Captum's IntegratedGradients, NoiseTunnel and LayerGradCam on every family;
 * DualProjectionCLIP.encode_image is the model's own embedding (SigLIP 2 NaFlex included);
-* the block-loop methods (GEM, LeGrad, Chefer, ITSM path variants) raise an error naming the
-  model and the reason, and the method registry marks them unavailable.
+* the block-loop methods (GEM, LeGrad, Chefer, ITSM path variants) run on every ViT family (their parity:
+  tests/attr/test_dense_methods_towers.py) and raise an error naming a convolutional trunk, which the method
+  registry marks unavailable.
 """
 
 from __future__ import annotations
 
-import open_clip
 import pytest
 import torch
 from captum.attr import IntegratedGradients, LayerGradCam, NoiseTunnel, Saliency
-from conftest import _seeded, make_images
-from open_clip.model import CLIPTextCfg, CLIPVisionCfg
-from timm.models.eva import Eva
-from timm.models.vision_transformer import VisionTransformer
-from transformers import Siglip2Config, Siglip2Model, SiglipConfig, SiglipModel
+from conftest import TOWER_SIDE, make_images, timm_clip
+from transformers import Siglip2Model, SiglipModel
 from transformers.models.siglip2.image_processing_siglip2 import convert_image_to_patches
 
 from captum_iclip import (
@@ -41,156 +38,13 @@ from captum_iclip import (
 from captum_iclip.models.hf_siglip import HFSiglip2Adapter, HFSiglipAdapter
 from captum_iclip.models.timm_towers import TimmConvAdapter, TimmViTAdapter
 
-TEXT = CLIPTextCfg(
-    context_length=8, vocab_size=64, width=16, heads=2, layers=1, no_causal_mask=True, pool_type="last", proj_bias=True
-)
-SIZE = 32  # input side of the ViT families (4x4 grid of 8-px patches); 64 for ConvNeXt (2x2 grid)
-
-
-def timm_clip(trunk_builder, embed_dim: int, pool: str, proj, image_size: int, logit_bias=None, shell=None):
-    """An open_clip ``CustomTextCLIP`` whose ``TimmModel`` tower runs ``trunk_builder()``.
-
-    open_clip's ``TimmModel`` takes a timm model *name*; a small trunk of the same class
-    and pooling is swapped in after construction (``shell`` is the cheap registered
-    name open_clip builds first; ``None`` builds the trunk by name directly).
-    """
-
-    def build():
-        vision = CLIPVisionCfg(
-            timm_model_name=shell or trunk_builder, timm_pool=pool, timm_proj=proj, image_size=image_size
-        )
-        model = open_clip.CustomTextCLIP(embed_dim, vision, TEXT, init_logit_bias=logit_bias)
-        if shell is not None:
-            model.visual.trunk = trunk_builder()
-        return model
-
-    return _seeded(build, seed=7, jitter=0.05)
-
-
-@pytest.fixture(scope="module")
-def siglip():
-    """ViT-B-16-SigLIP's tower (timm VisionTransformer, no class token, MAP head), small."""
-    return timm_clip(
-        lambda: VisionTransformer(
-            img_size=SIZE,
-            patch_size=8,
-            embed_dim=32,
-            depth=2,
-            num_heads=2,
-            class_token=False,
-            global_pool="map",
-            num_classes=0,
-        ),
-        32,
-        pool="map",
-        proj="none",
-        image_size=SIZE,
-        logit_bias=-10.0,
-        shell="vit_tiny_patch16_224",
-    )
-
-
-@pytest.fixture(scope="module")
-def vit_avg():
-    """A timm ViT with a class token, 2 registers and average pooling (fc_norm after the pool)."""
-    return timm_clip(
-        lambda: VisionTransformer(
-            img_size=SIZE,
-            patch_size=8,
-            embed_dim=32,
-            depth=2,
-            num_heads=2,
-            reg_tokens=2,
-            global_pool="avg",
-            num_classes=16,
-        ),
-        16,
-        pool="avg",
-        proj=None,
-        image_size=SIZE,
-        shell="vit_tiny_patch16_224",
-    )
-
-
-@pytest.fixture(scope="module")
-def eva02():
-    """EVA02-B-16's tower (timm Eva: rotary embedding, SwiGLU, inner attention norm, token pool), small."""
-    return timm_clip(
-        lambda: Eva(
-            img_size=SIZE,
-            patch_size=8,
-            embed_dim=32,
-            depth=2,
-            num_heads=2,
-            qkv_fused=False,
-            mlp_ratio=4 * 2 / 3,
-            swiglu_mlp=True,
-            scale_mlp=True,
-            scale_attn_inner=True,
-            use_rot_pos_emb=True,
-            ref_feat_shape=(4, 4),
-            global_pool="token",
-            num_classes=16,
-        ),
-        16,
-        pool="token",
-        proj=None,
-        image_size=SIZE,
-        shell="vit_tiny_patch16_224",
-    )
+SIZE = TOWER_SIDE  # input side of the ViT families (4x4 grid of 8-px patches); 64 for ConvNeXt (2x2 grid)
 
 
 @pytest.fixture(scope="module")
 def convnext():
     """convnext_base's configuration (timm ConvNeXt, open_clip linear projection) on convnext_atto."""
     return timm_clip("convnext_atto", 16, pool="", proj="linear", image_size=64)
-
-
-@pytest.fixture(scope="module")
-def hf_siglip():
-    config = SiglipConfig(
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            patch_size=8,
-            image_size=SIZE,
-        ),
-        text_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            vocab_size=64,
-            max_position_embeddings=8,
-        ),
-    )
-    return _seeded(lambda: SiglipModel(config), seed=8, jitter=0.05)
-
-
-@pytest.fixture(scope="module")
-def hf_siglip2():
-    """Siglip2Model (NaFlex: linear patch embedding, resized position grid), 4x4 position grid of 8-px patches."""
-    config = Siglip2Config(
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            patch_size=8,
-            num_patches=16,
-        ),
-        text_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            vocab_size=64,
-            max_position_embeddings=8,
-        ),
-    )
-    return _seeded(lambda: Siglip2Model(config), seed=9, jitter=0.05)
 
 
 def naflex_inputs(images: torch.Tensor) -> dict:
@@ -420,32 +274,34 @@ def test_dual_projection_encode_image_is_the_models_own(name, request):
 
 # --- the dense methods of the shared block loop ------------------------------------------------
 @pytest.mark.parametrize("name", FAMILIES)
-def test_block_loop_methods_name_the_model_and_the_reason(name, request):
+def test_block_loop_methods_run_on_every_vit_family_and_name_a_convolutional_trunk(name, request):
+    # Their parity with literal re-implementations on these towers: tests/attr/test_dense_methods_towers.py.
     from captum_iclip.evaluation.methods import VIT_METHODS, available_methods, build_method
 
     model = request.getfixturevalue(name)
     sim = CLIPSimilarity(model, text_features=torch.randn(2, get_adapter(model).embed_dim))
     images = make_images(1, 3, image_side(name), image_side(name), seed=13)
-    if name == "convnext":  # no transformer blocks at all, as for a ResNet
-        error, message = TypeError, r"model: GEMAttribution expected a ViT tower .*got a open_clip timm ConvNeXt"
-    else:
-        model_name = {"hf_siglip": "SiglipModel", "hf_siglip2": "Siglip2Model"}.get(name, r"(VisionTransformer|Eva) ")
-        reason = "pool" if name in ("siglip", "hf_siglip", "hf_siglip2") else "block loop"
-        message = rf"model: GEMAttribution expected a class-token ViT tower .*, got .*{model_name}.*; .*{reason}"
-        error = NotImplementedError
-    with pytest.raises(error, match=message):
-        GEMAttribution(sim).attribute(images)
+    available = available_methods(sim)
+    assert available["raw"] and available["surgery"] == (name != "convnext")
+    if name != "convnext":
+        assert all(available[method] for method in VIT_METHODS)
+        for method in VIT_METHODS:
+            maps = build_method(method, sim)(images, torch.tensor([1]))
+            assert maps.shape == (1, 1, SIZE, SIZE) and torch.isfinite(maps).all()
+        return
+    # No transformer blocks at all, as for a ResNet: a clear error, and the registry marks them unavailable.
     for run in (
+        lambda: GEMAttribution(sim).attribute(images),
         lambda: LeGradAttribution(sim).attribute(images),
         lambda: CheferRelevancy(sim).attribute(images),
         lambda: ITSMAttribution(sim).attribute(images, variant="naclip"),
     ):
-        with pytest.raises(error, match=r"model: (LeGradAttribution|CheferRelevancy|variant='naclip') "):
+        with pytest.raises(
+            TypeError,
+            match=r"model: (GEMAttribution|LeGradAttribution|CheferRelevancy|variant='naclip') expected a ViT tower "
+            r".*got a open_clip timm ConvNeXt",
+        ):
             run()
-    # The registry marks them unavailable, and surgery on the convolutional trunk too.
-    available = available_methods(sim)
     assert not any(available[method] for method in VIT_METHODS)
-    assert available["raw"] and available["surgery"] == (name != "convnext")
-    if name == "convnext":
-        with pytest.raises(ValueError, match=r"got 'surgery' \(it needs a tower CLIP Surgery is defined on"):
-            build_method("surgery", sim)
+    with pytest.raises(ValueError, match=r"got 'surgery' \(it needs a tower CLIP Surgery is defined on"):
+        build_method("surgery", sim)
