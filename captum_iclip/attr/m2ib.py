@@ -90,7 +90,7 @@ class Bottleneck:
                 x = x.reshape(n * self.samples, length, channels).to(dtype)
                 for view in rest:
                     x = view.forward(x)
-                feature = adapter.project_global(adapter.final_norm(x))
+                feature = adapter.pool(x).embedding
                 with full_precision(device):  # the score in >= float32
                     image = F.normalize(upcast(feature), dim=-1).reshape(n, self.samples, -1)
                     fit = (image * upcast(text)[:, None].to(image.dtype)).sum(-1)
@@ -99,8 +99,9 @@ class Bottleneck:
                 (alpha.grad,) = torch.autograd.grad(loss, alpha)
             optimizer.step()
             information = kl.detach()
-        # The information of the last step's forward pass, as the reference reads it; the class token left out.
-        return torch.nansum(information[:, 0], dim=-1)[:, 1:]
+        # The information of the last step's forward pass, as the reference reads it; the class (and
+        # register) tokens left out.
+        return torch.nansum(information[:, 0], dim=-1)[:, adapter.num_prefix_tokens :]
 
 
 class M2IBAttribution(CLIPMapAttribution):
@@ -180,23 +181,25 @@ class M2IBAttribution(CLIPMapAttribution):
         Raises:
             ValueError: a ``layer_index`` outside the tower's blocks, or a ``beta``, ``steps``, ``lr``,
                 ``samples`` or ``seed`` out of its range.
-            TypeError / NotImplementedError: a tower the shared block loop does not run (ResNets, timm and
-                SigLIP towers), naming the method.
+            TypeError / NotImplementedError: a tower without transformer blocks (ResNets, convolutional
+                timm trunks) or with blocks the loop cannot compute from their parts, naming the method.
         """
         bottleneck = Bottleneck(beta, steps, lr, samples, seed)
         prepared = self.prepare(inputs, target, "recognition")
         sim = self.similarity
-        views = sim.adapter.block_views("M2IBAttribution")  # a clear error for towers without blocks
+        num_blocks = len(sim.adapter.block_views("M2IBAttribution"))  # a clear error for towers without blocks
         if not isinstance(sim.adapter, ViTAdapter):
             raise TypeError(f"model: M2IBAttribution expected {BLOCK_LOOP_TOWERS}, got a {sim.adapter.family} tower")
         layer = resolve_layer(
-            default_layer(len(views)) if layer_index is None else layer_index, len(views), "layer_index"
+            default_layer(num_blocks) if layer_index is None else layer_index, num_blocks, "layer_index"
         )
 
         images, index = prepared.images, prepared.index
         with sim.evaluating():
             with torch.no_grad():
-                tokens, _ = sim.adapter.embed(images)
+                tokens, grid = sim.adapter.embed(images)
+                # The views at this grid (EVA's rotary embeddings depend on it).
+                views = sim.adapter.block_views("M2IBAttribution", grid=grid)
                 for view in views[: layer + 1]:
                     tokens = view.forward(tokens)
             prompts = range(sim.num_prompts) if index is None else [index]

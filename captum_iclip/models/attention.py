@@ -163,20 +163,21 @@ def proxy_attention(weights: Tensor, proxy_grid: Grid):
     (:func:`proxy_affinity`), the same for every head.
 
     The patch values are resized from CLIP's grid to ``proxy_grid`` (bilinear, ``align_corners=False``, as
-    the reference does), so the path gives ``1 + h' * w'`` tokens: a placeholder where the class token was
-    (the block loop replaces it by the plain path's), then the proxy grid's patches.
+    the reference does), so the path gives ``prefix + h' * w'`` tokens: the prefix tokens' values (the class
+    and register tokens; the block loop keeps the patches only), then the proxy grid's patches.
     """
 
     def attend(inputs: AttentionInputs) -> Tensor:
         v = inputs.v
         n, heads, _, head_dim = v.shape
         h, w = inputs.grid
+        prefix = inputs.prefix
         with full_precision(v.device):  # resampled and mixed in at least float32 (half-precision rules)
-            patches = upcast(v[:, :, 1:]).reshape(n * heads, h, w, head_dim).permute(0, 3, 1, 2)
+            patches = upcast(v[:, :, prefix:]).reshape(n * heads, h, w, head_dim).permute(0, 3, 1, 2)
             patches = F.interpolate(patches, size=tuple(proxy_grid), mode="bilinear", align_corners=False)
             patches = patches.flatten(2).transpose(1, 2).reshape(n, heads, -1, head_dim)
             mixed = weights[:, None].to(patches.dtype) @ patches
-        return torch.cat([v[:, :, :1], mixed.to(v.dtype)], dim=2)
+        return torch.cat([v[:, :, :prefix], mixed.to(v.dtype)], dim=2)
 
     return attend
 

@@ -277,16 +277,20 @@ def test_dual_projection_encode_image_is_the_models_own(name, request):
 def test_block_loop_methods_run_on_every_vit_family_and_name_a_convolutional_trunk(name, request):
     # Their parity with literal re-implementations on these towers: tests/attr/test_dense_methods_towers.py.
     from captum_iclip.evaluation.methods import VIT_METHODS, available_methods, build_method
+    from captum_iclip.loading.bundled import WEIGHTS_DIR
+    from captum_iclip.models.tiny_dino import load_tiny_dino
 
     model = request.getfixturevalue(name)
     sim = CLIPSimilarity(model, text_features=torch.randn(2, get_adapter(model).embed_dim))
     images = make_images(1, 3, image_side(name), image_side(name), seed=13)
-    available = available_methods(sim)
+    # ProxyCLIP's proxy: the bundled tiny DINO.
+    proxy = load_tiny_dino(WEIGHTS_DIR / "shapes-tiny" / "dino")
+    available = available_methods(sim, proxy=proxy)
     assert available["raw"] and available["surgery"] == (name != "convnext")
     if name != "convnext":
         assert all(available[method] for method in VIT_METHODS)
         for method in VIT_METHODS:
-            maps = build_method(method, sim)(images, torch.tensor([1]))
+            maps = build_method(method, sim, proxy=proxy)(images, torch.tensor([1]))
             assert maps.shape == (1, 1, SIZE, SIZE) and torch.isfinite(maps).all()
         return
     # No transformer blocks at all, as for a ResNet: a clear error, and the registry marks them unavailable.
