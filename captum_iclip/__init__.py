@@ -2,9 +2,11 @@
 
 from captum_iclip.attr.chefer import CheferRelevancy
 from captum_iclip.attr.gem import GEMAttribution
+from captum_iclip.attr.gradeclip import GradECLIPAttribution
 from captum_iclip.attr.itsm import ITSMAttribution
 from captum_iclip.attr.legrad import LeGradAttribution
 from captum_iclip.attr.mmp import MaskedMaxPoolingAttribution
+from captum_iclip.attr.text import TextRelevance, TextSimilarity, explain_text
 from captum_iclip.loading.loader import LoadedCLIP, load, mask_source
 from captum_iclip.models import get_adapter
 from captum_iclip.models.dual import DualProjectionCLIP
@@ -18,11 +20,15 @@ __all__ = [
     "CheferRelevancy",
     "DualProjectionCLIP",
     "GEMAttribution",
+    "GradECLIPAttribution",
     "ITSMAttribution",
     "LeGradAttribution",
     "LoadedCLIP",
     "MaskedMaxPooling",
     "MaskedMaxPoolingAttribution",
+    "TextRelevance",
+    "TextSimilarity",
+    "explain_text",
     "get_adapter",
     "load",
     "mask_source",

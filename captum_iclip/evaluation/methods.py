@@ -13,8 +13,9 @@ here". They all explain the same :class:`~captum_iclip.CLIPSimilarity`:
 * ``gradcam``: Captum ``LayerGradCam`` on the patch grid, upsampled;
 * ``ig``: Captum ``IntegratedGradients`` (black baseline in pixel space), summed over channels;
 * ``occlusion``: Captum ``Occlusion`` with patch-sized windows, summed over channels;
-* ``gem``, ``legrad``, ``chefer``: :class:`~captum_iclip.GEMAttribution`,
-  :class:`~captum_iclip.LeGradAttribution`, :class:`~captum_iclip.CheferRelevancy`;
+* ``gem``, ``legrad``, ``chefer``, ``gradeclip``: :class:`~captum_iclip.GEMAttribution`,
+  :class:`~captum_iclip.LeGradAttribution`, :class:`~captum_iclip.CheferRelevancy`,
+  :class:`~captum_iclip.GradECLIPAttribution`;
 * ``maskclip``, ``clearclip``, ``sclip``, ``naclip``: ITSM with that variant (recognition projection).
 
 "raw" always means the first: ITSM without surgery (variant ``"plain"``), on the recognition projection.
@@ -36,6 +37,7 @@ from torch import Tensor
 from captum_iclip._precision import full_precision, upcast
 from captum_iclip.attr.chefer import CheferRelevancy
 from captum_iclip.attr.gem import GEMAttribution
+from captum_iclip.attr.gradeclip import GradECLIPAttribution
 from captum_iclip.attr.itsm import ITSMAttribution
 from captum_iclip.attr.legrad import LeGradAttribution
 from captum_iclip.attr.mmp import MaskedMaxPoolingAttribution
@@ -48,7 +50,7 @@ KINDS = ("itsm", "attention", "pooling", "gradient", "perturbation")
 """``itsm``: similarity maps of every prompt from one pass (also scored as open-vocabulary
 segmentation); ``attention``: similarity maps read through a changed attention path (GEM);
 ``pooling``: an exact decomposition of a pooled score; ``gradient``: gradients of the score
-(Captum's own methods, LeGrad, Chefer relevancy); ``perturbation``: Captum's own methods on
+(Captum's own methods, LeGrad, Chefer relevancy, Grad-ECLIP); ``perturbation``: Captum's own methods on
 the same forward function."""
 
 
@@ -344,6 +346,7 @@ for _info in (
             ("gem", "GEM", "tab:pink", "attention", GEMAttribution),
             ("legrad", "LeGrad", "tab:olive", "gradient", LeGradAttribution),
             ("chefer", "Chefer relevancy", "tab:cyan", "gradient", CheferRelevancy),
+            ("gradeclip", "Grad-ECLIP", "sienna", "gradient", GradECLIPAttribution),
         )
     ),
     *(

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from captum_iclip._precision import upcast
 from captum_iclip.models.attention import surgery_path
 from captum_iclip.models.blocks import AttentionTrace, BlockView, DensePath, run_blocks
+from captum_iclip.models.text import TEXT_TOWERS, TextTower
 
 #: The projections of the patch tokens a map can be drawn from (see :meth:`VisionAdapter.resolve_projection`).
 PROJECTIONS = ("auto", "recognition", "interpretability")
@@ -396,6 +397,15 @@ class VisionAdapter:
     def encode_text(self, prompts: Sequence[str], tokenizer: Callable) -> Tensor:
         return self.text_features(self.text_inputs(prompts, tokenizer))
 
+    def text_tower(self) -> TextTower:
+        """The text tower through its parts (:class:`~captum_iclip.models.text.TextTower`), for the
+        text-side explanations.
+
+        Raises:
+            TypeError: where the family's text tower is not a causal CLIP one pooled at its end-of-text token.
+        """
+        raise TypeError(f"model: the text-side explanations expected {TEXT_TOWERS}, got a {self.family} model")
+
     @property
     def logit_scale(self) -> Tensor:
         return self.model.logit_scale.exp()
@@ -433,6 +443,10 @@ class ViTAdapter(VisionAdapter):
     all of them, so CLIP Surgery and every attention variant is written once
     (:func:`~captum_iclip.models.blocks.run_blocks`).
     """
+
+    #: How the global token is read from the last block's tokens: ``"tok"`` (the class token; open_clip may
+    #: also average the patches, ``"avg"``, or pool them by attention, ``"attention"``).
+    pooling: str = "tok"
 
     def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Tokens (N, 1 + h*w, C) entering the first block, and the patch grid (h, w)."""

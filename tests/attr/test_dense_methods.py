@@ -16,7 +16,14 @@ import torch.nn.functional as F
 from conftest import make_images
 from transformers import CLIPModel
 
-from captum_iclip import CheferRelevancy, CLIPSimilarity, GEMAttribution, ITSMAttribution, LeGradAttribution
+from captum_iclip import (
+    CheferRelevancy,
+    CLIPSimilarity,
+    GEMAttribution,
+    GradECLIPAttribution,
+    ITSMAttribution,
+    LeGradAttribution,
+)
 
 
 @pytest.fixture(scope="module", params=["open_clip", "hf"])
@@ -353,6 +360,7 @@ def test_registry_runs_every_new_method_and_only_on_vits(family, tiny_resnet):
         "gem": lambda: GEMAttribution(sim).attribute(images, target=target),
         "legrad": lambda: LeGradAttribution(sim).attribute(images, target=target),
         "chefer": lambda: CheferRelevancy(sim).attribute(images, target=target),
+        "gradeclip": lambda: GradECLIPAttribution(sim).attribute(images, target=target),
     }
     assert all(available_methods(sim)[name] for name in VIT_METHODS)
     for name in VIT_METHODS:
