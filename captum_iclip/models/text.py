@@ -72,10 +72,6 @@ class TextTower:
         """The id the family's tokenizer pads with (the default baseline token of Integrated Gradients)."""
         raise NotImplementedError
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.token_embedding.weight.dtype
-
     def attention_mask(self, key_mask: Tensor | None, length: int) -> Tensor:
         """The additive mask (K or 1, 1, L, L) of :func:`~captum_iclip.models.blocks.run_text_blocks`:
         the causal mask, and -inf at the padding keys of ``key_mask``."""

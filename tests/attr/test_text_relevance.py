@@ -322,6 +322,13 @@ def test_text_side_bad_input(open_clip_text):
             explain_text(sim, options.pop("image"), **options)
     with pytest.raises(ValueError, match="texts: expected the texts to explain"):
         explain_text(CLIPSimilarity(model, text_features=torch.randn(1, 8)), image)
+    vision = CLIPVisionCfg(layers=1, width=16, head_width=8, patch_size=4, image_size=8)
+    text = CLIPTextCfg(context_length=16, vocab_size=49408, width=16, heads=2, layers=1, no_causal_mask=True)
+    bidirectional = _seeded(lambda: CLIP(embed_dim=8, vision_cfg=vision, text_cfg=text))
+    with pytest.raises(
+        TypeError, match="expected a causal CLIP text tower .* got an open_clip text tower with no causal"
+    ):
+        explain_text(CLIPSimilarity(bidirectional, tiny_tokenizer, ["a cat"]), image)
     handle = model.transformer.resblocks[0].register_forward_hook(lambda *args: None)
     try:
         with pytest.raises(ValueError, match="expected no hooks.*text tower"):

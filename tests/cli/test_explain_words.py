@@ -70,3 +70,17 @@ def test_text_options_are_checked_before_any_work(scene_png, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main([*argv, "--text-method", "lime"])
     assert "invalid choice: 'lime'" in capsys.readouterr().err
+
+
+def test_word_colours_known_answers():
+    from captum_iclip.viz import word_colours, word_relevance_figure
+
+    colours = word_colours(torch.tensor([0.0, 2.0, -1.0, 1.0]))
+    assert colours.shape == (4, 3)
+    assert colours[0] == pytest.approx([1.0, 1.0, 1.0], abs=1e-2)  # 0 is white
+    assert colours[1][0] > 0.99 and colours[1][2] < 0.5  # the strongest positive word: red
+    assert colours[2][2] > 0.99 and colours[2][0] < 0.8  # negative: blue, half as strong as the strongest
+    assert colours[3] == pytest.approx(colours[2][::-1], abs=1e-2)  # +1 mirrors -1
+    assert word_colours([0.0, 0.0]).min() > 0.99  # nothing relevant: white
+    with pytest.raises(ValueError, match="rows: expected one relevance per token of 'x' \\(2\\), got 1"):
+        word_relevance_figure([("x", ["a", "b"], [1.0])])
