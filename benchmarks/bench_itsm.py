@@ -21,7 +21,7 @@ left out with the registry's reason. Each runs on the whole batch:
   normalisation; ``proxyclip`` is timed against ``encode_image`` plus it, the two forward passes it needs;
 * methods that take every prompt at once (the registry's ``every_prompt``: the ITSM
   methods ``raw``, ``surgery``, ``maskclip``, ``clearclip``, ``sclip``, ``naclip``, and
-  ``mmp``, ``gem``, ``legrad``, ``chefer``, ``proxyclip``): maps for *every* prompt (``target=None``)
+  ``mmp``, ``gem``, ``legrad``, ``chefer``, ``proxyclip``, ``gradeclip``): maps for *every* prompt (``target=None``)
   with their default post-processing (the prompt embeddings are computed once,
   outside ``attribute``);
 * the others (``gradcam``, ``ig``, ``occlusion``, ``m2ib``): one prompt per image (``target=0``);
@@ -98,7 +98,16 @@ PROMPTS = [
     )
 ]
 
-TARGETS = {"raw": 1.15, "surgery": 1.5, "gem": 1.3, "maskclip": 1.2, "clearclip": 1.2, "sclip": 1.2, "naclip": 1.2}
+TARGETS = {
+    "raw": 1.15,
+    "surgery": 1.5,
+    "gem": 1.3,
+    "gradeclip": 1.5,
+    "maskclip": 1.2,
+    "clearclip": 1.2,
+    "sclip": 1.2,
+    "naclip": 1.2,
+}
 """Registry methods with a target ratio to ``encode_image`` (at most)."""
 LONG = ("ig", "occlusion", "m2ib")  # timed --ig-repeats times, outside the rounds
 DEFAULT_LEFT_OUT = ("occlusion",)  # one forward pass per patch: only when named

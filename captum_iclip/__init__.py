@@ -2,12 +2,14 @@
 
 from captum_iclip.attr.chefer import CheferRelevancy
 from captum_iclip.attr.gem import GEMAttribution
+from captum_iclip.attr.gradeclip import GradECLIPAttribution
 from captum_iclip.attr.itsm import ITSMAttribution
 from captum_iclip.attr.legrad import LeGradAttribution
 from captum_iclip.attr.m2ib import M2IBAttribution
 from captum_iclip.attr.mmp import MaskedMaxPoolingAttribution
 from captum_iclip.attr.proxyclip import ProxyCLIPAttribution
 from captum_iclip.attr.segments import ImageSegments, SegmentAttribution
+from captum_iclip.attr.text import TextRelevance, TextSimilarity, explain_text
 from captum_iclip.loading.loader import LoadedCLIP, load, mask_source
 from captum_iclip.models import get_adapter
 from captum_iclip.models.dual import DualProjectionCLIP
@@ -21,6 +23,7 @@ __all__ = [
     "CheferRelevancy",
     "DualProjectionCLIP",
     "GEMAttribution",
+    "GradECLIPAttribution",
     "ITSMAttribution",
     "ImageSegments",
     "LeGradAttribution",
@@ -30,6 +33,9 @@ __all__ = [
     "MaskedMaxPoolingAttribution",
     "ProxyCLIPAttribution",
     "SegmentAttribution",
+    "TextRelevance",
+    "TextSimilarity",
+    "explain_text",
     "get_adapter",
     "load",
     "mask_source",

@@ -253,6 +253,88 @@ def metrics_chart(
     return fig
 
 
+def word_colours(relevance: ArrayLike) -> np.ndarray:
+    """The colour of each token of a text by its relevance, one rule for the figures and the audit page.
+
+    White at 0, red for positive and blue for negative relevance (matplotlib's ``bwr``), the strongest
+    token of the text at 70% of the colormap's range either way so that black text stays readable; a text
+    whose relevances are all 0 is white.
+
+    Args:
+        relevance: (T,) one value per token.
+
+    Returns:
+        (T, 3) RGB in [0, 1].
+    """
+    from matplotlib import colormaps
+
+    values = np.asarray(relevance.detach().cpu() if isinstance(relevance, Tensor) else relevance, dtype=np.float64)
+    scale = np.abs(values).max() if values.size else 0.0
+    scaled = values / scale if scale > 0 else np.zeros_like(values)
+    return colormaps["bwr"](0.5 + 0.35 * scaled)[:, :3]
+
+
+def word_relevance_figure(
+    rows: Sequence[tuple[str, Sequence[str], ArrayLike]],
+    *,
+    title: str | None = None,
+    line_chars: int = 96,
+    path: str | None = None,
+    dpi: int = 100,
+):
+    """Texts drawn as coloured words: one block per text, its label, then its tokens on :func:`word_colours`.
+
+    Args:
+        rows: ``(label, tokens, relevance)`` per text, e.g. ``(f"{image}: {prompt}", r.tokens, r.relevance)``
+            of :func:`~captum_iclip.attr.text.explain_text`'s results.
+        title: a title above the texts (e.g. the method).
+        line_chars: characters per line before a text wraps.
+        path: if given, save the figure there (PNG/PDF by extension).
+
+    Returns:
+        The matplotlib ``Figure``.
+    """
+    from matplotlib.figure import Figure
+
+    if not rows:
+        raise ValueError("rows: expected at least one text, got none")
+    lines: list[tuple[str, list[tuple[int, str, np.ndarray]]]] = []  # (label, [(column, token, colour)])
+    for label, tokens, relevance in rows:
+        colours = word_colours(relevance)
+        if len(colours) != len(tokens):
+            raise ValueError(f"rows: expected one relevance per token of {label!r} ({len(tokens)}), got {len(colours)}")
+        placed, column = [], 0
+        lines.append((str(label), placed))
+        for token, colour in zip(tokens, colours):
+            if column and column + len(token) > line_chars:
+                placed, column = [], 0
+                lines.append(("", placed))
+            placed.append((column, token, colour))
+            column += len(token) + 1
+    char_inches, line_inches = 0.085, 0.32  # monospace at 10 pt
+    label_lines = sum(1 for label, _ in lines if label)
+    height = line_inches * (len(lines) + label_lines) + 0.3 * bool(title) + 0.2
+    fig = Figure(figsize=(char_inches * line_chars + 0.4, height))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_axis_off()
+    ax.set_xlim(-2, line_chars + 2)
+    ax.set_ylim(height / line_inches, 0)
+    y = 0.6 + 0.9 * bool(title)
+    if title:
+        ax.text(0, 0.6, title, fontsize=11, fontweight="bold", va="center")
+    for label, placed in lines:
+        if label:
+            ax.text(0, y, label, fontsize=9, color="#444444", va="center")
+            y += 1
+        for column, token, colour in placed:
+            box = {"boxstyle": "round,pad=0.15", "facecolor": tuple(colour), "edgecolor": "none"}
+            ax.text(column, y, token, fontsize=10, family="monospace", va="center", bbox=box)
+        y += 1
+    if path is not None:
+        _save(fig, path, dpi)
+    return fig
+
+
 def _save(fig, path: str, dpi: int) -> None:
     """Write ``fig`` in the format of ``path``'s extension, atomically."""
     buffer = io.BytesIO()

@@ -17,6 +17,8 @@ from urllib.parse import quote
 
 import numpy as np
 
+from captum_iclip.attr.text import TEXT_METHOD_TITLES
+
 # Cards after this many load lazily, so that a report of thousands of images opens quickly.
 EAGER_CARDS = 24
 
@@ -67,6 +69,7 @@ td.prompt { min-width: 170px; max-width: 240px; }
 .bar { background: #e6eaef; border-radius: 3px; height: 6px; margin: 4px 0 2px; }
 .bar span { display: block; height: 6px; border-radius: 3px; background: var(--accent); }
 .prob { font-size: 12px; font-variant-numeric: tabular-nums; }
+.words { margin-top: 4px; line-height: 1.9; } .words span { border-radius: 3px; padding: 1px 3px; margin-right: 2px; }
 footer { color: var(--muted); font-size: 12px; padding: 24px 0 40px; }
 """.strip()
 
@@ -88,6 +91,7 @@ class ReportContext:
     foreign_records: int = 0
     warnings: list[str] = field(default_factory=list)  # what the command says about the model and prompts
     skipped: list[str] = field(default_factory=list)  # files in the searched folders that are not images
+    text_method: str | None = None  # how the records' words were explained (None: no words)
 
 
 def method_title(name: str) -> str:
@@ -308,9 +312,18 @@ def _image_section(audited: Sequence[dict[str, Any]], flags: dict[str, dict[str,
         '<section id="images"><h2>Images</h2>'
         f'<p class="note">Each image as the model sees it, its top {context.top_k} prompts by probability, and '
         f"one map per method for each, min-max normalised: low {_legend()} high. "
-        f"Under each map: {caption}.</p>"
+        f"Under each map: {caption}.{_words_note(context)}</p>"
         + ("".join(cards) or '<p class="note">No image was audited.</p>')
         + "</section>"
+    )
+
+
+def _words_note(context: ReportContext) -> str:
+    if context.text_method is None:
+        return ""
+    return (
+        f" Under each prompt: its words by {escape(context.text_method)}, red where a word raises the score, "
+        "blue where it lowers it (hover a word for its relevance)."
     )
 
 
@@ -368,7 +381,8 @@ def _card(record: dict[str, Any], flag: dict[str, Any], context: ReportContext, 
             f'<tr><td class="prompt"><span class="rank">#{rank + 1}</span> '
             f'<span class="prompt-text">{escape(prompt)}</span>'
             f'<div class="bar"><span style="width:{100 * entry["probability"]:.1f}%"></span></div>'
-            f'<span class="prob">p = {entry["probability"]:.3f}</span></td>{"".join(cells)}</tr>'
+            f'<span class="prob">p = {entry["probability"]:.3f}</span>{_words(entry, context)}</td>'
+            f"{''.join(cells)}</tr>"
         )
     thumbnail = _img(record["thumbnail"], f"input {record['name']}", "input", width, height, 144, lazy)
     return (
@@ -379,6 +393,23 @@ def _card(record: dict[str, Any], flag: dict[str, Any], context: ReportContext, 
         f'<table class="maps"><thead><tr><th>prompt</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
         "</div></article>"
     )
+
+
+def _words(entry: dict[str, Any], context: ReportContext) -> str:
+    """The prompt's words coloured by their relevance for the image (:func:`captum_iclip.viz.word_colours`),
+    each with its value as a tooltip; nothing for a record without words."""
+    from captum_iclip.viz import word_colours
+
+    words = entry.get("words")
+    if words is None:
+        return ""
+    spans = "".join(
+        f'<span style="background: #{"".join(f"{round(255 * c):02x}" for c in colour)}" '
+        f'title="{value:+.4f}">{escape(token)}</span>'
+        for token, value, colour in zip(words["tokens"], words["relevance"], word_colours(words["relevance"]))
+    )
+    title = escape(f"words by {context.text_method}: red raises the score, blue lowers it", quote=True)
+    return f'<div class="words" title="{title}">{spans}</div>'
 
 
 def _run_section(context: ReportContext) -> str:
@@ -404,6 +435,12 @@ def _run_section(context: ReportContext) -> str:
             f"&gt; {100 * context.background_threshold:.0f}% of the map mass outside the foreground"
             if context.has_masks
             else "not used",
+        ),
+        (
+            "words",
+            escape(f"{context.text_method}: {TEXT_METHOD_TITLES[context.text_method]}")
+            if context.text_method
+            else "not explained",
         ),
         ("settings digest", escape(context.settings)),
         ("generated", escape(context.generated)),

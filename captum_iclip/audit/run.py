@@ -3,7 +3,9 @@ top prompts with every method, store one record per image, rebuild the page.
 
 For each image the report shows its ``top_k`` prompts with the model's own
 probabilities (softmax over the prompts for CLIP, sigmoid per prompt for SigLIP)
-and, for each of them, an overlay per method; a per-prompt summary; the run's
+and, for each of them, an overlay per method (and, with ``text_method``, the
+prompt's words coloured by their relevance for the image,
+:func:`~captum_iclip.attr.text.explain_text`); a per-prompt summary; the run's
 metadata; and the flagged cases:
 
 * *looks at the background*: more than ``background_threshold`` of the
@@ -42,6 +44,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from captum_iclip._io import atomic_write_bytes, atomic_write_text, check_output_folder, read_image
+from captum_iclip.attr.text import TEXT_METHODS, explain_text
 from captum_iclip.audit import records as rec
 from captum_iclip.audit.report import ReportContext, render_report
 from captum_iclip.evaluation.methods import available_methods, build_method, method_names, requirement
@@ -77,8 +80,11 @@ class AuditOptions:
     background_threshold: float = 0.5
     progress: bool = True
     warnings: tuple[str, ...] = ()
+    text_method: str | None = None
 
     def __post_init__(self) -> None:
+        if self.text_method is not None and self.text_method not in TEXT_METHODS:
+            raise ValueError(f"text_method: expected one of {TEXT_METHODS} or None, got {self.text_method!r}")
         _check_fraction(self.low_confidence, "low_confidence")
         _check_fraction(self.background_threshold, "background_threshold")
         for value, name in ((self.top_k, "top_k"), (self.batch_size, "batch_size")):
@@ -120,6 +126,7 @@ def audit(
     background_threshold: float = 0.5,
     progress: bool = True,
     warnings: Sequence[str] = (),
+    text_method: str | None = None,
 ) -> AuditSummary:
     """Audit a set of images and write a self-contained static HTML report.
 
@@ -149,6 +156,8 @@ def audit(
             which the top-1 map is flagged.
         progress: show a tqdm progress bar.
         warnings: lines shown at the top of the page (e.g. what a bundled model knows).
+        text_method: also colour the words of each explained prompt by their relevance for the image,
+            by a method of :data:`~captum_iclip.attr.text.TEXT_METHODS` (``None``: no words).
 
     Returns:
         :class:`AuditSummary`: ``index`` (the path of ``index.html``) and the work
@@ -164,13 +173,17 @@ def audit(
         PosixPath('audit/index.html')
     """
     prompts = _check_prompts(prompts, sim)
-    options = AuditOptions(top_k, batch_size, model_name, low_confidence, background_threshold, progress, warnings)
+    options = AuditOptions(
+        top_k, batch_size, model_name, low_confidence, background_threshold, progress, warnings, text_method
+    )
     if not callable(preprocess):
         raise TypeError(f"preprocess: expected a callable PIL image -> tensor, got {type(preprocess).__name__}")
     out = check_output_folder(out_dir, "out_dir")
     paths = _find_images(images, out)
     mask_provider = None if mask_provider is None else _as_mask_provider(mask_provider)
     runners = _build_runners(methods, sim, mask_provider)
+    if text_method is not None:
+        sim.adapter.text_tower()  # a model whose text tower the text side does not read fails before any work
     options = dataclasses.replace(options, top_k=min(top_k, len(prompts)))
     run = _AuditRun(sim, prompts, preprocess, runners, mask_provider, options, out)
 
@@ -215,6 +228,7 @@ def _context(run: _AuditRun) -> ReportContext:
         versions=library_versions(),
         foreign_records=rec.count_foreign_records(run.out, run.digest),
         warnings=list(options.warnings),
+        text_method=options.text_method,
     )
 
 
@@ -236,7 +250,7 @@ def _explain(plan: _Plan, run: _AuditRun) -> None:
 def _settings(run: _AuditRun) -> dict[str, Any]:
     """Everything that shapes a record: records made under other settings are not reused."""
     mask_provider = run.mask_provider
-    return {
+    settings = {
         "schema": rec.RECORD_SCHEMA,
         "model": rec.fingerprint_module(run.sim),  # weights and prompt embeddings
         "prompts": run.prompts,
@@ -245,6 +259,9 @@ def _settings(run: _AuditRun) -> dict[str, Any]:
         "mask_provider": mask_provider.cache_fingerprint() if mask_provider is not None else None,
         "preprocess": _describe(run.preprocess),
     }
+    if run.options.text_method is not None:  # only then: the records of an audit without words keep their digest
+        settings["text_method"] = run.options.text_method
+    return settings
 
 
 @dataclass
@@ -449,6 +466,15 @@ def _audit_batch(decoded: Sequence[tuple[str, Path, Tensor]], run: _AuditRun) ->
                 atomic_write_bytes(out / file_name, _png(overlay(originals[i], maps[i])))
                 fraction = None if outside is None or torch.isnan(outside[i]) else round(float(outside[i]), 6)
                 record["top"][rank]["maps"][name] = {"overlay": file_name, "background_fraction": fraction}
+    if run.options.text_method is not None:
+        for i, record in enumerate(records):
+            texts = [run.prompts[entry["prompt"]] for entry in record["top"]]
+            explained = explain_text(sim, images[i : i + 1], run.options.text_method, texts)
+            for entry, words in zip(record["top"], explained):
+                entry["words"] = {
+                    "tokens": list(words.tokens),
+                    "relevance": [round(value, 6) for value in words.relevance.tolist()],
+                }
     seconds = (time.perf_counter() - began) / len(records)
     for record in records:
         record["seconds"] = round(seconds, 4)

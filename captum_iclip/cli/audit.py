@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from captum_iclip.attr.text import TEXT_METHODS
 from captum_iclip.audit.run import DEFAULT_METHODS, audit
 from captum_iclip.cli.common import (
     HelpFormatter,
@@ -67,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="flag top-1 maps with more than this share of their mass outside the DINO foreground (default 0.5)",
     )
+    parser.add_argument(
+        "--text-method",
+        choices=TEXT_METHODS,
+        default=None,
+        help="also colour each explained prompt's words by their relevance for the image, by this method "
+        "(default: no words)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -120,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             background_threshold=args.background_threshold,
             progress=not args.no_progress,
             warnings=model.warnings,
+            text_method=args.text_method,
         )
     except ValueError as error:  # bad input (argument named in the message), not a crash
         raise SystemExit(f"captum-iclip audit: {error}") from error

@@ -1,4 +1,5 @@
-"""``captum-iclip explain``: score images against prompts, print the scores, draw a grid of ITSM maps."""
+"""``captum-iclip explain``: score images against prompts, print the scores, draw a grid of ITSM maps; with
+``--text-method``, also print and draw how much each word of each prompt makes it match each image."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import torch
 
 from captum_iclip._io import check_output_file
+from captum_iclip.attr.text import TEXT_METHODS
 from captum_iclip.cli.common import (
     HelpFormatter,
     add_model_arguments,
@@ -37,7 +39,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--resolution", type=int, default=None, help="input size (default: the model's own)")
     p.add_argument("--out", required=True, help="output figure (PNG or PDF, by extension)")
+    p.add_argument(
+        "--text-method",
+        choices=TEXT_METHODS,
+        default=None,
+        help="also explain each prompt's words for each image by this method (Grad-ECLIP's text relevance, "
+        "Chefer et al.'s text rollout or Integrated Gradients on the token embeddings), printed and drawn to "
+        "--text-out (default: none)",
+    )
+    p.add_argument(
+        "--text-out",
+        default=None,
+        help="figure of the words' relevance, with --text-method (default: --out with '-words' before its extension)",
+    )
     p.set_defaults(func=explain)
+
+
+def text_figure_path(out: str) -> str:
+    """The default ``--text-out``: ``--out`` with ``-words`` before its extension (maps.png -> maps-words.png)."""
+    path = Path(out)
+    return str(path.with_name(f"{path.stem}-words{path.suffix}"))
 
 
 def explain(args: argparse.Namespace) -> int:
@@ -48,9 +69,17 @@ def explain(args: argparse.Namespace) -> int:
 
     prompts = prompts_from_args(args)
     check_output_file(args.out, "--out")
+    if args.text_out is not None and args.text_method is None:
+        raise ValueError(f"--text-out: expected --text-method with it (the words it draws), got {args.text_out!r}")
+    text_out = None
+    if args.text_method is not None:
+        text_out = args.text_out or text_figure_path(args.out)
+        check_output_file(text_out, "--text-out")
     loaded = load_model_from_args(args)
     sim = CLIPSimilarity(loaded.model, loaded.tokenizer, prompts, templates=loaded.templates, output="probs")
     adapter = sim.adapter
+    if args.text_method is not None:
+        adapter.text_tower()  # a model whose text tower the text side does not read fails before any work
     if args.resolution is not None:
         ph, pw = adapter.patch_size
         if args.resolution < 1 or args.resolution % ph or args.resolution % pw:
@@ -82,4 +111,26 @@ def explain(args: argparse.Namespace) -> int:
         path=args.out,
     )
     print(f"wrote {args.out}")
+    if args.text_method is not None:
+        explain_words(sim, batch, args.images, args.text_method, text_out, templates=loaded.templates)
     return 0
+
+
+def explain_words(sim, batch: torch.Tensor, paths: list[str], method: str, out: str, *, templates=None) -> None:
+    """Print each prompt's words with their relevance for each image (:func:`~captum_iclip.attr.text.explain_text`)
+    and draw them to ``out`` (:func:`~captum_iclip.viz.word_relevance_figure`)."""
+    from captum_iclip.attr.text import explain_text
+    from captum_iclip.viz import word_relevance_figure
+
+    if templates:
+        print("words: each prompt is explained as written (the model's prompt templates are not applied)")
+    rows = []
+    for i, path in enumerate(paths):
+        results = explain_text(sim, batch[i : i + 1], method)
+        print(f"{path}: words by {method}")
+        for result in results:
+            words = " ".join(f"{token}({value:+.3f})" for token, value in zip(result.tokens, result.relevance.tolist()))
+            print(f"  {result.text}: {words}")
+            rows.append((f"{Path(path).name}: {result.text}", result.tokens, result.relevance))
+    word_relevance_figure(rows, title=f"words by {method}: red raises the score, blue lowers it", path=out)
+    print(f"wrote {out}")

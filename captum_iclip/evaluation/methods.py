@@ -13,8 +13,9 @@ here". They all explain the same :class:`~captum_iclip.CLIPSimilarity`:
 * ``gradcam``: Captum ``LayerGradCam`` on the patch grid, upsampled;
 * ``ig``: Captum ``IntegratedGradients`` (black baseline in pixel space), summed over channels;
 * ``occlusion``: Captum ``Occlusion`` with patch-sized windows, summed over channels;
-* ``gem``, ``legrad``, ``chefer``: :class:`~captum_iclip.GEMAttribution`,
-  :class:`~captum_iclip.LeGradAttribution`, :class:`~captum_iclip.CheferRelevancy`;
+* ``gem``, ``legrad``, ``chefer``, ``gradeclip``: :class:`~captum_iclip.GEMAttribution`,
+  :class:`~captum_iclip.LeGradAttribution`, :class:`~captum_iclip.CheferRelevancy`,
+  :class:`~captum_iclip.GradECLIPAttribution`;
 * ``maskclip``, ``clearclip``, ``sclip``, ``naclip``: ITSM with that variant (recognition projection);
 * ``proxyclip``: :class:`~captum_iclip.ProxyCLIPAttribution` with the DINO model of the mask source as its
   proxy (the bundled model's, or ``--dino``'s); it applies only where there is one;
@@ -44,13 +45,14 @@ from torch import Tensor
 from captum_iclip._precision import full_precision, upcast
 from captum_iclip.attr.chefer import CheferRelevancy
 from captum_iclip.attr.gem import GEMAttribution
+from captum_iclip.attr.gradeclip import GradECLIPAttribution
 from captum_iclip.attr.itsm import ITSMAttribution
 from captum_iclip.attr.legrad import LeGradAttribution
 from captum_iclip.attr.m2ib import M2IBAttribution
 from captum_iclip.attr.mmp import MaskedMaxPoolingAttribution
 from captum_iclip.attr.proxyclip import ProxyCLIPAttribution
 from captum_iclip.models.attention import PATH_VARIANTS
-from captum_iclip.models.base import BLOCK_LOOP_TOWERS, ViTAdapter
+from captum_iclip.models.base import BLOCK_LOOP_TOWERS, CLASS_TOKEN_TOWERS, ViTAdapter
 from captum_iclip.similarity import CLIPSimilarity
 
 Method = Callable[[Tensor, Tensor], Tensor]
@@ -58,7 +60,7 @@ KINDS = ("itsm", "attention", "pooling", "gradient", "perturbation")
 """``itsm``: similarity maps of every prompt from one pass (also scored as open-vocabulary
 segmentation); ``attention``: similarity maps read through a changed attention path (GEM);
 ``pooling``: an exact decomposition of a pooled score; ``gradient``: gradients of the score
-(Captum's own methods, LeGrad, Chefer relevancy); ``perturbation``: Captum's own methods on
+(Captum's own methods, LeGrad, Chefer relevancy, Grad-ECLIP); ``perturbation``: Captum's own methods on
 the same forward function."""
 
 
@@ -100,6 +102,7 @@ class MethodInfo:
             builder honours ``BuildOptions.upsample=False`` (the maps before upsampling).
         needs_proxy: applies only with a proxy vision model (``BuildOptions.proxy``: by default the
             DINO model of the mask source).
+        needs_class_token: applies only to ViT towers whose embedding is their class token (Grad-ECLIP).
     """
 
     name: str
@@ -114,12 +117,15 @@ class MethodInfo:
     every_prompt: bool = False
     patch_grid: bool = False
     needs_proxy: bool = False
+    needs_class_token: bool = False
 
     def applies_to(self, sim: CLIPSimilarity, proxy: Any = None) -> bool:
         """Whether the method can explain ``sim`` (with ``proxy`` as its proxy vision model, if it needs one)."""
         if self.needs_vit and not (isinstance(sim.adapter, ViTAdapter) and sim.adapter.blocks_in_parts):
             return False
         if self.needs_proxy and proxy is None:
+            return False
+        if self.needs_class_token and not sim.adapter.pools_class_token:
             return False
         if self.needs_surgery and not sim.adapter.has_surgery:
             return False
@@ -132,6 +138,8 @@ class MethodInfo:
             return "a DualProjectionCLIP model (an interpretability projection)"
         if self.needs_surgery:
             return "a tower CLIP Surgery is defined on (a ViT, EVA or ResNet attention pool)"
+        if self.needs_class_token:
+            return CLASS_TOKEN_TOWERS
         if self.needs_proxy:
             return f"a proxy vision model (a DINO mask source: the bundled model's, or --dino) and {BLOCK_LOOP_TOWERS}"
         return BLOCK_LOOP_TOWERS if self.needs_vit else "any model"
@@ -385,6 +393,17 @@ for _info in (
             ("legrad", "LeGrad", "tab:olive", "gradient", LeGradAttribution),
             ("chefer", "Chefer relevancy", "tab:cyan", "gradient", CheferRelevancy),
         )
+    ),
+    MethodInfo(
+        "gradeclip",
+        "Grad-ECLIP",
+        "sienna",
+        "gradient",
+        _attribution_builder(GradECLIPAttribution),
+        needs_vit=True,
+        needs_class_token=True,
+        every_prompt=True,
+        patch_grid=True,
     ),
     *(
         MethodInfo(

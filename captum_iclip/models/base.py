@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from captum_iclip._precision import upcast
 from captum_iclip.models.attention import surgery_path
 from captum_iclip.models.blocks import AttentionTrace, BlockView, DensePath, explicit_attention, run_blocks
+from captum_iclip.models.text import TEXT_TOWERS, TextTower
 
 #: The projections of the patch tokens a map can be drawn from (see :meth:`VisionAdapter.resolve_projection`).
 PROJECTIONS = ("auto", "recognition", "interpretability")
@@ -50,6 +51,11 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BLOCK_LOOP_TOWERS = (
     "a ViT tower (open_clip VisionTransformer or timm ViT/EVA trunk, transformers CLIPModel, SiglipModel or "
     "Siglip2Model)"
+)
+#: What the methods that read the class token's own attention need (Grad-ECLIP).
+CLASS_TOKEN_TOWERS = (
+    "a ViT tower whose embedding is its class token (open_clip VisionTransformer, transformers CLIPModel, a timm "
+    "ViT/EVA trunk with token pooling)"
 )
 
 
@@ -359,6 +365,15 @@ class VisionAdapter:
 
     def encode_text(self, prompts: Sequence[str], tokenizer: Callable) -> Tensor:
         return self.text_features(self.text_inputs(prompts, tokenizer))
+
+    def text_tower(self) -> TextTower:
+        """The text tower through its parts (:class:`~captum_iclip.models.text.TextTower`), for the
+        text-side explanations.
+
+        Raises:
+            TypeError: where the family's text tower is not a causal CLIP one pooled at its end-of-text token.
+        """
+        raise TypeError(f"model: the text-side explanations expected {TEXT_TOWERS}, got a {self.family} model")
 
     @property
     def logit_scale(self) -> Tensor:

@@ -21,6 +21,7 @@ tokens; none in SigLIP) followed by the patches, row-major over the patch grid.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -316,15 +317,31 @@ class AttentionTrace:
     starts from a detached input, so that the gradient of a score read at block l
     reaches only block l's attention (LeGrad) instead of all earlier ones (rollout).
 
+    With ``parts`` each recorded block's input, its q/k/v heads and its attended heads
+    ``probabilities @ v`` (the attention's output before the output projection, in the
+    graph) are kept as well (Grad-ECLIP). With ``single_head`` the recorded blocks attend
+    as one head over all channels, ``softmax(q k^T / sqrt(C))`` on the merged q and k
+    (Grad-ECLIP's reference computes its last blocks so): another model than the one the
+    library runs, which only Grad-ECLIP's ``single_head=True`` asks for.
+
     Attributes:
         probabilities: one (N, heads, L, L) tensor per recorded block.
         outputs: one (N, L, C) block output per recorded block.
+        inputs, queries, keys, values, attended: with ``parts``, one per recorded block: its
+            (N, L, C) input and its (N, heads, L, head_dim) heads (one head of C with ``single_head``).
     """
 
     start: int
     detach: bool = False
+    parts: bool = False
+    single_head: bool = False
     probabilities: list[Tensor] = field(default_factory=list)
     outputs: list[Tensor] = field(default_factory=list)
+    inputs: list[Tensor] = field(default_factory=list)
+    queries: list[Tensor] = field(default_factory=list)
+    keys: list[Tensor] = field(default_factory=list)
+    values: list[Tensor] = field(default_factory=list)
+    attended: list[Tensor] = field(default_factory=list)
 
 
 _HOOK_KINDS = {
@@ -382,35 +399,49 @@ def check_unhooked(views: Sequence[BlockView], indices: range, why: str) -> None
             )
 
 
-def explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """``softmax(q k^T * scale) v`` of heads (N, heads, Q or L, head_dim), with the probabilities
+def explicit_attention(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """``softmax(q k^T * scale + mask) v`` of heads (N, heads, Q or L, head_dim), with the probabilities
     (N, heads, Q, L) it computes explicitly, so that a gradient can be taken with respect to them.
 
     The probabilities (and so their gradients) are in at least float32: a half-precision attention
     logit of magnitude 8 is resolved to 0.03 only (half-precision rules, docs/methods.md).
     """
     with full_precision(q.device):
-        probabilities = torch.softmax((upcast(q) * scale) @ upcast(k).transpose(-1, -2), dim=-1)
+        logits = (upcast(q) * scale) @ upcast(k).transpose(-1, -2)
+        probabilities = torch.softmax(logits if mask is None else logits + mask.to(logits.dtype), dim=-1)
     return probabilities.to(v.dtype) @ v, probabilities
 
 
-def _traced_block(view: BlockView, x: Tensor, trace: AttentionTrace) -> Tensor:
+def _traced_block(view: BlockView, x: Tensor, trace: AttentionTrace, mask: Tensor | None = None) -> Tensor:
     if trace.detach or not trace.outputs:
         # A fresh leaf, so that the probabilities are in a graph even for a frozen model.
         x = x.detach().requires_grad_(True)
+    block_input = x
     q, k, v = view.qkv(view.ln_1(x))
-    heads, probabilities = explicit_attention(q, k, v, view.scale)
-    x = x + view.attention_branch(heads)
+    scale = view.scale
+    if trace.single_head:
+        q, k, v = (BlockView.merge_heads(t)[:, None] for t in (q, k, v))
+        scale = q.shape[-1] ** -0.5
+    attended, probabilities = explicit_attention(q, k, v, scale, mask)
+    x = x + view.attention_branch(attended)
     x = x + view.mlp_branch(x)
     trace.probabilities.append(probabilities)
     trace.outputs.append(x)
+    if trace.parts:
+        for record, value in zip(
+            (trace.inputs, trace.queries, trace.keys, trace.values, trace.attended), (block_input, q, k, v, attended)
+        ):
+            record.append(value)
     return x
 
 
-def _block_from_qkv(view: BlockView, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def _block_from_qkv(view: BlockView, x: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
     """The original block, reusing q/k/v already computed for a path; ``x`` may hold the
-    first queries only (then q holds the same ones)."""
-    x = x + view.attention_branch(F.scaled_dot_product_attention(q, k, v, scale=view.scale))
+    first queries only (then q holds the same ones). ``mask`` is added to the attention logits."""
+    mask = None if mask is None else mask.to(q.dtype)
+    x = x + view.attention_branch(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=view.scale))
     return x + view.mlp_branch(x)
 
 
@@ -492,3 +523,33 @@ def run_blocks(
             # After the last block the global embedding reads the first tokens of the original path only.
             x = _block_from_qkv(view, x[:, :global_tokens], q[:, :, :global_tokens], k, v)
     return x, stream[:, prefix:]
+
+
+def run_text_blocks(views: Sequence[BlockView], x: Tensor, mask: Tensor, trace: AttentionTrace | None = None) -> Tensor:
+    """The block loop of a text tower: every block computed from its parts, with an additive attention mask.
+
+    The families' text blocks take their masks in forms of their own (open_clip an (L, L) mask,
+    Hugging Face a 4-d one), so every block runs from its parts here, with ``mask`` added to the
+    attention logits; the blocks must have no hooks (:func:`check_unhooked`). Without a trace
+    the whole loop is differentiable (Integrated Gradients on the token embeddings); with one,
+    the blocks from ``trace.start`` on are recorded and the earlier ones run without autograd,
+    as in :func:`run_blocks`.
+
+    Args:
+        views: the text tower's blocks, first to last.
+        x: (K, L, C) token and position embeddings.
+        mask: additive mask broadcastable to (K, heads, L, L): 0 where a query may attend to a key,
+            -inf where not (causal, and padding keys).
+        trace: record the attention of the blocks from ``trace.start`` on.
+
+    Returns:
+        (K, L, C) tokens after the last block.
+    """
+    check_unhooked(views, range(len(views)), "a text tower, whose blocks the text-side explanations run from parts")
+    for index, view in enumerate(views):
+        if trace is not None and index >= trace.start:
+            x = _traced_block(view, x, trace, mask)
+            continue
+        with torch.no_grad() if trace is not None else nullcontext():
+            x = _block_from_qkv(view, x, *view.qkv(view.ln_1(x)), mask)
+    return x

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from captum_iclip._precision import project
 from captum_iclip.models.base import HFVisionGeometry, ViTAdapter, hf_text_features, interpolate_pos_embed
 from captum_iclip.models.blocks import BlockView, HFBlockView
+from captum_iclip.models.text import HFCLIPTextTower
 
 
 # ----------------------------------------------------------------------------------
@@ -79,6 +80,9 @@ class HFCLIPAdapter(HFVisionGeometry, ViTAdapter):
 
     def text_features(self, inputs: dict[str, Tensor]) -> Tensor:
         return hf_text_features(self.model, inputs)
+
+    def text_tower(self) -> HFCLIPTextTower:
+        return HFCLIPTextTower(self.model)
 
     def make_interpretability_head(self) -> nn.Module:
         return LinearCopy(self.model.visual_projection)

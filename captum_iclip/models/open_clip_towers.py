@@ -28,6 +28,7 @@ from captum_iclip.models.base import (
     multihead_projections,
 )
 from captum_iclip.models.blocks import AttentionTrace, BlockView, DensePath, OpenCLIPBlockView
+from captum_iclip.models.text import OpenCLIPTextTower
 
 
 # ----------------------------------------------------------------------------------
@@ -69,6 +70,9 @@ class OpenCLIPAdapter(VisionAdapter):
 
     def text_features(self, inputs: Tensor) -> Tensor:
         return self.model.encode_text(inputs)
+
+    def text_tower(self) -> OpenCLIPTextTower:
+        return OpenCLIPTextTower(self.model)
 
 
 class OpenCLIPViTAdapter(ViTAdapter, OpenCLIPAdapter):

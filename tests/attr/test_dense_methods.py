@@ -20,6 +20,7 @@ from captum_iclip import (
     CheferRelevancy,
     CLIPSimilarity,
     GEMAttribution,
+    GradECLIPAttribution,
     ITSMAttribution,
     LeGradAttribution,
     M2IBAttribution,
@@ -362,6 +363,7 @@ def test_registry_runs_every_new_method_and_only_on_vits(family, tiny_resnet):
         "legrad": lambda: LeGradAttribution(sim).attribute(images, target=target),
         "chefer": lambda: CheferRelevancy(sim).attribute(images, target=target),
         "m2ib": lambda: M2IBAttribution(sim).attribute(images, target=target),
+        "gradeclip": lambda: GradECLIPAttribution(sim).attribute(images, target=target),
     }
     # ProxyCLIP needs a proxy model besides the tower (tests/attr/test_proxyclip.py builds it with one).
     without_proxy = [name for name in VIT_METHODS if not method_info(name).needs_proxy]

@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import re
+from html import escape
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -358,3 +359,44 @@ def test_default_model_is_the_bundled_one(monkeypatch):
     monkeypatch.setattr(bundled, "available", lambda: [])
     with pytest.raises(WeightsUnavailableError, match="bundled model shapes-tiny, which is not installed"):
         command.load_audit_model(args, ["a", "b"])
+
+
+def test_text_method_colours_each_prompts_words(tmp_path, capsys, patched_loader):
+    prompts = PROMPTS + ['a <b>&"']
+    model = tiny_audit_model(prompts)
+    images = tmp_path / "in"
+    write_images(images, 2, corrupt=False)
+    options = dict(sim=model.sim, preprocess=model.preprocess, methods=["raw"], top_k=2, progress=False)
+    plain = audit(images, prompts, out_dir=tmp_path / "plain", **options)
+    summary = audit(images, prompts, out_dir=tmp_path / "words", text_method="chefer", **options)
+    # Without text_method the records and the page have no words (and their settings digest is the one before).
+    assert all("words" not in entry for record in ok_records(tmp_path / "plain") for entry in record["top"])
+    assert 'class="words"' not in plain.index.read_text(encoding="utf-8")
+    records = ok_records(tmp_path / "words")
+    assert records[0]["settings"] != ok_records(tmp_path / "plain")[0]["settings"]
+    preprocess = model.preprocess
+    from captum_iclip import explain_text
+    from captum_iclip._io import read_image
+
+    for record in records:
+        image = preprocess(read_image(record["source"], "images"))[None]
+        texts = [prompts[entry["prompt"]] for entry in record["top"]]
+        for entry, expected in zip(record["top"], explain_text(model.sim, image, "chefer", texts)):
+            assert entry["words"]["tokens"] == list(expected.tokens)
+            assert entry["words"]["relevance"] == pytest.approx(expected.relevance.tolist(), abs=1e-6)
+    html = summary.index.read_text(encoding="utf-8")
+    words = re.findall(r'<div class="words"[^>]*>(.*?)</div>', html)
+    assert len(words) == 2 * 2  # every explained prompt of every image
+    for record in records:  # the first prompt's words in the record's card, in order, with their values
+        card = html[html.index(f'id="img-{record["key"]}"') :]
+        first = re.search(r'<div class="words"[^>]*>(.*?)</div>', card).group(1)
+        spans = re.findall(r'<span style="background: #([0-9a-f]{6})" title="([+-][0-9.]+)">(.*?)</span>', first)
+        words = record["top"][0]["words"]
+        assert [token for _, _, token in spans] == [escape(t) for t in words["tokens"]]
+        assert [float(value) for _, value, _ in spans] == pytest.approx(words["relevance"], abs=1e-4)
+        strongest = max(range(len(spans)), key=lambda j: words["relevance"][j])
+        assert spans[strongest][0] != "ffffff"  # the most relevant word is coloured
+    assert "Chefer et al.&#x27;s text relevancy rollout" in html
+    # The command's option reaches the audit.
+    assert run_command(capsys, images, tmp_path / "cli", "--methods", "raw", "--text-method", "gradeclip") == [2, 0, 0]
+    assert all("words" in entry for record in ok_records(tmp_path / "cli") for entry in record["top"])

@@ -46,7 +46,8 @@ class QuietHandler(SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> Path:
-    """A report of 2 images and a corrupt file, with central-patch masks and a prompt that needs escaping."""
+    """A report of 2 images and a corrupt file, with central-patch masks, a prompt that needs escaping and the
+    prompts' words coloured by Grad-ECLIP's text relevance."""
     folder = tmp_path_factory.mktemp("audit_browser")
     write_images(folder / "in", 2)
     prompts = PROMPTS + ['<b>&"']
@@ -61,6 +62,7 @@ def report(tmp_path_factory) -> Path:
         top_k=2,
         model_name=model.name,
         progress=False,
+        text_method="gradeclip",
     ).index
 
 
@@ -113,6 +115,24 @@ def test_report_over_http_loads_every_image(browser, server, report, tmp_path):
     screenshot = tmp_path / "audit-report.png"
     page.screenshot(path=str(screenshot), full_page=True)
     assert screenshot.stat().st_size > 10_000
+    page.close()
+    assert errors == []
+
+
+def test_report_shows_each_prompts_words_coloured(browser, report):
+    page, errors = open_page(browser, report.as_uri())
+    words = page.locator(".words")
+    assert words.count() == 2 * 2  # 2 images x 2 prompts
+    spans = page.evaluate(
+        """() => Array.from(document.querySelectorAll(".words span")).map(span => ({
+            text: span.textContent, background: getComputedStyle(span).backgroundColor,
+            visible: span.getBoundingClientRect().width > 0, value: Number(span.title) }))"""
+    )
+    assert spans and all(span["visible"] and span["text"] for span in spans)
+    # Grad-ECLIP's relevances are >= 0 and sum to 1 per prompt of at most 5 words: its strongest word is coloured.
+    strongest = [span for span in spans if span["value"] >= 0.2]
+    assert strongest and all(span["background"] != "rgb(255, 255, 255)" for span in strongest)
+    assert all(span["value"] >= 0 for span in spans)
     page.close()
     assert errors == []
 
