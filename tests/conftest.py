@@ -425,3 +425,73 @@ class Part:
     value: Any
     valid: bool
     meaning: Any = None
+
+
+# --- datasets in the training-free segmentation benchmarks' on-disk formats ------------------------
+def _write_jpeg(path: Path, rng: np.random.Generator, height: int, width: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path, quality=95)
+
+
+def _write_label_png(path: Path, label: np.ndarray, palette: bool = False) -> None:
+    """An 8-bit label PNG: greyscale, or (VOC) palette indices whose colours are not the indices."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(label.astype(np.uint8), mode="P" if palette else "L")
+    if palette:
+        image.putpalette(list(range(255, -1, -1)) * 3)
+    image.save(path)
+
+
+def write_benchmark_dataset(root: Path, benchmark: str, sizes: list[tuple[int, int]], seed: int = 0) -> Path:
+    """A tiny dataset of ``benchmark`` (a name of ``evaluation.benchmarks.BENCHMARKS``) in its real layout,
+    one random image and label per (height, width) of ``sizes``; returns the root ``--root`` takes.
+
+    Label values cover the raw encoding of each format: VOC's palette indices with 255 borders, PASCAL
+    Context's 0..59, COCO-Stuff's raw category ids − 1 (things, stuff, 255 unlabeled), Cityscapes' train
+    ids with 255, ADE20K's 0..150.
+    """
+    rng = np.random.default_rng(seed)
+    ids = [f"s{i:03d}" for i in range(len(sizes))]
+
+    def labels(values: np.ndarray, height: int, width: int) -> np.ndarray:
+        # Blocks of a few classes, so that a class covers an area (the area threshold has work to do).
+        blocks = rng.choice(values, size=(-(-height // 8), -(-width // 8)))
+        return np.kron(blocks, np.ones((8, 8), dtype=np.int64))[:height, :width]
+
+    if benchmark in ("voc21", "voc20", "context60", "context59"):
+        voc = benchmark.startswith("voc")
+        base = root / "VOCdevkit" / ("VOC2012" if voc else "VOC2010")
+        label_dir, split_dir = (
+            ("SegmentationClass", "Segmentation") if voc else ("SegmentationClassContext", "SegmentationContext")
+        )
+        values = np.array([0, 3, 8, 15, 20, 255]) if voc else np.array([0, 1, 7, 30, 59, 255])
+        for sample, (height, width) in zip(ids, sizes):
+            _write_jpeg(base / "JPEGImages" / f"{sample}.jpg", rng, height, width)
+            _write_label_png(base / label_dir / f"{sample}.png", labels(values, height, width), palette=voc)
+        split = base / "ImageSets" / split_dir / "val.txt"
+        split.parent.mkdir(parents=True, exist_ok=True)
+        split.write_text("\n".join(ids) + "\n")
+        return root
+    if benchmark in ("coco-object", "coco-stuff"):
+        for sample, (height, width) in zip(ids, sizes):
+            _write_jpeg(root / "images" / "val2017" / f"{sample}.jpg", rng, height, width)
+            raw = labels(np.array([0, 2, 61, 95, 156, 180, 255]), height, width)  # things, stuff, unlabeled
+            _write_label_png(root / "annotations" / "val2017" / f"{sample}.png", raw)
+        return root
+    if benchmark == "cityscapes":
+        for sample, (height, width) in zip(ids, sizes):
+            stem = f"bonn_000000_{sample[1:]}"
+            _write_jpeg(root / "leftImg8bit" / "val" / "bonn" / f"{stem}_leftImg8bit.png", rng, height, width)
+            label = labels(np.array([0, 2, 10, 13, 18, 255]), height, width)
+            _write_label_png(root / "gtFine" / "val" / "bonn" / f"{stem}_gtFine_labelTrainIds.png", label)
+        return root
+    if benchmark == "ade20k":
+        base = root / "ADEChallengeData2016"
+        for number, (height, width) in enumerate(sizes, start=1):
+            stem = f"ADE_val_{number:08d}"
+            _write_jpeg(base / "images" / "validation" / f"{stem}.jpg", rng, height, width)
+            _write_label_png(
+                base / "annotations" / "validation" / f"{stem}.png", labels(np.array([0, 1, 13, 150]), height, width)
+            )
+        return root
+    raise ValueError(f"benchmark: expected a benchmark name, got {benchmark!r}")

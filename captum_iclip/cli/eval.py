@@ -22,6 +22,7 @@ from captum_iclip.cli.common import (
 )
 from captum_iclip.datasets import DATASETS, SegmentationDataset, build_dataset
 from captum_iclip.distributed import rank_and_world
+from captum_iclip.evaluation.benchmarks import BENCHMARKS, PROTOCOLS, benchmark_similarity
 from captum_iclip.evaluation.config import TASKS, EvalConfig
 from captum_iclip.evaluation.data import _init_distributed
 from captum_iclip.evaluation.methods import method_names
@@ -45,9 +46,32 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = {field.name: field.default for field in fields(EvalConfig)}
     parser = argparse.ArgumentParser(prog="captum-iclip eval", description=DESCRIPTION, formatter_class=HelpFormatter)
     parser.add_argument(
-        "--dataset", required=True, choices=sorted(DATASETS), help="dataset reader: %(choices)s (required)"
+        "--dataset",
+        default=None,
+        choices=sorted(DATASETS),
+        help="dataset reader: %(choices)s (required unless --benchmark names it)",
     )
     parser.add_argument("--root", required=True, help="dataset folder")
+    parser.add_argument(
+        "--benchmark",
+        default=defaults["benchmark"],
+        choices=sorted(BENCHMARKS),
+        help="run the training-free open-vocabulary segmentation protocol on this benchmark (docs/benchmarks.md): "
+        "%(choices)s; the ITSM --method values only",
+    )
+    parser.add_argument(
+        "--protocol",
+        default=defaults["protocol"],
+        choices=PROTOCOLS,
+        help="--benchmark: whose settings, %(choices)s (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--pamr",
+        type=int,
+        default=defaults["pamr"],
+        metavar="STEPS",
+        help="--benchmark: PAMR refinement steps on the logits (default: none; NACLIP's repository runs 10)",
+    )
     parser.add_argument("--split", default=defaults["split"], help="split name (default: the reader's)")
     parser.add_argument(
         "--method",
@@ -160,6 +184,9 @@ def _load_model(args: argparse.Namespace, dataset: SegmentationDataset) -> tuple
     if args.tau is not None and not 0.0 < args.tau <= 1.0:
         raise ValueError(f"--tau: expected a value in (0, 1], got {args.tau}")
     loaded = load_model_from_args(args)
+    if args.benchmark is not None:  # the benchmark's class names and templates, not the dataset's prompts
+        sim = benchmark_similarity(loaded.model, loaded.tokenizer, args.benchmark, args.protocol).to(args.device)
+        return sim, None, loaded.name
     prompts = class_prompts(dataset, loaded.bundle)
     sim = CLIPSimilarity(loaded.model, loaded.tokenizer, prompts, templates=loaded.templates).to(args.device)
     mask_provider = loaded.mask_provider
@@ -197,7 +224,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command("captum-iclip eval", lambda: _run(args), debug or None)
 
 
+def _benchmark_arguments(args: argparse.Namespace) -> None:
+    """``--benchmark`` names its dataset reader and the segmentation task; without it, ``--dataset`` is needed."""
+    if args.benchmark is None:
+        if args.dataset is None:
+            raise ValueError("--dataset: expected a dataset reader (or --benchmark NAME), got none")
+        return
+    reader = BENCHMARKS[args.benchmark].dataset
+    if args.dataset not in (None, reader):
+        raise ValueError(
+            f"--dataset: expected {reader!r} (or nothing) with --benchmark {args.benchmark}, got {args.dataset!r}"
+        )
+    args.dataset = reader
+    if list(args.tasks) == list(EvalConfig.tasks):  # the default: the benchmark's task instead
+        args.tasks = ["segmentation"]
+
+
 def _run(args: argparse.Namespace) -> int:
+    _benchmark_arguments(args)
     check_model_arguments(args)
     args.device = _init_distributed(args.device)
     rank = rank_and_world()[0]

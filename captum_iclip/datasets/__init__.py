@@ -11,26 +11,33 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .ade20k import ADE20K, ADE20K_CLASSES
 from .base import IGNORE_INDEX, SegmentationDataset, class_prompt
 from .cityscapes import CITYSCAPES_CLASSES, Cityscapes
-from .coco import COCO_STUFF_CLASSES, COCOInstances, COCOStuff
+from .coco import COCO_OBJECT_CLASSES, COCO_STUFF_CLASSES, COCOInstances, COCOObject, COCOStuff
 from .folder import FolderDataset
-from .voc import CONTEXT59_CLASSES, VOC_CLASSES, PascalContext59, VOCSegmentation
+from .voc import CONTEXT59_CLASSES, VOC_CLASSES, PascalContext59, PascalContext60, VOC20Segmentation, VOCSegmentation
 from .world import WorldScenes
 
 __all__ = [
+    "ADE20K",
+    "ADE20K_CLASSES",
     "CITYSCAPES_CLASSES",
+    "COCO_OBJECT_CLASSES",
     "COCO_STUFF_CLASSES",
     "CONTEXT59_CLASSES",
     "DATASETS",
     "IGNORE_INDEX",
     "VOC_CLASSES",
     "COCOInstances",
+    "COCOObject",
     "COCOStuff",
     "Cityscapes",
     "FolderDataset",
     "PascalContext59",
+    "PascalContext60",
     "SegmentationDataset",
+    "VOC20Segmentation",
     "VOCSegmentation",
     "WorldScenes",
     "build_dataset",
@@ -39,10 +46,14 @@ __all__ = [
 
 DATASETS: dict[str, tuple[type[SegmentationDataset], str | None]] = {
     "voc": (VOCSegmentation, "val"),
+    "voc20": (VOC20Segmentation, "val"),
     "coco": (COCOInstances, "val2017"),
     "coco-stuff": (COCOStuff, "val2017"),
+    "coco-object": (COCOObject, "val2017"),
     "context": (PascalContext59, "val"),
+    "context60": (PascalContext60, "val"),
     "cityscapes": (Cityscapes, "val"),
+    "ade20k": (ADE20K, "validation"),
     "folder": (FolderDataset, None),
     "world": (WorldScenes, None),
 }
@@ -59,12 +70,14 @@ def build_dataset(
     """Build a dataset reader by name.
 
     Args:
-        name: One of ``"voc"``, ``"coco"``, ``"coco-stuff"``, ``"context"``,
-            ``"cityscapes"``, ``"folder"``, ``"world"`` (case-insensitive).
+        name: One of ``"voc"``, ``"voc20"``, ``"coco"``, ``"coco-stuff"``,
+            ``"coco-object"``, ``"context"``, ``"context60"``, ``"cityscapes"``,
+            ``"ade20k"``, ``"folder"``, ``"world"`` (case-insensitive).
         root: The dataset folder (see each reader for its layout); for
             ``"world"``, the first seed or ``"heldout"``.
-        split: Split name; ``None`` uses the reader's default (``"val"``, or
-            ``"val2017"`` for COCO). Must be ``None`` for ``"folder"``.
+        split: Split name; ``None`` uses the reader's default (``"val"``,
+            ``"val2017"`` for COCO, ``"validation"`` for ADE20K). Must be ``None``
+            for ``"folder"``.
         limit: Keep only the first ``limit`` samples.
 
     Returns:

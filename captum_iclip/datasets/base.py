@@ -37,6 +37,7 @@ __all__ = [
     "load_rgb_image",
     "read_class_names",
     "read_split_file",
+    "reduce_zero_label",
     "require_dir",
 ]
 
@@ -210,6 +211,23 @@ def load_index_png(path: Path) -> np.ndarray:
             f"indices, got PIL mode {mode!r} in {path}"
         )
     return values.astype(np.int64)
+
+
+def reduce_zero_label(raw: np.ndarray) -> np.ndarray:
+    """Labels whose value 0 means "none of the classes": 0 (and 255) become :data:`IGNORE_INDEX`,
+    every other value c becomes class id c − 1 (mmsegmentation's ``reduce_zero_label``).
+
+    Args:
+        raw: ``int64`` label values.
+
+    Returns:
+        The class ids, same shape.
+
+    Examples:
+        >>> reduce_zero_label(np.array([0, 1, 5, 255])).tolist()
+        [255, 0, 4, 255]
+    """
+    return np.where((raw == 0) | (raw == IGNORE_INDEX), IGNORE_INDEX, raw - 1)
 
 
 def require_dir(path: Path, what: str) -> Path:

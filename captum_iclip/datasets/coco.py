@@ -10,7 +10,7 @@ import numpy as np
 
 from .base import IGNORE_INDEX, SegmentationDataset, load_index_png, require_dir
 
-__all__ = ["COCOInstances", "COCOStuff", "COCO_STUFF_CLASSES"]
+__all__ = ["COCOInstances", "COCOObject", "COCOStuff", "COCO_OBJECT_CLASSES", "COCO_STUFF_CLASSES"]
 
 # COCO-Stuff category names by COCO category id (1..182). Ids absent here
 # (12, 26, 29, 30, 45, 66, 68, 69, 71, 83, 91) are unused thing ids.
@@ -62,6 +62,26 @@ Stuff names such as "building-other" are written as plain words
 _STUFF_RAW_TO_CLASS = np.full(256, IGNORE_INDEX, dtype=np.int64)
 for _class_id, _category_id in enumerate(sorted(_COCO_STUFF_NAMES_BY_ID)):
     _STUFF_RAW_TO_CLASS[_category_id - 1] = _class_id
+
+_THING_CLASSES = 80  # COCO-Stuff's first 80 classes are COCO's things (category ids 1..90)
+
+COCO_OBJECT_CLASSES = ("background", *COCO_STUFF_CLASSES[:_THING_CLASSES])
+"""The 81 COCO-Object classes: ``"background"`` (every stuff class and the unlabeled pixels), then the 80
+COCO things, index = class id."""
+
+# COCO-Object from the same maps: thing class t -> t + 1, stuff classes and 255 ("unlabeled") -> 0,
+# as the benchmarks' converter (GroupViT/TCL's, used by SCLIP and NACLIP) writes them; the unused
+# category ids stay ignored.
+_OBJECT_RAW_TO_CLASS = np.where(
+    _STUFF_RAW_TO_CLASS == IGNORE_INDEX,
+    IGNORE_INDEX,
+    np.where(_STUFF_RAW_TO_CLASS < _THING_CLASSES, _STUFF_RAW_TO_CLASS + 1, 0),
+)
+_OBJECT_RAW_TO_CLASS[255] = 0
+
+
+# Converted copies that mmsegmentation and the COCO-Object converter write beside the raw maps.
+_CONVERTED_SUFFIXES = ("_labelTrainIds", "_instanceTrainIds")
 
 
 def _find_image_dir(root: Path, split: str) -> Path:
@@ -182,7 +202,8 @@ class COCOStuff(SegmentationDataset):
     unlabeled. Values are mapped to contiguous class ids 0..170 in category
     id order (:data:`COCO_STUFF_CLASSES`); the 11 unused category ids and
     255 become 255 (ignored). mmsegmentation's ``*_labelTrainIds.png``
-    files are not read (they hold the same information). There is no
+    files and COCO-Object's ``*_instanceTrainIds.png`` are not read (they
+    hold the same information, converted). There is no
     background class. Samples are the label PNGs of the split, sorted by name.
 
     Args:
@@ -200,9 +221,12 @@ class COCOStuff(SegmentationDataset):
         171
     """
 
+    # The label space and the map from raw values to class ids (COCO-Object reads the same maps otherwise).
+    _classes, _background_index, _raw_to_class = COCO_STUFF_CLASSES, None, _STUFF_RAW_TO_CLASS
+
     def __init__(self, root: str | Path, split: str = "val2017", limit: int | None = None) -> None:
         self.root = require_dir(Path(root), "dataset root")
-        super().__init__(COCO_STUFF_CLASSES, None, limit)
+        super().__init__(self._classes, self._background_index, limit)
         self.split = split
         image_dir = _find_image_dir(self.root, split)
         label_candidates = (
@@ -216,8 +240,32 @@ class COCOStuff(SegmentationDataset):
                 + " or ".join(str(d) for d in label_candidates)
                 + ", got neither"
             )
-        label_files = sorted(p for p in label_dir.glob("*.png") if not p.stem.endswith("_labelTrainIds"))
+        label_files = sorted(p for p in label_dir.glob("*.png") if not p.stem.endswith(_CONVERTED_SUFFIXES))
         self._set_samples([(image_dir / f"{p.stem}.jpg", p, p.stem) for p in label_files], label_dir)
 
     def _read_label(self, path: Path) -> np.ndarray:
-        return _STUFF_RAW_TO_CLASS[load_index_png(path).clip(0, 255)]
+        return self._raw_to_class[load_index_png(path).clip(0, 255)]
+
+
+class COCOObject(COCOStuff):
+    """COCO-Object: COCO-Stuff 164k's label maps with the 80 object classes kept and everything else background.
+
+    The layout and ``root`` of :class:`COCOStuff` (the raw ``stuffthingmaps`` PNGs). Each label is
+    converted as the training-free segmentation benchmarks convert it (GroupViT's and TCL's
+    ``cvt_coco_object.py``, which SCLIP and NACLIP run once on disk): thing class t (COCO-Stuff class
+    id 0..79) becomes t + 1; the 91 stuff classes *and* the unlabeled value 255 become the background
+    class 0, which is scored like any class. The 11 unused category ids (absent from real maps)
+    stay ignored. Classes: :data:`COCO_OBJECT_CLASSES`.
+
+    Args:
+        root: See :class:`COCOStuff`.
+        split: Split name, e.g. ``"val2017"``.
+        limit: Keep only the first ``limit`` samples.
+
+    Examples:
+        >>> dataset = COCOObject("/data/cocostuff")
+        >>> dataset.class_names[:2], dataset.background_index
+        (['background', 'person'], 0)
+    """
+
+    _classes, _background_index, _raw_to_class = COCO_OBJECT_CLASSES, 0, _OBJECT_RAW_TO_CLASS

@@ -7,15 +7,22 @@ from pathlib import Path
 import numpy as np
 
 from .base import (
-    IGNORE_INDEX,
     SegmentationDataset,
     find_background,
     load_index_png,
     read_class_names,
     read_split_file,
+    reduce_zero_label,
 )
 
-__all__ = ["PascalContext59", "VOCSegmentation", "VOC_CLASSES", "CONTEXT59_CLASSES"]
+__all__ = [
+    "CONTEXT59_CLASSES",
+    "VOC_CLASSES",
+    "PascalContext59",
+    "PascalContext60",
+    "VOC20Segmentation",
+    "VOCSegmentation",
+]
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car",
@@ -114,6 +121,34 @@ class VOCSegmentation(SegmentationDataset):
         self._set_samples(_split_samples(self.root, "Segmentation", "SegmentationClass", split), self.root)
 
 
+class VOC20Segmentation(SegmentationDataset):
+    """PASCAL VOC 2012 without its background class: the 20 object classes (the benchmarks' "VOC20").
+
+    The layout and ``root`` of :class:`VOCSegmentation` (``class_names.txt`` is not read). As in the
+    training-free segmentation benchmarks (mmsegmentation's ``reduce_zero_label``), background
+    pixels (value 0) are ignored (255) and value c becomes class id c − 1, so ``class_names`` are
+    :data:`VOC_CLASSES` without ``"background"`` and there is no background class.
+
+    Args:
+        root: See :class:`VOCSegmentation`.
+        split: Image-set name, e.g. ``"val"``.
+        limit: Keep only the first ``limit`` ids of the split file.
+
+    Examples:
+        >>> VOC20Segmentation("/data/VOCdevkit").class_names[:2]
+        ['aeroplane', 'bicycle']
+    """
+
+    def __init__(self, root: str | Path, split: str = "val", limit: int | None = None) -> None:
+        self.root = _find_voc_root(Path(root), "SegmentationClass", "VOC2012")
+        super().__init__(VOC_CLASSES[1:], None, limit)
+        self.split = split
+        self._set_samples(_split_samples(self.root, "Segmentation", "SegmentationClass", split), self.root)
+
+    def _read_label(self, path: Path) -> np.ndarray:
+        return reduce_zero_label(load_index_png(path))
+
+
 class PascalContext59(SegmentationDataset):
     """PASCAL Context, 59-class version, in the widely used converted layout.
 
@@ -157,6 +192,35 @@ class PascalContext59(SegmentationDataset):
         )
 
     def _read_label(self, path: Path) -> np.ndarray:
-        raw = load_index_png(path)
         # 0 ("none of the 59") is ignored; every class shifts down by one.
-        return np.where((raw == 0) | (raw == IGNORE_INDEX), IGNORE_INDEX, raw - 1)
+        return reduce_zero_label(load_index_png(path))
+
+
+class PascalContext60(SegmentationDataset):
+    """PASCAL Context with its background: the 59 classes and ``"background"`` (the benchmarks' "Context60").
+
+    The layout and ``root`` of :class:`PascalContext59`, read as they are written: value 0
+    ("none of the 59") is the background class 0 and value c in 1..59 is class c
+    (mmsegmentation's ``PascalContextDataset``, ``reduce_zero_label=False``); 255 is ignored.
+
+    Args:
+        root: See :class:`PascalContext59`.
+        split: Image-set name, ``"train"`` or ``"val"``.
+        limit: Keep only the first ``limit`` ids of the split file.
+
+    Examples:
+        >>> dataset = PascalContext60("/data/VOCdevkit/VOC2010")
+        >>> len(dataset.class_names), dataset.background_index
+        (60, 0)
+    """
+
+    def __init__(self, root: str | Path, split: str = "val", limit: int | None = None) -> None:
+        self.root = _find_voc_root(Path(root), "SegmentationClassContext", "VOC2010")
+        super().__init__(("background", *CONTEXT59_CLASSES), 0, limit)
+        self.split = split
+        self._set_samples(
+            _split_samples(self.root, "SegmentationContext", "SegmentationClassContext", split), self.root
+        )
+
+    def _read_label(self, path: Path) -> np.ndarray:
+        return load_index_png(path)

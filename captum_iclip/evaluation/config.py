@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from captum_iclip._io import check_output_folder
 from captum_iclip.datasets import DATASETS
+from captum_iclip.evaluation.benchmarks import BENCHMARKS, PROTOCOLS
 from captum_iclip.evaluation.methods import method_names
 
 TASKS = ("localization", "segmentation", "faithfulness")
@@ -48,6 +49,11 @@ class EvalConfig:
             localization figures over images (``0``: none; one process only).
         out: Output folder; ``None`` writes nothing.
         progress: Show progress bars (rank 0).
+        benchmark: A name of :data:`~captum_iclip.evaluation.benchmarks.BENCHMARKS`: run the
+            training-free segmentation protocol on it (docs/benchmarks.md) instead of the tasks;
+            ``dataset`` must be its reader and ``tasks`` ``("segmentation",)``.
+        protocol: Whose settings of the benchmark (:data:`~captum_iclip.evaluation.benchmarks.PROTOCOLS`).
+        pamr: PAMR iterations on the benchmark's logits (0: none).
 
     Raises:
         ValueError: On an unknown dataset, method or task, or a value out of range.
@@ -76,6 +82,9 @@ class EvalConfig:
     bootstrap: int = 0
     out: str | None = "captum-iclip-eval"
     progress: bool = True
+    benchmark: str | None = None
+    protocol: str = "sclip"
+    pamr: int = 0
 
     def __post_init__(self) -> None:
         self.methods = tuple(self.methods)
@@ -103,5 +112,43 @@ class EvalConfig:
                 raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
         if not 0.0 <= self.theta <= 1.0:
             raise ValueError(f"theta: expected a value in [0, 1], got {self.theta!r}")
+        self._check_benchmark()
         if self.out is not None:
             check_output_folder(self.out, "out")
+
+    def _check_benchmark(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol: expected one of {PROTOCOLS}, got {self.protocol!r}")
+        if isinstance(self.pamr, bool) or not isinstance(self.pamr, int) or self.pamr < 0:
+            raise ValueError(f"pamr: expected a non-negative int of PAMR steps, got {self.pamr!r}")
+        if self.benchmark is None:
+            if self.protocol != "sclip" or self.pamr:
+                raise ValueError(
+                    f"benchmark: expected a benchmark name with protocol={self.protocol!r} and pamr={self.pamr!r} "
+                    "(they set up a benchmark's protocol), got None"
+                )
+            return
+        if self.benchmark not in BENCHMARKS:
+            raise ValueError(f"benchmark: expected one of {sorted(BENCHMARKS)}, got {self.benchmark!r}")
+        reader = BENCHMARKS[self.benchmark].dataset
+        if self.dataset.lower() != reader:
+            raise ValueError(
+                f"dataset: expected {reader!r}, the reader of benchmark {self.benchmark!r}, got {self.dataset!r}"
+            )
+        if self.tasks != ("segmentation",):
+            raise ValueError(
+                f"tasks: expected ('segmentation',) with a benchmark (it runs the segmentation protocol), "
+                f"got {self.tasks}"
+            )
+        # What the protocol fixes (docs/benchmarks.md) must not be asked for, or it would be silently ignored.
+        for name, default in (("resolution", None), ("slide", False), ("window", None), ("stride", None)):
+            if getattr(self, name) != default:
+                raise ValueError(
+                    f"{name}: expected {default!r} with a benchmark (its protocol sets the resize and the windows; "
+                    f"--protocol chooses whose), got {getattr(self, name)!r}"
+                )
+        if self.background_threshold is not None:
+            raise ValueError(
+                "background_threshold: expected None with a benchmark (its protocol sets the probability "
+                f"threshold), got {self.background_threshold!r}"
+            )

@@ -95,12 +95,15 @@ def results_markdown(results: dict) -> str:
     for row in _csv_rows(results):
         cells = [cell(row, key, digits) for _, _, key, digits in columns]
         lines.append(f"| {method_title(row['method'])} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        f"{data['num_images']} images of {data['name']} ({data['split'] or 'default split'}), model "
-        f"{results['model'] or 'given in-process'} at {results['resolution']} px, θ = {config['theta']}, "
-        f"pointing tolerance {config['pointing_tolerance']} px, {results['world_size']} process(es).",
-    ]
+    if results.get("benchmark"):  # the segmentation protocol of eval --benchmark says what it ran
+        lines += ["", results["benchmark"]["summary"]]
+    else:
+        lines += [
+            "",
+            f"{data['num_images']} images of {data['name']} ({data['split'] or 'default split'}), model "
+            f"{results['model'] or 'given in-process'} at {results['resolution']} px, θ = {config['theta']}, "
+            f"pointing tolerance {config['pointing_tolerance']} px, {results['world_size']} process(es).",
+        ]
     if "localization" in config["tasks"] and timing_note(results):
         lines.append(timing_note(results))
     lines += results.get("notes", [])

@@ -76,6 +76,7 @@ from tqdm.auto import tqdm
 
 from captum_iclip.datasets import SegmentationDataset, build_dataset
 from captum_iclip.distributed import rank_and_world
+from captum_iclip.evaluation.benchmark_run import evaluate_benchmark
 from captum_iclip.evaluation.config import TASKS, EvalConfig
 from captum_iclip.evaluation.data import (
     _Clock,
@@ -142,9 +143,11 @@ def evaluate(
     initialised (every rank must call it), on the whole dataset otherwise.
 
     Args:
-        config: What to evaluate.
+        config: What to evaluate. With ``config.benchmark`` set, the benchmark's protocol runs instead
+            (:func:`~captum_iclip.evaluation.benchmark_run.evaluate_benchmark`).
         sim: The forward function, with one prompt per class id of the dataset
-            (see :func:`class_prompts`), on the device to run on.
+            (see :func:`class_prompts`), on the device to run on; for a benchmark, one per class
+            name (:func:`~captum_iclip.evaluation.benchmarks.benchmark_similarity`).
         dataset: The dataset reader; ``None`` builds it from ``config``.
         mask_provider: Foreground masks of ``mmp`` (``None``: all patches).
         model_name: How the results name the model.
@@ -166,6 +169,9 @@ def evaluate(
         >>> evaluate(config, sim)["methods"]["raw"]["miou"]  # doctest: +SKIP
         41.7
     """
+    if config.benchmark is not None:
+        # The training-free segmentation protocol (docs/benchmarks.md) has its own run.
+        return evaluate_benchmark(config, sim, dataset=dataset, model_name=model_name)
     results, examples, dataset = run_evaluation(
         config, sim, dataset=dataset, mask_provider=mask_provider, model_name=model_name
     )
