@@ -3,7 +3,7 @@
 :class:`TextSimilarity` is the forward function: the scores of K texts against one fixed image, as a
 function of the texts' token ids (through the text tower's token embedding layer, which Captum's layer
 methods attribute to). :func:`explain_text` gives each text's per-token relevance by one of
-:data:`TEXT_METHODS` (docs/methods.md §11):
+:data:`TEXT_METHODS` (docs/methods.md §12):
 
 * ``"gradeclip"``: Grad-ECLIP's text relevance (Zhao et al., ICML 2024);
 * ``"chefer"``: Chefer et al.'s relevancy rollout on the text tower (ICCV 2021, Transformer-MM-Explainability);
@@ -150,7 +150,7 @@ class TextRelevance:
     Attributes:
         text: the text.
         tokens: its word tokens as the tokenizer decodes them, between its start and end-of-text tokens.
-        relevance: (T,) one value per token (as :attr:`method` defines it, docs/methods.md §11).
+        relevance: (T,) one value per token (as :attr:`method` defines it, docs/methods.md §12).
         score: the score explained: the cosine (``gradeclip``, ``ig`` by default) or the logit (``chefer``).
         method: a name of :data:`TEXT_METHODS`.
         delta: ``ig`` only: Captum's convergence delta, ``sum(relevance) - (score - baseline score)``.
@@ -179,24 +179,10 @@ def explain_text(
     internal_batch_size: int | None = None,
     normalize: bool | None = None,
 ) -> list[TextRelevance]:
-    r"""The per-token relevance of each text for one image, by one of :data:`TEXT_METHODS` (docs/methods.md §11).
+    r"""The per-token relevance of each text for one image, by one of :data:`TEXT_METHODS` (docs/methods.md §12).
 
-    With :math:`e` a text's end-of-text position (where the tower pools), its word tokens
-    j = 1..e-1 get:
-
-    * ``"gradeclip"`` (Zhao et al., ICML 2024): for each of the last ``depth`` blocks l, with
-      :math:`w^l = \partial s / \partial o^l_e` the gradient of the cosine s with respect to the
-      attention output at the end-of-text token (heads merged, before the output projection),
-      :math:`v^l_j` the values and :math:`\lambda^l_j` the min-max normalised cosine of
-      :math:`q^l_e` and :math:`k^l_j` over the keys j = 0..e the end-of-text token attends to,
-      :math:`r_j = [\sum_l \lambda^l_j \sum_c w^l_c v^l_{j,c}]^+`, divided by its sum;
-    * ``"chefer"`` (Chefer et al., ICCV 2021): the rollout :math:`R \leftarrow R + \bar A^l R`
-      (R = I, :math:`\bar A^l = \mathrm{mean}_h [\nabla A^l \odot A^l]^+`, the gradient of the
-      logit) over the blocks from ``start_layer``; :math:`r_j = R_{e, j}`, divided by its sum;
-    * ``"ig"``: Captum's ``LayerIntegratedGradients`` on the token embeddings, summed over the
-      embedding channels, from a baseline text whose word tokens are ``baseline_token`` (the
-      tokenizer's padding token by default) and whose start, end and padding are the text's: the
-      relevances sum to ``score - baseline score`` up to the convergence delta.
+    The relevances of each text's word tokens as Grad-ECLIP (Zhao et al., ICML 2024), Chefer et al.
+    (ICCV 2021) or Captum's ``LayerIntegratedGradients`` on the token embeddings define them.
 
     Args:
         similarity: a :class:`~captum_iclip.CLIPSimilarity` of an open_clip CLIP or Hugging Face
@@ -218,14 +204,11 @@ def explain_text(
             references'; a text without positive relevance keeps zeros); ``False`` keeps the rectified
             sums / the rollout row.
 
-    An option of another method than ``method`` is refused (it would be silently ignored).
-
     Returns:
         One :class:`TextRelevance` per text, in order.
 
     Raises:
-        ValueError: for an unknown method, an option of another method, an out-of-range depth, start layer,
-            step count or baseline token.
+        ValueError: an unknown method, an option of another method (it would be ignored), an option out of range.
         TypeError: for a model whose text tower is not a causal CLIP one.
 
     Examples::
@@ -239,20 +222,17 @@ def explain_text(
     """
     if method not in TEXT_METHODS:
         raise ValueError(f"method: expected one of {TEXT_METHODS}, got {method!r}")
-    given = {
-        "depth": depth,
-        "single_head": single_head,
-        "start_layer": start_layer,
-        "n_steps": n_steps,
-        "baseline_token": baseline_token,
-        "output": output,
-        "internal_batch_size": internal_batch_size,
-        "normalize": normalize,
-    }
-    for name, value in given.items():
-        if value is not None and name not in _OPTIONS[method]:
-            owners = " and ".join(m for m, names in _OPTIONS.items() if name in names)
-            raise ValueError(f"{name}: expected no value with method {method!r} (an option of {owners}), got {value!r}")
+    _check_options(
+        method,
+        depth=depth,
+        single_head=single_head,
+        start_layer=start_layer,
+        n_steps=n_steps,
+        baseline_token=baseline_token,
+        output=output,
+        internal_batch_size=internal_batch_size,
+        normalize=normalize,
+    )
     text_sim = TextSimilarity(similarity, image, texts, output="cosine" if output is None else output)
     delta = None
     if method == "gradeclip":
@@ -262,24 +242,39 @@ def explain_text(
     else:
         steps = 50 if n_steps is None else n_steps
         relevance, scores, delta = _integrated_gradients(text_sim, steps, baseline_token, internal_batch_size)
+    return _word_relevances(text_sim, similarity.tokenizer, method, relevance, scores, delta, normalize is not False)
+
+
+def _check_options(method: str, **given: object) -> None:
+    """Refuse an option of another method than ``method`` (it would be silently ignored)."""
+    for name, value in given.items():
+        if value is not None and name not in _OPTIONS[method]:
+            owners = " and ".join(m for m, names in _OPTIONS.items() if name in names)
+            raise ValueError(f"{name}: expected no value with method {method!r} (an option of {owners}), got {value!r}")
+
+
+def _word_relevances(
+    text_sim: TextSimilarity,
+    tokenizer,
+    method: str,
+    relevance: Tensor,
+    scores: Tensor,
+    delta: Tensor | None,
+    normalize: bool,
+) -> list[TextRelevance]:
+    """One :class:`TextRelevance` per text: the relevance of its word tokens, divided by their sum for the
+    methods whose references do (not ``ig``, whose relevances sum to the score difference)."""
     words = text_sim.word_positions()
     results = []
     for k, text in enumerate(text_sim.texts):
         row = relevance[k][words[k]].detach()
-        if method != "ig" and normalize is not False:
+        if method != "ig" and normalize:
             total = row.sum()
             row = row / total if total > 0 else torch.zeros_like(row)
         ids = text_sim.input_ids[k][words[k]]
-        results.append(
-            TextRelevance(
-                text,
-                tuple(text_sim.tower.token_strings(ids, similarity.tokenizer)),
-                row.cpu(),
-                float(scores[k]),
-                method,
-                None if delta is None else float(delta[k]),
-            )
-        )
+        strings = tuple(text_sim.tower.token_strings(ids, tokenizer))
+        error = None if delta is None else float(delta[k])
+        results.append(TextRelevance(text, strings, row.cpu(), float(scores[k]), method, error))
     return results
 
 

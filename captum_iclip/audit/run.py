@@ -172,21 +172,11 @@ def audit(
         ...       out_dir="audit").index   # doctest: +SKIP
         PosixPath('audit/index.html')
     """
-    prompts = _check_prompts(prompts, sim)
     options = AuditOptions(
         top_k, batch_size, model_name, low_confidence, background_threshold, progress, warnings, text_method
     )
-    if not callable(preprocess):
-        raise TypeError(f"preprocess: expected a callable PIL image -> tensor, got {type(preprocess).__name__}")
-    out = check_output_folder(out_dir, "out_dir")
-    paths = _find_images(images, out)
-    mask_provider = None if mask_provider is None else _as_mask_provider(mask_provider)
-    runners = _build_runners(methods, sim, mask_provider)
-    if text_method is not None:
-        sim.adapter.text_tower()  # a model whose text tower the text side does not read fails before any work
-    options = dataclasses.replace(options, top_k=min(top_k, len(prompts)))
-    run = _AuditRun(sim, prompts, preprocess, runners, mask_provider, options, out)
-
+    run, paths = _start(images, prompts, sim, preprocess, out_dir, methods, mask_provider, options)
+    out = run.out
     plan = _plan(paths, out, run.digest)
     _explain(plan, run)
     context = _context(run)
@@ -196,6 +186,30 @@ def audit(
     shown = [r for r in rec.load_records(out, run.digest) if r["key"] in plan.contents or rec.source_unchanged(r)]
     index = atomic_write_text(out / "index.html", render_report(shown + plan.unreadable, context))
     return _summary(index, plan, context)
+
+
+def _start(
+    images: Any,
+    prompts: Sequence[str],
+    sim: CLIPSimilarity,
+    preprocess: Callable[[Any], Tensor],
+    out_dir: PathLike,
+    methods: Any,
+    mask_provider: Any,
+    options: AuditOptions,
+) -> tuple[_AuditRun, list[Path]]:
+    """Check the arguments of :func:`audit` before any work, and the run they describe with its image files."""
+    prompts = _check_prompts(prompts, sim)
+    if not callable(preprocess):
+        raise TypeError(f"preprocess: expected a callable PIL image -> tensor, got {type(preprocess).__name__}")
+    out = check_output_folder(out_dir, "out_dir")
+    paths = _find_images(images, out)
+    mask_provider = None if mask_provider is None else _as_mask_provider(mask_provider)
+    runners = _build_runners(methods, sim, mask_provider)
+    if options.text_method is not None:
+        sim.adapter.text_tower()  # a model whose text tower the text side does not read fails before any work
+    options = dataclasses.replace(options, top_k=min(options.top_k, len(prompts)))
+    return _AuditRun(sim, prompts, preprocess, runners, mask_provider, options, out), paths
 
 
 def _skipped(images: Any, out: Path) -> list[str]:

@@ -397,7 +397,7 @@ for _info in (
     MethodInfo(
         "gradeclip",
         "Grad-ECLIP",
-        "sienna",
+        "darkorange",
         "gradient",
         _attribution_builder(GradECLIPAttribution),
         needs_vit=True,

@@ -1,4 +1,4 @@
-"""CLIP text towers seen through their parts, for the text-side explanations (docs/methods.md §11).
+"""CLIP text towers seen through their parts, for the text-side explanations (docs/methods.md §12).
 
 A :class:`TextTower` gives what Grad-ECLIP's and Chefer et al.'s text relevance and Integrated
 Gradients on the token embeddings need of a causal CLIP text tower, once per family: its token
