@@ -595,7 +595,8 @@ def deletion_curve(
     order of decreasing attribution, the target's score read as they go (lower area is better).
 
     Step ``t`` = 1, ..., ``steps`` replaces the next ``p = max(1, ⌊fraction · H·W / steps⌋)``
-    pixels (all channels), so ``steps`` steps replace ``fraction`` of the image; the score is read on
+    pixels (all channels), so ``steps`` steps replace ``fraction`` of the image (more on images of fewer
+    than ``steps / fraction`` pixels, at one pixel a step); the score is read on
     the unchanged image and after every ``score_every``-th step. Grad-ECLIP's evaluation: 100 steps
     over half the image, scored every 10 (docs/methods.md §5.1). RISE's own protocol is
     ``fraction=1`` with 224-pixel steps.

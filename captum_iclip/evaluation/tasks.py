@@ -452,7 +452,7 @@ def _faithfulness_figures(
     metrics, chunk = config.faithfulness_metrics, config.batch_size
     score = _score_function(sim, config.faithfulness_score)
     index = torch.tensor(targets, device=x.device)
-    torch.manual_seed(seed)  # methods that draw (none of the registry's today) draw the same
+    torch.manual_seed(seed)  # a method that draws sees the same numbers in any sharding and method order
     maps = run(x, index).detach()
     figures: dict[str, list] = {}
     if "infidelity" in metrics:
