@@ -23,8 +23,9 @@ from captum_iclip.cli.common import (
 from captum_iclip.datasets import DATASETS, SegmentationDataset, build_dataset
 from captum_iclip.distributed import rank_and_world
 from captum_iclip.evaluation.benchmarks import BENCHMARKS, PROTOCOLS, benchmark_similarity
-from captum_iclip.evaluation.config import TASKS, EvalConfig
+from captum_iclip.evaluation.config import FAITHFULNESS_METRICS, FAITHFULNESS_SCORES, TASKS, EvalConfig
 from captum_iclip.evaluation.data import _init_distributed
+from captum_iclip.evaluation.faithfulness import FILLS
 from captum_iclip.evaluation.methods import method_names
 from captum_iclip.evaluation.report import results_markdown
 from captum_iclip.evaluation.run import class_prompts, evaluate
@@ -150,6 +151,26 @@ def _add_measure_arguments(parser: argparse.ArgumentParser, defaults: dict[str, 
         type=int,
         default=defaults["faithfulness_perturbations"],
         help="perturbations per image for infidelity and sensitivity (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--faithfulness-metrics",
+        dest="faithfulness_metrics",
+        type=_comma_list,
+        default=defaults["faithfulness_metrics"],
+        help=f"comma-separated faithfulness metrics of {','.join(FAITHFULNESS_METRICS)} (default: all)",
+    )
+    parser.add_argument(
+        "--faithfulness-fill",
+        choices=FILLS,
+        default=defaults["faithfulness_fill"],
+        help="what deletion removes to and insertion starts from: %(choices)s (default: %(default)s, "
+        "Grad-ECLIP's random colours for deletion, black for insertion)",
+    )
+    parser.add_argument(
+        "--faithfulness-score",
+        choices=FAITHFULNESS_SCORES,
+        default=defaults["faithfulness_score"],
+        help="score read by deletion, insertion, confidence and ROAD: %(choices)s (default: %(default)s)",
     )
     parser.add_argument(
         "--ig-steps", type=int, default=defaults["ig_steps"], help="integration steps of ig (default: %(default)s)"

@@ -12,10 +12,17 @@ from dataclasses import dataclass
 from captum_iclip._io import check_output_folder
 from captum_iclip.datasets import DATASETS
 from captum_iclip.evaluation.benchmarks import BENCHMARKS, PROTOCOLS
+from captum_iclip.evaluation.faithfulness import FILLS
 from captum_iclip.evaluation.methods import method_names
 
 TASKS = ("localization", "segmentation", "faithfulness")
 """The task names, in the order they run (each one a class of :data:`~captum_iclip.evaluation.tasks.TASK_TYPES`)."""
+
+FAITHFULNESS_METRICS = ("infidelity", "sensitivity", "deletion", "insertion", "confidence", "road")
+"""The metrics of the faithfulness task (docs/methods.md §5 and §5.1)."""
+
+FAITHFULNESS_SCORES = ("probability", "cosine")
+"""What the removal metrics read: the prompts' softmax probability (sigmoid for SigLIP) or the cosine."""
 
 
 @dataclass
@@ -40,13 +47,20 @@ class EvalConfig:
         stride: Sliding-window step; ``None`` is ``window // 2``.
         faithfulness_samples: Images in the faithfulness sample.
         faithfulness_perturbations: Perturbations per image for infidelity and sensitivity.
+        faithfulness_metrics: Names of :data:`FAITHFULNESS_METRICS` the faithfulness task computes.
+        faithfulness_fill: What deletion removes to and insertion starts from, one of
+            :data:`~captum_iclip.evaluation.faithfulness.FILLS` (``"protocol"``: Grad-ECLIP's random
+            colours for deletion, black for insertion).
+        faithfulness_score: The score the removal metrics (deletion, insertion, confidence, ROAD) read,
+            one of :data:`FAITHFULNESS_SCORES`; ``"cosine"`` needs a ``CLIPSimilarity`` with cosine output.
         ig_steps: Integration steps of ``ig``.
-        seed: Seed of every random draw (faithfulness perturbations).
+        seed: Seed of every random draw (faithfulness perturbations, fills and imputation noise).
         examples: Example overlays of the localization maps to draw (rank 0's
             first images with a scored class; needs the localization task).
         workers: DataLoader worker processes.
         bootstrap: Resamples of the 95 % percentile bootstrap intervals of the
-            localization figures over images (``0``: none; one process only).
+            localization figures over images (``0``: none; one process only) and of the
+            faithfulness figures over the sample.
         out: Output folder; ``None`` writes nothing.
         progress: Show progress bars (rank 0).
         benchmark: A name of :data:`~captum_iclip.evaluation.benchmarks.BENCHMARKS`: run the
@@ -75,6 +89,9 @@ class EvalConfig:
     stride: int | None = None
     faithfulness_samples: int = 8
     faithfulness_perturbations: int = 8
+    faithfulness_metrics: Sequence[str] = FAITHFULNESS_METRICS
+    faithfulness_fill: str = "protocol"
+    faithfulness_score: str = "probability"
     ig_steps: int = 16
     seed: int = 0
     examples: int = 4
@@ -89,6 +106,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         self.methods = tuple(self.methods)
         self.tasks = tuple(self.tasks)
+        self.faithfulness_metrics = tuple(self.faithfulness_metrics)
         if self.dataset.lower() not in DATASETS:
             raise ValueError(f"dataset: expected one of {sorted(DATASETS)}, got {self.dataset!r}")
         if not self.methods or len(set(self.methods)) != len(self.methods):
@@ -98,6 +116,17 @@ class EvalConfig:
                 raise ValueError(f"methods: expected names of {method_names()}, got {name!r}")
         if not self.tasks or any(task not in TASKS for task in self.tasks):
             raise ValueError(f"tasks: expected names of {TASKS}, got {list(self.tasks)}")
+        metrics = self.faithfulness_metrics
+        if not metrics or len(set(metrics)) != len(metrics) or any(m not in FAITHFULNESS_METRICS for m in metrics):
+            raise ValueError(
+                f"faithfulness_metrics: expected distinct names of {FAITHFULNESS_METRICS}, got {list(metrics)}"
+            )
+        if self.faithfulness_fill not in FILLS:
+            raise ValueError(f"faithfulness_fill: expected one of {FILLS}, got {self.faithfulness_fill!r}")
+        if self.faithfulness_score not in FAITHFULNESS_SCORES:
+            raise ValueError(
+                f"faithfulness_score: expected one of {FAITHFULNESS_SCORES}, got {self.faithfulness_score!r}"
+            )
         for name in ("resolution", "window", "stride", "limit"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

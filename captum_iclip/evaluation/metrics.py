@@ -22,6 +22,7 @@ from torch import Tensor
 __all__ = [
     "LocalizationMetrics",
     "SegmentationMetrics",
+    "bootstrap_mean",
     "map_agreement",
     "segment_from_maps",
     "sliding_window",
@@ -122,11 +123,7 @@ class _StreamingMetric:
             scores = resample.compute()
             for key in keys:
                 values[key].append(float(scores[key]))
-        tail = 100.0 * (1.0 - level) / 2.0
-        return {
-            key: tuple(float(np.nanpercentile(v, q)) if not np.isnan(v).all() else math.nan for q in (tail, 100 - tail))
-            for key, v in ((key, np.array(values[key])) for key in keys)
-        }
+        return {key: _percentile_interval(np.array(values[key]), level) for key in keys}
 
     def state(self) -> dict[str, Tensor]:
         """A copy of the accumulated sums (CPU int64 tensors), e.g. to save or send.
@@ -199,6 +196,44 @@ class _StreamingMetric:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
             setattr(self, name, tensor.cpu())
         return self
+
+
+def _percentile_interval(values: np.ndarray, level: float) -> tuple[float, float]:
+    """The central ``level`` percentile interval of resampled figures, ignoring NaN (NaN bounds if all are)."""
+    if np.isnan(values).all():
+        return math.nan, math.nan
+    tail = 100.0 * (1.0 - level) / 2.0
+    return float(np.nanpercentile(values, tail)), float(np.nanpercentile(values, 100.0 - tail))
+
+
+def bootstrap_mean(
+    values: Sequence[float], resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-image figures (NaN figures left out of each mean).
+
+    Args:
+        values: One figure per image.
+        resamples: Number of bootstrap resamples (each draws ``len(values)`` images with replacement).
+        level: Coverage of the interval, in (0, 1).
+        seed: Seed of the resampling.
+
+    Returns:
+        ``(low, high)``; NaN bounds when there is no finite figure.
+
+    Examples:
+        >>> bootstrap_mean([2.0, 2.0, 2.0], resamples=10)
+        (2.0, 2.0)
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level: expected a coverage in (0, 1), got {level!r}")
+    if resamples < 1:
+        raise ValueError(f"resamples: expected at least 1, got {resamples!r}")
+    figures = torch.as_tensor(list(values), dtype=torch.float64)
+    if not len(figures) or torch.isnan(figures).all():
+        return math.nan, math.nan
+    generator = torch.Generator().manual_seed(seed)
+    draws = figures[torch.randint(len(figures), (resamples, len(figures)), generator=generator)]
+    return _percentile_interval(draws.nanmean(dim=1).numpy(), level)
 
 
 class LocalizationMetrics(_StreamingMetric):

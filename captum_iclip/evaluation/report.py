@@ -31,6 +31,16 @@ CSV_COLUMNS = (
     "segmentation_pixel_accuracy",
     "infidelity",
     "sensitivity",
+    "deletion_auc",
+    "deletion_auc_low",
+    "deletion_auc_high",
+    "insertion_auc",
+    "insertion_auc_low",
+    "insertion_auc_high",
+    "confidence_drop",
+    "confidence_increase",
+    "road_morf",
+    "road_lerf",
     "localization_seconds_per_image",
 )
 
@@ -52,6 +62,17 @@ def _csv_rows(results: dict) -> list[dict]:
                 "segmentation_pixel_accuracy": segmentation.get("pixel_accuracy"),
                 "infidelity": faithfulness.get("infidelity"),
                 "sensitivity": faithfulness.get("sensitivity"),
+                **{
+                    f"{key}{suffix}": value
+                    for key in ("deletion_auc", "insertion_auc")
+                    for suffix, value in zip(
+                        ("", "_low", "_high"), [faithfulness.get(key), *faithfulness.get(f"{key}_ci", [None, None])]
+                    )
+                },
+                **{
+                    key: faithfulness.get(key)
+                    for key in ("confidence_drop", "confidence_increase", "road_morf", "road_lerf")
+                },
                 "localization_seconds_per_image": entry["timing"]["localization_seconds_per_image"],
             }
         )
@@ -59,16 +80,28 @@ def _csv_rows(results: dict) -> list[dict]:
 
 
 MARKDOWN_COLUMNS = (
-    # (task, header, CSV column, digits)
+    # (task or "faithfulness/<metric>", header, CSV column, digits)
     ("localization", "mIoU ↑", "miou", 1),
     ("localization", "mSC ↑", "msc", 1),
     ("localization", "pointing ↑", "pointing", 1),
     ("segmentation", "seg. mIoU ↑", "segmentation_miou", 1),
-    ("faithfulness", "infidelity ↓", "infidelity", 4),
-    ("faithfulness", "sensitivity ↓", "sensitivity", 4),
+    ("faithfulness/infidelity", "infidelity ↓", "infidelity", 4),
+    ("faithfulness/sensitivity", "sensitivity ↓", "sensitivity", 4),
+    ("faithfulness/deletion", "deletion AUC ↓", "deletion_auc", 3),
+    ("faithfulness/insertion", "insertion AUC ↑", "insertion_auc", 3),
+    ("faithfulness/confidence", "conf. drop % ↓", "confidence_drop", 1),
+    ("faithfulness/confidence", "conf. increase % ↑", "confidence_increase", 1),
+    ("faithfulness/road", "ROAD MoRF ↓", "road_morf", 3),
+    ("faithfulness/road", "ROAD LeRF ↑", "road_lerf", 3),
     ("localization", "s / image", "localization_seconds_per_image", 3),
 )
-"""The columns of ``results.md``; a column shows when its task was run."""
+"""The columns of ``results.md``; a column shows when its task (and faithfulness metric) was run."""
+
+
+def _column_shown(task: str, config: dict) -> bool:
+    """Whether a column of :data:`MARKDOWN_COLUMNS` shows: its task ran, and for faithfulness its metric."""
+    task, _, metric = task.partition("/")
+    return task in config["tasks"] and (not metric or metric in config["faithfulness_metrics"])
 
 
 def results_markdown(results: dict) -> str:
@@ -90,7 +123,7 @@ def results_markdown(results: dict) -> str:
         return f"{value:.{digits}f}{interval}".replace("-", "−")
 
     config, data = results["config"], results["dataset"]
-    columns = [column for column in MARKDOWN_COLUMNS if column[0] in config["tasks"]]
+    columns = [column for column in MARKDOWN_COLUMNS if _column_shown(column[0], config)]
     lines = ["| method | " + " | ".join(header for _, header, _, _ in columns) + " |", "|---|" + "---:|" * len(columns)]
     for row in _csv_rows(results):
         cells = [cell(row, key, digits) for _, _, key, digits in columns]
@@ -106,6 +139,8 @@ def results_markdown(results: dict) -> str:
         ]
     if "localization" in config["tasks"] and timing_note(results):
         lines.append(timing_note(results))
+    if "faithfulness" in config["tasks"]:
+        lines.append(faithfulness_note(results))
     lines += results.get("notes", [])
     return "\n".join(lines) + "\n"
 
@@ -114,17 +149,54 @@ CHART_UNITS = {
     "mIoU": "explanation mIoU, % (higher is better)",
     "mSC": "mean score contrast, percentage points (higher is better)",
     "pointing": "pointing game hits, % (higher is better)",
+    "deletion AUC": "target score × share of pixels removed (lower is better)",
+    "insertion AUC": "target score × share of pixels inserted (higher is better)",
 }
 """The axis labels of the chart: what each figure measures, its unit, which way is better."""
+
+CHART_FIGURES = (
+    # (task or "faithfulness/<metric>", chart label, CSV column)
+    ("localization", "mIoU", "miou"),
+    ("localization", "mSC", "msc"),
+    ("localization", "pointing", "pointing"),
+    ("faithfulness/deletion", "deletion AUC", "deletion_auc"),
+    ("faithfulness/insertion", "insertion AUC", "insertion_auc"),
+)
+"""The figures of the chart; a figure shows when its task (and faithfulness metric) was run."""
 
 
 def chart_title(results: dict) -> str:
     """The chart's title: what was evaluated, and what the dots and bars are."""
-    data = results["dataset"]
-    return (
-        f"Localization on {data['num_images']} images of {data['name']}, model {results['model'] or 'in-process'}: "
-        "dot = mean, bar = 95 % bootstrap interval"
-    )
+    data, config = results["dataset"], results["config"]
+    removal = any(_column_shown(task, config) for task, _, _ in CHART_FIGURES if task.startswith("faithfulness"))
+    samples = next(iter(results["methods"].values()))["faithfulness"]["samples"] if removal else 0
+    if "localization" in config["tasks"]:
+        what = f"Localization on {data['num_images']} images of {data['name']}"
+        if removal:
+            what += f", deletion / insertion on {samples} of them"
+    else:
+        what = f"Deletion / insertion on {samples} images of {data['name']}"
+    return f"{what}, model {results['model'] or 'in-process'}: dot = mean, bar = 95 % bootstrap interval"
+
+
+def faithfulness_note(results: dict) -> str:
+    """What the faithfulness columns read: the sample, the score, the fills and the steps."""
+    config = results["config"]
+    first = next(iter(results["methods"].values()))["faithfulness"]
+    metrics = config["faithfulness_metrics"]
+    parts = [f"Faithfulness on {first['samples']} images, one target each (its largest class)"]
+    if any(metric in metrics for metric in ("deletion", "insertion", "confidence", "road")):
+        parts.append(f"removal metrics read the target's {config['faithfulness_score']}")
+    for kind in ("deletion", "insertion"):
+        curve = first.get(f"{kind}_curve")
+        if curve:
+            parts.append(
+                f"{kind}: {curve['fill']} fill, {len(curve['fractions']) - 1} scored steps to "
+                f"{curve['fractions'][-1]:.0%} of the pixels, AUC over the share changed"
+            )
+    if "road" in metrics:
+        parts.append("ROAD: mean over 10 %, ..., 90 % removed by noisy linear imputation")
+    return "; ".join(parts) + " (docs/methods.md §5.1)."
 
 
 def timing_note(results: dict) -> str | None:
@@ -140,8 +212,8 @@ def timing_note(results: dict) -> str | None:
 
 
 def _chart_rows(results: dict) -> list[dict]:
-    """The localization figures of each method for :func:`~captum_iclip.viz.metrics_chart`."""
-    figures = (("mIoU", "miou"), ("mSC", "msc"), ("pointing", "pointing"))
+    """The figures of each method for :func:`~captum_iclip.viz.metrics_chart` (:data:`CHART_FIGURES`)."""
+    figures = [(label, key) for task, label, key in CHART_FIGURES if _column_shown(task, results["config"])]
     return [
         {
             "title": method_title(row["method"]),
@@ -160,8 +232,8 @@ def write_results(
     *,
     stem: str = "results",
 ) -> dict[str, Path]:
-    """Write ``{stem}.{json,csv,md}``, the chart ``{stem}.png`` of the localization figures with their
-    intervals (when localization ran), and the example overlays into ``out``, atomically.
+    """Write ``{stem}.{json,csv,md}``, the chart ``{stem}.png`` of the localization figures and the deletion
+    and insertion AUCs with their intervals (those that ran), and the example overlays into ``out``, atomically.
 
     Args:
         results: As returned by :func:`~captum_iclip.evaluation.run.evaluate`.
@@ -184,7 +256,7 @@ def write_results(
     writer.writerows(_csv_rows(results))
     atomic_write_text(paths["csv"], buffer.getvalue())
     atomic_write_text(paths["markdown"], results_markdown(results))
-    if "localization" in results["config"]["tasks"]:
+    if any(_column_shown(task, results["config"]) for task, _, _ in CHART_FIGURES):
         paths["chart"] = folder / f"{stem}.png"
         metrics_chart(_chart_rows(results), title=chart_title(results), units=CHART_UNITS, path=str(paths["chart"]))
     for example in examples:

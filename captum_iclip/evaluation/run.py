@@ -22,7 +22,14 @@ Three tasks, each run for every requested method of
   the model's patch size, each replaced by the dataset mean with probability
   0.25; Captum's optimal scaling β); sensitivity uses Captum's default
   perturbation (uniform in the L∞ ball of radius 0.02 in normalised input
-  units). Both are seeded per image, so they do not depend on sharding.
+  units). The same sample also gets the removal metrics of docs/methods.md
+  §5.1 (``faithfulness_metrics``): deletion and insertion curves and their
+  AUC (Grad-ECLIP's 100 steps over half the image, scored every 10; fills of
+  ``faithfulness_fill``), confidence drop and increase (M2IB), and ROAD's MoRF
+  and LeRF scores (noisy linear imputation at 10 %, ..., 90 %), all reading
+  the target's ``faithfulness_score``. The sample runs in batches of
+  ``batch_size`` sharded like the dataset's, every draw seeded by the batch's
+  first image, so the figures do not depend on sharding.
 
 Geometry (no crop anywhere, so maps stay aligned with the labels):
 

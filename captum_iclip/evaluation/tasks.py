@@ -31,12 +31,26 @@ from captum_iclip.evaluation.data import (
     _largest_class,
     _scored_classes,
     _short_side_size,
+    shard_indices,
 )
-from captum_iclip.evaluation.faithfulness import infidelity_score, patch_perturbation, sensitivity_score
+from captum_iclip.evaluation.faithfulness import (
+    PROTOCOL_FILLS,
+    ROAD_ORDERS,
+    ROAD_PERCENTAGES,
+    confidence_change,
+    deletion_curve,
+    fill_image,
+    infidelity_score,
+    insertion_curve,
+    patch_perturbation,
+    road_scores,
+    sensitivity_score,
+)
 from captum_iclip.evaluation.methods import method_info
 from captum_iclip.evaluation.metrics import (
     LocalizationMetrics,
     SegmentationMetrics,
+    bootstrap_mean,
     segment_from_maps,
     sliding_window,
 )
@@ -192,7 +206,9 @@ class SegmentationTask:
 
 
 class FaithfulnessTask:
-    """Captum infidelity and max-sensitivity on a fixed sample of images, one target per image.
+    """The faithfulness metrics of ``config.faithfulness_metrics`` on a fixed sample of images, one target per
+    image: Captum's infidelity and max-sensitivity, deletion and insertion curves, confidence drop and
+    increase, ROAD (docs/methods.md §5 and §5.1).
 
     It runs after the pass over the batches (:meth:`finish`), on its own sample.
     """
@@ -201,6 +217,11 @@ class FaithfulnessTask:
 
     def __init__(self, ctx: EvalContext) -> None:
         self.records: list[dict] = []
+        if ctx.config.faithfulness_score == "cosine" and ctx.sim.output != "cosine":
+            raise ValueError(
+                "faithfulness_score: expected 'probability' for a CLIPSimilarity whose output is "
+                f"{ctx.sim.output!r} (the cosine is read from a cosine output), got 'cosine'"
+            )
 
     def update(self, ctx: EvalContext, batch: EvalBatch) -> None:
         """Nothing per batch: the sample is drawn over the whole dataset."""
@@ -215,15 +236,58 @@ class FaithfulnessTask:
         self.records = _gather_records(records)
 
     def entry(self, name: str, ctx: EvalContext) -> dict[str, Any]:
+        config = ctx.config
+        computed = set(config.faithfulness_metrics)
         records = [r for r in self.records if r["method"] == name]
+        figures = {key: None for keys in FAITHFULNESS_FIGURES.values() for key in keys}
+        intervals = {}
+        for metric, keys in FAITHFULNESS_FIGURES.items():
+            if metric not in computed:
+                continue
+            for key in keys:
+                values = [r[key] for r in records]
+                figures[key] = finite_or_null(float(np.nanmean(values)) if np.isfinite(values).any() else math.nan)
+                if config.bootstrap:
+                    bounds = bootstrap_mean(values, resamples=config.bootstrap, seed=config.seed)
+                    intervals[f"{key}_ci"] = [finite_or_null(bound) for bound in bounds]
+        fills = _fill_kinds(config.faithfulness_fill)
+        curves = {
+            f"{kind}_curve": (
+                {
+                    "fill": fills[kind],
+                    "fractions": records[0][f"{kind}_fractions"],
+                    "scores": np.mean([r[f"{kind}_scores"] for r in records], axis=0).tolist(),
+                }
+                if kind in computed and records
+                else None
+            )
+            for kind in ("deletion", "insertion")
+        }
+        road = (
+            {
+                "percentages": list(ROAD_PERCENTAGES),
+                "noise": ROAD_NOISE,
+                **{
+                    order: np.mean([r[f"road_{order}_scores"] for r in records], axis=0).tolist()
+                    for order in ROAD_ORDERS
+                },
+            }
+            if "road" in computed and records
+            else None
+        )
+        per_image_keys = ["index", "name", "target"] + [
+            key for metric in config.faithfulness_metrics for key in FAITHFULNESS_FIGURES[metric]
+        ]
         return {
             "faithfulness": {
-                "infidelity": finite_or_null(_mean([r["infidelity"] for r in records])),
-                "sensitivity": finite_or_null(_mean([r["sensitivity"] for r in records])),
+                "metrics": list(config.faithfulness_metrics),
+                "score": config.faithfulness_score,
+                **figures,
+                **intervals,
+                **curves,
+                "road_curves": road,
                 "samples": len(records),
-                "per_image": [
-                    {key: r[key] for key in ("index", "name", "target", "infidelity", "sensitivity")} for r in records
-                ],
+                "per_image": [finite_or_null({key: r[key] for key in per_image_keys}) for r in records],
             }
         }
 
@@ -242,6 +306,25 @@ PATCH_DROP_PROB = 0.25
 
 SENSITIVITY_RADIUS = 0.02
 """L∞ radius of the max-sensitivity perturbations, in normalised input units."""
+
+
+REMOVAL_STEPS = {"steps": 100, "score_every": 10, "fraction": 0.5}
+"""Grad-ECLIP's deletion and insertion steps: 100 steps over half the image, the score read every 10."""
+
+
+ROAD_NOISE = 0.01
+"""ROAD's imputation noise, in [0, 1] pixel units (divided by the model's std per channel)."""
+
+
+FAITHFULNESS_FIGURES = {
+    "infidelity": ("infidelity",),
+    "sensitivity": ("sensitivity",),
+    "deletion": ("deletion_auc",),
+    "insertion": ("insertion_auc",),
+    "confidence": ("confidence_drop", "confidence_increase"),
+    "road": ("road_morf", "road_lerf"),
+}
+"""The per-image figures of each faithfulness metric, averaged over the sample in the results."""
 
 
 def _segment_image(
@@ -304,50 +387,117 @@ def _faithfulness_sample(
     return sample
 
 
+def _fill_kinds(fill: str) -> dict[str, str]:
+    """The fill image of deletion and of insertion for the ``faithfulness_fill`` option."""
+    return dict(PROTOCOL_FILLS) if fill == "protocol" else {"deletion": fill, "insertion": fill}
+
+
+def _score_function(sim: CLIPSimilarity, score: str) -> Any:
+    """The forward function the removal metrics read: the prompts' probabilities, or the cosine output."""
+    if score == "cosine":
+        return sim
+    return lambda images: sim.probabilities(sim(images))
+
+
 def _faithfulness_records(ctx: EvalContext, sample: list[tuple[int, int]]) -> list[dict]:
-    """This rank's share (positions ``rank, rank + K, ...``) of the per-image faithfulness scores of ``sample``."""
+    """This rank's share of the per-image faithfulness figures of ``sample``: its batches ``rank, rank + K, ...``
+    of ``batch_size`` images (:func:`~captum_iclip.evaluation.data.shard_indices`), so every batch holds the
+    same images in any sharding. Every random draw is seeded by the batch's first image, the same for
+    every method: the methods are compared on the same perturbations, fills and noise."""
     sim, runners, dataset, config, device = ctx.sim, ctx.runners, ctx.dataset, ctx.config, ctx.device
-    resolution = config.resolution
     rank, world = rank_and_world()
     adapter = sim.adapter
     mean = torch.tensor(adapter.image_mean, dtype=torch.float32).reshape(3, 1, 1)
     std = torch.tensor(adapter.image_std, dtype=torch.float32).reshape(3, 1, 1)
-    perturb = patch_perturbation(adapter.patch_size[0], drop_prob=PATCH_DROP_PROB)
-    mine = sample[rank::world]
+    size = (config.resolution, config.resolution)
+    mine = [sample[position] for position in shard_indices(len(sample), config.batch_size, rank, world)]
     records = []
     clock = _Clock(device)
     bar = tqdm(total=len(mine) * len(runners), desc="faithfulness", unit="map", disable=not ctx.show)
-    for index, target_class in mine:
-        image, _, name = dataset[index]
-        x = to_model_input(image, (resolution, resolution), mean, std)[None].to(device, adapter.parameter.dtype)
-        # An int, not a 1-element tensor: Captum repeats only multi-element targets for perturbed copies.
-        target = target_class
+    for start in range(0, len(mine), config.batch_size):
+        batch = mine[start : start + config.batch_size]
+        items = [dataset[index] for index, _ in batch]
+        x = torch.stack([to_model_input(image, size, mean, std) for image, _, _ in items]).to(device, ctx.dtype)
+        targets = [target for _, target in batch]
+        seed = config.seed * 1_000_003 + batch[0][0]
+        fills = _fill_images(x, config.faithfulness_fill, adapter, seed)
         for method, run in runners.items():
             began = clock()
-            # Seeded per image, so the score does not depend on the shard or the method order.
-            torch.manual_seed(config.seed * 1_000_003 + index)
-            attributions = run(x, target).detach()
-            infidelity = infidelity_score(
-                sim, attributions, x, target, perturb_func=perturb, n_perturb_samples=config.faithfulness_perturbations
-            )
-            torch.manual_seed(config.seed * 1_000_003 + index)
-            sensitivity = sensitivity_score(
-                run, x, target, perturb_radius=SENSITIVITY_RADIUS, n_perturb_samples=config.faithfulness_perturbations
-            )
-            records.append(
-                {
-                    "index": index,
-                    "name": name,
-                    "method": method,
-                    "target": target_class,
-                    "infidelity": float(infidelity[0]),
-                    "sensitivity": float(sensitivity[0]),
-                    "seconds": clock() - began,
-                }
-            )
-            bar.update(1)
+            figures = _faithfulness_figures(ctx, run, x, targets, fills, seed)
+            seconds = (clock() - began) / len(batch)
+            for i, ((index, target), (_, _, name)) in enumerate(zip(batch, items)):
+                record = {"index": index, "name": name, "method": method, "target": target, "seconds": seconds}
+                records.append(record | {key: value[i] for key, value in figures.items()})
+            bar.update(len(batch))
     bar.close()
     return records
+
+
+def _fill_images(x: Tensor, fill: str, adapter: Any, seed: int) -> dict[str, Tensor]:
+    """Deletion's and insertion's fill images of a batch (one random draw, shared when both are random)."""
+    kinds = _fill_kinds(fill)
+    images = {
+        kind: fill_image(x, kind, adapter.image_mean, adapter.image_std, generator=torch.Generator().manual_seed(seed))
+        for kind in set(kinds.values())
+    }
+    return {use: images[kind] for use, kind in kinds.items()}
+
+
+def _faithfulness_figures(
+    ctx: EvalContext, run: Any, x: Tensor, targets: list[int], fills: dict[str, Tensor], seed: int
+) -> dict[str, list]:
+    """One method's figures of one batch, per metric of ``config.faithfulness_metrics``: name -> one value
+    (or list) per image."""
+    config, sim = ctx.config, ctx.sim
+    metrics, chunk = config.faithfulness_metrics, config.batch_size
+    score = _score_function(sim, config.faithfulness_score)
+    index = torch.tensor(targets, device=x.device)
+    torch.manual_seed(seed)  # a method that draws sees the same numbers in any sharding and method order
+    maps = run(x, index).detach()
+    figures: dict[str, list] = {}
+    if "infidelity" in metrics:
+        torch.manual_seed(seed)
+        perturb = patch_perturbation(sim.adapter.patch_size[0], drop_prob=PATCH_DROP_PROB)
+        figures["infidelity"] = infidelity_score(
+            sim, maps, x, targets, perturb_func=perturb, n_perturb_samples=config.faithfulness_perturbations
+        ).tolist()
+    if "sensitivity" in metrics:
+        torch.manual_seed(seed)
+        figures["sensitivity"] = sensitivity_score(
+            run,
+            x,
+            targets,
+            perturb_radius=SENSITIVITY_RADIUS,
+            n_perturb_samples=config.faithfulness_perturbations,
+            max_examples_per_batch=chunk,
+        ).tolist()
+    for kind, curve in (("deletion", deletion_curve), ("insertion", insertion_curve)):
+        if kind in metrics:
+            # Without gradients, every step of the batch's images in one pass (11 x batch_size images).
+            found = curve(score, x, maps, index, fill=fills[kind], **REMOVAL_STEPS)
+            figures[f"{kind}_auc"] = found.auc.tolist()
+            figures[f"{kind}_scores"] = found.scores.tolist()
+            figures[f"{kind}_fractions"] = [found.fractions.tolist()] * len(targets)
+    if "confidence" in metrics:
+        change = confidence_change(score, x, maps, index)
+        figures["confidence_drop"] = change.drop.tolist()
+        figures["confidence_increase"] = (100.0 * change.increase.double()).tolist()
+    if "road" in metrics:
+        noise = [ROAD_NOISE / s for s in sim.adapter.image_std]
+        for k, order in enumerate(ROAD_ORDERS):
+            scores = road_scores(
+                score,
+                x,
+                maps,
+                index,
+                order=order,
+                noise_std=noise,
+                generator=torch.Generator().manual_seed(seed + k),
+                max_examples_per_batch=chunk * len(ROAD_PERCENTAGES),  # every share of the batch in one solve
+            )
+            figures[f"road_{order}"] = scores.mean(dim=1).tolist()
+            figures[f"road_{order}_scores"] = scores.tolist()
+    return figures
 
 
 def _localize_batch(

@@ -316,9 +316,13 @@ def test_demo_prints_its_table_and_the_chart_has_title_and_units(tmp_path, capsy
     monkeypatch.setattr(viz, "metrics_chart", lambda rows, **kwargs: charts.append(drawer(rows, **kwargs)))
     run_demo(str(tmp_path / "demo"), num_images=2, methods=("raw",), progress=False)
     out = capsys.readouterr().out
-    assert "| method | mIoU ↑ | mSC ↑ | pointing ↑ | s / image |" in out and "| raw ITSM |" in out
+    header = "| method | mIoU ↑ | mSC ↑ | pointing ↑ | deletion AUC ↓ | insertion AUC ↑ | s / image |"
+    assert header in out and "| raw ITSM |" in out
     assert "s / image: wall time of each method's map calls (batches of 16) divided by the images" in out
     (chart,) = charts
-    assert "Localization on 2 images of world" in chart._suptitle.get_text()
-    assert [ax.get_xlabel() for ax in chart.axes][0] == "explanation mIoU, % (higher is better)"
-    assert all("higher is better" in ax.get_xlabel() for ax in chart.axes)
+    assert "Localization on 2 images of world, deletion / insertion on 2 of them" in chart._suptitle.get_text()
+    labels = [ax.get_xlabel() for ax in chart.axes]
+    assert labels[0] == "explanation mIoU, % (higher is better)"
+    titles = [ax.get_title() for ax in chart.axes]
+    assert titles == ["mIoU", "mSC", "pointing", "deletion AUC", "insertion AUC"]
+    assert all(f"({'lower' if 'deletion' in t else 'higher'} is better)" in x for t, x in zip(titles, labels))
