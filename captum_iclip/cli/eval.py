@@ -140,6 +140,31 @@ def _add_measure_arguments(parser: argparse.ArgumentParser, defaults: dict[str, 
     parser.add_argument(
         "--stride", type=int, default=defaults["stride"], help="sliding-window step (default: window / 2)"
     )
+    _add_faithfulness_arguments(parser, defaults)
+    parser.add_argument(
+        "--ig-steps", type=int, default=defaults["ig_steps"], help="integration steps of ig (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--examples", type=int, default=defaults["examples"], help="example overlays to draw (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=defaults["workers"], help="data-loading processes (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=defaults["bootstrap"],
+        help="resamples of 95%% bootstrap intervals over images (default: none)",
+    )
+    parser.add_argument("--out", default=defaults["out"], help="output folder (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=defaults["seed"], help="seed of the faithfulness perturbations")
+    parser.add_argument(
+        "--no-progress", dest="progress", action="store_false", default=defaults["progress"], help="no progress bars"
+    )
+
+
+def _add_faithfulness_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    """The options of ``--task faithfulness``: the sample, the metrics, the fill and the score."""
     parser.add_argument(
         "--faithfulness-samples",
         type=int,
@@ -171,26 +196,6 @@ def _add_measure_arguments(parser: argparse.ArgumentParser, defaults: dict[str, 
         choices=FAITHFULNESS_SCORES,
         default=defaults["faithfulness_score"],
         help="score read by deletion, insertion, confidence and ROAD: %(choices)s (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--ig-steps", type=int, default=defaults["ig_steps"], help="integration steps of ig (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--examples", type=int, default=defaults["examples"], help="example overlays to draw (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--workers", type=int, default=defaults["workers"], help="data-loading processes (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--bootstrap",
-        type=int,
-        default=defaults["bootstrap"],
-        help="resamples of 95%% bootstrap intervals over images (default: none)",
-    )
-    parser.add_argument("--out", default=defaults["out"], help="output folder (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=defaults["seed"], help="seed of the faithfulness perturbations")
-    parser.add_argument(
-        "--no-progress", dest="progress", action="store_false", default=defaults["progress"], help="no progress bars"
     )
 
 

@@ -775,15 +775,7 @@ def noisy_linear_imputation(
         raise ValueError(f"removed: expected a boolean mask of shape ({n}, 1, {h}, {w}) or ({n}, {h}, {w}), got {got}")
     if removed.flatten(1).all(dim=1).any():
         raise ValueError("removed: expected at least one kept pixel per image (the system needs one), got none kept")
-    if (
-        not tolerance > 0
-        or isinstance(max_iterations, bool)
-        or not isinstance(max_iterations, int)
-        or max_iterations < 1
-    ):
-        raise ValueError(
-            f"tolerance, max_iterations: expected a positive value and int, got {tolerance!r}, {max_iterations!r}"
-        )
+    _check_solver(tolerance, max_iterations)
     removed = removed.to(inputs.device)
     x = inputs.detach().to(torch.float64)
     mask = removed.to(torch.float64).expand_as(x)
@@ -792,27 +784,13 @@ def noisy_linear_imputation(
     def neighbours(values: Tensor) -> Tensor:  # Σ_j w_ij values_j over the neighbours inside the image
         return F.conv2d(values, kernel, padding=1, groups=channels)
 
-    def dot(a: Tensor, b: Tensor) -> Tensor:
-        return (a * b).sum(dim=(2, 3), keepdim=True)
-
     weight_sums = neighbours(torch.ones_like(x))
     rhs = neighbours(x * (1 - mask)) * mask
-    solution, residual = torch.zeros_like(x), rhs.clone()
-    direction, residual_norm = residual.clone(), dot(residual, residual)
-    bound = tolerance**2 * dot(rhs, rhs)
-    for iteration in range(max_iterations + 1):
-        if bool((residual_norm <= bound).all()):
-            break
-        if iteration == max_iterations:
-            raise RuntimeError(f"noisy_linear_imputation: no convergence to {tolerance} in {max_iterations} iterations")
-        product = (weight_sums * direction - neighbours(direction)) * mask  # A · direction
-        curvature = dot(direction, product)
-        step = torch.where(curvature > 0, residual_norm / curvature, 0.0)
-        solution = solution + step * direction
-        residual = residual - step * product
-        new_norm = dot(residual, residual)
-        direction = residual + torch.where(residual_norm > 0, new_norm / residual_norm, 0.0) * direction
-        residual_norm = new_norm
+
+    def system(direction: Tensor) -> Tensor:  # A · direction, on the removed pixels
+        return (weight_sums * direction - neighbours(direction)) * mask
+
+    solution = _conjugate_gradients(system, rhs, tolerance, max_iterations)
     std = torch.as_tensor(noise_std, dtype=torch.float64).flatten()
     if len(std) not in (1, channels) or (std < 0).any():
         raise ValueError(f"noise_std: expected one or {channels} non-negative values, got {noise_std!r}")
@@ -820,6 +798,42 @@ def noisy_linear_imputation(
         noise = torch.randn(x.shape, generator=generator, dtype=torch.float64) * std.reshape(1, -1, 1, 1)
         solution = solution + noise.to(x.device)
     return torch.where(removed, solution, x).to(inputs.dtype)
+
+
+def _check_solver(tolerance: float, max_iterations: int) -> None:
+    bad_count = isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 1
+    if not tolerance > 0 or bad_count:
+        raise ValueError(
+            f"tolerance, max_iterations: expected a positive value and int, got {tolerance!r}, {max_iterations!r}"
+        )
+
+
+def _conjugate_gradients(
+    system: Callable[[Tensor], Tensor], rhs: Tensor, tolerance: float, max_iterations: int
+) -> Tensor:
+    """Solve ``system(u) = rhs`` (symmetric positive semi-definite, one system per image and channel of the
+    (N, C, H, W) ``rhs``) by conjugate gradients, to a relative residual of ``tolerance``."""
+
+    def dot(a: Tensor, b: Tensor) -> Tensor:
+        return (a * b).sum(dim=(2, 3), keepdim=True)
+
+    solution, residual = torch.zeros_like(rhs), rhs.clone()
+    direction, residual_norm = residual.clone(), dot(residual, residual)
+    bound = tolerance**2 * dot(rhs, rhs)
+    for iteration in range(max_iterations + 1):
+        if bool((residual_norm <= bound).all()):
+            break
+        if iteration == max_iterations:
+            raise RuntimeError(f"noisy_linear_imputation: no convergence to {tolerance} in {max_iterations} iterations")
+        product = system(direction)
+        curvature = dot(direction, product)
+        step = torch.where(curvature > 0, residual_norm / curvature, 0.0)
+        solution = solution + step * direction
+        residual = residual - step * product
+        new_norm = dot(residual, residual)
+        direction = residual + torch.where(residual_norm > 0, new_norm / residual_norm, 0.0) * direction
+        residual_norm = new_norm
+    return solution
 
 
 def road_scores(
