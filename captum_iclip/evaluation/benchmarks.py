@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from captum_iclip._io import read_image
 from captum_iclip.evaluation.metrics import _window_starts
 from captum_iclip.similarity import CLIPSimilarity
 
@@ -319,7 +320,7 @@ def protocol_input(
     OpenCV's ``INTER_LINEAR`` (mmcv's default) writes it; OpenCV's 11-bit fixed-point weights can
     differ from these by one grey level at some pixels. ``mean`` and ``std`` are in [0, 1] units.
     """
-    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+    pixels = torch.from_numpy(np.asarray(read_image(image), dtype=np.uint8).copy()).permute(2, 0, 1)
     size = rescaled_size(image.height, image.width, settings.short_side, settings.long_side)
     if size != (image.height, image.width):
         resized = F.interpolate(pixels[None].double(), size=size, mode="bilinear", align_corners=False)[0]
