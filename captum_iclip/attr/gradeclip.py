@@ -11,6 +11,7 @@ from torch import Tensor
 
 from captum_iclip._precision import full_precision, upcast
 from captum_iclip.attr._prompt_grads import prompt_gradients
+from captum_iclip.attr._utils import Normalize
 from captum_iclip.attr.base import CLIPMapAttribution
 from captum_iclip.models.base import CLASS_TOKEN_TOWERS
 from captum_iclip.models.blocks import AttentionTrace, BlockView
@@ -82,7 +83,7 @@ class GradECLIPAttribution(CLIPMapAttribution):
         target: TargetType = None,
         *,
         single_head: bool = False,
-        normalize: bool = True,
+        normalize: Normalize = True,
         interpolate: bool = True,
     ) -> Tensor | tuple[Tensor]:
         r"""
@@ -95,7 +96,8 @@ class GradECLIPAttribution(CLIPMapAttribution):
                 channels, as the reference code does (its published maps). That is
                 another model than the one ``sim(x)`` scores; the default ``False``
                 keeps the model's heads, so the explained cosine is the model's.
-            normalize: min-max normalise each (image, prompt) map to [0, 1];
+            normalize: ``True`` min-max normalises each (image, prompt) map to [0, 1] on the
+                patch grid, ``"reference"`` after upsampling (docs/methods.md §1);
                 ``False`` keeps the rectified sums.
             interpolate: upsample bilinearly to (H, W); ``False`` returns the patch grid.
 

@@ -14,7 +14,7 @@ from captum.log import log_usage
 from torch import Tensor
 
 from captum_iclip._precision import full_precision, upcast
-from captum_iclip.attr._utils import resolve_layer
+from captum_iclip.attr._utils import Normalize, resolve_layer
 from captum_iclip.attr.base import CLIPMapAttribution
 from captum_iclip.models.base import BLOCK_LOOP_TOWERS, ViTAdapter
 from captum_iclip.models.blocks import BlockView
@@ -153,7 +153,7 @@ class M2IBAttribution(CLIPMapAttribution):
         lr: float = M2IB_LR,
         samples: int = M2IB_SAMPLES,
         seed: int = 0,
-        normalize: bool = True,
+        normalize: Normalize = True,
         interpolate: bool = True,
     ) -> Tensor | tuple[Tensor]:
         r"""
@@ -170,7 +170,8 @@ class M2IBAttribution(CLIPMapAttribution):
             lr: Adam's learning rate (the reference's 1).
             samples: noisy copies of each image per step (the reference's batch of 10).
             seed: the seed of each image's noise generator.
-            normalize: min-max normalise each (image, prompt) map to [0, 1];
+            normalize: ``True`` min-max normalises each (image, prompt) map to [0, 1] on the
+                patch grid, ``"reference"`` after upsampling (docs/methods.md §1);
                 ``False`` keeps the information per patch, in nats.
             interpolate: upsample bilinearly to (H, W); ``False`` returns the patch grid.
 

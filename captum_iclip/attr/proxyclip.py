@@ -12,7 +12,7 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from captum_iclip._precision import full_precision, upcast
-from captum_iclip.attr._utils import select_targets
+from captum_iclip.attr._utils import Normalize, select_targets
 from captum_iclip.attr.base import CLIPMapAttribution
 from captum_iclip.models.attention import PROXY_BETA, PROXY_GAMMA, proxy_affinity, proxy_path
 from captum_iclip.similarity import CLIPSimilarity
@@ -107,7 +107,7 @@ class ProxyCLIPAttribution(CLIPMapAttribution):
         *,
         beta: float = PROXY_BETA,
         gamma: float = PROXY_GAMMA,
-        normalize: bool = True,
+        normalize: Normalize = True,
         interpolate: bool = True,
     ) -> Tensor | tuple[Tensor]:
         r"""
@@ -118,7 +118,8 @@ class ProxyCLIPAttribution(CLIPMapAttribution):
                 list or 1-d tensor of N ints, or ``None`` for every prompt.
             beta: the affinity threshold, in units of the image's mean affinity (ProxyCLIP's 1.2).
             gamma: the sharpness of the proxy attention (ProxyCLIP's 3.0).
-            normalize: min-max normalise each (image, prompt) map to [0, 1];
+            normalize: ``True`` min-max normalises each (image, prompt) map to [0, 1] on the
+                patch grid, ``"reference"`` after upsampling (docs/methods.md §1);
                 ``False`` keeps the cosine similarities.
             interpolate: upsample bilinearly to (H, W); ``False`` returns the maps on the
                 proxy's patch grid (h', w') (:meth:`proxy_size` over its patch size).
