@@ -238,9 +238,9 @@ def timm_clip(trunk_builder, embed_dim: int, pool: str, proj, image_size: int, l
     return _seeded(build, seed=7, jitter=0.05)
 
 
-@pytest.fixture(scope="session")
-def siglip():
-    """ViT-B-16-SigLIP's tower (timm VisionTransformer, no class token, MAP head), small."""
+def siglip_tower(logit_bias: float | None = -10.0, **blocks):
+    """ViT-B-16-SigLIP's tower (timm VisionTransformer, no class token, MAP head), small; ``blocks`` go to
+    the VisionTransformer (e.g. another ``block_fn``)."""
     from timm.models.vision_transformer import VisionTransformer
 
     return timm_clip(
@@ -253,14 +253,20 @@ def siglip():
             class_token=False,
             global_pool="map",
             num_classes=0,
+            **blocks,
         ),
         32,
         pool="map",
         proj="none",
         image_size=TOWER_SIDE,
-        logit_bias=-10.0,
+        logit_bias=logit_bias,
         shell="vit_tiny_patch16_224",
     )
+
+
+@pytest.fixture(scope="session")
+def siglip():
+    return siglip_tower()
 
 
 @pytest.fixture(scope="session")

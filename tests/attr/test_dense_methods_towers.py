@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_TEXT, TOWER_SIDE, _seeded, make_images, timm_clip
+from conftest import TINY_TEXT, TOWER_SIDE, _seeded, make_images, siglip_tower, timm_clip
 from open_clip.model import CLIP, CLIPVisionCfg
 from test_dense_methods import Reference, naclip_omega, per_head, softmax_product
 from timm.layers import apply_rot_embed_cat
@@ -546,28 +546,11 @@ def test_hooks_on_the_blocks_computed_from_their_parts_are_refused(tower):
 def test_blocks_without_known_parts_run_whole_and_the_methods_that_need_them_refuse():
     """A timm ViT of post-norm blocks (ResPostBlock): plain ITSM runs its blocks whole; the methods that compute
     blocks from their parts name the block, and the registry marks them (and surgery) unavailable."""
-    from timm.models.vision_transformer import ResPostBlock, VisionTransformer
+    from timm.models.vision_transformer import ResPostBlock
 
     from captum_iclip.evaluation.methods import VIT_METHODS, available_methods
 
-    model = timm_clip(
-        lambda: VisionTransformer(
-            img_size=TOWER_SIDE,
-            patch_size=8,
-            embed_dim=32,
-            depth=2,
-            num_heads=2,
-            class_token=False,
-            global_pool="map",
-            num_classes=0,
-            block_fn=ResPostBlock,
-        ),
-        32,
-        pool="map",
-        proj="none",
-        image_size=TOWER_SIDE,
-        shell="vit_tiny_patch16_224",
-    )
+    model = siglip_tower(logit_bias=None, block_fn=ResPostBlock)
     sim = CLIPSimilarity(model, text_features=torch.randn(2, 32))
     images = images_of(57)
     with torch.no_grad():
