@@ -9,7 +9,7 @@ from captum.log import log_usage
 from torch import Tensor
 
 from captum_iclip._precision import full_precision, upcast
-from captum_iclip.attr._prompt_grads import prompt_gradients
+from captum_iclip.attr._prompt_grads import image_chunks, prompt_gradients, traced_graph_bytes
 from captum_iclip.attr._utils import Normalize, resolve_layer
 from captum_iclip.attr.base import CLIPMapAttribution
 from captum_iclip.models.blocks import AttentionTrace
@@ -86,38 +86,55 @@ class CheferRelevancy(CLIPMapAttribution):
         num_blocks = len(adapter.block_views("CheferRelevancy"))
         start = resolve_layer(start_layer, num_blocks, "start_layer")
 
-        trace = AttentionTrace(start)
+        patches = prepared.grid[0] * prepared.grid[1]
+        # A class-token pool reads token 0 alone: the last block runs for that query only (same gradients).
+        queries = 1 if adapter.pools_class_token else None
+        per_image = traced_graph_bytes(adapter, prepared.grid, num_blocks - start, queries, images.dtype)
         with torch.enable_grad(), sim.evaluating():
-            adapter.tokens(images, trace=trace)
-            # The global embedding of the last block's tokens, and how it reads them (the read-out row).
-            pooled = adapter.pool(trace.outputs[-1])
-            features = pooled.embedding
-            with full_precision(features.device):  # the norm and the logits in >= float32
-                features = F.normalize(upcast(features), dim=-1)
-                text = upcast(sim.text_features).to(features.dtype)
-                logits = sim.logit_scale.to(features.dtype) * features @ text.t()
-            probabilities = [p.detach() for p in trace.probabilities]
-            pool_weights = pooled.weights.detach()
-            patches = prepared.grid[0] * prepared.grid[1]
-
-            def rollout(gradients: list[Tensor]) -> Tensor:
-                # The rollout's products in >= float32 (half-precision rules, docs/methods.md).
-                with full_precision(logits.device):
-                    relevancy = torch.eye(probabilities[0].shape[-1], dtype=logits.dtype, device=logits.device)
-                    for attention, grad in zip(probabilities, gradients):
-                        # (k, N, heads, L, L) -> (k, N, L, L)
-                        weighted = (upcast(grad) * upcast(attention)).clamp_min(0).mean(dim=2)
-                        relevancy = relevancy + weighted @ relevancy
-                    if not pooled.learned:  # a class token's row, or the mean of the pooled tokens' rows
-                        readout = upcast(pool_weights).mean(dim=1)
-                    else:  # an attention pool: its gradient-weighted attention, as every attention above
-                        readout = (upcast(gradients[-1]) * upcast(pool_weights)).clamp_min(0).mean(dim=2)
-                    # The pool may read the patches only: its row starts after the prefix tokens.
-                    readout = F.pad(readout, (relevancy.shape[-1] - readout.shape[-1], 0))
-                    return (readout @ relevancy)[..., 0, -patches:]
-
-            inputs = [*trace.probabilities, *([pooled.weights] if pooled.learned else [])]
-            maps = prompt_gradients(logits, inputs, index, reduce=rollout)
+            # The images go through the recorded blocks in chunks whose graphs fit the memory budget.
+            chunks = [
+                self._relevancy(images[part], None if index is None else index[part], start, queries, patches)
+                for part in image_chunks(images.shape[0], per_image)
+            ]
+            maps = torch.cat(chunks, dim=1)
         with torch.no_grad():
             scores = maps.transpose(0, 1)
             return self.output(scores, prepared, normalize=normalize, interpolate=interpolate, upsample="bilinear")
+
+    def _relevancy(self, images: Tensor, index: Tensor | None, start: int, queries: int | None, patches: int) -> Tensor:
+        """(k, N, h*w) read-out rows of the rollout of ``images`` (a chunk) for ``index`` or every prompt."""
+        sim = self.similarity
+        adapter = sim.adapter
+        trace = AttentionTrace(start, parts=True, last_queries=queries)
+        adapter.tokens(images, trace=trace)
+        # The global embedding of the last block's tokens, and how it reads them (the read-out row).
+        pooled = adapter.pool(trace.outputs[-1])
+        with full_precision(pooled.embedding.device):  # the norm and the logits in >= float32
+            features = F.normalize(upcast(pooled.embedding), dim=-1)
+            text = upcast(sim.text_features).to(features.dtype)
+            logits = sim.logit_scale.to(features.dtype) * features @ text.t()
+        probabilities = [p.detach() for p in trace.probabilities]
+        pool_weights = pooled.weights.detach()
+
+        def rollout(gradients: list[Tensor], part: slice) -> Tensor:
+            # R = (I + A_last) ... (I + A_first) read out by a row: the row times each factor in turn, from the
+            # last block (the relevancy update R <- R + A R, docs/methods.md), never an (L, L) product.
+            with full_precision(logits.device):  # the rollout in >= float32 (half-precision rules)
+                if pooled.learned:  # an attention pool: its gradient-weighted attention, as every attention
+                    row = (upcast(gradients[-1]) * upcast(pool_weights[part])).clamp_(min=0).mean(dim=2)
+                    gradients = gradients[:-1]
+                else:  # a class token's row, or the mean of the pooled tokens' rows
+                    row = upcast(pool_weights[part]).mean(dim=1)[None]
+                length = probabilities[0].shape[-1]
+                # The pool reads the patches only (its row starts after the prefix tokens), or the last
+                # block's first queries only (its row ends with them).
+                row = F.pad(row, (0, length - row.shape[-1]) if queries else (length - row.shape[-1], 0))
+                for attention, grad in zip(reversed(probabilities), reversed(gradients)):
+                    # (k, n, heads, Q, L) -> (k, n, Q, L): the gradient-weighted attention, in place
+                    weighted = upcast(grad).mul_(upcast(attention[part])).clamp_(min=0).mean(dim=2)
+                    row = row + row[..., : weighted.shape[-2]] @ weighted
+                return row[..., 0, -patches:]
+
+        inputs = [*trace.attended, *([pooled.weights] if pooled.learned else [])]
+        values = [*trace.values, *([None] if pooled.learned else [])]
+        return prompt_gradients(logits, inputs, index, rollout, values)

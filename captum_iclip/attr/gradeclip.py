@@ -139,11 +139,12 @@ class GradECLIPAttribution(CLIPMapAttribution):
                 feature = F.normalize(upcast(feature), dim=-1)
                 scores = feature @ upcast(sim.text_features).to(feature.dtype).t()
 
-            def channel_map(gradients: list[Tensor]) -> Tensor:
-                # (k, N, heads, 1, head_dim) -> (k, N, C) channel weights -> (k, N, h*w) rectified maps
+            def channel_map(gradients: list[Tensor], part: slice) -> Tensor:
+                # (k, n, heads, 1, head_dim) -> (k, n, C) channel weights -> (k, n, h*w) rectified maps
                 with full_precision(scores.device):
                     grad = upcast(gradients[0]).flatten(2)
-                    return (torch.einsum("knc,nlc->knl", grad.to(values.dtype), values) * weights).clamp_min(0)
+                    mixed = torch.einsum("knc,nlc->knl", grad.to(values.dtype), values[part])
+                    return (mixed * weights[part]).clamp_min(0)
 
             maps = prompt_gradients(scores, [attended], index, reduce=channel_map)
         with torch.no_grad():

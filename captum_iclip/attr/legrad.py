@@ -9,17 +9,18 @@ from captum.log import log_usage
 from torch import Tensor
 
 from captum_iclip._precision import full_precision, upcast
-from captum_iclip.attr._prompt_grads import prompt_gradients
+from captum_iclip.attr._prompt_grads import image_chunks, prompt_gradients, traced_graph_bytes
 from captum_iclip.attr._utils import Normalize, resolve_layer
 from captum_iclip.attr.base import CLIPMapAttribution
 from captum_iclip.models.blocks import AttentionTrace
 
 
 def _positive_mean_over_layers(gradients: list[Tensor], patches: int) -> Tensor:
-    """(k, N, heads, Q, L) gradients per layer -> (k, N, h*w): clipped, averaged over heads and queries,
-    summed over layers, the last ``patches`` keys (the patches: prefix tokens come first)."""
+    """(k, n, heads, Q, L) gradients per layer -> (k, n, h*w): clipped, averaged over heads and queries,
+    summed over layers, the last ``patches`` keys (the patches: prefix tokens come first). The gradients
+    are this slice's own (:func:`prompt_gradients`), clipped in place."""
     with torch.no_grad():  # reduced in at least float32 (half-precision rules)
-        return sum(upcast(grad).clamp_min(0).mean(dim=(2, 3))[..., -patches:] for grad in gradients)
+        return sum(upcast(grad).clamp_(min=0).mean(dim=(2, 3))[..., -patches:] for grad in gradients)
 
 
 class LeGradAttribution(CLIPMapAttribution):
@@ -92,24 +93,38 @@ class LeGradAttribution(CLIPMapAttribution):
         num_blocks = len(adapter.block_views("LeGradAttribution"))
         start = resolve_layer(layer_index, num_blocks, "layer_index")
 
-        trace = AttentionTrace(start, detach=True)
+        patches = prepared.grid[0] * prepared.grid[1]
+        per_image = traced_graph_bytes(adapter, prepared.grid, num_blocks - start, None, images.dtype)
         with torch.enable_grad(), sim.evaluating():
-            adapter.tokens(images, trace=trace)
-            text = sim.text_features
-            # Each block's input is detached, so the gradient of the summed scores
-            # reaches every block's attention from that block's own score only.
-            scores, attention = 0, []
-            for out, probabilities in zip(trace.outputs, trace.probabilities):
-                # An attention-pooled tower (SigLIP) is read through its pool's attention, as LeGrad's code does.
-                pooled = adapter.layer_pool(out)
-                attention.append(pooled.weights if pooled.learned else probabilities)
-                with full_precision(pooled.embedding.device):  # the norm and the scores in >= float32
-                    feature = F.normalize(upcast(pooled.embedding), dim=-1)
-                    scores = scores + feature @ upcast(text).to(feature.dtype).t()
-            patches = prepared.grid[0] * prepared.grid[1]
-            maps = prompt_gradients(
-                scores, attention, index, reduce=lambda gradients: _positive_mean_over_layers(gradients, patches)
-            )
+            # The images go through the recorded blocks in chunks whose graphs fit the memory budget.
+            chunks = [
+                self._gradient_maps(images[part], None if index is None else index[part], start, patches)
+                for part in image_chunks(images.shape[0], per_image)
+            ]
+            maps = torch.cat(chunks, dim=1)
         with torch.no_grad():
             scores = maps.transpose(0, 1)
             return self.output(scores, prepared, normalize=normalize, interpolate=interpolate, upsample="bilinear")
+
+    def _gradient_maps(self, images: Tensor, index: Tensor | None, start: int, patches: int) -> Tensor:
+        """(k, N, h*w) summed clipped gradients of ``images`` (a chunk) for ``index`` or every prompt."""
+        sim = self.similarity
+        adapter = sim.adapter
+        trace = AttentionTrace(start, detach=True, parts=True)
+        adapter.tokens(images, trace=trace)
+        text = sim.text_features
+        # Each block's input is detached, so the gradient of the summed scores
+        # reaches every block's attention from that block's own score only.
+        scores, attention, values = 0, [], []
+        for out, attended, value in zip(trace.outputs, trace.attended, trace.values):
+            # An attention-pooled tower (SigLIP) is read through its pool's attention, as LeGrad's code does.
+            pooled = adapter.layer_pool(out)
+            # Otherwise the gradient is taken at the attended heads, the probabilities' one formed from it.
+            attention.append(pooled.weights if pooled.learned else attended)
+            values.append(None if pooled.learned else value)
+            with full_precision(pooled.embedding.device):  # the norm and the scores in >= float32
+                feature = F.normalize(upcast(pooled.embedding), dim=-1)
+                scores = scores + feature @ upcast(text).to(feature.dtype).t()
+        return prompt_gradients(
+            scores, attention, index, lambda gradients, _: _positive_mean_over_layers(gradients, patches), values
+        )

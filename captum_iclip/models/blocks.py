@@ -324,6 +324,12 @@ class AttentionTrace:
     (Grad-ECLIP's reference computes its last blocks so): another model than the one the
     library runs, which only Grad-ECLIP's ``single_head=True`` asks for.
 
+    With ``last_queries`` the last block of the tower computes the first ``last_queries``
+    queries only (its probabilities are (N, heads, last_queries, L), its output
+    (N, last_queries, C)): a class-token pool reads token 0 alone, and each token of a
+    block's output depends on its own query only, so a score read through that pool has
+    the same gradients while the last block's backward pass runs for one token (Chefer).
+
     Attributes:
         probabilities: one (N, heads, L, L) tensor per recorded block.
         outputs: one (N, L, C) block output per recorded block.
@@ -335,6 +341,7 @@ class AttentionTrace:
     detach: bool = False
     parts: bool = False
     single_head: bool = False
+    last_queries: int | None = None
     probabilities: list[Tensor] = field(default_factory=list)
     outputs: list[Tensor] = field(default_factory=list)
     inputs: list[Tensor] = field(default_factory=list)
@@ -414,7 +421,10 @@ def explicit_attention(
     return probabilities.to(v.dtype) @ v, probabilities
 
 
-def _traced_block(view: BlockView, x: Tensor, trace: AttentionTrace, mask: Tensor | None = None) -> Tensor:
+def _traced_block(
+    view: BlockView, x: Tensor, trace: AttentionTrace, mask: Tensor | None = None, queries: int | None = None
+) -> Tensor:
+    """One recorded block computed from its parts; with ``queries`` for its first ``queries`` queries only."""
     if trace.detach or not trace.outputs:
         # A fresh leaf, so that the probabilities are in a graph even for a frozen model.
         x = x.detach().requires_grad_(True)
@@ -424,6 +434,8 @@ def _traced_block(view: BlockView, x: Tensor, trace: AttentionTrace, mask: Tenso
     if trace.single_head:
         q, k, v = (BlockView.merge_heads(t)[:, None] for t in (q, k, v))
         scale = q.shape[-1] ** -0.5
+    if queries is not None:
+        q, x = q[:, :, :queries], x[:, :queries]
     attended, probabilities = explicit_attention(q, k, v, scale, mask)
     x = x + view.attention_branch(attended)
     x = x + view.mlp_branch(x)
@@ -500,7 +512,7 @@ def run_blocks(
         if index == n_plain - 1 and tap is not None:
             x = tap(x)
         if trace is not None and index >= trace.start:
-            x = _traced_block(view, x, trace)
+            x = _traced_block(view, x, trace, queries=trace.last_queries if index == n_plain - 1 else None)
         elif trace is not None:
             with torch.no_grad():
                 x = view.forward(x)

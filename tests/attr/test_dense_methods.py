@@ -390,13 +390,21 @@ def test_prompts_in_chunks_give_the_same_maps(family, monkeypatch):
         LeGradAttribution(sim).attribute(images, layer_index=0),
         CheferRelevancy(sim).attribute(images, start_layer=0),
     ]
-    monkeypatch.setattr(_prompt_grads, "GRADIENT_BUDGET", 1)  # one prompt per backward pass
+    # One prompt per backward pass, one (prompt, image) per reduction, one image per graph.
+    monkeypatch.setattr(_prompt_grads, "GRADIENT_BUDGET", 1)
+    monkeypatch.setattr(_prompt_grads, "GRAPH_BUDGET", 1)
     chunked = [
         LeGradAttribution(sim).attribute(images, layer_index=0),
         CheferRelevancy(sim).attribute(images, start_layer=0),
     ]
     for a, b in zip(whole, chunked):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    one = [
+        LeGradAttribution(sim).attribute(images, target=[1, 0], layer_index=0),
+        CheferRelevancy(sim).attribute(images, target=[1, 0], start_layer=0),
+    ]
+    for a, b in zip(whole, one):  # one prompt per image, in the same chunks
+        torch.testing.assert_close(b[:, 0], torch.stack([a[0, 1], a[1, 0]]), rtol=1e-5, atol=1e-6)
 
 
 # --- hooks on the blocks (ablation, activation patching) -------------------------------------------
