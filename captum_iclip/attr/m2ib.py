@@ -1,10 +1,14 @@
-"""M2IB: a per-image information bottleneck on a ViT block's output, fitted to keep the prompt's score."""
+"""M2IB: a per-image information bottleneck on a ViT block's output, fitted to keep the prompt's score.
+
+:class:`Bottleneck` is the bottleneck of both towers: this image side, and the text side of
+:func:`~captum_iclip.attr.text.explain_text` (``method="m2ib"``, docs/methods.md §7 and §12).
+"""
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +54,11 @@ def _check_count(name: str, value: object) -> int:
 @dataclass(frozen=True)
 class Bottleneck:
     """The settings of one M2IB fit, checked (``ValueError`` naming the argument): see
-    :meth:`M2IBAttribution.attribute`."""
+    :meth:`M2IBAttribution.attribute`; :meth:`fit` fits it on either tower's tokens.
+
+    Raises:
+        ValueError: a ``beta``, ``steps``, ``lr``, ``samples`` or ``seed`` out of its range.
+    """
 
     beta: float
     steps: int
@@ -66,42 +74,94 @@ class Bottleneck:
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise ValueError(f"seed: expected an int, got {self.seed!r}")
 
-    def information(self, adapter: ViTAdapter, tokens: Tensor, rest: Sequence[BlockView], text: Tensor) -> Tensor:
-        """The bottleneck fitted on the (N, L, C) ``tokens`` leaving the chosen block of ``adapter``'s tower,
-        ``rest`` the blocks after it, for (N, D) unit prompt embeddings ``text``: the (N, h*w) information of
-        the patch tokens, in nats."""
+    def fit(
+        self,
+        tokens: Tensor,
+        embed: Callable[[Tensor], Tensor],
+        target: Tensor,
+        lengths: Sequence[int] | None = None,
+    ) -> Tensor:
+        """The bottleneck fitted on the (N, L, C) ``tokens`` leaving one block of a tower (docs/methods.md §7).
+
+        Both towers share it: the image side on a ViT block's patch and class tokens, the text side
+        (docs/methods.md §12) on a text block's tokens, each sequence then only its first ``lengths[n]``
+        tokens (its start token to its end-of-text token; the padding after them gets no noise and no
+        information, as the reference, which runs each text unpadded).
+
+        Args:
+            tokens: (N, L, C) the block's output, one sequence per fit.
+            embed: the rest of the tower, (N * samples, L, C) noisy tokens in float32 (copies of a sequence
+                adjacent) -> (N * samples, D) embeddings, not normalised; it casts to its model's dtype.
+            target: (N, D) unit embeddings of the other modality, one per sequence.
+            lengths: the tokens each sequence has; ``None``: all L.
+
+        Returns:
+            (N, L, C) the information D of each token and channel at the last step's forward pass, in nats
+            (0 past a sequence's length).
+
+        Examples::
+
+            >>> bottleneck = Bottleneck(0.1, 2, 1.0, 3, 0)
+            >>> bottleneck.fit(torch.randn(1, 4, 8), lambda t: t.mean(1), torch.ones(1, 8) / 8**0.5).shape
+            torch.Size([1, 4, 8])
+        """
         n, length, channels = tokens.shape
-        device, dtype = tokens.device, adapter.parameter.dtype
+        device = tokens.device
+        lengths = [length] * n if lengths is None else [int(size) for size in lengths]
+        valid = torch.arange(length, device=device)[None] < torch.tensor(lengths, device=device)[:, None]
+        counts = torch.tensor(lengths, device=device) * channels
         z = upcast(tokens)
         alpha = torch.full_like(z, M2IB_INITIAL_ALPHA).requires_grad_(True)
         optimizer = torch.optim.Adam([alpha], lr=self.lr)
         generators = [torch.Generator().manual_seed(int(self.seed)) for _ in range(n)]
         information = None
         for _ in range(self.steps):
-            noise = torch.stack([torch.randn(self.samples, length, channels, generator=g) for g in generators])
+            # Each sequence's noise from its own generator, of its own length: the same numbers alone or
+            # in a batch, padded or not.
+            noise = torch.stack(
+                [
+                    F.pad(torch.randn(self.samples, size, channels, generator=g), (0, 0, 0, length - size))
+                    for g, size in zip(generators, lengths)
+                ]
+            )
             with torch.enable_grad():
                 with full_precision(device):  # the gates and the information in >= float32
                     gate = torch.sigmoid(alpha)[:, None]
                     mean, variance = z[:, None] * gate, (1 - gate) ** 2
                     # KL(N(mean, variance) || N(0, 1)) of each token and channel (the same for every copy).
                     kl = -0.5 * (1 + torch.log(variance) - mean**2 - variance)
+                    kl = kl * valid[:, None, :, None]
                     x = mean + variance.sqrt() * noise.to(device)
-                # The rest of the tower in the model's dtype (and the caller's autocast), as its own forward.
-                x = x.reshape(n * self.samples, length, channels).to(dtype)
-                for view in rest:
-                    x = view.forward(x)
-                feature = adapter.pool(x).embedding
+                # The rest of the tower (in the model's dtype and the caller's autocast), as its own forward.
+                feature = embed(x.reshape(n * self.samples, length, channels))
                 with full_precision(device):  # the score in >= float32
-                    image = F.normalize(upcast(feature), dim=-1).reshape(n, self.samples, -1)
-                    fit = (image * upcast(text)[:, None].to(image.dtype)).sum(-1)
-                    # Each image's own loss, summed: each image's gates get their own gradient.
-                    loss = (self.beta * kl.mean(dim=(1, 2, 3)) - fit.mean(1)).sum()
+                    features = F.normalize(upcast(feature), dim=-1).reshape(n, self.samples, -1)
+                    fit = (features * upcast(target)[:, None].to(features.dtype)).sum(-1)
+                    # Each sequence's own loss, summed: each sequence's gates get their own gradient. The
+                    # information's mean runs over the sequence's own tokens and channels.
+                    compression = kl.sum(dim=(1, 2, 3)) / counts.to(kl.dtype)
+                    loss = (self.beta * compression - fit.mean(1)).sum()
                 (alpha.grad,) = torch.autograd.grad(loss, alpha)
             optimizer.step()
             information = kl.detach()
-        # The information of the last step's forward pass, as the reference reads it; the class (and
-        # register) tokens left out.
-        return torch.nansum(information[:, 0], dim=-1)[:, adapter.num_prefix_tokens :]
+        # The information of the last step's forward pass, as the reference reads it.
+        return information[:, 0]
+
+    def information(self, adapter: ViTAdapter, tokens: Tensor, rest: Sequence[BlockView], text: Tensor) -> Tensor:
+        """The image side (:meth:`fit`) on the (N, L, C) ``tokens`` leaving the chosen block of ``adapter``'s
+        tower, ``rest`` the blocks after it, for (N, D) unit prompt embeddings ``text``: the (N, h*w)
+        information of the patch tokens, in nats."""
+        dtype = adapter.parameter.dtype
+
+        def embed(x: Tensor) -> Tensor:
+            x = x.to(dtype)
+            for view in rest:
+                x = view.forward(x)
+            return adapter.pool(x).embedding
+
+        information = self.fit(tokens, embed, text)
+        # Summed over the channels; the class (and register) tokens left out.
+        return torch.nansum(information, dim=-1)[:, adapter.num_prefix_tokens :]
 
 
 class M2IBAttribution(CLIPMapAttribution):

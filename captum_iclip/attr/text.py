@@ -7,7 +7,8 @@ methods attribute to). :func:`explain_text` gives each text's per-token relevanc
 
 * ``"gradeclip"``: Grad-ECLIP's text relevance (Zhao et al., ICML 2024);
 * ``"chefer"``: Chefer et al.'s relevancy rollout on the text tower (ICCV 2021, Transformer-MM-Explainability);
-* ``"ig"``: Captum's ``LayerIntegratedGradients`` on the token embeddings.
+* ``"ig"``: Captum's ``LayerIntegratedGradients`` on the token embeddings;
+* ``"m2ib"``: M2IB's text-side information bottleneck (Wang et al., NeurIPS 2023).
 
 The tokens are those of the adapter's one tokenization rule (the text is explained as it is embedded);
 the start token, the end-of-text token and the padding are left out of the relevances, as the references
@@ -27,16 +28,18 @@ from torch import Tensor, nn
 from captum_iclip._precision import full_precision, upcast
 from captum_iclip.attr._utils import check_forward_func, resolve_layer
 from captum_iclip.attr.gradeclip import loosened_similarity
+from captum_iclip.attr.m2ib import M2IB_BETA, M2IB_LR, M2IB_SAMPLES, M2IB_STEPS, Bottleneck, default_layer
 from captum_iclip.models.base import check_depth
-from captum_iclip.models.blocks import AttentionTrace, BlockView
+from captum_iclip.models.blocks import AttentionTrace, BlockView, check_unhooked, run_text_blocks
 from captum_iclip.similarity import CLIPSimilarity
 
-TEXT_METHODS = ("gradeclip", "chefer", "ig")
+TEXT_METHODS = ("gradeclip", "chefer", "ig", "m2ib")
 #: What each method's relevances are, in a line (for pages and figures).
 TEXT_METHOD_TITLES = {
     "gradeclip": "Grad-ECLIP's text relevance (sums to 1 over the words)",
     "chefer": "Chefer et al.'s text relevancy rollout (sums to 1 over the words)",
     "ig": "Integrated Gradients on the token embeddings (sums to the score's change from a padding baseline)",
+    "m2ib": "M2IB's text information bottleneck (min-max normalised over the text's tokens)",
 }
 TEXT_OUTPUTS = ("cosine", "logits")
 
@@ -151,7 +154,8 @@ class TextRelevance:
         text: the text.
         tokens: its word tokens as the tokenizer decodes them, between its start and end-of-text tokens.
         relevance: (T,) one value per token (as :attr:`method` defines it, docs/methods.md §12).
-        score: the score explained: the cosine (``gradeclip``, ``ig`` by default) or the logit (``chefer``).
+        score: the score explained: the cosine (``gradeclip``, ``m2ib``, ``ig`` by default) or the logit
+            (``chefer``).
         method: a name of :data:`TEXT_METHODS`.
         delta: ``ig`` only: Captum's convergence delta, ``sum(relevance) - (score - baseline score)``.
     """
@@ -178,11 +182,18 @@ def explain_text(
     output: str | None = None,
     internal_batch_size: int | None = None,
     normalize: bool | None = None,
+    layer_index: int | None = None,
+    beta: float | None = None,
+    steps: int | None = None,
+    lr: float | None = None,
+    samples: int | None = None,
+    seed: int | None = None,
 ) -> list[TextRelevance]:
     r"""The per-token relevance of each text for one image, by one of :data:`TEXT_METHODS` (docs/methods.md §12).
 
     The relevances of each text's word tokens as Grad-ECLIP (Zhao et al., ICML 2024), Chefer et al.
-    (ICCV 2021) or Captum's ``LayerIntegratedGradients`` on the token embeddings define them.
+    (ICCV 2021), Captum's ``LayerIntegratedGradients`` on the token embeddings or M2IB (Wang et al.,
+    NeurIPS 2023) define them.
 
     Args:
         similarity: a :class:`~captum_iclip.CLIPSimilarity` of an open_clip CLIP or Hugging Face
@@ -202,13 +213,22 @@ def explain_text(
         internal_batch_size: ``ig``: sequences per forward pass (Captum's); default every step at once.
         normalize: ``gradeclip`` and ``chefer``: divide by the sum over the words (default ``True``, the
             references'; a text without positive relevance keeps zeros); ``False`` keeps the rectified
-            sums / the rollout row.
+            sums / the rollout row. ``m2ib``: min-max normalise over the text's tokens from its start to
+            its end-of-text token, as the reference's ``text_heatmap`` (default ``True``; a constant map
+            gives zeros); ``False`` keeps the information per token, in nats.
+        layer_index: ``m2ib``: the text block whose output takes the bottleneck (Python indexing); default
+            :func:`~captum_iclip.attr.m2ib.default_layer`, the reference's 9 of 12 blocks.
+        beta, steps, lr, samples: ``m2ib``: the information's weight, Adam's steps and learning rate, the
+            noisy copies of each text per step (default the reference's 0.1, 10, 1, 10).
+        seed: ``m2ib``: the seed of each text's CPU noise generator (default 0): a text's noise depends
+            neither on the other texts nor on its padding.
 
     Returns:
         One :class:`TextRelevance` per text, in order.
 
     Raises:
-        ValueError: an unknown method, an option of another method (it would be ignored), an option out of range.
+        ValueError: an unknown method, an option of another method (it would be ignored), an option out of
+            range (``m2ib``'s as :class:`~captum_iclip.attr.m2ib.Bottleneck` checks them).
         TypeError: for a model whose text tower is not a causal CLIP one.
 
     Examples::
@@ -222,35 +242,39 @@ def explain_text(
     """
     if method not in TEXT_METHODS:
         raise ValueError(f"method: expected one of {TEXT_METHODS}, got {method!r}")
-    _check_options(
-        method,
-        depth=depth,
-        single_head=single_head,
-        start_layer=start_layer,
-        n_steps=n_steps,
-        baseline_token=baseline_token,
-        output=output,
-        internal_batch_size=internal_batch_size,
-        normalize=normalize,
-    )
+    given = _check_options(method, locals())  # the arguments: the only names bound so far
+    bottleneck = _m2ib_bottleneck(given) if method == "m2ib" else None  # checked before any work
     text_sim = TextSimilarity(similarity, image, texts, output="cosine" if output is None else output)
-    delta = None
-    if method == "gradeclip":
-        relevance, scores = _gradeclip(text_sim, depth, False if single_head is None else single_head)
-    elif method == "chefer":
-        relevance, scores = _chefer(text_sim, -1 if start_layer is None else start_layer)
-    else:
-        steps = 50 if n_steps is None else n_steps
-        relevance, scores, delta = _integrated_gradients(text_sim, steps, baseline_token, internal_batch_size)
+    relevance, scores, delta = _relevance(text_sim, method, given, bottleneck)
     return _word_relevances(text_sim, similarity.tokenizer, method, relevance, scores, delta, normalize is not False)
 
 
-def _check_options(method: str, **given: object) -> None:
-    """Refuse an option of another method than ``method`` (it would be silently ignored)."""
-    for name, value in given.items():
-        if value is not None and name not in _OPTIONS[method]:
+def _check_options(method: str, arguments: dict[str, object]) -> dict[str, object]:
+    """The options of ``method`` among ``arguments`` (``None``: not given); refuse an option of another method
+    (it would be silently ignored)."""
+    for name, value in arguments.items():
+        known = any(name in names for names in _OPTIONS.values())
+        if known and value is not None and name not in _OPTIONS[method]:
             owners = " and ".join(m for m, names in _OPTIONS.items() if name in names)
             raise ValueError(f"{name}: expected no value with method {method!r} (an option of {owners}), got {value!r}")
+    return {name: arguments[name] for name in _OPTIONS[method]}
+
+
+def _relevance(
+    text_sim: TextSimilarity, method: str, options: dict[str, object], bottleneck: Bottleneck | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The (K, L) relevance of every position by ``method`` with its ``options``, the (K,) scores explained,
+    and ``ig``'s (K,) convergence deltas (``None`` for the other methods)."""
+    if method == "gradeclip":
+        single_head = options["single_head"]
+        return (*_gradeclip(text_sim, options["depth"], False if single_head is None else single_head), None)
+    if method == "chefer":
+        start_layer = options["start_layer"]
+        return (*_chefer(text_sim, -1 if start_layer is None else start_layer), None)
+    if method == "m2ib":
+        return (*_m2ib(text_sim, bottleneck, options["layer_index"]), None)
+    n_steps = 50 if options["n_steps"] is None else options["n_steps"]
+    return _integrated_gradients(text_sim, n_steps, options["baseline_token"], options["internal_batch_size"])
 
 
 def _word_relevances(
@@ -262,15 +286,20 @@ def _word_relevances(
     delta: Tensor | None,
     normalize: bool,
 ) -> list[TextRelevance]:
-    """One :class:`TextRelevance` per text: the relevance of its word tokens, divided by their sum for the
-    methods whose references do (not ``ig``, whose relevances sum to the score difference)."""
+    """One :class:`TextRelevance` per text: the relevance of its word tokens, normalised as the method's
+    reference does (not ``ig``, whose relevances sum to the score difference)."""
     words = text_sim.word_positions()
     results = []
     for k, text in enumerate(text_sim.texts):
         row = relevance[k][words[k]].detach()
-        if method != "ig" and normalize:
+        if method in ("gradeclip", "chefer") and normalize:
             total = row.sum()
             row = row / total if total > 0 else torch.zeros_like(row)
+        elif method == "m2ib" and normalize:
+            # The reference min-max normalises the whole unpadded text, start and end-of-text tokens included.
+            sequence = relevance[k][: int(text_sim.ends[k]) + 1].detach()
+            low, span = sequence.min(), sequence.max() - sequence.min()
+            row = (row - low) / span if span > 0 else torch.zeros_like(row)
         ids = text_sim.input_ids[k][words[k]]
         strings = tuple(text_sim.tower.token_strings(ids, tokenizer))
         error = None if delta is None else float(delta[k])
@@ -283,6 +312,7 @@ _OPTIONS = {
     "gradeclip": ("depth", "single_head", "normalize"),
     "chefer": ("start_layer", "normalize"),
     "ig": ("n_steps", "baseline_token", "output", "internal_batch_size"),
+    "m2ib": ("layer_index", "beta", "steps", "lr", "samples", "seed", "normalize"),
 }
 
 
@@ -361,3 +391,44 @@ def _integrated_gradients(
     with torch.no_grad():
         scores = text_sim(ids, *args)
         return upcast(attributions).sum(dim=-1), scores, delta
+
+
+def _m2ib_bottleneck(options: dict[str, object]) -> Bottleneck:
+    """The checked settings of a text-side M2IB fit from its ``options``, the image side's defaults where not given."""
+    defaults = {"beta": M2IB_BETA, "steps": M2IB_STEPS, "lr": M2IB_LR, "samples": M2IB_SAMPLES, "seed": 0}
+    given = {name: default if options[name] is None else options[name] for name, default in defaults.items()}
+    return Bottleneck(**given)
+
+
+def _m2ib(text_sim: TextSimilarity, bottleneck: Bottleneck, layer_index: int | None) -> tuple[Tensor, Tensor]:
+    """M2IB's (K, L) information of each token (nats, summed over the channels) and the (K,) cosines.
+
+    The bottleneck (:meth:`~captum_iclip.attr.m2ib.Bottleneck.fit`) takes the output of block
+    ``layer_index``; the rest of the text tower runs on the noisy copies to the end-of-text embedding,
+    scored against the image embedding (docs/methods.md §12).
+    """
+    tower, ids, ends = text_sim.tower, text_sim.input_ids, text_sim.ends
+    views = tower.block_views()
+    # Checked once on the whole tower, so that a refusal names the hooked block's own index.
+    check_unhooked(views, range(len(views)), "a text tower, whose blocks the text-side explanations run from parts")
+    layer = default_layer(len(views)) if layer_index is None else layer_index
+    layer = resolve_layer(layer, len(views), "layer_index")
+    length, dtype = ids.shape[1], text_sim.token_embedding.weight.dtype
+    mask = tower.attention_mask(text_sim.key_mask, length)
+    # The copies of a text are adjacent (Bottleneck.fit's layout): each takes its text's mask and pooling position.
+    copy_mask = mask.repeat_interleave(bottleneck.samples, dim=0) if mask.shape[0] > 1 else mask
+    copy_ends = ends.repeat_interleave(bottleneck.samples)
+
+    def embed(noisy: Tensor) -> Tensor:
+        x = tower.final_norm(run_text_blocks(views[layer + 1 :], noisy.to(dtype), copy_mask))
+        return tower.project(x[torch.arange(x.shape[0], device=x.device), copy_ends.to(x.device)])
+
+    with text_sim.similarity.evaluating():
+        with torch.no_grad():
+            scores = text_sim(ids, ends, text_sim.key_mask)
+            x = text_sim.token_embedding(ids)
+            tokens = run_text_blocks(views[: layer + 1], x + tower.positions(length).to(x.dtype), mask)
+        target = text_sim.image_feature.to(tokens.device).expand(len(ids), -1)
+        # Each text's own tokens, its start to its end-of-text token: the reference runs a text unpadded.
+        information = bottleneck.fit(tokens, embed, target, lengths=(ends + 1).tolist())
+    return torch.nansum(information, dim=-1), scores

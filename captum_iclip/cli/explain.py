@@ -44,8 +44,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=TEXT_METHODS,
         default=None,
         help="also explain each prompt's words for each image by this method (Grad-ECLIP's text relevance, "
-        "Chefer et al.'s text rollout or Integrated Gradients on the token embeddings), printed and drawn to "
-        "--text-out (default: none)",
+        "Chefer et al.'s text rollout, Integrated Gradients on the token embeddings or M2IB's text information "
+        "bottleneck), printed and drawn to --text-out (default: none)",
     )
     p.add_argument(
         "--text-out",

@@ -1,9 +1,10 @@
 """CLIP text towers seen through their parts, for the text-side explanations (docs/methods.md §12).
 
-A :class:`TextTower` gives what Grad-ECLIP's and Chefer et al.'s text relevance and Integrated
-Gradients on the token embeddings need of a causal CLIP text tower, once per family: its token
-embedding layer, the position embeddings, the blocks (as :class:`~captum_iclip.models.blocks.BlockView`),
-the attention mask, the end-of-text position it pools at, the final norm and projection. The
+A :class:`TextTower` gives what Grad-ECLIP's and Chefer et al.'s text relevance, Integrated
+Gradients on the token embeddings and M2IB's text bottleneck need of a causal CLIP text tower, once
+per family: its token embedding layer, the position embeddings, the blocks (as
+:class:`~captum_iclip.models.blocks.BlockView`), the attention mask, the end-of-text position it pools
+at, the final norm and projection. The
 tower's inputs are what the adapter's one tokenization rule gives
 (:meth:`~captum_iclip.models.base.VisionAdapter.text_inputs`), so a text is explained as it is embedded.
 

@@ -3,11 +3,15 @@
 Grad-ECLIP's text relevance is checked against a literal re-implementation of its reference
 (``grad_eclip_text.ipynb``: ``clip_encode_text_dense`` with ``n`` blocks, ``attention_layer`` with the causal
 mask, ``sim_qk``, ``grad_eclip``), Chefer et al.'s against one of Transformer-MM-Explainability's CLIP notebook
-(``interpret``'s text rollout and ``show_heatmap_on_text``), both one text at a time in the references' layout;
-Integrated Gradients by its completeness.
+(``interpret``'s text rollout and ``show_heatmap_on_text``), M2IB's against one of YingWANGG/M2IB's
+``text_heatmap_iba`` (``scripts/iba.py``'s ``InformationBottleneck`` after a text block and
+``IBAInterpreter._train_bottleneck``), all one text at a time in the references' layout; Integrated Gradients by
+its completeness.
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -153,6 +157,64 @@ def unpadded_ids(parts, tokenizer, text):
     return ids[: eos + 1]
 
 
+def literal_m2ib_text(parts, ids, image, layer_idx, beta=0.1, steps=10, lr=1, batch_size=10, seed=0):
+    """``text_heatmap_iba`` on one unpadded text (L,): the (L,) information of its tokens (``nansum`` over the
+    channels of the last forward's ``buffer_capacity.mean(axis=0)``), before ``text_heatmap``'s min-max.
+
+    The model's own text forward with an ``InformationBottleneck`` after block ``layer_idx`` (``replace_layer``
+    with ``mySequential(layer, bottleneck)``) on ``batch_size`` copies of the text, the noise from torch's
+    global generator, the image embedding of as many copies of the image, Adam on the gates with
+    ``loss.backward()``. open_clip runs as the Hugging Face path does (its causal mask, pooled at the end-of-text
+    token, projected once; the reference's wrapper of OpenAI's CLIP drops the mask and projects twice)."""
+    model = copy.deepcopy(parts.model).requires_grad_(False)
+    blocks = model.text_model.encoder.layers if parts.hf else model.transformer.resblocks
+    # extract_feature_map: the gates take the layer output's shape (its estimator's zeros, squeezed).
+    width = model.text_model.config.hidden_size if parts.hf else model.transformer.width
+    alpha = torch.nn.Parameter(torch.full((1, len(ids), width), 5.0))
+    buffer = {}
+
+    class Sequential(torch.nn.Module):  # mySequential(layer, bottleneck)
+        def __init__(self, layer):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, *args, **kwargs):
+            x = self.layer(*args, **kwargs)
+            lamb = torch.sigmoid(alpha).expand(x.shape[0], x.shape[1], -1)
+            masked_mu = x * lamb
+            masked_var = (1 - lamb) ** 2
+            buffer["capacity"] = -0.5 * (1 + torch.log(masked_var) - masked_mu**2 - masked_var)
+            eps = masked_mu.data.new(masked_mu.size()).normal_()
+            return masked_mu + masked_var.sqrt() * eps
+
+    blocks[layer_idx] = Sequential(blocks[layer_idx])
+
+    def text_features(batch):
+        if parts.hf:  # transformers 5 returns the output with the projected pooler output
+            return getattr(features := model.get_text_features(batch), "pooler_output", features)
+        x = model.token_embedding(batch) + model.positional_embedding[: batch.shape[1]]
+        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[: batch.shape[1], : batch.shape[1]]))
+        return x[torch.arange(len(batch)), batch.argmax(dim=-1)] @ model.text_projection
+
+    def image_features(images):
+        if parts.hf:
+            return getattr(features := model.get_image_features(images), "pooler_output", features)
+        return model.encode_image(images)
+
+    torch.manual_seed(seed)
+    texts, images = ids[None].expand(batch_size, -1), image.expand(batch_size, -1, -1, -1)
+    optimizer = torch.optim.Adam(lr=lr, params=[alpha])
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad()
+            out = text_features(texts), image_features(images)
+            compression = buffer["capacity"].mean()
+            fitting = torch.nn.CosineSimilarity(eps=1e-6)(out[0], out[1]).mean()
+            (beta * compression - fitting).backward()
+            optimizer.step(closure=None)
+    return torch.nansum(buffer["capacity"].mean(axis=0), -1).detach()
+
+
 def image_embedding(sim, image):
     return F.normalize(sim.adapter.encode_image(image)[0], dim=-1)
 
@@ -264,13 +326,50 @@ def test_integrated_gradients_of_the_words_sum_to_the_score_difference(family):
         assert abs(result.score - base_score) > 1e-3  # the words matter
 
 
+@pytest.mark.parametrize("layer_index", [0, 1, None])  # None: the default, block 2 of 3 (three quarters of 3)
+def test_m2ib_text_matches_its_reference(family, layer_index):
+    model, tokenizer, parts = family
+    sim = CLIPSimilarity(model, tokenizer, TEXTS)
+    image = make_images(1, 3, 8, 8, seed=49)
+    results = explain_text(sim, image, "m2ib", layer_index=layer_index)
+    raw = explain_text(sim, image, "m2ib", layer_index=layer_index, normalize=False)
+    for k, (text, result, unnormalised) in enumerate(zip(TEXTS, results, raw)):
+        # A padded text (open_clip's to its context, Hugging Face's to the longest) against the reference unpadded.
+        ids = unpadded_ids(parts, tokenizer, text)
+        expected = literal_m2ib_text(parts, ids, image, 2 if layer_index is None else layer_index)
+        assert len(result.tokens) == len(ids) - 2 and expected.std() > 1e-3
+        # The information per token, in nats (up to ~35 here), as the image side's test compares it.
+        torch.testing.assert_close(unnormalised.relevance, expected[1:-1], rtol=1e-5, atol=1e-5)
+        # text_heatmap's min-max over the whole text, then its words (the reference's tmap[1:-1]).
+        heatmap = (expected - expected.min()) / (expected.max() - expected.min())
+        assert (result.relevance - heatmap[1:-1]).abs().max() <= 1e-5
+        assert result.method == "m2ib" and result.delta is None
+        assert result.score == pytest.approx(float(sim(image)[0, k]), abs=1e-6)  # the model's own cosine
+    again = explain_text(sim, image, "m2ib", layer_index=layer_index, normalize=False)
+    assert all(torch.equal(a.relevance, b.relevance) for a, b in zip(raw, again))  # run to run on the CPU
+
+
+def test_m2ib_text_options_reach_the_fit(open_clip_text):
+    model, tokenizer = open_clip_text
+    parts = TextParts(model)
+    sim = CLIPSimilarity(model, tokenizer, ["a photo of a dog"])
+    image = make_images(1, 3, 8, 8, seed=50)
+    options = dict(layer_index=-2, beta=1.0, steps=3, lr=0.5, samples=4, seed=7)
+    (result,) = explain_text(sim, image, "m2ib", normalize=False, **options)
+    ids = unpadded_ids(parts, tokenizer, "a photo of a dog")
+    expected = literal_m2ib_text(parts, ids, image, 1, beta=1.0, steps=3, lr=0.5, batch_size=4, seed=7)
+    torch.testing.assert_close(result.relevance, expected[1:-1], rtol=1e-5, atol=1e-5)
+    (default,) = explain_text(sim, image, "m2ib", normalize=False, layer_index=-2)
+    assert (default.relevance - result.relevance).abs().max() > 1e-3
+
+
 def test_relevance_does_not_depend_on_the_padding(hf_text):
     """Hugging Face pads a batch to its longest text: a text's relevance is the same alone and in a batch."""
     model, tokenizer = hf_text
     sim = CLIPSimilarity(model, tokenizer, ["ab", "a photo of a dog"])
     image = make_images(1, 3, 8, 8, seed=48)
-    for method in ("gradeclip", "chefer", "ig"):
-        options = {"n_steps": 8} if method == "ig" else {}
+    for method in ("gradeclip", "chefer", "ig", "m2ib"):
+        options = {"n_steps": 8} if method == "ig" else {"layer_index": 1} if method == "m2ib" else {}
         batch = explain_text(sim, image, method, **options)
         (alone,) = explain_text(sim, image, method, texts=["ab"], **options)
         assert batch[0].tokens == alone.tokens == ("a", "b")
@@ -305,6 +404,18 @@ def test_text_side_bad_input(open_clip_text):
         (dict(method="ig", n_steps=0), ValueError, "n_steps: expected a positive int"),
         (dict(method="ig", baseline_token=49408), ValueError, "baseline_token: expected a token id in 0..49407"),
         (dict(method="ig", output="probs"), ValueError, "output: expected one of"),
+        (dict(method="m2ib", beta=-1.0), ValueError, "beta: expected a finite number >= 0, got -1.0"),
+        (dict(method="m2ib", steps=0), ValueError, "steps: expected a positive int, got 0"),
+        (dict(method="m2ib", lr=0), ValueError, "lr: expected a finite number > 0, got 0"),
+        (dict(method="m2ib", samples=2.5), ValueError, "samples: expected a positive int, got 2.5"),
+        (dict(method="m2ib", seed="0"), ValueError, "seed: expected an int, got '0'"),
+        (dict(method="m2ib", layer_index=3), ValueError, r"layer_index: expected -3..2 \(the tower has 3 blocks\)"),
+        (dict(method="m2ib", n_steps=5), ValueError, r"n_steps: expected no value with method 'm2ib' \(an option of"),
+        (
+            dict(method="chefer", steps=5),
+            ValueError,
+            r"steps: expected no value with method 'chefer' \(an option of m2ib\)",
+        ),
         (
             dict(method="chefer", depth=2),
             ValueError,
@@ -313,7 +424,7 @@ def test_text_side_bad_input(open_clip_text):
         (
             dict(method="ig", normalize=False),
             ValueError,
-            "normalize: expected no value with method 'ig' .*gradeclip and chefer",
+            "normalize: expected no value with method 'ig' .*gradeclip and chefer and m2ib",
         ),
     ]
     for options, error, message in cases:
@@ -329,9 +440,11 @@ def test_text_side_bad_input(open_clip_text):
         TypeError, match="expected a causal CLIP text tower .* got an open_clip text tower with no causal"
     ):
         explain_text(CLIPSimilarity(bidirectional, tiny_tokenizer, ["a cat"]), image)
-    handle = model.transformer.resblocks[0].register_forward_hook(lambda *args: None)
+    # A hook on the last block is named by its index in the tower (M2IB checks the whole tower at once).
+    handle = model.transformer.resblocks[2].register_forward_hook(lambda *args: None)
     try:
-        with pytest.raises(ValueError, match="expected no hooks.*text tower"):
-            explain_text(sim, image)
+        for method in ("gradeclip", "m2ib"):
+            with pytest.raises(ValueError, match=r"expected no hooks.*text tower.*on block 2 of 3"):
+                explain_text(sim, image, method)
     finally:
         handle.remove()

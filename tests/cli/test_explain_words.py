@@ -54,6 +54,25 @@ def test_text_method_prints_and_draws_the_words(scene_png, tmp_path, capsys):
         assert abs(float(values.sum()) - 1) < 2e-3  # Chefer's word relevances sum to 1
 
 
+def test_text_method_m2ib_prints_the_words_of_its_bottleneck(scene_png, tmp_path, capsys):
+    out = tmp_path / "maps.png"
+    argv = ["explain", str(scene_png), "--prompts", PROMPTS[1], "--out", str(out), "--text-method", "m2ib"]
+    status = cli.main(argv)
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert (tmp_path / "maps-words.png").is_file() and "words by m2ib" in captured.out
+    printed = [float(value) for value in re.findall(r"\S+\(([+-][0-9.]+)\)", captured.out)]
+    loaded = load()
+    sim = CLIPSimilarity(loaded.model, loaded.tokenizer, PROMPTS[1:], templates=loaded.templates, output="probs")
+    adapter = sim.adapter
+    transform = center_crop_transform(adapter.image_size, adapter.image_mean, adapter.image_std)
+    image = transform(Image.open(scene_png).convert("RGB"))[None].to(adapter.parameter.dtype)
+    (result,) = explain_text(sim, image, "m2ib")
+    # The same numbers as explain_text: the information min-max normalised over the whole text, in [0, 1].
+    torch.testing.assert_close(torch.tensor(printed), result.relevance, atol=5e-4, rtol=0)
+    assert len(printed) == len(PROMPTS[1].split()) and 0 <= min(printed) <= max(printed) <= 1
+
+
 def test_without_text_method_nothing_changes(scene_png, tmp_path, capsys):
     out = tmp_path / "maps.png"
     assert cli.main(["explain", str(scene_png), "--prompts", ",".join(PROMPTS), "--out", str(out)]) == 0
