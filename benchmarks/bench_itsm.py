@@ -26,10 +26,21 @@ left out with the registry's reason. Each runs on the whole batch:
   outside ``attribute``);
 * the others (``gradcam``, ``ig``, ``occlusion``, ``m2ib``): one prompt per image (``target=0``);
   ``ig`` with ``--ig-steps`` steps in chunks of ``--ig-batch`` images;
-* ``legrad-torch`` (with ``--legrad-torch-python``): the authors' package on the same
-  work as ``legrad`` (every image, every prompt; it takes one image at a time), timed in
-  its own environment (it needs open_clip <= 2.23) on a ViT-B-16 with the same random
-  weights, before the other methods; its ratio is to our LeGrad's time.
+* ``gem-torch`` and ``legrad-torch`` (with ``--reference-python``, an environment with the
+  authors' packages, which need open_clip <= 2.23; see ``reference_parity.py``): their maps on
+  the same work as ``gem`` and ``legrad`` (every image, every prompt; GEM's ``GEMWrapper`` on the
+  whole batch, LeGrad's ``LeWrapper`` one image at a time, as its API takes), timed in that
+  environment on the same model and random weights, before the other methods;
+* ``LeGrad, every one of P prompts`` (``--legrad-prompts P``): LeGrad's maps for P random prompt
+  embeddings, timed ``--ig-repeats`` times (one backward pass per prompt through the last blocks
+  is its floor: docs/methods.md §7, "Cost").
+
+``--memory`` adds a table of the memory each method adds: every method (and ``encode_image``,
+``gem-torch``, ``legrad-torch``) runs once in a fresh process of its own, after the model and
+the inputs are built, and the table gives its peak resident memory above what the process held
+before the call (``/proc/self/status`` ``VmHWM`` after resetting it, in MiB). ``--image-size S``
+builds the open_clip model at S x S (``force_image_size``; position embeddings at that grid),
+e.g. ``--image-size 448 --memory``.
 
 The prompt-count row runs ``raw`` with ``target=0`` against 1 and against
 ``--many-prompts`` prompts. Those text embeddings are random unit vectors: embedding
@@ -47,7 +58,9 @@ after a short warm-up at the same chunk size.
 Usage::
 
     python benchmarks/bench_itsm.py --repeats 3 --batch 8 --threads 1 \
-        --legrad-torch-python /tmp/refvenv/bin/python   # optional; see benchmarks/reference_parity.py
+        --reference-python /tmp/refvenv/bin/python   # optional; see benchmarks/reference_parity.py
+    python benchmarks/bench_itsm.py --methods gem,legrad,chefer --image-size 448 --memory --repeats 1 \
+        --reference-python /tmp/refvenv/bin/python
     python benchmarks/bench_itsm.py --model ViT-B-16-SigLIP --methods raw,surgery,gradcam
 """
 
@@ -60,10 +73,15 @@ import logging
 import os
 import platform
 import subprocess
+import sys
 import tempfile
+from typing import NamedTuple
 
 import open_clip
 import torch
+import torch.nn.functional as F
+from reference_packages import PACKAGES as REFERENCE_PACKAGES
+from reference_packages import peak_mib
 from timing import Timing, medians, seconds, time_rounds
 from tqdm import tqdm
 
@@ -112,6 +130,7 @@ TARGETS = {
 LONG = ("ig", "occlusion", "m2ib")  # timed --ig-repeats times, outside the rounds
 DEFAULT_LEFT_OUT = ("occlusion",)  # one forward pass per patch: only when named
 LEGRAD_TORCH_TARGET = 0.5  # our LeGrad at most half the time of legrad-torch
+LEGRAD_MANY_TARGET = 10.0  # LeGrad for --legrad-prompts prompts (the issue's 1000) at most 10 x encode_image
 PROXYCLIP_TARGET = 1.3  # ProxyCLIP at most 1.3 x (encode_image + the proxy's forward pass)
 
 
@@ -131,58 +150,46 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ig-steps", type=int, default=50, help="Integrated Gradients steps (0: skip it)")
     parser.add_argument("--ig-batch", type=int, default=16, help="Integrated Gradients internal_batch_size")
     parser.add_argument("--ig-repeats", type=int, default=1, help="timed Integrated Gradients runs")
-    parser.add_argument("--legrad-torch-python", help="python of an environment with legrad-torch (open_clip <= 2.23)")
+    parser.add_argument(
+        "--reference-python", help="python of an environment with gem-torch and legrad-torch (open_clip <= 2.23)"
+    )
+    parser.add_argument("--image-size", type=int, help="build the open_clip model at this input size")
+    parser.add_argument("--memory", action="store_true", help="the memory each method adds, one process each")
+    parser.add_argument("--legrad-prompts", type=int, default=0, help="time LeGrad for this many prompts (0: no)")
     parser.add_argument(
         "--proxy", default="vit_small_patch16_224.dino", help="timm DINO of proxyclip, random weights ('none': none)"
     )
-    parser.add_argument(
-        "--legrad-torch-worker", help=argparse.SUPPRESS
-    )  # internal: weights file to time legrad-torch on
+    parser.add_argument("--reference-worker", help=argparse.SUPPRESS)  # internal: inputs to time the packages on
+    parser.add_argument("--memory-worker", help=argparse.SUPPRESS)  # internal: the one method to measure
     return parser.parse_args()
 
 
-def time_legrad_torch(args: argparse.Namespace) -> None:
-    """Worker run in legrad-torch's environment: its time on the batch, every prompt, as JSON on stdout."""
-    import open_clip as legacy_open_clip  # the environment's open_clip (<= 2.23)
-    from legrad import LeWrapper
-
-    data = torch.load(args.legrad_torch_worker)
-    model = legacy_open_clip.create_model("ViT-B-16").eval()
-    model.load_state_dict(data["state_dict"])
-    legrad = LeWrapper(model, layer_index=-2)
-    images, text = data["images"], data["text"]
-
-    def run():
-        return [legrad.compute_legrad(text_embedding=text, image=image[None]) for image in images]
-
-    run()
-    timings = [seconds(run) for _ in range(args.repeats)]
-    print(json.dumps({"legrad-torch": medians(timings)}))
+def run_reference(args: argparse.Namespace, name: str, inputs: str, memory: bool = False) -> object:
+    """``reference_packages.py``'s JSON value for package ``name`` on the saved ``inputs``, run in
+    ``--reference-python``'s environment (its own open_clip, not this project's)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    command = [args.reference_python, os.path.join(here, "reference_packages.py"), "--inputs", inputs]
+    command += ["--name", name, "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    out = subprocess.run(
+        [*command, *(["--memory"] if memory else [])], check=True, capture_output=True, text=True, env=env
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])[name]
 
 
-def legrad_torch(args: argparse.Namespace, model: torch.nn.Module, images: torch.Tensor, text: torch.Tensor) -> Timing:
-    """Median (wall, CPU) seconds of legrad-torch on ``images`` and ``text``, timed in its own environment."""
-    with tempfile.TemporaryDirectory() as folder:
-        weights = os.path.join(folder, "inputs.pt")
-        torch.save({"state_dict": model.state_dict(), "images": images, "text": text}, weights)
-        # Its own open_clip comes first; this repository only for this script's imports.
-        env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
-        command = [
-            args.legrad_torch_python,
-            __file__,
-            "--legrad-torch-worker",
-            weights,
-            "--repeats",
-            str(args.repeats),
-            "--threads",
-            str(args.threads),
-        ]
-        out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
-    return tuple(json.loads(out.strip().splitlines()[-1])["legrad-torch"])
+def save_reference_inputs(folder: str, model: torch.nn.Module, images: torch.Tensor, text: torch.Tensor, size) -> str:
+    """The model's weights, the images and the prompt embeddings, for the packages' environment."""
+    path = os.path.join(folder, "inputs.pt")
+    torch.save({"state_dict": model.state_dict(), "images": images, "text": text, "image_size": size}, path)
+    return path
 
 
-def build_model(name: str):
-    """The model with random weights and its tokenizer (``None`` when it cannot be had offline)."""
+def build_model(name: str, image_size: int | None = None):
+    """The model with random weights and its tokenizer (``None`` when it cannot be had offline); an open_clip
+    model at ``image_size`` x ``image_size`` when given."""
+    if image_size:
+        model = open_clip.create_model(name, force_image_size=image_size).eval().requires_grad_(False)
+        return model, open_clip.get_tokenizer(name)
     if name == "hf-siglip":
         from transformers import SiglipConfig, SiglipModel
 
@@ -237,6 +244,8 @@ def registry_methods(args: argparse.Namespace, sim: CLIPSimilarity, images: torc
 
 def label(name: str, args: argparse.Namespace) -> str:
     """The table row of a registry method: its title, and what it explains."""
+    if name.startswith("legrad x "):
+        return f"LeGrad, every one of {name.split()[-1]} prompts"
     if name not in method_names():
         return name
     info = method_info(name)
@@ -247,19 +256,70 @@ def label(name: str, args: argparse.Namespace) -> str:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    if args.legrad_torch_worker:
-        return time_legrad_torch(args)
     torch.manual_seed(0)
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns about random weights
+    bench = setup(args)
+    if args.memory_worker:  # one method's memory, in this fresh process
+        call = bench.units.get(args.memory_worker) or bench.rounds.get(args.memory_worker)
+        call = call or bench.long[args.memory_worker][0]
+        print(json.dumps({args.memory_worker: peak_mib(call)}))
+        return
 
-    model, tokenizer = build_model(args.model)
+    load_start = os.getloadavg()
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        inputs = None
+        if args.reference_python:
+            inputs = save_reference_inputs(folder, bench.model, bench.images, bench.sim.text_features, args.image_size)
+            for name in REFERENCE_PACKAGES:
+                results[name] = tuple(run_reference(args, name, inputs))
+        results.update(time_rounds({**bench.units, **bench.rounds}, args.repeats))
+        results.update(time_rounds(bench.prompt_rows, args.repeats))
+        for name, (call, warm_up) in bench.long.items():
+            if warm_up is not None:
+                warm_up()  # at the timed chunk size
+            results[name] = medians([seconds(call) for _ in tqdm(range(args.ig_repeats), desc=name, leave=False)])
+        load_end = os.getloadavg()
+        memory = measure_memory(args, bench, inputs) if args.memory else {}
+
+    print_header(args, bench, load_start, load_end)
+    if "proxy forward" in results:
+        print(f"proxy of proxyclip: {args.proxy} (timm, random weights)")
+        results["encode_image + proxy forward"] = tuple(
+            results["encode_image"][clock] + results["proxy forward"][clock] for clock in (0, 1)
+        )
+    packages = [name for name in REFERENCE_PACKAGES if name in results]
+    rows = ["encode_image", *bench.units, *bench.rounds, *packages, *bench.long]
+    report(args, results, list(dict.fromkeys(rows)))
+    report_prompts(args, results, list(bench.prompt_rows))
+    if memory:
+        report_memory(memory)
+
+
+class Bench(NamedTuple):
+    """What the timings and memory workers run: the model, its similarity, the inputs and the calls."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    sim: CLIPSimilarity
+    images: torch.Tensor
+    parity: tuple[float, float]
+    units: dict
+    rounds: dict
+    long: dict
+    skipped: dict
+    prompt_rows: dict
+
+
+def setup(args: argparse.Namespace) -> Bench:
+    """The model with random weights, its similarity for ``--prompts``, the batch and every timed call."""
+    model, tokenizer = build_model(args.model, args.image_size)
     prompts = PROMPTS[: args.prompts]
     if tokenizer is not None:
         sim = CLIPSimilarity(model, tokenizer, prompts)
     else:
         sim = CLIPSimilarity(model, text_features=torch.randn(len(prompts), get_adapter(model).embed_dim))
-    size = sim.adapter.image_size
-    images = torch.randn(args.batch, 3, *size)
+    images = torch.randn(args.batch, 3, *sim.adapter.image_size)
     proxy = build_proxy(args, sim)
     rounds, long, skipped = registry_methods(args, sim, images, proxy)
     units = {"encode_image": None}  # filled below: the forward passes the ratios are to
@@ -286,51 +346,80 @@ def main() -> None:
                 return proxy.model.forward_features(proxy_input)
 
         units["proxy forward"] = proxy_forward
+    if args.legrad_prompts:  # LeGrad for many prompts: one backward pass per prompt, timed as a long method
+        many = CLIPSimilarity(
+            model, text_features=F.normalize(torch.randn(args.legrad_prompts, sim.adapter.embed_dim), dim=-1)
+        )
+        long[f"legrad x {args.legrad_prompts}"] = (functools.partial(build_method("legrad", many), images, None), None)
+    return Bench(
+        model,
+        tokenizer,
+        sim,
+        images,
+        (float(parity), float(parity_relative)),
+        units,
+        rounds,
+        long,
+        skipped,
+        prompt_count_rows(args, model, sim, images),
+    )
 
+
+def prompt_count_rows(
+    args: argparse.Namespace, model: torch.nn.Module, sim: CLIPSimilarity, images: torch.Tensor
+) -> dict:
+    """``raw`` for one prompt among 1 and among ``--many-prompts`` (random unit text embeddings)."""
     one_prompt = CLIPSimilarity(model, text_features=sim.text_features[:1])
     many_prompts = CLIPSimilarity(model, text_features=torch.randn(args.many_prompts, sim.adapter.embed_dim))
     first = torch.zeros(args.batch, dtype=torch.long)
     raw_one, raw_many = build_method("raw", one_prompt), build_method("raw", many_prompts)
-    prompt_rows = {"raw ITSM, 1 of 1 prompt": lambda: raw_one(images, first)}
-    prompt_rows[f"raw ITSM, 1 of {args.many_prompts} prompts"] = lambda: raw_many(images, first)
+    rows = {"raw ITSM, 1 of 1 prompt": lambda: raw_one(images, first)}
+    rows[f"raw ITSM, 1 of {args.many_prompts} prompts"] = lambda: raw_many(images, first)
+    return rows
 
-    load_start = os.getloadavg()
-    results = {}
-    if args.legrad_torch_python:
-        results["legrad-torch"] = legrad_torch(args, model, images, sim.text_features)
-    results.update(time_rounds({**units, **rounds}, args.repeats))
-    results.update(time_rounds(prompt_rows, args.repeats))
-    for name, (call, warm_up) in long.items():
-        if warm_up is not None:
-            warm_up()  # at the timed chunk size
-        results[name] = medians([seconds(call) for _ in tqdm(range(args.ig_repeats), desc=name, leave=False)])
-    load_end = os.getloadavg()
 
-    text = "prompts" if tokenizer is not None else "random text embeddings (no tokenizer offline)"
+def measure_memory(args: argparse.Namespace, bench: Bench, inputs: str | None) -> dict[str, float]:
+    """The peak MiB each timed call adds, each in a fresh process (``--memory-worker``); the packages' too."""
+    argv = [arg for arg in sys.argv[1:] if arg not in ("--memory",)]
+    memory = {}
+    names = [*bench.units, *bench.rounds, *bench.long]
+    for name in tqdm(names, desc="memory", leave=False):
+        command = [sys.executable, os.path.abspath(__file__), *argv, "--memory-worker", name]
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        memory[name] = json.loads(out.strip().splitlines()[-1])[name]
+    if inputs is not None:
+        for name in REFERENCE_PACKAGES:
+            memory[name] = run_reference(args, name, inputs, memory=True)
+    return memory
+
+
+def report_memory(memory: dict[str, float]) -> None:
+    """The table of the memory each call adds over the model and the inputs."""
+    print(f"\n{'memory: peak added over the model and inputs':<46} {'MiB':>9}")
+    for name, mib in memory.items():
+        print(f"{name:<46} {mib:>9.0f}")
+
+
+def print_header(args: argparse.Namespace, bench: Bench, load_start, load_end) -> None:
+    size = bench.sim.adapter.image_size
+    text = "prompts" if bench.tokenizer is not None else "random text embeddings (no tokenizer offline)"
     print(
-        f"{args.model} ({sim.adapter.family}, random weights), batch {args.batch} at {size[0]}x{size[1]}, "
+        f"{args.model} ({bench.sim.adapter.family}, random weights), batch {args.batch} at {size[0]}x{size[1]}, "
         f"{args.prompts} {text}; "
         f"torch {torch.__version__}, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, load average {load_start[0]:.1f} -> {load_end[0]:.1f}"
     )
     print(
-        f"median of {args.repeats} rounds ({args.ig_repeats} for {', '.join(LONG)}); "
+        f"median of {args.repeats} rounds ({args.ig_repeats} for {', '.join(LONG)} and many-prompt LeGrad); "
         "CPU = this process's CPU time, steadier than wall time on a shared machine"
     )
+    parity, relative = bench.parity
     print(
         f"global entry of the dense features vs the model's own embedding: max|diff| {parity:.2e} "
-        f"({parity_relative:.1e} of its largest entry)\n"
+        f"({relative:.1e} of its largest entry)\n"
     )
-    for name, reason in skipped.items():
+    for name, reason in bench.skipped.items():
         print(f"left out {name}: {reason}")
-    if "proxy forward" in results:
-        print(f"proxy of proxyclip: {args.proxy} (timm, random weights)")
-        results["encode_image + proxy forward"] = tuple(
-            results["encode_image"][clock] + results["proxy forward"][clock] for clock in (0, 1)
-        )
-    rows = ["encode_image", *units, *rounds, *(["legrad-torch"] if "legrad-torch" in results else []), *long]
-    report(args, results, list(dict.fromkeys(rows)))
-    report_prompts(args, results, list(prompt_rows))
 
 
 def report(args: argparse.Namespace, results: dict[str, Timing], rows: list[str]) -> None:
@@ -352,6 +441,13 @@ def report(args: argparse.Namespace, results: dict[str, Timing], rows: list[str]
         checks.append(
             (f"legrad <= {LEGRAD_TORCH_TARGET} x legrad-torch", "legrad", "legrad-torch", LEGRAD_TORCH_TARGET, True)
         )
+    if "gem-torch" in results and "gem" in results:
+        checks.append(("gem <= 1 x gem-torch", "gem", "gem-torch", 1.0, True))
+    many = [name for name in results if name.startswith("legrad x ")]
+    checks += [
+        (f"{name} <= {LEGRAD_MANY_TARGET} x encode_image", name, "encode_image", LEGRAD_MANY_TARGET, True)
+        for name in many
+    ]
     if "proxyclip" in results and "encode_image + proxy forward" in results:
         unit = "encode_image + proxy forward"
         checks.append((f"proxyclip <= {PROXYCLIP_TARGET} x ({unit})", "proxyclip", unit, PROXYCLIP_TARGET, True))

@@ -65,8 +65,12 @@ def _probability_gradients(gradients: Sequence[Tensor], values: Sequence[Tensor 
     for grad, value in zip(gradients, values):
         grad = grad[:, images]
         if value is not None:
+            k, n, heads, queries, head_dim = grad.shape
             with full_precision(grad.device):
-                grad = upcast(grad) @ upcast(value[images]).transpose(-1, -2)[None]
+                # The prompts as more queries of each (image, head): one product per head, no copy of the values.
+                rows = upcast(grad).permute(1, 2, 0, 3, 4).reshape(n, heads, k * queries, head_dim)
+                grad = (rows @ upcast(value[images]).transpose(-1, -2)).unflatten(2, (k, queries))
+                grad = grad.permute(2, 0, 1, 3, 4)
         out.append(grad)
     return out
 

@@ -116,19 +116,21 @@ def self_self(iterations: int = 1, temperature: float | None = None):
         else:
             inverse_temperature = temperature
 
-        def similarity_softmax(x: Tensor) -> Tensor:
-            # The norm, cosine and softmax in at least float32 (half-precision rules, docs/methods.md).
+        def clustered(x: Tensor, onto: Tensor | None) -> Tensor:
+            # softmax(x̂ x̂^T τ) (x̂ or ``onto``) as one fused attention kernel (the L x L weights are never
+            # held), τ folded into the queries since it is per image; the norm, cosine and softmax in at
+            # least float32 (half-precision rules, docs/methods.md).
             with full_precision(x.device):
                 wide = F.normalize(upcast(x), dim=-1)
-                weights = torch.softmax(wide @ wide.transpose(-1, -2) * inverse_temperature, dim=-1)
-            return weights.to(x.dtype), wide.to(x.dtype)
+                values = wide if onto is None else upcast(onto)
+                out = F.scaled_dot_product_attention(wide * inverse_temperature, wide, values, scale=1.0)
+            return out.to(x.dtype)
 
         out = 0
         for x in (inputs.v, inputs.k, inputs.q):
             for _ in range(iterations):
-                weights, x = similarity_softmax(x)
-                x = weights @ x
-            out = out + similarity_softmax(x)[0] @ inputs.v
+                x = clustered(x, None)
+            out = out + clustered(x, inputs.v)
         return out / 3
 
     return attend
