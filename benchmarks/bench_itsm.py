@@ -164,17 +164,20 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def run_reference(args: argparse.Namespace, name: str, inputs: str, memory: bool = False) -> object:
+def run_reference(args: argparse.Namespace, name: str, inputs: str, memory: bool = False) -> object | None:
     """``reference_packages.py``'s JSON value for package ``name`` on the saved ``inputs``, run in
-    ``--reference-python``'s environment (its own open_clip, not this project's)."""
+    ``--reference-python``'s environment (its own open_clip, not this project's); ``None``, with the
+    reason printed, when the package fails (e.g. killed for running out of memory)."""
     here = os.path.dirname(os.path.abspath(__file__))
     command = [args.reference_python, os.path.join(here, "reference_packages.py"), "--inputs", inputs]
     command += ["--name", name, "--repeats", str(args.repeats), "--threads", str(args.threads)]
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    out = subprocess.run(
-        [*command, *(["--memory"] if memory else [])], check=True, capture_output=True, text=True, env=env
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])[name]
+    done = subprocess.run([*command, *(["--memory"] if memory else [])], capture_output=True, text=True, env=env)
+    if done.returncode:
+        why = f"killed by signal {-done.returncode}" if done.returncode < 0 else done.stderr.strip().splitlines()[-1]
+        print(f"{name} failed ({why}; SIGKILL: out of memory)" if done.returncode == -9 else f"{name} failed ({why})")
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])[name]
 
 
 def save_reference_inputs(folder: str, model: torch.nn.Module, images: torch.Tensor, text: torch.Tensor, size) -> str:
@@ -272,7 +275,9 @@ def main() -> None:
         if args.reference_python:
             inputs = save_reference_inputs(folder, bench.model, bench.images, bench.sim.text_features, args.image_size)
             for name in REFERENCE_PACKAGES:
-                results[name] = tuple(run_reference(args, name, inputs))
+                timing = run_reference(args, name, inputs)
+                if timing is not None:
+                    results[name] = tuple(timing)
         results.update(time_rounds({**bench.units, **bench.rounds}, args.repeats))
         results.update(time_rounds(bench.prompt_rows, args.repeats))
         for name, (call, warm_up) in bench.long.items():
@@ -389,7 +394,9 @@ def measure_memory(args: argparse.Namespace, bench: Bench, inputs: str | None) -
         memory[name] = json.loads(out.strip().splitlines()[-1])[name]
     if inputs is not None:
         for name in REFERENCE_PACKAGES:
-            memory[name] = run_reference(args, name, inputs, memory=True)
+            peak = run_reference(args, name, inputs, memory=True)
+            if peak is not None:
+                memory[name] = peak
     return memory
 
 

@@ -48,6 +48,19 @@ def traced_graph_bytes(
     return (blocks - 1) * block(tokens) + block(last)
 
 
+def backward_bytes(
+    adapter: ViTAdapter, grid: tuple[int, int], blocks: int, last_queries: int | None, dtype: torch.dtype
+) -> int:
+    """An upper estimate of what one prompt's backward pass holds at once for one image, beyond its gradients:
+    the gradients of one recorded block's activations (the blocks' backward passes follow one another),
+    some 12 token-sized tensors (the MLP's hidden layer before and after its activation counting four each)."""
+    view = adapter.block_views(grid=grid)[-1]
+    channels = view.num_heads * round(view.scale**-2)
+    tokens = adapter.num_prefix_tokens + grid[0] * grid[1]
+    queries = tokens if blocks > 1 or last_queries is None else last_queries
+    return 12 * queries * channels * max(torch.empty((), dtype=dtype).element_size(), 4)
+
+
 def image_chunks(num_images: int, bytes_per_image: int, budget: int | None = None) -> Iterator[slice]:
     """Consecutive slices of ``num_images`` images whose graphs fit ``budget`` (default :data:`GRAPH_BUDGET`)
     together; at least one image each."""
@@ -107,6 +120,7 @@ def prompt_gradients(
     index: Tensor | None,
     reduce: Callable[[list[Tensor], slice], Tensor],
     values: Sequence[Tensor | None] | None = None,
+    working_bytes: int = 0,
 ) -> Tensor:
     """Per-prompt gradients of the (N, K) ``scores`` with respect to ``inputs``, reduced to maps.
 
@@ -126,6 +140,8 @@ def prompt_gradients(
             input, and that slice of the N images, to (k, n, ...) maps.
         values: per input, the values (N, heads, L, head_dim) when the input is attended heads
             (N, heads, Q, head_dim), else ``None``; default ``None`` for every input.
+        working_bytes: what one prompt's backward pass holds besides its gradients, for all N images
+            (:func:`backward_bytes` times N), counted in the budget of a chunk of prompts.
 
     Returns:
         (1, N, ...) maps for ``index`` (a single backward pass), (K, N, ...) for every prompt.
@@ -138,7 +154,7 @@ def prompt_gradients(
         one_hot[torch.arange(n, device=scores.device), index.to(scores.device)] = 1
         grads = torch.autograd.grad(scores, inputs, grad_outputs=one_hot)
         return _reduced([grad[None] for grad in grads], values, reduce)
-    per_prompt = sum(t.numel() * t.element_size() for t in inputs)
+    per_prompt = sum(t.numel() * t.element_size() for t in inputs) + working_bytes
     chunk = max(1, min(k, GRADIENT_BUDGET // max(per_prompt, 1)))
     eye = torch.eye(k, dtype=scores.dtype, device=scores.device)
     maps = []

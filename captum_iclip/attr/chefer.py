@@ -9,7 +9,12 @@ from captum.log import log_usage
 from torch import Tensor
 
 from captum_iclip._precision import full_precision, upcast
-from captum_iclip.attr._prompt_grads import image_chunks, prompt_gradients, traced_graph_bytes
+from captum_iclip.attr._prompt_grads import (
+    backward_bytes,
+    image_chunks,
+    prompt_gradients,
+    traced_graph_bytes,
+)
 from captum_iclip.attr._utils import Normalize, resolve_layer
 from captum_iclip.attr.base import CLIPMapAttribution
 from captum_iclip.models.blocks import AttentionTrace
@@ -86,14 +91,13 @@ class CheferRelevancy(CLIPMapAttribution):
         num_blocks = len(adapter.block_views("CheferRelevancy"))
         start = resolve_layer(start_layer, num_blocks, "start_layer")
 
-        patches = prepared.grid[0] * prepared.grid[1]
         # A class-token pool reads token 0 alone: the last block runs for that query only (same gradients).
         queries = 1 if adapter.pools_class_token else None
         per_image = traced_graph_bytes(adapter, prepared.grid, num_blocks - start, queries, images.dtype)
         with torch.enable_grad(), sim.evaluating():
             # The images go through the recorded blocks in chunks whose graphs fit the memory budget.
             chunks = [
-                self._relevancy(images[part], None if index is None else index[part], start, queries, patches)
+                self._relevancy(images[part], None if index is None else index[part], start, queries, prepared.grid)
                 for part in image_chunks(images.shape[0], per_image)
             ]
             maps = torch.cat(chunks, dim=1)
@@ -101,8 +105,11 @@ class CheferRelevancy(CLIPMapAttribution):
             scores = maps.transpose(0, 1)
             return self.output(scores, prepared, normalize=normalize, interpolate=interpolate, upsample="bilinear")
 
-    def _relevancy(self, images: Tensor, index: Tensor | None, start: int, queries: int | None, patches: int) -> Tensor:
+    def _relevancy(
+        self, images: Tensor, index: Tensor | None, start: int, queries: int | None, grid: tuple[int, int]
+    ) -> Tensor:
         """(k, N, h*w) read-out rows of the rollout of ``images`` (a chunk) for ``index`` or every prompt."""
+        patches = grid[0] * grid[1]
         sim = self.similarity
         adapter = sim.adapter
         trace = AttentionTrace(start, parts=True, last_queries=queries)
@@ -137,4 +144,5 @@ class CheferRelevancy(CLIPMapAttribution):
 
         inputs = [*trace.attended, *([pooled.weights] if pooled.learned else [])]
         values = [*trace.values, *([None] if pooled.learned else [])]
-        return prompt_gradients(logits, inputs, index, rollout, values)
+        working = images.shape[0] * backward_bytes(adapter, grid, len(trace.outputs), queries, images.dtype)
+        return prompt_gradients(logits, inputs, index, rollout, values, working)

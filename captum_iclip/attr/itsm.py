@@ -172,6 +172,12 @@ class ITSMAttribution(CLIPMapAttribution):
             # One prompt: subtract the direction of the empty prompt (docs/methods.md §2). Embedded
             # first, so that a missing tokenizer fails before the image encoder runs.
             text = text - sim.empty_prompt_feature()
+        if variant == "surgery" and not single_prompt_surgery and not sim.adapter.exact_global_with_path:
+            raise NotImplementedError(
+                f"model: feature surgery of several prompts expected a tower whose global embedding survives CLIP "
+                f"Surgery's second path, got {sim.adapter.family} with an attention pool (its output has no slot "
+                "among the tokens); explain one prompt at a time or use another variant"
+            )
         depth = surgery_depth if variant == "surgery" else 0
         path = dense_path(variant) if variant in PATH_VARIANTS else None
         features = sim.adapter.dense_features(images, surgery_depth=depth, projection=projection, path=path)

@@ -9,7 +9,12 @@ from captum.log import log_usage
 from torch import Tensor
 
 from captum_iclip._precision import full_precision, upcast
-from captum_iclip.attr._prompt_grads import image_chunks, prompt_gradients, traced_graph_bytes
+from captum_iclip.attr._prompt_grads import (
+    backward_bytes,
+    image_chunks,
+    prompt_gradients,
+    traced_graph_bytes,
+)
 from captum_iclip.attr._utils import Normalize, resolve_layer
 from captum_iclip.attr.base import CLIPMapAttribution
 from captum_iclip.models.blocks import AttentionTrace
@@ -93,12 +98,11 @@ class LeGradAttribution(CLIPMapAttribution):
         num_blocks = len(adapter.block_views("LeGradAttribution"))
         start = resolve_layer(layer_index, num_blocks, "layer_index")
 
-        patches = prepared.grid[0] * prepared.grid[1]
         per_image = traced_graph_bytes(adapter, prepared.grid, num_blocks - start, None, images.dtype)
         with torch.enable_grad(), sim.evaluating():
             # The images go through the recorded blocks in chunks whose graphs fit the memory budget.
             chunks = [
-                self._gradient_maps(images[part], None if index is None else index[part], start, patches)
+                self._gradient_maps(images[part], None if index is None else index[part], start, prepared.grid)
                 for part in image_chunks(images.shape[0], per_image)
             ]
             maps = torch.cat(chunks, dim=1)
@@ -106,8 +110,9 @@ class LeGradAttribution(CLIPMapAttribution):
             scores = maps.transpose(0, 1)
             return self.output(scores, prepared, normalize=normalize, interpolate=interpolate, upsample="bilinear")
 
-    def _gradient_maps(self, images: Tensor, index: Tensor | None, start: int, patches: int) -> Tensor:
+    def _gradient_maps(self, images: Tensor, index: Tensor | None, start: int, grid: tuple[int, int]) -> Tensor:
         """(k, N, h*w) summed clipped gradients of ``images`` (a chunk) for ``index`` or every prompt."""
+        patches = grid[0] * grid[1]
         sim = self.similarity
         adapter = sim.adapter
         trace = AttentionTrace(start, detach=True, parts=True)
@@ -125,6 +130,12 @@ class LeGradAttribution(CLIPMapAttribution):
             with full_precision(pooled.embedding.device):  # the norm and the scores in >= float32
                 feature = F.normalize(upcast(pooled.embedding), dim=-1)
                 scores = scores + feature @ upcast(text).to(feature.dtype).t()
+        working = images.shape[0] * backward_bytes(adapter, grid, len(trace.outputs), None, images.dtype)
         return prompt_gradients(
-            scores, attention, index, lambda gradients, _: _positive_mean_over_layers(gradients, patches), values
+            scores,
+            attention,
+            index,
+            lambda gradients, _: _positive_mean_over_layers(gradients, patches),
+            values,
+            working,
         )

@@ -494,7 +494,7 @@ class Diagnostics:
             raw, terms = itsm_decomposition(adapter, tower.last, text, self.projection)
             final = _final_projection(adapter, self.projection)
             patches = F.normalize(_project(final, tower.last.output[:, 1:]).float(), dim=-1)
-            global_feature = F.normalize(adapter.project_global(adapter.final_norm(tower.last.output)).float(), dim=-1)
+            global_feature = F.normalize(adapter.pool(tower.last.output).embedding.float(), dim=-1)
             maps = {"itsm": raw, **terms}
             if text.shape[0] >= 2:
                 maps["shared-removed"] = shared_direction_removed_maps(patches, text)

@@ -271,6 +271,12 @@ class VisionAdapter:
         """Recognition projection of the global token alone: (N, L, C) -> (N, D)."""
         return self.project(tokens)[:, 0]
 
+    @property
+    def exact_global_with_path(self) -> bool:
+        """Whether the global entry of the dense features (index 0) stays the tower's own embedding when a
+        second path gives the patches (CLIP Surgery's feature surgery reads it)."""
+        return True
+
     def encode_image(self, images: Tensor) -> Tensor:
         """The recognition image embedding, equal to the library's ``encode_image``."""
         return self.project_global(self.tokens(images))

@@ -124,29 +124,56 @@ class OpenCLIPViTAdapter(ViTAdapter, OpenCLIPAdapter):
     def pools_class_token(self) -> bool:
         return self.pooling == "tok"
 
+    @property
+    def global_tokens(self) -> int | None:
+        return None if self.pooling == "avg" else 1
+
+    def final_tokens(self, x: Tensor, patches: Tensor | None) -> Tensor:
+        """The class token, or for a mean pool the mean of the original path's normed patches ``x[:, 1:]``
+        (so that a second path's patches never enter the global embedding), then the patches, normed.
+
+        An attention pool's output is narrower than the tokens and has no slot among them: with a second
+        path its global embedding reads the class token and that path's patches
+        (:attr:`exact_global_with_path`)."""
+        if self.pooling != "avg":
+            return super().final_tokens(x, patches)
+        normed = self.final_norm(x)
+        patches = normed[:, 1:] if patches is None else self.final_norm(patches)
+        return torch.cat([self._mean(normed)[:, None], patches], dim=1)
+
+    @property
+    def exact_global_with_path(self) -> bool:
+        return self.pooling != "attention"
+
+    def _mean(self, normed: Tensor) -> Tensor:
+        """(N, C) the mean pool of normed tokens (N, L, C): their patches, before the projection."""
+        if normed.shape[1] < 2:
+            raise ValueError(f"tokens: pool_type={self.pooling!r} pools the patch tokens, got none")
+        return normed[:, 1:].mean(dim=1)
+
     def project(self, tokens: Tensor, surgery: bool = False) -> Tensor:
-        if self.pooling == "tok":
+        if self.pooling != "attention":  # the class token or the mean of the patches, then the patches
             return project(tokens, self.visual.proj)
-        # Index 0 stays the pooled embedding (== encode_image); each patch is projected on its own.
-        if self.pooling == "avg":
-            patches = project(tokens[:, 1:], self.visual.proj)
-        else:
-            patches = attention_pool_value_path(self.visual, tokens[:, 1:])
+        # Index 0 stays the pooled embedding (== encode_image); each patch through the pool's value path.
+        patches = attention_pool_value_path(self.visual, tokens[:, 1:])
         return torch.cat([self.project_global(tokens)[:, None], patches], dim=1)
 
     def project_global(self, tokens: Tensor) -> Tensor:
-        if self.pooling == "tok":
+        if self.pooling != "attention":
             return project(tokens[:, 0], self.visual.proj)
         if tokens.shape[1] < 2:
             raise ValueError(f"tokens: pool_type={self.pooling!r} pools the patch tokens, got none")
-        if self.pooling == "avg":
-            return project(tokens[:, 1:].mean(dim=1), self.visual.proj)
         return project(self.visual.ln_post(self.visual.attn_pool(tokens))[:, 0], self.visual.proj)
 
     def pool(self, tokens: Tensor) -> Pooled:
         if self.pooling != "attention":
+            normed = self.final_norm(tokens)
             weights = fixed_pool_weights(tokens, None if self.pooling == "tok" else 1)
-            return Pooled(self.project_global(self.final_norm(tokens)), weights, False)
+            return Pooled(
+                project(normed[:, 0] if self.pooling == "tok" else self._mean(normed), self.visual.proj),
+                weights,
+                False,
+            )
         # The embedding is the pool's first query's output: its attention over the tokens, explicitly.
         pooler = self.visual.attn_pool
         keys = pooler.ln_k(tokens)

@@ -361,6 +361,13 @@ def test_surgery_matches_a_literal_reimplementation(tower):
     expected = torch.stack([literal_surgery(ref, image, 2) for image in images])
     torch.testing.assert_close(dense[:, 1:], expected, rtol=0, atol=2e-6)
     assert (dense[:, 1:] - sim.adapter.dense_features(images)[:, 1:]).abs().max() > 1e-3
+    own = sim.adapter.own_image_features(images)
+    if sim.adapter.exact_global_with_path:  # the global entry stays the model's own embedding
+        torch.testing.assert_close(dense[:, 0], own, rtol=1e-5, atol=1e-5)
+    else:  # an attention pool without a slot among the tokens: feature surgery of several prompts refuses
+        assert (dense[:, 0] - own).abs().max() > 1e-4
+        with pytest.raises(NotImplementedError, match="global embedding survives CLIP Surgery's second path"):
+            ITSMAttribution(sim).attribute(images, variant="surgery")
 
 
 @torch.no_grad()
@@ -525,6 +532,8 @@ def test_hooks_on_the_blocks_computed_from_their_parts_are_refused(tower):
     images = images_of(56)
     last = ref.blocks[-1]
     attention = last.self_attn if isinstance(ref, HFTower) else last.attn
+    # Feature surgery of several prompts refuses an attention pool without a slot first (see above).
+    variant = "surgery" if sim.adapter.exact_global_with_path else "clearclip"
     for module, kind in ((last, "forward hook"), (attention, "forward pre-hook")):
         if kind == "forward hook":
             handle = module.register_forward_hook(lambda module, args, output: output)
@@ -533,7 +542,11 @@ def test_hooks_on_the_blocks_computed_from_their_parts_are_refused(tower):
         try:
             for run in (
                 lambda: GEMAttribution(sim).attribute(images, depth=1),
-                lambda: ITSMAttribution(sim).attribute(images, variant="surgery", surgery_depth=1),
+                lambda: (
+                    ITSMAttribution(sim).attribute(images, variant=variant, surgery_depth=1)
+                    if variant == "surgery"
+                    else ITSMAttribution(sim).attribute(images, variant=variant)
+                ),
                 lambda: LeGradAttribution(sim).attribute(images, layer_index=-1),
             ):
                 with pytest.raises(ValueError, match=rf"model: expected no hooks .* got a {kind} on block 1 of 2"):
