@@ -44,6 +44,14 @@ TEXT_METHOD_TITLES = {
 TEXT_OUTPUTS = ("cosine", "logits")
 
 
+def colour_legend(method: str) -> str:
+    """How the word colours of ``method``'s relevances read (figures, ``explain``, the audit page): signed
+    relevances raise or lower the score; M2IB's information is never negative."""
+    if method == "m2ib":
+        return "the redder a word, the more of its information the score needs (never negative)"
+    return "red where a word raises the score, blue where it lowers it"
+
+
 class TextSimilarity(nn.Module):
     r"""Scores of K texts against one fixed image, as a function of the texts' token ids.
 

@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from captum_iclip.attr.text import TEXT_METHOD_TITLES
+from captum_iclip.attr.text import TEXT_METHOD_TITLES, colour_legend
 
 # Cards after this many load lazily, so that a report of thousands of images opens quickly.
 EAGER_CARDS = 24
@@ -322,8 +322,8 @@ def _words_note(context: ReportContext) -> str:
     if context.text_method is None:
         return ""
     return (
-        f" Under each prompt: its words by {escape(context.text_method)}, red where a word raises the score, "
-        "blue where it lowers it (hover a word for its relevance)."
+        f" Under each prompt: its words by {escape(context.text_method)}, {colour_legend(context.text_method)} "
+        "(hover a word for its relevance)."
     )
 
 
@@ -408,7 +408,7 @@ def _words(entry: dict[str, Any], context: ReportContext) -> str:
         f'title="{value:+.4f}">{escape(token)}</span>'
         for token, value, colour in zip(words["tokens"], words["relevance"], word_colours(words["relevance"]))
     )
-    title = escape(f"words by {context.text_method}: red raises the score, blue lowers it", quote=True)
+    title = escape(f"words by {context.text_method}: {colour_legend(context.text_method)}", quote=True)
     return f'<div class="words" title="{title}">{spans}</div>'
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from captum_iclip._io import check_output_file
-from captum_iclip.attr.text import TEXT_METHODS
+from captum_iclip.attr.text import TEXT_METHODS, colour_legend
 from captum_iclip.cli.common import (
     HelpFormatter,
     add_model_arguments,
@@ -132,5 +132,5 @@ def explain_words(sim, batch: torch.Tensor, paths: list[str], method: str, out: 
             words = " ".join(f"{token}({value:+.3f})" for token, value in zip(result.tokens, result.relevance.tolist()))
             print(f"  {result.text}: {words}")
             rows.append((f"{Path(path).name}: {result.text}", result.tokens, result.relevance))
-    word_relevance_figure(rows, title=f"words by {method}: red raises the score, blue lowers it", path=out)
+    word_relevance_figure(rows, title=f"words by {method}: {colour_legend(method)}", path=out)
     print(f"wrote {out}")

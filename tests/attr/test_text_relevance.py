@@ -448,3 +448,10 @@ def test_text_side_bad_input(open_clip_text):
                 explain_text(sim, image, method)
     finally:
         handle.remove()
+
+
+def test_colour_legends_say_how_each_method_reads():
+    from captum_iclip.attr.text import colour_legend
+
+    assert all("lowers" in colour_legend(method) for method in ("gradeclip", "chefer", "ig"))
+    assert "never negative" in colour_legend("m2ib") and "lowers" not in colour_legend("m2ib")
