@@ -27,6 +27,13 @@ GRADIENT_BUDGET = 1 << 28
 GRAPH_BUDGET = 1 << 29
 
 
+def _block_sizes(adapter: ViTAdapter, grid: tuple[int, int], dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """Heads, channels and tokens of the tower's blocks at patch grid ``grid``, and the element size of ``dtype``."""
+    view = adapter.block_views(grid=grid)[-1]
+    tokens = adapter.num_prefix_tokens + grid[0] * grid[1]
+    return view.num_heads, view.num_heads * round(view.scale**-2), tokens, torch.empty((), dtype=dtype).element_size()
+
+
 def traced_graph_bytes(
     adapter: ViTAdapter, grid: tuple[int, int], blocks: int, last_queries: int | None, dtype: torch.dtype
 ) -> int:
@@ -36,10 +43,7 @@ def traced_graph_bytes(
     Per block: the attention logits and probabilities (2 x heads x queries x keys, kept in at least
     float32) and some 22 token-sized tensors (norms, q/k/v, attended heads, residuals, the MLP's
     four-times-wider hidden layer before and after its activation)."""
-    view = adapter.block_views(grid=grid)[-1]
-    heads, channels = view.num_heads, view.num_heads * round(view.scale**-2)
-    tokens = adapter.num_prefix_tokens + grid[0] * grid[1]
-    size = torch.empty((), dtype=dtype).element_size()
+    heads, channels, tokens, size = _block_sizes(adapter, grid, dtype)
 
     def block(queries: int) -> int:
         return 2 * heads * queries * tokens * max(size, 4) + 22 * queries * channels * size
@@ -54,11 +58,9 @@ def backward_bytes(
     """An upper estimate of what one prompt's backward pass holds at once for one image, beyond its gradients:
     the gradients of one recorded block's activations (the blocks' backward passes follow one another),
     some 12 token-sized tensors (the MLP's hidden layer before and after its activation counting four each)."""
-    view = adapter.block_views(grid=grid)[-1]
-    channels = view.num_heads * round(view.scale**-2)
-    tokens = adapter.num_prefix_tokens + grid[0] * grid[1]
+    _, channels, tokens, size = _block_sizes(adapter, grid, dtype)
     queries = tokens if blocks > 1 or last_queries is None else last_queries
-    return 12 * queries * channels * max(torch.empty((), dtype=dtype).element_size(), 4)
+    return 12 * queries * channels * max(size, 4)
 
 
 def image_chunks(num_images: int, bytes_per_image: int, budget: int | None = None) -> Iterator[slice]:

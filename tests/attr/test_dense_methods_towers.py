@@ -533,7 +533,7 @@ def test_hooks_on_the_blocks_computed_from_their_parts_are_refused(tower):
     last = ref.blocks[-1]
     attention = last.self_attn if isinstance(ref, HFTower) else last.attn
     # Feature surgery of several prompts refuses an attention pool without a slot first (see above).
-    variant = "surgery" if sim.adapter.exact_global_with_path else "clearclip"
+    variant, depth = ("surgery", {"surgery_depth": 1}) if sim.adapter.exact_global_with_path else ("clearclip", {})
     for module, kind in ((last, "forward hook"), (attention, "forward pre-hook")):
         if kind == "forward hook":
             handle = module.register_forward_hook(lambda module, args, output: output)
@@ -542,11 +542,7 @@ def test_hooks_on_the_blocks_computed_from_their_parts_are_refused(tower):
         try:
             for run in (
                 lambda: GEMAttribution(sim).attribute(images, depth=1),
-                lambda: (
-                    ITSMAttribution(sim).attribute(images, variant=variant, surgery_depth=1)
-                    if variant == "surgery"
-                    else ITSMAttribution(sim).attribute(images, variant=variant)
-                ),
+                lambda: ITSMAttribution(sim).attribute(images, variant=variant, **depth),
                 lambda: LeGradAttribution(sim).attribute(images, layer_index=-1),
             ):
                 with pytest.raises(ValueError, match=rf"model: expected no hooks .* got a {kind} on block 1 of 2"):
